@@ -1,0 +1,214 @@
+//! The one adapter interface models call: [`LinearDelta`] (implemented by every linear method),
+//! the [`LinearAdapter`] enum that dispatches to them, [`AdaptedLinear`] (a frozen base layer plus
+//! an optional update, with merge/unmerge), [`ResidualAdapter`] for block-output adapters, and
+//! [`SharedFactors`], the model-level home of factors shared across layers.
+
+use crate::error::AdapterError;
+use crate::loretta_adp::LorettaAdp;
+use crate::loretta_rep::LorettaRep;
+use crate::lora::Lora;
+use crate::lorta::{Lorta, LortaShared};
+use crate::lotr::{Lotr, LotrShared};
+use crate::tt_lora::TtLora;
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{Tensor, backend::Backend};
+
+/// How an adapter's update starts.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum DeltaInit {
+    /// ΔW₀ = 0: the adapted model equals the base model at step 0 (the default for every method;
+    /// for TT methods the last core of the output-side train is zero, like LoRA's `B = 0`).
+    Zero,
+    /// The initialisation of the official code. For LoRETTA (rep, adp) and TT-LoRA it gives
+    /// ΔW₀ ≠ 0; for LoRA, LoTR and LoRTA it is the same zero-delta initialisation.
+    Paper,
+}
+
+/// Factors shared by many adapted layers. They exist once, here, at model level, and are passed to
+/// every forward: Burn's optimizer would update only the first copy of a parameter that appeared
+/// twice in the module tree.
+#[derive(Module, Debug)]
+pub struct SharedFactors<B: Backend> {
+    /// LoTR outer factors, one entry per family of equally shaped matrices.
+    pub lotr: Vec<LotrShared<B>>,
+    /// The LoRTA CP tensor, when LoRTA is in use.
+    pub lorta: Option<LortaShared<B>>,
+}
+
+impl<B: Backend> SharedFactors<B> {
+    /// No shared factors (LoRA, TT-LoRA, LoRETTA).
+    pub fn empty() -> Self {
+        Self { lotr: Vec::new(), lorta: None }
+    }
+}
+
+impl<B: Backend> Default for SharedFactors<B> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+/// A linear update `Δ(x) = x · ΔW` applied next to a frozen base layer.
+///
+/// Implementations contract the input with their small factors and never form the dense ΔW in
+/// [`delta`](LinearDelta::delta); [`delta_weight`](LinearDelta::delta_weight) builds it only for
+/// merging and checks.
+pub trait LinearDelta<B: Backend> {
+    /// `(d_in, d_out)` of the adapted layer.
+    fn dims(&self) -> (usize, usize);
+
+    /// The update for `x: [..., d_in]` → `[..., d_out]`.
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D>;
+
+    /// The dense update `ΔW: [d_in, d_out]` (Burn layout).
+    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2>;
+
+    /// Folds ΔW into `base` (`W ← W + ΔW`) for zero-overhead inference.
+    fn merge(&self, base: Linear<B>, shared: &SharedFactors<B>) -> Linear<B> {
+        add_to_weight(base, self.delta_weight(shared))
+    }
+
+    /// Removes ΔW from a merged `base` (`W ← W − ΔW`).
+    fn unmerge(&self, base: Linear<B>, shared: &SharedFactors<B>) -> Linear<B> {
+        add_to_weight(base, self.delta_weight(shared).neg())
+    }
+}
+
+/// `W ← W + delta`, outside the autodiff graph, keeping the weight's parameter id and trainability.
+fn add_to_weight<B: Backend>(mut base: Linear<B>, delta: Tensor<B, 2>) -> Linear<B> {
+    base.weight = base.weight.map(|w| {
+        let trainable = w.is_require_grad();
+        (w.detach() + delta.detach()).set_require_grad(trainable)
+    });
+    base
+}
+
+/// Any linear adapter method: what models hold for each adapted projection.
+#[derive(Module, Debug)]
+pub enum LinearAdapter<B: Backend> {
+    /// [`Lora`].
+    Lora(Lora<B>),
+    /// [`TtLora`].
+    TtLora(TtLora<B>),
+    /// [`LorettaRep`].
+    LorettaRep(LorettaRep<B>),
+    /// [`Lotr`] (needs [`SharedFactors::lotr`]).
+    Lotr(Lotr<B>),
+    /// [`Lorta`] (needs [`SharedFactors::lorta`]).
+    Lorta(Lorta<B>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $inner:ident => $body:expr) => {
+        match $self {
+            LinearAdapter::Lora($inner) => $body,
+            LinearAdapter::TtLora($inner) => $body,
+            LinearAdapter::LorettaRep($inner) => $body,
+            LinearAdapter::Lotr($inner) => $body,
+            LinearAdapter::Lorta($inner) => $body,
+        }
+    };
+}
+
+impl<B: Backend> LinearDelta<B> for LinearAdapter<B> {
+    fn dims(&self) -> (usize, usize) {
+        dispatch!(self, a => a.dims())
+    }
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        dispatch!(self, a => a.delta(x, shared))
+    }
+    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
+        dispatch!(self, a => a.delta_weight(shared))
+    }
+}
+
+/// A base linear layer (frozen by [`AdaptedLinear::new`]) with an optional adapter.
+#[derive(Module, Debug)]
+pub struct AdaptedLinear<B: Backend> {
+    /// The pretrained layer; its parameters do not require gradients.
+    pub base: Linear<B>,
+    /// The update, if this layer is adapted.
+    pub adapter: Option<LinearAdapter<B>>,
+    /// Whether ΔW is currently folded into `base`.
+    pub merged: bool,
+}
+
+impl<B: Backend> AdaptedLinear<B> {
+    /// Wraps `base`, freezing it. Fails if the adapter's shape does not match the layer.
+    pub fn new(base: Linear<B>, adapter: Option<LinearAdapter<B>>) -> crate::Result<Self> {
+        let [d_in, d_out] = base.weight.dims();
+        if let Some(a) = &adapter
+            && a.dims() != (d_in, d_out)
+        {
+            return Err(AdapterError::State(format!(
+                "adapter is {}x{} but the base layer is {d_in}x{d_out}",
+                a.dims().0,
+                a.dims().1
+            )));
+        }
+        Ok(Self { base: base.no_grad(), adapter, merged: false })
+    }
+
+    /// `base(x) + Δ(x)` (just `base(x)` when merged or unadapted).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        match (&self.adapter, self.merged) {
+            (Some(adapter), false) => self.base.forward(x.clone()) + adapter.delta(x, shared),
+            _ => self.base.forward(x),
+        }
+    }
+
+    /// Folds the update into the base weight. Errors if already merged or unadapted.
+    pub fn merge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
+        let adapter = self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot merge: layer has no adapter".into()))?;
+        if self.merged {
+            return Err(AdapterError::State("cannot merge: adapter is already merged".into()));
+        }
+        self.base = adapter.merge(self.base, shared);
+        self.merged = true;
+        Ok(self)
+    }
+
+    /// Undoes [`merge`](Self::merge). Errors if not merged.
+    pub fn unmerge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
+        let adapter = self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot unmerge: layer has no adapter".into()))?;
+        if !self.merged {
+            return Err(AdapterError::State("cannot unmerge: adapter is not merged".into()));
+        }
+        self.base = adapter.unmerge(self.base, shared);
+        self.merged = false;
+        Ok(self)
+    }
+}
+
+/// Adapters applied to a block's output hidden states (`h → h + f(h)`): what models hold at the
+/// Houlsby positions after attention and after the feed-forward network.
+#[derive(Module, Debug)]
+pub enum ResidualAdapter<B: Backend> {
+    /// [`LorettaAdp`].
+    LorettaAdp(LorettaAdp<B>),
+}
+
+impl<B: Backend> ResidualAdapter<B> {
+    /// `h + f(h)` for `h: [..., d]`.
+    pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            ResidualAdapter::LorettaAdp(a) => a.forward(h),
+        }
+    }
+
+    /// Whether the adapter can be folded into a base weight: never for these nonlinear adapters.
+    pub fn merge_supported(&self) -> bool {
+        false
+    }
+
+    /// Always an error that explains why the adapter cannot be merged.
+    pub fn merge(&self) -> crate::Result<()> {
+        Err(AdapterError::Unsupported {
+            method: "loretta-adp",
+            target: "merge".into(),
+            reason: "the bottleneck adapter is nonlinear (up(act(down(h)))), so it has no weight delta to fold in".into(),
+        })
+    }
+}

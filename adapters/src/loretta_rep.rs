@@ -1,0 +1,120 @@
+//! LoRETTA_rep (Yang et al., NAACL 2024): LoRA whose two factors are tensor trains.
+//!
+//! `Δ(x) = (α/r) · dropout(x) · A · B` with `A: [d_in, r]` and `B: [r, d_out]` each a flat TT
+//! ([`TtLinear`] without bias) of tensor rank `k` (default 5). Shapes follow LoRETTA's published
+//! table (e.g. `[16,16,8,4,4]` for a 4096×8 factor) or the planner; `B` uses the reverse of the
+//! `[d_out, r]` shape. Each step rebuilds the two small factors (≈ `k²·r·d` flops) and applies
+//! them like LoRA; the dense ΔW is never formed during training.
+
+use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
+use crate::error::{invalid, require_finite, require_positive};
+use crate::tensor::shape::loretta_factor_shape;
+use crate::tensor::{low_rank_apply, low_rank_dense};
+use crate::tt_linear::{TtLinear, tt_linear_num_params};
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{Tensor, backend::Backend};
+
+/// Hyper-parameters of a LoRETTA_rep adapter.
+#[derive(Config, Debug)]
+pub struct LorettaRepConfig {
+    /// LoRA rank `r` (inner dimension of `A·B`).
+    #[config(default = 8)]
+    pub rank: usize,
+    /// Scale numerator: the output is scaled by `α/r` (official default 16).
+    #[config(default = 16.0)]
+    pub alpha: f64,
+    /// TT rank of the factors' trains (README default 5; the official scripts use 8).
+    #[config(default = 5)]
+    pub tensor_rank: usize,
+    /// TT shape of `A` (product `d_in·r`); from the published table or planned when `None`.
+    pub a_shape: Option<Vec<usize>>,
+    /// TT shape of `B` (product `r·d_out`); the reverse of `A`'s shape for square layers,
+    /// else the reverse of the `[d_out, r]` shape.
+    pub b_shape: Option<Vec<usize>>,
+    /// Dropout on the adapter input (official default 0.05; active on autodiff backends only).
+    #[config(default = 0.05)]
+    pub dropout: f64,
+    /// `Zero` (default): `B`'s last core is zero, ΔW₀ = 0. `Paper`: both trains Gaussian as in the
+    /// official code (`reset_parameters` is a no-op there), ΔW₀ ≠ 0.
+    #[config(default = "DeltaInit::Zero")]
+    pub init: DeltaInit,
+}
+
+impl LorettaRepConfig {
+    /// Checks the scalar fields.
+    pub fn validate(&self) -> crate::Result<()> {
+        require_positive("rank", self.rank)?;
+        require_positive("tensor_rank", self.tensor_rank)?;
+        require_finite("alpha", self.alpha)?;
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid("dropout", self.dropout, "must be in [0, 1)"));
+        }
+        Ok(())
+    }
+
+    /// The TT shapes of `A` and `B` for a `d_in × d_out` layer (not yet validated against it).
+    pub fn resolve_shapes(&self, d_in: usize, d_out: usize) -> crate::Result<(Vec<usize>, Vec<usize>)> {
+        let a = match &self.a_shape {
+            Some(s) => s.clone(),
+            None => loretta_factor_shape(d_in, self.rank)?,
+        };
+        let b = match (&self.b_shape, &self.a_shape) {
+            (Some(s), _) => s.clone(),
+            (None, Some(a)) if d_in == d_out => a.iter().rev().copied().collect(),
+            _ => loretta_factor_shape(d_out, self.rank)?.into_iter().rev().collect(),
+        };
+        Ok((a, b))
+    }
+
+    /// Trainable parameters for one `d_in × d_out` matrix.
+    pub fn num_params(&self, d_in: usize, d_out: usize) -> crate::Result<usize> {
+        self.validate()?;
+        let (a, b) = self.resolve_shapes(d_in, d_out)?;
+        crate::tensor::shape::validate_flat_shape(&a, d_in, self.rank)?;
+        crate::tensor::shape::validate_flat_shape(&b, self.rank, d_out)?;
+        Ok(tt_linear_num_params(&a, self.tensor_rank, self.rank, false)
+            + tt_linear_num_params(&b, self.tensor_rank, d_out, false))
+    }
+
+    /// Creates the adapter for a `d_in × d_out` linear layer.
+    pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<LorettaRep<B>> {
+        self.validate()?;
+        let (a_shape, b_shape) = self.resolve_shapes(d_in, d_out)?;
+        let zero = self.init == DeltaInit::Zero;
+        Ok(LorettaRep {
+            a: TtLinear::new(d_in, self.rank, &a_shape, self.tensor_rank, false, false, device)?,
+            b: TtLinear::new(self.rank, d_out, &b_shape, self.tensor_rank, false, zero, device)?,
+            dropout: DropoutConfig::new(self.dropout).init(),
+            scaling: self.alpha / self.rank as f64,
+        })
+    }
+}
+
+/// A LoRETTA_rep update for one linear layer.
+#[derive(Module, Debug)]
+pub struct LorettaRep<B: Backend> {
+    /// `A: [d_in, r]` as a tensor train.
+    pub a: TtLinear<B>,
+    /// `B: [r, d_out]` as a tensor train.
+    pub b: TtLinear<B>,
+    /// Dropout on the adapter input.
+    pub dropout: Dropout,
+    /// Output scale `α/r`.
+    pub scaling: f64,
+}
+
+impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.a.d_in, self.b.d_out)
+    }
+
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
+        low_rank_apply(self.dropout.forward(x), self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
+    }
+
+    fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {
+        low_rank_dense(self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
+    }
+}

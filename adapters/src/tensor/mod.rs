@@ -1,0 +1,24 @@
+//! Tensor-format math shared by every adapter: tensor trains ([`tt`]), CP ([`cp`]),
+//! Tucker-2 ([`tucker`]), the low-rank products they all reduce to, and TT shapes ([`shape`]).
+//!
+//! Every linear method's update is applied as a chain of thin products `x·A·B` with
+//! `A: [d_in, r]` and `B: [r, d_out]`; the dense `d_in × d_out` matrix is built only on request
+//! (merging, tests).
+
+pub mod cp;
+pub mod shape;
+pub mod tt;
+pub mod tucker;
+
+use burn::tensor::{Tensor, backend::Backend, module::linear};
+
+/// `x · a · b` for `x: [..., d_in]`, `a: [d_in, r]`, `b: [r, d_out]` → `[..., d_out]`,
+/// as two thin GEMMs (never forming `a·b`).
+pub fn low_rank_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, D> {
+    linear(linear(x, a, None), b, None)
+}
+
+/// The dense `a · b` (`[d_in, d_out]`), for merging and reference checks.
+pub fn low_rank_dense<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    a.matmul(b)
+}

@@ -1,0 +1,17 @@
+//! Tucker-2 over a family of matrices (LoTR): `ΔW_l = A · G_l · Bᵀ`, with the outer factors
+//! `A` and `B` shared by the family and one small core `G_l` per matrix.
+//!
+//! Burn layout: `a: [d_in, r]`, `g: [r, r]`, `bt = Bᵀ: [r, d_out]`.
+
+use super::{low_rank_apply, low_rank_dense};
+use burn::tensor::{Tensor, backend::Backend};
+
+/// `x · A · G · Bᵀ` (the core is folded into the output factor first: `r²·d_out` flops).
+pub fn tucker2_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, D> {
+    low_rank_apply(x, a, g.matmul(bt))
+}
+
+/// The dense `A · G · Bᵀ`, `[d_in, d_out]`.
+pub fn tucker2_dense<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, 2> {
+    low_rank_dense(a, g.matmul(bt))
+}

@@ -1,0 +1,58 @@
+//! LoRETTA's tensorized linear layer: a weight `[d_in, d_out]` stored as a flat tensor train
+//! (`Π n_k = d_in·d_out`, row-major; the row/column cut may fall inside a mode), plus an
+//! optional bias. Used for the factors of LoRETTA_rep and the projections of LoRETTA_adp.
+
+use crate::error::{Result, require_positive};
+use crate::tensor::shape::validate_flat_shape;
+use crate::tensor::tt::{CoreInit, TensorTrain, tt_num_params};
+use burn::module::{Module, Param};
+use burn::tensor::{Distribution, Tensor, backend::Backend, module::linear};
+
+/// A linear map whose weight is a tensor train.
+#[derive(Module, Debug)]
+pub struct TtLinear<B: Backend> {
+    /// The weight's cores.
+    pub tt: TensorTrain<B>,
+    /// Optional bias `[d_out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+}
+
+/// Trainable parameters of a [`TtLinear`]: the cores plus the bias.
+pub fn tt_linear_num_params(shape: &[usize], rank: usize, d_out: usize, bias: bool) -> usize {
+    tt_num_params(shape, rank) + if bias { d_out } else { 0 }
+}
+
+impl<B: Backend> TtLinear<B> {
+    /// LoRETTA initialisation: Gaussian cores whose product has entry std `√(1/(d_in+d_out))`,
+    /// bias `U(±1/√d_out)`. With `zero` the last core and the bias are zero (the layer outputs 0).
+    pub fn new(d_in: usize, d_out: usize, shape: &[usize], rank: usize, bias: bool, zero: bool, device: &B::Device) -> Result<Self> {
+        require_positive("tensor_rank", rank)?;
+        validate_flat_shape(shape, d_in, d_out)?;
+        let target_std = (1.0 / (d_in + d_out) as f64).sqrt();
+        let tt = TensorTrain::new(shape, rank, CoreInit::Gaussian { target_std }, zero, device);
+        let bias = bias.then(|| {
+            let value = if zero {
+                Tensor::zeros([d_out], device)
+            } else {
+                let bound = 1.0 / (d_out as f64).sqrt();
+                Tensor::random([d_out], Distribution::Uniform(-bound, bound), device)
+            };
+            Param::from_tensor(value)
+        });
+        Ok(Self { tt, bias, d_in, d_out })
+    }
+
+    /// The dense weight `[d_in, d_out]` (as small as the factor it represents).
+    pub fn weight(&self) -> Tensor<B, 2> {
+        self.tt.to_matrix(self.d_in, self.d_out)
+    }
+
+    /// `x · W + b` for `x: [..., d_in]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight(), self.bias.as_ref().map(|b| b.val()))
+    }
+}

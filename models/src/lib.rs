@@ -1,0 +1,1 @@
+//! LLaMA and BERT-family models with adapter injection (filled by the models issue).

@@ -1,0 +1,2 @@
+//! tensor-peft
+pub use tensor_peft_adapters as adapters;

@@ -1,0 +1,1 @@
+//! Fine-tuning: tasks, data, metrics and the burn-train learner glue (filled by the training issue).
