@@ -4,9 +4,9 @@
 //! [`SharedFactors`], the model-level home of factors shared across layers.
 
 use crate::error::AdapterError;
+use crate::lora::Lora;
 use crate::loretta_adp::LorettaAdp;
 use crate::loretta_rep::LorettaRep;
-use crate::lora::Lora;
 use crate::lorta::{Lorta, LortaShared};
 use crate::lotr::{Lotr, LotrShared};
 use crate::tt_lora::TtLora;
@@ -40,7 +40,10 @@ pub struct SharedFactors<B: Backend> {
 impl<B: Backend> SharedFactors<B> {
     /// No shared factors (LoRA, TT-LoRA, LoRETTA).
     pub fn empty() -> Self {
-        Self { lotr: Vec::new(), lorta: None }
+        Self {
+            lotr: Vec::new(),
+            lorta: None,
+        }
     }
 }
 
@@ -148,11 +151,19 @@ impl<B: Backend> AdaptedLinear<B> {
                 a.dims().1
             )));
         }
-        Ok(Self { base: base.no_grad(), adapter, merged: false })
+        Ok(Self {
+            base: base.no_grad(),
+            adapter,
+            merged: false,
+        })
     }
 
     /// `base(x) + Δ(x)` (just `base(x)` when merged or unadapted).
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+    pub fn forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        shared: &SharedFactors<B>,
+    ) -> Tensor<B, D> {
         match (&self.adapter, self.merged) {
             (Some(adapter), false) => self.base.forward(x.clone()) + adapter.delta(x, shared),
             _ => self.base.forward(x),
@@ -161,9 +172,14 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// Folds the update into the base weight. Errors if already merged or unadapted.
     pub fn merge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
-        let adapter = self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot merge: layer has no adapter".into()))?;
+        let adapter = self
+            .adapter
+            .as_ref()
+            .ok_or_else(|| AdapterError::State("cannot merge: layer has no adapter".into()))?;
         if self.merged {
-            return Err(AdapterError::State("cannot merge: adapter is already merged".into()));
+            return Err(AdapterError::State(
+                "cannot merge: adapter is already merged".into(),
+            ));
         }
         self.base = adapter.merge(self.base, shared);
         self.merged = true;
@@ -172,9 +188,14 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// Undoes [`merge`](Self::merge). Errors if not merged.
     pub fn unmerge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
-        let adapter = self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot unmerge: layer has no adapter".into()))?;
+        let adapter = self
+            .adapter
+            .as_ref()
+            .ok_or_else(|| AdapterError::State("cannot unmerge: layer has no adapter".into()))?;
         if !self.merged {
-            return Err(AdapterError::State("cannot unmerge: adapter is not merged".into()));
+            return Err(AdapterError::State(
+                "cannot unmerge: adapter is not merged".into(),
+            ));
         }
         self.base = adapter.unmerge(self.base, shared);
         self.merged = false;

@@ -34,9 +34,9 @@
 
 pub mod adapter;
 pub mod error;
+pub mod lora;
 pub mod loretta_adp;
 pub mod loretta_rep;
-pub mod lora;
 pub mod lorta;
 pub mod lotr;
 pub mod method;
@@ -44,13 +44,17 @@ pub mod tensor;
 pub mod tt_linear;
 pub mod tt_lora;
 
-pub use adapter::{AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, ResidualAdapter, SharedFactors};
+pub use adapter::{
+    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, ResidualAdapter, SharedFactors,
+};
 pub use error::{AdapterError, Result};
+pub use lora::{Lora, LoraConfig};
 pub use loretta_adp::{Activation, LorettaAdp, LorettaAdpConfig};
 pub use loretta_rep::{LorettaRep, LorettaRepConfig};
-pub use lora::{Lora, LoraConfig};
 pub use lorta::{AttentionGeometry, AttentionMatrix, Lorta, LortaConfig, LortaShared};
 pub use lotr::{Lotr, LotrConfig, LotrShared};
-pub use method::{AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualSite};
+pub use method::{
+    AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualSite,
+};
 pub use tt_linear::TtLinear;
 pub use tt_lora::{TtLora, TtLoraConfig};

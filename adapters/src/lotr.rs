@@ -50,26 +50,50 @@ impl LotrConfig {
     }
 
     /// Creates the shared outer factors of a family of `d_in × d_out` matrices.
-    pub fn init_shared<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<LotrShared<B>> {
+    pub fn init_shared<B: Backend>(
+        &self,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> crate::Result<LotrShared<B>> {
         self.validate()?;
         require_positive("d_in", d_in)?;
         require_positive("d_out", d_out)?;
         Ok(LotrShared {
-            a: Param::from_tensor(Tensor::random([d_in, self.rank], Distribution::Normal(0.0, 1.0), device)),
-            bt: Param::from_tensor(Tensor::random([self.rank, d_out], Distribution::Normal(0.0, 1.0), device)),
+            a: Param::from_tensor(Tensor::random(
+                [d_in, self.rank],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            bt: Param::from_tensor(Tensor::random(
+                [self.rank, d_out],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
         })
     }
 
     /// Creates the per-matrix core for a member of family `family` (an index into
     /// [`SharedFactors::lotr`]).
-    pub fn init<B: Backend>(&self, family: usize, shared: &SharedFactors<B>, device: &B::Device) -> crate::Result<Lotr<B>> {
+    pub fn init<B: Backend>(
+        &self,
+        family: usize,
+        shared: &SharedFactors<B>,
+        device: &B::Device,
+    ) -> crate::Result<Lotr<B>> {
         self.validate()?;
-        let factors = shared.lotr.get(family).ok_or_else(|| AdapterError::State(format!(
-            "LoTR family {family} does not exist ({} families are initialised)",
-            shared.lotr.len()
-        )))?;
+        let factors = shared.lotr.get(family).ok_or_else(|| {
+            AdapterError::State(format!(
+                "LoTR family {family} does not exist ({} families are initialised)",
+                shared.lotr.len()
+            ))
+        })?;
         if factors.rank() != self.rank {
-            return Err(crate::error::invalid("rank", self.rank, format!("family {family} was created with rank {}", factors.rank())));
+            return Err(crate::error::invalid(
+                "rank",
+                self.rank,
+                format!("family {family} was created with rank {}", factors.rank()),
+            ));
         }
         Ok(Lotr {
             core: Param::from_tensor(Tensor::zeros([self.rank, self.rank], device)),
@@ -115,7 +139,10 @@ pub struct Lotr<B: Backend> {
 impl<B: Backend> Lotr<B> {
     fn factors<'a>(&self, shared: &'a SharedFactors<B>) -> &'a LotrShared<B> {
         shared.lotr.get(self.family).unwrap_or_else(|| {
-            panic!("LoTR family {} is missing from the shared factors passed to forward", self.family)
+            panic!(
+                "LoTR family {} is missing from the shared factors passed to forward",
+                self.family
+            )
         })
     }
 }

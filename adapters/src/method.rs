@@ -4,9 +4,9 @@
 
 use crate::adapter::{LinearAdapter, ResidualAdapter, SharedFactors};
 use crate::error::{AdapterError, Result};
+use crate::lora::LoraConfig;
 use crate::loretta_adp::LorettaAdpConfig;
 use crate::loretta_rep::LorettaRepConfig;
-use crate::lora::LoraConfig;
 use crate::lorta::{AttentionGeometry, AttentionMatrix, LortaConfig};
 use crate::lotr::LotrConfig;
 use crate::tt_lora::TtLoraConfig;
@@ -92,7 +92,14 @@ pub struct AdapterSet<B: Backend> {
 }
 
 /// Method names accepted by [`MethodConfig::from_name`].
-pub const METHOD_NAMES: [&str; 6] = ["lora", "tt-lora", "loretta-rep", "loretta-adp", "lotr", "lorta"];
+pub const METHOD_NAMES: [&str; 6] = [
+    "lora",
+    "tt-lora",
+    "loretta-rep",
+    "loretta-adp",
+    "lotr",
+    "lorta",
+];
 
 impl MethodConfig {
     /// The default configuration of a method by CLI name.
@@ -105,7 +112,11 @@ impl MethodConfig {
             "lotr" => MethodConfig::Lotr(LotrConfig::new()),
             "lorta" => MethodConfig::Lorta(LortaConfig::new()),
             other => {
-                return Err(crate::error::invalid("method", other, format!("expected one of {}", METHOD_NAMES.join(", "))));
+                return Err(crate::error::invalid(
+                    "method",
+                    other,
+                    format!("expected one of {}", METHOD_NAMES.join(", ")),
+                ));
             }
         })
     }
@@ -139,7 +150,11 @@ impl MethodConfig {
     }
 
     fn check_sites(&self, linear: &[LinearSite], residual: &[ResidualSite]) -> Result<()> {
-        let nothing = if self.is_residual() { residual.is_empty() } else { linear.is_empty() };
+        let nothing = if self.is_residual() {
+            residual.is_empty()
+        } else {
+            linear.is_empty()
+        };
         if nothing {
             return Err(AdapterError::Unsupported {
                 method: self.name(),
@@ -171,10 +186,23 @@ impl MethodConfig {
     }
 
     /// Counts trainable parameters, per module and for shared factors, without allocating tensors.
-    pub fn count(&self, geometry: &AttentionGeometry, linear: &[LinearSite], residual: &[ResidualSite]) -> Result<ParamReport> {
+    pub fn count(
+        &self,
+        geometry: &AttentionGeometry,
+        linear: &[LinearSite],
+        residual: &[ResidualSite],
+    ) -> Result<ParamReport> {
         self.check_sites(linear, residual)?;
-        let row = |s: &LinearSite, params: usize| ParamRow { module: s.name.clone(), shape: format!("{}x{}", s.d_in, s.d_out), params };
-        let named = |site: &LinearSite, e: AdapterError| AdapterError::Unsupported { method: self.name(), target: site.name.clone(), reason: e.to_string() };
+        let row = |s: &LinearSite, params: usize| ParamRow {
+            module: s.name.clone(),
+            shape: format!("{}x{}", s.d_in, s.d_out),
+            params,
+        };
+        let named = |site: &LinearSite, e: AdapterError| AdapterError::Unsupported {
+            method: self.name(),
+            target: site.name.clone(),
+            reason: e.to_string(),
+        };
         let mut rows = Vec::new();
         match self {
             MethodConfig::Lora(c) => {
@@ -183,22 +211,34 @@ impl MethodConfig {
             }
             MethodConfig::TtLora(c) => {
                 for s in linear {
-                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
+                    rows.push(row(
+                        s,
+                        c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?,
+                    ));
                 }
             }
             MethodConfig::LorettaRep(c) => {
                 for s in linear {
-                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
+                    rows.push(row(
+                        s,
+                        c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?,
+                    ));
                 }
             }
             MethodConfig::LorettaAdp(c) => {
                 for s in residual {
-                    let params = c.num_params(s.hidden).map_err(|e| AdapterError::Unsupported {
-                        method: "loretta-adp",
-                        target: s.name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    rows.push(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params });
+                    let params = c
+                        .num_params(s.hidden)
+                        .map_err(|e| AdapterError::Unsupported {
+                            method: "loretta-adp",
+                            target: s.name.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    rows.push(ParamRow {
+                        module: s.name.clone(),
+                        shape: format!("{}", s.hidden),
+                        params,
+                    });
                 }
             }
             MethodConfig::Lotr(c) => {
@@ -216,13 +256,22 @@ impl MethodConfig {
                 for s in linear {
                     let role = s.role.expect("checked above");
                     if geometry.matrix_dims(role) != (s.d_in, s.d_out) {
-                        return Err(named(s, AdapterError::State(format!("expected {:?} for {role:?} from the attention geometry", geometry.matrix_dims(role)))));
+                        return Err(named(
+                            s,
+                            AdapterError::State(format!(
+                                "expected {:?} for {role:?} from the attention geometry",
+                                geometry.matrix_dims(role)
+                            )),
+                        ));
                     }
                     rows.push(row(s, 0));
                 }
                 rows.push(ParamRow {
                     module: "shared: lorta CP factors (A, B, C_L, C_H, C_M)".into(),
-                    shape: format!("L={} H={} d={}", geometry.n_layers, geometry.n_heads, geometry.d_model),
+                    shape: format!(
+                        "L={} H={} d={}",
+                        geometry.n_layers, geometry.n_heads, geometry.d_model
+                    ),
                     params: c.num_params(geometry)?,
                 });
             }
@@ -246,7 +295,10 @@ impl MethodConfig {
         match self {
             MethodConfig::LorettaAdp(c) => {
                 for s in residual {
-                    residual_out.push((s.clone(), ResidualAdapter::LorettaAdp(c.init(s.hidden, device)?)));
+                    residual_out.push((
+                        s.clone(),
+                        ResidualAdapter::LorettaAdp(c.init(s.hidden, device)?),
+                    ));
                 }
             }
             MethodConfig::Lotr(c) => {
@@ -255,33 +307,55 @@ impl MethodConfig {
                     shared.lotr.push(c.init_shared(d_in, d_out, device)?);
                 }
                 for s in linear {
-                    let family = families.iter().position(|f| *f == (s.d_in, s.d_out)).expect("grouped above");
-                    linear_out.push((s.clone(), LinearAdapter::Lotr(c.init(family, &shared, device)?)));
+                    let family = families
+                        .iter()
+                        .position(|f| *f == (s.d_in, s.d_out))
+                        .expect("grouped above");
+                    linear_out.push((
+                        s.clone(),
+                        LinearAdapter::Lotr(c.init(family, &shared, device)?),
+                    ));
                 }
             }
             MethodConfig::Lorta(c) => {
                 shared.lorta = Some(c.init_shared(geometry, device)?);
                 for s in linear {
                     let role = s.role.expect("checked by count");
-                    linear_out.push((s.clone(), LinearAdapter::Lorta(c.init(s.layer, role, geometry)?)));
+                    linear_out.push((
+                        s.clone(),
+                        LinearAdapter::Lorta(c.init(s.layer, role, geometry)?),
+                    ));
                 }
             }
             MethodConfig::Lora(c) => {
                 for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::Lora(c.init(s.d_in, s.d_out, device)?)));
+                    linear_out.push((
+                        s.clone(),
+                        LinearAdapter::Lora(c.init(s.d_in, s.d_out, device)?),
+                    ));
                 }
             }
             MethodConfig::TtLora(c) => {
                 for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::TtLora(c.init(s.d_in, s.d_out, device)?)));
+                    linear_out.push((
+                        s.clone(),
+                        LinearAdapter::TtLora(c.init(s.d_in, s.d_out, device)?),
+                    ));
                 }
             }
             MethodConfig::LorettaRep(c) => {
                 for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::LorettaRep(c.init(s.d_in, s.d_out, device)?)));
+                    linear_out.push((
+                        s.clone(),
+                        LinearAdapter::LorettaRep(c.init(s.d_in, s.d_out, device)?),
+                    ));
                 }
             }
         }
-        Ok(AdapterSet { shared, linear: linear_out, residual: residual_out })
+        Ok(AdapterSet {
+            shared,
+            linear: linear_out,
+            residual: residual_out,
+        })
     }
 }

@@ -29,7 +29,15 @@ pub fn tt_linear_num_params(shape: &[usize], rank: usize, d_out: usize, bias: bo
 impl<B: Backend> TtLinear<B> {
     /// LoRETTA initialisation: Gaussian cores whose product has entry std `√(1/(d_in+d_out))`,
     /// bias `U(±1/√d_out)`. With `zero` the last core and the bias are zero (the layer outputs 0).
-    pub fn new(d_in: usize, d_out: usize, shape: &[usize], rank: usize, bias: bool, zero: bool, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        shape: &[usize],
+        rank: usize,
+        bias: bool,
+        zero: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
         require_positive("tensor_rank", rank)?;
         validate_flat_shape(shape, d_in, d_out)?;
         let target_std = (1.0 / (d_in + d_out) as f64).sqrt();
@@ -43,7 +51,12 @@ impl<B: Backend> TtLinear<B> {
             };
             Param::from_tensor(value)
         });
-        Ok(Self { tt, bias, d_in, d_out })
+        Ok(Self {
+            tt,
+            bias,
+            d_in,
+            d_out,
+        })
     }
 
     /// The dense weight `[d_in, d_out]` (as small as the factor it represents).

@@ -62,7 +62,12 @@ impl TtLoraConfig {
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer.
-    pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<TtLora<B>> {
+    pub fn init<B: Backend>(
+        &self,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> crate::Result<TtLora<B>> {
         self.validate()?;
         let (shape, split) = self.resolve_shape(d_in, d_out)?;
         let zero = self.init == DeltaInit::Zero;
@@ -95,7 +100,10 @@ impl<B: Backend> TtLora<B> {
 impl<B: Backend> LinearDelta<B> for TtLora<B> {
     fn dims(&self) -> (usize, usize) {
         let shape = self.tt.shape();
-        (shape[..self.split].iter().product(), shape[self.split..].iter().product())
+        (
+            shape[..self.split].iter().product(),
+            shape[self.split..].iter().product(),
+        )
     }
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {

@@ -10,7 +10,12 @@ use burn::tensor::{Tensor, backend::Backend, module::linear};
 ///
 /// Cost `N·r·(d_in + H·d_h)`, the same as LoRA: `z = x·A`, then every head scales `z` by its
 /// weights and projects with `Bᵀ`.
-pub fn cp_heads_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, D> {
+pub fn cp_heads_apply<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let [heads, rank] = w.dims();
     let [head_dim, _] = b.dims();
@@ -24,7 +29,11 @@ pub fn cp_heads_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 
 }
 
 /// The dense head-blocked matrix `[d_in, H·d_h]`.
-pub fn cp_heads_dense<B: Backend>(a: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn cp_heads_dense<B: Backend>(
+    a: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> Tensor<B, 2> {
     let [d_in, rank] = a.dims();
     let [heads, _] = w.dims();
     let [head_dim, _] = b.dims();

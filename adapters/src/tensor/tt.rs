@@ -9,7 +9,9 @@ use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 /// Uniform TT ranks `[1, r, …, r, 1]` for `n_cores` cores.
 pub fn uniform_ranks(n_cores: usize, rank: usize) -> Vec<usize> {
-    (0..=n_cores).map(|k| if k == 0 || k == n_cores { 1 } else { rank }).collect()
+    (0..=n_cores)
+        .map(|k| if k == 0 || k == n_cores { 1 } else { rank })
+        .collect()
 }
 
 /// Number of parameters `Σ r_{k-1}·n_k·r_k` of a uniform-rank TT over `shape`.
@@ -18,7 +20,11 @@ pub fn uniform_ranks(n_cores: usize, rank: usize) -> Vec<usize> {
 /// configuration, which no uniform-rank train of that shape gives).
 pub fn tt_num_params(shape: &[usize], rank: usize) -> usize {
     let ranks = uniform_ranks(shape.len(), rank);
-    shape.iter().enumerate().map(|(k, &n)| ranks[k] * n * ranks[k + 1]).sum()
+    shape
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| ranks[k] * n * ranks[k + 1])
+        .sum()
 }
 
 /// Contracts cores left to right: `[r_0·n_1·…·n_k, r_k]` (rows row-major over `(r_0, n_1, …, n_k)`).
@@ -28,7 +34,9 @@ pub fn contract_left<B: Backend>(cores: &[Tensor<B, 3>]) -> Tensor<B, 2> {
     for core in &cores[1..] {
         let [r, n, r_next] = core.dims();
         let rows = acc.dims()[0];
-        acc = acc.matmul(core.clone().reshape([r, n * r_next])).reshape([rows * n, r_next]);
+        acc = acc
+            .matmul(core.clone().reshape([r, n * r_next]))
+            .reshape([rows * n, r_next]);
     }
     acc
 }
@@ -41,7 +49,11 @@ pub fn contract_right<B: Backend>(cores: &[Tensor<B, 3>]) -> Tensor<B, 2> {
     for core in cores[..cores.len() - 1].iter().rev() {
         let [r_prev, n, r] = core.dims();
         let cols = acc.dims()[1];
-        acc = core.clone().reshape([r_prev * n, r]).matmul(acc).reshape([r_prev, n * cols]);
+        acc = core
+            .clone()
+            .reshape([r_prev * n, r])
+            .matmul(acc)
+            .reshape([r_prev, n * cols]);
     }
     acc
 }
@@ -69,7 +81,13 @@ impl<B: Backend> TensorTrain<B> {
     /// A uniform-rank train over `shape` initialised by `init`; with `zero_last` the last core is
     /// zero, so the represented tensor is exactly zero while every other core stays random
     /// (the TT analogue of LoRA's `B = 0`: the last core receives gradient at the first step).
-    pub fn new(shape: &[usize], rank: usize, init: CoreInit, zero_last: bool, device: &B::Device) -> Self {
+    pub fn new(
+        shape: &[usize],
+        rank: usize,
+        init: CoreInit,
+        zero_last: bool,
+        device: &B::Device,
+    ) -> Self {
         let ranks = uniform_ranks(shape.len(), rank);
         let order = shape.len() as f64;
         let cores = shape
@@ -86,7 +104,8 @@ impl<B: Backend> TensorTrain<B> {
                             Tensor::random(dims, Distribution::Normal(0.0, std), device)
                         }
                         CoreInit::UnitFrobenius => {
-                            let core: Tensor<B, 3> = Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device);
+                            let core: Tensor<B, 3> =
+                                Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device);
                             let norm = (core.clone() * core.clone()).sum().sqrt();
                             core / norm.unsqueeze::<3>()
                         }

@@ -7,11 +7,20 @@ use super::{low_rank_apply, low_rank_dense};
 use burn::tensor::{Tensor, backend::Backend};
 
 /// `x · A · G · Bᵀ` (the core is folded into the output factor first: `r²·d_out` flops).
-pub fn tucker2_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, D> {
+pub fn tucker2_apply<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a: Tensor<B, 2>,
+    g: Tensor<B, 2>,
+    bt: Tensor<B, 2>,
+) -> Tensor<B, D> {
     low_rank_apply(x, a, g.matmul(bt))
 }
 
 /// The dense `A · G · Bᵀ`, `[d_in, d_out]`.
-pub fn tucker2_dense<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn tucker2_dense<B: Backend>(
+    a: Tensor<B, 2>,
+    g: Tensor<B, 2>,
+    bt: Tensor<B, 2>,
+) -> Tensor<B, 2> {
     low_rank_dense(a, g.matmul(bt))
 }
