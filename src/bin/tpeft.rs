@@ -1,1 +1,123 @@
-fn main() {}
+//! `tpeft`: the command-line interface (a thin layer over the library).
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use tensor_peft::CliError;
+use tensor_peft::backend::BackendKind;
+use tensor_peft::params::{MethodFlags, count, method_from_flags, render};
+use tensor_peft_models::ArchSpec;
+
+#[derive(Parser)]
+#[command(name = "tpeft", version, about = "Tensorized parameter-efficient fine-tuning on Burn")]
+struct Cli {
+    /// Compute backend (GPU backends need the `wgpu` / `cuda` cargo features).
+    #[arg(long, global = true, value_enum, default_value = "ndarray")]
+    backend: BackendKind,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count trainable parameters of a method on a model (PEFT's print_trainable_parameters).
+    Params {
+        /// Preset (llama2-7b, llama2-13b, llama2-70b, roberta-base, bert-base, minilm-l6), HF model
+        /// directory, or config.json.
+        #[arg(long)]
+        model: String,
+        /// lora, tt-lora, loretta-rep, loretta-adp, lotr or lorta.
+        #[arg(long)]
+        method: String,
+        /// TT rank for tt-lora; LoRA rank for lora, loretta-rep, lotr, lorta.
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Scale numerator α.
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// LoRETTA's TT rank (loretta-rep, loretta-adp).
+        #[arg(long)]
+        tensor_rank: Option<usize>,
+        /// TT shape, e.g. 16,16,16,16,16,16 (tt-lora: whole ΔW; loretta-rep: A, B uses the reverse;
+        /// loretta-adp: down projection).
+        #[arg(long)]
+        tt_shape: Option<String>,
+        /// LoRETTA_adp bottleneck width.
+        #[arg(long)]
+        bottleneck: Option<usize>,
+        /// Comma-separated target modules (exact name or suffix, PEFT style).
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<String>>,
+    },
+    /// Train every method briefly on a small stack on the chosen backend and check the factored
+    /// forward against the dense reconstruction.
+    Demo {
+        /// Adam steps per method.
+        #[arg(long, default_value_t = 150)]
+        steps: usize,
+        /// Learning rate.
+        #[arg(long, default_value_t = 1e-2)]
+        lr: f64,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn run(cli: Cli) -> Result<String, CliError> {
+    cli.backend.require()?;
+    match cli.command {
+        Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets } => {
+            let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck };
+            let method = method_from_flags(&method, &flags)?;
+            let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
+                tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
+                other => CliError::Runtime(other.to_string()),
+            })?;
+            let report = count(&spec, &method, targets.as_deref())?;
+            Ok(render(&spec, &method, &report))
+        }
+        Command::Demo { steps, lr, seed } => {
+            let results = demo(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
+            Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
+        }
+    }
+}
+
+fn demo(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
+    match backend {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::NdArray>>(&Default::default(), steps, lr, seed),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Wgpu>>(&Default::default(), steps, lr, seed),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Cuda>>(&Default::default(), steps, lr, seed),
+        #[allow(unreachable_patterns)]
+        other => Err(format!("the {} backend is not compiled in", other.feature())),
+    }
+}
+
+fn main() -> ExitCode {
+    // A backend that fails deep inside Burn (e.g. no GPU device) must still end with one clear
+    // line and exit code 1, never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown failure".into());
+        eprintln!("error: internal failure: {msg}");
+        std::process::exit(1);
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Architecture descriptions: enough of a transformer's shape to name its modules, place adapters
+//! and count parameters, without allocating weights (a 70B count takes microseconds).
+
+use crate::error::ModelError;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tensor_peft_adapters::{AttentionGeometry, AttentionMatrix, LinearSite, ResidualSite};
+
+/// Model family: which module names and block layout apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// LLaMA-2/3 style decoder (RMSNorm, SwiGLU MLP, GQA, no biases).
+    Llama,
+    /// BERT/RoBERTa encoder (post-LN blocks, biases, pooler).
+    Bert,
+}
+
+impl Family {
+    /// Lower-case name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Bert => "bert",
+        }
+    }
+}
+
+/// The shape of a transformer, from a preset or an HF `config.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchSpec {
+    /// Family (module layout).
+    pub family: Family,
+    /// Where the description came from (preset name or file).
+    pub source: String,
+    /// Model width `d`.
+    pub hidden: usize,
+    /// Feed-forward width.
+    pub intermediate: usize,
+    /// Number of blocks `L`.
+    pub layers: usize,
+    /// Query heads `H`.
+    pub heads: usize,
+    /// Key/value heads (GQA when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Learned position embeddings (BERT family); 0 for rotary models.
+    pub positions: usize,
+    /// Token-type vocabulary (BERT family).
+    pub type_vocab: usize,
+    /// Whether `lm_head` shares the embedding matrix (LLaMA family).
+    pub tie_embeddings: bool,
+}
+
+/// Preset names accepted by [`ArchSpec::preset`].
+pub const PRESETS: [&str; 6] = ["llama2-7b", "llama2-13b", "llama2-70b", "roberta-base", "bert-base", "minilm-l6"];
+
+impl ArchSpec {
+    /// A preset with the published HF `config.json` values.
+    pub fn preset(name: &str) -> Option<Self> {
+        let llama = |hidden, intermediate, layers, heads, kv_heads| ArchSpec {
+            family: Family::Llama,
+            source: name.to_string(),
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab: 32000,
+            positions: 0,
+            type_vocab: 0,
+            tie_embeddings: false,
+        };
+        let bert = |hidden, intermediate, layers, heads, vocab, positions, type_vocab| ArchSpec {
+            family: Family::Bert,
+            source: name.to_string(),
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads: heads,
+            vocab,
+            positions,
+            type_vocab,
+            tie_embeddings: false,
+        };
+        Some(match name {
+            "llama2-7b" => llama(4096, 11008, 32, 32, 32),
+            "llama2-13b" => llama(5120, 13824, 40, 40, 40),
+            "llama2-70b" => llama(8192, 28672, 80, 64, 8),
+            "roberta-base" => bert(768, 3072, 12, 12, 50265, 514, 1),
+            "bert-base" => bert(768, 3072, 12, 12, 30522, 512, 2),
+            "minilm-l6" => bert(384, 1536, 6, 12, 30522, 512, 2),
+            _ => return None,
+        })
+    }
+
+    /// A preset name, an HF model directory (its `config.json`), or a `config.json` path.
+    pub fn from_model_arg(arg: &str) -> Result<Self, ModelError> {
+        if let Some(spec) = Self::preset(arg) {
+            return Ok(spec);
+        }
+        let path = Path::new(arg);
+        if path.is_dir() {
+            Self::from_config_file(&path.join("config.json"))
+        } else if path.is_file() {
+            Self::from_config_file(path)
+        } else {
+            Err(ModelError::UnknownModel(arg.to_string()))
+        }
+    }
+
+    /// Reads an HF `config.json` (`model_type` llama/mistral or bert/roberta/xlm-roberta).
+    pub fn from_config_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.to_path_buf(), reason: e.to_string() })?;
+        Self::from_config_json(&json, path)
+    }
+
+    /// Parses a `config.json` value; `path` is used in error messages.
+    pub fn from_config_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
+        let field_err = |field: &'static str, problem: String| ModelError::Field { path: PathBuf::from(path), field, problem };
+        let count = |field: &'static str| -> Result<usize, ModelError> {
+            match json.get(field) {
+                None => Err(field_err(field, "is missing (expected a positive integer)".into())),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0 && n <= u32::MAX as u64)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| field_err(field, format!("is {v}, expected a positive integer"))),
+            }
+        };
+        let optional = |field: &'static str, default: usize| -> Result<usize, ModelError> {
+            if json.get(field).is_none_or(Value::is_null) { Ok(default) } else { count(field) }
+        };
+        let model_type = match json.get("model_type") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => return Err(field_err("model_type", format!("is {v}, expected a string"))),
+            None => return Err(field_err("model_type", "is missing (expected e.g. \"llama\" or \"bert\")".into())),
+        };
+        let family = match model_type {
+            "llama" | "mistral" => Family::Llama,
+            "bert" | "roberta" | "xlm-roberta" => Family::Bert,
+            other => {
+                return Err(field_err("model_type", format!("is \"{other}\", expected one of llama, mistral, bert, roberta, xlm-roberta")));
+            }
+        };
+        let hidden = count("hidden_size")?;
+        let heads = count("num_attention_heads")?;
+        let kv_heads = optional("num_key_value_heads", heads)?;
+        if hidden % heads != 0 {
+            return Err(field_err("num_attention_heads", format!("is {heads}, which does not divide hidden_size {hidden}")));
+        }
+        if heads % kv_heads != 0 {
+            return Err(field_err("num_key_value_heads", format!("is {kv_heads}, which does not divide num_attention_heads {heads}")));
+        }
+        let tie_embeddings = match json.get("tie_word_embeddings") {
+            None | Some(Value::Null) => family == Family::Bert,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(field_err("tie_word_embeddings", format!("is {v}, expected true or false"))),
+        };
+        Ok(ArchSpec {
+            family,
+            source: path.display().to_string(),
+            hidden,
+            intermediate: count("intermediate_size")?,
+            layers: count("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            vocab: count("vocab_size")?,
+            positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
+            type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
+            tie_embeddings,
+        })
+    }
+
+    /// Head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// The attention geometry LoRTA and the counters use.
+    pub fn geometry(&self) -> AttentionGeometry {
+        AttentionGeometry::new(self.layers, self.hidden, self.heads, self.kv_heads)
+    }
+
+    /// Every linear projection of every block, in checkpoint order, with HF module names.
+    pub fn linear_sites(&self) -> Vec<LinearSite> {
+        use AttentionMatrix::*;
+        let (d, i, kv) = (self.hidden, self.intermediate, self.kv_heads * self.head_dim());
+        let per_layer: Vec<(&str, Option<AttentionMatrix>, usize, usize)> = match self.family {
+            Family::Llama => vec![
+                ("self_attn.q_proj", Some(Query), d, d),
+                ("self_attn.k_proj", Some(Key), d, kv),
+                ("self_attn.v_proj", Some(Value), d, kv),
+                ("self_attn.o_proj", Some(Output), d, d),
+                ("mlp.gate_proj", None, d, i),
+                ("mlp.up_proj", None, d, i),
+                ("mlp.down_proj", None, i, d),
+            ],
+            Family::Bert => vec![
+                ("attention.self.query", Some(Query), d, d),
+                ("attention.self.key", Some(Key), d, d),
+                ("attention.self.value", Some(Value), d, d),
+                ("attention.output.dense", Some(Output), d, d),
+                ("intermediate.dense", None, d, i),
+                ("output.dense", None, i, d),
+            ],
+        };
+        let prefix = match self.family {
+            Family::Llama => "model.layers",
+            Family::Bert => "encoder.layer",
+        };
+        (0..self.layers)
+            .flat_map(|layer| {
+                per_layer.iter().map(move |&(name, role, d_in, d_out)| LinearSite {
+                    name: format!("{prefix}.{layer}.{name}"),
+                    layer,
+                    role,
+                    d_in,
+                    d_out,
+                })
+            })
+            .collect()
+    }
+
+    /// Houlsby positions: after every block's attention output and feed-forward output.
+    pub fn residual_sites(&self) -> Vec<ResidualSite> {
+        let prefix = match self.family {
+            Family::Llama => "model.layers",
+            Family::Bert => "encoder.layer",
+        };
+        (0..self.layers)
+            .flat_map(|layer| {
+                ["attention_adapter", "ffn_adapter"]
+                    .map(|name| ResidualSite { name: format!("{prefix}.{layer}.{name}"), hidden: self.hidden })
+            })
+            .collect()
+    }
+
+    /// Sites matching `targets` with PEFT's list semantics: a target matches a module whose name
+    /// equals it or ends with `.{target}` (so `output.dense` also matches `attention.output.dense`,
+    /// as in PEFT). Every target must match something.
+    pub fn select(&self, targets: &[String]) -> Result<Vec<LinearSite>, ModelError> {
+        let sites = self.linear_sites();
+        let matches = |name: &str, t: &str| name == t || name.ends_with(&format!(".{t}"));
+        for t in targets {
+            if !sites.iter().any(|s| matches(&s.name, t)) {
+                return Err(ModelError::UnmatchedTarget { target: t.clone(), family: self.family.name(), available: self.short_names().join(", ") });
+            }
+        }
+        Ok(sites.into_iter().filter(|s| targets.iter().any(|t| matches(&s.name, t))).collect())
+    }
+
+    /// Sites with the given attention roles (a method's defaults).
+    pub fn select_roles(&self, roles: &[AttentionMatrix]) -> Vec<LinearSite> {
+        self.linear_sites().into_iter().filter(|s| s.role.is_some_and(|r| roles.contains(&r))).collect()
+    }
+
+    /// The distinct per-layer module names (`q_proj`, `attention.output.dense`, …).
+    pub fn short_names(&self) -> Vec<String> {
+        let prefix_len = match self.family {
+            Family::Llama => "model.layers.0.".len(),
+            Family::Bert => "encoder.layer.0.".len(),
+        };
+        self.linear_sites().iter().filter(|s| s.layer == 0).map(|s| s.name[prefix_len..].to_string()).collect()
+    }
+
+    /// Parameters of the base model (HF base model: LLaMA with `lm_head`, BERT with pooler).
+    pub fn base_num_params(&self) -> usize {
+        let d = self.hidden;
+        let linear: usize = self.linear_sites().iter().map(|s| s.d_in * s.d_out).sum();
+        match self.family {
+            Family::Llama => {
+                let embeddings = self.vocab * d * if self.tie_embeddings { 1 } else { 2 };
+                embeddings + linear + self.layers * 2 * d + d
+            }
+            Family::Bert => {
+                let biases: usize = self.linear_sites().iter().map(|s| s.d_out).sum();
+                let embeddings = (self.vocab + self.positions + self.type_vocab) * d + 2 * d;
+                let layer_norms = self.layers * 2 * 2 * d;
+                let pooler = d * d + d;
+                embeddings + linear + biases + layer_norms + pooler
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_parameter_counts_match_hf() {
+        // Published totals: LLaMA-2-7B 6,738,415,616; RoBERTa-base 124,645,632; BERT-base
+        // 109,482,240; all-MiniLM-L6-v2 22,713,216 (with pooler).
+        assert_eq!(ArchSpec::preset("llama2-7b").unwrap().base_num_params(), 6_738_415_616);
+        assert_eq!(ArchSpec::preset("llama2-13b").unwrap().base_num_params(), 13_015_864_320);
+        assert_eq!(ArchSpec::preset("llama2-70b").unwrap().base_num_params(), 68_976_648_192);
+        assert_eq!(ArchSpec::preset("roberta-base").unwrap().base_num_params(), 124_645_632);
+        assert_eq!(ArchSpec::preset("bert-base").unwrap().base_num_params(), 109_482_240);
+        assert_eq!(ArchSpec::preset("minilm-l6").unwrap().base_num_params(), 22_713_216);
+    }
+
+    #[test]
+    fn target_selection_follows_peft() {
+        let bert = ArchSpec::preset("bert-base").unwrap();
+        assert_eq!(bert.select(&["query".into(), "value".into()]).unwrap().len(), 24);
+        // `output.dense` is a suffix of `attention.output.dense` too.
+        assert_eq!(bert.select(&["output.dense".into()]).unwrap().len(), 24);
+        let err = bert.select(&["q_proj".into()]).unwrap_err().to_string();
+        assert!(err.contains("attention.self.query"), "{err}");
+        let llama = ArchSpec::preset("llama2-70b").unwrap();
+        let v = llama.select(&["v_proj".into()]).unwrap();
+        assert_eq!((v.len(), v[0].d_out), (80, 1024));
+    }
+
+    #[test]
+    fn config_json_errors_name_the_field() {
+        let p = Path::new("m/config.json");
+        let ok = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
+        let spec = ArchSpec::from_config_json(&ok, p).unwrap();
+        assert_eq!((spec.kv_heads, spec.head_dim()), (2, 16));
+        for (field, value) in [("hidden_size", Value::Null), ("num_attention_heads", 3.into()), ("model_type", "gpt2".into()), ("vocab_size", (-1).into())] {
+            let mut bad = ok.clone();
+            if value.is_null() { bad.as_object_mut().unwrap().remove(field); } else { bad[field] = value; }
+            let err = ArchSpec::from_config_json(&bad, p).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("m/config.json"), "{err}");
+        }
+    }
+}
