@@ -11,7 +11,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
-use tensor_peft_adapters::{AdaptedLinear, LinearDelta, MethodConfig, METHOD_NAMES, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{
+    AdaptedLinear, LinearDelta, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors,
+};
 use tensor_peft_models::{ArchSpec, Family};
 
 /// The adapted stack: shared factors once, then every adapted site.
@@ -28,7 +30,11 @@ pub struct DemoStack<B: Backend> {
 impl<B: Backend> DemoStack<B> {
     /// Outputs of every site for the same input `x: [batch, tokens, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Vec<Tensor<B, 3>> {
-        let mut out: Vec<_> = self.linear.iter().map(|l| l.forward(x.clone(), &self.shared)).collect();
+        let mut out: Vec<_> = self
+            .linear
+            .iter()
+            .map(|l| l.forward(x.clone(), &self.shared))
+            .collect();
         out.extend(self.residual.iter().map(|r| r.forward(x.clone())));
         out
     }
@@ -68,15 +74,30 @@ pub fn demo_spec() -> ArchSpec {
 
 fn mse<B: Backend>(outputs: Vec<Tensor<B, 3>>, targets: &[Tensor<B, 3>]) -> Tensor<B, 1> {
     let n = outputs.len() as f64;
-    outputs.into_iter().zip(targets).map(|(o, t)| (o - t.clone()).powf_scalar(2.0).mean()).reduce(|a, b| a + b).unwrap().div_scalar(n)
+    outputs
+        .into_iter()
+        .zip(targets)
+        .map(|(o, t)| (o - t.clone()).powf_scalar(2.0).mean())
+        .reduce(|a, b| a + b)
+        .unwrap()
+        .div_scalar(n)
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data().convert::<f64>().to_vec::<f64>().map(|v| v[0]).unwrap_or(f64::NAN)
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .map(|v| v[0])
+        .unwrap_or(f64::NAN)
 }
 
 /// Trains every method for `steps` Adam steps at learning rate `lr` on `device`.
-pub fn run<B: AutodiffBackend>(device: &B::Device, steps: usize, lr: f64, seed: u64) -> Result<Vec<DemoResult>, String> {
+pub fn run<B: AutodiffBackend>(
+    device: &B::Device,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<Vec<DemoResult>, String> {
     let spec = demo_spec();
     let geometry = spec.geometry();
     let mut results = Vec::new();
@@ -84,13 +105,23 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, steps: usize, lr: f64, seed: 
         B::seed(device, seed);
         let method = MethodConfig::from_name(name).map_err(|e| e.to_string())?;
         let linear_sites = spec.select_roles(method.default_roles());
-        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
-        let set = method.build::<B>(&geometry, &linear_sites, &residual_sites, device).map_err(|e| e.to_string())?;
+        let residual_sites = if method.is_residual() {
+            spec.residual_sites()
+        } else {
+            Vec::new()
+        };
+        let set = method
+            .build::<B>(&geometry, &linear_sites, &residual_sites, device)
+            .map_err(|e| e.to_string())?;
         let d = spec.hidden;
         // Teacher: frozen base plus a hidden rank-2 update at every site.
         let teacher_update = |d_out: usize| {
             Tensor::<B::InnerBackend, 2>::random([d, 2], Distribution::Normal(0.0, 0.3), device)
-                .matmul(Tensor::random([2, d_out], Distribution::Normal(0.0, 0.3), device))
+                .matmul(Tensor::random(
+                    [2, d_out],
+                    Distribution::Normal(0.0, 0.3),
+                    device,
+                ))
         };
         let mut bases: Vec<Linear<B>> = Vec::new();
         let mut updates = Vec::new();
@@ -107,7 +138,9 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, steps: usize, lr: f64, seed: 
                 .linear
                 .into_iter()
                 .zip(bases.iter().cloned())
-                .map(|((_, adapter), base)| AdaptedLinear::new(base, Some(adapter)).map_err(|e| e.to_string()))
+                .map(|((_, adapter), base)| {
+                    AdaptedLinear::new(base, Some(adapter)).map_err(|e| e.to_string())
+                })
                 .collect::<Result<_, _>>()?,
             residual: set.residual.into_iter().map(|(_, a)| a).collect(),
         };
@@ -117,14 +150,30 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, steps: usize, lr: f64, seed: 
             let mut out: Vec<Tensor<B, 3>> = bases
                 .iter()
                 .zip(&updates)
-                .map(|(b, u)| Tensor::from_inner(b.valid().forward(x_inner.clone()) + burn::tensor::module::linear(x_inner.clone(), u.clone(), None)))
+                .map(|(b, u)| {
+                    Tensor::from_inner(
+                        b.valid().forward(x_inner.clone())
+                            + burn::tensor::module::linear(x_inner.clone(), u.clone(), None),
+                    )
+                })
                 .collect();
-            out.extend(updates[bases.len()..].iter().map(|u| Tensor::from_inner(x_inner.clone() + burn::tensor::module::linear(x_inner.clone(), u.clone(), None))));
+            out.extend(updates[bases.len()..].iter().map(|u| {
+                Tensor::from_inner(
+                    x_inner.clone()
+                        + burn::tensor::module::linear(x_inner.clone(), u.clone(), None),
+                )
+            }));
             out
         };
         let eval_x = Tensor::<B, 3>::random([4, 16, d], Distribution::Normal(0.0, 1.0), device);
         let eval_targets = targets(&eval_x);
-        let loss_before = scalar(mse(stack.valid().forward(eval_x.clone().inner()), &eval_targets.iter().map(|t| t.clone().inner()).collect::<Vec<_>>()));
+        let loss_before = scalar(mse(
+            stack.valid().forward(eval_x.clone().inner()),
+            &eval_targets
+                .iter()
+                .map(|t| t.clone().inner())
+                .collect::<Vec<_>>(),
+        ));
         let mut optim = AdamConfig::new().init::<B, DemoStack<B>>();
         for _ in 0..steps {
             let x = Tensor::<B, 3>::random([8, 16, d], Distribution::Normal(0.0, 1.0), device);
@@ -133,24 +182,40 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, steps: usize, lr: f64, seed: 
             stack = optim.step(lr, stack, grads);
         }
         let inner = stack.valid();
-        let loss_after = scalar(mse(inner.forward(eval_x.clone().inner()), &eval_targets.iter().map(|t| t.clone().inner()).collect::<Vec<_>>()));
+        let loss_after = scalar(mse(
+            inner.forward(eval_x.clone().inner()),
+            &eval_targets
+                .iter()
+                .map(|t| t.clone().inner())
+                .collect::<Vec<_>>(),
+        ));
         let mut factored_vs_dense: f64 = 0.0;
         for layer in &inner.linear {
             let adapter = layer.adapter.as_ref().expect("every demo site is adapted");
             let x = eval_x.clone().inner();
             let factored = adapter.delta(x.clone(), &inner.shared);
             let dense = burn::tensor::module::linear(x, adapter.delta_weight(&inner.shared), None);
-            let err = scalar((factored - dense.clone()).powf_scalar(2.0).sum().sqrt()) / scalar(dense.powf_scalar(2.0).sum().sqrt()).max(1e-30);
+            let err = scalar((factored - dense.clone()).powf_scalar(2.0).sum().sqrt())
+                / scalar(dense.powf_scalar(2.0).sum().sqrt()).max(1e-30);
             factored_vs_dense = factored_vs_dense.max(err);
         }
-        results.push(DemoResult { method: method.name(), trainable, loss_before, loss_after, factored_vs_dense });
+        results.push(DemoResult {
+            method: method.name(),
+            trainable,
+            loss_before,
+            loss_after,
+            factored_vs_dense,
+        });
     }
     Ok(results)
 }
 
 /// The result table as printed by `tpeft demo`.
 pub fn render(results: &[DemoResult]) -> String {
-    let mut out = format!("{:<12} {:>10} {:>12} {:>12} {:>18}\n", "method", "trainable", "loss before", "loss after", "factored vs dense");
+    let mut out = format!(
+        "{:<12} {:>10} {:>12} {:>12} {:>18}\n",
+        "method", "trainable", "loss before", "loss after", "factored vs dense"
+    );
     for r in results {
         out.push_str(&format!(
             "{:<12} {:>10} {:>12.5} {:>12.5} {:>18.2e}\n",
