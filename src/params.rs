@@ -32,77 +32,47 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
         .map(parse_shape)
         .transpose()
         .map_err(|e| usage(&e))?;
-    let not_for = |flag: &str| CliError::Usage(format!("{flag} does not apply to {name}"));
-    match &mut method {
-        MethodConfig::Lora(c) => {
-            if flags.tensor_rank.is_some() {
-                return Err(not_for("--tensor-rank"));
-            }
-            if shape.is_some() {
-                return Err(not_for("--tt-shape"));
-            }
-            if flags.bottleneck.is_some() {
-                return Err(not_for("--bottleneck"));
-            }
-            c.rank = flags.rank.unwrap_or(c.rank);
-            c.alpha = flags.alpha.unwrap_or(c.alpha);
+    let accepted: &[&str] = match method {
+        MethodConfig::Lora(_) | MethodConfig::Lotr(_) | MethodConfig::Lorta(_) => {
+            &["--rank", "--alpha"]
         }
+        MethodConfig::TtLora(_) => &["--rank", "--alpha", "--tt-shape"],
+        MethodConfig::LorettaRep(_) => &["--rank", "--alpha", "--tensor-rank", "--tt-shape"],
+        MethodConfig::LorettaAdp(_) => &["--bottleneck", "--tensor-rank", "--tt-shape"],
+    };
+    let given = [
+        ("--rank", flags.rank.is_some()),
+        ("--alpha", flags.alpha.is_some()),
+        ("--tensor-rank", flags.tensor_rank.is_some()),
+        ("--tt-shape", shape.is_some()),
+        ("--bottleneck", flags.bottleneck.is_some()),
+    ];
+    if let Some((flag, _)) = given
+        .iter()
+        .find(|(flag, present)| *present && !accepted.contains(flag))
+    {
+        return Err(CliError::Usage(format!(
+            "{flag} does not apply to {name}; it takes {}",
+            accepted.join(", ")
+        )));
+    }
+    let rank = |default: usize| flags.rank.unwrap_or(default);
+    let alpha = |default: f64| flags.alpha.unwrap_or(default);
+    match &mut method {
+        MethodConfig::Lora(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
+        MethodConfig::Lotr(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
+        MethodConfig::Lorta(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
         MethodConfig::TtLora(c) => {
-            if flags.tensor_rank.is_some() {
-                return Err(not_for("--tensor-rank (use --rank for the TT rank)"));
-            }
-            if flags.bottleneck.is_some() {
-                return Err(not_for("--bottleneck"));
-            }
-            c.rank = flags.rank.unwrap_or(c.rank);
-            c.alpha = flags.alpha.unwrap_or(c.alpha);
-            c.tt_shape = shape;
+            (c.rank, c.alpha, c.tt_shape) = (rank(c.rank), alpha(c.alpha), shape)
         }
         MethodConfig::LorettaRep(c) => {
-            if flags.bottleneck.is_some() {
-                return Err(not_for("--bottleneck"));
-            }
-            c.rank = flags.rank.unwrap_or(c.rank);
-            c.alpha = flags.alpha.unwrap_or(c.alpha);
+            (c.rank, c.alpha, c.a_shape) = (rank(c.rank), alpha(c.alpha), shape);
             c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
-            c.a_shape = shape;
         }
         MethodConfig::LorettaAdp(c) => {
-            if flags.rank.is_some() {
-                return Err(not_for("--rank (use --bottleneck and --tensor-rank)"));
-            }
-            if flags.alpha.is_some() {
-                return Err(not_for("--alpha"));
-            }
             c.bottleneck = flags.bottleneck.unwrap_or(c.bottleneck);
             c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
             c.down_shape = shape;
-        }
-        MethodConfig::Lotr(c) => {
-            if flags.tensor_rank.is_some() {
-                return Err(not_for("--tensor-rank"));
-            }
-            if shape.is_some() {
-                return Err(not_for("--tt-shape"));
-            }
-            if flags.bottleneck.is_some() {
-                return Err(not_for("--bottleneck"));
-            }
-            c.rank = flags.rank.unwrap_or(c.rank);
-            c.alpha = flags.alpha.unwrap_or(c.alpha);
-        }
-        MethodConfig::Lorta(c) => {
-            if flags.tensor_rank.is_some() {
-                return Err(not_for("--tensor-rank"));
-            }
-            if shape.is_some() {
-                return Err(not_for("--tt-shape"));
-            }
-            if flags.bottleneck.is_some() {
-                return Err(not_for("--bottleneck"));
-            }
-            c.rank = flags.rank.unwrap_or(c.rank);
-            c.alpha = flags.alpha.unwrap_or(c.alpha);
         }
     }
     if flags.rank == Some(0) || flags.tensor_rank == Some(0) || flags.bottleneck == Some(0) {

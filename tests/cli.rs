@@ -193,7 +193,7 @@ fn params_reads_an_hf_config_json() {
 
 #[test]
 fn bad_input_is_a_clear_error_with_exit_code_2() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "params",
@@ -273,6 +273,18 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
                 "lora",
             ],
             "not compiled into this binary",
+        ),
+        (
+            &[
+                "params",
+                "--model",
+                "llama2-7b",
+                "--method",
+                "lora",
+                "--bottleneck",
+                "8",
+            ],
+            "--bottleneck does not apply to lora; it takes --rank, --alpha",
         ),
     ];
     for (args, expected) in cases {
