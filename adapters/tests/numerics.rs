@@ -222,6 +222,32 @@ fn build<B: Backend>(
     }
 }
 
+/// A seeded input `[2, 3, d_model]`.
+fn random_input<B: Backend>(
+    rng: &mut Rng,
+    geo: &AttentionGeometry,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    tensor::<B, 3>(
+        rng.normals(TOKENS.iter().product::<usize>() * geo.d_model, 1.0),
+        [TOKENS[0], TOKENS[1], geo.d_model],
+        device,
+    )
+}
+
+/// Seeded weights `w_i` of the linear test loss, one per harness output.
+fn loss_weights<B: Backend>(
+    h: &Harness<B>,
+    x: &Tensor<B, 3>,
+    rng: &mut Rng,
+    device: &B::Device,
+) -> Vec<Tensor<B, 3>> {
+    h.outputs(x)
+        .iter()
+        .map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device))
+        .collect()
+}
+
 // ---------------------------------------------------------------- independent references
 
 fn matmul_ref(a: &[f64], b: &[f64], n: usize, k: usize, m: usize) -> Vec<f64> {
@@ -390,11 +416,7 @@ fn check_zero_delta_init<B: Backend>(device: &B::Device) {
     let mut rng = Rng(2);
     for (method, geo) in cases() {
         let h: Harness<B> = build(&method, &geo, device);
-        let x = tensor::<B, 3>(
-            rng.normals(6 * geo.d_model, 1.0),
-            [TOKENS[0], TOKENS[1], geo.d_model],
-            device,
-        );
+        let x = random_input::<B>(&mut rng, &geo, device);
         for layer in &h.linear {
             let adapted = values(layer.forward(x.clone(), &h.shared));
             let base = values(layer.base.forward(x.clone()));
@@ -449,11 +471,7 @@ fn check_merge_unmerge<B: Backend>(device: &B::Device) {
     let mut rng = Rng(3);
     for (method, geo) in cases() {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
-        let x = tensor::<B, 3>(
-            rng.normals(6 * geo.d_model, 1.0),
-            [TOKENS[0], TOKENS[1], geo.d_model],
-            device,
-        );
+        let x = random_input::<B>(&mut rng, &geo, device);
         for layer in h.linear.iter().cloned() {
             let before = values(layer.base.weight.val());
             let adapted = values(layer.forward(x.clone(), &h.shared));
@@ -544,16 +562,8 @@ fn check_only_adapters_get_gradients<B: AutodiffBackend>(device: &B::Device) {
             })
             .collect();
         h.residual = randomize(h.residual, &mut rng, 0.5);
-        let x = tensor::<B, 3>(
-            rng.normals(6 * geo.d_model, 1.0),
-            [TOKENS[0], TOKENS[1], geo.d_model],
-            device,
-        );
-        let w: Vec<_> = h
-            .outputs(&x)
-            .iter()
-            .map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device))
-            .collect();
+        let x = random_input::<B>(&mut rng, &geo, device);
+        let w = loss_weights(&h, &x, &mut rng, device);
         let grads = h.loss(&x, &w).backward();
         let c = collect_grads(&h, &grads);
         let expected_frozen = if method.is_residual() {
@@ -620,16 +630,8 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
             method.name()
         );
 
-        let x = tensor::<B, 3>(
-            rng.normals(6 * geo.d_model, 1.0),
-            [TOKENS[0], TOKENS[1], geo.d_model],
-            device,
-        );
-        let w: Vec<_> = h
-            .outputs(&x)
-            .iter()
-            .map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device))
-            .collect();
+        let x = random_input::<B>(&mut rng, &geo, device);
+        let w = loss_weights(&h, &x, &mut rng, device);
         let shared_a = |h: &Harness<B>| match &method {
             MethodConfig::Lotr(_) => h.shared.lotr[0].a.val(),
             _ => h.shared.lorta.as_ref().unwrap().a.val(),
@@ -708,16 +710,8 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(
     let mut rng = Rng(6);
     for (method, geo) in cases() {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
-        let x = tensor::<B, 3>(
-            rng.normals(6 * geo.d_model, 1.0),
-            [TOKENS[0], TOKENS[1], geo.d_model],
-            device,
-        );
-        let w: Vec<_> = h
-            .outputs(&x)
-            .iter()
-            .map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device))
-            .collect();
+        let x = random_input::<B>(&mut rng, &geo, device);
+        let w = loss_weights(&h, &x, &mut rng, device);
         let grads = h.loss(&x, &w).backward();
         // Visit order = map order: record which visited parameters are trainable.
         struct Order<'a, B: AutodiffBackend>(&'a B::Gradients, Vec<Option<Vec<f64>>>);
