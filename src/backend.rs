@@ -45,11 +45,7 @@ impl BackendKind {
         Err(CliError::Usage(format!(
             "the {0} backend is not compiled into this binary (compiled: {1}); rebuild with `cargo build --release --features {0}`",
             self.feature(),
-            if available.is_empty() {
-                "none".to_string()
-            } else {
-                available.join(", ")
-            }
+            if available.is_empty() { "none".to_string() } else { available.join(", ") }
         )))
     }
 }

@@ -11,9 +11,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
-use tensor_peft_adapters::{
-    AdaptedLinear, LinearDelta, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors,
-};
+use tensor_peft_adapters::{AdaptedLinear, LinearDelta, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors};
 use tensor_peft_models::{ArchSpec, Family};
 
 /// The adapted stack: shared factors once, then every adapted site.
@@ -30,11 +28,7 @@ pub struct DemoStack<B: Backend> {
 impl<B: Backend> DemoStack<B> {
     /// Outputs of every site for the same input `x: [batch, tokens, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Vec<Tensor<B, 3>> {
-        let mut out: Vec<_> = self
-            .linear
-            .iter()
-            .map(|l| l.forward(x.clone(), &self.shared))
-            .collect();
+        let mut out: Vec<_> = self.linear.iter().map(|l| l.forward(x.clone(), &self.shared)).collect();
         out.extend(self.residual.iter().map(|r| r.forward(x.clone())));
         out
     }
@@ -84,11 +78,7 @@ fn mse<B: Backend>(outputs: Vec<Tensor<B, 3>>, targets: &[Tensor<B, 3>]) -> Tens
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .map(|v| v[0])
-        .unwrap_or(f64::NAN)
+    t.into_data().convert::<f64>().to_vec::<f64>().map(|v| v[0]).unwrap_or(f64::NAN)
 }
 
 /// Trains every method for `steps` Adam steps at learning rate `lr` on `device`.
@@ -105,24 +95,15 @@ pub fn run<B: AutodiffBackend>(
         B::seed(device, seed);
         let method = MethodConfig::from_name(name).map_err(|e| e.to_string())?;
         let linear_sites = spec.select_roles(method.default_roles());
-        let residual_sites = if method.is_residual() {
-            spec.residual_sites()
-        } else {
-            Vec::new()
-        };
-        let set = method
-            .build::<B>(&geometry, &linear_sites, &residual_sites, device)
-            .map_err(|e| e.to_string())?;
+        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
+        let set = method.build::<B>(&geometry, &linear_sites, &residual_sites, device).map_err(|e| e.to_string())?;
         let d = spec.hidden;
         // Teacher: frozen base plus a hidden rank-2 update at every site.
-        let teacher_update = |d_out: usize| {
-            Tensor::<B::InnerBackend, 2>::random([d, 2], Distribution::Normal(0.0, 0.3), device)
-                .matmul(Tensor::random(
-                    [2, d_out],
-                    Distribution::Normal(0.0, 0.3),
-                    device,
-                ))
-        };
+        let teacher_update =
+            |d_out: usize| {
+                Tensor::<B::InnerBackend, 2>::random([d, 2], Distribution::Normal(0.0, 0.3), device)
+                    .matmul(Tensor::random([2, d_out], Distribution::Normal(0.0, 0.3), device))
+            };
         let mut bases: Vec<Linear<B>> = Vec::new();
         let mut updates = Vec::new();
         for (site, _) in &set.linear {
@@ -138,9 +119,7 @@ pub fn run<B: AutodiffBackend>(
                 .linear
                 .into_iter()
                 .zip(bases.iter().cloned())
-                .map(|((_, adapter), base)| {
-                    AdaptedLinear::new(base, Some(adapter)).map_err(|e| e.to_string())
-                })
+                .map(|((_, adapter), base)| AdaptedLinear::new(base, Some(adapter)).map_err(|e| e.to_string()))
                 .collect::<Result<_, _>>()?,
             residual: set.residual.into_iter().map(|(_, a)| a).collect(),
         };
@@ -158,10 +137,7 @@ pub fn run<B: AutodiffBackend>(
                 })
                 .collect();
             out.extend(updates[bases.len()..].iter().map(|u| {
-                Tensor::from_inner(
-                    x_inner.clone()
-                        + burn::tensor::module::linear(x_inner.clone(), u.clone(), None),
-                )
+                Tensor::from_inner(x_inner.clone() + burn::tensor::module::linear(x_inner.clone(), u.clone(), None))
             }));
             out
         };
@@ -169,10 +145,7 @@ pub fn run<B: AutodiffBackend>(
         let eval_targets = targets(&eval_x);
         let loss_before = scalar(mse(
             stack.valid().forward(eval_x.clone().inner()),
-            &eval_targets
-                .iter()
-                .map(|t| t.clone().inner())
-                .collect::<Vec<_>>(),
+            &eval_targets.iter().map(|t| t.clone().inner()).collect::<Vec<_>>(),
         ));
         let mut optim = AdamConfig::new().init::<B, DemoStack<B>>();
         for _ in 0..steps {
@@ -184,10 +157,7 @@ pub fn run<B: AutodiffBackend>(
         let inner = stack.valid();
         let loss_after = scalar(mse(
             inner.forward(eval_x.clone().inner()),
-            &eval_targets
-                .iter()
-                .map(|t| t.clone().inner())
-                .collect::<Vec<_>>(),
+            &eval_targets.iter().map(|t| t.clone().inner()).collect::<Vec<_>>(),
         ));
         let mut factored_vs_dense: f64 = 0.0;
         for layer in &inner.linear {
@@ -199,13 +169,7 @@ pub fn run<B: AutodiffBackend>(
                 / scalar(dense.powf_scalar(2.0).sum().sqrt()).max(1e-30);
             factored_vs_dense = factored_vs_dense.max(err);
         }
-        results.push(DemoResult {
-            method: method.name(),
-            trainable,
-            loss_before,
-            loss_after,
-            factored_vs_dense,
-        });
+        results.push(DemoResult { method: method.name(), trainable, loss_before, loss_after, factored_vs_dense });
     }
     Ok(results)
 }

@@ -26,16 +26,9 @@ pub struct MethodFlags {
 pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig, CliError> {
     let usage = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
     let mut method = MethodConfig::from_name(name).map_err(|e| usage(&e))?;
-    let shape = flags
-        .tt_shape
-        .as_deref()
-        .map(parse_shape)
-        .transpose()
-        .map_err(|e| usage(&e))?;
+    let shape = flags.tt_shape.as_deref().map(parse_shape).transpose().map_err(|e| usage(&e))?;
     let accepted: &[&str] = match method {
-        MethodConfig::Lora(_) | MethodConfig::Lotr(_) | MethodConfig::Lorta(_) => {
-            &["--rank", "--alpha"]
-        }
+        MethodConfig::Lora(_) | MethodConfig::Lotr(_) | MethodConfig::Lorta(_) => &["--rank", "--alpha"],
         MethodConfig::TtLora(_) => &["--rank", "--alpha", "--tt-shape"],
         MethodConfig::LorettaRep(_) => &["--rank", "--alpha", "--tensor-rank", "--tt-shape"],
         MethodConfig::LorettaAdp(_) => &["--bottleneck", "--tensor-rank", "--tt-shape"],
@@ -47,14 +40,8 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
         ("--tt-shape", shape.is_some()),
         ("--bottleneck", flags.bottleneck.is_some()),
     ];
-    if let Some((flag, _)) = given
-        .iter()
-        .find(|(flag, present)| *present && !accepted.contains(flag))
-    {
-        return Err(CliError::Usage(format!(
-            "{flag} does not apply to {name}; it takes {}",
-            accepted.join(", ")
-        )));
+    if let Some((flag, _)) = given.iter().find(|(flag, present)| *present && !accepted.contains(flag)) {
+        return Err(CliError::Usage(format!("{flag} does not apply to {name}; it takes {}", accepted.join(", "))));
     }
     let rank = |default: usize| flags.rank.unwrap_or(default);
     let alpha = |default: f64| flags.alpha.unwrap_or(default);
@@ -62,9 +49,7 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
         MethodConfig::Lora(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
         MethodConfig::Lotr(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
         MethodConfig::Lorta(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
-        MethodConfig::TtLora(c) => {
-            (c.rank, c.alpha, c.tt_shape) = (rank(c.rank), alpha(c.alpha), shape)
-        }
+        MethodConfig::TtLora(c) => (c.rank, c.alpha, c.tt_shape) = (rank(c.rank), alpha(c.alpha), shape),
         MethodConfig::LorettaRep(c) => {
             (c.rank, c.alpha, c.a_shape) = (rank(c.rank), alpha(c.alpha), shape);
             c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
@@ -76,19 +61,13 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
         }
     }
     if flags.rank == Some(0) || flags.tensor_rank == Some(0) || flags.bottleneck == Some(0) {
-        return Err(CliError::Usage(
-            "--rank, --tensor-rank and --bottleneck must be at least 1".into(),
-        ));
+        return Err(CliError::Usage("--rank, --tensor-rank and --bottleneck must be at least 1".into()));
     }
     Ok(method)
 }
 
 /// The counted report for `method` on `spec` with optional explicit targets.
-pub fn count(
-    spec: &ArchSpec,
-    method: &MethodConfig,
-    targets: Option<&[String]>,
-) -> Result<ParamReport, CliError> {
+pub fn count(spec: &ArchSpec, method: &MethodConfig, targets: Option<&[String]>) -> Result<ParamReport, CliError> {
     if method.is_residual() && targets.is_some() {
         return Err(CliError::Usage(format!(
             "--targets does not apply to {}: it is inserted after every block's attention and feed-forward output",
@@ -99,14 +78,8 @@ pub fn count(
         Some(t) => spec.select(t).map_err(|e| CliError::Usage(e.to_string()))?,
         None => spec.select_roles(method.default_roles()),
     };
-    let residual = if method.is_residual() {
-        spec.residual_sites()
-    } else {
-        Vec::new()
-    };
-    method
-        .count(&spec.geometry(), &linear, &residual)
-        .map_err(|e| CliError::Usage(e.to_string()))
+    let residual = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
+    method.count(&spec.geometry(), &linear, &residual).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// `1234567` → `1,234,567`.
@@ -147,24 +120,10 @@ pub fn render(spec: &ArchSpec, method: &MethodConfig, report: &ParamReport) -> S
         method.name(),
         serde_json::to_string(method).unwrap_or_default()
     );
-    let width = report
-        .rows
-        .iter()
-        .map(|r| r.module.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    out.push_str(&format!(
-        "{:<width$}  {:>14}  {:>12}\n",
-        "module", "shape", "trainable"
-    ));
+    let width = report.rows.iter().map(|r| r.module.len()).max().unwrap_or(6).max(6);
+    out.push_str(&format!("{:<width$}  {:>14}  {:>12}\n", "module", "shape", "trainable"));
     for row in &report.rows {
-        out.push_str(&format!(
-            "{:<width$}  {:>14}  {:>12}\n",
-            row.module,
-            row.shape,
-            thousands(row.params)
-        ));
+        out.push_str(&format!("{:<width$}  {:>14}  {:>12}\n", row.module, row.shape, thousands(row.params)));
     }
     out.push('\n');
     out.push_str(&summary_line(report.total(), spec.base_num_params()));

@@ -4,30 +4,18 @@
 use std::process::{Command, Output};
 
 fn tpeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpeft"))
-        .args(args)
-        .output()
-        .expect("run tpeft")
+    Command::new(env!("CARGO_BIN_EXE_tpeft")).args(args).output().expect("run tpeft")
 }
 
 fn summary(args: &[&str]) -> String {
     let out = tpeft(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     stdout.lines().last().unwrap().to_string()
 }
 
 fn trainable(args: &[&str]) -> String {
-    summary(args)
-        .split(" || ")
-        .next()
-        .unwrap()
-        .trim_start_matches("trainable params: ")
-        .to_string()
+    summary(args).split(" || ").next().unwrap().trim_start_matches("trainable params: ").to_string()
 }
 
 #[test]
@@ -46,95 +34,18 @@ fn params_match_the_published_counts() {
         ]),
         "trainable params: 112,640 || all params: 6,738,528,256 || trainable%: 0.0017"
     );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "llama2-7b",
-            "--method",
-            "lora",
-            "--rank",
-            "8"
-        ]),
-        "4,194,304"
-    );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "llama2-13b",
-            "--method",
-            "lora",
-            "--rank",
-            "8"
-        ]),
-        "6,553,600"
-    );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "llama2-70b",
-            "--method",
-            "lora",
-            "--rank",
-            "8"
-        ]),
-        "16,384,000"
-    );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "roberta-base",
-            "--method",
-            "lotr",
-            "--rank",
-            "8"
-        ]),
-        "13,824"
-    );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "llama2-7b",
-            "--method",
-            "lotr",
-            "--rank",
-            "8"
-        ]),
-        "69,632"
-    );
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            "llama2-7b",
-            "--method",
-            "lorta",
-            "--rank",
-            "8"
-        ]),
-        "34,336"
-    );
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "lora", "--rank", "8"]), "4,194,304");
+    assert_eq!(trainable(&["params", "--model", "llama2-13b", "--method", "lora", "--rank", "8"]), "6,553,600");
+    assert_eq!(trainable(&["params", "--model", "llama2-70b", "--method", "lora", "--rank", "8"]), "16,384,000");
+    assert_eq!(trainable(&["params", "--model", "roberta-base", "--method", "lotr", "--rank", "8"]), "13,824");
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "lotr", "--rank", "8"]), "69,632");
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "lorta", "--rank", "8"]), "34,336");
     // LoRETTA_rep on LLaMA-2-7B q,v with the published [16,16,8,4,4] shapes (1,600 per module).
-    assert_eq!(
-        trainable(&["params", "--model", "llama2-7b", "--method", "loretta-rep"]),
-        "102,400"
-    );
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "loretta-rep"]), "102,400");
     // Explicit targets and the per-module table.
     let out = String::from_utf8(
-        tpeft(&[
-            "params",
-            "--model",
-            "bert-base",
-            "--method",
-            "lora",
-            "--targets",
-            "query,value,intermediate.dense",
-        ])
-        .stdout,
+        tpeft(&["params", "--model", "bert-base", "--method", "lora", "--targets", "query,value,intermediate.dense"])
+            .stdout,
     )
     .unwrap();
     assert!(out.contains("encoder.layer.11.intermediate.dense"), "{out}");
@@ -150,44 +61,16 @@ fn params_reads_an_hf_config_json() {
     std::fs::write(dir.join("config.json"), config).unwrap();
     // SmolLM2-135M: q 576x576, v 576x192 → LoRA r=8: 30·8·(1152 + 768) = 460,800; base 134,515,008.
     assert_eq!(
-        summary(&[
-            "params",
-            "--model",
-            dir.to_str().unwrap(),
-            "--method",
-            "lora"
-        ]),
+        summary(&["params", "--model", dir.to_str().unwrap(), "--method", "lora"]),
         "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414"
     );
     // LoRTA generalises to its GQA k/v with a separate key/value head factor.
-    assert_eq!(
-        trainable(&[
-            "params",
-            "--model",
-            dir.to_str().unwrap(),
-            "--method",
-            "lorta"
-        ]),
-        "5,488"
-    ); // 8·(576+64+9+3+30+4)
-    std::fs::write(
-        dir.join("config.json"),
-        r#"{"model_type": "llama", "hidden_size": 576}"#,
-    )
-    .unwrap();
-    let out = tpeft(&[
-        "params",
-        "--model",
-        dir.to_str().unwrap(),
-        "--method",
-        "lora",
-    ]);
+    assert_eq!(trainable(&["params", "--model", dir.to_str().unwrap(), "--method", "lorta"]), "5,488"); // 8·(576+64+9+3+30+4)
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama", "hidden_size": 576}"#).unwrap();
+    let out = tpeft(&["params", "--model", dir.to_str().unwrap(), "--method", "lora"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("config.json") && err.contains("num_attention_heads"),
-        "{err}"
-    );
+    assert!(err.contains("config.json") && err.contains("num_attention_heads"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -195,95 +78,24 @@ fn params_reads_an_hf_config_json() {
 fn bad_input_is_a_clear_error_with_exit_code_2() {
     let cases: [(&[&str], &str); 9] = [
         (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "tt-lora",
-                "--tt-shape",
-                "32,256,128,16",
-            ],
+            &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "32,256,128,16"],
             "no leading factors multiply to d_in",
         ),
         (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "tt-lora",
-                "--tt-shape",
-                "16,0,16",
-            ],
+            &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "16,0,16"],
             "factors must be at least 1",
         ),
+        (&["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", ""], "expected comma-separated"),
+        (&["params", "--model", "llama2-7b", "--method", "lora", "--rank", "0"], "at least 1"),
+        (&["params", "--model", "llama2-7b", "--method", "dora"], "expected one of lora, tt-lora"),
         (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "tt-lora",
-                "--tt-shape",
-                "",
-            ],
-            "expected comma-separated",
-        ),
-        (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "lora",
-                "--rank",
-                "0",
-            ],
-            "at least 1",
-        ),
-        (
-            &["params", "--model", "llama2-7b", "--method", "dora"],
-            "expected one of lora, tt-lora",
-        ),
-        (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "lora",
-                "--targets",
-                "query",
-            ],
+            &["params", "--model", "llama2-7b", "--method", "lora", "--targets", "query"],
             "module names are: self_attn.q_proj",
         ),
+        (&["params", "--model", "no-such-model", "--method", "lora"], "unknown model"),
+        (&["--backend", "cuda", "params", "--model", "llama2-7b", "--method", "lora"], "not compiled into this binary"),
         (
-            &["params", "--model", "no-such-model", "--method", "lora"],
-            "unknown model",
-        ),
-        (
-            &[
-                "--backend",
-                "cuda",
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "lora",
-            ],
-            "not compiled into this binary",
-        ),
-        (
-            &[
-                "params",
-                "--model",
-                "llama2-7b",
-                "--method",
-                "lora",
-                "--bottleneck",
-                "8",
-            ],
+            &["params", "--model", "llama2-7b", "--method", "lora", "--bottleneck", "8"],
             "--bottleneck does not apply to lora; it takes --rank, --alpha",
         ),
     ];
@@ -292,44 +104,21 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(expected), "{args:?}: {err}");
-        assert!(
-            !err.contains("panicked") && out.stdout.is_empty(),
-            "{args:?}"
-        );
+        assert!(!err.contains("panicked") && out.stdout.is_empty(), "{args:?}");
     }
 }
 
 #[test]
 fn demo_trains_every_method_on_the_cpu_backend() {
     let out = tpeft(&["demo", "--steps", "30"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for method in [
-        "lora",
-        "tt-lora",
-        "loretta-rep",
-        "loretta-adp",
-        "lotr",
-        "lorta",
-    ] {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("{method} ")))
-            .unwrap_or_else(|| panic!("{stdout}"));
+    for method in ["lora", "tt-lora", "loretta-rep", "loretta-adp", "lotr", "lorta"] {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("{method} "))).unwrap_or_else(|| panic!("{stdout}"));
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let (before, after, err): (f64, f64, f64) = (
-            cols[2].parse().unwrap(),
-            cols[3].parse().unwrap(),
-            cols[4].parse().unwrap(),
-        );
+        let (before, after, err): (f64, f64, f64) =
+            (cols[2].parse().unwrap(), cols[3].parse().unwrap(), cols[4].parse().unwrap());
         assert!(after < before, "{method} did not learn: {line}");
-        assert!(
-            err < 1e-5,
-            "{method}: factored forward differs from x·ΔW: {line}"
-        );
+        assert!(err < 1e-5, "{method}: factored forward differs from x·ΔW: {line}");
     }
 }

@@ -13,7 +13,7 @@ use crate::tt_lora::TtLora;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend, module::linear};
 
 /// How an adapter's update starts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -40,10 +40,7 @@ pub struct SharedFactors<B: Backend> {
 impl<B: Backend> SharedFactors<B> {
     /// No shared factors (LoRA, TT-LoRA, LoRETTA).
     pub fn empty() -> Self {
-        Self {
-            lotr: Vec::new(),
-            lorta: None,
-        }
+        Self { lotr: Vec::new(), lorta: None }
     }
 }
 
@@ -86,6 +83,15 @@ fn add_to_weight<B: Backend>(mut base: Linear<B>, delta: Tensor<B, 2>) -> Linear
         (w.detach() + delta.detach()).set_require_grad(trainable)
     });
     base
+}
+
+/// Whether to apply an update densely (`x·(W+ΔW)`) rather than factored.
+///
+/// Only for forward passes without gradients: building ΔW costs `d_in·d_out·r`, contracting
+/// `N·r·(d_in+d_out)`, so dense pays when `N > d_in·d_out/(d_in+d_out)` (≈ d/2 for square layers).
+/// With gradients the dense path adds a weight-sized gradient GEMM and never pays.
+pub fn prefer_dense_delta(d_in: usize, d_out: usize, tokens: usize, needs_grad: bool) -> bool {
+    !needs_grad && tokens.saturating_mul(d_in + d_out) > d_in.saturating_mul(d_out)
 }
 
 /// Any linear adapter method: what models hold for each adapted projection.
@@ -151,35 +157,33 @@ impl<B: Backend> AdaptedLinear<B> {
                 a.dims().1
             )));
         }
-        Ok(Self {
-            base: base.no_grad(),
-            adapter,
-            merged: false,
-        })
+        Ok(Self { base: base.no_grad(), adapter, merged: false })
     }
 
     /// `base(x) + Δ(x)` (just `base(x)` when merged or unadapted).
-    pub fn forward<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        shared: &SharedFactors<B>,
-    ) -> Tensor<B, D> {
-        match (&self.adapter, self.merged) {
-            (Some(adapter), false) => self.base.forward(x.clone()) + adapter.delta(x, shared),
-            _ => self.base.forward(x),
+    ///
+    /// Without gradients (an inference backend) and with many rows, adding ΔW to the weight once
+    /// is cheaper than contracting every row ([`prefer_dense_delta`]); otherwise the update is
+    /// applied factored.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        let Some(adapter) = self.adapter.as_ref().filter(|_| !self.merged) else {
+            return self.base.forward(x);
+        };
+        let tokens = x.dims()[..D - 1].iter().product();
+        let (d_in, d_out) = adapter.dims();
+        if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
+            let weight = self.base.weight.val() + adapter.delta_weight(shared);
+            return linear(x, weight, self.base.bias.as_ref().map(|b| b.val()));
         }
+        self.base.forward(x.clone()) + adapter.delta(x, shared)
     }
 
     /// Folds the update into the base weight. Errors if already merged or unadapted.
     pub fn merge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
-        let adapter = self
-            .adapter
-            .as_ref()
-            .ok_or_else(|| AdapterError::State("cannot merge: layer has no adapter".into()))?;
+        let adapter =
+            self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot merge: layer has no adapter".into()))?;
         if self.merged {
-            return Err(AdapterError::State(
-                "cannot merge: adapter is already merged".into(),
-            ));
+            return Err(AdapterError::State("cannot merge: adapter is already merged".into()));
         }
         self.base = adapter.merge(self.base, shared);
         self.merged = true;
@@ -188,14 +192,10 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// Undoes [`merge`](Self::merge). Errors if not merged.
     pub fn unmerge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
-        let adapter = self
-            .adapter
-            .as_ref()
-            .ok_or_else(|| AdapterError::State("cannot unmerge: layer has no adapter".into()))?;
+        let adapter =
+            self.adapter.as_ref().ok_or_else(|| AdapterError::State("cannot unmerge: layer has no adapter".into()))?;
         if !self.merged {
-            return Err(AdapterError::State(
-                "cannot unmerge: adapter is not merged".into(),
-            ));
+            return Err(AdapterError::State("cannot unmerge: adapter is not merged".into()));
         }
         self.base = adapter.unmerge(self.base, shared);
         self.merged = false;
@@ -229,7 +229,8 @@ impl<B: Backend> ResidualAdapter<B> {
         Err(AdapterError::Unsupported {
             method: "loretta-adp",
             target: "merge".into(),
-            reason: "the bottleneck adapter is nonlinear (up(act(down(h)))), so it has no weight delta to fold in".into(),
+            reason: "the bottleneck adapter is nonlinear (up(act(down(h)))), so it has no weight delta to fold in"
+                .into(),
         })
     }
 }

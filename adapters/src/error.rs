@@ -56,32 +56,16 @@ pub enum AdapterError {
 /// Result type of the adapter library.
 pub type Result<T> = std::result::Result<T, AdapterError>;
 
-pub(crate) fn invalid(
-    field: &'static str,
-    value: impl ToString,
-    reason: impl Into<String>,
-) -> AdapterError {
-    AdapterError::InvalidValue {
-        field,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
+pub(crate) fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>) -> AdapterError {
+    AdapterError::InvalidValue { field, value: value.to_string(), reason: reason.into() }
 }
 
 /// Returns an error naming `field` unless `value >= 1`.
 pub(crate) fn require_positive(field: &'static str, value: usize) -> Result<()> {
-    if value == 0 {
-        Err(invalid(field, value, "must be at least 1"))
-    } else {
-        Ok(())
-    }
+    if value == 0 { Err(invalid(field, value, "must be at least 1")) } else { Ok(()) }
 }
 
 /// Returns an error naming `field` unless `value` is finite.
 pub(crate) fn require_finite(field: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() {
-        Ok(())
-    } else {
-        Err(invalid(field, value, "must be a finite number"))
-    }
+    if value.is_finite() { Ok(()) } else { Err(invalid(field, value, "must be a finite number")) }
 }

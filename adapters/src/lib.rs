@@ -45,7 +45,7 @@ pub mod tt_linear;
 pub mod tt_lora;
 
 pub use adapter::{
-    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, ResidualAdapter, SharedFactors,
+    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, ResidualAdapter, SharedFactors, prefer_dense_delta,
 };
 pub use error::{AdapterError, Result};
 pub use lora::{Lora, LoraConfig};
@@ -53,8 +53,6 @@ pub use loretta_adp::{Activation, LorettaAdp, LorettaAdpConfig};
 pub use loretta_rep::{LorettaRep, LorettaRepConfig};
 pub use lorta::{AttentionGeometry, AttentionMatrix, Lorta, LortaConfig, LortaShared};
 pub use lotr::{Lotr, LotrConfig, LotrShared};
-pub use method::{
-    AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualSite,
-};
+pub use method::{AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualSite};
 pub use tt_linear::TtLinear;
 pub use tt_lora::{TtLora, TtLoraConfig};

@@ -44,11 +44,7 @@ impl LoraConfig {
 
     /// The output scale `α/r` (or `α/√r`).
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        if self.use_rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
     }
 
     /// Trainable parameters for one `d_in × d_out` matrix: `r·(d_in + d_out)`.
@@ -57,22 +53,13 @@ impl LoraConfig {
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer (ΔW = 0 at initialisation).
-    pub fn init<B: Backend>(
-        &self,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> crate::Result<Lora<B>> {
+    pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<Lora<B>> {
         self.validate()?;
         require_positive("d_in", d_in)?;
         require_positive("d_out", d_out)?;
         let bound = 1.0 / (d_in as f64).sqrt();
         Ok(Lora {
-            a: Param::from_tensor(Tensor::random(
-                [d_in, self.rank],
-                Distribution::Uniform(-bound, bound),
-                device,
-            )),
+            a: Param::from_tensor(Tensor::random([d_in, self.rank], Distribution::Uniform(-bound, bound), device)),
             b: Param::from_tensor(Tensor::zeros([self.rank, d_out], device)),
             dropout: DropoutConfig::new(self.dropout).init(),
             scaling: self.scaling(),

@@ -93,10 +93,8 @@ impl LorettaAdpConfig {
         let (down, up) = self.resolve_shapes(d)?;
         crate::tensor::shape::validate_flat_shape(&down, d, self.bottleneck)?;
         crate::tensor::shape::validate_flat_shape(&up, self.bottleneck, d)?;
-        Ok(
-            tt_linear_num_params(&down, self.tensor_rank, self.bottleneck, true)
-                + tt_linear_num_params(&up, self.tensor_rank, d, true),
-        )
+        Ok(tt_linear_num_params(&down, self.tensor_rank, self.bottleneck, true)
+            + tt_linear_num_params(&up, self.tensor_rank, d, true))
     }
 
     /// Creates an adapter for hidden size `d`.
@@ -106,24 +104,8 @@ impl LorettaAdpConfig {
         let (down_shape, up_shape) = self.resolve_shapes(d)?;
         let zero = self.init == DeltaInit::Zero;
         Ok(LorettaAdp {
-            down: TtLinear::new(
-                d,
-                self.bottleneck,
-                &down_shape,
-                self.tensor_rank,
-                true,
-                false,
-                device,
-            )?,
-            up: TtLinear::new(
-                self.bottleneck,
-                d,
-                &up_shape,
-                self.tensor_rank,
-                true,
-                zero,
-                device,
-            )?,
+            down: TtLinear::new(d, self.bottleneck, &down_shape, self.tensor_rank, true, false, device)?,
+            up: TtLinear::new(self.bottleneck, d, &up_shape, self.tensor_rank, true, zero, device)?,
             activation: self.activation,
             scaling: self.scaling,
         })
@@ -147,9 +129,7 @@ pub struct LorettaAdp<B: Backend> {
 impl<B: Backend> LorettaAdp<B> {
     /// `h + s · up(act(down(h)))` for `h: [..., d]`.
     pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        let z = self
-            .up
-            .forward(self.activation.forward(self.down.forward(h.clone())));
+        let z = self.up.forward(self.activation.forward(self.down.forward(h.clone())));
         h + z.mul_scalar(self.scaling)
     }
 

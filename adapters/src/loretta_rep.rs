@@ -55,11 +55,7 @@ impl LorettaRepConfig {
     }
 
     /// The TT shapes of `A` and `B` for a `d_in × d_out` layer (not yet validated against it).
-    pub fn resolve_shapes(
-        &self,
-        d_in: usize,
-        d_out: usize,
-    ) -> crate::Result<(Vec<usize>, Vec<usize>)> {
+    pub fn resolve_shapes(&self, d_in: usize, d_out: usize) -> crate::Result<(Vec<usize>, Vec<usize>)> {
         let a = match &self.a_shape {
             Some(s) => s.clone(),
             None => loretta_factor_shape(d_in, self.rank)?,
@@ -67,10 +63,7 @@ impl LorettaRepConfig {
         let b = match (&self.b_shape, &self.a_shape) {
             (Some(s), _) => s.clone(),
             (None, Some(a)) if d_in == d_out => a.iter().rev().copied().collect(),
-            _ => loretta_factor_shape(d_out, self.rank)?
-                .into_iter()
-                .rev()
-                .collect(),
+            _ => loretta_factor_shape(d_out, self.rank)?.into_iter().rev().collect(),
         };
         Ok((a, b))
     }
@@ -86,34 +79,13 @@ impl LorettaRepConfig {
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer.
-    pub fn init<B: Backend>(
-        &self,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> crate::Result<LorettaRep<B>> {
+    pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<LorettaRep<B>> {
         self.validate()?;
         let (a_shape, b_shape) = self.resolve_shapes(d_in, d_out)?;
         let zero = self.init == DeltaInit::Zero;
         Ok(LorettaRep {
-            a: TtLinear::new(
-                d_in,
-                self.rank,
-                &a_shape,
-                self.tensor_rank,
-                false,
-                false,
-                device,
-            )?,
-            b: TtLinear::new(
-                self.rank,
-                d_out,
-                &b_shape,
-                self.tensor_rank,
-                false,
-                zero,
-                device,
-            )?,
+            a: TtLinear::new(d_in, self.rank, &a_shape, self.tensor_rank, false, false, device)?,
+            b: TtLinear::new(self.rank, d_out, &b_shape, self.tensor_rank, false, zero, device)?,
             dropout: DropoutConfig::new(self.dropout).init(),
             scaling: self.alpha / self.rank as f64,
         })
@@ -139,8 +111,7 @@ impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
     }
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
-        low_rank_apply(self.dropout.forward(x), self.a.weight(), self.b.weight())
-            .mul_scalar(self.scaling)
+        low_rank_apply(self.dropout.forward(x), self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
     }
 
     fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {

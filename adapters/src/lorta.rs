@@ -81,22 +81,12 @@ impl AttentionGeometry {
         require_positive("n_layers", self.n_layers)?;
         require_positive("n_heads", self.n_heads)?;
         require_positive("n_kv_heads", self.n_kv_heads)?;
-        let err = |reason: String| AdapterError::Unsupported {
-            method: "lorta",
-            target: format!("{self:?}"),
-            reason,
-        };
+        let err = |reason: String| AdapterError::Unsupported { method: "lorta", target: format!("{self:?}"), reason };
         if self.d_model % self.n_heads != 0 {
-            return Err(err(format!(
-                "d_model {} is not divisible by n_heads {}",
-                self.d_model, self.n_heads
-            )));
+            return Err(err(format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads)));
         }
         if self.n_heads % self.n_kv_heads != 0 {
-            return Err(err(format!(
-                "n_heads {} is not a multiple of n_kv_heads {}",
-                self.n_heads, self.n_kv_heads
-            )));
+            return Err(err(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads)));
         }
         Ok(())
     }
@@ -137,18 +127,8 @@ impl LortaConfig {
     pub fn num_params(&self, geometry: &AttentionGeometry) -> crate::Result<usize> {
         self.validate()?;
         geometry.validate()?;
-        let kv = if geometry.is_grouped() {
-            geometry.n_kv_heads
-        } else {
-            0
-        };
-        Ok(self.rank
-            * (geometry.d_model
-                + geometry.head_dim()
-                + geometry.n_heads
-                + kv
-                + geometry.n_layers
-                + 4))
+        let kv = if geometry.is_grouped() { geometry.n_kv_heads } else { 0 };
+        Ok(self.rank * (geometry.d_model + geometry.head_dim() + geometry.n_heads + kv + geometry.n_layers + 4))
     }
 
     /// Creates the shared CP factors.
@@ -163,11 +143,7 @@ impl LortaConfig {
         let a_bound = 1.0 / (r as f64).sqrt();
         let c_bound = (6.0 / r as f64).sqrt();
         let c = |rows: usize| {
-            Param::from_tensor(Tensor::random(
-                [rows, r],
-                Distribution::Uniform(-c_bound, c_bound),
-                device,
-            ))
+            Param::from_tensor(Tensor::random([rows, r], Distribution::Uniform(-c_bound, c_bound), device))
         };
         Ok(LortaShared {
             a: Param::from_tensor(Tensor::random(
@@ -193,11 +169,7 @@ impl LortaConfig {
     ) -> crate::Result<Lorta<B>> {
         geometry.validate()?;
         if layer >= geometry.n_layers {
-            return Err(crate::error::invalid(
-                "layer",
-                layer,
-                format!("the model has {} layers", geometry.n_layers),
-            ));
+            return Err(crate::error::invalid("layer", layer, format!("the model has {} layers", geometry.n_layers)));
         }
         let (d_in, d_out) = geometry.matrix_dims(matrix);
         Ok(Lorta {
@@ -248,10 +220,7 @@ pub struct Lorta<B: Backend> {
 
 impl<B: Backend> Lorta<B> {
     fn factors<'a>(&self, shared: &'a SharedFactors<B>) -> &'a LortaShared<B> {
-        shared
-            .lorta
-            .as_ref()
-            .expect("LoRTA factors are missing from the shared factors passed to forward")
+        shared.lorta.as_ref().expect("LoRTA factors are missing from the shared factors passed to forward")
     }
 
     /// Per-head weights `C_H[h] ⊙ C_L[l] ⊙ C_M[m]`: `[H, r]`.

@@ -60,16 +60,8 @@ impl LotrConfig {
         require_positive("d_in", d_in)?;
         require_positive("d_out", d_out)?;
         Ok(LotrShared {
-            a: Param::from_tensor(Tensor::random(
-                [d_in, self.rank],
-                Distribution::Normal(0.0, 1.0),
-                device,
-            )),
-            bt: Param::from_tensor(Tensor::random(
-                [self.rank, d_out],
-                Distribution::Normal(0.0, 1.0),
-                device,
-            )),
+            a: Param::from_tensor(Tensor::random([d_in, self.rank], Distribution::Normal(0.0, 1.0), device)),
+            bt: Param::from_tensor(Tensor::random([self.rank, d_out], Distribution::Normal(0.0, 1.0), device)),
         })
     }
 
@@ -139,10 +131,7 @@ pub struct Lotr<B: Backend> {
 impl<B: Backend> Lotr<B> {
     fn factors<'a>(&self, shared: &'a SharedFactors<B>) -> &'a LotrShared<B> {
         shared.lotr.get(self.family).unwrap_or_else(|| {
-            panic!(
-                "LoTR family {} is missing from the shared factors passed to forward",
-                self.family
-            )
+            panic!("LoTR family {} is missing from the shared factors passed to forward", self.family)
         })
     }
 }

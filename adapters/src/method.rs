@@ -92,14 +92,7 @@ pub struct AdapterSet<B: Backend> {
 }
 
 /// Method names accepted by [`MethodConfig::from_name`].
-pub const METHOD_NAMES: [&str; 6] = [
-    "lora",
-    "tt-lora",
-    "loretta-rep",
-    "loretta-adp",
-    "lotr",
-    "lorta",
-];
+pub const METHOD_NAMES: [&str; 6] = ["lora", "tt-lora", "loretta-rep", "loretta-adp", "lotr", "lorta"];
 
 impl MethodConfig {
     /// The default configuration of a method by CLI name.
@@ -150,11 +143,7 @@ impl MethodConfig {
     }
 
     fn check_sites(&self, linear: &[LinearSite], residual: &[ResidualSite]) -> Result<()> {
-        let nothing = if self.is_residual() {
-            residual.is_empty()
-        } else {
-            linear.is_empty()
-        };
+        let nothing = if self.is_residual() { residual.is_empty() } else { linear.is_empty() };
         if nothing {
             return Err(AdapterError::Unsupported {
                 method: self.name(),
@@ -211,34 +200,22 @@ impl MethodConfig {
             }
             MethodConfig::TtLora(c) => {
                 for s in linear {
-                    rows.push(row(
-                        s,
-                        c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?,
-                    ));
+                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
                 }
             }
             MethodConfig::LorettaRep(c) => {
                 for s in linear {
-                    rows.push(row(
-                        s,
-                        c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?,
-                    ));
+                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
                 }
             }
             MethodConfig::LorettaAdp(c) => {
                 for s in residual {
-                    let params = c
-                        .num_params(s.hidden)
-                        .map_err(|e| AdapterError::Unsupported {
-                            method: "loretta-adp",
-                            target: s.name.clone(),
-                            reason: e.to_string(),
-                        })?;
-                    rows.push(ParamRow {
-                        module: s.name.clone(),
-                        shape: format!("{}", s.hidden),
-                        params,
-                    });
+                    let params = c.num_params(s.hidden).map_err(|e| AdapterError::Unsupported {
+                        method: "loretta-adp",
+                        target: s.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    rows.push(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params });
                 }
             }
             MethodConfig::Lotr(c) => {
@@ -268,10 +245,7 @@ impl MethodConfig {
                 }
                 rows.push(ParamRow {
                     module: "shared: lorta CP factors (A, B, C_L, C_H, C_M)".into(),
-                    shape: format!(
-                        "L={} H={} d={}",
-                        geometry.n_layers, geometry.n_heads, geometry.d_model
-                    ),
+                    shape: format!("L={} H={} d={}", geometry.n_layers, geometry.n_heads, geometry.d_model),
                     params: c.num_params(geometry)?,
                 });
             }
@@ -295,10 +269,7 @@ impl MethodConfig {
         match self {
             MethodConfig::LorettaAdp(c) => {
                 for s in residual {
-                    residual_out.push((
-                        s.clone(),
-                        ResidualAdapter::LorettaAdp(c.init(s.hidden, device)?),
-                    ));
+                    residual_out.push((s.clone(), ResidualAdapter::LorettaAdp(c.init(s.hidden, device)?)));
                 }
             }
             MethodConfig::Lotr(c) => {
@@ -307,55 +278,33 @@ impl MethodConfig {
                     shared.lotr.push(c.init_shared(d_in, d_out, device)?);
                 }
                 for s in linear {
-                    let family = families
-                        .iter()
-                        .position(|f| *f == (s.d_in, s.d_out))
-                        .expect("grouped above");
-                    linear_out.push((
-                        s.clone(),
-                        LinearAdapter::Lotr(c.init(family, &shared, device)?),
-                    ));
+                    let family = families.iter().position(|f| *f == (s.d_in, s.d_out)).expect("grouped above");
+                    linear_out.push((s.clone(), LinearAdapter::Lotr(c.init(family, &shared, device)?)));
                 }
             }
             MethodConfig::Lorta(c) => {
                 shared.lorta = Some(c.init_shared(geometry, device)?);
                 for s in linear {
                     let role = s.role.expect("checked by count");
-                    linear_out.push((
-                        s.clone(),
-                        LinearAdapter::Lorta(c.init(s.layer, role, geometry)?),
-                    ));
+                    linear_out.push((s.clone(), LinearAdapter::Lorta(c.init(s.layer, role, geometry)?)));
                 }
             }
             MethodConfig::Lora(c) => {
                 for s in linear {
-                    linear_out.push((
-                        s.clone(),
-                        LinearAdapter::Lora(c.init(s.d_in, s.d_out, device)?),
-                    ));
+                    linear_out.push((s.clone(), LinearAdapter::Lora(c.init(s.d_in, s.d_out, device)?)));
                 }
             }
             MethodConfig::TtLora(c) => {
                 for s in linear {
-                    linear_out.push((
-                        s.clone(),
-                        LinearAdapter::TtLora(c.init(s.d_in, s.d_out, device)?),
-                    ));
+                    linear_out.push((s.clone(), LinearAdapter::TtLora(c.init(s.d_in, s.d_out, device)?)));
                 }
             }
             MethodConfig::LorettaRep(c) => {
                 for s in linear {
-                    linear_out.push((
-                        s.clone(),
-                        LinearAdapter::LorettaRep(c.init(s.d_in, s.d_out, device)?),
-                    ));
+                    linear_out.push((s.clone(), LinearAdapter::LorettaRep(c.init(s.d_in, s.d_out, device)?)));
                 }
             }
         }
-        Ok(AdapterSet {
-            shared,
-            linear: linear_out,
-            residual: residual_out,
-        })
+        Ok(AdapterSet { shared, linear: linear_out, residual: residual_out })
     }
 }

@@ -51,12 +51,7 @@ impl<B: Backend> TtLinear<B> {
             };
             Param::from_tensor(value)
         });
-        Ok(Self {
-            tt,
-            bias,
-            d_in,
-            d_out,
-        })
+        Ok(Self { tt, bias, d_in, d_out })
     }
 
     /// The dense weight `[d_in, d_out]` (as small as the factor it represents).

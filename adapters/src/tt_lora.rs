@@ -5,6 +5,8 @@
 //! modes. The cut between input and output modes has rank ≤ r, so the forward contracts the two
 //! half-trains `A = left: [d_in, r]` and `B = right: [r, d_out]` (cost `r²·(d_in+d_out)`) and applies
 //! them as two thin GEMMs, exactly like LoRA; the dense ΔW is never formed during training.
+//! For very few rows (e.g. one decoded token) contracting core by core is cheaper; the forward
+//! picks the path with [`plan_tt_path`]'s cost formulas.
 //!
 //! Index order: LANL's reference reads the input index with the input modes reversed
 //! (`x.view(m_factors[::-1])`); we read both halves in shape order. The two differ by a fixed
@@ -13,7 +15,7 @@
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{require_finite, require_positive};
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
-use crate::tensor::tt::{CoreInit, TensorTrain, tt_num_params};
+use crate::tensor::tt::{CoreInit, TensorTrain, TtPath, apply_core_by_core, plan_tt_path, tt_num_params};
 use crate::tensor::{low_rank_apply, low_rank_dense};
 use burn::config::Config;
 use burn::module::Module;
@@ -62,12 +64,7 @@ impl TtLoraConfig {
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer.
-    pub fn init<B: Backend>(
-        &self,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> crate::Result<TtLora<B>> {
+    pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<TtLora<B>> {
         self.validate()?;
         let (shape, split) = self.resolve_shape(d_in, d_out)?;
         let zero = self.init == DeltaInit::Zero;
@@ -97,18 +94,40 @@ impl<B: Backend> TtLora<B> {
     }
 }
 
+impl<B: Backend> TtLora<B> {
+    /// TT rank of the inner bonds.
+    pub fn rank(&self) -> usize {
+        self.tt.cores.first().map_or(1, |c| c.dims()[2])
+    }
+
+    /// The update along an explicit contraction path (the planner picks the cheaper one in
+    /// [`LinearDelta::delta`]).
+    pub fn delta_with<const D: usize>(&self, x: Tensor<B, D>, path: TtPath) -> Tensor<B, D> {
+        match path {
+            TtPath::HalfTrains => {
+                let (a, b) = self.half_trains();
+                low_rank_apply(x, a, b).mul_scalar(self.alpha)
+            }
+            TtPath::CoreByCore => {
+                let mut dims = x.dims();
+                let (d_in, d_out) = self.dims();
+                let x2 = x.reshape([dims[..D - 1].iter().product(), d_in]);
+                dims[D - 1] = d_out;
+                apply_core_by_core(x2, &self.tt.core_values(), self.split).reshape(dims).mul_scalar(self.alpha)
+            }
+        }
+    }
+}
+
 impl<B: Backend> LinearDelta<B> for TtLora<B> {
     fn dims(&self) -> (usize, usize) {
         let shape = self.tt.shape();
-        (
-            shape[..self.split].iter().product(),
-            shape[self.split..].iter().product(),
-        )
+        (shape[..self.split].iter().product(), shape[self.split..].iter().product())
     }
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let (a, b) = self.half_trains();
-        low_rank_apply(x, a, b).mul_scalar(self.alpha)
+        let tokens = x.dims()[..D - 1].iter().product();
+        self.delta_with(x, plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens))
     }
 
     fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {

@@ -39,15 +39,8 @@ impl Rng {
     }
 }
 
-fn tensor<B: Backend, const D: usize>(
-    values: Vec<f64>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D> {
-    Tensor::from_data(
-        TensorData::new(values, shape).convert::<B::FloatElem>(),
-        device,
-    )
+fn tensor<B: Backend, const D: usize>(values: Vec<f64>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values, shape).convert::<B::FloatElem>(), device)
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
@@ -56,12 +49,7 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
     let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     diff / norm.max(1e-30)
 }
@@ -80,11 +68,7 @@ impl<B: Backend> ModuleMapper<B> for Randomize<'_> {
         let (id, t, mapper) = param.consume();
         let trainable = t.is_require_grad();
         let dims = t.dims();
-        let fresh = tensor::<B, D>(
-            self.rng.normals(dims.iter().product(), self.std),
-            dims,
-            &t.device(),
-        );
+        let fresh = tensor::<B, D>(self.rng.normals(dims.iter().product(), self.std), dims, &t.device());
         Param::from_mapped_value(id, fresh.set_require_grad(trainable), mapper)
     }
 }
@@ -105,11 +89,7 @@ struct Harness<B: Backend> {
 
 impl<B: Backend> Harness<B> {
     fn outputs(&self, x: &Tensor<B, 3>) -> Vec<Tensor<B, 3>> {
-        let mut out: Vec<_> = self
-            .linear
-            .iter()
-            .map(|l| l.forward(x.clone(), &self.shared))
-            .collect();
+        let mut out: Vec<_> = self.linear.iter().map(|l| l.forward(x.clone(), &self.shared)).collect();
         out.extend(self.residual.iter().map(|r| r.forward(x.clone())));
         out
     }
@@ -117,11 +97,7 @@ impl<B: Backend> Harness<B> {
     /// A loss linear in every output: `Σ_i sum(out_i ⊙ w_i)`.
     fn loss(&self, x: &Tensor<B, 3>, weights: &[Tensor<B, 3>]) -> Tensor<B, 1> {
         let outs = self.outputs(x);
-        outs.into_iter()
-            .zip(weights)
-            .map(|(o, w)| (o * w.clone()).sum())
-            .reduce(|a, b| a + b)
-            .unwrap()
+        outs.into_iter().zip(weights).map(|(o, w)| (o * w.clone()).sum()).reduce(|a, b| a + b).unwrap()
     }
 }
 
@@ -137,19 +113,10 @@ fn sites(method: &MethodConfig, geo: &AttentionGeometry) -> (Vec<LinearSite>, Ve
     for layer in 0..geo.n_layers {
         for &role in method.default_roles() {
             let (d_in, d_out) = geo.matrix_dims(role);
-            linear.push(LinearSite {
-                name: format!("layers.{layer}.{role:?}"),
-                layer,
-                role: Some(role),
-                d_in,
-                d_out,
-            });
+            linear.push(LinearSite { name: format!("layers.{layer}.{role:?}"), layer, role: Some(role), d_in, d_out });
         }
         for place in ["attention", "ffn"] {
-            residual.push(ResidualSite {
-                name: format!("layers.{layer}.{place}_adapter"),
-                hidden: geo.d_model,
-            });
+            residual.push(ResidualSite { name: format!("layers.{layer}.{place}_adapter"), hidden: geo.d_model });
         }
     }
     (linear, residual)
@@ -159,22 +126,10 @@ fn sites(method: &MethodConfig, geo: &AttentionGeometry) -> (Vec<LinearSite>, Ve
 fn methods() -> Vec<MethodConfig> {
     vec![
         MethodConfig::Lora(LoraConfig::new().with_rank(3).with_alpha(6.0)),
-        MethodConfig::TtLora(
-            TtLoraConfig::new()
-                .with_rank(3)
-                .with_tt_shape(Some(vec![4, 6, 6, 4])),
-        ),
-        MethodConfig::LorettaRep(
-            LorettaRepConfig::new()
-                .with_rank(4)
-                .with_tensor_rank(3)
-                .with_dropout(0.0),
-        ),
+        MethodConfig::TtLora(TtLoraConfig::new().with_rank(3).with_tt_shape(Some(vec![4, 6, 6, 4]))),
+        MethodConfig::LorettaRep(LorettaRepConfig::new().with_rank(4).with_tensor_rank(3).with_dropout(0.0)),
         MethodConfig::LorettaAdp(
-            LorettaAdpConfig::new()
-                .with_bottleneck(8)
-                .with_tensor_rank(3)
-                .with_activation(Activation::Tanh),
+            LorettaAdpConfig::new().with_bottleneck(8).with_tensor_rank(3).with_activation(Activation::Tanh),
         ),
         MethodConfig::Lotr(LotrConfig::new().with_rank(3)),
         MethodConfig::Lorta(LortaConfig::new().with_rank(3)),
@@ -184,50 +139,24 @@ fn methods() -> Vec<MethodConfig> {
 /// Every method on a multi-head geometry, plus LoRTA and TT-LoRA (planned shapes) on a GQA one.
 fn cases() -> Vec<(MethodConfig, AttentionGeometry)> {
     let mut cases: Vec<_> = methods().into_iter().map(|m| (m, geometry(4))).collect();
-    cases.push((
-        MethodConfig::Lorta(LortaConfig::new().with_rank(3)),
-        geometry(2),
-    ));
-    cases.push((
-        MethodConfig::TtLora(TtLoraConfig::new().with_rank(2)),
-        geometry(2),
-    ));
+    cases.push((MethodConfig::Lorta(LortaConfig::new().with_rank(3)), geometry(2)));
+    cases.push((MethodConfig::TtLora(TtLoraConfig::new().with_rank(2)), geometry(2)));
     cases
 }
 
-fn build<B: Backend>(
-    method: &MethodConfig,
-    geo: &AttentionGeometry,
-    device: &B::Device,
-) -> Harness<B> {
+fn build<B: Backend>(method: &MethodConfig, geo: &AttentionGeometry, device: &B::Device) -> Harness<B> {
     let (linear_sites, residual_sites) = sites(method, geo);
-    let set = method
-        .build::<B>(geo, &linear_sites, &residual_sites, device)
-        .unwrap();
+    let set = method.build::<B>(geo, &linear_sites, &residual_sites, device).unwrap();
     let linear = set
         .linear
         .into_iter()
-        .map(|(s, adapter)| {
-            AdaptedLinear::new(
-                LinearConfig::new(s.d_in, s.d_out).init(device),
-                Some(adapter),
-            )
-            .unwrap()
-        })
+        .map(|(s, adapter)| AdaptedLinear::new(LinearConfig::new(s.d_in, s.d_out).init(device), Some(adapter)).unwrap())
         .collect();
-    Harness {
-        shared: set.shared,
-        linear,
-        residual: set.residual.into_iter().map(|(_, a)| a).collect(),
-    }
+    Harness { shared: set.shared, linear, residual: set.residual.into_iter().map(|(_, a)| a).collect() }
 }
 
 /// A seeded input `[2, 3, d_model]`.
-fn random_input<B: Backend>(
-    rng: &mut Rng,
-    geo: &AttentionGeometry,
-    device: &B::Device,
-) -> Tensor<B, 3> {
+fn random_input<B: Backend>(rng: &mut Rng, geo: &AttentionGeometry, device: &B::Device) -> Tensor<B, 3> {
     tensor::<B, 3>(
         rng.normals(TOKENS.iter().product::<usize>() * geo.d_model, 1.0),
         [TOKENS[0], TOKENS[1], geo.d_model],
@@ -236,16 +165,8 @@ fn random_input<B: Backend>(
 }
 
 /// Seeded weights `w_i` of the linear test loss, one per harness output.
-fn loss_weights<B: Backend>(
-    h: &Harness<B>,
-    x: &Tensor<B, 3>,
-    rng: &mut Rng,
-    device: &B::Device,
-) -> Vec<Tensor<B, 3>> {
-    h.outputs(x)
-        .iter()
-        .map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device))
-        .collect()
+fn loss_weights<B: Backend>(h: &Harness<B>, x: &Tensor<B, 3>, rng: &mut Rng, device: &B::Device) -> Vec<Tensor<B, 3>> {
+    h.outputs(x).iter().map(|o| tensor::<B, 3>(rng.normals(o.shape().num_elements(), 1.0), o.dims(), device)).collect()
 }
 
 // ---------------------------------------------------------------- independent references
@@ -273,9 +194,7 @@ fn tt_full_ref<B: Backend>(tt: &tensor_peft_adapters::tensor::tt::TensorTrain<B>
         for p in 0..prefix {
             for i in 0..n {
                 for b in 0..r1 {
-                    next[(p * n + i) * r1 + b] = (0..r0)
-                        .map(|a| state[p * r0 + a] * c[(a * n + i) * r1 + b])
-                        .sum();
+                    next[(p * n + i) * r1 + b] = (0..r0).map(|a| state[p * r0 + a] * c[(a * n + i) * r1 + b]).sum();
                 }
             }
         }
@@ -292,38 +211,25 @@ fn delta_weight_ref<B: Backend>(adapter: &LinearAdapter<B>, shared: &SharedFacto
         LinearAdapter::Lora(l) => {
             let [d_in, r] = l.a.dims();
             let d_out = l.b.dims()[1];
-            scale(
-                matmul_ref(&values(l.a.val()), &values(l.b.val()), d_in, r, d_out),
-                l.scaling,
-            )
+            scale(matmul_ref(&values(l.a.val()), &values(l.b.val()), d_in, r, d_out), l.scaling)
         }
         LinearAdapter::TtLora(t) => scale(tt_full_ref(&t.tt), t.alpha),
         LinearAdapter::LorettaRep(l) => {
             let (d_in, r, d_out) = (l.a.d_in, l.a.d_out, l.b.d_out);
-            scale(
-                matmul_ref(&tt_full_ref(&l.a.tt), &tt_full_ref(&l.b.tt), d_in, r, d_out),
-                l.scaling,
-            )
+            scale(matmul_ref(&tt_full_ref(&l.a.tt), &tt_full_ref(&l.b.tt), d_in, r, d_out), l.scaling)
         }
         LinearAdapter::Lotr(l) => {
             let f = &shared.lotr[l.family];
             let r = f.rank();
             let ag = matmul_ref(&values(f.a.val()), &values(l.core.val()), l.d_in, r, r);
-            scale(
-                matmul_ref(&ag, &values(f.bt.val()), l.d_in, r, l.d_out),
-                l.scaling,
-            )
+            scale(matmul_ref(&ag, &values(f.bt.val()), l.d_in, r, l.d_out), l.scaling)
         }
         LinearAdapter::Lorta(l) => {
             let f = shared.lorta.as_ref().unwrap();
             let [d, r] = f.a.dims();
             let d_h = f.b.dims()[0];
             let (a, b) = (values(f.a.val()), values(f.b.val()));
-            let heads = if l.kv_heads {
-                values(f.c_kv_heads.as_ref().unwrap().val())
-            } else {
-                values(f.c_heads.val())
-            };
+            let heads = if l.kv_heads { values(f.c_kv_heads.as_ref().unwrap().val()) } else { values(f.c_heads.val()) };
             let (cl, cm) = (values(f.c_layers.val()), values(f.c_matrices.val()));
             let n_heads = heads.len() / r;
             let mut out = vec![0.0; d * n_heads * d_h];
@@ -349,11 +255,7 @@ fn delta_weight_ref<B: Backend>(adapter: &LinearAdapter<B>, shared: &SharedFacto
 }
 
 /// LoRETTA_adp forward `h + s·up(tanh(down(h)))` by loops.
-fn adapter_forward_ref<B: Backend>(
-    adapter: &ResidualAdapter<B>,
-    h: &[f64],
-    tokens: usize,
-) -> Vec<f64> {
+fn adapter_forward_ref<B: Backend>(adapter: &ResidualAdapter<B>, h: &[f64], tokens: usize) -> Vec<f64> {
     let ResidualAdapter::LorettaAdp(a) = adapter;
     let (d, b) = (a.down.d_in, a.down.d_out);
     let mut z = matmul_ref(h, &tt_full_ref(&a.down.tt), tokens, d, b);
@@ -382,11 +284,7 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             let adapter = layer.adapter.as_ref().unwrap();
             let (d_in, d_out) = adapter.dims();
             let dense = delta_weight_ref(adapter, &h.shared);
-            assert!(
-                norm(&dense) > 1e-3,
-                "{}: reference ΔW is zero, the check would be vacuous",
-                method.name()
-            );
+            assert!(norm(&dense) > 1e-3, "{}: reference ΔW is zero, the check would be vacuous", method.name());
             let built = values(adapter.delta_weight(&h.shared));
             assert!(
                 rel_err(&built, &dense) < 1e-5,
@@ -397,12 +295,7 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             let factored = values(adapter.delta(x.clone(), &h.shared));
             let expected = matmul_ref(&x_vals, &dense, n, d_in, d_out);
             let err = rel_err(&factored, &expected);
-            assert!(
-                err < 1e-5,
-                "{} {:?}: factored forward vs x·ΔW rel err {err}",
-                method.name(),
-                geo
-            );
+            assert!(err < 1e-5, "{} {:?}: factored forward vs x·ΔW rel err {err}", method.name(), geo);
         }
         for adapter in &h.residual {
             let got = values(adapter.forward(x.clone()));
@@ -420,50 +313,23 @@ fn check_zero_delta_init<B: Backend>(device: &B::Device) {
         for layer in &h.linear {
             let adapted = values(layer.forward(x.clone(), &h.shared));
             let base = values(layer.base.forward(x.clone()));
-            assert_eq!(
-                adapted,
-                base,
-                "{}: zero-delta init changed the output",
-                method.name()
-            );
+            assert_eq!(adapted, base, "{}: zero-delta init changed the output", method.name());
         }
         for adapter in &h.residual {
-            assert_eq!(
-                values(adapter.forward(x.clone())),
-                values(x.clone()),
-                "loretta-adp zero init changed h"
-            );
+            assert_eq!(values(adapter.forward(x.clone())), values(x.clone()), "loretta-adp zero init changed h");
         }
     }
     // The official initialisations of TT-LoRA and LoRETTA start with ΔW ≠ 0.
     let paper = [
         MethodConfig::TtLora(
-            TtLoraConfig::new()
-                .with_rank(3)
-                .with_tt_shape(Some(vec![4, 6, 6, 4]))
-                .with_init(DeltaInit::Paper),
+            TtLoraConfig::new().with_rank(3).with_tt_shape(Some(vec![4, 6, 6, 4])).with_init(DeltaInit::Paper),
         ),
-        MethodConfig::LorettaRep(
-            LorettaRepConfig::new()
-                .with_rank(4)
-                .with_tensor_rank(3)
-                .with_init(DeltaInit::Paper),
-        ),
+        MethodConfig::LorettaRep(LorettaRepConfig::new().with_rank(4).with_tensor_rank(3).with_init(DeltaInit::Paper)),
     ];
     for method in paper {
         let h: Harness<B> = build(&method, &geometry(4), device);
-        let dw = values(
-            h.linear[0]
-                .adapter
-                .as_ref()
-                .unwrap()
-                .delta_weight(&h.shared),
-        );
-        assert!(
-            norm(&dw) > 1e-6,
-            "{}: paper init should give ΔW₀ ≠ 0",
-            method.name()
-        );
+        let dw = values(h.linear[0].adapter.as_ref().unwrap().delta_weight(&h.shared));
+        assert!(norm(&dw) > 1e-6, "{}: paper init should give ΔW₀ ≠ 0", method.name());
     }
 }
 
@@ -478,41 +344,17 @@ fn check_merge_unmerge<B: Backend>(device: &B::Device) {
             let merged = layer.merge(&h.shared).unwrap();
             assert!(merged.merged);
             let y_merged = values(merged.forward(x.clone(), &h.shared));
-            assert!(
-                rel_err(&y_merged, &adapted) < 1e-5,
-                "{}: merged forward differs",
-                method.name()
-            );
-            assert!(
-                merged.clone().merge(&h.shared).is_err(),
-                "merging twice must fail"
-            );
+            assert!(rel_err(&y_merged, &adapted) < 1e-5, "{}: merged forward differs", method.name());
+            assert!(merged.clone().merge(&h.shared).is_err(), "merging twice must fail");
             let restored = merged.unmerge(&h.shared).unwrap();
             let after = values(restored.base.weight.val());
-            let max_diff = before
-                .iter()
-                .zip(&after)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
-            assert!(
-                max_diff < 1e-5,
-                "{}: unmerge left {max_diff}",
-                method.name()
-            );
-            assert!(
-                restored.unmerge(&h.shared).is_err(),
-                "unmerging an unmerged layer must fail"
-            );
+            let max_diff = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(max_diff < 1e-5, "{}: unmerge left {max_diff}", method.name());
+            assert!(restored.unmerge(&h.shared).is_err(), "unmerging an unmerged layer must fail");
         }
         for adapter in &h.residual {
             assert!(!adapter.merge_supported());
-            assert!(
-                adapter
-                    .merge()
-                    .unwrap_err()
-                    .to_string()
-                    .contains("nonlinear")
-            );
+            assert!(adapter.merge().unwrap_err().to_string().contains("nonlinear"));
         }
     }
 }
@@ -534,15 +376,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     }
 }
 
-fn collect_grads<'g, B: AutodiffBackend>(
-    h: &Harness<B>,
-    grads: &'g B::Gradients,
-) -> GradCollector<'g, B> {
-    let mut c = GradCollector {
-        grads,
-        trainable: Vec::new(),
-        frozen: Vec::new(),
-    };
+fn collect_grads<'g, B: AutodiffBackend>(h: &Harness<B>, grads: &'g B::Gradients) -> GradCollector<'g, B> {
+    let mut c = GradCollector { grads, trainable: Vec::new(), frozen: Vec::new() };
     h.visit(&mut c);
     c
 }
@@ -566,51 +401,24 @@ fn check_only_adapters_get_gradients<B: AutodiffBackend>(device: &B::Device) {
         let w = loss_weights(&h, &x, &mut rng, device);
         let grads = h.loss(&x, &w).backward();
         let c = collect_grads(&h, &grads);
-        let expected_frozen = if method.is_residual() {
-            0
-        } else {
-            2 * h.linear.len()
-        };
-        assert_eq!(
-            c.frozen.len(),
-            expected_frozen,
-            "{}: base weight and bias are frozen",
-            method.name()
-        );
-        assert!(
-            c.frozen.iter().all(|(_, has)| !has),
-            "{}: a frozen base parameter received a gradient",
-            method.name()
-        );
+        let expected_frozen = if method.is_residual() { 0 } else { 2 * h.linear.len() };
+        assert_eq!(c.frozen.len(), expected_frozen, "{}: base weight and bias are frozen", method.name());
+        assert!(c.frozen.iter().all(|(_, has)| !has), "{}: a frozen base parameter received a gradient", method.name());
         assert!(!c.trainable.is_empty());
         for (id, g) in &c.trainable {
-            let g = g.as_ref().unwrap_or_else(|| {
-                panic!("{}: adapter parameter {id} got no gradient", method.name())
-            });
-            assert!(
-                norm(g) > 0.0,
-                "{}: adapter parameter {id} has a zero gradient",
-                method.name()
-            );
+            let g = g.as_ref().unwrap_or_else(|| panic!("{}: adapter parameter {id} got no gradient", method.name()));
+            assert!(norm(g) > 0.0, "{}: adapter parameter {id} has a zero gradient", method.name());
         }
-        let trainable: usize =
-            h.num_params() - h.linear.iter().map(|l| l.base.num_params()).sum::<usize>();
+        let trainable: usize = h.num_params() - h.linear.iter().map(|l| l.base.num_params()).sum::<usize>();
         let (ls, rs) = sites(&method, &geo);
-        assert_eq!(
-            trainable,
-            method.count(&geo, &ls, &rs).unwrap().total(),
-            "{}: counted vs allocated",
-            method.name()
-        );
+        assert_eq!(trainable, method.count(&geo, &ls, &rs).unwrap().total(), "{}: counted vs allocated", method.name());
     }
 }
 
 fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
     let mut rng = Rng(5);
-    let shared_methods = [
-        MethodConfig::Lotr(LotrConfig::new().with_rank(3)),
-        MethodConfig::Lorta(LortaConfig::new().with_rank(3)),
-    ];
+    let shared_methods =
+        [MethodConfig::Lotr(LotrConfig::new().with_rank(3)), MethodConfig::Lorta(LortaConfig::new().with_rank(3))];
     for method in shared_methods {
         let geo = geometry(4);
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
@@ -623,12 +431,7 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
             }
         }
         h.visit(&mut Ids(&mut ids));
-        assert_eq!(
-            ids.iter().collect::<HashSet<_>>().len(),
-            ids.len(),
-            "{}: a parameter appears twice",
-            method.name()
-        );
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "{}: a parameter appears twice", method.name());
 
         let x = random_input::<B>(&mut rng, &geo, device);
         let w = loss_weights(&h, &x, &mut rng, device);
@@ -641,18 +444,11 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
         let mut summed = vec![0.0; joint.len()];
         for (i, layer) in h.linear.iter().enumerate() {
             let part = (layer.forward(x.clone(), &h.shared) * w[i].clone()).sum();
-            for (s, g) in summed
-                .iter_mut()
-                .zip(values(shared_a(&h).grad(&part.backward()).unwrap()))
-            {
+            for (s, g) in summed.iter_mut().zip(values(shared_a(&h).grad(&part.backward()).unwrap())) {
                 *s += g;
             }
         }
-        assert!(
-            rel_err(&summed, &joint) < 1e-5,
-            "{}: shared gradient is not the sum over sites",
-            method.name()
-        );
+        assert!(rel_err(&summed, &joint) < 1e-5, "{}: shared gradient is not the sum over sites", method.name());
         assert!(h.linear.len() >= 4);
 
         // One SGD step moves the shared factor by exactly -lr·grad (once, not once per site).
@@ -663,18 +459,11 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
         let h = optim.step(lr, h, grads);
         let after = values(shared_a(&h));
         let expected: Vec<f64> = before.iter().zip(&joint).map(|(b, g)| b - lr * g).collect();
-        assert!(
-            rel_err(&after, &expected) < 1e-5,
-            "{}: shared factor not updated exactly once",
-            method.name()
-        );
+        assert!(rel_err(&after, &expected) < 1e-5, "{}: shared factor not updated exactly once", method.name());
         // Every site sees the updated factor (there is only one copy).
         for layer in &h.linear {
             let adapter = layer.adapter.as_ref().unwrap();
-            let err = rel_err(
-                &values(adapter.delta_weight(&h.shared)),
-                &delta_weight_ref(adapter, &h.shared),
-            );
+            let err = rel_err(&values(adapter.delta_weight(&h.shared)), &delta_weight_ref(adapter, &h.shared));
             assert!(err < 1e-5);
         }
     }
@@ -702,11 +491,7 @@ impl<B: Backend> ModuleMapper<B> for Perturb {
     }
 }
 
-fn check_gradients_match_finite_differences<B: AutodiffBackend>(
-    device: &B::Device,
-    tolerance: f64,
-    step: f64,
-) {
+fn check_gradients_match_finite_differences<B: AutodiffBackend>(device: &B::Device, tolerance: f64, step: f64) {
     let mut rng = Rng(6);
     for (method, geo) in cases() {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
@@ -717,11 +502,7 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(
         struct Order<'a, B: AutodiffBackend>(&'a B::Gradients, Vec<Option<Vec<f64>>>);
         impl<B: AutodiffBackend> ModuleVisitor<B> for Order<'_, B> {
             fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-                self.1.push(
-                    p.val()
-                        .is_require_grad()
-                        .then(|| values(p.val().grad(self.0).unwrap())),
-                );
+                self.1.push(p.val().is_require_grad().then(|| values(p.val().grad(self.0).unwrap())));
             }
         }
         let mut order = Order::<B>(&grads, Vec::new());
@@ -730,12 +511,7 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(
         let x_inner = x.inner();
         let w_inner: Vec<_> = w.iter().map(|t| t.clone().inner()).collect();
         let loss_at = |target: usize, index: usize, eps: f64| -> f64 {
-            let moved = inner.clone().map(&mut Perturb {
-                target,
-                index,
-                eps,
-                seen: 0,
-            });
+            let moved = inner.clone().map(&mut Perturb { target, index, eps, seen: 0 });
             values(moved.loss(&x_inner, &w_inner))[0]
         };
         let mut checked = 0;
@@ -743,8 +519,7 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(
             let Some(grad) = grad else { continue };
             for pick in 0..3 {
                 let index = (rng.next_u64() as usize + pick) % grad.len();
-                let fd =
-                    (loss_at(target, index, step) - loss_at(target, index, -step)) / (2.0 * step);
+                let fd = (loss_at(target, index, step) - loss_at(target, index, -step)) / (2.0 * step);
                 let ad = grad[index];
                 assert!(
                     (fd - ad).abs() <= tolerance * (1.0 + ad.abs()),
@@ -754,11 +529,7 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(
                 checked += 1;
             }
         }
-        assert!(
-            checked >= 3,
-            "{}: no trainable parameter checked",
-            method.name()
-        );
+        assert!(checked >= 3, "{}: no trainable parameter checked", method.name());
     }
 }
 
@@ -793,23 +564,11 @@ macro_rules! backend_tests {
     };
 }
 
-backend_tests!(
-    ndarray,
-    burn::backend::Autodiff<burn::backend::NdArray<f32>>,
-    Default::default()
-);
+backend_tests!(ndarray, burn::backend::Autodiff<burn::backend::NdArray<f32>>, Default::default());
 #[cfg(feature = "test-wgpu")]
-backend_tests!(
-    wgpu,
-    burn::backend::Autodiff<burn::backend::Wgpu>,
-    Default::default()
-);
+backend_tests!(wgpu, burn::backend::Autodiff<burn::backend::Wgpu>, Default::default());
 #[cfg(feature = "test-cuda")]
-backend_tests!(
-    cuda,
-    burn::backend::Autodiff<burn::backend::Cuda>,
-    Default::default()
-);
+backend_tests!(cuda, burn::backend::Autodiff<burn::backend::Cuda>, Default::default());
 
 /// Runs `body` in a fresh process of this test binary.
 ///
@@ -844,9 +603,11 @@ fn in_fresh_process(test_name: &str, body: impl FnOnce()) {
 #[test]
 fn gradients_match_finite_differences_f64() {
     in_fresh_process("gradients_match_finite_differences_f64", || {
-        check_gradients_match_finite_differences::<
-            burn::backend::Autodiff<burn::backend::NdArray<f64>>,
-        >(&Default::default(), 1e-6, 1e-6)
+        check_gradients_match_finite_differences::<burn::backend::Autodiff<burn::backend::NdArray<f64>>>(
+            &Default::default(),
+            1e-6,
+            1e-6,
+        )
     });
 }
 
@@ -868,13 +629,7 @@ fn llama_sites(layers: usize, d: usize, kv: usize, roles: &[AttentionMatrix]) ->
         for &role in roles {
             let d_out = if role.uses_kv_heads() { kv } else { d };
             let _ = geo;
-            out.push(LinearSite {
-                name: format!("{layer}.{role:?}"),
-                layer,
-                role: Some(role),
-                d_in: d,
-                d_out,
-            });
+            out.push(LinearSite { name: format!("{layer}.{role:?}"), layer, role: Some(role), d_in: d, d_out });
         }
     }
     out
@@ -884,103 +639,34 @@ fn llama_sites(layers: usize, d: usize, kv: usize, roles: &[AttentionMatrix]) ->
 fn parameter_counts_match_the_papers() {
     use AttentionMatrix::*;
     let qv = [Query, Value];
-    let count = |m: MethodConfig, geo: AttentionGeometry, sites: Vec<LinearSite>| {
-        m.count(&geo, &sites, &[]).unwrap().total()
-    };
+    let count =
+        |m: MethodConfig, geo: AttentionGeometry, sites: Vec<LinearSite>| m.count(&geo, &sites, &[]).unwrap().total();
     let l7 = AttentionGeometry::new(32, 4096, 32, 32);
     let lora8 = || MethodConfig::Lora(LoraConfig::new().with_rank(8));
-    assert_eq!(
-        count(lora8(), l7, llama_sites(32, 4096, 4096, &qv)),
-        4_194_304
-    );
-    assert_eq!(
-        count(
-            lora8(),
-            AttentionGeometry::new(40, 5120, 40, 40),
-            llama_sites(40, 5120, 5120, &qv)
-        ),
-        6_553_600
-    );
-    assert_eq!(
-        count(
-            lora8(),
-            AttentionGeometry::new(80, 8192, 64, 8),
-            llama_sites(80, 8192, 1024, &qv)
-        ),
-        16_384_000
-    );
-    let tt = MethodConfig::TtLora(
-        TtLoraConfig::new()
-            .with_rank(5)
-            .with_tt_shape(Some(vec![16; 6])),
-    );
+    assert_eq!(count(lora8(), l7, llama_sites(32, 4096, 4096, &qv)), 4_194_304);
+    assert_eq!(count(lora8(), AttentionGeometry::new(40, 5120, 40, 40), llama_sites(40, 5120, 5120, &qv)), 6_553_600);
+    assert_eq!(count(lora8(), AttentionGeometry::new(80, 8192, 64, 8), llama_sites(80, 8192, 1024, &qv)), 16_384_000);
+    let tt = MethodConfig::TtLora(TtLoraConfig::new().with_rank(5).with_tt_shape(Some(vec![16; 6])));
     assert_eq!(count(tt, l7, llama_sites(32, 4096, 4096, &qv)), 112_640);
     let lotr8 = || MethodConfig::Lotr(LotrConfig::new().with_rank(8));
-    assert_eq!(
-        count(
-            lotr8(),
-            AttentionGeometry::new(12, 768, 12, 12),
-            llama_sites(12, 768, 768, &qv)
-        ),
-        13_824
-    );
+    assert_eq!(count(lotr8(), AttentionGeometry::new(12, 768, 12, 12), llama_sites(12, 768, 768, &qv)), 13_824);
     assert_eq!(count(lotr8(), l7, llama_sites(32, 4096, 4096, &qv)), 69_632);
     let lorta = MethodConfig::Lorta(LortaConfig::new().with_rank(8));
-    assert_eq!(
-        count(
-            lorta,
-            l7,
-            llama_sites(32, 4096, 4096, &[Query, Key, Value, Output])
-        ),
-        34_336
-    );
+    assert_eq!(count(lorta, l7, llama_sites(32, 4096, 4096, &[Query, Key, Value, Output])), 34_336);
     // LoRTA for GQA (documented generalisation): + r·H_kv.
     let l70 = AttentionGeometry::new(80, 8192, 64, 8);
-    assert_eq!(
-        LortaConfig::new().with_rank(8).num_params(&l70).unwrap(),
-        8 * (8192 + 128 + 64 + 8 + 80 + 4)
-    );
+    assert_eq!(LortaConfig::new().with_rank(8).num_params(&l70).unwrap(), 8 * (8192 + 128 + 64 + 8 + 80 + 4));
     // LoTR for RoBERTa-base across ranks, against the official repository's table.
-    for (r, expected) in [
-        (1, 1_560),
-        (2, 3_168),
-        (4, 6_528),
-        (8, 13_824),
-        (16, 30_720),
-        (32, 73_728),
-    ] {
+    for (r, expected) in [(1, 1_560), (2, 3_168), (4, 6_528), (8, 13_824), (16, 30_720), (32, 73_728)] {
         let m = MethodConfig::Lotr(LotrConfig::new().with_rank(r));
-        assert_eq!(
-            count(
-                m,
-                AttentionGeometry::new(12, 768, 12, 12),
-                llama_sites(12, 768, 768, &qv)
-            ),
-            expected
-        );
+        assert_eq!(count(m, AttentionGeometry::new(12, 768, 12, 12), llama_sites(12, 768, 768, &qv)), expected);
     }
     // LoRETTA (reference-implementation derivations): rep 768x768 r=8 k=5 and LLaMA-2-7B q,v.
     assert_eq!(LorettaRepConfig::new().num_params(768, 768).unwrap(), 1_160);
-    assert_eq!(
-        LorettaRepConfig::new().num_params(4096, 4096).unwrap() * 64,
-        102_400
-    );
-    assert_eq!(
-        LorettaRepConfig::new()
-            .with_tensor_rank(8)
-            .num_params(4096, 4096)
-            .unwrap()
-            * 64,
-        249_856
-    );
-    assert_eq!(
-        LorettaAdpConfig::new().num_params(768).unwrap(),
-        1_560 + 832
-    );
-    assert_eq!(
-        LorettaAdpConfig::new().num_params(4096).unwrap(),
-        2 * 1_100 + 64 + 4096
-    );
+    assert_eq!(LorettaRepConfig::new().num_params(4096, 4096).unwrap() * 64, 102_400);
+    assert_eq!(LorettaRepConfig::new().with_tensor_rank(8).num_params(4096, 4096).unwrap() * 64, 249_856);
+    assert_eq!(LorettaAdpConfig::new().num_params(768).unwrap(), 1_560 + 832);
+    assert_eq!(LorettaAdpConfig::new().num_params(4096).unwrap(), 2 * 1_100 + 64 + 4096);
 }
 
 #[test]
@@ -988,43 +674,26 @@ fn tt_lora_paper_example_has_995_parameters() {
     // The TT-LoRA paper prints 1,135 for this DeBERTa in_proj configuration; no uniform-rank
     // train of this shape has that many parameters.
     let shape = [12, 8, 8, 3, 8, 8, 12];
-    assert_eq!(
-        tt_num_params(&shape, 5),
-        60 + 200 + 200 + 75 + 200 + 200 + 60
-    );
+    assert_eq!(tt_num_params(&shape, 5), 60 + 200 + 200 + 75 + 200 + 200 + 60);
     assert_eq!(tt_num_params(&shape, 5), 995);
     assert_eq!(validate_split_shape(&shape, 768, 2304), Ok(3)); // 12·8·8 = 768
-    let cfg = TtLoraConfig::new()
-        .with_rank(5)
-        .with_tt_shape(Some(shape.to_vec()));
+    let cfg = TtLoraConfig::new().with_rank(5).with_tt_shape(Some(shape.to_vec()));
     assert_eq!(cfg.num_params(768, 2304), Ok(995));
-    let built = cfg
-        .init::<burn::backend::NdArray>(768, 2304, &Default::default())
-        .unwrap();
+    let built = cfg.init::<burn::backend::NdArray>(768, 2304, &Default::default()).unwrap();
     assert_eq!(built.num_params(), 995);
 }
 
 #[test]
 fn tt_lora_delta_has_rank_at_most_r_at_the_cut() {
     in_fresh_process("tt_lora_delta_has_rank_at_most_r_at_the_cut", || {
-        assert!(rank_at_most::<burn::backend::NdArray<f64>>(
-            &built_f64(&[12, 8, 8, 3, 8, 8, 12]),
-            5
-        ));
+        assert!(rank_at_most::<burn::backend::NdArray<f64>>(&built_f64(&[12, 8, 8, 3, 8, 8, 12]), 5));
     });
 }
 
 fn built_f64(shape: &[usize]) -> TtLora<burn::backend::NdArray<f64>> {
-    let cfg = TtLoraConfig::new()
-        .with_rank(5)
-        .with_tt_shape(Some(shape.to_vec()))
-        .with_init(DeltaInit::Paper);
+    let cfg = TtLoraConfig::new().with_rank(5).with_tt_shape(Some(shape.to_vec())).with_init(DeltaInit::Paper);
     let mut rng = Rng(7);
-    randomize(
-        cfg.init(768, 2304, &Default::default()).unwrap(),
-        &mut rng,
-        1.0,
-    )
+    randomize(cfg.init(768, 2304, &Default::default()).unwrap(), &mut rng, 1.0)
 }
 
 /// rank(ΔW) ≤ r at the input/output cut: Gaussian elimination on the dense ΔW.
@@ -1035,9 +704,8 @@ fn rank_at_most<B: Backend>(tt: &TtLora<B>, r: usize) -> bool {
     let mut rank = 0;
     let mut used = vec![false; rows];
     for c in 0..cols {
-        let pivot = (0..rows)
-            .filter(|&i| !used[i])
-            .max_by(|&a, &b| m[a * cols + c].abs().total_cmp(&m[b * cols + c].abs()));
+        let pivot =
+            (0..rows).filter(|&i| !used[i]).max_by(|&a, &b| m[a * cols + c].abs().total_cmp(&m[b * cols + c].abs()));
         let Some(p) = pivot else { break };
         if m[p * cols + c].abs() <= 1e-9 * scale {
             continue;
@@ -1062,72 +730,23 @@ fn invalid_configurations_are_errors_not_panics() {
     type B = burn::backend::NdArray;
     let bad_shapes: [&[usize]; 4] = [&[], &[0, 4, 4], &[4, 4, 4], &[10, 10]];
     for shape in bad_shapes {
-        let err = TtLoraConfig::new()
-            .with_tt_shape(Some(shape.to_vec()))
-            .init::<B>(4, 25, &device)
-            .unwrap_err();
+        let err = TtLoraConfig::new().with_tt_shape(Some(shape.to_vec())).init::<B>(4, 25, &device).unwrap_err();
         assert!(err.to_string().contains("TT shape"), "{err}");
     }
-    assert!(
-        TtLoraConfig::new()
-            .with_rank(0)
-            .init::<B>(16, 16, &device)
-            .unwrap_err()
-            .to_string()
-            .contains("rank")
-    );
-    assert!(
-        LoraConfig::new()
-            .with_rank(0)
-            .init::<B>(16, 16, &device)
-            .is_err()
-    );
-    assert!(
-        LoraConfig::new()
-            .with_dropout(1.5)
-            .init::<B>(16, 16, &device)
-            .is_err()
-    );
-    assert!(
-        LorettaRepConfig::new()
-            .with_a_shape(Some(vec![3, 3]))
-            .init::<B>(16, 16, &device)
-            .is_err()
-    );
-    assert!(
-        LorettaAdpConfig::new()
-            .with_tensor_rank(0)
-            .init::<B>(16, &device)
-            .is_err()
-    );
-    assert!(
-        LotrConfig::new()
-            .with_alpha(f64::NAN)
-            .init_shared::<B>(16, 16, &device)
-            .is_err()
-    );
+    assert!(TtLoraConfig::new().with_rank(0).init::<B>(16, 16, &device).unwrap_err().to_string().contains("rank"));
+    assert!(LoraConfig::new().with_rank(0).init::<B>(16, 16, &device).is_err());
+    assert!(LoraConfig::new().with_dropout(1.5).init::<B>(16, 16, &device).is_err());
+    assert!(LorettaRepConfig::new().with_a_shape(Some(vec![3, 3])).init::<B>(16, 16, &device).is_err());
+    assert!(LorettaAdpConfig::new().with_tensor_rank(0).init::<B>(16, &device).is_err());
+    assert!(LotrConfig::new().with_alpha(f64::NAN).init_shared::<B>(16, 16, &device).is_err());
     assert!(parse_shape("16,x").is_err());
     // LoRTA refuses MLP projections and heads that do not tile the width.
     let geo = AttentionGeometry::new(1, 24, 5, 5);
     assert!(LortaConfig::new().num_params(&geo).is_err());
-    let mlp = LinearSite {
-        name: "mlp.up_proj".into(),
-        layer: 0,
-        role: None,
-        d_in: 24,
-        d_out: 64,
-    };
-    let err = MethodConfig::from_name("lorta")
-        .unwrap()
-        .count(&geometry(4), &[mlp], &[])
-        .unwrap_err();
+    let mlp = LinearSite { name: "mlp.up_proj".into(), layer: 0, role: None, d_in: 24, d_out: 64 };
+    let err = MethodConfig::from_name("lorta").unwrap().count(&geometry(4), &[mlp], &[]).unwrap_err();
     assert!(err.to_string().contains("mlp.up_proj"), "{err}");
-    assert!(
-        MethodConfig::from_name("dora")
-            .unwrap_err()
-            .to_string()
-            .contains("lora, tt-lora")
-    );
+    assert!(MethodConfig::from_name("dora").unwrap_err().to_string().contains("lora, tt-lora"));
     // A TT shape that fits q but not a narrower GQA v names the module.
     let m = MethodConfig::TtLora(TtLoraConfig::new().with_tt_shape(Some(vec![4, 6, 6, 4])));
     let (ls, rs) = sites(&m, &geometry(2));
@@ -1141,9 +760,55 @@ fn method_configs_round_trip_through_json() {
         let json = serde_json::to_string(&method).unwrap();
         let back: MethodConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), json);
-        assert!(
-            json.contains(&format!("\"method\":\"{}\"", method.name())),
-            "{json}"
-        );
+        assert!(json.contains(&format!("\"method\":\"{}\"", method.name())), "{json}");
+    }
+}
+
+#[test]
+fn tt_core_by_core_equals_half_trains_and_the_planner_picks_the_cheaper() {
+    use tensor_peft_adapters::tensor::tt::{TtPath, plan_tt_path, tt_apply_costs};
+    type B = burn::backend::NdArray;
+    let device = Default::default();
+    let mut rng = Rng(8);
+    for (shape, d_in, d_out) in
+        [(vec![4, 6, 6, 4], 24, 24), (vec![3, 8, 2, 5, 4], 48, 20), (vec![12, 2, 9], 24, 9), (vec![7, 5], 7, 5)]
+    {
+        let cfg = TtLoraConfig::new().with_rank(3).with_tt_shape(Some(shape.clone()));
+        let tt: TtLora<B> = randomize(cfg.init(d_in, d_out, &device).unwrap(), &mut rng, 0.7);
+        let x = tensor::<B, 3>(rng.normals(2 * 5 * d_in, 1.0), [2, 5, d_in], &device);
+        let half = values(tt.delta_with(x.clone(), TtPath::HalfTrains));
+        let core = values(tt.delta_with(x, TtPath::CoreByCore));
+        assert!(norm(&half) > 1e-3);
+        assert!(rel_err(&core, &half) < 1e-5, "{shape:?}: {}", rel_err(&core, &half));
+    }
+    // 4096x4096 as 16^6 at rank 5: core by core only for a handful of rows (decoding).
+    let shape = [16; 6];
+    assert_eq!(tt_apply_costs(&shape, 3, 5, 1), (217_600 + 40_960, 54_560));
+    assert_eq!(plan_tt_path(&shape, 3, 5, 1), TtPath::CoreByCore);
+    assert_eq!(plan_tt_path(&shape, 3, 5, 15), TtPath::CoreByCore);
+    assert_eq!(plan_tt_path(&shape, 3, 5, 16), TtPath::HalfTrains);
+    assert_eq!(plan_tt_path(&shape, 3, 5, 512), TtPath::HalfTrains);
+}
+
+#[test]
+fn inference_switches_to_the_dense_update_for_many_rows() {
+    assert!(!prefer_dense_delta(24, 24, 12, false)); // N·48 = 576 = 24·24: not more
+    assert!(prefer_dense_delta(24, 24, 13, false));
+    assert!(!prefer_dense_delta(24, 24, 10_000, true)); // never with gradients
+    // On a backend without autodiff, both paths give the same outputs.
+    type B = burn::backend::NdArray;
+    let device = Default::default();
+    let mut rng = Rng(9);
+    for (method, geo) in cases() {
+        let h: Harness<B> = randomize(build(&method, &geo, &device), &mut rng, 0.5);
+        for tokens in [3, 40] {
+            let x = tensor::<B, 2>(rng.normals(tokens * geo.d_model, 1.0), [tokens, geo.d_model], &device);
+            for layer in &h.linear {
+                let adapter = layer.adapter.as_ref().unwrap();
+                let factored = values(layer.base.forward(x.clone()) + adapter.delta(x.clone(), &h.shared));
+                let got = values(layer.forward(x.clone(), &h.shared));
+                assert!(rel_err(&got, &factored) < 1e-5, "{} with {tokens} rows", method.name());
+            }
+        }
     }
 }

@@ -53,14 +53,7 @@ pub struct ArchSpec {
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
-pub const PRESETS: [&str; 6] = [
-    "llama2-7b",
-    "llama2-13b",
-    "llama2-70b",
-    "roberta-base",
-    "bert-base",
-    "minilm-l6",
-];
+pub const PRESETS: [&str; 6] = ["llama2-7b", "llama2-13b", "llama2-70b", "roberta-base", "bert-base", "minilm-l6"];
 
 impl ArchSpec {
     /// A preset with the published HF `config.json` values.
@@ -119,59 +112,37 @@ impl ArchSpec {
 
     /// Reads an HF `config.json` (`model_type` llama/mistral or bert/roberta/xlm-roberta).
     pub fn from_config_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Json { path: path.to_path_buf(), reason: e.to_string() })?;
         Self::from_config_json(&json, path)
     }
 
     /// Parses a `config.json` value; `path` is used in error messages.
     pub fn from_config_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
-        let field_err = |field: &'static str, problem: String| ModelError::Field {
-            path: PathBuf::from(path),
-            field,
-            problem,
-        };
+        let field_err =
+            |field: &'static str, problem: String| ModelError::Field { path: PathBuf::from(path), field, problem };
         let count = |field: &'static str| -> Result<usize, ModelError> {
             match json.get(field) {
-                None => Err(field_err(
-                    field,
-                    "is missing (expected a positive integer)".into(),
-                )),
+                None => Err(field_err(field, "is missing (expected a positive integer)".into())),
                 Some(v) => v
                     .as_u64()
                     .filter(|&n| n > 0 && n <= u32::MAX as u64)
                     .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        field_err(field, format!("is {v}, expected a positive integer"))
-                    }),
+                    .ok_or_else(|| field_err(field, format!("is {v}, expected a positive integer"))),
             }
         };
         let optional = |field: &'static str, default: usize| -> Result<usize, ModelError> {
-            if json.get(field).is_none_or(Value::is_null) {
-                Ok(default)
-            } else {
-                count(field)
-            }
+            if json.get(field).is_none_or(Value::is_null) { Ok(default) } else { count(field) }
         };
         let model_type = match json.get("model_type") {
             Some(Value::String(s)) => s.as_str(),
             Some(v) => {
-                return Err(field_err(
-                    "model_type",
-                    format!("is {v}, expected a string"),
-                ));
+                return Err(field_err("model_type", format!("is {v}, expected a string")));
             }
             None => {
-                return Err(field_err(
-                    "model_type",
-                    "is missing (expected e.g. \"llama\" or \"bert\")".into(),
-                ));
+                return Err(field_err("model_type", "is missing (expected e.g. \"llama\" or \"bert\")".into()));
             }
         };
         let family = match model_type {
@@ -180,9 +151,7 @@ impl ArchSpec {
             other => {
                 return Err(field_err(
                     "model_type",
-                    format!(
-                        "is \"{other}\", expected one of llama, mistral, bert, roberta, xlm-roberta"
-                    ),
+                    format!("is \"{other}\", expected one of llama, mistral, bert, roberta, xlm-roberta"),
                 ));
             }
         };
@@ -205,10 +174,7 @@ impl ArchSpec {
             None | Some(Value::Null) => family == Family::Bert,
             Some(Value::Bool(b)) => *b,
             Some(v) => {
-                return Err(field_err(
-                    "tie_word_embeddings",
-                    format!("is {v}, expected true or false"),
-                ));
+                return Err(field_err("tie_word_embeddings", format!("is {v}, expected true or false")));
             }
         };
         Ok(ArchSpec {
@@ -220,16 +186,8 @@ impl ArchSpec {
             heads,
             kv_heads,
             vocab: count("vocab_size")?,
-            positions: if family == Family::Bert {
-                count("max_position_embeddings")?
-            } else {
-                0
-            },
-            type_vocab: if family == Family::Bert {
-                optional("type_vocab_size", 2)?
-            } else {
-                0
-            },
+            positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
+            type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
             tie_embeddings,
         })
     }
@@ -247,11 +205,7 @@ impl ArchSpec {
     /// Every linear projection of every block, in checkpoint order, with HF module names.
     pub fn linear_sites(&self) -> Vec<LinearSite> {
         use AttentionMatrix::*;
-        let (d, i, kv) = (
-            self.hidden,
-            self.intermediate,
-            self.kv_heads * self.head_dim(),
-        );
+        let (d, i, kv) = (self.hidden, self.intermediate, self.kv_heads * self.head_dim());
         let per_layer: Vec<(&str, Option<AttentionMatrix>, usize, usize)> = match self.family {
             Family::Llama => vec![
                 ("self_attn.q_proj", Some(Query), d, d),
@@ -277,15 +231,13 @@ impl ArchSpec {
         };
         (0..self.layers)
             .flat_map(|layer| {
-                per_layer
-                    .iter()
-                    .map(move |&(name, role, d_in, d_out)| LinearSite {
-                        name: format!("{prefix}.{layer}.{name}"),
-                        layer,
-                        role,
-                        d_in,
-                        d_out,
-                    })
+                per_layer.iter().map(move |&(name, role, d_in, d_out)| LinearSite {
+                    name: format!("{prefix}.{layer}.{name}"),
+                    layer,
+                    role,
+                    d_in,
+                    d_out,
+                })
             })
             .collect()
     }
@@ -298,10 +250,8 @@ impl ArchSpec {
         };
         (0..self.layers)
             .flat_map(|layer| {
-                ["attention_adapter", "ffn_adapter"].map(|name| ResidualSite {
-                    name: format!("{prefix}.{layer}.{name}"),
-                    hidden: self.hidden,
-                })
+                ["attention_adapter", "ffn_adapter"]
+                    .map(|name| ResidualSite { name: format!("{prefix}.{layer}.{name}"), hidden: self.hidden })
             })
             .collect()
     }
@@ -321,18 +271,12 @@ impl ArchSpec {
                 });
             }
         }
-        Ok(sites
-            .into_iter()
-            .filter(|s| targets.iter().any(|t| matches(&s.name, t)))
-            .collect())
+        Ok(sites.into_iter().filter(|s| targets.iter().any(|t| matches(&s.name, t))).collect())
     }
 
     /// Sites with the given attention roles (a method's defaults).
     pub fn select_roles(&self, roles: &[AttentionMatrix]) -> Vec<LinearSite> {
-        self.linear_sites()
-            .into_iter()
-            .filter(|s| s.role.is_some_and(|r| roles.contains(&r)))
-            .collect()
+        self.linear_sites().into_iter().filter(|s| s.role.is_some_and(|r| roles.contains(&r))).collect()
     }
 
     /// The distinct per-layer module names (`q_proj`, `attention.output.dense`, …).
@@ -341,11 +285,7 @@ impl ArchSpec {
             Family::Llama => "model.layers.0.".len(),
             Family::Bert => "encoder.layer.0.".len(),
         };
-        self.linear_sites()
-            .iter()
-            .filter(|s| s.layer == 0)
-            .map(|s| s.name[prefix_len..].to_string())
-            .collect()
+        self.linear_sites().iter().filter(|s| s.layer == 0).map(|s| s.name[prefix_len..].to_string()).collect()
     }
 
     /// Parameters of the base model (HF base model: LLaMA with `lm_head`, BERT with pooler).
@@ -376,41 +316,18 @@ mod tests {
     fn base_parameter_counts_match_hf() {
         // Published totals: LLaMA-2-7B 6,738,415,616; RoBERTa-base 124,645,632; BERT-base
         // 109,482,240; all-MiniLM-L6-v2 22,713,216 (with pooler).
-        assert_eq!(
-            ArchSpec::preset("llama2-7b").unwrap().base_num_params(),
-            6_738_415_616
-        );
-        assert_eq!(
-            ArchSpec::preset("llama2-13b").unwrap().base_num_params(),
-            13_015_864_320
-        );
-        assert_eq!(
-            ArchSpec::preset("llama2-70b").unwrap().base_num_params(),
-            68_976_648_192
-        );
-        assert_eq!(
-            ArchSpec::preset("roberta-base").unwrap().base_num_params(),
-            124_645_632
-        );
-        assert_eq!(
-            ArchSpec::preset("bert-base").unwrap().base_num_params(),
-            109_482_240
-        );
-        assert_eq!(
-            ArchSpec::preset("minilm-l6").unwrap().base_num_params(),
-            22_713_216
-        );
+        assert_eq!(ArchSpec::preset("llama2-7b").unwrap().base_num_params(), 6_738_415_616);
+        assert_eq!(ArchSpec::preset("llama2-13b").unwrap().base_num_params(), 13_015_864_320);
+        assert_eq!(ArchSpec::preset("llama2-70b").unwrap().base_num_params(), 68_976_648_192);
+        assert_eq!(ArchSpec::preset("roberta-base").unwrap().base_num_params(), 124_645_632);
+        assert_eq!(ArchSpec::preset("bert-base").unwrap().base_num_params(), 109_482_240);
+        assert_eq!(ArchSpec::preset("minilm-l6").unwrap().base_num_params(), 22_713_216);
     }
 
     #[test]
     fn target_selection_follows_peft() {
         let bert = ArchSpec::preset("bert-base").unwrap();
-        assert_eq!(
-            bert.select(&["query".into(), "value".into()])
-                .unwrap()
-                .len(),
-            24
-        );
+        assert_eq!(bert.select(&["query".into(), "value".into()]).unwrap().len(), 24);
         // `output.dense` is a suffix of `attention.output.dense` too.
         assert_eq!(bert.select(&["output.dense".into()]).unwrap().len(), 24);
         let err = bert.select(&["q_proj".into()]).unwrap_err().to_string();
@@ -440,10 +357,7 @@ mod tests {
                 bad[field] = value;
             }
             let err = ArchSpec::from_config_json(&bad, p).unwrap_err().to_string();
-            assert!(
-                err.contains(field) && err.contains("m/config.json"),
-                "{err}"
-            );
+            assert!(err.contains(field) && err.contains("m/config.json"), "{err}");
         }
     }
 }

@@ -36,9 +36,7 @@ pub enum ModelError {
     #[error("unknown model `{0}`: expected a preset ({presets}), an HF model directory or a config.json", presets = crate::arch::PRESETS.join(", "))]
     UnknownModel(String),
     /// Target module names matched nothing.
-    #[error(
-        "target `{target}` matches no module of this {family} model; module names are: {available}"
-    )]
+    #[error("target `{target}` matches no module of this {family} model; module names are: {available}")]
     UnmatchedTarget {
         /// The target as given.
         target: String,

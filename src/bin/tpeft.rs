@@ -8,11 +8,7 @@ use tensor_peft::params::{MethodFlags, count, method_from_flags, render};
 use tensor_peft_models::ArchSpec;
 
 #[derive(Parser)]
-#[command(
-    name = "tpeft",
-    version,
-    about = "Tensorized parameter-efficient fine-tuning on Burn"
-)]
+#[command(name = "tpeft", version, about = "Tensorized parameter-efficient fine-tuning on Burn")]
 struct Cli {
     /// Compute backend (GPU backends need the `wgpu` / `cuda` cargo features).
     #[arg(long, global = true, value_enum, default_value = "ndarray")]
@@ -70,23 +66,8 @@ enum Command {
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
     match cli.command {
-        Command::Params {
-            model,
-            method,
-            rank,
-            alpha,
-            tensor_rank,
-            tt_shape,
-            bottleneck,
-            targets,
-        } => {
-            let flags = MethodFlags {
-                rank,
-                alpha,
-                tensor_rank,
-                tt_shape,
-                bottleneck,
-            };
+        Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets } => {
+            let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck };
             let method = method_from_flags(&method, &flags)?;
             let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
                 tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
@@ -97,49 +78,30 @@ fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Demo { steps, lr, seed } => {
             let results = demo(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
-            Ok(format!(
-                "backend: {:?}\n{}",
-                cli.backend,
-                tensor_peft::demo::render(&results)
-            ))
+            Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
         }
     }
 }
 
-fn demo(
-    backend: BackendKind,
-    steps: usize,
-    lr: f64,
-    seed: u64,
-) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
+fn demo(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
     match backend {
         #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => tensor_peft::demo::run::<
-            burn::backend::Autodiff<burn::backend::NdArray>,
-        >(&Default::default(), steps, lr, seed),
+        BackendKind::Ndarray => tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::NdArray>>(
+            &Default::default(),
+            steps,
+            lr,
+            seed,
+        ),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
-            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Wgpu>>(
-                &Default::default(),
-                steps,
-                lr,
-                seed,
-            )
+            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Wgpu>>(&Default::default(), steps, lr, seed)
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
-            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Cuda>>(
-                &Default::default(),
-                steps,
-                lr,
-                seed,
-            )
+            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Cuda>>(&Default::default(), steps, lr, seed)
         }
         #[allow(unreachable_patterns)]
-        other => Err(format!(
-            "the {} backend is not compiled in",
-            other.feature()
-        )),
+        other => Err(format!("the {} backend is not compiled in", other.feature())),
     }
 }
 

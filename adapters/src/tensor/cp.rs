@@ -29,18 +29,11 @@ pub fn cp_heads_apply<B: Backend, const D: usize>(
 }
 
 /// The dense head-blocked matrix `[d_in, H·d_h]`.
-pub fn cp_heads_dense<B: Backend>(
-    a: Tensor<B, 2>,
-    w: Tensor<B, 2>,
-    b: Tensor<B, 2>,
-) -> Tensor<B, 2> {
+pub fn cp_heads_dense<B: Backend>(a: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [d_in, rank] = a.dims();
     let [heads, _] = w.dims();
     let [head_dim, _] = b.dims();
     // [H, d_in, r] · [1, r, d_h] → [H, d_in, d_h] → [d_in, H, d_h]
     let scaled = a.unsqueeze::<3>() * w.reshape([heads, 1, rank]);
-    scaled
-        .matmul(b.transpose().unsqueeze::<3>())
-        .swap_dims(0, 1)
-        .reshape([d_in, heads * head_dim])
+    scaled.matmul(b.transpose().unsqueeze::<3>()).swap_dims(0, 1).reshape([d_in, heads * head_dim])
 }

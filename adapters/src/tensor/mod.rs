@@ -14,11 +14,7 @@ use burn::tensor::{Tensor, backend::Backend, module::linear};
 
 /// `x · a · b` for `x: [..., d_in]`, `a: [d_in, r]`, `b: [r, d_out]` → `[..., d_out]`,
 /// as two thin GEMMs (never forming `a·b`).
-pub fn low_rank_apply<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    a: Tensor<B, 2>,
-    b: Tensor<B, 2>,
-) -> Tensor<B, D> {
+pub fn low_rank_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, D> {
     linear(linear(x, a, None), b, None)
 }
 

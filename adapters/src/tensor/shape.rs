@@ -19,22 +19,15 @@ pub const MAX_DIM: usize = 1 << 40;
 ///
 /// Every factor must be a positive integer; the shape must not be empty.
 pub fn parse_shape(input: &str) -> Result<Vec<usize>> {
-    let err = |reason: &str| AdapterError::ShapeParse {
-        input: input.to_string(),
-        reason: reason.to_string(),
-    };
+    let err = |reason: &str| AdapterError::ShapeParse { input: input.to_string(), reason: reason.to_string() };
     let trimmed = input.trim();
     if trimmed.is_empty() {
-        return Err(err(
-            "expected comma-separated positive integers, e.g. 16,16,16",
-        ));
+        return Err(err("expected comma-separated positive integers, e.g. 16,16,16"));
     }
     let mut shape = Vec::new();
     for part in trimmed.split([',', 'x']) {
         let part = part.trim();
-        let value: usize = part
-            .parse()
-            .map_err(|_| err(&format!("`{part}` is not a positive integer")))?;
+        let value: usize = part.parse().map_err(|_| err(&format!("`{part}` is not a positive integer")))?;
         if value == 0 {
             return Err(err("factors must be at least 1"));
         }
@@ -51,18 +44,8 @@ pub fn checked_product(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
 }
 
-fn shape_error(
-    shape: &[usize],
-    rows: usize,
-    cols: usize,
-    reason: impl Into<String>,
-) -> AdapterError {
-    AdapterError::InvalidTtShape {
-        shape: shape.to_vec(),
-        rows,
-        cols,
-        reason: reason.into(),
-    }
+fn shape_error(shape: &[usize], rows: usize, cols: usize, reason: impl Into<String>) -> AdapterError {
+    AdapterError::InvalidTtShape { shape: shape.to_vec(), rows, cols, reason: reason.into() }
 }
 
 /// Checks a flat (LoRETTA) TT shape for a `rows × cols` matrix.
@@ -71,12 +54,7 @@ pub fn validate_flat_shape(shape: &[usize], rows: usize, cols: usize) -> Result<
         return Err(shape_error(shape, rows, cols, "the shape is empty"));
     }
     if shape.len() > MAX_CORES {
-        return Err(shape_error(
-            shape,
-            rows,
-            cols,
-            format!("more than {MAX_CORES} cores"),
-        ));
+        return Err(shape_error(shape, rows, cols, format!("more than {MAX_CORES} cores")));
     }
     if shape.contains(&0) {
         return Err(shape_error(shape, rows, cols, "factors must be at least 1"));
@@ -102,12 +80,7 @@ pub fn validate_flat_shape(shape: &[usize], rows: usize, cols: usize) -> Result<
 pub fn validate_split_shape(shape: &[usize], d_in: usize, d_out: usize) -> Result<usize> {
     validate_flat_shape(shape, d_in, d_out)?;
     if shape.len() < 2 {
-        return Err(shape_error(
-            shape,
-            d_in,
-            d_out,
-            "needs at least one input and one output factor",
-        ));
+        return Err(shape_error(shape, d_in, d_out, "needs at least one input and one output factor"));
     }
     let mut prefix = 1usize;
     for (k, &n) in shape.iter().enumerate().take(shape.len() - 1) {
@@ -153,18 +126,10 @@ fn prime_factors(mut n: usize) -> Vec<usize> {
 /// Errors when `dim` has fewer than `n_cores` prime factors, or on zero arguments.
 pub fn factorize(dim: usize, n_cores: usize) -> Result<Vec<usize>> {
     if dim == 0 || dim > MAX_DIM {
-        return Err(crate::error::invalid(
-            "dim",
-            dim,
-            format!("must be between 1 and {MAX_DIM}"),
-        ));
+        return Err(crate::error::invalid("dim", dim, format!("must be between 1 and {MAX_DIM}")));
     }
     if n_cores == 0 || n_cores > MAX_CORES {
-        return Err(crate::error::invalid(
-            "n_cores",
-            n_cores,
-            format!("must be between 1 and {MAX_CORES}"),
-        ));
+        return Err(crate::error::invalid("n_cores", n_cores, format!("must be between 1 and {MAX_CORES}")));
     }
     if n_cores == 1 {
         return Ok(vec![dim]);
@@ -174,10 +139,7 @@ pub fn factorize(dim: usize, n_cores: usize) -> Result<Vec<usize>> {
         return Err(crate::error::invalid(
             "n_cores",
             n_cores,
-            format!(
-                "{dim} has only {} prime factors, so it cannot be split into {n_cores} factors ≥ 2",
-                primes.len()
-            ),
+            format!("{dim} has only {} prime factors, so it cannot be split into {n_cores} factors ≥ 2", primes.len()),
         ));
     }
     let mean = (dim as f64).ln() / n_cores as f64;
@@ -185,9 +147,7 @@ pub fn factorize(dim: usize, n_cores: usize) -> Result<Vec<usize>> {
     let mut best: Option<(f64, Vec<usize>)> = None;
     let mut current = Vec::with_capacity(n_cores);
     search_factors(&divisors, dim, n_cores, dim, mean, &mut current, &mut best);
-    Ok(best
-        .expect("a split exists when there are enough prime factors")
-        .1)
+    Ok(best.expect("a split exists when there are enough prime factors").1)
 }
 
 /// All divisors of `n`, largest first.
@@ -223,10 +183,7 @@ fn search_factors(
     if left == 1 {
         if remaining >= 2 && remaining <= max_factor {
             current.push(remaining);
-            let score: f64 = current
-                .iter()
-                .map(|&f| ((f as f64).ln() - mean).powi(2))
-                .sum();
+            let score: f64 = current.iter().map(|&f| ((f as f64).ln() - mean).powi(2)).sum();
             if best.as_ref().is_none_or(|(s, _)| score < *s - 1e-12) {
                 *best = Some((score, current.clone()));
             }
@@ -267,11 +224,7 @@ pub fn outer_large(mut factors: Vec<usize>) -> Vec<usize> {
     let mut left = Vec::with_capacity(factors.len());
     let mut right = Vec::new();
     for (i, f) in factors.into_iter().enumerate() {
-        if i % 2 == 0 {
-            left.push(f)
-        } else {
-            right.push(f)
-        }
+        if i % 2 == 0 { left.push(f) } else { right.push(f) }
     }
     left.extend(right.into_iter().rev());
     left
@@ -297,11 +250,7 @@ pub fn plan_flat_shape(rows: usize, cols: usize) -> Result<Vec<usize>> {
     let total = rows
         .checked_mul(cols)
         .ok_or_else(|| crate::error::invalid("rows·cols", format!("{rows}·{cols}"), "overflows"))?;
-    let n = cores_for(total, 8.0).max(if prime_factors(total).len() >= 2 {
-        2
-    } else {
-        1
-    });
+    let n = cores_for(total, 8.0).max(if prime_factors(total).len() >= 2 { 2 } else { 1 });
     Ok(outer_large(factorize(total, n)?))
 }
 
@@ -402,11 +351,7 @@ pub fn loretta_table_entry(hidden: usize, rank: usize) -> Option<&'static [usize
             ],
         ),
     ];
-    TABLE
-        .iter()
-        .find(|(r, _)| *r == rank)
-        .and_then(|(_, row)| row.iter().find(|(h, _)| *h == hidden))
-        .map(|(_, s)| *s)
+    TABLE.iter().find(|(r, _)| *r == rank).and_then(|(_, row)| row.iter().find(|(h, _)| *h == hidden)).map(|(_, s)| *s)
 }
 
 /// Every (rank, hidden) pair in the published LoRETTA table, for tests and documentation.
@@ -439,10 +384,7 @@ mod tests {
         assert_eq!(factorize(4096, 3).unwrap(), vec![16, 16, 16]);
         assert_eq!(factorize(4096, 6).unwrap(), vec![4, 4, 4, 4, 4, 4]);
         assert_eq!(factorize(768, 2).unwrap(), vec![32, 24]);
-        assert_eq!(
-            factorize(11008, 3).unwrap().iter().product::<usize>(),
-            11008
-        );
+        assert_eq!(factorize(11008, 3).unwrap().iter().product::<usize>(), 11008);
         assert!(factorize(7, 2).is_err());
         assert!(factorize(0, 2).is_err());
         assert!(factorize(16, 0).is_err());
@@ -451,16 +393,10 @@ mod tests {
     #[test]
     fn split_planner_and_validation() {
         assert_eq!(plan_tt_lora_shape(4096, 4096).unwrap(), vec![16; 6]);
-        assert_eq!(
-            plan_tt_lora_shape(2048, 2048).unwrap(),
-            vec![16, 16, 8, 8, 16, 16]
-        );
+        assert_eq!(plan_tt_lora_shape(2048, 2048).unwrap(), vec![16, 16, 8, 8, 16, 16]);
         for (i, o) in [(768, 768), (4096, 1024), (384, 1536), (5, 7), (1, 9)] {
             let s = plan_tt_lora_shape(i, o).unwrap();
-            assert_eq!(
-                validate_split_shape(&s, i, o).map(|p| checked_product(&s[..p])),
-                Ok(Some(i))
-            );
+            assert_eq!(validate_split_shape(&s, i, o).map(|p| checked_product(&s[..p])), Ok(Some(i)));
         }
         assert!(validate_split_shape(&[12, 8, 8, 3, 8, 8, 12], 768, 2304).is_ok());
         assert!(validate_split_shape(&[16, 16, 16], 4096, 1).is_err()); // no output factor
@@ -487,21 +423,12 @@ mod tests {
             if s.iter().product::<usize>() != hidden * rank {
                 broken.push((rank, hidden));
                 assert_eq!(loretta_published_shape(hidden, rank), None);
-                assert_eq!(
-                    loretta_factor_shape(hidden, rank)
-                        .unwrap()
-                        .iter()
-                        .product::<usize>(),
-                    hidden * rank
-                );
+                assert_eq!(loretta_factor_shape(hidden, rank).unwrap().iter().product::<usize>(), hidden * rank);
             }
         }
         assert_eq!(loretta_published_keys().len(), 53);
         // The official rank-32 row copies the rank-16 shapes for these sizes, plus one rank-64 slip.
-        let mut expected: Vec<_> = [1024, 1280, 1536, 1600, 4096, 5120, 8192]
-            .iter()
-            .map(|&h| (32, h))
-            .collect();
+        let mut expected: Vec<_> = [1024, 1280, 1536, 1600, 4096, 5120, 8192].iter().map(|&h| (32, h)).collect();
         expected.push((64, 2304)); // [8,8,8,8,8,9] multiplies to 2304·128
 
         assert_eq!(broken, expected);

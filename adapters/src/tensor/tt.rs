@@ -9,9 +9,7 @@ use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 /// Uniform TT ranks `[1, r, …, r, 1]` for `n_cores` cores.
 pub fn uniform_ranks(n_cores: usize, rank: usize) -> Vec<usize> {
-    (0..=n_cores)
-        .map(|k| if k == 0 || k == n_cores { 1 } else { rank })
-        .collect()
+    (0..=n_cores).map(|k| if k == 0 || k == n_cores { 1 } else { rank }).collect()
 }
 
 /// Number of parameters `Σ r_{k-1}·n_k·r_k` of a uniform-rank TT over `shape`.
@@ -20,11 +18,7 @@ pub fn uniform_ranks(n_cores: usize, rank: usize) -> Vec<usize> {
 /// configuration, which no uniform-rank train of that shape gives).
 pub fn tt_num_params(shape: &[usize], rank: usize) -> usize {
     let ranks = uniform_ranks(shape.len(), rank);
-    shape
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| ranks[k] * n * ranks[k + 1])
-        .sum()
+    shape.iter().enumerate().map(|(k, &n)| ranks[k] * n * ranks[k + 1]).sum()
 }
 
 /// Contracts cores left to right: `[r_0·n_1·…·n_k, r_k]` (rows row-major over `(r_0, n_1, …, n_k)`).
@@ -34,9 +28,7 @@ pub fn contract_left<B: Backend>(cores: &[Tensor<B, 3>]) -> Tensor<B, 2> {
     for core in &cores[1..] {
         let [r, n, r_next] = core.dims();
         let rows = acc.dims()[0];
-        acc = acc
-            .matmul(core.clone().reshape([r, n * r_next]))
-            .reshape([rows * n, r_next]);
+        acc = acc.matmul(core.clone().reshape([r, n * r_next])).reshape([rows * n, r_next]);
     }
     acc
 }
@@ -49,11 +41,7 @@ pub fn contract_right<B: Backend>(cores: &[Tensor<B, 3>]) -> Tensor<B, 2> {
     for core in cores[..cores.len() - 1].iter().rev() {
         let [r_prev, n, r] = core.dims();
         let cols = acc.dims()[1];
-        acc = core
-            .clone()
-            .reshape([r_prev * n, r])
-            .matmul(acc)
-            .reshape([r_prev, n * cols]);
+        acc = core.clone().reshape([r_prev * n, r]).matmul(acc).reshape([r_prev, n * cols]);
     }
     acc
 }
@@ -81,13 +69,7 @@ impl<B: Backend> TensorTrain<B> {
     /// A uniform-rank train over `shape` initialised by `init`; with `zero_last` the last core is
     /// zero, so the represented tensor is exactly zero while every other core stays random
     /// (the TT analogue of LoRA's `B = 0`: the last core receives gradient at the first step).
-    pub fn new(
-        shape: &[usize],
-        rank: usize,
-        init: CoreInit,
-        zero_last: bool,
-        device: &B::Device,
-    ) -> Self {
+    pub fn new(shape: &[usize], rank: usize, init: CoreInit, zero_last: bool, device: &B::Device) -> Self {
         let ranks = uniform_ranks(shape.len(), rank);
         let order = shape.len() as f64;
         let cores = shape
@@ -104,8 +86,7 @@ impl<B: Backend> TensorTrain<B> {
                             Tensor::random(dims, Distribution::Normal(0.0, std), device)
                         }
                         CoreInit::UnitFrobenius => {
-                            let core: Tensor<B, 3> =
-                                Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device);
+                            let core: Tensor<B, 3> = Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device);
                             let norm = (core.clone() * core.clone()).sum().sqrt();
                             core / norm.unsqueeze::<3>()
                         }
@@ -142,4 +123,79 @@ impl<B: Backend> TensorTrain<B> {
     pub fn to_matrix(&self, rows: usize, cols: usize) -> Tensor<B, 2> {
         contract_left(&self.core_values()).reshape([rows, cols])
     }
+}
+
+/// Applies a split train (the first `split` cores over the input modes, the rest over the output
+/// modes) to `x: [N, d_in]` core by core, never forming the half-trains: LANL's contraction path.
+/// Returns `x · reshape(T, [d_in, d_out])`.
+pub fn apply_core_by_core<B: Backend>(x: Tensor<B, 2>, cores: &[Tensor<B, 3>], split: usize) -> Tensor<B, 2> {
+    let [n, d_in] = x.dims();
+    // State [N, rest, r]: the leading mode of `rest` is contracted next.
+    let mut rest = d_in;
+    let mut state = x.reshape([n, d_in, 1]);
+    for core in &cores[..split] {
+        let [r0, m, r1] = core.dims();
+        rest /= m;
+        let lhs = state.reshape([n, m, rest, r0]).swap_dims(1, 2).reshape([n * rest, m * r0]);
+        let rhs = core.clone().swap_dims(0, 1).reshape([m * r0, r1]);
+        state = lhs.matmul(rhs).reshape([n, rest, r1]);
+    }
+    // State [N·out_prefix, r]: each output core appends its mode as the least significant index.
+    let mut out = 1;
+    let mut state = state.reshape([n, cores[split - 1].dims()[2]]);
+    for core in &cores[split..] {
+        let [r0, m, r1] = core.dims();
+        state = state.matmul(core.clone().reshape([r0, m * r1]));
+        out *= m;
+        state = state.reshape([n * out, r1]);
+    }
+    state.reshape([n, out])
+}
+
+/// How a split train is applied to `N` input rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtPath {
+    /// Build `left: [d_in, r]` and `right: [r, d_out]`, then two thin GEMMs (LoRA-like).
+    HalfTrains,
+    /// Contract the input with one core at a time ([`apply_core_by_core`]).
+    CoreByCore,
+}
+
+/// Multiply-accumulate counts `(half_trains, core_by_core)` of applying a split train of uniform
+/// rank `rank` to `tokens` rows (forward pass; backward scales both alike).
+pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize) -> (usize, usize) {
+    let ranks = uniform_ranks(shape.len(), rank);
+    let (d_in, d_out): (usize, usize) = (shape[..split].iter().product(), shape[split..].iter().product());
+    // Half-trains: left grows its rows by n_k per core, right its columns.
+    let mut build = 0;
+    let mut rows = shape[0];
+    for k in 1..split {
+        build += rows * ranks[k] * shape[k] * ranks[k + 1];
+        rows *= shape[k];
+    }
+    let mut cols = shape[shape.len() - 1];
+    for k in (split..shape.len() - 1).rev() {
+        build += ranks[k] * shape[k] * ranks[k + 1] * cols;
+        cols *= shape[k];
+    }
+    let half = build + tokens * ranks[split] * (d_in + d_out);
+    // Core by core: input step k touches the remaining input modes, output step j the produced ones.
+    let mut core = 0;
+    let mut rest = d_in;
+    for k in 0..split {
+        core += tokens * rest * ranks[k] * ranks[k + 1];
+        rest /= shape[k];
+    }
+    let mut produced = 1;
+    for k in split..shape.len() {
+        produced *= shape[k];
+        core += tokens * produced * ranks[k] * ranks[k + 1];
+    }
+    (half, core)
+}
+
+/// The cheaper path by [`tt_apply_costs`].
+pub fn plan_tt_path(shape: &[usize], split: usize, rank: usize, tokens: usize) -> TtPath {
+    let (half, core) = tt_apply_costs(shape, split, rank, tokens);
+    if core < half { TtPath::CoreByCore } else { TtPath::HalfTrains }
 }

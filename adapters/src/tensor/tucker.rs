@@ -17,10 +17,6 @@ pub fn tucker2_apply<B: Backend, const D: usize>(
 }
 
 /// The dense `A · G · Bᵀ`, `[d_in, d_out]`.
-pub fn tucker2_dense<B: Backend>(
-    a: Tensor<B, 2>,
-    g: Tensor<B, 2>,
-    bt: Tensor<B, 2>,
-) -> Tensor<B, 2> {
+pub fn tucker2_dense<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, 2> {
     low_rank_dense(a, g.matmul(bt))
 }
