@@ -7,6 +7,8 @@ use crate::CliError;
 pub enum BackendKind {
     /// CPU, deterministic (`ndarray` feature, on by default).
     Ndarray,
+    /// CPU, Burn's own `flex` backend (`flex` feature), for comparison.
+    Flex,
     /// WebGPU/Vulkan (`wgpu` feature).
     Wgpu,
     /// NVIDIA CUDA (`cuda` feature).
@@ -18,6 +20,7 @@ impl BackendKind {
     pub fn feature(&self) -> &'static str {
         match self {
             BackendKind::Ndarray => "ndarray",
+            BackendKind::Flex => "flex",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
         }
@@ -27,6 +30,7 @@ impl BackendKind {
     pub fn compiled(&self) -> bool {
         match self {
             BackendKind::Ndarray => cfg!(feature = "ndarray"),
+            BackendKind::Flex => cfg!(feature = "flex"),
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
         }
@@ -37,7 +41,7 @@ impl BackendKind {
         if self.compiled() {
             return Ok(());
         }
-        let available: Vec<_> = [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Cuda]
+        let available: Vec<_> = [BackendKind::Ndarray, BackendKind::Flex, BackendKind::Wgpu, BackendKind::Cuda]
             .iter()
             .filter(|b| b.compiled())
             .map(|b| b.feature())

@@ -1,9 +1,11 @@
 //! tensor-peft: tensorized parameter-efficient fine-tuning on Burn.
 //!
 //! This root crate re-exports the workspace crates and holds what the `tpeft` CLI needs:
-//! backend selection ([`backend`]), the parameter report ([`params`]) and the demo ([`demo`]).
+//! backend selection ([`backend`]), the parameter report ([`params`]), the demo ([`demo`]) and the
+//! micro-benchmarks ([`bench`]).
 
 pub mod backend;
+pub mod bench;
 pub mod demo;
 pub mod params;
 

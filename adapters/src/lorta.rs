@@ -3,8 +3,9 @@
 //! Factors `A: [d, r]`, `B: [d_h, r]`, `C_L: [L, r]`, `C_H: [H, r]`, `C_M: [4, r]` (rows q, k, v, o,
 //! always allocated, as in the official code). Head `h` of matrix `m` in layer `l` gets
 //! `ΔW[:, h·d_h..(h+1)·d_h] = s · A · diag(C_H[h] ⊙ C_L[l] ⊙ C_M[m]) · Bᵀ` (Burn layout, heads on the
-//! output axis as in the paper and the lit-gpt fork), `s = α/r`. The forward is factored per
-//! head (cost ≈ LoRA); the official PEFT fork instead materialises all `4L` dense matrices.
+//! output axis as in the paper and the lit-gpt fork), `s = α/r`. The forward folds the head
+//! weights into a small `[r, H·d_h]` output factor and applies `(x·A)·M` like LoRA; the official
+//! PEFT fork instead materialises all `4L` dense matrices every step.
 //! Parameters: `r·(d + d/H + H + L + 4)`.
 //!
 //! **Grouped-query attention** (k, v narrower than q) is outside the paper. We generalise it in

@@ -10,7 +10,7 @@ use tensor_peft_models::ArchSpec;
 #[derive(Parser)]
 #[command(name = "tpeft", version, about = "Tensorized parameter-efficient fine-tuning on Burn")]
 struct Cli {
-    /// Compute backend (GPU backends need the `wgpu` / `cuda` cargo features).
+    /// Compute backend (`flex`, `wgpu` and `cuda` need the cargo features of the same names).
     #[arg(long, global = true, value_enum, default_value = "ndarray")]
     backend: BackendKind,
     #[command(subcommand)]
@@ -61,6 +61,24 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Micro-benchmarks of the adapters: medians and same-run ratios, optionally as JSON.
+    Bench {
+        /// Suites: linear, contraction, merged, scoring.
+        #[arg(long, value_delimiter = ',', default_value = "linear,contraction,merged,scoring")]
+        suite: Vec<String>,
+        /// Layer widths d (square layers).
+        #[arg(long, value_delimiter = ',', default_value = "1024")]
+        dims: Vec<usize>,
+        /// Row counts N (batch × sequence) for the linear and merged suites.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        tokens: Vec<usize>,
+        /// Timed repetitions per variant (after one warm-up round).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+        /// Also write the records to this JSON file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> Result<String, CliError> {
@@ -76,6 +94,25 @@ fn run(cli: Cli) -> Result<String, CliError> {
             let report = count(&spec, &method, targets.as_deref())?;
             Ok(render(&spec, &method, &report))
         }
+        Command::Bench { suite, dims, tokens, repeats, json } => {
+            for s in &suite {
+                if !tensor_peft::bench::SUITES.contains(&s.as_str()) {
+                    return Err(CliError::Usage(format!(
+                        "unknown suite `{s}`: expected one of {}",
+                        tensor_peft::bench::SUITES.join(", ")
+                    )));
+                }
+            }
+            if dims.contains(&0) || tokens.contains(&0) || tokens.is_empty() || repeats == 0 {
+                return Err(CliError::Usage("--dims, --tokens and --repeats must be positive".into()));
+            }
+            let options = tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats };
+            let records = bench(cli.backend, &options).map_err(CliError::Runtime)?;
+            if let Some(path) = json {
+                write_atomically(&path, &serde_json::to_string_pretty(&records).expect("json values serialise"))?;
+            }
+            Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::bench::render(&records)))
+        }
         Command::Demo { steps, lr, seed } => {
             let results = demo(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
@@ -83,26 +120,54 @@ fn run(cli: Cli) -> Result<String, CliError> {
     }
 }
 
+/// Evaluates `$body` with `$B` bound to the autodiff backend of `$kind` (a string error when that
+/// backend is not compiled in; `run` checks that first).
+macro_rules! with_backend {
+    ($kind:expr, $B:ident => $body:expr) => {
+        match $kind {
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => {
+                type $B = burn::backend::Autodiff<burn::backend::NdArray>;
+                $body
+            }
+            #[cfg(feature = "flex")]
+            BackendKind::Flex => {
+                type $B = burn::backend::Autodiff<burn::backend::Flex>;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => {
+                type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => {
+                type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(format!("the {} backend is not compiled in", other.feature())),
+        }
+    };
+}
+
 fn demo(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
-    match backend {
-        #[cfg(feature = "ndarray")]
-        BackendKind::Ndarray => tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::NdArray>>(
-            &Default::default(),
-            steps,
-            lr,
-            seed,
-        ),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Wgpu>>(&Default::default(), steps, lr, seed)
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            tensor_peft::demo::run::<burn::backend::Autodiff<burn::backend::Cuda>>(&Default::default(), steps, lr, seed)
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(format!("the {} backend is not compiled in", other.feature())),
-    }
+    with_backend!(backend, B => tensor_peft::demo::run::<B>(&Default::default(), steps, lr, seed))
+}
+
+fn bench(backend: BackendKind, options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
+    with_backend!(backend, B => tensor_peft::bench::run::<B>(&Default::default(), options))
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it into place.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<(), CliError> {
+    let tmp = path.with_extension("json.tmp");
+    let err = |e: std::io::Error| CliError::Runtime(format!("cannot write {}: {e}", path.display()));
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e)
+    })
 }
 
 fn main() -> ExitCode {

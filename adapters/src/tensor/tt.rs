@@ -161,8 +161,14 @@ pub enum TtPath {
     CoreByCore,
 }
 
-/// Multiply-accumulate counts `(half_trains, core_by_core)` of applying a split train of uniform
-/// rank `rank` to `tokens` rows (forward pass; backward scales both alike).
+/// Element moves of the core-by-core path are charged as this many multiply-accumulates: each input
+/// step permutes the whole state, which costs far more than its flops on every backend we measured
+/// (`tpeft bench --suite contraction`).
+pub const PERMUTE_COST: usize = 16;
+
+/// Costs `(half_trains, core_by_core)` of applying a split train of uniform rank `rank` to `tokens`
+/// rows, in multiply-accumulates plus [`PERMUTE_COST`] per permuted element (forward pass; backward
+/// scales both alike).
 pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize) -> (usize, usize) {
     let ranks = uniform_ranks(shape.len(), rank);
     let (d_in, d_out): (usize, usize) = (shape[..split].iter().product(), shape[split..].iter().product());
@@ -183,7 +189,7 @@ pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize)
     let mut core = 0;
     let mut rest = d_in;
     for k in 0..split {
-        core += tokens * rest * ranks[k] * ranks[k + 1];
+        core += tokens * rest * ranks[k] * ranks[k + 1] + PERMUTE_COST * tokens * rest * ranks[k];
         rest /= shape[k];
     }
     let mut produced = 1;

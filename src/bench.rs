@@ -1,0 +1,398 @@
+//! `tpeft bench`: micro-benchmarks of the adapters on the chosen backend.
+//!
+//! Machines are noisy, so every suite runs its variants interleaved (round-robin, after warm-up)
+//! and reports medians together with **ratios measured in the same run**. Suites:
+//! - `linear`: one adapted `d×d` layer, forward + backward (the input requires a gradient, as it
+//!   does inside a model), each method at its default size vs LoRA r=8 and vs the frozen base
+//!   layer; plus the *materialising* baselines (ΔW built from the factors every step and added to
+//!   the weight, as the official LoRTA / 2024 TT-LoRA code and Burn 0.22's LoRA do), checked to
+//!   give the same output and gradients.
+//! - `contraction`: TT-LoRA half-trains vs core-by-core, forward only, and the planner's choice.
+//! - `merged`: inference of the base layer, the merged layer and the unmerged (factored) layer.
+//! - `scoring`: forward-only factored vs dense ΔW as the number of rows grows, and the switch
+//!   [`tensor_peft_adapters::prefer_dense_delta`] makes.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::module::linear;
+use burn::tensor::{Distribution, Tensor};
+use serde_json::{Value, json};
+use std::time::Instant;
+use tensor_peft_adapters::tensor::tt::{TtPath, plan_tt_path};
+use tensor_peft_adapters::{
+    AdaptedLinear, AdapterSet, AttentionGeometry, AttentionMatrix, LinearDelta, LinearSite, LoraConfig, METHOD_NAMES,
+    MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Suites to run (`linear`, `contraction`, `merged`, `scoring`).
+    pub suites: Vec<String>,
+    /// Layer widths `d` (square layers).
+    pub dims: Vec<usize>,
+    /// Row counts `N` (batch × sequence) for the `linear` and `merged` suites.
+    pub tokens: Vec<usize>,
+    /// Timed repetitions per variant (after one warm-up round).
+    pub repeats: usize,
+}
+
+/// Suite names accepted by `--suite`.
+pub const SUITES: [&str; 4] = ["linear", "contraction", "merged", "scoring"];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the variants round-robin (`1 + repeats` rounds, the first discarded) and returns the
+/// median milliseconds of each.
+fn time_interleaved<B: Backend>(
+    device: &B::Device,
+    variants: &mut [(String, Box<dyn FnMut() + '_>)],
+    repeats: usize,
+) -> Vec<f64> {
+    let mut samples = vec![Vec::new(); variants.len()];
+    for round in 0..=repeats {
+        for (i, (_, run)) in variants.iter_mut().enumerate() {
+            let _ = B::sync(device);
+            let start = Instant::now();
+            run();
+            let _ = B::sync(device);
+            if round > 0 {
+                samples[i].push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    samples.into_iter().map(median).collect()
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default()
+}
+
+fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    diff / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-30)
+}
+
+/// A single adapted site of `method` on a `d×d` layer (q of layer 0; LoRTA gets 64-wide heads).
+fn single_site<B: Backend>(method: &MethodConfig, d: usize, device: &B::Device) -> Result<AdapterSet<B>, String> {
+    let geometry = AttentionGeometry::new(1, d, (d / 64).max(1), (d / 64).max(1));
+    let site = LinearSite { name: "q".into(), layer: 0, role: Some(AttentionMatrix::Query), d_in: d, d_out: d };
+    let residual = ResidualSite { name: "attention_adapter".into(), hidden: d };
+    let (linear_sites, residual_sites) =
+        if method.is_residual() { (vec![], vec![residual]) } else { (vec![site], vec![]) };
+    method.build(&geometry, &linear_sites, &residual_sites, device).map_err(|e| e.to_string())
+}
+
+/// Adapters with non-zero factors, so that every variant does the same work a trained one does.
+fn perturbed<B: Backend, M: Module<B>>(module: M, device: &B::Device) -> M {
+    struct Perturb<'a, B: Backend>(&'a B::Device);
+    impl<B: Backend> burn::module::ModuleMapper<B> for Perturb<'_, B> {
+        fn map_float<const D: usize>(
+            &mut self,
+            p: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            let (id, t, mapper) = p.consume();
+            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.02), self.0);
+            let trainable = t.is_require_grad();
+            burn::module::Param::from_mapped_value(id, (t + noise).detach().set_require_grad(trainable), mapper)
+        }
+    }
+    module.map(&mut Perturb(device))
+}
+
+/// Every method at its default size, plus LoRETTA_rep without its default dropout (dropout draws a
+/// random mask over the whole input each step, which is not the tensor format's cost).
+fn methods() -> Vec<(String, MethodConfig)> {
+    let mut all: Vec<_> =
+        METHOD_NAMES.iter().map(|n| (n.to_string(), MethodConfig::from_name(n).expect("known"))).collect();
+    all.push((
+        "loretta-rep (dropout 0)".into(),
+        MethodConfig::LorettaRep(tensor_peft_adapters::LorettaRepConfig::new().with_dropout(0.0)),
+    ));
+    all
+}
+
+/// `linear` suite: forward + backward of one adapted layer.
+fn bench_linear<B: AutodiffBackend>(
+    device: &B::Device,
+    d: usize,
+    n: usize,
+    repeats: usize,
+) -> Result<Vec<Value>, String> {
+    let base: Linear<B> = LinearConfig::new(d, d).init::<B>(device).no_grad();
+    let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device).require_grad();
+    let g = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    let mut sets = Vec::new();
+    for (label, method) in methods() {
+        let set = single_site::<B>(&method, d, device)?;
+        let shared = perturbed(set.shared, device);
+        let adapter = match set.linear.into_iter().next() {
+            Some((_, a)) => Adapter::Linear(
+                AdaptedLinear::new(base.clone(), Some(perturbed(a, device))).map_err(|e| e.to_string())?,
+            ),
+            None => Adapter::Residual(perturbed(set.residual.into_iter().next().expect("one site").1, device)),
+        };
+        sets.push((label, shared, adapter));
+    }
+    let step = |y: Tensor<B, 2>| {
+        let grads = (y * g.clone()).sum().backward();
+        drop(grads);
+    };
+    // The closures borrow the shared input and step.
+    let (x, step) = (&x, &step);
+    let mut variants: Vec<(String, Box<dyn FnMut()>)> =
+        vec![("base".into(), Box::new(|| step(base.forward(x.clone()))))];
+    for (name, shared, adapter) in &sets {
+        variants.push((name.to_string(), Box::new(move || step(adapter.forward(x.clone(), shared)))));
+    }
+    // Materialising baselines: W + ΔW built from the factors every step.
+    for (name, shared, adapter) in &sets {
+        if let (Adapter::Linear(layer), "lora" | "tt-lora") = (adapter, name.as_str()) {
+            let update = layer.adapter.as_ref().expect("adapted");
+            variants.push((
+                format!("{name} (materialised)"),
+                Box::new(move || {
+                    step(linear(
+                        x.clone(),
+                        layer.base.weight.val() + update.delta_weight(shared),
+                        layer.base.bias.as_ref().map(|b| b.val()),
+                    ))
+                }),
+            ));
+        }
+    }
+    let medians = time_interleaved::<B>(device, &mut variants, repeats);
+    let names: Vec<String> = variants.iter().map(|(n, _)| n.clone()).collect();
+    drop(variants);
+    // Same results: factored vs materialised output and input gradient.
+    let mut agreement = Vec::new();
+    for (name, shared, adapter) in &sets {
+        if let (Adapter::Linear(layer), "lora" | "tt-lora") = (adapter, name.as_str()) {
+            let update = layer.adapter.as_ref().expect("adapted");
+            let y1 = layer.forward(x.clone(), shared);
+            let y2 = linear(
+                x.clone(),
+                layer.base.weight.val() + update.delta_weight(shared),
+                layer.base.bias.as_ref().map(|b| b.val()),
+            );
+            let g1 = x.grad(&(y1.clone() * g.clone()).sum().backward()).map(values).unwrap_or_default();
+            let g2 = x.grad(&(y2.clone() * g.clone()).sum().backward()).map(values).unwrap_or_default();
+            let diff = rel_diff(&values(y1), &values(y2)).max(rel_diff(&g1, &g2));
+            agreement.push((name.to_string(), diff));
+        }
+    }
+    let base_ms = medians[0];
+    let lora_ms = medians[names.iter().position(|n| n == "lora").expect("lora runs")];
+    Ok(names
+        .iter()
+        .zip(&medians)
+        .map(|(name, &ms)| {
+            let factored = name.trim_end_matches(" (materialised)");
+            let factored_ms = medians[names.iter().position(|n| n == factored).unwrap_or(0)];
+            json!({
+                "suite": "linear", "d": d, "tokens": n, "variant": name, "median_ms": ms,
+                "vs_lora": ms / lora_ms, "vs_base": ms / base_ms,
+                "materialised_vs_factored": if name.ends_with("(materialised)") { json!(ms / factored_ms) } else { Value::Null },
+                "max_rel_diff_vs_factored": agreement.iter().find(|(n, _)| n == factored && name.ends_with("(materialised)")).map(|(_, d)| *d),
+            })
+        })
+        .collect())
+}
+
+enum Adapter<B: Backend> {
+    Linear(AdaptedLinear<B>),
+    Residual(ResidualAdapter<B>),
+}
+
+impl<B: Backend> Adapter<B> {
+    fn forward(&self, x: Tensor<B, 2>, shared: &SharedFactors<B>) -> Tensor<B, 2> {
+        match self {
+            Adapter::Linear(l) => l.forward(x, shared),
+            // LoRETTA_adp sits after a frozen layer: time both.
+            Adapter::Residual(r) => r.forward(x),
+        }
+    }
+}
+
+/// `contraction` suite: TT-LoRA paths, forward only, on the inner backend.
+fn bench_contraction<B: Backend>(device: &B::Device, repeats: usize) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for (shape, d) in [(vec![16, 8, 8, 8, 8, 16], 1024usize), (vec![32, 32, 32, 32], 1024), (vec![16; 6], 4096)] {
+        let cfg = TtLoraConfig::new().with_rank(5).with_tt_shape(Some(shape.clone()));
+        let tt: TtLora<B> = perturbed(cfg.init(d, d, device).map_err(|e| e.to_string())?, device);
+        for n in [1usize, 8, 64, 512] {
+            let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+            let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
+                ("half-trains".into(), Box::new(|| drop(tt.delta_with(x.clone(), TtPath::HalfTrains)))),
+                ("core-by-core".into(), Box::new(|| drop(tt.delta_with(x.clone(), TtPath::CoreByCore)))),
+            ];
+            let m = time_interleaved::<B>(device, &mut variants, repeats);
+            let planned = plan_tt_path(&shape, shape.len() / 2, 5, n);
+            let faster = if m[0] <= m[1] { TtPath::HalfTrains } else { TtPath::CoreByCore };
+            out.push(json!({
+                "suite": "contraction", "d": d, "shape": shape, "tokens": n,
+                "half_trains_ms": m[0], "core_by_core_ms": m[1], "core_vs_half": m[1] / m[0],
+                "planned": format!("{planned:?}"), "measured_faster": format!("{faster:?}"),
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// `merged` suite: inference of base, merged and unmerged (factored) layers.
+fn bench_merged<B: Backend>(device: &B::Device, d: usize, n: usize, repeats: usize) -> Result<Vec<Value>, String> {
+    let base: Linear<B> = LinearConfig::new(d, d).init::<B>(device);
+    let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    let mut out = Vec::new();
+    for (label, method) in methods().into_iter().filter(|(_, m)| !m.is_residual()) {
+        let set = single_site::<B>(&method, d, device)?;
+        let shared = perturbed(set.shared, device);
+        let adapter = perturbed(set.linear.into_iter().next().expect("one site").1, device);
+        let layer = AdaptedLinear::new(base.clone(), Some(adapter)).map_err(|e| e.to_string())?;
+        let merged = layer.clone().merge(&shared).map_err(|e| e.to_string())?;
+        let update = layer.adapter.as_ref().expect("adapted");
+        let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
+            ("base".into(), Box::new(|| drop(base.forward(x.clone())))),
+            ("merged".into(), Box::new(|| drop(merged.forward(x.clone(), &shared)))),
+            ("unmerged".into(), Box::new(|| drop(layer.base.forward(x.clone()) + update.delta(x.clone(), &shared)))),
+        ];
+        let m = time_interleaved::<B>(device, &mut variants, repeats);
+        out.push(json!({
+            "suite": "merged", "d": d, "tokens": n, "method": label,
+            "base_ms": m[0], "merged_ms": m[1], "unmerged_ms": m[2],
+            "merged_vs_base": m[1] / m[0], "unmerged_vs_base": m[2] / m[0],
+        }));
+    }
+    Ok(out)
+}
+
+/// `scoring` suite: forward-only factored vs dense LoRA update as `N` grows past `d/2`.
+fn bench_scoring<B: Backend>(device: &B::Device, d: usize, repeats: usize) -> Result<Vec<Value>, String> {
+    let base: Linear<B> = LinearConfig::new(d, d).init::<B>(device);
+    let lora = perturbed(LoraConfig::new().init::<B>(d, d, device).map_err(|e| e.to_string())?, device);
+    let shared = SharedFactors::empty();
+    let mut out = Vec::new();
+    for n in [d / 8, d / 4, d / 2, d, 2 * d] {
+        let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+        let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
+            ("factored".into(), Box::new(|| drop(base.forward(x.clone()) + lora.delta(x.clone(), &shared)))),
+            (
+                "dense".into(),
+                Box::new(|| {
+                    drop(linear(
+                        x.clone(),
+                        base.weight.val() + lora.delta_weight(&shared),
+                        base.bias.as_ref().map(|b| b.val()),
+                    ))
+                }),
+            ),
+        ];
+        let m = time_interleaved::<B>(device, &mut variants, repeats);
+        out.push(json!({
+            "suite": "scoring", "d": d, "tokens": n, "factored_ms": m[0], "dense_ms": m[1], "dense_vs_factored": m[1] / m[0],
+            "switch_chooses_dense": prefer_dense_delta(d, d, n, false),
+        }));
+    }
+    Ok(out)
+}
+
+/// Runs the selected suites; returns one JSON record per measurement.
+pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Result<Vec<Value>, String> {
+    B::seed(device, 0);
+    let inner = device;
+    let mut records = Vec::new();
+    for suite in &options.suites {
+        match suite.as_str() {
+            "linear" => {
+                for &d in &options.dims {
+                    for &n in &options.tokens {
+                        records.extend(bench_linear::<B>(device, d, n, options.repeats)?);
+                    }
+                }
+            }
+            "contraction" => records.extend(bench_contraction::<B::InnerBackend>(inner, options.repeats)?),
+            "merged" => {
+                for &d in &options.dims {
+                    records.extend(bench_merged::<B::InnerBackend>(inner, d, options.tokens[0], options.repeats)?);
+                }
+            }
+            "scoring" => {
+                for &d in &options.dims {
+                    records.extend(bench_scoring::<B::InnerBackend>(inner, d, options.repeats)?);
+                }
+            }
+            other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
+        }
+    }
+    Ok(records)
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Human-readable tables of the records.
+pub fn render(records: &[Value]) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for r in records {
+        let suite = r["suite"].as_str().unwrap_or("");
+        let header = match suite {
+            "linear" => format!("linear d={} N={}", r["d"], r["tokens"]),
+            "merged" => format!("merged d={} N={}", r["d"], r["tokens"]),
+            "contraction" => format!("contraction {} ", r["shape"]),
+            _ => format!("scoring d={}", r["d"]),
+        };
+        if header != last {
+            out.push_str(&format!("\n== {header}\n"));
+            out.push_str(match suite {
+                "linear" => "variant                       median ms   vs LoRA   vs base   same result\n",
+                "merged" => "method        base ms  merged ms  unmerged ms  merged/base  unmerged/base\n",
+                "contraction" => "   N  half-trains ms  core-by-core ms  core/half  planned      measured faster\n",
+                _ => "     N  factored ms  dense ms  dense/factored  switch\n",
+            });
+            last = header;
+        }
+        out.push_str(&match suite {
+            "linear" => format!(
+                "{:<28} {:>10.3} {:>9.3} {:>9.3}   {}\n",
+                r["variant"].as_str().unwrap_or(""),
+                f(r, "median_ms"),
+                f(r, "vs_lora"),
+                f(r, "vs_base"),
+                r["max_rel_diff_vs_factored"].as_f64().map(|d| format!("{d:.1e}")).unwrap_or_default()
+            ),
+            "merged" => format!(
+                "{:<12} {:>8.3} {:>10.3} {:>12.3} {:>12.3} {:>14.3}\n",
+                r["method"].as_str().unwrap_or(""),
+                f(r, "base_ms"),
+                f(r, "merged_ms"),
+                f(r, "unmerged_ms"),
+                f(r, "merged_vs_base"),
+                f(r, "unmerged_vs_base")
+            ),
+            "contraction" => format!(
+                "{:>4} {:>15.4} {:>16.4} {:>10.2}  {:<12} {}\n",
+                r["tokens"],
+                f(r, "half_trains_ms"),
+                f(r, "core_by_core_ms"),
+                f(r, "core_vs_half"),
+                r["planned"].as_str().unwrap_or(""),
+                r["measured_faster"].as_str().unwrap_or("")
+            ),
+            _ => format!(
+                "{:>6} {:>12.3} {:>9.3} {:>15.3}  {}\n",
+                r["tokens"],
+                f(r, "factored_ms"),
+                f(r, "dense_ms"),
+                f(r, "dense_vs_factored"),
+                if r["switch_chooses_dense"].as_bool() == Some(true) { "dense" } else { "factored" }
+            ),
+        });
+    }
+    out
+}
