@@ -63,6 +63,8 @@ pub fn demo_spec() -> ArchSpec {
         positions: 0,
         type_vocab: 0,
         tie_embeddings: true,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
     }
 }
 

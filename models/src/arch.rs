@@ -26,7 +26,7 @@ impl Family {
 }
 
 /// The shape of a transformer, from a preset or an HF `config.json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ArchSpec {
     /// Family (module layout).
     pub family: Family,
@@ -50,6 +50,10 @@ pub struct ArchSpec {
     pub type_vocab: usize,
     /// Whether `lm_head` shares the embedding matrix (LLaMA family).
     pub tie_embeddings: bool,
+    /// Rotary embedding base θ (LLaMA family).
+    pub rope_theta: f64,
+    /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
+    pub norm_eps: f64,
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
@@ -70,6 +74,8 @@ impl ArchSpec {
             positions: 0,
             type_vocab: 0,
             tie_embeddings: false,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
         };
         let bert = |hidden, intermediate, layers, heads, vocab, positions, type_vocab| ArchSpec {
             family: Family::Bert,
@@ -83,6 +89,8 @@ impl ArchSpec {
             positions,
             type_vocab,
             tie_embeddings: false,
+            rope_theta: 0.0,
+            norm_eps: 1e-12,
         };
         Some(match name {
             "llama2-7b" => llama(4096, 11008, 32, 32, 32),
@@ -135,6 +143,15 @@ impl ArchSpec {
         };
         let optional = |field: &'static str, default: usize| -> Result<usize, ModelError> {
             if json.get(field).is_none_or(Value::is_null) { Ok(default) } else { count(field) }
+        };
+        let float = |field: &'static str, default: f64| -> Result<f64, ModelError> {
+            match json.get(field) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| field_err(field, format!("is {v}, expected a positive number"))),
+            }
         };
         let model_type = match json.get("model_type") {
             Some(Value::String(s)) => s.as_str(),
@@ -189,6 +206,11 @@ impl ArchSpec {
             positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
             type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
             tie_embeddings,
+            rope_theta: if family == Family::Llama { float("rope_theta", 10000.0)? } else { 0.0 },
+            norm_eps: match family {
+                Family::Llama => float("rms_norm_eps", 1e-6)?,
+                Family::Bert => float("layer_norm_eps", 1e-12)?,
+            },
         })
     }
 

@@ -35,6 +35,31 @@ pub enum ModelError {
     /// The `--model` argument is neither a preset nor an existing path.
     #[error("unknown model `{0}`: expected a preset ({presets}), an HF model directory or a config.json", presets = crate::arch::PRESETS.join(", "))]
     UnknownModel(String),
+    /// A checkpoint file is unreadable, malformed or holds a tensor of the wrong shape or type.
+    #[error("{path}: {reason}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The checkpoint lacks a tensor the architecture needs.
+    #[error("the checkpoint has no tensor `{name}` (is it a checkpoint of this architecture?)")]
+    MissingTensor {
+        /// Expected tensor name.
+        name: String,
+    },
+    /// The checkpoint holds tensors this architecture does not use.
+    #[error("the checkpoint has {count} tensors this architecture does not use, e.g. `{example}`")]
+    UnexpectedTensors {
+        /// How many.
+        count: usize,
+        /// One of their names.
+        example: String,
+    },
+    /// Building or placing adapters failed.
+    #[error(transparent)]
+    Adapter(#[from] tensor_peft_adapters::AdapterError),
     /// Target module names matched nothing.
     #[error("target `{target}` matches no module of this {family} model; module names are: {available}")]
     UnmatchedTarget {

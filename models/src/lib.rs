@@ -1,11 +1,13 @@
-//! Models for tensor-peft. This crate currently holds the architecture descriptions
-//! ([`arch::ArchSpec`]): presets from published HF `config.json` values, `config.json` parsing,
-//! module names and shapes, and base parameter counts — everything needed to place and count
-//! adapters without allocating a model. The LLaMA and BERT implementations that load real
-//! checkpoints come with the models issue.
+//! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
+//! module names and shapes, parameter counts), HF checkpoint reading ([`weights`]) and the LLaMA
+//! decoder ([`llama::Llama`]) whose projections accept any adapter method by module name.
 
 pub mod arch;
 pub mod error;
+pub mod llama;
+pub mod weights;
 
 pub use arch::{ArchSpec, Family};
 pub use error::ModelError;
+pub use llama::Llama;
+pub use weights::Weights;

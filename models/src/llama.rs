@@ -1,0 +1,298 @@
+//! LLaMA-2/3 style decoder (RMSNorm, rotate-half RoPE as in HF checkpoints, grouped-query causal
+//! attention, SwiGLU MLP, tied or untied `lm_head`) whose projections are [`AdaptedLinear`]s, so
+//! any adapter method can be injected by module name without the model knowing which method it is.
+
+use crate::arch::{ArchSpec, Family};
+use crate::error::ModelError;
+use crate::weights::Weights;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use std::path::Path;
+use tensor_peft_adapters::{AdaptedLinear, LinearAdapter, MethodConfig, ResidualAdapter, SharedFactors};
+
+/// One decoder block.
+#[derive(Module, Debug)]
+pub struct LlamaBlock<B: Backend> {
+    /// RMSNorm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Query projection `[d, H·d_h]`.
+    pub q_proj: AdaptedLinear<B>,
+    /// Key projection `[d, H_kv·d_h]`.
+    pub k_proj: AdaptedLinear<B>,
+    /// Value projection `[d, H_kv·d_h]`.
+    pub v_proj: AdaptedLinear<B>,
+    /// Output projection `[H·d_h, d]`.
+    pub o_proj: AdaptedLinear<B>,
+    /// Residual adapter after the attention output (Houlsby position), if any.
+    pub attention_adapter: Option<ResidualAdapter<B>>,
+    /// RMSNorm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// SwiGLU gate projection.
+    pub gate_proj: AdaptedLinear<B>,
+    /// SwiGLU up projection.
+    pub up_proj: AdaptedLinear<B>,
+    /// SwiGLU down projection.
+    pub down_proj: AdaptedLinear<B>,
+    /// Residual adapter after the MLP output, if any.
+    pub ffn_adapter: Option<ResidualAdapter<B>>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+}
+
+/// A LLaMA causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embeddings `[vocab, d]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder blocks.
+    pub layers: Vec<LlamaBlock<B>>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm<B>,
+    /// Output head `[d, vocab]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+    /// Factors shared by adapters across layers (LoTR, LoRTA), held once.
+    pub shared: SharedFactors<B>,
+    /// Rotary base θ.
+    pub rope_theta: f64,
+}
+
+fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
+    RmsNorm { gamma: Param::from_tensor(gamma), epsilon: eps }
+}
+
+/// A frozen linear layer from an HF weight `[out, in]` (transposed to Burn's `[in, out]`).
+fn frozen_linear<B: Backend>(
+    w: &mut Weights,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    device: &B::Device,
+) -> Result<AdaptedLinear<B>, ModelError> {
+    let weight = w.take::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?.transpose();
+    let base = Linear { weight: Param::from_tensor(weight), bias: None };
+    Ok(AdaptedLinear::new(base, None)?)
+}
+
+/// `[cos, sin]` tables `[T, d_h]` for positions `0..T` (HF rotate-half layout: frequencies repeated).
+fn rope_tables<B: Backend>(t: usize, head_dim: usize, theta: f64, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(t * head_dim);
+    let mut sin = Vec::with_capacity(t * head_dim);
+    for pos in 0..t {
+        for j in 0..head_dim {
+            let inv_freq = theta.powf(-((2 * (j % half)) as f64) / head_dim as f64);
+            let angle = pos as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [t, head_dim]), device),
+        Tensor::from_data(TensorData::new(sin, [t, head_dim]), device),
+    )
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x: [B, H, T, d_h]`.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let d_h = x.dims()[3];
+    let half = d_h / 2;
+    let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
+    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+}
+
+impl<B: Backend> LlamaBlock<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        mask: &Tensor<B, 4, Bool>,
+        shared: &SharedFactors<B>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let (h, kv) = (self.n_heads, self.n_kv_heads);
+        let d_h = d / h;
+        let hs = self.input_layernorm.forward(x.clone());
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]).swap_dims(1, 2);
+        let q = apply_rope(heads(self.q_proj.forward(hs.clone(), shared), h), &rope.0, &rope.1);
+        let k = apply_rope(heads(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1);
+        let v = heads(self.v_proj.forward(hs, shared), kv);
+        // Grouped-query attention: each key/value head serves h/kv query heads.
+        let repeat = |y: Tensor<B, 4>| {
+            if kv == h { y } else { y.reshape([b, kv, 1, t, d_h]).repeat_dim(2, h / kv).reshape([b, h, t, d_h]) }
+        };
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)).div_scalar((d_h as f64).sqrt());
+        let probs = softmax(scores.mask_fill(mask.clone(), f32::NEG_INFINITY), 3);
+        let attn = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([b, t, h * d_h]);
+        let mut attn_out = self.o_proj.forward(attn, shared);
+        if let Some(adapter) = &self.attention_adapter {
+            attn_out = adapter.forward(attn_out);
+        }
+        let x = x + attn_out;
+        let hs = self.post_attention_layernorm.forward(x.clone());
+        let gated = silu(self.gate_proj.forward(hs.clone(), shared)) * self.up_proj.forward(hs, shared);
+        let mut mlp_out = self.down_proj.forward(gated, shared);
+        if let Some(adapter) = &self.ffn_adapter {
+            mlp_out = adapter.forward(mlp_out);
+        }
+        x + mlp_out
+    }
+
+    /// The projection slot with HF name `name` (`self_attn.q_proj`, `mlp.down_proj`, …).
+    fn projection_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear<B>> {
+        Some(match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.o_proj" => &mut self.o_proj,
+            "mlp.gate_proj" => &mut self.gate_proj,
+            "mlp.up_proj" => &mut self.up_proj,
+            "mlp.down_proj" => &mut self.down_proj,
+            _ => return None,
+        })
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads an HF model directory (`config.json` + safetensors, single or sharded). Every
+    /// parameter is frozen.
+    pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
+        let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
+        let mut weights = Weights::from_hf_dir(dir)?;
+        let model = Self::from_weights(&spec, &mut weights, device)?;
+        let rest = weights.remaining();
+        // HF checkpoints may carry precomputed rotary tables; nothing else may be left over.
+        let unexpected: Vec<_> = rest.iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        if let Some(example) = unexpected.first() {
+            return Err(ModelError::UnexpectedTensors { count: unexpected.len(), example: example.to_string() });
+        }
+        Ok((model, spec))
+    }
+
+    /// Builds the model from HF-named tensors.
+    pub fn from_weights(spec: &ArchSpec, w: &mut Weights, device: &B::Device) -> Result<Self, ModelError> {
+        if spec.family != Family::Llama {
+            return Err(ModelError::Weights {
+                path: spec.source.clone().into(),
+                reason: format!("this is a {} model, not a LLaMA-family decoder", spec.family.name()),
+            });
+        }
+        let (d, i, v) = (spec.hidden, spec.intermediate, spec.vocab);
+        let kv = spec.kv_heads * spec.head_dim();
+        let mut layers = Vec::with_capacity(spec.layers);
+        for l in 0..spec.layers {
+            let p = format!("model.layers.{l}");
+            layers.push(LlamaBlock {
+                input_layernorm: rms_norm(w.take(&format!("{p}.input_layernorm.weight"), [d], device)?, spec.norm_eps),
+                q_proj: frozen_linear(w, &format!("{p}.self_attn.q_proj"), d, d, device)?,
+                k_proj: frozen_linear(w, &format!("{p}.self_attn.k_proj"), d, kv, device)?,
+                v_proj: frozen_linear(w, &format!("{p}.self_attn.v_proj"), d, kv, device)?,
+                o_proj: frozen_linear(w, &format!("{p}.self_attn.o_proj"), d, d, device)?,
+                attention_adapter: None,
+                post_attention_layernorm: rms_norm(
+                    w.take(&format!("{p}.post_attention_layernorm.weight"), [d], device)?,
+                    spec.norm_eps,
+                ),
+                gate_proj: frozen_linear(w, &format!("{p}.mlp.gate_proj"), d, i, device)?,
+                up_proj: frozen_linear(w, &format!("{p}.mlp.up_proj"), d, i, device)?,
+                down_proj: frozen_linear(w, &format!("{p}.mlp.down_proj"), i, d, device)?,
+                ffn_adapter: None,
+                n_heads: spec.heads,
+                n_kv_heads: spec.kv_heads,
+            });
+        }
+        let embed = w.take::<B, 2>("model.embed_tokens.weight", [v, d], device)?;
+        let lm_head = if spec.tie_embeddings {
+            None
+        } else {
+            let weight = w.take::<B, 2>("lm_head.weight", [v, d], device)?.transpose();
+            Some(Linear { weight: Param::from_tensor(weight), bias: None })
+        };
+        let model = Llama {
+            embed_tokens: Embedding { weight: Param::from_tensor(embed) },
+            layers,
+            norm: rms_norm(w.take("model.norm.weight", [d], device)?, spec.norm_eps),
+            lm_head,
+            shared: SharedFactors::empty(),
+            rope_theta: spec.rope_theta,
+        };
+        Ok(model.no_grad())
+    }
+
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` (causal, no KV cache: the training path).
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, t] = tokens.dims();
+        let device = tokens.device();
+        let mut x = self.embed_tokens.forward(tokens);
+        let d_h = x.dims()[2] / self.layers.first().map_or(1, |l| l.n_heads);
+        let rope = rope_tables(t, d_h, self.rope_theta, &device);
+        let mask_values: Vec<bool> = (0..t * t).map(|k| k % t > k / t).collect();
+        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask_values, [t, t]), &device).unsqueeze::<4>();
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, &mask, &self.shared);
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => linear(x, self.embed_tokens.weight.val().transpose(), None),
+        }
+    }
+
+    /// Injects `method` into the projections named by `targets` (PEFT list semantics; the method's
+    /// default attention projections when `None`), or after every block's attention and MLP output
+    /// for residual methods. The base stays frozen; shared factors are held once by the model.
+    pub fn adapt(
+        mut self,
+        spec: &ArchSpec,
+        method: &MethodConfig,
+        targets: Option<&[String]>,
+    ) -> Result<Self, ModelError> {
+        let device = self.embed_tokens.weight.device();
+        let linear_sites = match (targets, method.is_residual()) {
+            (_, true) => Vec::new(),
+            (Some(t), false) => spec.select(t)?,
+            (None, false) => spec.select_roles(method.default_roles()),
+        };
+        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
+        if self.layers.iter().any(|l| {
+            l.attention_adapter.is_some()
+                || l.ffn_adapter.is_some()
+                || [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .iter()
+                    .any(|p| p.adapter.is_some())
+        }) {
+            return Err(tensor_peft_adapters::AdapterError::State("the model already carries an adapter".into()).into());
+        }
+        let set = method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, &device)?;
+        let prefix_len = "model.layers.".len();
+        for (site, adapter) in set.linear {
+            let local = site.name[prefix_len..].split_once('.').map(|(_, rest)| rest).unwrap_or("");
+            let slot = self.layers[site.layer].projection_mut(local).ok_or_else(|| {
+                tensor_peft_adapters::AdapterError::State(format!("no projection named {}", site.name))
+            })?;
+            place(slot, adapter)?;
+        }
+        for (site, adapter) in set.residual {
+            let layer = &mut self.layers
+                [site.name[prefix_len..].split('.').next().and_then(|l| l.parse::<usize>().ok()).unwrap_or(0)];
+            if site.name.ends_with("attention_adapter") {
+                layer.attention_adapter = Some(adapter);
+            } else {
+                layer.ffn_adapter = Some(adapter);
+            }
+        }
+        self.shared = set.shared;
+        Ok(self)
+    }
+}
+
+fn place<B: Backend>(slot: &mut AdaptedLinear<B>, adapter: LinearAdapter<B>) -> Result<(), ModelError> {
+    let base = slot.base.clone();
+    *slot = AdaptedLinear::new(base, Some(adapter))?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Reading HF checkpoints: `model.safetensors` or a sharded `model.safetensors.index.json`,
+//! F32/F16/BF16 converted to f32 on load.
+
+use crate::error::ModelError;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Every tensor of a checkpoint, as f32 with its shape and the file it came from.
+#[derive(Debug, Default)]
+pub struct Weights {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
+}
+
+fn weights_error(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Weights { path: path.to_path_buf(), reason: reason.into() }
+}
+
+impl Weights {
+    /// Loads `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text =
+                std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Json { path: index.clone(), reason: e.to_string() })?;
+            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Field {
+                path: index.clone(),
+                field: "weight_map",
+                problem: "is missing (expected an object of tensor name → shard file)".into(),
+            })?;
+            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let mut weights = Weights::default();
+            for shard in shards {
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(weights_error(
+                        &index,
+                        format!("shard name `{shard}` must be a file in the model directory"),
+                    ));
+                }
+                weights.add_file(&dir.join(shard))?;
+            }
+            return Ok(weights);
+        }
+        let mut weights = Weights::default();
+        weights.add_file(&dir.join("model.safetensors"))?;
+        Ok(weights)
+    }
+
+    /// Adds every tensor of one safetensors file.
+    pub fn add_file(&mut self, path: &Path) -> Result<(), ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| weights_error(path, format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in file.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                other => {
+                    return Err(weights_error(
+                        path,
+                        format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
+                    ));
+                }
+            };
+            self.tensors.insert(name, (view.shape().to_vec(), values, path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether no tensor was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Removes and returns tensor `name`, checking its shape.
+    pub fn take<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>, ModelError> {
+        let (found, values, path) =
+            self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        if found != shape {
+            return Err(weights_error(&path, format!("tensor `{name}` has shape {found:?}, expected {shape:?}")));
+        }
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// Names of the tensors not taken yet (a checkpoint with unexpected tensors is refused).
+    pub fn remaining(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}

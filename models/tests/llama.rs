@@ -1,0 +1,124 @@
+//! The LLaMA decoder against an independent numpy forward pass (fixture written by
+//! `scripts/fixtures/tiny_llama.py`), and adapter injection for every method.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use std::path::PathBuf;
+use tensor_peft_adapters::{METHOD_NAMES, MethodConfig};
+use tensor_peft_models::{ArchSpec, Llama, ModelError};
+
+type B = NdArray;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
+}
+
+fn expected() -> (Vec<Vec<i64>>, Vec<usize>, Vec<f64>) {
+    let text = std::fs::read_to_string(fixture().join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = json["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect())
+        .collect();
+    let shape = json["logits_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let logits = json["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    (ids, shape, logits)
+}
+
+fn tokens<Bk: Backend>(ids: &[Vec<i64>], device: &Bk::Device) -> Tensor<Bk, 2, Int> {
+    let flat: Vec<i64> = ids.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, [ids.len(), ids[0].len()]), device)
+}
+
+fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec::<f64>().unwrap()
+}
+
+#[test]
+fn logits_match_the_numpy_reference() {
+    let device = Default::default();
+    let (model, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    assert_eq!((spec.kv_heads, spec.heads, spec.layers), (2, 4, 2));
+    let (ids, shape, reference) = expected();
+    let logits = model.forward(tokens::<B>(&ids, &device));
+    assert_eq!(logits.dims().to_vec(), shape);
+    let got = values(logits);
+    let max_err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.5, "the reference logits are not trivial");
+    eprintln!("max |logit - reference| = {max_err:.2e} (largest logit {scale:.2})");
+    assert!(max_err < 1e-4 * scale.max(1.0), "max |logit - reference| = {max_err}");
+}
+
+#[test]
+fn every_method_injects_with_zero_change_and_trains_only_adapters() {
+    type AB = Autodiff<NdArray>;
+    let device = Default::default();
+    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
+    let (ids, _, _) = expected();
+    let x = tokens::<AB>(&ids, &device);
+    let reference = values(base.forward(x.clone()));
+    for name in METHOD_NAMES {
+        let method = MethodConfig::from_name(name).unwrap();
+        let adapted = base.clone().adapt(&spec, &method, None).unwrap();
+        let out = adapted.forward(x.clone());
+        let diff = values(out.clone()).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-6, "{name}: zero-delta injection changed the logits by {diff}");
+        // Trainable parameters equal the counted ones; the frozen base gets no gradient.
+        let (linear, residual) = if method.is_residual() {
+            (vec![], spec.residual_sites())
+        } else {
+            (spec.select_roles(method.default_roles()), vec![])
+        };
+        let counted = method.count(&spec.geometry(), &linear, &residual).unwrap().total();
+        struct Trainable<'a, B: AutodiffBackend>(&'a B::Gradients, usize, usize);
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable<'_, B> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                if p.val().is_require_grad() {
+                    self.1 += p.val().shape().num_elements();
+                } else if p.val().grad(self.0).is_some() {
+                    self.2 += 1;
+                }
+            }
+        }
+        let grads = out.sum().backward();
+        let mut visitor = Trainable::<AB>(&grads, 0, 0);
+        adapted.visit(&mut visitor);
+        assert_eq!(visitor.1, counted, "{name}: trainable parameters");
+        assert_eq!(visitor.2, 0, "{name}: a frozen parameter received a gradient");
+        assert!(adapted.clone().adapt(&spec, &method, None).is_err(), "{name}: adapting twice must fail");
+    }
+}
+
+#[test]
+fn explicit_targets_and_clear_errors() {
+    let device = Default::default();
+    let (model, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let lora = MethodConfig::from_name("lora").unwrap();
+    let targets: Vec<String> = ["q_proj", "down_proj"].map(String::from).to_vec();
+    let adapted = model.clone().adapt(&spec, &lora, Some(&targets)).unwrap();
+    assert!(adapted.layers[1].down_proj.adapter.is_some() && adapted.layers[1].v_proj.adapter.is_none());
+    let err = model.adapt(&spec, &lora, Some(&["query".to_string()])).unwrap_err().to_string();
+    assert!(err.contains("self_attn.q_proj"), "{err}");
+
+    // A checkpoint with a missing or misshapen tensor is refused with its name.
+    let dir = std::env::temp_dir().join(format!("tpeft-llama-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 48");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(fixture().join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let err = Llama::<B>::from_hf_dir(&dir, &device).unwrap_err();
+    assert!(err.to_string().contains("mlp.gate_proj.weight") && err.to_string().contains("[48, 32]"), "{err}");
+    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    let err = Llama::<B>::from_hf_dir(&dir, &device).unwrap_err();
+    assert!(matches!(err, ModelError::Weights { .. }) && err.to_string().contains("model.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = ArchSpec::preset("llama2-7b");
+}
