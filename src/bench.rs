@@ -134,7 +134,9 @@ fn bench_linear<B: AutodiffBackend>(
             Some((_, a)) => Adapter::Linear(
                 AdaptedLinear::new(base.clone(), Some(perturbed(a, device))).map_err(|e| e.to_string())?,
             ),
-            None => Adapter::Residual(perturbed(set.residual.into_iter().next().expect("one site").1, device)),
+            None => {
+                Adapter::Residual(base.clone(), perturbed(set.residual.into_iter().next().expect("one site").1, device))
+            }
         };
         sets.push((label, shared, adapter));
     }
@@ -205,15 +207,15 @@ fn bench_linear<B: AutodiffBackend>(
 
 enum Adapter<B: Backend> {
     Linear(AdaptedLinear<B>),
-    Residual(ResidualAdapter<B>),
+    /// A residual adapter after the frozen layer (LoRETTA_adp sits after a block's output).
+    Residual(Linear<B>, ResidualAdapter<B>),
 }
 
 impl<B: Backend> Adapter<B> {
     fn forward(&self, x: Tensor<B, 2>, shared: &SharedFactors<B>) -> Tensor<B, 2> {
         match self {
             Adapter::Linear(l) => l.forward(x, shared),
-            // LoRETTA_adp sits after a frozen layer: time both.
-            Adapter::Residual(r) => r.forward(x),
+            Adapter::Residual(base, r) => r.forward(base.forward(x)),
         }
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod arch;
 pub mod error;
+pub mod gguf;
 pub mod llama;
+pub mod tokenizer;
 pub mod weights;
 
 pub use arch::{ArchSpec, Family};

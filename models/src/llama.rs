@@ -4,7 +4,10 @@
 
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
+use crate::gguf::Gguf;
+use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
+use burn::tensor::ElementConversion;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
@@ -172,6 +175,41 @@ impl<B: Backend> Llama<B> {
             return Err(ModelError::UnexpectedTensors { count: unexpected.len(), example: example.to_string() });
         }
         Ok((model, spec))
+    }
+
+    /// Loads a llama-architecture GGUF file (weights dequantised to f32, Q/K rows restored to the
+    /// HF rotate-half layout) together with its embedded tokenizer.
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, ArchSpec, TextTokenizer), ModelError> {
+        let gguf = Gguf::open(path)?;
+        let spec = gguf.arch_spec()?;
+        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+        let mut weights = gguf.hf_weights(&spec)?;
+        drop(gguf);
+        let model = Self::from_weights(&spec, &mut weights, device)?;
+        if let Some(example) = weights.remaining().first() {
+            return Err(ModelError::UnexpectedTensors { count: weights.len(), example: example.clone() });
+        }
+        Ok((model, spec, tokenizer))
+    }
+
+    /// Greedy decoding: appends the most likely token until `eos` or `max_new_tokens`, returning
+    /// only the new ids. (Each step re-runs the whole sequence; a KV-cache path is future work.)
+    pub fn generate_greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Vec<u32> {
+        let device = self.embed_tokens.weight.device();
+        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut out = Vec::new();
+        for _ in 0..max_new_tokens {
+            let t = ids.len();
+            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &device);
+            let logits = self.forward(tokens).narrow(1, t - 1, 1).reshape([self.embed_tokens.weight.dims()[0]]);
+            let next = logits.argmax(0).into_scalar().elem::<i64>() as u32;
+            out.push(next);
+            if Some(next) == eos {
+                break;
+            }
+            ids.push(next as i64);
+        }
+        out
     }
 
     /// Builds the model from HF-named tensors.

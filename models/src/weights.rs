@@ -74,6 +74,11 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds one tensor (row-major `shape`), e.g. from a GGUF file.
+    pub fn insert(&mut self, name: String, shape: Vec<usize>, values: Vec<f32>, source: PathBuf) {
+        self.tensors.insert(name, (shape, values, source));
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()

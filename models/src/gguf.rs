@@ -1,0 +1,418 @@
+//! A small, bounds-checked GGUF (v2/v3) reader: metadata, tensor table, and dequantisation of
+//! F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors to f32. Maps the llama architecture's metadata to an
+//! [`ArchSpec`] and its tensors to HF names ([`Weights`]), undoing the Q/K row permutation that
+//! llama.cpp's converter applies for its adjacent-pair RoPE.
+//!
+//! Untrusted input: every length is checked against the bytes that remain before anything is
+//! allocated, so a corrupt file gives an error, never a panic or a huge allocation.
+
+use crate::arch::{ArchSpec, Family};
+use crate::error::ModelError;
+use crate::weights::Weights;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// Any unsigned integer type.
+    Uint(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// `f32` or `f64`.
+    Float(f64),
+    /// `bool`.
+    Bool(bool),
+    /// UTF-8 string.
+    Str(String),
+    /// Array of values.
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    /// As an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            MetaValue::Uint(v) => Some(*v),
+            MetaValue::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    /// As a float (integers convert).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            MetaValue::Float(v) => Some(*v),
+            MetaValue::Uint(v) => Some(*v as f64),
+            MetaValue::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// As an array.
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Tensor name (llama.cpp naming, e.g. `blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, fastest-varying first (reverse of the row-major shape).
+    pub dims: Vec<u64>,
+    /// GGML type id.
+    pub ggml_type: u32,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+/// A parsed GGUF file held in memory.
+#[derive(Debug)]
+pub struct Gguf {
+    /// Where it was read from (for messages).
+    pub path: PathBuf,
+    /// Metadata key/values.
+    pub metadata: BTreeMap<String, MetaValue>,
+    /// The tensor table.
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+    data_start: usize,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            format!("truncated: needed {n} bytes at offset {}, the file has {}", self.pos, self.bytes.len())
+        })?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn len(&mut self, what: &str, min_item_bytes: usize) -> Result<usize, String> {
+        let n = self.u64()?;
+        let remaining = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_item_bytes.max(1) as u64) > remaining {
+            return Err(format!("{what} claims {n} items but only {remaining} bytes remain"));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.len("a string", 1)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| format!("a string at offset {} is not UTF-8", self.pos))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<MetaValue, String> {
+        Ok(match ty {
+            0 => MetaValue::Uint(self.take(1)?[0] as u64),
+            1 => MetaValue::Int(self.take(1)?[0] as i8 as i64),
+            2 => MetaValue::Uint(u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as u64),
+            3 => MetaValue::Int(i16::from_le_bytes(self.take(2)?.try_into().expect("2")) as i64),
+            4 => MetaValue::Uint(self.u32()? as u64),
+            5 => MetaValue::Int(self.u32()? as i32 as i64),
+            6 => MetaValue::Float(f32::from_le_bytes(self.take(4)?.try_into().expect("4")) as f64),
+            7 => MetaValue::Bool(self.take(1)?[0] != 0),
+            8 => MetaValue::Str(self.string()?),
+            9 => {
+                if depth > 4 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let item_ty = self.u32()?;
+                let n = self.len("an array", 1)?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(item_ty, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::Uint(self.u64()?),
+            11 => MetaValue::Int(self.u64()? as i64),
+            12 => MetaValue::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+/// GGML types this reader dequantises: `(id, name, elements per block, bytes per block)`.
+const TYPES: [(u32, &str, usize, usize); 6] = [
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (30, "BF16", 1, 2),
+    (8, "Q8_0", 32, 34),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+];
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantises `n` elements of GGML type `ty` from `data` (which must hold exactly their blocks).
+pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let mut out = Vec::with_capacity(n);
+    match ty {
+        0 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        1 => out.extend(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        30 => out.extend(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        8 => {
+            for block in data.chunks_exact(34) {
+                let d = f16_at(block, 0);
+                out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
+            }
+        }
+        2 | 3 => {
+            let (header, offset_of) = if ty == 2 { (2, None) } else { (4, Some(2)) };
+            for block in data.chunks_exact(header + 16) {
+                let d = f16_at(block, 0);
+                let m = offset_of.map_or(-8.0 * d, |o| f16_at(block, o));
+                let nibbles = &block[header..];
+                // Low nibbles are elements 0..16, high nibbles 16..32.
+                out.extend(nibbles.iter().map(|&q| d * (q & 0x0F) as f32 + m));
+                out.extend(nibbles.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+        }
+        other => {
+            let known: Vec<_> = TYPES.iter().map(|t| t.1).collect();
+            return Err(format!("unsupported GGML tensor type {other} (supported: {})", known.join(", ")));
+        }
+    }
+    if out.len() != n {
+        return Err(format!("expected {n} values, decoded {}", out.len()));
+    }
+    Ok(out)
+}
+
+impl Gguf {
+    /// Reads and parses a GGUF file.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        Self::parse(bytes, path)
+    }
+
+    /// Parses GGUF bytes; `path` names the file in errors.
+    pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self, ModelError> {
+        let err = |reason: String| ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: format!("invalid GGUF: {reason}"),
+        };
+        let mut r = Reader { bytes: &bytes, pos: 0 };
+        if r.take(4).map_err(err)? != b"GGUF" {
+            return Err(err("the file does not start with the GGUF magic".into()));
+        }
+        let version = r.u32().map_err(err)?;
+        if !(2..=3).contains(&version) {
+            return Err(err(format!("version {version} is not supported (expected 2 or 3)")));
+        }
+        let n_tensors = r.len("the tensor table", 24).map_err(err)?;
+        let n_meta = r.len("the metadata table", 12).map_err(err)?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_meta {
+            let key = r.string().map_err(err)?;
+            let ty = r.u32().map_err(err)?;
+            let value = r.value(ty, 0).map_err(|e| err(format!("metadata `{key}`: {e}")))?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(err)?;
+            let n_dims = r.u32().map_err(err)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(err(format!("tensor `{name}` has {n_dims} dimensions (expected 1 to 4)")));
+            }
+            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let ggml_type = r.u32().map_err(err)?;
+            let offset = r.u64().map_err(err)?;
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        }
+        let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(32) as usize;
+        if alignment == 0 || !alignment.is_power_of_two() {
+            return Err(err(format!("general.alignment = {alignment} is not a power of two")));
+        }
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let gguf = Gguf { path: path.to_path_buf(), metadata, tensors, bytes, data_start };
+        for t in &gguf.tensors {
+            gguf.tensor_bytes(t)?; // every tensor lies inside the file and has a known type
+        }
+        Ok(gguf)
+    }
+
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<(&[u8], usize), ModelError> {
+        let err = |reason: String| ModelError::Weights {
+            path: self.path.clone(),
+            reason: format!("tensor `{}`: {reason}", t.name),
+        };
+        let (_, type_name, block, block_bytes) = *TYPES
+            .iter()
+            .find(|ty| ty.0 == t.ggml_type)
+            .ok_or_else(|| err(dequantize(t.ggml_type, &[], 0).unwrap_err()))?;
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 36)
+            .ok_or_else(|| err("too many elements".into()))? as usize;
+        if n % block != 0 {
+            return Err(err(format!("{n} elements is not a multiple of the {type_name} block size {block}")));
+        }
+        let size = n / block * block_bytes;
+        let start = (self.data_start as u64).checked_add(t.offset).filter(|s| *s <= self.bytes.len() as u64);
+        let range = start.and_then(|s| {
+            s.checked_add(size as u64).filter(|e| *e <= self.bytes.len() as u64).map(|e| s as usize..e as usize)
+        });
+        let range =
+            range.ok_or_else(|| err(format!("data at offset {} ({size} bytes) lies outside the file", t.offset)))?;
+        Ok((&self.bytes[range], n))
+    }
+
+    /// Dequantised values of one tensor and its row-major shape.
+    pub fn dequantize_tensor(&self, t: &TensorInfo) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let (data, n) = self.tensor_bytes(t)?;
+        let values = dequantize(t.ggml_type, data, n).map_err(|reason| ModelError::Weights {
+            path: self.path.clone(),
+            reason: format!("tensor `{}`: {reason}", t.name),
+        })?;
+        Ok((t.dims.iter().rev().map(|&d| d as usize).collect(), values))
+    }
+
+    fn meta_field(&self, key: &'static str) -> Result<&MetaValue, ModelError> {
+        self.metadata.get(key).ok_or_else(|| ModelError::Field {
+            path: self.path.clone(),
+            field: key,
+            problem: "is missing".into(),
+        })
+    }
+
+    fn meta_count(&self, key: &'static str) -> Result<usize, ModelError> {
+        self.meta_field(key)?.as_u64().filter(|&n| n > 0 && n <= u32::MAX as u64).map(|n| n as usize).ok_or_else(|| {
+            ModelError::Field { path: self.path.clone(), field: key, problem: "is not a positive integer".into() }
+        })
+    }
+
+    /// The architecture of a llama-architecture GGUF.
+    pub fn arch_spec(&self) -> Result<ArchSpec, ModelError> {
+        let arch = self.meta_field("general.architecture")?.as_str().unwrap_or("");
+        if arch != "llama" {
+            return Err(ModelError::Field {
+                path: self.path.clone(),
+                field: "general.architecture",
+                problem: format!("is \"{arch}\", expected \"llama\""),
+            });
+        }
+        let heads = self.meta_count("llama.attention.head_count")?;
+        let hidden = self.meta_count("llama.embedding_length")?;
+        let kv_heads = match self.metadata.get("llama.attention.head_count_kv") {
+            Some(_) => self.meta_count("llama.attention.head_count_kv")?,
+            None => heads,
+        };
+        if hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(ModelError::Field {
+                path: self.path.clone(),
+                field: "llama.attention.head_count",
+                problem: format!("{heads} heads / {kv_heads} kv heads do not tile the width {hidden}"),
+            });
+        }
+        let vocab = match self.metadata.get("llama.vocab_size") {
+            Some(_) => self.meta_count("llama.vocab_size")?,
+            None => self.meta_field("tokenizer.ggml.tokens")?.as_array().map_or(0, |a| a.len()),
+        };
+        let float = |key: &str, default: f64| self.metadata.get(key).and_then(MetaValue::as_f64).unwrap_or(default);
+        Ok(ArchSpec {
+            family: Family::Llama,
+            source: self.path.display().to_string(),
+            hidden,
+            intermediate: self.meta_count("llama.feed_forward_length")?,
+            layers: self.meta_count("llama.block_count")?,
+            heads,
+            kv_heads,
+            vocab,
+            positions: 0,
+            type_vocab: 0,
+            tie_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
+            rope_theta: float("llama.rope.freq_base", 10000.0),
+            norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        })
+    }
+
+    /// Every tensor dequantised and renamed to the HF layout.
+    pub fn hf_weights(&self, spec: &ArchSpec) -> Result<Weights, ModelError> {
+        let mut weights = Weights::default();
+        let head_dim = spec.head_dim();
+        for t in &self.tensors {
+            let name =
+                hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors { count: 1, example: t.name.clone() })?;
+            let (shape, mut values) = self.dequantize_tensor(t)?;
+            if name.ends_with("self_attn.q_proj.weight") {
+                values = unpermute_rope_rows(&values, spec.heads, head_dim, shape[1]);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                values = unpermute_rope_rows(&values, spec.kv_heads, head_dim, shape[1]);
+            }
+            weights.insert(name, shape, values, self.path.clone());
+        }
+        Ok(weights)
+    }
+}
+
+/// llama.cpp tensor name → HF name.
+fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, local) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match local {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's `permute` of Q/K rows: GGUF row `h·d_h + 2i + s` is HF row
+/// `h·d_h + s·d_h/2 + i` (the converter interleaves the two rotate-half halves).
+fn unpermute_rope_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for i in 0..half {
+            for s in 0..2 {
+                let src = (h * head_dim + 2 * i + s) * cols;
+                let dst = (h * head_dim + s * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,135 @@
+//! Text tokenizers: HF `tokenizer.json` files, or the byte-level BPE embedded in GGUF metadata
+//! rebuilt as a `tokenizers` tokenizer; chat templates rendered with minijinja.
+
+use crate::error::ModelError;
+use crate::gguf::{Gguf, MetaValue};
+use serde::Serialize;
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A tokenizer with its special ids and chat template.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Beginning-of-sequence id, if the model uses one.
+    pub bos: Option<u32>,
+    /// End-of-sequence id (generation stops there).
+    pub eos: Option<u32>,
+    /// Whether a BOS token is prepended when encoding.
+    pub add_bos: bool,
+    /// The Jinja chat template, if the model ships one.
+    pub chat_template: Option<String>,
+    bos_text: String,
+    eos_text: String,
+}
+
+fn tok_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::Weights { path: path.to_path_buf(), reason: format!("tokenizer: {reason}") }
+}
+
+impl TextTokenizer {
+    /// Rebuilds the GGUF's embedded tokenizer (`tokenizer.ggml.model = gpt2`, byte-level BPE).
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let path = gguf.path.as_path();
+        let meta = |k: &str| gguf.metadata.get(k);
+        let model = meta("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(tok_err(path, format!("tokenizer.ggml.model is \"{model}\"; only byte-level BPE (gpt2) is supported")));
+        }
+        let strings = |k: &str| -> Result<Vec<String>, ModelError> {
+            meta(k)
+                .and_then(MetaValue::as_array)
+                .map(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                .flatten()
+                .ok_or_else(|| tok_err(path, format!("{k} is missing or not an array of strings")))
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| tok_err(path, "a merge is not of the form `a b`"))?;
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err(path, e))?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()])));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control tokens (type 3) are matched whole, never split by BPE.
+        let types = meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array).unwrap_or(&[]);
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.as_u64() == Some(3))
+            .filter_map(|(i, _)| tokens.get(i).map(|s| AddedToken::from(s.clone(), true)))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| tok_err(path, e))?;
+        let id = |k: &str| meta(k).and_then(MetaValue::as_u64).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let text_of = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
+        Ok(TextTokenizer {
+            bos_text: text_of(bos),
+            eos_text: text_of(eos),
+            inner,
+            bos,
+            eos,
+            add_bos: matches!(meta("tokenizer.ggml.add_bos_token"), Some(MetaValue::Bool(true))),
+            chat_template: meta("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string),
+        })
+    }
+
+    /// Loads an HF `tokenizer.json` (padding and truncation settings in the file are removed: the
+    /// caller decides them).
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let mut inner = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| tok_err(path, e))?;
+        Ok(TextTokenizer { inner, bos: None, eos: None, add_bos: false, chat_template: None, bos_text: String::new(), eos_text: String::new() })
+    }
+
+    /// Token ids of `text` (special tokens written in the text are recognised; a BOS is added when
+    /// the model asks for one).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self.inner.encode(text, false).map_err(|e| tok_err(Path::new("<text>"), e))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids` (special tokens kept).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner.decode(ids, false).map_err(|e| tok_err(Path::new("<ids>"), e))
+    }
+
+    /// Renders the model's chat template for `messages` (with the assistant prompt appended when
+    /// `add_generation_prompt`).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
+        let template = self.chat_template.as_deref().ok_or_else(|| tok_err(Path::new("<model>"), "the model has no chat template"))?;
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template).map_err(|e| tok_err(Path::new("<chat template>"), e))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_text.clone(),
+            eos_token => self.eos_text.clone(),
+        };
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| tok_err(Path::new("<chat template>"), e))
+    }
+}
