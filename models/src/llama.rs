@@ -7,15 +7,32 @@ use crate::error::ModelError;
 use crate::gguf::Gguf;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
-use burn::tensor::ElementConversion;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::ElementConversion;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::linear;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use std::path::Path;
 use tensor_peft_adapters::{AdaptedLinear, LinearAdapter, MethodConfig, ResidualAdapter, SharedFactors};
+
+/// Cached keys and values of one layer: `[B, H_kv, T, d_h]` each.
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Keys and values of the tokens seen so far, for every layer (the generation path).
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    /// Number of cached positions.
+    pub len: usize,
+}
+
+impl<B: Backend> Default for KvCache<B> {
+    fn default() -> Self {
+        Self { layers: Vec::new(), len: 0 }
+    }
+}
 
 /// One decoder block.
 #[derive(Module, Debug)]
@@ -82,12 +99,19 @@ fn frozen_linear<B: Backend>(
     Ok(AdaptedLinear::new(base, None)?)
 }
 
-/// `[cos, sin]` tables `[T, d_h]` for positions `0..T` (HF rotate-half layout: frequencies repeated).
-fn rope_tables<B: Backend>(t: usize, head_dim: usize, theta: f64, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+/// `[cos, sin]` tables `[T, d_h]` for positions `start..start+T` (HF rotate-half layout:
+/// frequencies repeated).
+fn rope_tables<B: Backend>(
+    start: usize,
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(t * head_dim);
     let mut sin = Vec::with_capacity(t * head_dim);
-    for pos in 0..t {
+    for pos in start..start + t {
         for j in 0..head_dim {
             let inv_freq = theta.powf(-((2 * (j % half)) as f64) / head_dim as f64);
             let angle = pos as f64 * inv_freq;
@@ -115,6 +139,7 @@ impl<B: Backend> LlamaBlock<B> {
         x: Tensor<B, 3>,
         rope: &(Tensor<B, 2>, Tensor<B, 2>),
         mask: &Tensor<B, 4, Bool>,
+        cache: Option<&mut LayerCache<B>>,
         shared: &SharedFactors<B>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
@@ -123,11 +148,23 @@ impl<B: Backend> LlamaBlock<B> {
         let hs = self.input_layernorm.forward(x.clone());
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]).swap_dims(1, 2);
         let q = apply_rope(heads(self.q_proj.forward(hs.clone(), shared), h), &rope.0, &rope.1);
-        let k = apply_rope(heads(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1);
-        let v = heads(self.v_proj.forward(hs, shared), kv);
+        let mut k = apply_rope(heads(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1);
+        let mut v = heads(self.v_proj.forward(hs, shared), kv);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
         // Grouped-query attention: each key/value head serves h/kv query heads.
         let repeat = |y: Tensor<B, 4>| {
-            if kv == h { y } else { y.reshape([b, kv, 1, t, d_h]).repeat_dim(2, h / kv).reshape([b, h, t, d_h]) }
+            if kv == h {
+                y
+            } else {
+                y.reshape([b, kv, 1, total, d_h]).repeat_dim(2, h / kv).reshape([b, h, total, d_h])
+            }
         };
         let scores = q.matmul(repeat(k).swap_dims(2, 3)).div_scalar((d_h as f64).sqrt());
         let probs = softmax(scores.mask_fill(mask.clone(), f32::NEG_INFINITY), 3);
@@ -192,24 +229,36 @@ impl<B: Backend> Llama<B> {
         Ok((model, spec, tokenizer))
     }
 
-    /// Greedy decoding: appends the most likely token until `eos` or `max_new_tokens`, returning
-    /// only the new ids. (Each step re-runs the whole sequence; a KV-cache path is future work.)
-    pub fn generate_greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Vec<u32> {
+    /// Decodes up to `max_new_tokens` after `prompt` with a KV cache, stopping at `eos`; `pick`
+    /// chooses the next id from the last logits (`[vocab]`). Returns only the new ids.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        mut pick: impl FnMut(Tensor<B, 1>) -> u32,
+    ) -> Vec<u32> {
         let device = self.embed_tokens.weight.device();
-        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let vocab = self.embed_tokens.weight.dims()[0];
+        let mut cache = KvCache::default();
+        let mut input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
         let mut out = Vec::new();
-        for _ in 0..max_new_tokens {
-            let t = ids.len();
-            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &device);
-            let logits = self.forward(tokens).narrow(1, t - 1, 1).reshape([self.embed_tokens.weight.dims()[0]]);
-            let next = logits.argmax(0).into_scalar().elem::<i64>() as u32;
+        while out.len() < max_new_tokens && !input.is_empty() {
+            let t = input.len();
+            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(std::mem::take(&mut input), [1, t]), &device);
+            let logits = self.forward_cached(tokens, &mut cache).narrow(1, t - 1, 1).reshape([vocab]);
+            let next = pick(logits);
             out.push(next);
-            if Some(next) == eos {
-                break;
+            if Some(next) != eos {
+                input.push(next as i64);
             }
-            ids.push(next as i64);
         }
         out
+    }
+
+    /// Greedy decoding (see [`generate`](Self::generate)).
+    pub fn generate_greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Vec<u32> {
+        self.generate(prompt, max_new_tokens, eos, |logits| logits.argmax(0).into_scalar().elem::<i64>() as u32)
     }
 
     /// Builds the model from HF-named tensors.
@@ -264,15 +313,35 @@ impl<B: Backend> Llama<B> {
 
     /// Logits `[B, T, vocab]` for token ids `[B, T]` (causal, no KV cache: the training path).
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_inner(tokens, None)
+    }
+
+    /// Logits for `tokens` that continue the sequence held by `cache` (the generation path): only
+    /// the new tokens are computed; their keys and values are appended to the cache.
+    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache { layers: (0..self.layers.len()).map(|_| None).collect(), len: 0 };
+        }
+        self.forward_inner(tokens, Some(cache))
+    }
+
+    fn forward_inner(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let total = start + t;
         let mut x = self.embed_tokens.forward(tokens);
         let d_h = x.dims()[2] / self.layers.first().map_or(1, |l| l.n_heads);
-        let rope = rope_tables(t, d_h, self.rope_theta, &device);
-        let mask_values: Vec<bool> = (0..t * t).map(|k| k % t > k / t).collect();
-        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask_values, [t, t]), &device).unsqueeze::<4>();
-        for layer in &self.layers {
-            x = layer.forward(x, &rope, &mask, &self.shared);
+        let rope = rope_tables(start, t, d_h, self.rope_theta, &device);
+        // Query i (position start+i) must not see keys after it.
+        let mask_values: Vec<bool> = (0..t * total).map(|k| k % total > start + k / total).collect();
+        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask_values, [t, total]), &device).unsqueeze::<4>();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &rope, &mask, layer_cache, &self.shared);
+        }
+        if let Some(c) = cache {
+            c.len = total;
         }
         let x = self.norm.forward(x);
         match &self.lm_head {

@@ -48,7 +48,10 @@ impl TextTokenizer {
         let meta = |k: &str| gguf.metadata.get(k);
         let model = meta("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
         if model != "gpt2" {
-            return Err(tok_err(path, format!("tokenizer.ggml.model is \"{model}\"; only byte-level BPE (gpt2) is supported")));
+            return Err(tok_err(
+                path,
+                format!("tokenizer.ggml.model is \"{model}\"; only byte-level BPE (gpt2) is supported"),
+            ));
         }
         let strings = |k: &str| -> Result<Vec<String>, ModelError> {
             meta(k)
@@ -66,7 +69,10 @@ impl TextTokenizer {
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err(path, e))?;
         let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()])));
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control tokens (type 3) are matched whole, never split by BPE.
         let types = meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array).unwrap_or(&[]);
@@ -98,7 +104,15 @@ impl TextTokenizer {
         let mut inner = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
         inner.with_padding(None);
         inner.with_truncation(None).map_err(|e| tok_err(path, e))?;
-        Ok(TextTokenizer { inner, bos: None, eos: None, add_bos: false, chat_template: None, bos_text: String::new(), eos_text: String::new() })
+        Ok(TextTokenizer {
+            inner,
+            bos: None,
+            eos: None,
+            add_bos: false,
+            chat_template: None,
+            bos_text: String::new(),
+            eos_text: String::new(),
+        })
     }
 
     /// Token ids of `text` (special tokens written in the text are recognised; a BOS is added when
@@ -120,8 +134,15 @@ impl TextTokenizer {
 
     /// Renders the model's chat template for `messages` (with the assistant prompt appended when
     /// `add_generation_prompt`).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
-        let template = self.chat_template.as_deref().ok_or_else(|| tok_err(Path::new("<model>"), "the model has no chat template"))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| tok_err(Path::new("<model>"), "the model has no chat template"))?;
         let mut env = minijinja::Environment::new();
         env.add_template("chat", template).map_err(|e| tok_err(Path::new("<chat template>"), e))?;
         let ctx = minijinja::context! {

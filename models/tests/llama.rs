@@ -122,3 +122,62 @@ fn explicit_targets_and_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
     let _ = ArchSpec::preset("llama2-7b");
 }
+
+#[test]
+fn kv_cache_generation_path_matches_the_full_forward() {
+    let device = Default::default();
+    let (model, _) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let (ids, _, _) = expected();
+    let row = &ids[0];
+    let full = values(model.forward(tokens::<B>(&[row.clone()], &device)));
+    let vocab = 64;
+    // Prefill three tokens, then one token at a time.
+    let mut cache = tensor_peft_models::llama::KvCache::default();
+    let mut cached = values(model.forward_cached(tokens::<B>(&[row[..3].to_vec()], &device), &mut cache));
+    for k in 3..row.len() {
+        cached.extend(values(model.forward_cached(tokens::<B>(&[vec![row[k]]], &device), &mut cache)));
+    }
+    assert_eq!(cache.len, row.len());
+    assert_eq!(cached.len(), row.len() * vocab);
+    let max_err = cached.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_err < 1e-5, "cached vs full logits differ by {max_err}");
+}
+
+/// The real SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-assets.sh`; `None` (with a note)
+/// when it is absent, a failure when `TENSOR_PEFT_REQUIRE_ASSETS=1` (as in CI).
+fn smollm2() -> Option<PathBuf> {
+    let root = std::env::var_os("TENSOR_PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
+    let path = root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("TENSOR_PEFT_REQUIRE_ASSETS").as_deref() != Ok("1"),
+        "{} is missing: run scripts/fetch-assets.sh",
+        path.display()
+    );
+    eprintln!("skipping: {} is absent (run scripts/fetch-assets.sh)", path.display());
+    None
+}
+
+#[test]
+fn smollm2_gguf_answers_like_transformers() {
+    use tensor_peft_models::tokenizer::ChatMessage;
+    let Some(path) = smollm2() else { return };
+    let device = Default::default();
+    let (model, spec, tokenizer) = Llama::<B>::from_gguf(&path, &device).unwrap();
+    assert_eq!((spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.vocab), (30, 576, 9, 3, 49152));
+    assert!(spec.tie_embeddings);
+    assert_eq!(spec.base_num_params(), 134_515_008);
+    // transformers' ids for this text (shared/notes/assets.md).
+    assert_eq!(tokenizer.encode("Once upon a time").unwrap(), vec![6403, 1980, 253, 655]);
+    let user = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    let prompt = tokenizer.apply_chat_template(&[user], true).unwrap();
+    assert!(prompt.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{prompt}");
+    assert!(prompt.ends_with("<|im_start|>assistant\n"));
+    let ids = tokenizer.encode(&prompt).unwrap();
+    let answer = model.generate_greedy(&ids, 16, tokenizer.eos);
+    assert_eq!(tokenizer.decode(&answer).unwrap(), "The capital of France is Paris.<|im_end|>");
+}
