@@ -122,3 +122,39 @@ fn demo_trains_every_method_on_the_cpu_backend() {
         assert!(err < 1e-5, "{method}: factored forward differs from x·ΔW: {line}");
     }
 }
+
+#[test]
+fn generate_answers_with_the_real_smollm2_chat_model() {
+    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        assert_ne!(std::env::var("TENSOR_PEFT_REQUIRE_ASSETS").as_deref(), Ok("1"), "run scripts/fetch-assets.sh");
+        eprintln!("skipping: {} is absent (run scripts/fetch-assets.sh)", gguf.display());
+        return;
+    }
+    let out =
+        tpeft(&["generate", "--model", gguf.to_str().unwrap(), "--prompt", "What is the capital of France?", "--chat"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "The capital of France is Paris.\n");
+    // The GGUF's architecture also feeds `params`.
+    assert_eq!(
+        summary(&["params", "--model", gguf.to_str().unwrap(), "--method", "lora"]),
+        "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414"
+    );
+}
+
+#[test]
+fn generate_refuses_bad_input() {
+    let out = tpeft(&["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file or directory"));
+    let dir = std::env::temp_dir().join(format!("tpeft-bad-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+    let out = tpeft(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("broken.gguf") && err.contains("invalid GGUF"), "{err}");
+    assert!(!err.contains("panicked"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -103,7 +103,7 @@ impl ArchSpec {
         })
     }
 
-    /// A preset name, an HF model directory (its `config.json`), or a `config.json` path.
+    /// A preset name, an HF model directory (its `config.json`), a `config.json` path, or a GGUF file.
     pub fn from_model_arg(arg: &str) -> Result<Self, ModelError> {
         if let Some(spec) = Self::preset(arg) {
             return Ok(spec);
@@ -111,6 +111,8 @@ impl ArchSpec {
         let path = Path::new(arg);
         if path.is_dir() {
             Self::from_config_file(&path.join("config.json"))
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            crate::gguf::Gguf::open(path)?.arch_spec()
         } else if path.is_file() {
             Self::from_config_file(path)
         } else {

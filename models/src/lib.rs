@@ -6,6 +6,7 @@ pub mod arch;
 pub mod error;
 pub mod gguf;
 pub mod llama;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

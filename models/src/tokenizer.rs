@@ -115,6 +115,35 @@ impl TextTokenizer {
         })
     }
 
+    /// Loads `dir/tokenizer.json` with the chat template and BOS/EOS tokens of
+    /// `dir/tokenizer_config.json` (when present).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let mut tok = Self::from_file(&dir.join("tokenizer.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&config_path) {
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Json { path: config_path.clone(), reason: e.to_string() })?;
+            let token = |key: &str| -> Option<String> {
+                match json.get(key) {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(v) => v.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                    None => None,
+                }
+            };
+            tok.chat_template = json.get("chat_template").and_then(|t| t.as_str()).map(str::to_string);
+            if let Some(bos) = token("bos_token") {
+                tok.bos = tok.inner.token_to_id(&bos);
+                tok.bos_text = bos;
+            }
+            if let Some(eos) = token("eos_token") {
+                tok.eos = tok.inner.token_to_id(&eos);
+                tok.eos_text = eos;
+            }
+            tok.add_bos = json.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
+        }
+        Ok(tok)
+    }
+
     /// Token ids of `text` (special tokens written in the text are recognised; a BOS is added when
     /// the model asks for one).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {

@@ -61,6 +61,30 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Generate text with a LLaMA-family model (greedy unless --temperature > 0).
+    Generate {
+        /// HF model directory (config.json, safetensors, tokenizer.json) or a .gguf file.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The prompt (the user message with --chat).
+        #[arg(long)]
+        prompt: String,
+        /// Apply the model's own chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Maximum number of new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Micro-benchmarks of the adapters: medians and same-run ratios, optionally as JSON.
     Bench {
         /// Suites: linear, contraction, merged, scoring.
@@ -79,6 +103,37 @@ enum Command {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+}
+
+/// Evaluates `$body` with `$B` bound to the backend of `$kind` (wrap it in `Autodiff` to train;
+/// a string error when that backend is not compiled in, which `run` checks first).
+macro_rules! with_backend {
+    ($kind:expr, $B:ident => $body:expr) => {
+        match $kind {
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => {
+                type $B = burn::backend::NdArray;
+                $body
+            }
+            #[cfg(feature = "flex")]
+            BackendKind::Flex => {
+                type $B = burn::backend::Flex;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => {
+                type $B = burn::backend::Wgpu;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => {
+                type $B = burn::backend::Cuda;
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(format!("the {} backend is not compiled in", other.feature())),
+        }
+    };
 }
 
 fn run(cli: Cli) -> Result<String, CliError> {
@@ -113,6 +168,21 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::bench::render(&records)))
         }
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(CliError::Usage("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
+            }
+            if !model.exists() {
+                return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
+            }
+            let options =
+                tensor_peft::generate::GenerateOptions { prompt, chat, max_new_tokens, temperature, top_p, seed };
+            let text =
+                with_backend!(cli.backend, B => tensor_peft::generate::run::<B>(&model, &options, &Default::default())
+                .map_err(|e| e.to_string()))
+                .map_err(CliError::Runtime)?;
+            Ok(format!("{text}\n"))
+        }
         Command::Demo { steps, lr, seed } => {
             let results = demo(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
@@ -120,43 +190,12 @@ fn run(cli: Cli) -> Result<String, CliError> {
     }
 }
 
-/// Evaluates `$body` with `$B` bound to the autodiff backend of `$kind` (a string error when that
-/// backend is not compiled in; `run` checks that first).
-macro_rules! with_backend {
-    ($kind:expr, $B:ident => $body:expr) => {
-        match $kind {
-            #[cfg(feature = "ndarray")]
-            BackendKind::Ndarray => {
-                type $B = burn::backend::Autodiff<burn::backend::NdArray>;
-                $body
-            }
-            #[cfg(feature = "flex")]
-            BackendKind::Flex => {
-                type $B = burn::backend::Autodiff<burn::backend::Flex>;
-                $body
-            }
-            #[cfg(feature = "wgpu")]
-            BackendKind::Wgpu => {
-                type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            BackendKind::Cuda => {
-                type $B = burn::backend::Autodiff<burn::backend::Cuda>;
-                $body
-            }
-            #[allow(unreachable_patterns)]
-            other => Err(format!("the {} backend is not compiled in", other.feature())),
-        }
-    };
-}
-
 fn demo(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
-    with_backend!(backend, B => tensor_peft::demo::run::<B>(&Default::default(), steps, lr, seed))
+    with_backend!(backend, B => tensor_peft::demo::run::<burn::backend::Autodiff<B>>(&Default::default(), steps, lr, seed))
 }
 
 fn bench(backend: BackendKind, options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
-    with_backend!(backend, B => tensor_peft::bench::run::<B>(&Default::default(), options))
+    with_backend!(backend, B => tensor_peft::bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options))
 }
 
 /// Writes `text` to a temporary file beside `path`, then renames it into place.
