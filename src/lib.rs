@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod bench;
 pub mod demo;
+pub mod embed;
 pub mod generate;
 pub mod params;
 

@@ -158,3 +158,41 @@ fn generate_refuses_bad_input() {
     assert!(!err.contains("panicked"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn embed_prints_sentence_transformers_embeddings() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/all-minilm-l6-v2");
+    if !dir.join("model.safetensors").is_file() {
+        assert_ne!(std::env::var("TENSOR_PEFT_REQUIRE_ASSETS").as_deref(), Ok("1"), "run scripts/fetch-assets.sh");
+        eprintln!("skipping: {} is absent (run scripts/fetch-assets.sh)", dir.display());
+        return;
+    }
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm-embeddings.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = fixture["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let mut args = vec!["embed", "--model", dir.to_str().unwrap()];
+    for t in &texts {
+        args.extend(["--text", t]);
+    }
+    let out = tpeft(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got.len(), texts.len());
+    for (row, reference) in got.iter().zip(fixture["embeddings"].as_array().unwrap()) {
+        let norm: f64 = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        let max_err = row
+            .iter()
+            .zip(reference.as_array().unwrap())
+            .map(|(a, b)| (a - b.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(max_err < 1e-5, "{max_err}");
+    }
+    let out = tpeft(&["embed", "--model", "/no/such/dir", "--text", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -57,6 +57,14 @@ pub enum ModelError {
         /// One of their names.
         example: String,
     },
+    /// An input is longer than the model's context.
+    #[error("the input has {tokens} tokens; the model accepts at most {limit}")]
+    TooLong {
+        /// Tokens in the input.
+        tokens: usize,
+        /// The model's limit.
+        limit: usize,
+    },
     /// Building or placing adapters failed.
     #[error(transparent)]
     Adapter(#[from] tensor_peft_adapters::AdapterError),

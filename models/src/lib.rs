@@ -1,8 +1,11 @@
 //! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
-//! module names and shapes, parameter counts), HF checkpoint reading ([`weights`]) and the LLaMA
-//! decoder ([`llama::Llama`]) whose projections accept any adapter method by module name.
+//! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
+//! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
+//! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
+//! method by module name.
 
 pub mod arch;
+pub mod bert;
 pub mod error;
 pub mod gguf;
 pub mod llama;
@@ -11,6 +14,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use arch::{ArchSpec, Family};
+pub use bert::Bert;
 pub use error::ModelError;
 pub use llama::Llama;
 pub use weights::Weights;

@@ -156,6 +156,12 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` with the tokenizer's own post-processing (e.g. BERT's `[CLS] … [SEP]`).
+    pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self.inner.encode(text, true).map_err(|e| tok_err(Path::new("<text>"), e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Text of `ids` (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner.decode(ids, false).map_err(|e| tok_err(Path::new("<ids>"), e))

@@ -57,6 +57,10 @@ impl Weights {
         let file = SafeTensors::deserialize(&bytes)
             .map_err(|e| weights_error(path, format!("not a valid safetensors file: {e}")))?;
         for (name, view) in file.tensors() {
+            // Integer buffers such as BERT's `position_ids` are recomputed, not loaded.
+            if matches!(view.dtype(), Dtype::I64 | Dtype::I32) && name.ends_with("position_ids") {
+                continue;
+            }
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
                 Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -77,6 +81,24 @@ impl Weights {
     /// Adds one tensor (row-major `shape`), e.g. from a GGUF file.
     pub fn insert(&mut self, name: String, shape: Vec<usize>, values: Vec<f32>, source: PathBuf) {
         self.tensors.insert(name, (shape, values, source));
+    }
+
+    /// Whether a tensor named `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Renames tensors that start with one of `prefixes` (e.g. `bert.`) to their bare names.
+    pub fn strip_prefixes(mut self, prefixes: &[&str]) -> Self {
+        self.tensors = self
+            .tensors
+            .into_iter()
+            .map(|(name, v)| {
+                let bare = prefixes.iter().find_map(|p| name.strip_prefix(p)).map(str::to_string).unwrap_or(name);
+                (bare, v)
+            })
+            .collect();
+        self
     }
 
     /// Number of tensors.

@@ -85,6 +85,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Sentence embeddings (mean-pooled, L2-normalised) from a BERT-family model, as JSON.
+    Embed {
+        /// HF model directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// A text to embed (repeat for several).
+        #[arg(long, required = true)]
+        text: Vec<String>,
+    },
     /// Micro-benchmarks of the adapters: medians and same-run ratios, optionally as JSON.
     Bench {
         /// Suites: linear, contraction, merged, scoring.
@@ -182,6 +191,15 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 .map_err(|e| e.to_string()))
                 .map_err(CliError::Runtime)?;
             Ok(format!("{text}\n"))
+        }
+        Command::Embed { model, text } => {
+            if !model.is_dir() {
+                return Err(CliError::Usage(format!("--model {}: not a model directory", model.display())));
+            }
+            let json = with_backend!(cli.backend, B => tensor_peft::embed::run::<B>(&model, &text, &Default::default())
+                .map_err(|e| e.to_string()))
+            .map_err(CliError::Runtime)?;
+            Ok(format!("{json}\n"))
         }
         Command::Demo { steps, lr, seed } => {
             let results = demo(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;

@@ -181,3 +181,49 @@ fn smollm2_gguf_answers_like_transformers() {
     let answer = model.generate_greedy(&ids, 16, tokenizer.eos);
     assert_eq!(tokenizer.decode(&answer).unwrap(), "The capital of France is Paris.<|im_end|>");
 }
+
+fn minilm() -> Option<PathBuf> {
+    let root = std::env::var_os("TENSOR_PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
+    let dir = root.join("all-minilm-l6-v2");
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    assert!(std::env::var("TENSOR_PEFT_REQUIRE_ASSETS").as_deref() != Ok("1"), "{} is missing", dir.display());
+    eprintln!("skipping: {} is absent (run scripts/fetch-assets.sh)", dir.display());
+    None
+}
+
+#[test]
+fn minilm_embeddings_match_the_numpy_reference() {
+    use tensor_peft_models::Bert;
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let Some(dir) = minilm() else { return };
+    let text = std::fs::read_to_string(fixture().join("../minilm-embeddings.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let texts: Vec<String> =
+        json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let device = Default::default();
+    let (model, spec) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
+    assert_eq!(spec.base_num_params(), 22_713_216);
+    let tokenizer = TextTokenizer::from_hf_dir(&dir).unwrap();
+    for (text, ids) in texts.iter().zip(json["input_ids"].as_array().unwrap()) {
+        let expected: Vec<u32> = ids.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        // The package's tokenizer.json pads to 128; ours does not.
+        assert_eq!(tokenizer.encode_with_specials(text).unwrap(), expected);
+    }
+    let got = model.embed_texts(&tokenizer, &texts).unwrap();
+    for (row, reference) in got.iter().zip(json["embeddings"].as_array().unwrap()) {
+        let max_err = row
+            .iter()
+            .zip(reference.as_array().unwrap())
+            .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(max_err < 1e-5, "embedding differs from the reference by {max_err}");
+    }
+    // Adapters inject into BERT names too, leaving the output unchanged at initialisation.
+    let adapted = model.adapt(&spec, &MethodConfig::from_name("loretta-adp").unwrap(), None).unwrap();
+    let again = adapted.embed_texts(&tokenizer, &texts[..1]).unwrap();
+    assert!(again[0].iter().zip(&got[0]).all(|(a, b)| (a - b).abs() < 1e-6));
+}

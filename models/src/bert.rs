@@ -1,0 +1,298 @@
+//! BERT/RoBERTa-family encoder (learned absolute positions, token types, post-LN blocks, exact
+//! GELU) whose projections are [`AdaptedLinear`]s, with mean-pooled L2-normalised sentence
+//! embeddings (what sentence-transformers gives for models such as all-MiniLM-L6-v2).
+
+use crate::arch::{ArchSpec, Family};
+use crate::error::ModelError;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::Weights;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::{gelu, softmax, tanh};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use std::path::Path;
+use tensor_peft_adapters::{AdaptedLinear, LinearAdapter, MethodConfig, ResidualAdapter, SharedFactors};
+
+/// One encoder block (post-LN).
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// `attention.self.query`.
+    pub query: AdaptedLinear<B>,
+    /// `attention.self.key`.
+    pub key: AdaptedLinear<B>,
+    /// `attention.self.value`.
+    pub value: AdaptedLinear<B>,
+    /// `attention.output.dense`.
+    pub attention_output: AdaptedLinear<B>,
+    /// Residual adapter after the attention output projection (Houlsby), if any.
+    pub attention_adapter: Option<ResidualAdapter<B>>,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm<B>,
+    /// `intermediate.dense`.
+    pub intermediate: AdaptedLinear<B>,
+    /// `output.dense`.
+    pub output: AdaptedLinear<B>,
+    /// Residual adapter after the feed-forward output projection, if any.
+    pub ffn_adapter: Option<ResidualAdapter<B>>,
+    /// `output.LayerNorm`.
+    pub output_norm: LayerNorm<B>,
+    /// Attention heads.
+    pub n_heads: usize,
+}
+
+/// A BERT-family encoder.
+#[derive(Module, Debug)]
+pub struct Bert<B: Backend> {
+    /// Token embeddings.
+    pub word_embeddings: Embedding<B>,
+    /// Absolute position embeddings.
+    pub position_embeddings: Embedding<B>,
+    /// Token-type embeddings.
+    pub token_type_embeddings: Embedding<B>,
+    /// Embedding LayerNorm.
+    pub embeddings_norm: LayerNorm<B>,
+    /// Encoder blocks.
+    pub layers: Vec<BertLayer<B>>,
+    /// Pooler (`tanh(W·h_[CLS])`), when the checkpoint has one.
+    pub pooler: Option<Linear<B>>,
+    /// Factors shared by adapters across layers (LoTR, LoRTA), held once.
+    pub shared: SharedFactors<B>,
+    /// Position offset (2 for RoBERTa, whose positions start after the padding index).
+    pub position_offset: usize,
+}
+
+fn layer_norm<B: Backend>(
+    w: &mut Weights,
+    prefix: &str,
+    d: usize,
+    eps: f64,
+    device: &B::Device,
+) -> Result<LayerNorm<B>, ModelError> {
+    let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+    norm.gamma = Param::from_tensor(w.take(&format!("{prefix}.weight"), [d], device)?);
+    norm.beta = Some(Param::from_tensor(w.take(&format!("{prefix}.bias"), [d], device)?));
+    Ok(norm)
+}
+
+fn dense<B: Backend>(
+    w: &mut Weights,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    device: &B::Device,
+) -> Result<Linear<B>, ModelError> {
+    let weight = w.take::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?.transpose();
+    let bias = w.take::<B, 1>(&format!("{name}.bias"), [d_out], device)?;
+    Ok(Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) })
+}
+
+fn embedding<B: Backend>(
+    w: &mut Weights,
+    name: &str,
+    n: usize,
+    d: usize,
+    device: &B::Device,
+) -> Result<Embedding<B>, ModelError> {
+    Ok(Embedding { weight: Param::from_tensor(w.take(name, [n, d], device)?) })
+}
+
+impl<B: Backend> BertLayer<B> {
+    fn forward(&self, x: Tensor<B, 3>, key_bias: &Tensor<B, 4>, shared: &SharedFactors<B>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let h = self.n_heads;
+        let d_h = d / h;
+        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d_h]).swap_dims(1, 2);
+        let q = heads(self.query.forward(x.clone(), shared));
+        let k = heads(self.key.forward(x.clone(), shared));
+        let v = heads(self.value.forward(x.clone(), shared));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d_h as f64).sqrt()) + key_bias.clone();
+        let attn = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+        let mut attn_out = self.attention_output.forward(attn, shared);
+        if let Some(adapter) = &self.attention_adapter {
+            attn_out = adapter.forward(attn_out);
+        }
+        let x = self.attention_norm.forward(attn_out + x);
+        let mut ffn = self.output.forward(gelu(self.intermediate.forward(x.clone(), shared)), shared);
+        if let Some(adapter) = &self.ffn_adapter {
+            ffn = adapter.forward(ffn);
+        }
+        self.output_norm.forward(ffn + x)
+    }
+
+    fn projection_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear<B>> {
+        Some(match name {
+            "attention.self.query" => &mut self.query,
+            "attention.self.key" => &mut self.key,
+            "attention.self.value" => &mut self.value,
+            "attention.output.dense" => &mut self.attention_output,
+            "intermediate.dense" => &mut self.intermediate,
+            "output.dense" => &mut self.output,
+            _ => return None,
+        })
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Loads an HF BERT/RoBERTa directory (`config.json` + safetensors). Every parameter is frozen.
+    /// Accepts bare encoder names (`embeddings.…`) and `bert.`/`roberta.`-prefixed ones.
+    pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
+        let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
+        if spec.family != Family::Bert {
+            return Err(ModelError::Field {
+                path: dir.join("config.json"),
+                field: "model_type",
+                problem: format!("is a {} model; expected a BERT-family encoder", spec.family.name()),
+            });
+        }
+        let mut w = Weights::from_hf_dir(dir)?.strip_prefixes(&["bert.", "roberta."]);
+        let roberta = std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("\"roberta\""));
+        let (d, i, eps) = (spec.hidden, spec.intermediate, spec.norm_eps);
+        let mut layers = Vec::with_capacity(spec.layers);
+        let frozen = |l: Linear<B>| AdaptedLinear::new(l, None);
+        for l in 0..spec.layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(BertLayer {
+                query: frozen(dense(&mut w, &format!("{p}.attention.self.query"), d, d, device)?)?,
+                key: frozen(dense(&mut w, &format!("{p}.attention.self.key"), d, d, device)?)?,
+                value: frozen(dense(&mut w, &format!("{p}.attention.self.value"), d, d, device)?)?,
+                attention_output: frozen(dense(&mut w, &format!("{p}.attention.output.dense"), d, d, device)?)?,
+                attention_adapter: None,
+                attention_norm: layer_norm(&mut w, &format!("{p}.attention.output.LayerNorm"), d, eps, device)?,
+                intermediate: frozen(dense(&mut w, &format!("{p}.intermediate.dense"), d, i, device)?)?,
+                output: frozen(dense(&mut w, &format!("{p}.output.dense"), i, d, device)?)?,
+                ffn_adapter: None,
+                output_norm: layer_norm(&mut w, &format!("{p}.output.LayerNorm"), d, eps, device)?,
+                n_heads: spec.heads,
+            });
+        }
+        let pooler =
+            if w.contains("pooler.dense.weight") { Some(dense(&mut w, "pooler.dense", d, d, device)?) } else { None };
+        let model = Bert {
+            word_embeddings: embedding(&mut w, "embeddings.word_embeddings.weight", spec.vocab, d, device)?,
+            position_embeddings: embedding(&mut w, "embeddings.position_embeddings.weight", spec.positions, d, device)?,
+            token_type_embeddings: embedding(
+                &mut w,
+                "embeddings.token_type_embeddings.weight",
+                spec.type_vocab,
+                d,
+                device,
+            )?,
+            embeddings_norm: layer_norm(&mut w, "embeddings.LayerNorm", d, eps, device)?,
+            layers,
+            pooler,
+            shared: SharedFactors::empty(),
+            position_offset: if roberta { 2 } else { 0 },
+        };
+        if let Some(example) = w.remaining().first() {
+            return Err(ModelError::UnexpectedTensors { count: w.len(), example: example.clone() });
+        }
+        Ok((model.no_grad(), spec))
+    }
+
+    /// Hidden states `[B, T, d]` for token ids `[B, T]` with `attention_mask` `[B, T]` (1 = token,
+    /// 0 = padding); token types are all 0.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
+        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
+        let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
+        let x = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(positions)
+            + self.token_type_embeddings.forward(types);
+        let mut x = self.embeddings_norm.forward(x);
+        // Padded keys get a large negative score.
+        let key_bias = (attention_mask.ones_like() - attention_mask).mul_scalar(-1e9).reshape([b, 1, 1, t]);
+        for layer in &self.layers {
+            x = layer.forward(x, &key_bias, &self.shared);
+        }
+        x
+    }
+
+    /// Mean over unpadded tokens, L2-normalised: `[B, d]` sentence embeddings.
+    pub fn sentence_embeddings(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 2> {
+        let hidden = self.forward(ids, attention_mask.clone());
+        let [b, t, d] = hidden.dims();
+        let mask = attention_mask.reshape([b, t, 1]);
+        let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, d]);
+        let mean = summed / mask.sum_dim(1).reshape([b, 1]);
+        let norm = (mean.clone() * mean.clone()).sum_dim(1).sqrt().clamp_min(1e-12);
+        mean / norm
+    }
+
+    /// Sentence embeddings of `texts` (tokenised without padding, then padded to the longest with
+    /// an attention mask), one `Vec` of `d` values per text.
+    pub fn embed_texts(&self, tokenizer: &TextTokenizer, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let device = self.word_embeddings.weight.device();
+        let encoded = texts.iter().map(|t| tokenizer.encode_with_specials(t)).collect::<Result<Vec<_>, _>>()?;
+        let t = encoded.iter().map(Vec::len).max().unwrap_or(0);
+        let max_len = self.position_embeddings.weight.dims()[0] - self.position_offset;
+        if t > max_len {
+            return Err(ModelError::TooLong { tokens: t, limit: max_len });
+        }
+        let b = encoded.len();
+        let ids: Vec<i64> = encoded
+            .iter()
+            .flat_map(|e| e.iter().map(|&i| i as i64).chain(std::iter::repeat_n(0, t - e.len())))
+            .collect();
+        let mask: Vec<f32> =
+            encoded.iter().flat_map(|e| (0..t).map(move |k| if k < e.len() { 1.0 } else { 0.0 })).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device);
+        let emb = self.sentence_embeddings(ids, mask);
+        let d = emb.dims()[1];
+        let values = emb.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        Ok(values.chunks(d).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Pooler output `tanh(W·h_[CLS] + b)` (`[B, d]`), for sequence classification heads.
+    pub fn pooled(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
+        let [b, _, d] = hidden.dims();
+        self.pooler.as_ref().map(|p| tanh(p.forward(hidden.narrow(1, 0, 1).reshape([b, d]))))
+    }
+
+    /// Injects `method` by target names (PEFT list semantics) or at its default attention
+    /// projections; residual methods go after every block's attention and feed-forward output.
+    pub fn adapt(
+        mut self,
+        spec: &ArchSpec,
+        method: &MethodConfig,
+        targets: Option<&[String]>,
+    ) -> Result<Self, ModelError> {
+        let device = self.word_embeddings.weight.device();
+        let linear_sites = match (targets, method.is_residual()) {
+            (_, true) => Vec::new(),
+            (Some(t), false) => spec.select(t)?,
+            (None, false) => spec.select_roles(method.default_roles()),
+        };
+        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
+        let set = method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, &device)?;
+        let prefix_len = "encoder.layer.".len();
+        for (site, adapter) in set.linear {
+            let local = site.name[prefix_len..].split_once('.').map(|(_, rest)| rest).unwrap_or("");
+            let slot = self.layers[site.layer].projection_mut(local).ok_or_else(|| {
+                tensor_peft_adapters::AdapterError::State(format!("no projection named {}", site.name))
+            })?;
+            place(slot, adapter)?;
+        }
+        for (site, adapter) in set.residual {
+            let layer: usize = site.name[prefix_len..].split('.').next().and_then(|l| l.parse().ok()).unwrap_or(0);
+            if site.name.ends_with("attention_adapter") {
+                self.layers[layer].attention_adapter = Some(adapter);
+            } else {
+                self.layers[layer].ffn_adapter = Some(adapter);
+            }
+        }
+        self.shared = set.shared;
+        Ok(self)
+    }
+}
+
+fn place<B: Backend>(slot: &mut AdaptedLinear<B>, adapter: LinearAdapter<B>) -> Result<(), ModelError> {
+    if slot.adapter.is_some() {
+        return Err(tensor_peft_adapters::AdapterError::State("the model already carries an adapter".into()).into());
+    }
+    *slot = AdaptedLinear::new(slot.base.clone(), Some(adapter))?;
+    Ok(())
+}
