@@ -4,7 +4,7 @@
 use crate::CliError;
 use tensor_peft_adapters::tensor::shape::parse_shape;
 use tensor_peft_adapters::{MethodConfig, ParamReport};
-use tensor_peft_models::ArchSpec;
+use tensor_peft_models::{ArchSpec, Targets};
 
 /// Method hyper-parameters as given on the command line (`None` = method default).
 #[derive(Debug, Clone, Default)]
@@ -66,18 +66,9 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
     Ok(method)
 }
 
-/// The counted report for `method` on `spec` with optional explicit targets.
-pub fn count(spec: &ArchSpec, method: &MethodConfig, targets: Option<&[String]>) -> Result<ParamReport, CliError> {
-    if method.is_residual() && targets.is_some() {
-        return Err(CliError::Usage(format!(
-            "--targets does not apply to {}: it is inserted after every block's attention and feed-forward output",
-            method.name()
-        )));
-    }
-    let linear = match targets {
-        Some(t) => spec.select(t).map_err(|e| CliError::Usage(e.to_string()))?,
-        None => spec.select_roles(method.default_roles()),
-    };
+/// The counted report for `method` on `spec` at `targets`.
+pub fn count(spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<ParamReport, CliError> {
+    let linear = targets.resolve(spec, method).map_err(|e| CliError::Usage(e.to_string()))?;
     let residual = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
     method.count(&spec.geometry(), &linear, &residual).map_err(|e| CliError::Usage(e.to_string()))
 }

@@ -50,6 +50,9 @@ fn params_match_the_published_counts() {
     .unwrap();
     assert!(out.contains("encoder.layer.11.intermediate.dense"), "{out}");
     assert!(out.contains("trainable params: 663,552 ||"), "{out}"); // 12·8·(1536+1536+3840)
+    // PEFT-style regex targets: q and v of the first two layers only.
+    let regex = r"encoder\.layer\.[01]\.attention\.self\.(query|value)";
+    assert_eq!(trainable(&["params", "--model", "bert-base", "--method", "lora", "--target-regex", regex]), "49,152");
 }
 
 #[test]

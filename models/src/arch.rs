@@ -298,6 +298,21 @@ impl ArchSpec {
         Ok(sites.into_iter().filter(|s| targets.iter().any(|t| matches(&s.name, t))).collect())
     }
 
+    /// Sites whose full name matches `pattern` entirely (PEFT's regex targets).
+    pub fn select_regex(&self, pattern: &str) -> Result<Vec<LinearSite>, ModelError> {
+        let re = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| ModelError::BadTarget { target: pattern.to_string(), reason: e.to_string() })?;
+        let sites: Vec<_> = self.linear_sites().into_iter().filter(|s| re.is_match(&s.name)).collect();
+        if sites.is_empty() {
+            return Err(ModelError::UnmatchedTarget {
+                target: pattern.to_string(),
+                family: self.family.name(),
+                available: self.short_names().join(", "),
+            });
+        }
+        Ok(sites)
+    }
+
     /// Sites with the given attention roles (a method's defaults).
     pub fn select_roles(&self, roles: &[AttentionMatrix]) -> Vec<LinearSite> {
         self.linear_sites().into_iter().filter(|s| s.role.is_some_and(|r| roles.contains(&r))).collect()

@@ -4,6 +4,7 @@
 
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
+use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -12,7 +13,7 @@ use burn::tensor::activation::{gelu, softmax, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_adapters::{AdaptedLinear, LinearAdapter, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
 
 /// One encoder block (post-LN).
 #[derive(Module, Debug)]
@@ -252,47 +253,32 @@ impl<B: Backend> Bert<B> {
         self.pooler.as_ref().map(|p| tanh(p.forward(hidden.narrow(1, 0, 1).reshape([b, d]))))
     }
 
-    /// Injects `method` by target names (PEFT list semantics) or at its default attention
-    /// projections; residual methods go after every block's attention and feed-forward output.
-    pub fn adapt(
-        mut self,
-        spec: &ArchSpec,
-        method: &MethodConfig,
-        targets: Option<&[String]>,
-    ) -> Result<Self, ModelError> {
-        let device = self.word_embeddings.weight.device();
-        let linear_sites = match (targets, method.is_residual()) {
-            (_, true) => Vec::new(),
-            (Some(t), false) => spec.select(t)?,
-            (None, false) => spec.select_roles(method.default_roles()),
-        };
-        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
-        let set = method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, &device)?;
-        let prefix_len = "encoder.layer.".len();
-        for (site, adapter) in set.linear {
-            let local = site.name[prefix_len..].split_once('.').map(|(_, rest)| rest).unwrap_or("");
-            let slot = self.layers[site.layer].projection_mut(local).ok_or_else(|| {
-                tensor_peft_adapters::AdapterError::State(format!("no projection named {}", site.name))
-            })?;
-            place(slot, adapter)?;
-        }
-        for (site, adapter) in set.residual {
-            let layer: usize = site.name[prefix_len..].split('.').next().and_then(|l| l.parse().ok()).unwrap_or(0);
-            if site.name.ends_with("attention_adapter") {
-                self.layers[layer].attention_adapter = Some(adapter);
-            } else {
-                self.layers[layer].ffn_adapter = Some(adapter);
-            }
-        }
-        self.shared = set.shared;
+    /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are
+    /// held once by the model.
+    pub fn adapt(mut self, spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<Self, ModelError> {
+        inject(&mut self, spec, method, targets)?;
         Ok(self)
     }
 }
 
-fn place<B: Backend>(slot: &mut AdaptedLinear<B>, adapter: LinearAdapter<B>) -> Result<(), ModelError> {
-    if slot.adapter.is_some() {
-        return Err(tensor_peft_adapters::AdapterError::State("the model already carries an adapter".into()).into());
+impl<B: Backend> AdapterSlots<B> for Bert<B> {
+    fn linear_slot(&mut self, layer: usize, local: &str) -> Option<&mut AdaptedLinear<B>> {
+        self.layers.get_mut(layer)?.projection_mut(local)
     }
-    *slot = AdaptedLinear::new(slot.base.clone(), Some(adapter))?;
-    Ok(())
+
+    fn residual_slot(&mut self, layer: usize, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>> {
+        let block = self.layers.get_mut(layer)?;
+        Some(match position {
+            ResidualPosition::Attention => &mut block.attention_adapter,
+            ResidualPosition::FeedForward => &mut block.ffn_adapter,
+        })
+    }
+
+    fn shared_mut(&mut self) -> &mut SharedFactors<B> {
+        &mut self.shared
+    }
+
+    fn device(&self) -> B::Device {
+        self.word_embeddings.weight.device()
+    }
 }

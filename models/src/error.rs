@@ -68,6 +68,14 @@ pub enum ModelError {
     /// Building or placing adapters failed.
     #[error(transparent)]
     Adapter(#[from] tensor_peft_adapters::AdapterError),
+    /// A target regular expression does not compile.
+    #[error("target regex `{target}` is invalid: {reason}")]
+    BadTarget {
+        /// The pattern.
+        target: String,
+        /// The regex error.
+        reason: String,
+    },
     /// Target module names matched nothing.
     #[error("target `{target}` matches no module of this {family} model; module names are: {available}")]
     UnmatchedTarget {

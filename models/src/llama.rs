@@ -5,6 +5,7 @@
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
 use crate::gguf::Gguf;
+use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -15,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::linear;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_adapters::{AdaptedLinear, LinearAdapter, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
 
 /// Cached keys and values of one layer: `[B, H_kv, T, d_h]` each.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -350,56 +351,32 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Injects `method` into the projections named by `targets` (PEFT list semantics; the method's
-    /// default attention projections when `None`), or after every block's attention and MLP output
-    /// for residual methods. The base stays frozen; shared factors are held once by the model.
-    pub fn adapt(
-        mut self,
-        spec: &ArchSpec,
-        method: &MethodConfig,
-        targets: Option<&[String]>,
-    ) -> Result<Self, ModelError> {
-        let device = self.embed_tokens.weight.device();
-        let linear_sites = match (targets, method.is_residual()) {
-            (_, true) => Vec::new(),
-            (Some(t), false) => spec.select(t)?,
-            (None, false) => spec.select_roles(method.default_roles()),
-        };
-        let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
-        if self.layers.iter().any(|l| {
-            l.attention_adapter.is_some()
-                || l.ffn_adapter.is_some()
-                || [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .any(|p| p.adapter.is_some())
-        }) {
-            return Err(tensor_peft_adapters::AdapterError::State("the model already carries an adapter".into()).into());
-        }
-        let set = method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, &device)?;
-        let prefix_len = "model.layers.".len();
-        for (site, adapter) in set.linear {
-            let local = site.name[prefix_len..].split_once('.').map(|(_, rest)| rest).unwrap_or("");
-            let slot = self.layers[site.layer].projection_mut(local).ok_or_else(|| {
-                tensor_peft_adapters::AdapterError::State(format!("no projection named {}", site.name))
-            })?;
-            place(slot, adapter)?;
-        }
-        for (site, adapter) in set.residual {
-            let layer = &mut self.layers
-                [site.name[prefix_len..].split('.').next().and_then(|l| l.parse::<usize>().ok()).unwrap_or(0)];
-            if site.name.ends_with("attention_adapter") {
-                layer.attention_adapter = Some(adapter);
-            } else {
-                layer.ffn_adapter = Some(adapter);
-            }
-        }
-        self.shared = set.shared;
+    /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are
+    /// held once by the model.
+    pub fn adapt(mut self, spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<Self, ModelError> {
+        inject(&mut self, spec, method, targets)?;
         Ok(self)
     }
 }
 
-fn place<B: Backend>(slot: &mut AdaptedLinear<B>, adapter: LinearAdapter<B>) -> Result<(), ModelError> {
-    let base = slot.base.clone();
-    *slot = AdaptedLinear::new(base, Some(adapter))?;
-    Ok(())
+impl<B: Backend> AdapterSlots<B> for Llama<B> {
+    fn linear_slot(&mut self, layer: usize, local: &str) -> Option<&mut AdaptedLinear<B>> {
+        self.layers.get_mut(layer)?.projection_mut(local)
+    }
+
+    fn residual_slot(&mut self, layer: usize, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>> {
+        let block = self.layers.get_mut(layer)?;
+        Some(match position {
+            ResidualPosition::Attention => &mut block.attention_adapter,
+            ResidualPosition::FeedForward => &mut block.ffn_adapter,
+        })
+    }
+
+    fn shared_mut(&mut self) -> &mut SharedFactors<B> {
+        &mut self.shared
+    }
+
+    fn device(&self) -> B::Device {
+        self.embed_tokens.weight.device()
+    }
 }

@@ -7,7 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::PathBuf;
 use tensor_peft_adapters::{METHOD_NAMES, MethodConfig};
-use tensor_peft_models::{ArchSpec, Llama, ModelError};
+use tensor_peft_models::{ArchSpec, Llama, ModelError, Targets};
 
 type B = NdArray;
 
@@ -64,7 +64,7 @@ fn every_method_injects_with_zero_change_and_trains_only_adapters() {
     let reference = values(base.forward(x.clone()));
     for name in METHOD_NAMES {
         let method = MethodConfig::from_name(name).unwrap();
-        let adapted = base.clone().adapt(&spec, &method, None).unwrap();
+        let adapted = base.clone().adapt(&spec, &method, &Targets::Default).unwrap();
         let out = adapted.forward(x.clone());
         let diff = values(out.clone()).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(diff < 1e-6, "{name}: zero-delta injection changed the logits by {diff}");
@@ -90,7 +90,7 @@ fn every_method_injects_with_zero_change_and_trains_only_adapters() {
         adapted.visit(&mut visitor);
         assert_eq!(visitor.1, counted, "{name}: trainable parameters");
         assert_eq!(visitor.2, 0, "{name}: a frozen parameter received a gradient");
-        assert!(adapted.clone().adapt(&spec, &method, None).is_err(), "{name}: adapting twice must fail");
+        assert!(adapted.clone().adapt(&spec, &method, &Targets::Default).is_err(), "{name}: adapting twice must fail");
     }
 }
 
@@ -100,10 +100,37 @@ fn explicit_targets_and_clear_errors() {
     let (model, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
     let lora = MethodConfig::from_name("lora").unwrap();
     let targets: Vec<String> = ["q_proj", "down_proj"].map(String::from).to_vec();
-    let adapted = model.clone().adapt(&spec, &lora, Some(&targets)).unwrap();
+    let adapted = model.clone().adapt(&spec, &lora, &Targets::Names(targets)).unwrap();
     assert!(adapted.layers[1].down_proj.adapter.is_some() && adapted.layers[1].v_proj.adapter.is_none());
-    let err = model.adapt(&spec, &lora, Some(&["query".to_string()])).unwrap_err().to_string();
+    let err = model.clone().adapt(&spec, &lora, &Targets::Names(vec!["query".to_string()])).unwrap_err().to_string();
     assert!(err.contains("self_attn.q_proj"), "{err}");
+    // PEFT's regex targets match the whole module name.
+    let regex = Targets::Regex(r"model\.layers\.1\.(self_attn\.(q|k)_proj|mlp\.up_proj)".into());
+    let adapted = model.clone().adapt(&spec, &lora, &regex).unwrap();
+    let adapted_names: Vec<bool> = [
+        &adapted.layers[0].q_proj,
+        &adapted.layers[1].q_proj,
+        &adapted.layers[1].k_proj,
+        &adapted.layers[1].up_proj,
+        &adapted.layers[1].v_proj,
+    ]
+    .iter()
+    .map(|p| p.adapter.is_some())
+    .collect();
+    assert_eq!(adapted_names, [false, true, true, true, false]);
+    assert!(
+        model.clone().adapt(&spec, &lora, &Targets::Regex("q_proj".into())).is_err(),
+        "regex must match whole names"
+    );
+    assert!(matches!(
+        model.clone().adapt(&spec, &lora, &Targets::Regex("(".into())),
+        Err(ModelError::BadTarget { .. })
+    ));
+    let adp = MethodConfig::from_name("loretta-adp").unwrap();
+    assert!(
+        model.adapt(&spec, &adp, &Targets::Names(vec!["q_proj".into()])).is_err(),
+        "residual methods take no targets"
+    );
 
     // A checkpoint with a missing or misshapen tensor is refused with its name.
     let dir = std::env::temp_dir().join(format!("tpeft-llama-{}", std::process::id()));
@@ -223,7 +250,7 @@ fn minilm_embeddings_match_the_numpy_reference() {
         assert!(max_err < 1e-5, "embedding differs from the reference by {max_err}");
     }
     // Adapters inject into BERT names too, leaving the output unchanged at initialisation.
-    let adapted = model.adapt(&spec, &MethodConfig::from_name("loretta-adp").unwrap(), None).unwrap();
+    let adapted = model.adapt(&spec, &MethodConfig::from_name("loretta-adp").unwrap(), &Targets::Default).unwrap();
     let again = adapted.embed_texts(&tokenizer, &texts[..1]).unwrap();
     assert!(again[0].iter().zip(&got[0]).all(|(a, b)| (a - b).abs() < 1e-6));
 }

@@ -45,8 +45,11 @@ enum Command {
         #[arg(long)]
         bottleneck: Option<usize>,
         /// Comma-separated target modules (exact name or suffix, PEFT style).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
         targets: Option<Vec<String>>,
+        /// A regular expression that must match whole module names (PEFT's string targets).
+        #[arg(long)]
+        target_regex: Option<String>,
     },
     /// Train every method briefly on a small stack on the chosen backend and check the factored
     /// forward against the dense reconstruction.
@@ -148,14 +151,19 @@ macro_rules! with_backend {
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
     match cli.command {
-        Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets } => {
+        Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets, target_regex } => {
             let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck };
             let method = method_from_flags(&method, &flags)?;
             let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
                 tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
                 other => CliError::Runtime(other.to_string()),
             })?;
-            let report = count(&spec, &method, targets.as_deref())?;
+            let targets = match (targets, target_regex) {
+                (Some(names), _) => tensor_peft_models::Targets::Names(names),
+                (None, Some(pattern)) => tensor_peft_models::Targets::Regex(pattern),
+                (None, None) => tensor_peft_models::Targets::Default,
+            };
+            let report = count(&spec, &method, &targets)?;
             Ok(render(&spec, &method, &report))
         }
         Command::Bench { suite, dims, tokens, repeats, json } => {
