@@ -254,3 +254,132 @@ fn minilm_embeddings_match_the_numpy_reference() {
     let again = adapted.embed_texts(&tokenizer, &texts[..1]).unwrap();
     assert!(again[0].iter().zip(&got[0]).all(|(a, b)| (a - b).abs() < 1e-6));
 }
+
+#[test]
+fn f16_bf16_and_sharded_checkpoints_load() {
+    use safetensors::{Dtype, serialize, tensor::TensorView};
+    let device = Default::default();
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let dir = std::env::temp_dir().join(format!("tpeft-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+    // First half of the tensors in BF16, second half in F16, one shard each.
+    let mut weight_map = serde_json::Map::new();
+    for (shard, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|name| {
+                let view = file.tensor(name).unwrap();
+                let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                let data: Vec<u8> = if shard == 0 {
+                    values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect()
+                } else {
+                    values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect()
+                };
+                (name.clone(), view.shape().to_vec(), data)
+            })
+            .collect();
+        let dtype = if shard == 0 { Dtype::BF16 } else { Dtype::F16 };
+        let views: Vec<(String, TensorView)> =
+            encoded.iter().map(|(n, s, d)| (n.clone(), TensorView::new(dtype, s.clone(), d).unwrap())).collect();
+        let file_name = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        std::fs::write(dir.join(&file_name), serialize(views, None).unwrap()).unwrap();
+        for name in chunk {
+            weight_map.insert(name.clone(), file_name.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (model, _) = Llama::<B>::from_hf_dir(&dir, &device).unwrap();
+    let (ids, _, reference) = expected();
+    let got = values(model.forward(tokens::<B>(&ids, &device)));
+    let max_err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    // Half-precision weights move the logits a little, not arbitrarily.
+    assert!(max_err > 0.0 && max_err < 0.15, "half-precision logits differ by {max_err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A minimal GGUF v3 file: `meta` as (key, type, encoded value), tensors as (name, dims, type, data).
+fn gguf_bytes(meta: &[(&str, u32, Vec<u8>)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+    let string = |s: &str| [(s.len() as u64).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat();
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (key, ty, value) in meta {
+        out.extend(string(key));
+        out.extend(ty.to_le_bytes());
+        out.extend(value);
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, data) in tensors {
+        out.extend(string(name));
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += data.len().div_ceil(32) as u64 * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for (_, _, _, data) in tensors {
+        let start = out.len();
+        out.extend(data);
+        out.resize(start + data.len().div_ceil(32) * 32, 0);
+    }
+    out
+}
+
+#[test]
+fn gguf_dequantisation_and_corrupt_files() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    // One Q8_0 block (d = 0.5) and one Q4_1 block (d = 0.25, m = -1).
+    let mut q8 = half::f16::from_f32(0.5).to_le_bytes().to_vec();
+    q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+    let mut q41 = half::f16::from_f32(0.25).to_le_bytes().to_vec();
+    q41.extend(half::f16::from_f32(-1.0).to_le_bytes());
+    q41.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+    let arch = [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat();
+    let bytes = gguf_bytes(
+        &[("general.architecture", 8, arch), ("llama.block_count", 4, 2u32.to_le_bytes().to_vec())],
+        &[("a", vec![32], 8, q8), ("b", vec![32], 3, q41)],
+    );
+    let gguf = Gguf::parse(bytes.clone(), "test.gguf".as_ref()).unwrap();
+    assert_eq!(gguf.metadata["general.architecture"], MetaValue::Str("llama".into()));
+    let (shape, a) = gguf.dequantize_tensor(&gguf.tensors[0]).unwrap();
+    assert_eq!(shape, vec![32]);
+    assert_eq!(a, (0..32).map(|i| 0.5 * (i as f32 - 16.0)).collect::<Vec<_>>());
+    let (_, b) = gguf.dequantize_tensor(&gguf.tensors[1]).unwrap();
+    let expected: Vec<f32> =
+        (0..16).map(|i| 0.25 * i as f32 - 1.0).chain((0..16).map(|i| 0.25 * (15 - i) as f32 - 1.0)).collect();
+    assert_eq!(b, expected);
+    // Every truncation and many byte flips give an error or a valid parse, never a panic.
+    for cut in 0..bytes.len() {
+        let r = Gguf::parse(bytes[..cut].to_vec(), "cut.gguf".as_ref());
+        if let Err(e) = r {
+            assert!(e.to_string().contains("cut.gguf"), "{e}");
+        }
+    }
+    let mut state = 7u64;
+    for _ in 0..2000 {
+        let mut corrupt = bytes.clone();
+        for _ in 0..3 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let pos = (state >> 33) as usize % corrupt.len();
+            corrupt[pos] = (state >> 20) as u8;
+        }
+        if let Ok(g) = Gguf::parse(corrupt, "flip.gguf".as_ref()) {
+            for t in &g.tensors {
+                let _ = g.dequantize_tensor(t);
+            }
+        }
+    }
+    // An unsupported quantisation type is named.
+    let k_quant = gguf_bytes(&[], &[("w", vec![256], 12, vec![0; 144])]);
+    let err = Gguf::parse(k_quant, "k.gguf".as_ref()).unwrap_err().to_string();
+    assert!(err.contains("unsupported GGML tensor type 12") && err.contains("Q4_1"), "{err}");
+}
