@@ -383,3 +383,42 @@ fn gguf_dequantisation_and_corrupt_files() {
     let err = Gguf::parse(k_quant, "k.gguf".as_ref()).unwrap_err().to_string();
     assert!(err.contains("unsupported GGML tensor type 12") && err.contains("Q4_1"), "{err}");
 }
+
+#[test]
+fn extra_trainables_norms_and_classification_head() {
+    use burn::module::Module;
+    type AB = Autodiff<NdArray>;
+    let device = Default::default();
+    let (llama, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
+    let lora = MethodConfig::from_name("lora").unwrap();
+    let trainable = |m: &dyn Fn(&mut dyn FnMut(bool, usize))| {
+        let mut n = 0;
+        m(&mut |req, count| {
+            if req {
+                n += count
+            }
+        });
+        n
+    };
+    struct Count<'a>(&'a mut dyn FnMut(bool, usize));
+    impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            (self.0)(p.val().is_require_grad(), p.val().shape().num_elements());
+        }
+    }
+    let adapted = llama.adapt(&spec, &lora, &Targets::Default).unwrap().train_norms();
+    let n = trainable(&|f| adapted.visit(&mut Count(f)));
+    // LoRA r=8 on q,v of 2 layers (32→32 and 32→16) + 5 RMSNorms of width 32.
+    assert_eq!(n, 2 * 8 * (64 + 48) + 5 * 32);
+    if let Some(dir) = minilm() {
+        let (bert, spec) = tensor_peft_models::Bert::<AB>::from_hf_dir(&dir, &device).unwrap();
+        let classifier =
+            tensor_peft_models::SequenceClassifier::new(bert.adapt(&spec, &lora, &Targets::Default).unwrap(), 3);
+        let n = trainable(&|f| classifier.visit(&mut Count(f)));
+        assert_eq!(n, 6 * 2 * 8 * 768 + 384 * 3 + 3);
+        let ids =
+            Tensor::<AB, 2, Int>::from_data(TensorData::new(vec![101i64, 2054, 102, 101, 102, 0], [2, 3]), &device);
+        let mask = Tensor::<AB, 2>::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0, 1.0, 1.0, 0.0], [2, 3]), &device);
+        assert_eq!(classifier.forward(ids, mask).dims(), [2, 3]);
+    }
+}

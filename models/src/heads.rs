@@ -1,0 +1,93 @@
+//! Task heads and extra trainables on top of the frozen encoders: a sequence classification or
+//! regression head (PEFT's `modules_to_save`), and unfreezing the normalisation layers (LoRETTA
+//! trains them next to its adapters).
+
+use crate::bert::Bert;
+use crate::llama::Llama;
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, Linear, LinearConfig, RmsNorm};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+fn trainable<B: Backend, const D: usize>(p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+    p.map(|t| t.set_require_grad(true))
+}
+
+fn train_rms_norm<B: Backend>(mut n: RmsNorm<B>) -> RmsNorm<B> {
+    n.gamma = trainable(n.gamma);
+    n
+}
+
+fn train_layer_norm<B: Backend>(mut n: LayerNorm<B>) -> LayerNorm<B> {
+    n.gamma = trainable(n.gamma);
+    n.beta = n.beta.map(trainable);
+    n
+}
+
+impl<B: Backend> Llama<B> {
+    /// Makes every RMSNorm scale trainable (LoRETTA's extra trainables).
+    pub fn train_norms(mut self) -> Self {
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|mut l| {
+                l.input_layernorm = train_rms_norm(l.input_layernorm);
+                l.post_attention_layernorm = train_rms_norm(l.post_attention_layernorm);
+                l
+            })
+            .collect();
+        self.norm = train_rms_norm(self.norm);
+        self
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Makes every LayerNorm (scale and bias) trainable.
+    pub fn train_norms(mut self) -> Self {
+        self.embeddings_norm = train_layer_norm(self.embeddings_norm);
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|mut l| {
+                l.attention_norm = train_layer_norm(l.attention_norm);
+                l.output_norm = train_layer_norm(l.output_norm);
+                l
+            })
+            .collect();
+        self
+    }
+}
+
+/// A BERT-family encoder with a trainable head: `n_outputs` logits for classification, or one
+/// score for regression (`n_outputs = 1`). Uses the pooler (`tanh(W·h_[CLS])`) when the checkpoint
+/// has one, else mean pooling over the attention mask.
+#[derive(Module, Debug)]
+pub struct SequenceClassifier<B: Backend> {
+    /// The (adapted) encoder.
+    pub encoder: Bert<B>,
+    /// The trainable output layer `[d, n_outputs]`.
+    pub head: Linear<B>,
+}
+
+impl<B: Backend> SequenceClassifier<B> {
+    /// A fresh head (PyTorch-style uniform init) on `encoder`.
+    pub fn new(encoder: Bert<B>, n_outputs: usize) -> Self {
+        let device = encoder.word_embeddings.weight.device();
+        let d = encoder.word_embeddings.weight.dims()[1];
+        Self { encoder, head: LinearConfig::new(d, n_outputs.max(1)).init(&device) }
+    }
+
+    /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]` and attention mask `[B, T]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 2> {
+        let hidden = self.encoder.forward(ids, attention_mask.clone());
+        let pooled = match self.encoder.pooled(hidden.clone()) {
+            Some(p) => p,
+            None => {
+                let [b, t, d] = hidden.dims();
+                let mask = attention_mask.reshape([b, t, 1]);
+                (hidden * mask.clone()).sum_dim(1).reshape([b, d]) / mask.sum_dim(1).reshape([b, 1])
+            }
+        };
+        self.head.forward(pooled)
+    }
+}
