@@ -422,3 +422,87 @@ fn extra_trainables_norms_and_classification_head() {
         assert_eq!(classifier.forward(ids, mask).dims(), [2, 3]);
     }
 }
+
+/// Writes a random BERT (HF layout) into `dir`, as the tests' own small checkpoint.
+fn write_tiny_bert(dir: &std::path::Path, with_pooler: bool) {
+    use safetensors::{Dtype, serialize, tensor::TensorView};
+    let (d, i, layers, vocab, positions) = (16usize, 32usize, 2usize, 30usize, 20usize);
+    let config = serde_json::json!({"model_type": "bert", "hidden_size": d, "intermediate_size": i, "num_hidden_layers": layers,
+        "num_attention_heads": 2, "vocab_size": vocab, "max_position_embeddings": positions, "type_vocab_size": 2, "layer_norm_eps": 1e-12});
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![vocab, d]),
+        ("embeddings.position_embeddings.weight".into(), vec![positions, d]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, d]),
+        ("embeddings.LayerNorm.weight".into(), vec![d]),
+        ("embeddings.LayerNorm.bias".into(), vec![d]),
+    ];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}.");
+        for (name, out, inp) in [
+            ("attention.self.query", d, d),
+            ("attention.self.key", d, d),
+            ("attention.self.value", d, d),
+            ("attention.output.dense", d, d),
+            ("intermediate.dense", i, d),
+            ("output.dense", d, i),
+        ] {
+            shapes.push((format!("{p}{name}.weight"), vec![out, inp]));
+            shapes.push((format!("{p}{name}.bias"), vec![out]));
+        }
+        for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            shapes.push((format!("{p}{norm}.weight"), vec![d]));
+            shapes.push((format!("{p}{norm}.bias"), vec![d]));
+        }
+    }
+    if with_pooler {
+        shapes.push(("pooler.dense.weight".into(), vec![d, d]));
+        shapes.push(("pooler.dense.bias".into(), vec![d]));
+    }
+    let mut state = 11u64;
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|(_, s)| {
+            (0..s.iter().product::<usize>())
+                .flat_map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = shapes
+        .iter()
+        .zip(&data)
+        .map(|((n, s), d)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), d).unwrap()))
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn tiny_bert_loads_and_padding_does_not_leak() {
+    use tensor_peft_models::Bert;
+    let device = Default::default();
+    let dir = std::env::temp_dir().join(format!("tpeft-tiny-bert-{}", std::process::id()));
+    write_tiny_bert(&dir, false);
+    let (bert, spec) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
+    assert!(bert.pooler.is_none());
+    assert_eq!(spec.base_num_params(), bert.num_params() + 16 * 16 + 16); // the spec counts a pooler
+    let ids = tokens::<B>(&[vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]], &device);
+    let mask =
+        Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]), &device);
+    let hidden = bert.forward(ids, mask);
+    assert_eq!(hidden.dims(), [2, 5, 16]);
+    // The padded row's real tokens equal the same sentence run alone.
+    let alone = values(bert.forward(tokens::<B>(&[vec![3, 8, 1]], &device), Tensor::ones([1, 3], &device)));
+    let padded = values(hidden.narrow(0, 1, 1).narrow(1, 0, 3));
+    let max_err = alone.iter().zip(&padded).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_err < 1e-5, "padding leaked into real tokens: {max_err}");
+    // A LLaMA checkpoint directory is refused as a BERT one, naming the field.
+    let err = Bert::<B>::from_hf_dir(&fixture(), &device).unwrap_err().to_string();
+    assert!(err.contains("model_type"), "{err}");
+    write_tiny_bert(&dir, true);
+    assert!(Bert::<B>::from_hf_dir(&dir, &device).unwrap().0.pooler.is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
