@@ -1,16 +1,49 @@
 //! Reading HF checkpoints: `model.safetensors` or a sharded `model.safetensors.index.json`,
 //! F32/F16/BF16 converted to f32 on load.
+//!
+//! Files are memory-mapped and each tensor is converted only when the model takes it, so a load
+//! never holds the checkpoint twice in anonymous memory (the mapping is file-backed page cache).
 
 use crate::error::ModelError;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Every tensor of a checkpoint, as f32 with its shape and the file it came from.
+/// Where a tensor's values are.
+#[derive(Debug)]
+enum Stored {
+    /// Already f32 (e.g. dequantised from GGUF).
+    Owned(Vec<f32>),
+    /// Bytes `range` of a mapped safetensors file, in `dtype`.
+    Mapped { map: Arc<memmap2::Mmap>, range: std::ops::Range<usize>, dtype: Dtype },
+}
+
+impl Stored {
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Stored::Owned(v) => v,
+            Stored::Mapped { map, range, dtype } => {
+                let data = &map[range];
+                match dtype {
+                    Dtype::F16 => {
+                        data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                    }
+                    Dtype::BF16 => {
+                        data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                    }
+                    _ => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                }
+            }
+        }
+    }
+}
+
+/// Every tensor of a checkpoint: its shape, where its values are, and the file it came from.
 #[derive(Debug, Default)]
 pub struct Weights {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
+    tensors: HashMap<String, (Vec<usize>, Stored, PathBuf)>,
 }
 
 fn weights_error(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -51,36 +84,43 @@ impl Weights {
         Ok(weights)
     }
 
-    /// Adds every tensor of one safetensors file.
+    /// Adds every tensor of one safetensors file (memory-mapped; the file must not change while
+    /// the weights are being loaded).
     pub fn add_file(&mut self, path: &Path) -> Result<(), ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let file = SafeTensors::deserialize(&bytes)
-            .map_err(|e| weights_error(path, format!("not a valid safetensors file: {e}")))?;
-        for (name, view) in file.tensors() {
+        let file = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        // SAFETY: the mapping is read-only and only read while this loader runs; a checkpoint
+        // modified concurrently by another process is outside what the loader supports.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let map = Arc::new(map);
+        let invalid =
+            |e: safetensors::SafeTensorError| weights_error(path, format!("not a valid safetensors file: {e}"));
+        // `deserialize` validates every tensor's bounds and dtype size against the buffer.
+        SafeTensors::deserialize(&map).map_err(invalid)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(invalid)?;
+        let data_start = 8 + header_len;
+        for (name, info) in metadata.tensors() {
             // Integer buffers such as BERT's `position_ids` are recomputed, not loaded.
-            if matches!(view.dtype(), Dtype::I64 | Dtype::I32) && name.ends_with("position_ids") {
+            if matches!(info.dtype, Dtype::I64 | Dtype::I32) && name.ends_with("position_ids") {
                 continue;
             }
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                other => {
-                    return Err(weights_error(
-                        path,
-                        format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
-                    ));
-                }
-            };
-            self.tensors.insert(name, (view.shape().to_vec(), values, path.to_path_buf()));
+            if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(weights_error(
+                    path,
+                    format!("tensor `{name}` has dtype {:?}; expected F32, F16 or BF16", info.dtype),
+                ));
+            }
+            let (begin, end) = info.data_offsets;
+            let stored =
+                Stored::Mapped { map: map.clone(), range: data_start + begin..data_start + end, dtype: info.dtype };
+            self.tensors.insert(name, (info.shape.clone(), stored, path.to_path_buf()));
         }
         Ok(())
     }
 
     /// Adds one tensor (row-major `shape`), e.g. from a GGUF file.
     pub fn insert(&mut self, name: String, shape: Vec<usize>, values: Vec<f32>, source: PathBuf) {
-        self.tensors.insert(name, (shape, values, source));
+        self.tensors.insert(name, (shape, Stored::Owned(values), source));
     }
 
     /// Whether a tensor named `name` is present.
@@ -118,12 +158,13 @@ impl Weights {
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>, ModelError> {
-        let (found, values, path) =
+        let (found, stored, path) =
             self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+
         if found != shape {
             return Err(weights_error(&path, format!("tensor `{name}` has shape {found:?}, expected {shape:?}")));
         }
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+        Ok(Tensor::from_data(TensorData::new(stored.into_f32(), shape), device))
     }
 
     /// Names of the tensors not taken yet (a checkpoint with unexpected tensors is refused).
