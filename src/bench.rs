@@ -36,10 +36,12 @@ pub struct BenchOptions {
     pub tokens: Vec<usize>,
     /// Timed repetitions per variant (after one warm-up round).
     pub repeats: usize,
+    /// A LLaMA-family model (HF directory or `.gguf`) for the `model` suite.
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// Suite names accepted by `--suite`.
-pub const SUITES: [&str; 4] = ["linear", "contraction", "merged", "scoring"];
+pub const SUITES: [&str; 5] = ["linear", "contraction", "merged", "scoring", "model"];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -302,6 +304,44 @@ fn bench_scoring<B: Backend>(device: &B::Device, d: usize, repeats: usize) -> Re
     Ok(out)
 }
 
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib / 1024.0)
+}
+
+/// `model` suite: load time, a 1×64-token forward (tokens/s), 32 greedy tokens with the KV cache
+/// after a 16-token prompt (tokens/s), and peak RSS.
+fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: usize) -> Result<Vec<Value>, String> {
+    use tensor_peft_models::Llama;
+    let start = Instant::now();
+    let llama = if path.extension().is_some_and(|e| e == "gguf") {
+        Llama::<B>::from_gguf(path, device).map_err(|e| e.to_string())?.0
+    } else {
+        Llama::<B>::from_hf_dir(path, device).map_err(|e| e.to_string())?.0
+    };
+    let load_s = start.elapsed().as_secs_f64();
+    let vocab = llama.embed_tokens.weight.dims()[0] as i64;
+    let ids: Vec<i64> = (0..64).map(|i| (i * 7919 + 13) % vocab).collect();
+    let tokens =
+        Tensor::<B, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids.clone(), [1, 64]), device);
+    let mut variants: Vec<(String, Box<dyn FnMut()>)> =
+        vec![("forward".into(), Box::new(|| drop(llama.forward(tokens.clone()))))];
+    let forward_ms = time_interleaved::<B>(device, &mut variants, repeats)[0];
+    drop(variants);
+    let prompt: Vec<u32> = ids[..16].iter().map(|&i| i as u32).collect();
+    let start = Instant::now();
+    let generated = llama.generate_greedy(&prompt, 32, None).len();
+    let decode_s = start.elapsed().as_secs_f64();
+    Ok(vec![json!({
+        "suite": "model", "model": path.display().to_string(), "load_s": load_s,
+        "forward_1x64_ms": forward_ms, "forward_tokens_per_s": 64.0 / (forward_ms / 1e3),
+        "generate_32_tokens_s": decode_s, "generate_tokens_per_s": generated as f64 / decode_s,
+        "peak_rss_mib": peak_rss_mib(),
+    })])
+}
+
 /// Runs the selected suites; returns one JSON record per measurement.
 pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Result<Vec<Value>, String> {
     B::seed(device, 0);
@@ -327,6 +367,10 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Re
                     records.extend(bench_scoring::<B::InnerBackend>(inner, d, options.repeats)?);
                 }
             }
+            "model" => {
+                let path = options.model.as_deref().ok_or("the model suite needs --model <HF dir | file.gguf>")?;
+                records.extend(bench_model::<B::InnerBackend>(inner, path, options.repeats)?);
+            }
             other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
         }
     }
@@ -347,6 +391,7 @@ pub fn render(records: &[Value]) -> String {
             "linear" => format!("linear d={} N={}", r["d"], r["tokens"]),
             "merged" => format!("merged d={} N={}", r["d"], r["tokens"]),
             "contraction" => format!("contraction {} ", r["shape"]),
+            "model" => format!("model {}", r["model"].as_str().unwrap_or("")),
             _ => format!("scoring d={}", r["d"]),
         };
         if header != last {
@@ -355,6 +400,7 @@ pub fn render(records: &[Value]) -> String {
                 "linear" => "variant                       median ms   vs LoRA   vs base   same result\n",
                 "merged" => "method        base ms  merged ms  unmerged ms  merged/base  unmerged/base\n",
                 "contraction" => "   N  half-trains ms  core-by-core ms  core/half  planned      measured faster\n",
+                "model" => "load s  forward 1x64 ms  forward tok/s  generate tok/s  peak RSS MiB\n",
                 _ => "     N  factored ms  dense ms  dense/factored  switch\n",
             });
             last = header;
@@ -385,6 +431,14 @@ pub fn render(records: &[Value]) -> String {
                 f(r, "core_vs_half"),
                 r["planned"].as_str().unwrap_or(""),
                 r["measured_faster"].as_str().unwrap_or("")
+            ),
+            "model" => format!(
+                "{:>6.2} {:>16.1} {:>14.1} {:>15.2} {:>13.0}\n",
+                f(r, "load_s"),
+                f(r, "forward_1x64_ms"),
+                f(r, "forward_tokens_per_s"),
+                f(r, "generate_tokens_per_s"),
+                f(r, "peak_rss_mib")
             ),
             _ => format!(
                 "{:>6} {:>12.3} {:>9.3} {:>15.3}  {}\n",

@@ -114,6 +114,9 @@ enum Command {
         /// Also write the records to this JSON file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// LLaMA-family model (HF directory or .gguf) for the `model` suite.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
     },
 }
 
@@ -166,7 +169,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             let report = count(&spec, &method, &targets)?;
             Ok(render(&spec, &method, &report))
         }
-        Command::Bench { suite, dims, tokens, repeats, json } => {
+        Command::Bench { suite, dims, tokens, repeats, json, model } => {
             for s in &suite {
                 if !tensor_peft::bench::SUITES.contains(&s.as_str()) {
                     return Err(CliError::Usage(format!(
@@ -178,7 +181,10 @@ fn run(cli: Cli) -> Result<String, CliError> {
             if dims.contains(&0) || tokens.contains(&0) || tokens.is_empty() || repeats == 0 {
                 return Err(CliError::Usage("--dims, --tokens and --repeats must be positive".into()));
             }
-            let options = tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats };
+            if suite.iter().any(|s| s == "model") && model.is_none() {
+                return Err(CliError::Usage("the model suite needs --model <HF dir | file.gguf>".into()));
+            }
+            let options = tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats, model };
             let records = bench(cli.backend, &options).map_err(CliError::Runtime)?;
             if let Some(path) = json {
                 write_atomically(&path, &serde_json::to_string_pretty(&records).expect("json values serialise"))?;
