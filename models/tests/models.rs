@@ -189,23 +189,52 @@ fn smollm2() -> Option<PathBuf> {
     None
 }
 
+/// Outputs of transformers / sentence-transformers on the real assets
+/// (`scripts/fixtures/transformers_parity.py`).
+fn parity() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("../transformers-parity.json")).unwrap()).unwrap()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
 #[test]
-fn smollm2_gguf_answers_like_transformers() {
+fn smollm2_gguf_matches_transformers() {
     use tensor_peft_models::tokenizer::ChatMessage;
     let Some(path) = smollm2() else { return };
+    let reference = &parity()["smollm2"];
     let device = Default::default();
     let (model, spec, tokenizer) = Llama::<B>::from_gguf(&path, &device).unwrap();
     assert_eq!((spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.vocab), (30, 576, 9, 3, 49152));
     assert!(spec.tie_embeddings);
     assert_eq!(spec.base_num_params(), 134_515_008);
-    // transformers' ids for this text (shared/notes/assets.md).
-    assert_eq!(tokenizer.encode("Once upon a time").unwrap(), vec![6403, 1980, 253, 655]);
-    let user = ChatMessage { role: "user".into(), content: "What is the capital of France?".into() };
+    // Identical tokenization and chat template.
+    assert_eq!(tokenizer.encode(reference["plain_text"].as_str().unwrap()).unwrap(), u32s(&reference["plain_ids"]));
+    let user = ChatMessage { role: "user".into(), content: reference["question"].as_str().unwrap().into() };
     let prompt = tokenizer.apply_chat_template(&[user], true).unwrap();
-    assert!(prompt.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{prompt}");
-    assert!(prompt.ends_with("<|im_start|>assistant\n"));
+    assert_eq!(prompt, reference["prompt"].as_str().unwrap());
     let ids = tokenizer.encode(&prompt).unwrap();
+    assert_eq!(ids, u32s(&reference["prompt_ids"]));
+    // Logits at the last prompt position within 1e-4 relative, same top-5.
+    let t = ids.len();
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, t]),
+        &device,
+    );
+    let last = model.forward(input).narrow(1, t - 1, 1).reshape([spec.vocab]);
+    let logits = values(last.clone());
+    let expected: Vec<f64> =
+        reference["last_logits_first32"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let scale = logits.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let max_err = logits.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_err <= 1e-4 * scale, "logits differ from transformers by {max_err} (scale {scale})");
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    assert_eq!(order[..5].iter().map(|&i| i as u32).collect::<Vec<_>>(), u32s(&reference["last_top5"]));
+    // Identical greedy continuation (KV-cache path).
     let answer = model.generate_greedy(&ids, 16, tokenizer.eos);
+    assert_eq!(answer, u32s(&reference["greedy_ids"]));
     assert_eq!(tokenizer.decode(&answer).unwrap(), "The capital of France is Paris.<|im_end|>");
 }
 
@@ -248,6 +277,22 @@ fn minilm_embeddings_match_the_numpy_reference() {
             .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
             .fold(0.0, f64::max);
         assert!(max_err < 1e-5, "embedding differs from the reference by {max_err}");
+    }
+    // sentence-transformers on the same model and texts.
+    let reference = &parity()["minilm"];
+    for ((text, ids), row) in
+        texts.iter().zip(reference["input_ids"].as_array().unwrap()).zip(reference["embeddings"].as_array().unwrap())
+    {
+        assert_eq!(tokenizer.encode_with_specials(text).unwrap(), u32s(ids));
+        let _ = row;
+    }
+    for (row, reference) in got.iter().zip(reference["embeddings"].as_array().unwrap()) {
+        let max_err = row
+            .iter()
+            .zip(reference.as_array().unwrap())
+            .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(max_err < 1e-5, "embedding differs from sentence-transformers by {max_err}");
     }
     // Adapters inject into BERT names too, leaving the output unchanged at initialisation.
     let adapted = model.adapt(&spec, &MethodConfig::from_name("loretta-adp").unwrap(), &Targets::Default).unwrap();
