@@ -83,7 +83,7 @@ fn dense<B: Backend>(
     d_out: usize,
     device: &B::Device,
 ) -> Result<Linear<B>, ModelError> {
-    let weight = w.take::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?.transpose();
+    let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
     let bias = w.take::<B, 1>(&format!("{name}.bias"), [d_out], device)?;
     Ok(Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) })
 }

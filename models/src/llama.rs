@@ -13,7 +13,6 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::ElementConversion;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::linear;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use std::path::Path;
 use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
@@ -95,7 +94,7 @@ fn frozen_linear<B: Backend>(
     d_out: usize,
     device: &B::Device,
 ) -> Result<AdaptedLinear<B>, ModelError> {
-    let weight = w.take::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?.transpose();
+    let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
     let base = Linear { weight: Param::from_tensor(weight), bias: None };
     Ok(AdaptedLinear::new(base, None)?)
 }
@@ -298,7 +297,7 @@ impl<B: Backend> Llama<B> {
         let lm_head = if spec.tie_embeddings {
             None
         } else {
-            let weight = w.take::<B, 2>("lm_head.weight", [v, d], device)?.transpose();
+            let weight = w.take_transposed::<B>("lm_head.weight", [v, d], device)?;
             Some(Linear { weight: Param::from_tensor(weight), bias: None })
         };
         let model = Llama {
@@ -347,7 +346,9 @@ impl<B: Backend> Llama<B> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => linear(x, self.embed_tokens.weight.val().transpose(), None),
+            // Tied head: `E·hᵀ` keeps the big embedding matrix contiguous (a transposed view of it
+            // would be copied on every call).
+            None => self.embed_tokens.weight.val().unsqueeze::<3>().matmul(x.swap_dims(1, 2)).swap_dims(1, 2),
         }
     }
 

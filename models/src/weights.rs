@@ -167,6 +167,33 @@ impl Weights {
         Ok(Tensor::from_data(TensorData::new(stored.into_f32(), shape), device))
     }
 
+    /// Removes and returns the 2-D tensor `name` stored as `[rows, cols]` (HF's `[out, in]`),
+    /// transposed into a contiguous `[cols, rows]` (Burn's `[in, out]`). Backends multiply a
+    /// contiguous weight several times faster than a transposed view of one.
+    pub fn take_transposed<B: Backend>(
+        &mut self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let (found, stored, path) =
+            self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        if found != [rows, cols] {
+            return Err(weights_error(
+                &path,
+                format!("tensor `{name}` has shape {found:?}, expected {:?}", [rows, cols]),
+            ));
+        }
+        let values = stored.into_f32();
+        let mut transposed = vec![0.0f32; values.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                transposed[c * rows + r] = values[r * cols + c];
+            }
+        }
+        Ok(Tensor::from_data(TensorData::new(transposed, [cols, rows]), device))
+    }
+
     /// Names of the tensors not taken yet (a checkpoint with unexpected tensors is refused).
     pub fn remaining(&self) -> Vec<String> {
         let mut names: Vec<_> = self.tensors.keys().cloned().collect();
