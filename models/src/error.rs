@@ -65,6 +65,12 @@ pub enum ModelError {
         /// The model's limit.
         limit: usize,
     },
+    /// An adapter file does not fit the model.
+    #[error("adapter file: {reason}")]
+    AdapterFile {
+        /// What is wrong.
+        reason: String,
+    },
     /// Building or placing adapters failed.
     #[error(transparent)]
     Adapter(#[from] tensor_peft_adapters::AdapterError),

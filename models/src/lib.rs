@@ -4,6 +4,7 @@
 //! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
 //! method by module name.
 
+pub mod adapter_file;
 pub mod arch;
 pub mod bert;
 pub mod error;

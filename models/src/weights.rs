@@ -7,7 +7,7 @@
 use crate::error::ModelError;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -192,6 +192,11 @@ impl Weights {
             }
         }
         Ok(Tensor::from_data(TensorData::new(transposed, [cols, rows]), device))
+    }
+
+    /// Every remaining tensor converted to f32, by name.
+    pub fn into_map(self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        self.tensors.into_iter().map(|(name, (shape, stored, _))| (name, (shape, stored.into_f32()))).collect()
     }
 
     /// Names of the tensors not taken yet (a checkpoint with unexpected tensors is refused).

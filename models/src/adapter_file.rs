@@ -1,0 +1,377 @@
+//! Adapter files, PEFT style: `<dir>/adapter_config.json` (method, hyper-parameters, targets, base
+//! model identity) and `<dir>/adapter_model.safetensors` (only the adapter tensors; shared factors
+//! stored once). LoRA tensors use HF PEFT's layout (`base_model.model.<module>.lora_A.weight`
+//! `[r, in]`, `lora_B.weight` `[out, r]`) so PEFT can read them; other methods store their factors
+//! under `base_model.model.<module>.<parameter path>`.
+//!
+//! Loading rebuilds the adapters from the config and then replaces every parameter by name, after
+//! checking that the base model matches; files are written to temporary names and renamed.
+
+use crate::arch::ArchSpec;
+use crate::error::ModelError;
+use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tensor_peft_adapters::{LinearAdapter, MethodConfig};
+
+/// Name of the config file in an adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// Name of the weights file in an adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The base model an adapter was trained on (checked when loading).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseModelIdentity {
+    /// `llama` or `bert`.
+    pub family: String,
+    /// Model width.
+    pub hidden: usize,
+    /// Feed-forward width.
+    pub intermediate: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl BaseModelIdentity {
+    /// The identity of `spec`.
+    pub fn of(spec: &ArchSpec) -> Self {
+        Self {
+            family: spec.family.name().into(),
+            hidden: spec.hidden,
+            intermediate: spec.intermediate,
+            layers: spec.layers,
+            heads: spec.heads,
+            kv_heads: spec.kv_heads,
+            vocab: spec.vocab,
+        }
+    }
+}
+
+/// `adapter_config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// The method and its hyper-parameters.
+    pub method: MethodConfig,
+    /// `None`: the method's defaults; else module names/suffixes (PEFT's `target_modules` list).
+    pub target_modules: Option<Vec<String>>,
+    /// A regular expression over module names (PEFT's string `target_modules`).
+    pub target_regex: Option<String>,
+    /// Where the base model came from (informational).
+    pub base_model_name_or_path: String,
+    /// Shapes the base model must have.
+    pub base_model: BaseModelIdentity,
+    /// `LORA` for LoRA (PEFT's `peft_type`), else the method name.
+    pub peft_type: String,
+    /// Version of tensor-peft that wrote the file.
+    pub library_version: String,
+}
+
+impl AdapterConfig {
+    /// The target selection this config describes.
+    pub fn targets(&self) -> Targets {
+        match (&self.target_modules, &self.target_regex) {
+            (Some(names), _) => Targets::Names(names.clone()),
+            (None, Some(re)) => Targets::Regex(re.clone()),
+            (None, None) => Targets::Default,
+        }
+    }
+}
+
+/// Collects `(path, values, shape)` of every float parameter, with paths made of field names.
+struct Collect {
+    path: Vec<String>,
+    out: Vec<(String, Vec<f32>, Vec<usize>)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let t = param.val();
+        let shape = t.dims().to_vec();
+        let values = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        self.out.push((self.path.join("."), values, shape));
+    }
+}
+
+fn collect<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let mut c = Collect { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut c);
+    c.out
+}
+
+/// Replaces every float parameter by the tensor stored under `prefix.path`, checking shapes.
+struct Replace<'a> {
+    prefix: String,
+    path: Vec<String>,
+    tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    error: Option<ModelError>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Replace<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = format!("{}.{}", self.prefix, self.path.join("."));
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let replaced = match self.tensors.remove(&name) {
+            Some((shape, values)) if shape == dims => {
+                Tensor::from_data(TensorData::new(values, dims), &tensor.device())
+                    .set_require_grad(tensor.is_require_grad())
+            }
+            Some((shape, _)) => {
+                self.error.get_or_insert(ModelError::AdapterFile {
+                    reason: format!("tensor `{name}` has shape {shape:?}, this model needs {dims:?}"),
+                });
+                tensor
+            }
+            None => {
+                self.error.get_or_insert(ModelError::AdapterFile {
+                    reason: format!("the adapter file has no tensor `{name}`"),
+                });
+                tensor
+            }
+        };
+        Param::from_mapped_value(id, replaced, mapper)
+    }
+}
+
+/// `module` with every parameter replaced by the tensor stored under `prefix.<path>`.
+fn replace<B: Backend, M: Module<B>>(
+    module: M,
+    prefix: String,
+    tensors: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<M, ModelError> {
+    let mut mapper = Replace { prefix, path: Vec::new(), tensors, error: None };
+    let module = module.map(&mut mapper);
+    match mapper.error {
+        Some(e) => Err(e),
+        None => Ok(module),
+    }
+}
+
+/// PEFT's names for a LoRA site.
+fn lora_names(site: &str) -> (String, String) {
+    (format!("base_model.model.{site}.lora_A.weight"), format!("base_model.model.{site}.lora_B.weight"))
+}
+
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// One adapted site of a model.
+enum Slot<'a, B: Backend> {
+    Linear(&'a mut tensor_peft_adapters::AdaptedLinear<B>),
+    Residual(&'a mut tensor_peft_adapters::ResidualAdapter<B>),
+}
+
+/// Calls `f` with the name and slot of every adapted site of `model`.
+fn each_site<B: Backend, M: AdapterSlots<B>>(
+    model: &mut M,
+    spec: &ArchSpec,
+    mut f: impl FnMut(&str, Slot<'_, B>) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    for site in spec.linear_sites() {
+        let local = site.name.splitn(4, '.').nth(3).unwrap_or("");
+        if let Some(slot) = model.linear_slot(site.layer, local)
+            && slot.adapter.is_some()
+        {
+            f(&site.name, Slot::Linear(slot))?;
+        }
+    }
+    for site in spec.residual_sites() {
+        let layer: usize = site.name.splitn(4, '.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
+        let position = if site.name.ends_with("attention_adapter") {
+            ResidualPosition::Attention
+        } else {
+            ResidualPosition::FeedForward
+        };
+        if let Some(Some(adapter)) = model.residual_slot(layer, position) {
+            f(&site.name, Slot::Residual(adapter))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `<dir>/adapter_config.json` and `<dir>/adapter_model.safetensors` for the adapters
+/// carried by `model`.
+pub fn save_adapter<B: Backend, M: AdapterSlots<B>>(
+    model: &mut M,
+    spec: &ArchSpec,
+    config: &AdapterConfig,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    each_site(model, spec, |site, slot| {
+        match slot {
+            Slot::Linear(slot) => match slot.adapter.as_ref().expect("checked by each_site") {
+                LinearAdapter::Lora(lora) => {
+                    let (a_name, b_name) = lora_names(site);
+                    let [d_in, r] = lora.a.dims();
+                    let [_, d_out] = lora.b.dims();
+                    let a = lora.a.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+                    let b = lora.b.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+                    tensors.insert(a_name, (vec![r, d_in], transpose(&a, d_in, r)));
+                    tensors.insert(b_name, (vec![d_out, r], transpose(&b, r, d_out)));
+                }
+                adapter => {
+                    for (path, values, shape) in collect(adapter) {
+                        tensors.insert(format!("base_model.model.{site}.{path}"), (shape, values));
+                    }
+                }
+            },
+            Slot::Residual(adapter) => {
+                for (path, values, shape) in collect(&*adapter) {
+                    tensors.insert(format!("base_model.model.{site}.{path}"), (shape, values));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    for (path, values, shape) in collect(model.shared_mut()) {
+        tensors.insert(format!("base_model.model.shared.{path}"), (shape, values));
+    }
+    if tensors.is_empty() {
+        return Err(ModelError::AdapterFile { reason: "the model carries no adapter to save".into() });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, (s, v))| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, d)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map(|v| (n.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let data =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
+    write_atomically(&dir.join(WEIGHTS_FILE), &data)?;
+    let json = serde_json::to_vec_pretty(config).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
+    write_atomically(&dir.join(CONFIG_FILE), &json)
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    let written = file.write_all(bytes).and_then(|_| file.sync_all());
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// Reads `<dir>/adapter_config.json`.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, ModelError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json { path, reason: e.to_string() })
+}
+
+/// Injects the adapter stored in `dir` into `model` (whose architecture is `spec`), refusing a
+/// base model of other shapes before touching any weight.
+pub fn load_adapter<B: Backend, M: AdapterSlots<B>>(
+    model: &mut M,
+    spec: &ArchSpec,
+    dir: &Path,
+) -> Result<AdapterConfig, ModelError> {
+    let config = read_adapter_config(dir)?;
+    let actual = BaseModelIdentity::of(spec);
+    if config.base_model != actual {
+        return Err(ModelError::AdapterFile {
+            reason: format!(
+                "{} was trained on a base model with {:?}, but this model has {:?}",
+                dir.display(),
+                config.base_model,
+                actual
+            ),
+        });
+    }
+    let mut weights = crate::weights::Weights::default();
+    weights.add_file(&dir.join(WEIGHTS_FILE))?;
+    let mut tensors = weights.into_map();
+    inject(model, spec, &config.method, &config.targets())?;
+    each_site(model, spec, |site, slot| {
+        let prefix = format!("base_model.model.{site}");
+        match slot {
+            Slot::Linear(slot) => {
+                let adapter = match slot.adapter.take().expect("checked by each_site") {
+                    LinearAdapter::Lora(mut lora) => {
+                        let (a_name, b_name) = lora_names(site);
+                        let [d_in, r] = lora.a.dims();
+                        let [_, d_out] = lora.b.dims();
+                        let device = lora.a.device();
+                        let mut take = |name: &str, shape: [usize; 2]| match tensors.remove(name) {
+                            Some((s, v)) if s == shape => Ok(v),
+                            Some((s, _)) => Err(ModelError::AdapterFile {
+                                reason: format!("tensor `{name}` has shape {s:?}, expected {shape:?}"),
+                            }),
+                            None => Err(ModelError::AdapterFile {
+                                reason: format!("the adapter file has no tensor `{name}`"),
+                            }),
+                        };
+                        let a = transpose(&take(&a_name, [r, d_in])?, r, d_in);
+                        let b = transpose(&take(&b_name, [d_out, r])?, d_out, r);
+                        let load = |values: Vec<f32>, shape: [usize; 2]| {
+                            let device = device.clone();
+                            move |t: Tensor<B, 2>| {
+                                Tensor::from_data(TensorData::new(values, shape), &device)
+                                    .set_require_grad(t.is_require_grad())
+                            }
+                        };
+                        lora.a = lora.a.map(load(a, [d_in, r]));
+                        lora.b = lora.b.map(load(b, [r, d_out]));
+                        LinearAdapter::Lora(lora)
+                    }
+                    adapter => replace(adapter, prefix, &mut tensors)?,
+                };
+                slot.adapter = Some(adapter);
+            }
+            Slot::Residual(adapter) => *adapter = replace(adapter.clone(), prefix, &mut tensors)?,
+        }
+        Ok(())
+    })?;
+    let shared = std::mem::take(model.shared_mut());
+    *model.shared_mut() = replace(shared, "base_model.model.shared".into(), &mut tensors)?;
+    if let Some(name) = tensors.keys().next() {
+        return Err(ModelError::AdapterFile {
+            reason: format!(
+                "{} holds {} tensors this model has no place for, e.g. `{name}`",
+                dir.display(),
+                tensors.len()
+            ),
+        });
+    }
+    Ok(config)
+}
