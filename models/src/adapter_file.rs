@@ -57,8 +57,10 @@ impl BaseModelIdentity {
     }
 }
 
-/// `adapter_config.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `adapter_config.json` describes. On disk it is PEFT's format: PEFT's LoRA keys (`peft_type`,
+/// `r`, `lora_alpha`, `target_modules`, …) at the top level, and our method configuration, base-model
+/// identity and version under `tensor_peft`. Files written by PEFT (LoRA) are read too.
+#[derive(Debug, Clone)]
 pub struct AdapterConfig {
     /// The method and its hyper-parameters.
     pub method: MethodConfig,
@@ -68,15 +70,146 @@ pub struct AdapterConfig {
     pub target_regex: Option<String>,
     /// Where the base model came from (informational).
     pub base_model_name_or_path: String,
-    /// Shapes the base model must have.
-    pub base_model: BaseModelIdentity,
+    /// Shapes the base model must have (`None` for adapters written by PEFT, which records none;
+    /// every tensor's shape is still checked).
+    pub base_model: Option<BaseModelIdentity>,
     /// `LORA` for LoRA (PEFT's `peft_type`), else the method name.
     pub peft_type: String,
     /// Version of tensor-peft that wrote the file.
     pub library_version: String,
 }
 
+/// The part of `adapter_config.json` only tensor-peft writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TensorPeftSection {
+    method: MethodConfig,
+    base_model: BaseModelIdentity,
+    library_version: String,
+}
+
+fn config_error(path: &Path, field: &'static str, problem: impl Into<String>) -> ModelError {
+    ModelError::Field { path: path.to_path_buf(), field, problem: problem.into() }
+}
+
 impl AdapterConfig {
+    /// The JSON written to `adapter_config.json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "peft_type": self.peft_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "target_modules": match (&self.target_modules, &self.target_regex) {
+                (Some(names), _) => serde_json::json!(names),
+                (None, Some(re)) => serde_json::json!(re),
+                (None, None) => serde_json::Value::Null,
+            },
+            "inference_mode": true,
+            "task_type": null,
+        });
+        if let MethodConfig::Lora(c) = &self.method {
+            let peft = serde_json::json!({
+                "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.use_rslora,
+                "bias": "none", "fan_in_fan_out": false, "init_lora_weights": true, "use_dora": false,
+                "modules_to_save": null, "layers_to_transform": null, "rank_pattern": {}, "alpha_pattern": {},
+            });
+            json.as_object_mut().expect("object").extend(peft.as_object().expect("object").clone());
+        }
+        if let Some(base_model) = &self.base_model {
+            let section = TensorPeftSection {
+                method: self.method.clone(),
+                base_model: base_model.clone(),
+                library_version: self.library_version.clone(),
+            };
+            json["tensor_peft"] = serde_json::to_value(section).expect("serialisable");
+        }
+        json
+    }
+
+    /// Parses `adapter_config.json` written by tensor-peft or by PEFT (LoRA).
+    pub fn from_json(json: &serde_json::Value, path: &Path) -> Result<Self, ModelError> {
+        let (target_modules, target_regex) = match json.get("target_modules") {
+            None | Some(serde_json::Value::Null) => (None, None),
+            Some(serde_json::Value::String(re)) => (None, Some(re.clone())),
+            Some(serde_json::Value::Array(items)) => {
+                let names = items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>();
+                (
+                    Some(names.ok_or_else(|| {
+                        config_error(path, "target_modules", "must be a list of strings or a regex string")
+                    })?),
+                    None,
+                )
+            }
+            Some(v) => {
+                return Err(config_error(path, "target_modules", format!("is {v}, expected a list or a regex string")));
+            }
+        };
+        let base_model_name_or_path =
+            json.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let peft_type = json.get("peft_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        if let Some(section) = json.get("tensor_peft") {
+            let section: TensorPeftSection = serde_json::from_value(section.clone())
+                .map_err(|e| config_error(path, "tensor_peft", format!("is invalid: {e}")))?;
+            return Ok(AdapterConfig {
+                method: section.method,
+                target_modules,
+                target_regex,
+                base_model_name_or_path,
+                base_model: Some(section.base_model),
+                peft_type,
+                library_version: section.library_version,
+            });
+        }
+        // A PEFT LoRA adapter: refuse the options whose semantics this loader does not implement.
+        if peft_type != "LORA" {
+            return Err(config_error(
+                path,
+                "peft_type",
+                format!("is \"{peft_type}\"; only PEFT LoRA adapters (or tensor-peft's own) are supported"),
+            ));
+        }
+        let unsupported = |field: &'static str, ok: &dyn Fn(&serde_json::Value) -> bool| -> Result<(), ModelError> {
+            match json.get(field) {
+                Some(v) if !ok(v) => Err(config_error(path, field, format!("is {v}; this option is not supported"))),
+                _ => Ok(()),
+            }
+        };
+        let empty = |v: &serde_json::Value| {
+            v.is_null() || v.as_object().is_some_and(|o| o.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
+        };
+        unsupported("use_dora", &|v| v == &serde_json::Value::Bool(false))?;
+        unsupported("bias", &|v| v == "none")?;
+        unsupported("fan_in_fan_out", &|v| v == &serde_json::Value::Bool(false))?;
+        for field in ["rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication"] {
+            unsupported(field, &empty)?;
+        }
+        let number = |field: &'static str| {
+            json.get(field)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| config_error(path, field, "is missing or not a number"))
+        };
+        let rank = number("r")?;
+        if rank < 1.0 || rank.fract() != 0.0 {
+            return Err(config_error(path, "r", format!("is {rank}, expected a positive integer")));
+        }
+        let lora = tensor_peft_adapters::LoraConfig::new()
+            .with_rank(rank as usize)
+            .with_alpha(number("lora_alpha")?)
+            .with_dropout(json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0))
+            .with_use_rslora(json.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false));
+        Ok(AdapterConfig {
+            method: MethodConfig::Lora(lora),
+            target_modules,
+            target_regex,
+            base_model_name_or_path,
+            base_model: None,
+            peft_type,
+            library_version: json
+                .get("peft_version")
+                .and_then(|v| v.as_str())
+                .map(|v| format!("peft {v}"))
+                .unwrap_or_default(),
+        })
+    }
+
     /// The target selection this config describes.
     pub fn targets(&self) -> Targets {
         match (&self.target_modules, &self.target_regex) {
@@ -274,7 +407,8 @@ pub fn save_adapter<B: Backend, M: AdapterSlots<B>>(
     let data =
         safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
     write_atomically(&dir.join(WEIGHTS_FILE), &data)?;
-    let json = serde_json::to_vec_pretty(config).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
+    let json =
+        serde_json::to_vec_pretty(&config.to_json()).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
     write_atomically(&dir.join(CONFIG_FILE), &json)
 }
 
@@ -296,7 +430,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, ModelError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json { path, reason: e.to_string() })
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), reason: e.to_string() })?;
+    AdapterConfig::from_json(&json, &path)
 }
 
 /// Injects the adapter stored in `dir` into `model` (whose architecture is `spec`), refusing a
@@ -308,7 +444,7 @@ pub fn load_adapter<B: Backend, M: AdapterSlots<B>>(
 ) -> Result<AdapterConfig, ModelError> {
     let config = read_adapter_config(dir)?;
     let actual = BaseModelIdentity::of(spec);
-    if config.base_model != actual {
+    if config.base_model.as_ref().is_some_and(|b| *b != actual) {
         return Err(ModelError::AdapterFile {
             reason: format!(
                 "{} was trained on a base model with {:?}, but this model has {:?}",

@@ -596,7 +596,7 @@ fn adapter_files_round_trip_for_every_method() {
                 _ => None,
             },
             base_model_name_or_path: "tiny-llama".into(),
-            base_model: BaseModelIdentity::of(&spec),
+            base_model: Some(BaseModelIdentity::of(&spec)),
             peft_type: if method.name() == "lora" { "LORA".into() } else { method.name().into() },
             library_version: "test".into(),
         };
@@ -629,4 +629,24 @@ fn adapter_files_round_trip_for_every_method() {
     assert!(err.contains("trained on a base model"), "{err}");
     assert!(fresh.layers[0].q_proj.adapter.is_none(), "nothing may be touched on refusal");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn reads_a_lora_adapter_written_by_peft() {
+    use tensor_peft_models::adapter_file::load_adapter;
+    let device = Default::default();
+    let (mut model, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let dir = fixture().join("../tiny-llama-peft-lora");
+    let config = load_adapter(&mut model, &spec, &dir).unwrap();
+    assert_eq!(config.peft_type, "LORA");
+    assert!(config.base_model.is_none());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let reference: Vec<f64> = json["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let (ids, _, base_logits) = expected();
+    let got = values(model.forward(tokens::<B>(&ids, &device)));
+    let max_err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let change = base_logits.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(change > 0.1, "the PEFT adapter should change the logits");
+    assert!(max_err < 1e-4, "logits differ from PEFT's by {max_err}");
 }
