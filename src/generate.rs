@@ -21,17 +21,21 @@ pub struct GenerateOptions {
     pub top_p: f64,
     /// Sampling seed.
     pub seed: u64,
+    /// An adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to apply.
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// Loads `model` (HF directory or `.gguf`), generates, and returns the completion text.
 pub fn run<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Device) -> Result<String, ModelError> {
-    let (llama, tokenizer) = if model.extension().is_some_and(|e| e == "gguf") {
-        let (llama, _, tokenizer) = Llama::<B>::from_gguf(model, device)?;
-        (llama, tokenizer)
+    let (mut llama, spec, tokenizer) = if model.extension().is_some_and(|e| e == "gguf") {
+        Llama::<B>::from_gguf(model, device)?
     } else {
-        let (llama, _) = Llama::<B>::from_hf_dir(model, device)?;
-        (llama, TextTokenizer::from_hf_dir(model)?)
+        let (llama, spec) = Llama::<B>::from_hf_dir(model, device)?;
+        (llama, spec, TextTokenizer::from_hf_dir(model)?)
     };
+    if let Some(dir) = &options.adapter {
+        tensor_peft_models::adapter_file::load_adapter(&mut llama, &spec, dir)?;
+    }
     let text = if options.chat {
         let message = ChatMessage { role: "user".into(), content: options.prompt.clone() };
         tokenizer.apply_chat_template(&[message], true)?

@@ -138,6 +138,13 @@ fn generate_answers_with_the_real_smollm2_chat_model() {
         tpeft(&["generate", "--model", gguf.to_str().unwrap(), "--prompt", "What is the capital of France?", "--chat"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "The capital of France is Paris.\n");
+    // An adapter for another base model is refused with the reason.
+    let peft = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama-peft-lora");
+    let out =
+        tpeft(&["generate", "--model", gguf.to_str().unwrap(), "--prompt", "hi", "--adapter", peft.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("adapter file") && err.contains("shape"), "{err}");
     // The GGUF's architecture also feeds `params`.
     assert_eq!(
         summary(&["params", "--model", gguf.to_str().unwrap(), "--method", "lora"]),

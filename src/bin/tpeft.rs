@@ -87,6 +87,9 @@ enum Command {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Adapter directory (adapter_config.json + adapter_model.safetensors; PEFT LoRA too).
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
     },
     /// Sentence embeddings (mean-pooled, L2-normalised) from a BERT-family model, as JSON.
     Embed {
@@ -191,15 +194,22 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::bench::render(&records)))
         }
-        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter } => {
             if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
                 return Err(CliError::Usage("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
             }
             if !model.exists() {
                 return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
             }
-            let options =
-                tensor_peft::generate::GenerateOptions { prompt, chat, max_new_tokens, temperature, top_p, seed };
+            let options = tensor_peft::generate::GenerateOptions {
+                prompt,
+                chat,
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                adapter,
+            };
             let text =
                 with_backend!(cli.backend, B => tensor_peft::generate::run::<B>(&model, &options, &Default::default())
                 .map_err(|e| e.to_string()))
