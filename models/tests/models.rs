@@ -467,10 +467,10 @@ fn extra_trainables_norms_and_classification_head() {
 }
 
 /// Writes a random BERT (HF layout) into `dir`, as the tests' own small checkpoint.
-fn write_tiny_bert(dir: &std::path::Path, with_pooler: bool) {
+fn write_tiny_bert(dir: &std::path::Path, with_pooler: bool, model_type: &str) {
     use safetensors::{Dtype, serialize, tensor::TensorView};
     let (d, i, layers, vocab, positions) = (16usize, 32usize, 2usize, 30usize, 20usize);
-    let config = serde_json::json!({"model_type": "bert", "hidden_size": d, "intermediate_size": i, "num_hidden_layers": layers,
+    let config = serde_json::json!({"model_type": model_type, "hidden_size": d, "intermediate_size": i, "num_hidden_layers": layers,
         "num_attention_heads": 2, "vocab_size": vocab, "max_position_embeddings": positions, "type_vocab_size": 2, "layer_norm_eps": 1e-12});
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -528,7 +528,7 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
     use tensor_peft_models::Bert;
     let device = Default::default();
     let dir = std::env::temp_dir().join(format!("tpeft-tiny-bert-{}", std::process::id()));
-    write_tiny_bert(&dir, false);
+    write_tiny_bert(&dir, false, "bert");
     let (bert, spec) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
     assert!(bert.pooler.is_none());
     assert_eq!(spec.base_num_params(), bert.num_params() + 16 * 16 + 16); // the spec counts a pooler
@@ -545,8 +545,14 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
     // A LLaMA checkpoint directory is refused as a BERT one, naming the field.
     let err = Bert::<B>::from_hf_dir(&fixture(), &device).unwrap_err().to_string();
     assert!(err.contains("model_type"), "{err}");
-    write_tiny_bert(&dir, true);
+    write_tiny_bert(&dir, true, "bert");
     assert!(Bert::<B>::from_hf_dir(&dir, &device).unwrap().0.pooler.is_some());
+    // RoBERTa numbers positions from padding_idx + 1 = 2: the last usable position is 19 of 20.
+    write_tiny_bert(&dir, false, "roberta");
+    let (roberta, _) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
+    assert_eq!(roberta.position_offset, 2);
+    let long: Vec<i64> = (0..18).collect();
+    assert_eq!(roberta.forward(tokens::<B>(&[long], &device), Tensor::ones([1, 18], &device)).dims(), [1, 18, 16]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
