@@ -9,6 +9,7 @@ pub mod bench;
 pub mod demo;
 pub mod embed;
 pub mod generate;
+pub mod merge;
 pub mod params;
 
 pub use tensor_peft_adapters as adapters;

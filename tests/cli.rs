@@ -206,3 +206,34 @@ fn embed_prints_sentence_transformers_embeddings() {
     let out = tpeft(&["embed", "--model", "/no/such/dir", "--text", "x"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn merge_writes_a_plain_hf_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("tests/fixtures/tiny-llama");
+    let adapter = root.join("tests/fixtures/tiny-llama-peft-lora");
+    let out_dir = std::env::temp_dir().join(format!("tpeft-merge-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let args = [
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+    ];
+    let out = tpeft(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("merged"));
+    // The merged directory is an ordinary model: same shapes, no adapter tensors.
+    assert_eq!(
+        summary(&["params", "--model", out_dir.to_str().unwrap(), "--method", "lora"]),
+        summary(&["params", "--model", model.to_str().unwrap(), "--method", "lora"])
+    );
+    // A second merge into the same place is refused without --overwrite.
+    let again = tpeft(&args);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}

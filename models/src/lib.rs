@@ -8,6 +8,7 @@ pub mod adapter_file;
 pub mod arch;
 pub mod bert;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod heads;
 pub mod inject;

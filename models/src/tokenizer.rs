@@ -162,6 +162,16 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The tokenizer as HF `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String, ModelError> {
+        self.inner.to_string(false).map_err(|e| tok_err(Path::new("<tokenizer>"), e))
+    }
+
+    /// The text of token `id`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Text of `ids` (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner.decode(ids, false).map_err(|e| tok_err(Path::new("<ids>"), e))

@@ -237,6 +237,15 @@ fn smollm2_gguf_matches_transformers() {
     let answer = model.generate_greedy(&ids, 16, tokenizer.eos);
     assert_eq!(answer, u32s(&reference["greedy_ids"]));
     assert_eq!(tokenizer.decode(&answer).unwrap(), "The capital of France is Paris.<|im_end|>");
+    // The GGUF tokenizer written as tokenizer.json (what `tpeft merge` ships) reads back the same.
+    let dir = std::env::temp_dir().join(format!("tpeft-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tokenizer.save_hf(&dir).unwrap();
+    let reread = tensor_peft_models::tokenizer::TextTokenizer::from_hf_dir(&dir).unwrap();
+    assert_eq!(reread.encode(&prompt).unwrap(), ids);
+    assert_eq!(reread.eos, tokenizer.eos);
+    assert_eq!(reread.chat_template, tokenizer.chat_template);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn minilm() -> Option<PathBuf> {
@@ -662,4 +671,29 @@ fn reads_a_lora_adapter_written_by_peft() {
     let change = base_logits.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(change > 0.1, "the PEFT adapter should change the logits");
     assert!(max_err < 1e-4, "logits differ from PEFT's by {max_err}");
+}
+
+#[test]
+fn merge_and_export_an_hf_model() {
+    use tensor_peft_models::adapter_file::load_adapter;
+    let device = Default::default();
+    let (mut model, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let peft = fixture().join("../tiny-llama-peft-lora");
+    load_adapter(&mut model, &spec, &peft).unwrap();
+    let (ids, _, _) = expected();
+    let adapted = values(model.forward(tokens::<B>(&ids, &device)));
+    let merged = model.merge_adapters().unwrap();
+    assert!(merged.layers.iter().all(|l| l.q_proj.adapter.is_none() && l.v_proj.adapter.is_none()));
+    let dir = std::env::temp_dir().join(format!("tpeft-merged-{}", std::process::id()));
+    merged.save_hf(&spec, &dir).unwrap();
+    let (reloaded, spec2) = Llama::<B>::from_hf_dir(&dir, &device).unwrap();
+    assert_eq!(spec2.hidden, spec.hidden);
+    let got = values(reloaded.forward(tokens::<B>(&ids, &device)));
+    let max_err = got.iter().zip(&adapted).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_err < 1e-4, "merged and exported model differs from the adapted one by {max_err}");
+    // Nonlinear bottleneck adapters are refused.
+    let (base, _) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let adp = base.adapt(&spec, &MethodConfig::from_name("loretta-adp").unwrap(), &Targets::Default).unwrap();
+    assert!(adp.merge_adapters().unwrap_err().to_string().contains("nonlinear"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

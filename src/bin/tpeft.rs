@@ -91,6 +91,21 @@ enum Command {
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
     },
+    /// Fold an adapter into a LLaMA-family model and write a plain HF model directory.
+    Merge {
+        /// HF model directory or .gguf file.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: std::path::PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Replace a model already in the output directory.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Sentence embeddings (mean-pooled, L2-normalised) from a BERT-family model, as JSON.
     Embed {
         /// HF model directory (config.json, model.safetensors, tokenizer.json).
@@ -215,6 +230,21 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 .map_err(|e| e.to_string()))
                 .map_err(CliError::Runtime)?;
             Ok(format!("{text}\n"))
+        }
+        Command::Merge { model, adapter, output, overwrite } => {
+            if !model.exists() {
+                return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
+            }
+            if output.join("model.safetensors").exists() && !overwrite {
+                return Err(CliError::Usage(format!(
+                    "--output {} already holds a model; pass --overwrite to replace it",
+                    output.display()
+                )));
+            }
+            let summary = with_backend!(cli.backend, B => tensor_peft::merge::run::<B>(&model, &adapter, &output, &Default::default())
+                .map_err(|e| e.to_string()))
+            .map_err(CliError::Runtime)?;
+            Ok(format!("{summary}\n"))
         }
         Command::Embed { model, text } => {
             if !model.is_dir() {
