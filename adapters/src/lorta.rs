@@ -83,10 +83,10 @@ impl AttentionGeometry {
         require_positive("n_heads", self.n_heads)?;
         require_positive("n_kv_heads", self.n_kv_heads)?;
         let err = |reason: String| AdapterError::Unsupported { method: "lorta", target: format!("{self:?}"), reason };
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(err(format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads)));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads)));
         }
         Ok(())
@@ -230,8 +230,8 @@ impl<B: Backend> Lorta<B> {
             (Some(kv), true) => kv.val(),
             _ => f.c_heads.val(),
         };
-        let layer = f.c_layers.val().slice([self.layer..self.layer + 1]);
-        let matrix = f.c_matrices.val().slice([self.matrix..self.matrix + 1]);
+        let layer = f.c_layers.val().narrow(0, self.layer, 1);
+        let matrix = f.c_matrices.val().narrow(0, self.matrix, 1);
         heads * (layer * matrix)
     }
 }

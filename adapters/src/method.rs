@@ -151,14 +151,14 @@ impl MethodConfig {
                 reason: "no module matched the targets".into(),
             });
         }
-        if let MethodConfig::Lorta(_) = self {
-            if let Some(site) = linear.iter().find(|s| s.role.is_none()) {
-                return Err(AdapterError::Unsupported {
-                    method: "lorta",
-                    target: site.name.clone(),
-                    reason: "LoRTA adapts only attention projections (q, k, v, o)".into(),
-                });
-            }
+        if let MethodConfig::Lorta(_) = self
+            && let Some(site) = linear.iter().find(|s| s.role.is_none())
+        {
+            return Err(AdapterError::Unsupported {
+                method: "lorta",
+                target: site.name.clone(),
+                reason: "LoRTA adapts only attention projections (q, k, v, o)".into(),
+            });
         }
         Ok(())
     }

@@ -338,7 +338,7 @@ fn each_site<B: Backend, M: AdapterSlots<B>>(
         }
     }
     for site in spec.residual_sites() {
-        let layer: usize = site.name.splitn(4, '.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
+        let layer: usize = site.name.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
         let position = if site.name.ends_with("attention_adapter") {
             ResidualPosition::Attention
         } else {

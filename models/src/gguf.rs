@@ -270,7 +270,7 @@ impl Gguf {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|&n| n <= 1 << 36)
             .ok_or_else(|| err("too many elements".into()))? as usize;
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(err(format!("{n} elements is not a multiple of the {type_name} block size {block}")));
         }
         let size = n / block * block_bytes;

@@ -56,8 +56,7 @@ impl TextTokenizer {
         let strings = |k: &str| -> Result<Vec<String>, ModelError> {
             meta(k)
                 .and_then(MetaValue::as_array)
-                .map(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
-                .flatten()
+                .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
                 .ok_or_else(|| tok_err(path, format!("{k} is missing or not an array of strings")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;

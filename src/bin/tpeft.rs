@@ -210,7 +210,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::bench::render(&records)))
         }
         Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter } => {
-            if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+            if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 return Err(CliError::Usage("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
             }
             if !model.exists() {

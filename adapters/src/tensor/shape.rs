@@ -107,7 +107,7 @@ fn prime_factors(mut n: usize) -> Vec<usize> {
     let mut out = Vec::new();
     let mut p = 2usize;
     while p.saturating_mul(p) <= n {
-        while n % p == 0 {
+        while n.is_multiple_of(p) {
             out.push(p);
             n /= p;
         }
@@ -192,7 +192,7 @@ fn search_factors(
         return;
     }
     for &d in divisors {
-        if d > max_factor || d > remaining / 2 || remaining % d != 0 {
+        if d > max_factor || d > remaining / 2 || !remaining.is_multiple_of(d) {
             continue;
         }
         // Non-increasing order: the largest of `left` factors is at least their geometric mean.
