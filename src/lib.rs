@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod demo;
 pub mod embed;
+pub mod finetune;
 pub mod generate;
 pub mod merge;
 pub mod params;

@@ -113,7 +113,7 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
 
 #[test]
 fn demo_trains_every_method_on_the_cpu_backend() {
-    let out = tpeft(&["demo", "--steps", "30"]);
+    let out = tpeft(&["selfcheck", "--steps", "30"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     for method in ["lora", "tt-lora", "loretta-rep", "loretta-adp", "lotr", "lorta"] {
@@ -236,4 +236,208 @@ fn merge_writes_a_plain_hf_model() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
     std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tpeft-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `tpeft finetune` on the tiny word-level LLaMA with the copy task.
+fn lm_finetune_args(output: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "finetune",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--task",
+        "causal-lm",
+        "--train",
+        &fixture("lm-copy-train.jsonl"),
+        "--valid",
+        &fixture("lm-copy-valid.jsonl"),
+        "--method",
+        "tt-lora",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--max-len",
+        "32",
+        "--seed",
+        "9",
+        "--output",
+        output.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_args(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tpeft")).args(args).output().expect("run tpeft")
+}
+
+#[test]
+fn finetune_eval_and_generate_with_the_trained_adapter() {
+    let out_dir = scratch("finetune");
+    let out = run_args(&lm_finetune_args(&out_dir, &[]));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // One line per epoch and split (no TUI without a terminal), then the summary.
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("epoch ")).count(), 6, "{stdout}");
+    assert!(stdout.contains("best valid loss:") && stdout.contains("trainable params:"), "{stdout}");
+    let csv = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("epoch,split,step,loss,perplexity\n") && csv.lines().count() == 7, "{csv}");
+    // eval prints one `metric: value` line per metric.
+    let eval = tpeft(&[
+        "eval",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--task",
+        "causal-lm",
+        "--data",
+        &fixture("lm-copy-valid.jsonl"),
+    ]);
+    let text = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    assert!(
+        text.lines().any(|l| l.starts_with("loss: ")) && text.lines().any(|l| l.starts_with("perplexity: ")),
+        "{text}"
+    );
+    // generate applies the adapter.
+    let generated = tpeft(&[
+        "generate",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        out_dir.join("last").to_str().unwrap(),
+        "--prompt",
+        "w12 w30",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    // A run in the output directory is not overwritten by accident.
+    let again = run_args(&lm_finetune_args(&out_dir, &[]));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    // Wrong task for the adapter, and a task the model family cannot do.
+    let wrong = tpeft(&[
+        "eval",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--task",
+        "lm-classification",
+        "--data",
+        &fixture("lm-copy-valid.jsonl"),
+    ]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("trained for causal-lm"));
+    let mut args = lm_finetune_args(&scratch("wrong-family"), &[]);
+    args[4] = "classification".into();
+    let wrong = run_args(&args);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("needs an encoder (BERT family)"));
+}
+
+#[test]
+fn finetune_reads_a_toml_config_and_flags_override_it() {
+    let out_dir = scratch("toml");
+    let config = out_dir.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = \"{}\"\ntask = \"causal-lm\"\ntrain = \"{}\"\nmethod = \"lora\"\nrank = 2\nepochs = 5\nbatch_size = 8\nmax_len = 32\n",
+            fixture("tiny-llama-words"),
+            fixture("lm-copy-train.jsonl")
+        ),
+    )
+    .unwrap();
+    let out = tpeft(&[
+        "finetune",
+        "--config",
+        config.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["epochs"], 1, "the flag wins");
+    assert_eq!(saved["method"]["rank"], 2, "the file's value is kept");
+    std::fs::write(&config, "modle = \"x\"\n").unwrap();
+    let bad = tpeft(&["finetune", "--config", config.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown field `modle`"));
+}
+
+#[test]
+fn a_killed_finetune_resumes_to_the_same_adapter() {
+    let reference_dir = scratch("kill-reference");
+    let out = run_args(&lm_finetune_args(&reference_dir, &["--save-every-steps", "1"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = std::fs::read(reference_dir.join("last/adapter_model.safetensors")).unwrap();
+    // Kill with SIGKILL as soon as a checkpoint at step >= k exists, for a few k, then resume.
+    let dir = scratch("kill");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tpeft"))
+        .args(lm_finetune_args(&dir, &["--save-every-steps", "1"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut kills = 0;
+    for target in [3usize, 14, 25] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let steps: Vec<usize> = std::fs::read_dir(dir.join("checkpoint"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                .collect();
+            if steps.iter().any(|&s| s >= target) || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no checkpoint {target}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        let _ = child.wait();
+        // Only complete checkpoints are visible.
+        for entry in std::fs::read_dir(dir.join("checkpoint")).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("step-") {
+                assert!(entry.path().join("trainer_state.json").is_file(), "{name} is incomplete");
+            }
+        }
+        child = Command::new(env!("CARGO_BIN_EXE_tpeft"))
+            .args(["finetune", "--resume", dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    }
+    let status = child.wait_with_output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(kills >= 2, "the run finished before it could be killed ({kills} kills)");
+    let resumed = std::fs::read(dir.join("last/adapter_model.safetensors")).unwrap();
+    assert!(resumed == reference, "after {kills} kills the adapter differs from an uninterrupted run");
 }

@@ -77,6 +77,8 @@ pub struct AdapterConfig {
     pub peft_type: String,
     /// Version of tensor-peft that wrote the file.
     pub library_version: String,
+    /// What the adapter was trained for (task, label names, head size, …), written by the trainer.
+    pub task: Option<serde_json::Value>,
 }
 
 /// The part of `adapter_config.json` only tensor-peft writes.
@@ -85,6 +87,8 @@ struct TensorPeftSection {
     method: MethodConfig,
     base_model: BaseModelIdentity,
     library_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<serde_json::Value>,
 }
 
 fn config_error(path: &Path, field: &'static str, problem: impl Into<String>) -> ModelError {
@@ -103,7 +107,7 @@ impl AdapterConfig {
                 (None, None) => serde_json::Value::Null,
             },
             "inference_mode": true,
-            "task_type": null,
+            "task_type": self.task.as_ref().and_then(|t| t.get("peft_task_type")).cloned().unwrap_or(serde_json::Value::Null),
         });
         if let MethodConfig::Lora(c) = &self.method {
             let peft = serde_json::json!({
@@ -118,6 +122,7 @@ impl AdapterConfig {
                 method: self.method.clone(),
                 base_model: base_model.clone(),
                 library_version: self.library_version.clone(),
+                task: self.task.clone(),
             };
             json["tensor_peft"] = serde_json::to_value(section).expect("serialisable");
         }
@@ -156,6 +161,7 @@ impl AdapterConfig {
                 base_model: Some(section.base_model),
                 peft_type,
                 library_version: section.library_version,
+                task: section.task,
             });
         }
         // A PEFT LoRA adapter: refuse the options whose semantics this loader does not implement.
@@ -207,6 +213,7 @@ impl AdapterConfig {
                 .and_then(|v| v.as_str())
                 .map(|v| format!("peft {v}"))
                 .unwrap_or_default(),
+            task: None,
         })
     }
 
@@ -359,7 +366,22 @@ pub fn save_adapter<B: Backend, M: AdapterSlots<B>>(
     config: &AdapterConfig,
     dir: &Path,
 ) -> Result<(), ModelError> {
+    save_adapter_with_extras(model, spec, config, dir, &[])
+}
+
+/// [`save_adapter`] plus `extras`: other trained tensors (a task head, unfrozen norms) stored as
+/// `base_model.model.<name>` next to the adapter's.
+pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
+    model: &mut M,
+    spec: &ArchSpec,
+    config: &AdapterConfig,
+    dir: &Path,
+    extras: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<(), ModelError> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    for (name, shape, values) in extras {
+        tensors.insert(format!("base_model.model.{name}"), (shape.clone(), values.clone()));
+    }
     each_site(model, spec, |site, slot| {
         match slot {
             Slot::Linear(slot) => match slot.adapter.as_ref().expect("checked by each_site") {
@@ -442,6 +464,29 @@ pub fn load_adapter<B: Backend, M: AdapterSlots<B>>(
     spec: &ArchSpec,
     dir: &Path,
 ) -> Result<AdapterConfig, ModelError> {
+    let (config, extras) = load_adapter_with_extras(model, spec, dir)?;
+    if let Some(name) = extras.keys().next() {
+        return Err(ModelError::AdapterFile {
+            reason: format!(
+                "{} holds {} tensors this model has no place for, e.g. `base_model.model.{name}`",
+                dir.display(),
+                extras.len()
+            ),
+        });
+    }
+    Ok(config)
+}
+
+/// Named tensors: name → (shape, values).
+pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// [`load_adapter`] that returns the tensors that are not adapter factors (a task head, norms:
+/// see [`save_adapter_with_extras`]) by name, without the `base_model.model.` prefix.
+pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
+    model: &mut M,
+    spec: &ArchSpec,
+    dir: &Path,
+) -> Result<(AdapterConfig, TensorMap), ModelError> {
     let config = read_adapter_config(dir)?;
     let actual = BaseModelIdentity::of(spec);
     if config.base_model.as_ref().is_some_and(|b| *b != actual) {
@@ -500,14 +545,9 @@ pub fn load_adapter<B: Backend, M: AdapterSlots<B>>(
     })?;
     let shared = std::mem::take(model.shared_mut());
     *model.shared_mut() = replace(shared, "base_model.model.shared".into(), &mut tensors)?;
-    if let Some(name) = tensors.keys().next() {
-        return Err(ModelError::AdapterFile {
-            reason: format!(
-                "{} holds {} tensors this model has no place for, e.g. `{name}`",
-                dir.display(),
-                tensors.len()
-            ),
-        });
-    }
-    Ok(config)
+    let extras = tensors
+        .into_iter()
+        .map(|(name, v)| (name.strip_prefix("base_model.model.").map(str::to_string).unwrap_or(name), v))
+        .collect();
+    Ok((config, extras))
 }

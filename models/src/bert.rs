@@ -194,11 +194,21 @@ impl<B: Backend> Bert<B> {
     /// Hidden states `[B, T, d]` for token ids `[B, T]` with `attention_mask` `[B, T]` (1 = token,
     /// 0 = padding); token types are all 0.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 3> {
+        self.forward_typed(ids, None, attention_mask)
+    }
+
+    /// [`Bert::forward`] with token types `[B, T]` (0 = first sentence, 1 = second of a pair).
+    pub fn forward_typed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        types: Option<Tensor<B, 2, Int>>,
+        attention_mask: Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let device = ids.device();
         let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
         let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
-        let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
+        let types = types.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
         let x = self.word_embeddings.forward(ids)
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);

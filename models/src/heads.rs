@@ -79,7 +79,17 @@ impl<B: Backend> SequenceClassifier<B> {
 
     /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]` and attention mask `[B, T]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 2> {
-        let hidden = self.encoder.forward(ids, attention_mask.clone());
+        self.forward_typed(ids, None, attention_mask)
+    }
+
+    /// [`SequenceClassifier::forward`] with token types (sentence pairs).
+    pub fn forward_typed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        types: Option<Tensor<B, 2, Int>>,
+        attention_mask: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let hidden = self.encoder.forward_typed(ids, types, attention_mask.clone());
         let pooled = match self.encoder.pooled(hidden.clone()) {
             Some(p) => p,
             None => {

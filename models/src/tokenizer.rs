@@ -13,7 +13,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
@@ -161,9 +161,34 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids and token types of a sentence pair with the tokenizer's post-processing (BERT:
+    /// `[CLS] a [SEP] b [SEP]`, types 0 then 1), truncated to `max_len` by shortening the longer
+    /// sentence first (HF's `longest_first`).
+    pub fn encode_pair(&self, a: &str, b: &str, max_len: usize) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+        use tokenizers::PostProcessor;
+        use tokenizers::utils::truncation::{TruncationParams, TruncationStrategy, truncate_encodings};
+        let err = |e| tok_err(Path::new("<text>"), e);
+        let first = self.inner.encode(a, false).map_err(err)?;
+        let second = self.inner.encode(b, false).map_err(err)?;
+        let specials = self.inner.get_post_processor().map_or(0, |p| p.added_tokens(true));
+        let params = TruncationParams {
+            max_length: max_len.saturating_sub(specials),
+            strategy: TruncationStrategy::LongestFirst,
+            ..Default::default()
+        };
+        let (first, second) = truncate_encodings(first, Some(second), &params).map_err(err)?;
+        let pair = self.inner.post_process(first, second, true).map_err(err)?;
+        Ok((pair.get_ids().to_vec(), pair.get_type_ids().to_vec()))
+    }
+
     /// The tokenizer as HF `tokenizer.json` text.
     pub fn to_json(&self) -> Result<String, ModelError> {
         self.inner.to_string(false).map_err(|e| tok_err(Path::new("<tokenizer>"), e))
+    }
+
+    /// The id of token `token`, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// The text of token `id`.

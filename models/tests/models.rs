@@ -621,6 +621,7 @@ fn adapter_files_round_trip_for_every_method() {
             base_model: Some(BaseModelIdentity::of(&spec)),
             peft_type: if method.name() == "lora" { "LORA".into() } else { method.name().into() },
             library_version: "test".into(),
+            task: None,
         };
         let _ = std::fs::remove_dir_all(&dir);
         save_adapter(&mut adapted, &spec, &config, &dir).unwrap();

@@ -1,0 +1,315 @@
+//! `tpeft finetune` and `tpeft eval`: command-line flags (also the keys of `--config run.toml`)
+//! turned into the training library's [`TrainConfig`], and the printed summaries.
+
+use crate::CliError;
+use crate::params::{MethodFlags, method_from_flags, thousands};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tensor_peft_training::data::{FieldMap, TaskKind};
+use tensor_peft_training::optim::Decay;
+use tensor_peft_training::{FinetuneReport, TrainConfig};
+
+/// The flags of `tpeft finetune`; a `--config` TOML file uses the same names in snake_case.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneArgs {
+    /// A TOML file with any of these options (flags given on the command line win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HF model directory (BERT or LLaMA family) or LLaMA .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// classification, regression, causal-lm or lm-classification.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Training data (.jsonl, .csv, .tsv) or builtin:vader-movie-reviews / builtin:chatterbot.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Validation data (default: a seeded split of --train).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Test data, evaluated with the best adapter at the end.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Percent of --train held out for validation when no --valid is given [default: 10].
+    #[arg(long)]
+    pub valid_percent: Option<usize>,
+    /// Percent of --train held out for test when no --test is given [default: 0].
+    #[arg(long)]
+    pub test_percent: Option<usize>,
+    /// Train on at most this many examples.
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    /// Column/key of the text [default: text].
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// Column/key of the second text of a pair [default: text_pair].
+    #[arg(long)]
+    pub text_pair_field: Option<String>,
+    /// Column/key of the label [default: label].
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// Column/key of the regression score [default: score].
+    #[arg(long)]
+    pub score_field: Option<String>,
+    /// Column/key of the prompt [default: prompt].
+    #[arg(long)]
+    pub prompt_field: Option<String>,
+    /// Column/key of the completion [default: completion].
+    #[arg(long)]
+    pub completion_field: Option<String>,
+    /// Key of the chat messages [default: messages].
+    #[arg(long)]
+    pub messages_field: Option<String>,
+    /// Report malformed rows and go on instead of stopping.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+    /// lora, tt-lora, loretta-rep, loretta-adp, lotr or lorta [default: lora].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// TT rank for tt-lora; LoRA rank for lora, loretta-rep, lotr, lorta.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Scale numerator α.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRETTA's TT rank.
+    #[arg(long)]
+    pub tensor_rank: Option<usize>,
+    /// TT shape, e.g. 16,24,24,16 (see `tpeft params`).
+    #[arg(long)]
+    pub tt_shape: Option<String>,
+    /// LoRETTA_adp bottleneck width.
+    #[arg(long)]
+    pub bottleneck: Option<usize>,
+    /// Comma-separated target modules (exact names or suffixes).
+    #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
+    pub targets: Option<Vec<String>>,
+    /// Regular expression over whole module names.
+    #[arg(long)]
+    pub target_regex: Option<String>,
+    /// Also train the normalisation layers.
+    #[arg(long)]
+    #[serde(default)]
+    pub train_norms: bool,
+    /// Epochs [default: 3].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per batch [default: 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accumulation: Option<usize>,
+    /// Peak learning rate of the adapters [default: 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Peak learning rate of the task head [default: --lr].
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    /// AdamW weight decay [default: 0.01].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Fraction of steps for linear warmup [default: 0.06].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// linear, cosine or constant after warmup [default: linear].
+    #[arg(long)]
+    pub decay: Option<String>,
+    /// Global gradient-norm clipping, 0 = off [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Longest sequence in tokens [default: 128].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Seed of initialisation, split, shuffling and dropout [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Validation metric that picks the best epoch (default: accuracy / pearson / loss).
+    #[arg(long)]
+    pub metric_for_best: Option<String>,
+    /// Stop after this many epochs without improvement.
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    /// Also checkpoint every this many optimizer steps [default: 0 = at epoch ends].
+    #[arg(long)]
+    pub save_every_steps: Option<usize>,
+    /// lm-classification: one word per label, in label order (e.g. terrible,great).
+    #[arg(long, value_delimiter = ',')]
+    pub verbalizers: Option<Vec<String>>,
+    /// lm-classification prompt; {text} and {text_pair} are replaced [default: "{text} It was"].
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Replace a run already in the output directory.
+    #[arg(long)]
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Continue the run in this output directory (its options are read from train_config.json).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+}
+
+fn usage(e: impl std::fmt::Display) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+/// Merges `--config` (if any) under the flags and builds the training configuration.
+pub fn train_config(args: &FinetuneArgs) -> Result<TrainConfig, CliError> {
+    if let Some(dir) = &args.resume {
+        return resume_config(dir, args);
+    }
+    let mut merged = args.clone();
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+        let file: FinetuneArgs =
+            toml::from_str(&text).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+        merged = overlay(file, args)?;
+    }
+    build(&merged)
+}
+
+/// `flags` over `file`: every option given on the command line replaces the file's.
+fn overlay(file: FinetuneArgs, flags: &FinetuneArgs) -> Result<FinetuneArgs, CliError> {
+    let mut base = serde_json::to_value(&file).expect("serialisable");
+    let top = serde_json::to_value(flags).expect("serialisable");
+    if let (Some(base), Some(top)) = (base.as_object_mut(), top.as_object()) {
+        for (k, v) in top {
+            if !v.is_null() && v != &serde_json::Value::Bool(false) {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    serde_json::from_value(base).map_err(usage)
+}
+
+fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
+    let d = TrainConfig::default();
+    let required = |v: &Option<PathBuf>, flag: &str| v.clone().ok_or_else(|| usage(format!("{flag} is required")));
+    let task = TaskKind::parse(a.task.as_deref().ok_or_else(|| usage("--task is required"))?).map_err(usage)?;
+    let flags = MethodFlags {
+        rank: a.rank,
+        alpha: a.alpha,
+        tensor_rank: a.tensor_rank,
+        tt_shape: a.tt_shape.clone(),
+        bottleneck: a.bottleneck,
+    };
+    let method = method_from_flags(a.method.as_deref().unwrap_or("lora"), &flags)?;
+    let decay = match a.decay.as_deref() {
+        None | Some("linear") => Decay::Linear,
+        Some("cosine") => Decay::Cosine,
+        Some("constant") => Decay::Constant,
+        Some(other) => return Err(usage(format!("--decay {other}: expected linear, cosine or constant"))),
+    };
+    let df = FieldMap::default();
+    let model = required(&a.model, "--model")?;
+    if !model.exists() {
+        return Err(usage(format!("--model {}: no such file or directory", model.display())));
+    }
+    let train = required(&a.train, "--train")?;
+    for (flag, path) in [("--train", Some(&train)), ("--valid", a.valid.as_ref()), ("--test", a.test.as_ref())] {
+        if let Some(p) = path
+            && !p.to_string_lossy().starts_with("builtin:")
+            && !p.is_file()
+        {
+            return Err(usage(format!("{flag} {}: no such file", p.display())));
+        }
+    }
+    Ok(TrainConfig {
+        model,
+        task,
+        train,
+        valid: a.valid.clone(),
+        test: a.test.clone(),
+        valid_percent: a.valid_percent.unwrap_or(d.valid_percent),
+        test_percent: a.test_percent.unwrap_or(d.test_percent),
+        max_train_examples: a.max_train_examples,
+        fields: FieldMap {
+            text: a.text_field.clone().unwrap_or(df.text),
+            text_pair: a.text_pair_field.clone().unwrap_or(df.text_pair),
+            label: a.label_field.clone().unwrap_or(df.label),
+            score: a.score_field.clone().unwrap_or(df.score),
+            prompt: a.prompt_field.clone().unwrap_or(df.prompt),
+            completion: a.completion_field.clone().unwrap_or(df.completion),
+            messages: a.messages_field.clone().unwrap_or(df.messages),
+        },
+        skip_bad_rows: a.skip_bad_rows,
+        method,
+        target_modules: a.targets.clone(),
+        target_regex: a.target_regex.clone(),
+        train_norms: a.train_norms,
+        epochs: a.epochs.unwrap_or(d.epochs),
+        max_steps: a.max_steps,
+        batch_size: a.batch_size.unwrap_or(d.batch_size),
+        grad_accumulation: a.grad_accumulation.unwrap_or(d.grad_accumulation),
+        lr: a.lr.unwrap_or(d.lr),
+        head_lr: a.head_lr,
+        weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+        warmup_ratio: a.warmup_ratio.unwrap_or(d.warmup_ratio),
+        decay,
+        max_grad_norm: match a.max_grad_norm {
+            Some(n) if n == 0.0 => None,
+            Some(n) => Some(n),
+            None => d.max_grad_norm,
+        },
+        max_len: a.max_len.unwrap_or(d.max_len),
+        seed: a.seed.unwrap_or(d.seed),
+        metric_for_best: a.metric_for_best.clone(),
+        early_stopping_patience: a.early_stopping_patience,
+        save_every_steps: a.save_every_steps.unwrap_or(d.save_every_steps),
+        verbalizers: a.verbalizers.clone().unwrap_or_default(),
+        template: a.template.clone().unwrap_or(d.template),
+        output: required(&a.output, "--output")?,
+        overwrite: a.overwrite,
+        resume: false,
+    })
+}
+
+/// The configuration of the run in `dir`, with the options that may change on resume applied.
+fn resume_config(dir: &Path, a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
+    let path = dir.join("train_config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| usage(format!("--resume {}: cannot read {}: {e}", dir.display(), path.display())))?;
+    let mut cfg: TrainConfig = serde_json::from_str(&text)
+        .map_err(|e| CliError::Runtime(format!("{}: invalid run configuration: {e}", path.display())))?;
+    cfg.resume = true;
+    cfg.overwrite = false;
+    cfg.output = dir.to_path_buf();
+    cfg.epochs = a.epochs.unwrap_or(cfg.epochs);
+    cfg.max_steps = a.max_steps.or(cfg.max_steps);
+    cfg.early_stopping_patience = a.early_stopping_patience.or(cfg.early_stopping_patience);
+    cfg.save_every_steps = a.save_every_steps.unwrap_or(cfg.save_every_steps);
+    Ok(cfg)
+}
+
+/// The summary printed when `finetune` ends.
+pub fn render_report(r: &FinetuneReport) -> String {
+    let mut out = format!(
+        "stopped: {} after {} steps ({:.1} s, {:.0} tokens/s)\ntrainable params: {} ({} in adapters)\nadapter: {} ({} bytes)\n",
+        r.stop_reason,
+        r.steps,
+        r.train_seconds,
+        r.tokens_per_second,
+        thousands(r.trainable_params),
+        thousands(r.adapter_params),
+        r.output.display(),
+        thousands(r.adapter_file_bytes as usize)
+    );
+    if let Some((metric, value, epoch, step)) = &r.best {
+        out.push_str(&format!("best valid {metric}: {value:.4} (epoch {epoch}, step {step})\n"));
+    }
+    if let Some(test) = &r.test {
+        for (k, v) in test {
+            out.push_str(&format!("test {k}: {v:.4}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,107 @@
+//! Evaluation of a saved adapter (`tpeft eval`): the base model, the adapter directory (factors,
+//! head, label names, prompt), a data file; the task's metrics over the whole file.
+
+use crate::checkpoint::assign_params;
+use crate::data::{self, FieldMap, Labels, TaskKind};
+use crate::error::{Result, TrainError};
+use crate::task::{Encoder, EncoderTask, LmTask, verbalizer_ids};
+use crate::trainer::{BaseModel, TaskInfo, evaluate_items, load_base};
+use burn::tensor::backend::Backend;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tensor_peft_models::SequenceClassifier;
+use tensor_peft_models::adapter_file::{load_adapter_with_extras, read_adapter_config};
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The task (must be the one the adapter was trained for).
+    pub task: TaskKind,
+    /// Column/key names of the data file.
+    pub fields: FieldMap,
+    /// Skip malformed rows instead of stopping.
+    pub skip_bad_rows: bool,
+    /// Examples per batch.
+    pub batch_size: usize,
+}
+
+/// Metrics of `adapter` on `model` over `data` (a file or `builtin:<name>`).
+pub fn evaluate<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    data_path: &Path,
+    options: &EvalOptions,
+    device: &B::Device,
+) -> Result<BTreeMap<String, f64>> {
+    let config = read_adapter_config(adapter)?;
+    let info: TaskInfo =
+        config.task.clone().and_then(|t| serde_json::from_value(t).ok()).ok_or_else(|| TrainError::Checkpoint {
+            path: adapter.join("adapter_config.json"),
+            reason: "has no `tensor_peft.task` section: it was not written by `tpeft finetune`".into(),
+        })?;
+    if info.task != options.task {
+        return Err(TrainError::Option {
+            option: "task",
+            reason: format!("the adapter was trained for {}, not {}", info.task.name(), options.task.name()),
+        });
+    }
+    let name = data_path.to_string_lossy();
+    let examples = match name.strip_prefix("builtin:") {
+        Some(builtin) => crate::trainer::builtin_dataset(builtin, options.task)?,
+        None => {
+            let d = data::read_file(data_path, options.task, &options.fields, options.skip_bad_rows)?;
+            if !d.skipped.is_empty() {
+                eprintln!("warning: skipped {} bad rows, e.g. {}", d.skipped.len(), d.skipped[0]);
+            }
+            d.examples
+        }
+    };
+    let labels = info.labels.clone().map(|names| Labels { names });
+    let n_classes = labels.as_ref().map_or(0, Labels::len);
+    let lm = options.task == TaskKind::CausalLm;
+    let prefixed = |extras: tensor_peft_models::adapter_file::TensorMap| -> BTreeMap<_, _> {
+        extras.into_iter().map(|(k, v)| (format!("net.{k}"), v)).collect()
+    };
+    let weights = adapter.join(tensor_peft_models::adapter_file::WEIGHTS_FILE);
+    let acc = match load_base::<B>(model, device)? {
+        BaseModel::Encoder(mut bert, spec, tokenizer) => {
+            let (_, extras) = load_adapter_with_extras(&mut bert, &spec, adapter)?;
+            let task = EncoderTask {
+                net: SequenceClassifier::new(bert, info.n_outputs),
+                regression: options.task == TaskKind::Regression,
+            };
+            let task = assign_params(task, prefixed(extras), &weights)?;
+            let encoder = Encoder {
+                tokenizer: &tokenizer,
+                task: options.task,
+                max_len: info.max_len,
+                labels: labels.as_ref(),
+                template: "",
+                eos: None,
+            };
+            let (items, _) = encoder.encode_all(&examples)?;
+            let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
+            evaluate_items(&task, &items, options.batch_size, pad, device)
+        }
+        BaseModel::Decoder(mut llama, spec, tokenizer) => {
+            let (_, extras) = load_adapter_with_extras(&mut llama, &spec, adapter)?;
+            let verbalizer = if options.task == TaskKind::LmClassification {
+                verbalizer_ids(&tokenizer, &info.verbalizers)?
+            } else {
+                Vec::new()
+            };
+            let task = assign_params(LmTask { net: llama, verbalizer }, prefixed(extras), &weights)?;
+            let encoder = Encoder {
+                tokenizer: &tokenizer,
+                task: options.task,
+                max_len: info.max_len,
+                labels: labels.as_ref(),
+                template: &info.template,
+                eos: tokenizer.eos,
+            };
+            let (items, _) = encoder.encode_all(&examples)?;
+            evaluate_items(&task, &items, options.batch_size, tokenizer.eos.unwrap_or(0), device)
+        }
+    };
+    Ok(acc.metrics(n_classes, lm))
+}

@@ -1,0 +1,259 @@
+//! Task metrics, computed over a whole split (F1, Matthews correlation and the rank correlations
+//! are not averages of per-batch values), and their burn-train dashboard wrappers.
+
+use burn::train::metric::state::{FormatOptions, NumericMetricState};
+use burn::train::metric::{
+    Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes, NumericEntry, SerializedEntry,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Host-side results of one batch: what every metric needs, no tensors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the batch's units.
+    pub loss: f64,
+    /// Loss units: examples, or supervised tokens for causal LM.
+    pub units: usize,
+    /// Predicted class per example (classification tasks).
+    pub predicted: Vec<usize>,
+    /// True class per example.
+    pub labels: Vec<usize>,
+    /// Predicted score per example (regression).
+    pub predicted_scores: Vec<f32>,
+    /// True score per example.
+    pub scores: Vec<f32>,
+    /// Non-padding input tokens processed.
+    pub tokens: usize,
+}
+
+/// Accumulates [`StepStats`] over an epoch or a whole evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Accumulator {
+    loss_sum: f64,
+    units: usize,
+    predicted: Vec<usize>,
+    labels: Vec<usize>,
+    predicted_scores: Vec<f32>,
+    scores: Vec<f32>,
+    /// Tokens seen.
+    pub tokens: usize,
+}
+
+impl Accumulator {
+    /// Adds one batch.
+    pub fn add(&mut self, s: &StepStats) {
+        self.loss_sum += s.loss * s.units as f64;
+        self.units += s.units;
+        self.predicted.extend_from_slice(&s.predicted);
+        self.labels.extend_from_slice(&s.labels);
+        self.predicted_scores.extend_from_slice(&s.predicted_scores);
+        self.scores.extend_from_slice(&s.scores);
+        self.tokens += s.tokens;
+    }
+
+    /// Mean loss per unit.
+    pub fn loss(&self) -> f64 {
+        if self.units == 0 { f64::NAN } else { self.loss_sum / self.units as f64 }
+    }
+
+    /// Every metric that applies to what was accumulated (`loss`, and `accuracy`, `f1`, `mcc` for
+    /// labels, `pearson`, `spearman` for scores, `perplexity` for LM losses when `lm`).
+    pub fn metrics(&self, n_classes: usize, lm: bool) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        out.insert("loss".into(), self.loss());
+        if lm {
+            out.insert("perplexity".into(), self.loss().exp());
+        }
+        if !self.labels.is_empty() {
+            out.insert("accuracy".into(), accuracy(&self.predicted, &self.labels));
+            out.insert("f1".into(), f1(&self.predicted, &self.labels, n_classes));
+            out.insert("mcc".into(), matthews(&self.predicted, &self.labels, n_classes));
+        }
+        if !self.scores.is_empty() {
+            out.insert("pearson".into(), pearson(&self.predicted_scores, &self.scores));
+            out.insert("spearman".into(), spearman(&self.predicted_scores, &self.scores));
+        }
+        out
+    }
+}
+
+/// Fraction of `predicted` equal to `labels`.
+pub fn accuracy(predicted: &[usize], labels: &[usize]) -> f64 {
+    if labels.is_empty() {
+        return f64::NAN;
+    }
+    predicted.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64
+}
+
+/// `confusion[true][predicted]` counts.
+pub fn confusion(predicted: &[usize], labels: &[usize], n_classes: usize) -> Vec<Vec<u64>> {
+    let n = n_classes.max(predicted.iter().chain(labels).map(|&c| c + 1).max().unwrap_or(0));
+    let mut m = vec![vec![0u64; n]; n];
+    for (&p, &l) in predicted.iter().zip(labels) {
+        m[l][p] += 1;
+    }
+    m
+}
+
+/// F1 of class 1 for two classes (the GLUE convention), macro-averaged F1 for more.
+pub fn f1(predicted: &[usize], labels: &[usize], n_classes: usize) -> f64 {
+    let m = confusion(predicted, labels, n_classes);
+    let class_f1 = |c: usize| {
+        let tp = m[c][c] as f64;
+        let fp: f64 = (0..m.len()).filter(|&t| t != c).map(|t| m[t][c] as f64).sum();
+        let fn_: f64 = (0..m.len()).filter(|&p| p != c).map(|p| m[c][p] as f64).sum();
+        if tp == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
+    };
+    if m.len() <= 2 {
+        class_f1(1.min(m.len().saturating_sub(1)))
+    } else {
+        (0..m.len()).map(class_f1).sum::<f64>() / m.len() as f64
+    }
+}
+
+/// Matthews correlation coefficient (Gorodkin's multi-class form; the usual MCC for two classes).
+/// 0 when it is undefined (a constant prediction or a single true class).
+pub fn matthews(predicted: &[usize], labels: &[usize], n_classes: usize) -> f64 {
+    let m = confusion(predicted, labels, n_classes);
+    let k = m.len();
+    let s: f64 = labels.len() as f64;
+    let c: f64 = (0..k).map(|i| m[i][i] as f64).sum();
+    let t: Vec<f64> = (0..k).map(|i| m[i].iter().sum::<u64>() as f64).collect();
+    let p: Vec<f64> = (0..k).map(|j| (0..k).map(|i| m[i][j]).sum::<u64>() as f64).collect();
+    let tp: f64 = t.iter().zip(&p).map(|(a, b)| a * b).sum();
+    let num = c * s - tp;
+    let den = ((s * s - p.iter().map(|x| x * x).sum::<f64>()) * (s * s - t.iter().map(|x| x * x).sum::<f64>())).sqrt();
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// Pearson correlation of `x` and `y` (NaN when either is constant).
+pub fn pearson(x: &[f32], y: &[f32]) -> f64 {
+    let n = x.len().min(y.len()) as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let mx = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let my = y.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (&a, &b) in x.iter().zip(y) {
+        let (dx, dy) = (a as f64 - mx, b as f64 - my);
+        sxy += dx * dy;
+        sxx += dx * dx;
+        syy += dy * dy;
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// Ranks starting at 1, ties get their average rank (as scipy's `rankdata`).
+pub fn ranks(x: &[f32]) -> Vec<f32> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0f32; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f32 / 2.0 + 1.0;
+        for &o in &order[i..=j] {
+            r[o] = rank;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman rank correlation (Pearson of the tie-averaged ranks).
+pub fn spearman(x: &[f32], y: &[f32]) -> f64 {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// Whether larger values of `metric` are better.
+pub fn higher_is_better(metric: &str) -> bool {
+    !matches!(metric, "loss" | "perplexity")
+}
+
+/// One row of the metrics history (`metrics.csv` / `metrics.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// `train` or `valid` (or `test`).
+    pub split: String,
+    /// Optimizer steps done at the end of this record.
+    pub step: usize,
+    /// Metric name → value.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The dashboard metrics: running values over the current epoch, computed like [`Accumulator`].
+#[derive(Clone)]
+pub struct DashboardMetric {
+    name: MetricName,
+    key: &'static str,
+    n_classes: usize,
+    lm: bool,
+    acc: Accumulator,
+    state: NumericMetricState,
+    started: Option<std::time::Instant>,
+}
+
+impl DashboardMetric {
+    /// The metric `key` (`loss`, `accuracy`, `f1`, `mcc`, `pearson`, `spearman`, `perplexity`,
+    /// `tokens/s`), shown under `label`.
+    pub fn new(key: &'static str, label: &str, n_classes: usize, lm: bool) -> Self {
+        Self {
+            name: MetricName::new(label.to_string()),
+            key,
+            n_classes,
+            lm,
+            acc: Accumulator::default(),
+            state: NumericMetricState::default(),
+            started: None,
+        }
+    }
+}
+
+impl Metric for DashboardMetric {
+    type Input = StepStats;
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn update(&mut self, item: &StepStats, _metadata: &MetricMetadata) -> SerializedEntry {
+        self.acc.add(item);
+        let value = if self.key == "tokens/s" {
+            let started = *self.started.get_or_insert_with(std::time::Instant::now);
+            self.acc.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        } else {
+            self.acc.metrics(self.n_classes, self.lm).get(self.key).copied().unwrap_or(f64::NAN)
+        };
+        // The state's running mean is not used for display: report the exact epoch value.
+        self.state.reset();
+        let precision = if self.key == "tokens/s" { 0 } else { 4 };
+        self.state.update(value, 1, FormatOptions::new(self.name()).precision(precision))
+    }
+
+    fn clear(&mut self) {
+        self.acc = Accumulator::default();
+        self.state.reset();
+        self.started = None;
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        NumericAttributes { unit: None, higher_is_better: higher_is_better(self.key) }.into()
+    }
+}
+
+impl Numeric for DashboardMetric {
+    fn value(&self) -> NumericEntry {
+        self.state.current_value()
+    }
+
+    fn running_value(&self) -> NumericEntry {
+        self.state.current_value()
+    }
+}

@@ -1,0 +1,441 @@
+//! Tasks as burn-train models: examples are tokenised once ([`Encoded`]), padded per batch
+//! ([`Batch`]), and run through [`EncoderTask`] (BERT family + head: classification, regression)
+//! or [`LmTask`] (LLaMA: causal LM with the loss on completion tokens, prompt-based classification
+//! by verbalizer words). Both implement burn-train's `TrainStep` / `InferenceStep` and report
+//! host-side [`StepStats`] to the metrics.
+
+use crate::data::{Content, Example, Labels, TaskKind};
+use crate::error::{Result, TrainError};
+use crate::metrics::StepStats;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn::train::metric::Adaptor;
+use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
+use tensor_peft_models::tokenizer::{ChatMessage, TextTokenizer};
+use tensor_peft_models::{Llama, SequenceClassifier};
+
+/// What a tokenised example is trained to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A class index.
+    Class(usize),
+    /// A real score.
+    Score(f32),
+    /// Next-token prediction; positions `>= from` of `ids` are supervised.
+    Completion {
+        /// Index in `ids` of the first supervised token.
+        from: usize,
+    },
+}
+
+/// A tokenised example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// Token ids (with the tokenizer's special tokens).
+    pub ids: Vec<u32>,
+    /// Token types (sentence A / B).
+    pub types: Vec<u32>,
+    /// What to learn.
+    pub target: Target,
+}
+
+/// How examples of a task become token ids.
+pub struct Encoder<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// The task.
+    pub task: TaskKind,
+    /// Longest sequence kept (tokens).
+    pub max_len: usize,
+    /// Label vocabulary (label tasks).
+    pub labels: Option<&'a Labels>,
+    /// Prompt template of `lm-classification`: `{text}` (and `{text_pair}`) are replaced.
+    pub template: &'a str,
+    /// End-of-sequence token appended to completions.
+    pub eos: Option<u32>,
+}
+
+/// Counts of what [`Encoder::encode_all`] truncated or dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodeReport {
+    /// Examples cut to `max_len`.
+    pub truncated: usize,
+    /// Causal-LM examples whose prompt alone fills `max_len` (nothing left to learn).
+    pub dropped: usize,
+}
+
+impl Encoder<'_> {
+    /// Tokenises every example; an example that cannot be used is an error naming its line.
+    pub fn encode_all(&self, examples: &[Example]) -> Result<(Vec<Encoded>, EncodeReport)> {
+        let mut report = EncodeReport::default();
+        let mut out = Vec::with_capacity(examples.len());
+        for e in examples {
+            match self.encode(e, &mut report)? {
+                Some(enc) => out.push(enc),
+                None => report.dropped += 1,
+            }
+        }
+        Ok((out, report))
+    }
+
+    fn tokens(&self, text: &str, e: &Example) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text).map_err(|err| e.origin.error(err.to_string()))
+    }
+
+    fn encode(&self, e: &Example, report: &mut EncodeReport) -> Result<Option<Encoded>> {
+        let mismatch =
+            |what: &str| e.origin.error(format!("this row is {what}, which task `{}` does not take", self.task.name()));
+        match (self.task, &e.content) {
+            (TaskKind::Classification | TaskKind::Regression, Content::Labelled { text, text_pair, .. })
+            | (TaskKind::Classification | TaskKind::Regression, Content::Scored { text, text_pair, .. }) => {
+                let target = match &e.content {
+                    Content::Labelled { label, .. } if self.task == TaskKind::Classification => {
+                        Target::Class(self.labels.expect("label tasks have labels").index(label, &e.origin)?)
+                    }
+                    Content::Scored { score, .. } if self.task == TaskKind::Regression => Target::Score(*score),
+                    _ => return Err(mismatch("of another task")),
+                };
+                let (ids, types) = match text_pair {
+                    Some(pair) => {
+                        let (ids, types) = self
+                            .tokenizer
+                            .encode_pair(text, pair, self.max_len)
+                            .map_err(|err| e.origin.error(err.to_string()))?;
+                        if self.tokens(text, e)?.len() + self.tokens(pair, e)?.len() + 3 > self.max_len {
+                            report.truncated += 1;
+                        }
+                        (ids, types)
+                    }
+                    None => {
+                        let mut ids =
+                            self.tokenizer.encode_with_specials(text).map_err(|err| e.origin.error(err.to_string()))?;
+                        if ids.len() > self.max_len {
+                            // Keep the closing special token (BERT's [SEP]).
+                            let last = *ids.last().expect("non-empty");
+                            ids.truncate(self.max_len);
+                            *ids.last_mut().expect("non-empty") = last;
+                            report.truncated += 1;
+                        }
+                        let types = vec![0; ids.len()];
+                        (ids, types)
+                    }
+                };
+                Ok(Some(Encoded { ids, types, target }))
+            }
+            (TaskKind::LmClassification, Content::Labelled { text, text_pair, label }) => {
+                let class = self.labels.expect("label tasks have labels").index(label, &e.origin)?;
+                let prompt =
+                    self.template.replace("{text}", text).replace("{text_pair}", text_pair.as_deref().unwrap_or(""));
+                let mut ids = self.tokens(&prompt, e)?;
+                if ids.len() > self.max_len {
+                    // Keep the end of the prompt: the verbalizer is predicted after it.
+                    ids.drain(..ids.len() - self.max_len);
+                    report.truncated += 1;
+                }
+                let types = vec![0; ids.len()];
+                Ok(Some(Encoded { ids, types, target: Target::Class(class) }))
+            }
+            (TaskKind::CausalLm, Content::Completion { prompt, completion }) => {
+                let prompt_ids = self.tokens(prompt, e)?;
+                let completion_ids =
+                    self.tokenizer.encode(completion).map_err(|err| e.origin.error(err.to_string()))?;
+                // The completion is tokenised on its own: drop a BOS the tokenizer may prepend.
+                let skip = usize::from(self.tokenizer.add_bos && !completion_ids.is_empty());
+                let mut ids = prompt_ids.clone();
+                ids.extend_from_slice(&completion_ids[skip..]);
+                ids.extend(self.eos);
+                self.finish_lm(ids, prompt_ids.len(), report)
+            }
+            (TaskKind::CausalLm, Content::Chat(messages)) => {
+                // Supervise the last assistant turn; earlier turns are context.
+                let last = messages.iter().rposition(|m| m.role == "assistant").expect("checked when reading");
+                let context: Vec<ChatMessage> = messages[..last].to_vec();
+                let prompt = self
+                    .tokenizer
+                    .apply_chat_template(&context, true)
+                    .map_err(|err| e.origin.error(err.to_string()))?;
+                let full = self
+                    .tokenizer
+                    .apply_chat_template(&messages[..=last], false)
+                    .map_err(|err| e.origin.error(err.to_string()))?;
+                let prompt_ids = self.tokens(&prompt, e)?;
+                let ids = self.tokens(&full, e)?;
+                if ids.len() <= prompt_ids.len() || ids[..prompt_ids.len()] != prompt_ids[..] {
+                    return Err(e
+                        .origin
+                        .error("the chat template does not render the prompt as a prefix of the conversation"));
+                }
+                self.finish_lm(ids, prompt_ids.len(), report)
+            }
+            (_, Content::Labelled { .. }) => Err(mismatch("a labelled text")),
+            (_, Content::Scored { .. }) => Err(mismatch("a scored text")),
+            (_, Content::Completion { .. }) => Err(mismatch("a prompt/completion pair")),
+            (_, Content::Chat(_)) => Err(mismatch("a conversation")),
+        }
+    }
+
+    fn finish_lm(&self, mut ids: Vec<u32>, prompt_len: usize, report: &mut EncodeReport) -> Result<Option<Encoded>> {
+        if ids.len() > self.max_len {
+            ids.truncate(self.max_len);
+            report.truncated += 1;
+        }
+        // Position t predicts ids[t+1]: at least one supervised token must remain.
+        if prompt_len >= ids.len() {
+            return Ok(None);
+        }
+        let types = vec![0; ids.len()];
+        Ok(Some(Encoded { ids, types, target: Target::Completion { from: prompt_len.max(1) } }))
+    }
+}
+
+/// A padded batch (right padding).
+#[derive(Debug, Clone)]
+pub struct Batch<B: Backend> {
+    /// Token ids `[B, T]`.
+    pub ids: Tensor<B, 2, Int>,
+    /// Token types `[B, T]`.
+    pub types: Tensor<B, 2, Int>,
+    /// 1 for tokens, 0 for padding `[B, T]`.
+    pub mask: Tensor<B, 2>,
+    /// Class indices `[B]` (label tasks).
+    pub classes: Option<(Tensor<B, 1, Int>, Vec<usize>)>,
+    /// Scores `[B]` (regression).
+    pub scores: Option<(Tensor<B, 1>, Vec<f32>)>,
+    /// Next-token targets `[B, T]` and their weights `[B, T]` (1 = supervised), with the count.
+    pub next_tokens: Option<(Tensor<B, 2, Int>, Tensor<B, 2>, usize)>,
+    /// Index of each example's last token `[B]`.
+    pub last: Tensor<B, 1, Int>,
+    /// Non-padding tokens.
+    pub tokens: usize,
+}
+
+/// Pads `items` into a batch on `device`.
+pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) -> Batch<B> {
+    let b = items.len();
+    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
+    let mut ids = vec![pad as i64; b * t];
+    let mut types = vec![0i64; b * t];
+    let mut mask = vec![0f32; b * t];
+    let mut last = Vec::with_capacity(b);
+    let mut tokens = 0;
+    for (row, e) in items.iter().enumerate() {
+        for (k, (&id, &ty)) in e.ids.iter().zip(&e.types).enumerate() {
+            ids[row * t + k] = id as i64;
+            types[row * t + k] = ty as i64;
+            mask[row * t + k] = 1.0;
+        }
+        last.push(e.ids.len().saturating_sub(1) as i64);
+        tokens += e.ids.len();
+    }
+    let classes: Vec<usize> =
+        items.iter().filter_map(|e| if let Target::Class(c) = e.target { Some(c) } else { None }).collect();
+    let scores: Vec<f32> =
+        items.iter().filter_map(|e| if let Target::Score(s) = e.target { Some(s) } else { None }).collect();
+    let next_tokens = items.iter().any(|e| matches!(e.target, Target::Completion { .. })).then(|| {
+        let mut targets = vec![0i64; b * t];
+        let mut weights = vec![0f32; b * t];
+        let mut count = 0;
+        for (row, e) in items.iter().enumerate() {
+            if let Target::Completion { from } = e.target {
+                for pos in from.saturating_sub(1)..e.ids.len().saturating_sub(1) {
+                    targets[row * t + pos] = e.ids[pos + 1] as i64;
+                    weights[row * t + pos] = 1.0;
+                    count += 1;
+                }
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(targets, [b, t]), device),
+            Tensor::from_data(TensorData::new(weights, [b, t]), device),
+            count,
+        )
+    });
+    Batch {
+        ids: Tensor::from_data(TensorData::new(ids, [b, t]), device),
+        types: Tensor::from_data(TensorData::new(types, [b, t]), device),
+        mask: Tensor::from_data(TensorData::new(mask, [b, t]), device),
+        classes: (classes.len() == b).then(|| {
+            let data: Vec<i64> = classes.iter().map(|&c| c as i64).collect();
+            (Tensor::from_data(TensorData::new(data, [b]), device), classes)
+        }),
+        scores: (scores.len() == b).then(|| (Tensor::from_data(TensorData::new(scores.clone(), [b]), device), scores)),
+        next_tokens,
+        last: Tensor::from_data(TensorData::new(last, [b]), device),
+        tokens,
+    }
+}
+
+/// Mean cross-entropy of `logits` `[B, C]` against `classes`, and the argmax predictions.
+fn classification_loss<B: Backend>(
+    logits: Tensor<B, 2>,
+    classes: &(Tensor<B, 1, Int>, Vec<usize>),
+) -> (Tensor<B, 1>, Vec<usize>) {
+    let [b, c] = logits.dims();
+    let predicted = argmax_rows(&logits, c);
+    let log_p = log_softmax(logits, 1);
+    let picked = log_p.gather(1, classes.0.clone().reshape([b, 1]));
+    (picked.mean().neg().reshape([1]), predicted)
+}
+
+fn argmax_rows<B: Backend>(logits: &Tensor<B, 2>, c: usize) -> Vec<usize> {
+    let values = logits.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    values
+        .chunks(c.max(1))
+        .map(|row| row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best }))
+        .collect()
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    t.clone().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN)
+}
+
+/// What a step hands to burn-train: the host-side statistics.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    /// The batch's statistics.
+    pub stats: StepStats,
+}
+
+impl ItemLazy for TaskOutput {
+    type ItemSync = TaskOutput;
+    fn sync(self) -> Self {
+        self
+    }
+}
+
+impl Adaptor<StepStats> for TaskOutput {
+    fn adapt(&self) -> StepStats {
+        self.stats.clone()
+    }
+}
+
+/// A BERT-family encoder with a trainable head, for classification (`n_outputs` classes) and
+/// regression (one output, MSE loss).
+#[derive(Module, Debug)]
+pub struct EncoderTask<B: Backend> {
+    /// Encoder (with adapters) and head.
+    pub net: SequenceClassifier<B>,
+    /// Regression instead of classification.
+    pub regression: bool,
+}
+
+impl<B: Backend> EncoderTask<B> {
+    /// Loss and statistics of a batch.
+    pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+        let logits = self.net.forward_typed(batch.ids, Some(batch.types), batch.mask);
+        let [b, c] = logits.dims();
+        let mut stats = StepStats { units: b, tokens: batch.tokens, ..Default::default() };
+        let loss = if self.regression {
+            let (target, scores) = batch.scores.expect("regression batches carry scores");
+            let predicted = logits.reshape([b]);
+            stats.predicted_scores = predicted.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+            stats.scores = scores;
+            let diff = predicted - target;
+            (diff.clone() * diff).mean().reshape([1])
+        } else {
+            let classes = batch.classes.expect("classification batches carry classes");
+            let (loss, predicted) = classification_loss(logits, &classes);
+            debug_assert!(c > 1);
+            stats.predicted = predicted;
+            stats.labels = classes.1;
+            loss
+        };
+        stats.loss = scalar(&loss);
+        (loss, stats)
+    }
+}
+
+/// A causal LM trained on completions (`verbalizer` empty) or as a prompt-based classifier: the
+/// logits of the `verbalizer` tokens after the prompt are the class scores.
+#[derive(Module, Debug)]
+pub struct LmTask<B: Backend> {
+    /// The (adapted) model.
+    pub net: Llama<B>,
+    /// Token id of each class's word (lm-classification), empty for causal LM.
+    pub verbalizer: Vec<usize>,
+}
+
+impl<B: Backend> LmTask<B> {
+    /// Loss and statistics of a batch.
+    pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+        let logits = self.net.forward(batch.ids);
+        let [b, t, v] = logits.dims();
+        let mut stats = StepStats { tokens: batch.tokens, ..Default::default() };
+        let loss = if self.verbalizer.is_empty() {
+            let (targets, weights, count) = batch.next_tokens.expect("causal-LM batches carry targets");
+            let log_p = log_softmax(logits, 2);
+            let picked = log_p.gather(2, targets.reshape([b, t, 1])).reshape([b, t]);
+            stats.units = count;
+            (picked * weights).sum().neg().div_scalar(count.max(1) as f32).reshape([1])
+        } else {
+            let index = batch.last.reshape([b, 1, 1]).repeat_dim(2, v);
+            let at_last = logits.gather(1, index).reshape([b, v]);
+            let device = at_last.device();
+            let words: Vec<i64> = self.verbalizer.iter().map(|&w| w as i64).collect();
+            let words = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [self.verbalizer.len()]), &device);
+            let class_logits = at_last.select(1, words);
+            let classes = batch.classes.expect("lm-classification batches carry classes");
+            let (loss, predicted) = classification_loss(class_logits, &classes);
+            stats.units = b;
+            stats.predicted = predicted;
+            stats.labels = classes.1;
+            loss
+        };
+        stats.loss = scalar(&loss);
+        (loss, stats)
+    }
+}
+
+macro_rules! steps {
+    ($task:ident) => {
+        impl<B: AutodiffBackend> TrainStep for $task<B> {
+            type Input = Batch<B>;
+            type Output = TaskOutput;
+            fn step(&self, batch: Batch<B>) -> TrainOutput<TaskOutput> {
+                let (loss, stats) = self.run(batch);
+                TrainOutput::new(self, loss.backward(), TaskOutput { stats })
+            }
+        }
+
+        impl<B: Backend> InferenceStep for $task<B> {
+            type Input = Batch<B>;
+            type Output = TaskOutput;
+            fn step(&self, batch: Batch<B>) -> TaskOutput {
+                TaskOutput { stats: self.run(batch).1 }
+            }
+        }
+    };
+}
+steps!(EncoderTask);
+steps!(LmTask);
+
+/// The single-token id of each verbalizer word (looked up with a leading space, as it follows the
+/// prompt), or an error naming the word that is not one token.
+pub fn verbalizer_ids(tokenizer: &TextTokenizer, words: &[String]) -> Result<Vec<usize>> {
+    words
+        .iter()
+        .map(|w| {
+            let spaced = format!(" {}", w.trim());
+            let mut ids = tokenizer
+                .encode(&spaced)
+                .map_err(|e| TrainError::Option { option: "verbalizers", reason: e.to_string() })?;
+            if tokenizer.add_bos && !ids.is_empty() {
+                ids.remove(0);
+            }
+            match ids.as_slice() {
+                [id] => Ok(*id as usize),
+                _ => Err(TrainError::Option {
+                    option: "verbalizers",
+                    reason: format!("`{w}` is {} tokens ({ids:?}); each label word must be a single token", ids.len()),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Turns off autodiff-only state: the inference copy of a task model.
+pub fn inference<B: AutodiffBackend, M: AutodiffModule<B>>(m: &M) -> M::InnerModule {
+    m.valid()
+}

@@ -1,0 +1,359 @@
+//! The training crate's tests (one binary): metrics against hand counts, the seeded split against
+//! the Python reference implementation's indices, data parsing and its errors, the LR schedule,
+//! global-norm clipping against torch's formula, and end-to-end fine-tuning of a tiny LLaMA
+//! (causal LM and prompt-based classification: loss falls, the adapter reloads and evaluates to the
+//! recorded validation metrics, resuming from a step checkpoint is bit-identical) and of MiniLM
+//! (classification, when the assets are present).
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use std::path::{Path, PathBuf};
+use tensor_peft_adapters::MethodConfig;
+use tensor_peft_training::data::{self, FieldMap, TaskKind};
+use tensor_peft_training::metrics::{accuracy, f1, matthews, pearson, ranks, spearman};
+use tensor_peft_training::optim::{Decay, WarmupSchedule, clip_global_norm};
+use tensor_peft_training::{TrainConfig, TrainError, finetune};
+
+type B = NdArray<f32>;
+type AB = Autodiff<B>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tensor-peft-training-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn binary_metrics_match_hand_counts() {
+    // tp=3 fn=2 fp=1 tn=4
+    let labels = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
+    let pred = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0];
+    assert!((accuracy(&pred, &labels) - 0.7).abs() < 1e-12);
+    assert!((f1(&pred, &labels, 2) - 6.0 / 9.0).abs() < 1e-12);
+    let mcc = (3.0 * 4.0 - 1.0 * 2.0) / (4.0f64 * 5.0 * 5.0 * 6.0).sqrt();
+    assert!((matthews(&pred, &labels, 2) - mcc).abs() < 1e-12);
+    // A constant prediction has no correlation.
+    assert_eq!(matthews(&[0; 10], &labels, 2), 0.0);
+}
+
+#[test]
+fn multiclass_metrics_match_sklearn() {
+    // sklearn.metrics.f1_score(average="macro") and matthews_corrcoef of these vectors
+    // (scikit-learn 1.x).
+    let labels = [0, 1, 2, 0, 1, 2];
+    let pred = [0, 2, 1, 0, 0, 2];
+    assert!((f1(&pred, &labels, 3) - 0.43333333333333335).abs() < 1e-12);
+    assert!((matthews(&pred, &labels, 3) - 0.26111648393354675).abs() < 1e-12);
+}
+
+#[test]
+fn rank_correlations_match_scipy() {
+    assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
+    // scipy.stats.spearmanr([1,2,3,4,5],[5,6,7,8,7]) = 0.8207826816681233
+    let s = spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[5.0, 6.0, 7.0, 8.0, 7.0]);
+    assert!((s - 0.8207826816681233).abs() < 1e-6, "{s}");
+    // scipy.stats.pearsonr([1,2,3,4],[2,4,5,9]) = 0.9647638212377322
+    let p = pearson(&[1.0, 2.0, 3.0, 4.0], &[2.0, 4.0, 5.0, 9.0]);
+    assert!((p - 0.9647638212377322).abs() < 1e-9, "{p}");
+}
+
+#[test]
+fn split_is_seeded_disjoint_and_matches_the_python_reference() {
+    let [train, valid, test] = data::split_indices(10_567, 1234, 10, 10);
+    assert_eq!((train.len(), valid.len(), test.len()), (8_455, 1_056, 1_056));
+    let mut all: Vec<usize> = train.iter().chain(&valid).chain(&test).copied().collect();
+    all.sort();
+    assert_eq!(all, (0..10_567).collect::<Vec<_>>());
+    assert_eq!(data::split_indices(10_567, 1234, 10, 10)[0], train, "not deterministic");
+    assert_ne!(data::split_indices(10_567, 1235, 10, 10)[0], train, "the seed is ignored");
+    // The same splitmix64 Fisher–Yates in Python (scripts/reference/vader_peft_lora.py).
+    assert_eq!(&train[..5], &PYTHON_TRAIN_HEAD);
+    assert_eq!(&valid[..5], &PYTHON_VALID_HEAD);
+    assert_eq!(&test[..5], &PYTHON_TEST_HEAD);
+}
+
+const PYTHON_TRAIN_HEAD: [usize; 5] = [2906, 9386, 1319, 5028, 5071];
+const PYTHON_VALID_HEAD: [usize; 5] = [4734, 4263, 2697, 1136, 532];
+const PYTHON_TEST_HEAD: [usize; 5] = [5669, 1294, 6530, 1994, 10494];
+
+#[test]
+fn vader_loader_drops_neutral_ratings() {
+    let dir = scratch("vader");
+    let path = dir.join("snippets.txt");
+    std::fs::write(&path, "1\t2.5\tgood film\n2\t0\tmeh\n3\t-1.2\tbad\twith a tab\n\n").unwrap();
+    let examples = data::vader_movie_reviews(&path).unwrap();
+    assert_eq!(examples.len(), 2);
+    assert_eq!(
+        examples[1].content,
+        data::Content::Labelled { text: "bad\twith a tab".into(), text_pair: None, label: "0".into() }
+    );
+    assert_eq!(examples[1].origin.line, 3);
+    std::fs::write(&path, "1\tnot-a-number\ttext\n").unwrap();
+    let err = data::vader_movie_reviews(&path).unwrap_err().to_string();
+    assert!(err.contains("snippets.txt:1:") && err.contains("numeric rating"), "{err}");
+}
+
+#[test]
+fn bad_rows_name_their_file_and_line() {
+    let dir = scratch("rows");
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, "{\"text\": \"a\", \"label\": 1}\n\n{\"text\": \"b\", \"label\": 0}\n{\"text\": \"c\"\n")
+        .unwrap();
+    let fields = FieldMap::default();
+    let err = data::read_file(&path, TaskKind::Classification, &fields, false).unwrap_err().to_string();
+    assert!(err.contains("data.jsonl:4:") && err.contains("invalid JSON"), "{err}");
+    let skipped = data::read_file(&path, TaskKind::Classification, &fields, true).unwrap();
+    assert_eq!((skipped.examples.len(), skipped.skipped.len()), (2, 1));
+
+    std::fs::write(&path, "{\"text\": \"a\"}\n").unwrap();
+    let err = data::read_file(&path, TaskKind::Classification, &fields, false).unwrap_err().to_string();
+    assert!(err.contains(":1:") && err.contains("missing field `label`") && err.contains("--label-field"), "{err}");
+
+    std::fs::write(&path, "").unwrap();
+    let err = data::read_file(&path, TaskKind::Classification, &fields, false).unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
+
+    let csv = dir.join("data.csv");
+    std::fs::write(&csv, "sentence,y\n\"hello, world\",pos\nbye,neg\n").unwrap();
+    let mapped = FieldMap { text: "sentence".into(), label: "y".into(), ..FieldMap::default() };
+    let rows = data::read_file(&csv, TaskKind::Classification, &mapped, false).unwrap();
+    assert_eq!(
+        rows.examples[0].content,
+        data::Content::Labelled { text: "hello, world".into(), text_pair: None, label: "pos".into() }
+    );
+    assert_eq!(rows.examples[1].origin.line, 3);
+    let labels = data::Labels::from_examples(&rows.examples, &csv).unwrap();
+    assert_eq!(labels.names, ["neg", "pos"]);
+    let err = labels.index("neutral", &rows.examples[0].origin).unwrap_err().to_string();
+    assert!(err.contains("unknown label `neutral`") && err.contains("data.csv:2:"), "{err}");
+
+    let tsv = dir.join("data.tsv");
+    std::fs::write(&tsv, "text\ttext_pair\tscore\na\tb\t3.5\nc\td\thigh\n").unwrap();
+    let err = data::read_file(&tsv, TaskKind::Regression, &fields, false).unwrap_err().to_string();
+    assert!(err.contains("data.tsv:3:") && err.contains("finite number"), "{err}");
+
+    let chat = dir.join("chat.jsonl");
+    std::fs::write(&chat, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let err = data::read_file(&chat, TaskKind::CausalLm, &fields, false).unwrap_err().to_string();
+    assert!(err.contains("no assistant turn"), "{err}");
+
+    let err = data::read_file(&dir.join("data.parquet"), TaskKind::CausalLm, &fields, false).unwrap_err().to_string();
+    assert!(err.contains(".jsonl, .csv or .tsv"), "{err}");
+}
+
+#[test]
+fn integer_labels_keep_numeric_order() {
+    let origin = data::Origin { path: "x".into(), line: 1 };
+    let ex = |l: &str| data::Example {
+        content: data::Content::Labelled { text: "t".into(), text_pair: None, label: l.into() },
+        origin: origin.clone(),
+    };
+    let labels = data::Labels::from_examples(&[ex("10"), ex("2"), ex("1")], Path::new("x")).unwrap();
+    assert_eq!(labels.names, ["1", "2", "10"]);
+    let err = data::Labels::from_examples(&[ex("1")], Path::new("x")).unwrap_err().to_string();
+    assert!(err.contains("at least two labels"), "{err}");
+}
+
+#[test]
+fn schedule_follows_hf_warmup_then_decay() {
+    let mut s = WarmupSchedule { peak: 1.0, warmup: 4, total: 14, decay: Decay::Linear, step: 0 };
+    let lrs: Vec<f64> = (0..14).map(|_| burn::optim::lr_scheduler::LrScheduler::step(&mut s)).collect();
+    assert_eq!(&lrs[..5], &[0.0, 0.25, 0.5, 0.75, 1.0]);
+    assert!((lrs[9] - 0.5).abs() < 1e-12 && (lrs[13] - 0.1).abs() < 1e-12, "{lrs:?}");
+    let cos = WarmupSchedule { peak: 2.0, warmup: 0, total: 10, decay: Decay::Cosine, step: 0 };
+    assert!((cos.lr_at(0) - 2.0).abs() < 1e-12 && (cos.lr_at(5) - 1.0).abs() < 1e-12 && cos.lr_at(10).abs() < 1e-12);
+}
+
+#[test]
+fn global_norm_clipping_matches_torch() {
+    let device = Default::default();
+    let linear = LinearConfig::new(3, 2).init::<AB>(&device);
+    let x = Tensor::<AB, 2>::from_data(TensorData::new(vec![1.0f32, -2.0, 3.0, 0.5, 0.5, -1.0], [2, 3]), &device);
+    let loss = linear.forward(x).mul_scalar(3.0).sum();
+    let grads = GradientsParams::from_grads(loss.backward(), &linear);
+    let w = grads.get::<B, 2>(linear.weight.id).unwrap().into_data().to_vec::<f32>().unwrap();
+    let b = grads.get::<B, 1>(linear.bias.as_ref().unwrap().id).unwrap().into_data().to_vec::<f32>().unwrap();
+    let norm = w.iter().chain(&b).map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    let (reported, clipped) = clip_global_norm(&linear, grads, Some(1.0));
+    assert!((reported - norm).abs() < 1e-4 * norm, "{reported} vs {norm}");
+    let coef = 1.0 / (norm + 1e-6);
+    let w2 = clipped.get::<B, 2>(linear.weight.id).unwrap().into_data().to_vec::<f32>().unwrap();
+    for (a, b) in w.iter().zip(&w2) {
+        assert!(((*a as f64) * coef - *b as f64).abs() < 1e-6, "{a} {b}");
+    }
+    let b2 = clipped.get::<B, 1>(linear.bias.as_ref().unwrap().id).unwrap().into_data().to_vec::<f32>().unwrap();
+    let clipped_norm = w2.iter().chain(&b2).map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    assert!((clipped_norm - 1.0).abs() < 1e-5, "{clipped_norm}");
+    let _ = linear.num_params();
+}
+
+fn lm_config(name: &str, method: &str) -> TrainConfig {
+    TrainConfig {
+        model: fixtures().join("tiny-llama-words"),
+        task: TaskKind::CausalLm,
+        train: fixtures().join("lm-copy-train.jsonl"),
+        valid: Some(fixtures().join("lm-copy-valid.jsonl")),
+        method: MethodConfig::from_name(method).unwrap(),
+        epochs: 4,
+        batch_size: 8,
+        lr: 5e-2,
+        max_len: 32,
+        seed: 5,
+        output: scratch(name),
+        overwrite: true,
+        ..TrainConfig::default()
+    }
+}
+
+fn valid_losses(r: &tensor_peft_training::FinetuneReport) -> Vec<f64> {
+    r.history.iter().filter(|h| h.split == "valid").map(|h| h.metrics["loss"]).collect()
+}
+
+#[test]
+fn causal_lm_loss_falls_and_the_adapter_reloads() {
+    for method in ["lora", "tt-lora"] {
+        let cfg = lm_config(&format!("lm-{method}"), method);
+        let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+        let losses = valid_losses(&report);
+        assert_eq!(losses.len(), 4);
+        assert!(losses[3] < losses[0] - 0.3, "{method}: validation loss did not fall: {losses:?}");
+        let ppl = report.history.last().unwrap().metrics["perplexity"];
+        assert!((ppl - losses[3].exp()).abs() < 1e-9 * ppl);
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "last/adapter_model.safetensors",
+            "metrics.csv",
+            "metrics.json",
+            "curves.png",
+            "train_config.json",
+        ] {
+            assert!(cfg.output.join(f).is_file(), "{method}: {f} missing");
+        }
+        let png = std::fs::read(cfg.output.join("curves.png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // The saved best adapter evaluates to the best recorded validation loss.
+        let options = tensor_peft_training::eval::EvalOptions {
+            task: TaskKind::CausalLm,
+            fields: FieldMap::default(),
+            skip_bad_rows: false,
+            batch_size: 8,
+        };
+        let metrics = tensor_peft_training::eval::evaluate::<B>(
+            &cfg.model,
+            &cfg.output,
+            cfg.valid.as_ref().unwrap(),
+            &options,
+            &Default::default(),
+        )
+        .unwrap();
+        let best = report.best.as_ref().unwrap().1;
+        assert!((metrics["loss"] - best).abs() < 1e-4, "{method}: eval {} vs best {best}", metrics["loss"]);
+        // The run refuses to overwrite itself unless asked.
+        let again = TrainConfig { overwrite: false, ..cfg.clone() };
+        let err = finetune::<AB>(&again, &Default::default()).unwrap_err().to_string();
+        assert!(err.contains("already holds a run") && err.contains("--overwrite"), "{err}");
+    }
+}
+
+#[test]
+fn prompt_based_classification_learns_the_verbalizer() {
+    let cfg = TrainConfig {
+        task: TaskKind::LmClassification,
+        train: fixtures().join("lm-sentiment-train.jsonl"),
+        valid: Some(fixtures().join("lm-sentiment-valid.jsonl")),
+        verbalizers: vec!["w60".into(), "w61".into()],
+        template: "{text} w5".into(),
+        epochs: 6,
+        lr: 2e-2,
+        ..lm_config("lm-cls", "lora")
+    };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let best = report.best.clone().unwrap();
+    assert_eq!(best.0, "accuracy");
+    assert!(best.1 >= 0.9, "accuracy {:?}", report.history);
+    let bad = TrainConfig { verbalizers: vec!["w60".into()], output: scratch("lm-cls-bad"), ..cfg.clone() };
+    let err = finetune::<AB>(&bad, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("1 words given for 2 labels"), "{err}");
+}
+
+#[test]
+fn resume_from_a_step_checkpoint_is_bit_identical() {
+    let full = TrainConfig { save_every_steps: 1, ..lm_config("resume-full", "tt-lora") };
+    finetune::<AB>(&full, &Default::default()).unwrap();
+    let reference = std::fs::read(full.output.join("last/adapter_model.safetensors")).unwrap();
+
+    // Stop after 5 optimizer steps (mid-epoch 1 of 6 batches each); the schedule is fixed by
+    // epochs, so continue with the same options.
+    let part = TrainConfig { save_every_steps: 1, ..lm_config("resume-part", "tt-lora") };
+    let stop_at = tensor_peft_training::trainer::StopAt::Step(5);
+    tensor_peft_training::trainer::finetune_until::<AB>(&part, &Default::default(), stop_at).unwrap();
+    let checkpoints = tensor_peft_training::checkpoint::list_checkpoints(&part.output.join("checkpoint"));
+    assert_eq!(checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(), [5], "only the newest checkpoint is kept");
+    let resumed = TrainConfig { resume: true, overwrite: false, ..part.clone() };
+    finetune::<AB>(&resumed, &Default::default()).unwrap();
+    let again = std::fs::read(part.output.join("last/adapter_model.safetensors")).unwrap();
+    assert!(reference == again, "the resumed run's adapter differs from the uninterrupted one");
+    let a: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(full.output.join("metrics.json")).unwrap()).unwrap();
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(part.output.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(a, b, "metric histories differ");
+
+    // Another run's checkpoint is refused.
+    let other = TrainConfig { lr: 5e-3, resume: true, overwrite: false, ..part.clone() };
+    let err = finetune::<AB>(&other, &Default::default()).unwrap_err();
+    assert!(matches!(err, TrainError::Checkpoint { .. }) && err.to_string().contains("other data"), "{err}");
+}
+
+#[test]
+fn minilm_classification_trains_a_head_and_tt_lora() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/all-minilm-l6-v2");
+    if !model.join("model.safetensors").is_file() {
+        assert!(
+            std::env::var_os("TENSOR_PEFT_REQUIRE_ASSETS").is_none(),
+            "assets missing: run scripts/fetch-assets.sh"
+        );
+        eprintln!("skipped: assets/all-minilm-l6-v2 missing (scripts/fetch-assets.sh)");
+        return;
+    }
+    let dir = scratch("minilm-data");
+    let train = dir.join("train.jsonl");
+    let mut lines = String::new();
+    for i in 0..48 {
+        let (text, label) =
+            if i % 2 == 0 { ("a wonderful, moving film", "pos") } else { ("a dull and boring mess", "neg") };
+        lines.push_str(&format!("{{\"text\": \"{text} {i}\", \"label\": \"{label}\"}}\n"));
+    }
+    std::fs::write(&train, lines).unwrap();
+    let cfg = TrainConfig {
+        model,
+        task: TaskKind::Classification,
+        train,
+        valid_percent: 25,
+        method: MethodConfig::from_name("tt-lora").unwrap(),
+        epochs: 2,
+        batch_size: 8,
+        lr: 5e-3,
+        max_len: 16,
+        seed: 3,
+        output: scratch("minilm"),
+        overwrite: true,
+        ..TrainConfig::default()
+    };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    assert_eq!(report.trainable_params - report.adapter_params, 384 * 2 + 2, "head = 384×2 + 2");
+    assert!(report.best.as_ref().unwrap().1 >= 0.9, "{:?}", report.history);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg.output.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["tensor_peft"]["task"]["labels"], serde_json::json!(["neg", "pos"]));
+    assert_eq!(config["task_type"], "SEQ_CLS");
+}
