@@ -5,9 +5,9 @@ use crate::CliError;
 /// A Burn backend the CLI can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
-    /// CPU, deterministic (`ndarray` feature, on by default).
+    /// CPU, `ndarray` crate (`ndarray` feature, on by default): the backend of the numeric tests.
     Ndarray,
-    /// CPU, Burn's own `flex` backend (`flex` feature), for comparison.
+    /// CPU, Burn's own `flex` backend (`flex` feature, on by default): the CLI default.
     Flex,
     /// WebGPU/Vulkan (`wgpu` feature).
     Wgpu,

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod compare;
 pub mod demo;
 pub mod embed;
 pub mod finetune;

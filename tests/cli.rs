@@ -389,13 +389,15 @@ fn finetune_reads_a_toml_config_and_flags_override_it() {
 #[test]
 fn a_killed_finetune_resumes_to_the_same_adapter() {
     let reference_dir = scratch("kill-reference");
-    let out = run_args(&lm_finetune_args(&reference_dir, &["--save-every-steps", "1"]));
+    // ndarray: the deterministic CPU backend (bit-identical results are claimed there).
+    let deterministic = ["--save-every-steps", "1", "--backend", "ndarray"];
+    let out = run_args(&lm_finetune_args(&reference_dir, &deterministic));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reference = std::fs::read(reference_dir.join("last/adapter_model.safetensors")).unwrap();
     // Kill with SIGKILL as soon as a checkpoint at step >= k exists, for a few k, then resume.
     let dir = scratch("kill");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tpeft"))
-        .args(lm_finetune_args(&dir, &["--save-every-steps", "1"]))
+        .args(lm_finetune_args(&dir, &deterministic))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -429,7 +431,7 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
             }
         }
         child = Command::new(env!("CARGO_BIN_EXE_tpeft"))
-            .args(["finetune", "--resume", dir.to_str().unwrap()])
+            .args(["finetune", "--backend", "ndarray", "--resume", dir.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -440,4 +442,69 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
     assert!(kills >= 2, "the run finished before it could be killed ({kills} kills)");
     let resumed = std::fs::read(dir.join("last/adapter_model.safetensors")).unwrap();
     assert!(resumed == reference, "after {kills} kills the adapter differs from an uninterrupted run");
+}
+
+#[test]
+fn compare_runs_a_grid_writes_results_and_resumes() {
+    let dir = scratch("compare");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sweep = dir.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            r#"output = "{out}"
+[base]
+model = "{model}"
+task = "causal-lm"
+train = "{train}"
+valid = "{valid}"
+epochs = 4
+batch_size = 8
+lr = 0.05
+max_len = 32
+seed = 3
+[[variant]]
+method = "lora"
+rank = [1, 4]
+[[variant]]
+method = "tt-lora"
+rank = [2, 4]
+[[variant]]
+method = "lorta"
+targets = [["q_proj", "k_proj", "v_proj", "o_proj"]]
+[halving]
+min_epochs = 1
+eta = 2
+"#,
+            out = dir.join("out").display(),
+            model = fixture("tiny-llama-words"),
+            train = fixture("lm-copy-train.jsonl"),
+            valid = fixture("lm-copy-valid.jsonl"),
+        ),
+    )
+    .unwrap();
+    let out = tpeft(&["compare", "--config", sweep.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6, "{csv}");
+    // Successive halving: 5 runs at 1 epoch, 3 at 2, 2 at 4.
+    let epochs: Vec<usize> = csv.lines().skip(1).map(|l| l.split(',').nth_back(5).unwrap().parse().unwrap()).collect();
+    let mut sorted = epochs.clone();
+    sorted.sort();
+    assert_eq!(sorted, [1, 1, 2, 4, 4], "{csv}");
+    let png = std::fs::read(dir.join("out/accuracy_vs_params.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let md = std::fs::read_to_string(dir.join("out/results.md")).unwrap();
+    assert!(md.contains("| lorta |") && md.contains("(halved)"), "{md}");
+    // Running it again repeats nothing.
+    let again = tpeft(&["compare", "--config", sweep.to_str().unwrap()]);
+    assert!(again.status.success());
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(log.matches("skipped").count(), 5 + 3 + 2, "{log}");
+    assert!(!log.contains("compare: training"), "{log}");
+    // A typo in the sweep file is a usage error.
+    std::fs::write(&sweep, "output = \"x\"\n[base]\nmodle = 1\n[[variant]]\nmethod = \"lora\"\n").unwrap();
+    let bad = tpeft(&["compare", "--config", sweep.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("modle"));
 }

@@ -10,8 +10,9 @@ use tensor_peft_models::ArchSpec;
 #[derive(Parser)]
 #[command(name = "tpeft", version, about = "Tensorized parameter-efficient fine-tuning on Burn")]
 struct Cli {
-    /// Compute backend (`flex`, `wgpu` and `cuda` need the cargo features of the same names).
-    #[arg(long, global = true, value_enum, default_value = "ndarray")]
+    /// Compute backend: `flex` (default, the fastest CPU backend here), `ndarray`, or `wgpu` and
+    /// `cuda` (cargo features of the same names).
+    #[arg(long, global = true, value_enum, default_value = "flex")]
     backend: BackendKind,
     #[command(subcommand)]
     command: Command,
@@ -53,6 +54,16 @@ enum Command {
     },
     /// Fine-tune a model with an adapter (see README "Fine-tuning"); writes an adapter directory.
     Finetune(Box<tensor_peft::finetune::FinetuneArgs>),
+    /// Train a grid of methods and sizes on one task (sweep.toml; see README "Comparing
+    /// methods") and write results.csv, results.md and accuracy_vs_params.png.
+    Compare {
+        /// The sweep file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Stop training further runs after this many minutes (finished runs are kept).
+        #[arg(long)]
+        budget_minutes: Option<f64>,
+    },
     /// Evaluate a fine-tuned adapter on a data file: one `metric: value` line each (or --json).
     Eval {
         /// The base model (HF directory or .gguf).
@@ -309,6 +320,14 @@ fn run(cli: Cli) -> Result<String, CliError> {
         Command::Selfcheck { steps, lr, seed } => {
             let results = selfcheck(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
+        }
+        Command::Compare { config, budget_minutes } => {
+            if budget_minutes.is_some_and(|m| !(m > 0.0)) {
+                return Err(CliError::Usage("--budget-minutes must be positive".into()));
+            }
+            // Usage errors in the sweep file keep exit code 2: the inner result is returned as is.
+            with_backend!(cli.backend, B => Ok(tensor_peft::compare::run::<burn::backend::Autodiff<B>>(&config, budget_minutes)))
+                .map_err(CliError::Runtime)?
         }
         Command::Finetune(args) => {
             let config = tensor_peft::finetune::train_config(&args)?;

@@ -490,7 +490,7 @@ pub fn vader_movie_reviews(path: &Path) -> Result<Vec<Example>> {
         }
         let label = if rating > 0.0 { "1" } else { "0" };
         out.push(Example {
-            content: Content::Labelled { text: snippet.to_string(), text_pair: None, label: label.into() },
+            content: Content::Labelled { text: snippet.trim().to_string(), text_pair: None, label: label.into() },
             origin,
         });
     }

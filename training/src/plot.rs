@@ -86,3 +86,97 @@ pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(TrainError::io(path))
 }
+
+/// The points of `points` (`(label, x, y)`) on the Pareto front: no other point has fewer or equal
+/// `x` and a better `y`. Sorted by `x`.
+pub fn pareto_front(points: &[(String, f64, f64)], higher_is_better: bool) -> Vec<(String, f64, f64)> {
+    let mut sorted: Vec<&(String, f64, f64)> = points.iter().filter(|p| p.1 > 0.0 && p.2.is_finite()).collect();
+    sorted.sort_by(|a, b| {
+        a.1.total_cmp(&b.1).then(if higher_is_better { b.2.total_cmp(&a.2) } else { a.2.total_cmp(&b.2) })
+    });
+    let mut front: Vec<(String, f64, f64)> = Vec::new();
+    for p in sorted {
+        let better = front.last().is_none_or(|f| if higher_is_better { p.2 > f.2 } else { p.2 < f.2 });
+        if better {
+            front.push(p.clone());
+        }
+    }
+    front
+}
+
+/// Score against trainable parameters (log x), one colour per label (method), the Pareto front
+/// drawn as a line: the figure of every PEFT paper. Written to `path` atomically.
+pub fn scatter_vs_params(
+    points: &[(String, f64, f64)],
+    y_label: &str,
+    higher_is_better: bool,
+    path: &Path,
+) -> Result<()> {
+    register_font();
+    let usable: Vec<&(String, f64, f64)> = points.iter().filter(|p| p.1 > 0.0 && p.2.is_finite()).collect();
+    if usable.is_empty() {
+        return Err(TrainError::Data { path: path.into(), reason: "no finished run to plot".into() });
+    }
+    let (x_lo, x_hi) = usable.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (y_lo, y_hi) = usable.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
+    let pad = ((y_hi - y_lo) * 0.15).max(0.01);
+    let mut labels: Vec<&String> = usable.iter().map(|p| &p.0).collect();
+    labels.sort();
+    labels.dedup();
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{y_label} vs trainable adapter parameters"), ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d((x_lo / 1.5..x_hi * 1.5).log_scale(), (y_lo - pad)..(y_hi + pad))
+            .map_err(|e| plot_error(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("trainable adapter parameters (log scale)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| plot_error(path, e))?;
+        let front = pareto_front(points, higher_is_better);
+        chart
+            .draw_series(LineSeries::new(front.iter().map(|p| (p.1, p.2)), BLACK.mix(0.5).stroke_width(2)))
+            .map_err(|e| plot_error(path, e))?
+            .label("Pareto front")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
+        chart
+            .draw_series(front.iter().map(|p| Circle::new((p.1, p.2), 9, BLACK.stroke_width(2))))
+            .map_err(|e| plot_error(path, e))?;
+        for (i, label) in labels.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let pts: Vec<(f64, f64)> = usable.iter().filter(|p| &&p.0 == label).map(|p| (p.1, p.2)).collect();
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 6, color.filled())))
+                .map_err(|e| plot_error(path, e))?
+                .label(label.as_str())
+                .legend(move |(x, y)| Circle::new((x + 8, y), 5, color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_error(path, e))?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+}

@@ -208,9 +208,10 @@ pub struct FinetuneReport {
     pub test: Option<BTreeMap<String, f64>>,
     /// Optimizer steps taken.
     pub steps: usize,
-    /// Wall time of training (this process), seconds.
+    /// Wall time of the whole run in this process (training, validation, checkpoints), seconds.
     pub train_seconds: f64,
-    /// Training tokens per second (this process).
+    /// Training tokens per second over the training batches of this process (validation and
+    /// checkpoint writes excluded).
     pub tokens_per_second: f64,
     /// Why training stopped.
     pub stop_reason: String,
@@ -531,6 +532,8 @@ impl burn::train::logger::MetricLogger for NullLogger {
 #[derive(Default)]
 struct FitOutcome {
     killed: bool,
+    /// Seconds spent in training batches (validation and checkpoints excluded).
+    train_seconds: f64,
     state: Option<TrainerState>,
     error: Option<TrainError>,
     stop_reason: String,
@@ -641,6 +644,7 @@ where
             let mut accumulated = 0;
             let mut iterator = dataloader_train.iter();
             let mut hit_max = false;
+            let epoch_started = std::time::Instant::now();
             while let Some(batch) = iterator.next() {
                 B::seed(&self.device, seed_for(self.seed, epoch, batches_done));
                 let output = learner.train_step(batch);
@@ -700,6 +704,7 @@ where
                 }
             }
             drop(iterator);
+            outcome.train_seconds += epoch_started.elapsed().as_secs_f64();
             processor.process_train(LearnerEvent::EndEpoch(epoch));
             // Validation.
             let model = learner.model().valid();
@@ -1301,7 +1306,7 @@ where
         test: test_metrics,
         steps: state.step,
         train_seconds,
-        tokens_per_second: outcome.tokens as f64 / train_seconds.max(1e-9),
+        tokens_per_second: outcome.tokens as f64 / outcome.train_seconds.max(1e-9),
         stop_reason: outcome.stop_reason,
     };
     let json = serde_json::to_vec_pretty(&report).expect("serialisable");

@@ -67,28 +67,46 @@ fn rank_correlations_match_scipy() {
 
 #[test]
 fn split_is_seeded_disjoint_and_matches_the_python_reference() {
-    let [train, valid, test] = data::split_indices(10_567, 1234, 10, 10);
-    assert_eq!((train.len(), valid.len(), test.len()), (8_455, 1_056, 1_056));
+    // 10,568 rated VADER movie snippets, as in docs/results/vader_peft_lora.json.
+    let [train, valid, test] = data::split_indices(10_568, 1234, 10, 10);
+    assert_eq!((train.len(), valid.len(), test.len()), (8_456, 1_056, 1_056));
     let mut all: Vec<usize> = train.iter().chain(&valid).chain(&test).copied().collect();
     all.sort();
-    assert_eq!(all, (0..10_567).collect::<Vec<_>>());
-    assert_eq!(data::split_indices(10_567, 1234, 10, 10)[0], train, "not deterministic");
-    assert_ne!(data::split_indices(10_567, 1235, 10, 10)[0], train, "the seed is ignored");
-    // The same splitmix64 Fisher–Yates in Python (scripts/reference/vader_peft_lora.py).
+    assert_eq!(all, (0..10_568).collect::<Vec<_>>());
+    assert_eq!(data::split_indices(10_568, 1234, 10, 10)[0], train, "not deterministic");
+    assert_ne!(data::split_indices(10_568, 1235, 10, 10)[0], train, "the seed is ignored");
+    // The same splitmix64 Fisher–Yates in Python (scripts/reference/vader_peft_lora.py, whose
+    // output docs/results/vader_peft_lora.json records these indices).
     assert_eq!(&train[..5], &PYTHON_TRAIN_HEAD);
     assert_eq!(&valid[..5], &PYTHON_VALID_HEAD);
     assert_eq!(&test[..5], &PYTHON_TEST_HEAD);
 }
 
-const PYTHON_TRAIN_HEAD: [usize; 5] = [2906, 9386, 1319, 5028, 5071];
-const PYTHON_VALID_HEAD: [usize; 5] = [4734, 4263, 2697, 1136, 532];
-const PYTHON_TEST_HEAD: [usize; 5] = [5669, 1294, 6530, 1994, 10494];
+const PYTHON_TRAIN_HEAD: [usize; 5] = [4247, 8212, 10366, 1610, 6707];
+const PYTHON_VALID_HEAD: [usize; 5] = [8552, 2880, 9287, 7366, 2898];
+const PYTHON_TEST_HEAD: [usize; 5] = [9828, 9935, 7862, 7427, 5693];
+
+#[test]
+fn the_vader_asset_has_the_reference_counts() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/vader/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt");
+    if !path.is_file() {
+        assert!(
+            std::env::var_os("TENSOR_PEFT_REQUIRE_ASSETS").is_none(),
+            "assets missing: run scripts/fetch-assets.sh"
+        );
+        return;
+    }
+    let examples = data::vader_movie_reviews(&path).unwrap();
+    let counts = data::label_counts(&examples);
+    assert_eq!((examples.len(), counts["1"], counts["0"]), (10_568, 5_242, 5_326));
+}
 
 #[test]
 fn vader_loader_drops_neutral_ratings() {
     let dir = scratch("vader");
     let path = dir.join("snippets.txt");
-    std::fs::write(&path, "1\t2.5\tgood film\n2\t0\tmeh\n3\t-1.2\tbad\twith a tab\n\n").unwrap();
+    std::fs::write(&path, "1\t2.5\tgood film \r\n2\t0\tmeh\r\n3\t-1.2\tbad\twith a tab\n\n").unwrap();
     let examples = data::vader_movie_reviews(&path).unwrap();
     assert_eq!(examples.len(), 2);
     assert_eq!(
