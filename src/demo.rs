@@ -195,9 +195,9 @@ pub fn render(results: &[DemoResult]) -> String {
     out
 }
 
-/// `tpeft demo`: fine-tunes all-MiniLM-L6-v2 on the VADER movie-review snippets (80/10/10 split,
-/// seed 1234, max length 64) with TT-LoRA and with LoRA r=8 on query,value, using the first
-/// `train_examples` training examples, and prints the comparison. Fetches the assets first when
+/// `tpeft demo`: fine-tunes all-MiniLM-L6-v2 on the VADER movie-review snippets (90/5/5 split,
+/// seed 1234, max length 64) with TT-LoRA (rank 4, shape 4,4,4,6,6,4,4,4) and with LoRA r=8 on
+/// query,value, using the first `train_examples` training examples, and prints the comparison. Fetches the assets first when
 /// they are missing.
 pub fn vader<B: AutodiffBackend>(
     train_examples: usize,
@@ -221,9 +221,10 @@ pub fn vader<B: AutodiffBackend>(
         model,
         task: TaskKind::Classification,
         train: "builtin:vader-movie-reviews".into(),
-        valid_percent: 10,
-        test_percent: 10,
+        valid_percent: 5,
+        test_percent: 5,
         max_train_examples: Some(train_examples),
+        head_lr: Some(1e-3),
         target_modules: Some(vec!["query".into(), "value".into()]),
         epochs,
         batch_size: 32,
@@ -232,10 +233,15 @@ pub fn vader<B: AutodiffBackend>(
         overwrite: true,
         ..TrainConfig::default()
     };
-    let runs = [
-        ("tt-lora", MethodConfig::from_name("tt-lora").map_err(|e| e.to_string())?, 5e-3),
-        ("lora", MethodConfig::from_name("lora").map_err(|e| e.to_string())?, 1e-3),
-    ];
+    let mut tt_lora = MethodConfig::from_name("tt-lora").map_err(|e| e.to_string())?;
+    if let MethodConfig::TtLora(c) = &mut tt_lora {
+        (c.rank, c.alpha, c.tt_shape) = (4, 16.0, Some(vec![4, 4, 4, 6, 6, 4, 4, 4]));
+    }
+    let mut lora = MethodConfig::from_name("lora").map_err(|e| e.to_string())?;
+    if let MethodConfig::Lora(c) = &mut lora {
+        (c.rank, c.alpha) = (8, 16.0);
+    }
+    let runs = [("tt-lora", tt_lora, 5e-3), ("lora", lora, 1e-3)];
     let mut rows = Vec::new();
     for (name, method, lr) in runs {
         let config = TrainConfig { method, lr, output: output.join(name), ..base.clone() };

@@ -148,6 +148,10 @@ pub struct FinetuneArgs {
     /// Output directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Evaluate the validation split before training (recorded as epoch 0).
+    #[arg(long)]
+    #[serde(default)]
+    pub eval_before_training: bool,
     /// Replace a run already in the output directory.
     #[arg(long)]
     #[serde(default)]
@@ -270,6 +274,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         output: required(&a.output, "--output")?,
         overwrite: a.overwrite,
         resume: false,
+        eval_before_training: a.eval_before_training,
     })
 }
 

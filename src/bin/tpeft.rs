@@ -103,8 +103,8 @@ enum Command {
     /// Fine-tune MiniLM on the VADER movie reviews with TT-LoRA and with LoRA and compare them
     /// (fetches the assets first when they are missing).
     Demo {
-        /// Training examples used (the full split has 8,454).
-        #[arg(long, default_value_t = 2000)]
+        /// Training examples used (the full split has 9,512).
+        #[arg(long, default_value_t = 1200)]
         train_examples: usize,
         /// Epochs.
         #[arg(long, default_value_t = 1)]

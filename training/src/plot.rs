@@ -54,12 +54,13 @@ pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
             let (lo, hi) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             let pad = ((hi - lo) * 0.1).max(1e-6);
             let max_epoch = history.iter().map(|r| r.epoch).max().unwrap_or(1) as f64;
+            let min_epoch = history.iter().map(|r| r.epoch).min().unwrap_or(1) as f64;
             let mut chart = ChartBuilder::on(&area)
                 .caption(name, ("sans-serif", 18))
                 .margin(10)
                 .x_label_area_size(30)
                 .y_label_area_size(50)
-                .build_cartesian_2d(0.5..max_epoch + 0.5, (lo - pad)..(hi + pad))
+                .build_cartesian_2d(min_epoch - 0.5..max_epoch + 0.5, (lo - pad)..(hi + pad))
                 .map_err(|e| plot_error(path, e))?;
             chart.configure_mesh().x_desc("epoch").draw().map_err(|e| plot_error(path, e))?;
             for (points, color, label) in [(train, BLUE, "train"), (valid, RED, "valid")] {

@@ -112,6 +112,8 @@ pub struct TrainConfig {
     pub overwrite: bool,
     /// Continue the run whose output directory this is.
     pub resume: bool,
+    /// Evaluate the validation split before the first step (recorded as epoch 0).
+    pub eval_before_training: bool,
 }
 
 impl Default for TrainConfig {
@@ -151,6 +153,7 @@ impl Default for TrainConfig {
             output: PathBuf::new(),
             overwrite: false,
             resume: false,
+            eval_before_training: false,
         }
     }
 }
@@ -554,6 +557,7 @@ struct PeftStrategy<B: AutodiffBackend> {
     n_classes: usize,
     lm: bool,
     quiet: bool,
+    eval_before_training: bool,
     start: TrainerState,
     train_epoch: Arc<AtomicUsize>,
     train_skip: Arc<AtomicUsize>,
@@ -630,6 +634,20 @@ where
         let started_epoch = if state.epoch_finished { state.epoch + 1 } else { state.epoch.max(1) };
         let mut resume_skip = if state.epoch_finished { 0 } else { state.batches_done };
         let mut partial = state.partial_train.take();
+        if self.eval_before_training && state.step == 0 && state.history.is_empty() {
+            let model = learner.model().valid();
+            let mut acc = Accumulator::default();
+            let mut iterator = dataloader_valid.iter();
+            while let Some(batch) = iterator.next() {
+                acc.add(&model.step(batch).stats);
+            }
+            let record =
+                EpochRecord { epoch: 0, split: "valid".into(), step: 0, metrics: acc.metrics(self.n_classes, self.lm) };
+            if self.quiet {
+                print_record(&record);
+            }
+            state.history.push(record);
+        }
         'epochs: for epoch in started_epoch..=self.epochs {
             if state.step >= max_steps {
                 outcome.stop_reason = format!("reached --max-steps {max_steps}");
@@ -1219,6 +1237,7 @@ where
         n_classes,
         lm,
         quiet,
+        eval_before_training: cfg.eval_before_training,
         start,
         train_epoch: train_loader.epoch.clone(),
         train_skip: train_loader.skip.clone(),
