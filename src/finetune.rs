@@ -260,7 +260,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         warmup_ratio: a.warmup_ratio.unwrap_or(d.warmup_ratio),
         decay,
         max_grad_norm: match a.max_grad_norm {
-            Some(n) if n == 0.0 => None,
+            Some(0.0) => None,
             Some(n) => Some(n),
             None => d.max_grad_norm,
         },

@@ -278,7 +278,21 @@ fn lm_finetune_args(output: &std::path::Path, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    // An extra `--flag value` replaces the default value of that flag.
+    let mut i = 0;
+    while i < extra.len() {
+        let has_value = extra.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+        match args.iter().position(|a| a == extra[i]) {
+            Some(k) if has_value => args[k + 1] = extra[i + 1].to_string(),
+            _ => {
+                args.push(extra[i].to_string());
+                if has_value {
+                    args.push(extra[i + 1].to_string());
+                }
+            }
+        }
+        i += 1 + usize::from(has_value);
+    }
     args
 }
 
@@ -507,4 +521,117 @@ eta = 2
     let bad = tpeft(&["compare", "--config", sweep.to_str().unwrap()]);
     assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("modle"));
+}
+
+fn sha(path: &std::path::Path) -> Vec<u8> {
+    // Content snapshot (files are small): "unchanged" means byte-identical.
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn finetune_fails_cleanly_on_bad_data_full_disks_and_divergence() {
+    // A malformed JSONL row: file and line named, exit 1; --skip-bad-rows goes on.
+    let dir = scratch("reliability");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.jsonl");
+    let mut text = std::fs::read_to_string(fixture("lm-copy-train.jsonl")).unwrap();
+    text.push_str("{\"prompt\": \"w3\"}\nnot json\n");
+    std::fs::write(&bad, &text).unwrap();
+    let mut args = lm_finetune_args(&dir.join("out-bad"), &["--epochs", "1"]);
+    args[6] = bad.to_str().unwrap().into();
+    let out = run_args(&args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.jsonl:49:") && err.contains("missing field `completion`"), "{err}");
+    assert!(!dir.join("out-bad").exists(), "nothing is written for a run that cannot start");
+    args.push("--skip-bad-rows".into());
+    let out = run_args(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 2 bad rows"));
+
+    // An output path below a regular file cannot be created: exit 1, the path is named.
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = run_args(&lm_finetune_args(&file.join("run"), &["--epochs", "1"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain-file/run"));
+
+    // A full disk (file-size limit; EFBIG instead of SIGXFSZ): exit 1 naming the file, and no
+    // temporary or partial checkpoint left behind.
+    let full = dir.join("out-full");
+    let cmd = format!(
+        "trap '' XFSZ; ulimit -f 3; exec {} {}",
+        env!("CARGO_BIN_EXE_tpeft"),
+        lm_finetune_args(&full, &["--save-every-steps", "1"]).join(" ")
+    );
+    let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("File too large") || err.contains("too large"), "{err}");
+    for entry in std::fs::read_dir(full.join("checkpoint")).into_iter().flatten() {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        assert!(!name.starts_with(".tmp"), "a temporary checkpoint was left: {name}");
+    }
+
+    // A diverging run stops at the step whose loss is not finite; the last checkpoint stays.
+    let diverge = dir.join("out-diverge");
+    let out =
+        run_args(&lm_finetune_args(&diverge, &["--lr", "1e30", "--max-grad-norm", "0", "--save-every-steps", "1"]));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let step: usize = err
+        .split("at step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let checkpoints: Vec<String> = std::fs::read_dir(diverge.join("checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(checkpoints, [format!("step-{:08}", step - 1)], "{err}");
+}
+
+#[test]
+fn reading_adapters_and_checkpoints_never_modifies_them() {
+    let dir = scratch("read-only");
+    let out = run_args(&lm_finetune_args(&dir, &["--epochs", "2"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| sha(&dir.join(f))).collect();
+    let checkpoint = std::fs::read_dir(dir.join("checkpoint")).unwrap().next().unwrap().unwrap().path();
+    let ck_files = ["trainable.safetensors", "optimizer.bin", "trainer_state.json"];
+    let ck_before: Vec<Vec<u8>> = ck_files.iter().map(|f| sha(&checkpoint.join(f))).collect();
+    let eval = tpeft(&[
+        "eval",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--task",
+        "causal-lm",
+        "--data",
+        &fixture("lm-copy-valid.jsonl"),
+    ]);
+    assert!(eval.status.success());
+    let generate = tpeft(&[
+        "generate",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "w5",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(generate.status.success());
+    let after: Vec<Vec<u8>> = files.iter().map(|f| sha(&dir.join(f))).collect();
+    assert!(before == after, "eval or generate modified the adapter files");
+    // Resuming a finished run with the same number of epochs reads the checkpoint and trains
+    // nothing more: the checkpoint is untouched.
+    let resumed = tpeft(&["finetune", "--resume", dir.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let ck_after: Vec<Vec<u8>> = ck_files.iter().map(|f| sha(&checkpoint.join(f))).collect();
+    assert!(ck_before == ck_after, "resuming modified the checkpoint it read");
 }

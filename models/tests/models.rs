@@ -698,3 +698,92 @@ fn merge_and_export_an_hf_model() {
     assert!(adp.merge_adapters().unwrap_err().to_string().contains("nonlinear"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// SplitMix64, for seeded random inputs.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Fuzzing without a harness: parsers of untrusted bytes get seeded random and mutated inputs and
+/// must return `Err` (or `Ok`), never panic. The counts are reported in RELIABILITY.md.
+#[test]
+fn parsers_of_untrusted_input_never_panic() {
+    let dir = std::env::temp_dir().join(format!("tpeft-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng(2026);
+    let mut executions = 0usize;
+    // safetensors: truncations, byte flips and header-length rewrites of a real checkpoint.
+    let original = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let path = dir.join("fuzz.safetensors");
+    for i in 0..600 {
+        let mut bytes = original.clone();
+        match i % 3 {
+            0 => bytes.truncate(rng.below(original.len())),
+            1 => {
+                for _ in 0..1 + rng.below(8) {
+                    let k = rng.below(bytes.len().min(4096));
+                    bytes[k] = rng.next() as u8;
+                }
+            }
+            _ => bytes[..8].copy_from_slice(&(rng.next() % (1 << 40)).to_le_bytes()),
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let mut w = tensor_peft_models::Weights::default();
+            w.add_file(&path).map(|_| w.len())
+        });
+        assert!(result.is_ok(), "safetensors case {i} panicked");
+        executions += 1;
+    }
+    // config.json: random JSON values in every field of a real config.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    let junk = |rng: &mut Rng| -> serde_json::Value {
+        match rng.below(7) {
+            0 => serde_json::json!(null),
+            1 => serde_json::json!(-(rng.below(1000) as i64)),
+            2 => serde_json::json!(0),
+            3 => serde_json::json!(rng.next()),
+            4 => serde_json::json!("llama"),
+            5 => serde_json::json!(1e300),
+            _ => serde_json::json!([1, 2]),
+        }
+    };
+    let keys: Vec<String> = config.as_object().unwrap().keys().cloned().collect();
+    for i in 0..1500 {
+        let mut c = config.clone();
+        for _ in 0..1 + rng.below(3) {
+            let key = &keys[rng.below(keys.len())];
+            if rng.below(4) == 0 {
+                c.as_object_mut().unwrap().remove(key);
+            } else {
+                c[key] = junk(&mut rng);
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            ArchSpec::from_config_json(&c, std::path::Path::new("config.json")).map(|s| s.base_num_params())
+        });
+        assert!(result.is_ok(), "config case {i} panicked: {c}");
+        executions += 1;
+    }
+    // TT shape strings.
+    let alphabet = b"0123456789,, x-+.e ";
+    for i in 0..3000 {
+        let s: String = (0..rng.below(24)).map(|_| alphabet[rng.below(alphabet.len())] as char).collect();
+        let result = std::panic::catch_unwind(|| tensor_peft_adapters::tensor::shape::parse_shape(&s).map(|v| v.len()));
+        assert!(result.is_ok(), "shape case {i} panicked: {s:?}");
+        executions += 1;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("fuzz executions: {executions}");
+}

@@ -322,7 +322,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
         }
         Command::Compare { config, budget_minutes } => {
-            if budget_minutes.is_some_and(|m| !(m > 0.0)) {
+            if budget_minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
                 return Err(CliError::Usage("--budget-minutes must be positive".into()));
             }
             // Usage errors in the sweep file keep exit code 2: the inner result is returned as is.

@@ -188,7 +188,7 @@ pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<V
 }
 
 /// Reads named f32 tensors from a safetensors file.
-pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_safetensors(path: &Path) -> Result<tensor_peft_models::adapter_file::TensorMap> {
     let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
     let bad = |reason: String| TrainError::Checkpoint { path: path.into(), reason };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;

@@ -148,7 +148,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizer<M, B> for PeftOptimizer
 
     fn step_multi(&mut self, lr: f64, module: M, grads: MultiGradientsParams) -> M {
         // Single-device training only: take the first device's gradients.
-        let first = grads.grads.into_iter().next().map(|(g, _)| g).unwrap_or_else(GradientsParams::new);
+        let first = grads.grads.into_iter().next().map(|(g, _)| g).unwrap_or_default();
         self.step(lr, module, first)
     }
 

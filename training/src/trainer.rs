@@ -221,6 +221,7 @@ pub struct FinetuneReport {
 }
 
 /// Loaded base model, tokenizer and architecture.
+#[allow(clippy::large_enum_variant)] // built once per run, never moved in a loop
 pub enum BaseModel<B: Backend> {
     /// BERT family.
     Encoder(Bert<B>, ArchSpec, TextTokenizer),
@@ -248,8 +249,11 @@ pub fn load_base<B: Backend>(path: &Path, device: &B::Device) -> Result<BaseMode
     })
 }
 
-/// Train / valid / test examples for `cfg`, with the label vocabulary of label tasks.
-pub fn load_splits(cfg: &TrainConfig) -> Result<(Vec<Example>, Vec<Example>, Vec<Example>, Vec<String>)> {
+/// Train, valid and test examples, and notes about skipped rows.
+pub type Splits = (Vec<Example>, Vec<Example>, Vec<Example>, Vec<String>);
+
+/// Train / valid / test examples for `cfg` (a seeded split of `train` when no valid file is given).
+pub fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     let mut notes = Vec::new();
     let read = |path: &Path, notes: &mut Vec<String>| -> Result<Vec<Example>> {
         let name = path.to_string_lossy();
@@ -543,6 +547,9 @@ struct FitOutcome {
     tokens: usize,
 }
 
+/// Writes the adapter of a trained model (downcast from `Any`); `true` = best so far.
+type SaveAdapter = Box<dyn Fn(&dyn std::any::Any, bool) -> Result<()> + Send + Sync>;
+
 /// Everything the training loop needs besides burn-train's components.
 struct PeftStrategy<B: AutodiffBackend> {
     device: B::Device,
@@ -565,7 +572,7 @@ struct PeftStrategy<B: AutodiffBackend> {
     optimizer_snapshot: Arc<Mutex<Option<crate::optim::OptimizerState<B>>>>,
     /// Writes the adapter of a model (`true`: the best so far, into the output directory;
     /// `false`: the last one, into `<output>/last`).
-    on_save: Box<dyn Fn(&dyn std::any::Any, bool) -> Result<()> + Send + Sync>,
+    on_save: SaveAdapter,
     checkpoint_root: PathBuf,
     output: PathBuf,
     outcome: Arc<Mutex<FitOutcome>>,
@@ -637,8 +644,7 @@ where
         if self.eval_before_training && state.step == 0 && state.history.is_empty() {
             let model = learner.model().valid();
             let mut acc = Accumulator::default();
-            let mut iterator = dataloader_valid.iter();
-            while let Some(batch) = iterator.next() {
+            for batch in dataloader_valid.iter() {
                 acc.add(&model.step(batch).stats);
             }
             let record =
@@ -695,7 +701,7 @@ where
                 );
                 processor.process_train(LearnerEvent::ProcessedItem(item));
                 if stepped && !epoch_end {
-                    if self.save_every_steps > 0 && state.step % self.save_every_steps == 0 {
+                    if self.save_every_steps > 0 && state.step.is_multiple_of(self.save_every_steps) {
                         state.epoch = epoch;
                         state.batches_done = batches_done;
                         state.epoch_finished = false;
@@ -977,7 +983,7 @@ pub fn finetune_until<B: AutodiffBackend>(
 ) -> Result<FinetuneReport> {
     validate(cfg)?;
     // The task must suit the model family: checked from config.json before any data is read.
-    if !cfg.model.extension().is_some_and(|e| e == "gguf") && cfg.model.is_dir() {
+    if cfg.model.extension().is_none_or(|e| e != "gguf") && cfg.model.is_dir() {
         let spec = ArchSpec::from_config_file(&cfg.model.join("config.json"))?;
         let encoder_task = matches!(cfg.task, TaskKind::Classification | TaskKind::Regression);
         if encoder_task != (spec.family == Family::Bert) {
