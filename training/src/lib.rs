@@ -1,18 +1,23 @@
 //! Fine-tuning with tensor-peft adapters on burn-train: tasks ([`task`]), data ([`data`]),
 //! metrics ([`metrics`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
-//! ([`checkpoint`]), the training loop and `finetune` ([`trainer`]), evaluation of saved adapters
+//! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
+//! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
 //! ([`eval`]) and training curves ([`plot`]).
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod loader;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod strategy;
 pub mod task;
 pub mod trainer;
 
+pub use config::TrainConfig;
 pub use data::TaskKind;
 pub use error::{Result, TrainError};
-pub use trainer::{FinetuneReport, TrainConfig, finetune};
+pub use trainer::{FinetuneReport, finetune};

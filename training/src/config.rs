@@ -1,0 +1,235 @@
+//! What a run is configured with: [`TrainConfig`] (the flags of `tpeft finetune` and the keys of
+//! `--config run.toml`), its validation, and [`TaskInfo`], the task description stored with the
+//! adapter.
+
+use crate::data::{FieldMap, TaskKind};
+use crate::error::{Result, TrainError};
+use crate::optim::Decay;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use tensor_peft_adapters::MethodConfig;
+use tensor_peft_models::Targets;
+
+/// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// HF model directory or `.gguf` file.
+    pub model: PathBuf,
+    /// The task.
+    pub task: TaskKind,
+    /// Training data (JSONL/CSV/TSV), or `builtin:vader-movie-reviews` / `builtin:chatterbot`.
+    pub train: PathBuf,
+    /// Validation data; a seeded split of `train` when absent.
+    pub valid: Option<PathBuf>,
+    /// Test data, evaluated with the best adapter at the end.
+    pub test: Option<PathBuf>,
+    /// Percent of `train` held out for validation when `valid` is absent.
+    pub valid_percent: usize,
+    /// Percent of `train` held out for test when `test` is absent (0 = none).
+    pub test_percent: usize,
+    /// Use at most this many training examples (after the split).
+    pub max_train_examples: Option<usize>,
+    /// Column/key names.
+    pub fields: FieldMap,
+    /// Report and skip malformed rows instead of stopping.
+    pub skip_bad_rows: bool,
+    /// The adapter method and its hyper-parameters.
+    pub method: MethodConfig,
+    /// Target modules (names or suffixes); `None` = the method's defaults.
+    pub target_modules: Option<Vec<String>>,
+    /// Target modules as a regular expression over module names.
+    pub target_regex: Option<String>,
+    /// Also train the normalisation layers (LoRETTA does).
+    pub train_norms: bool,
+    /// Epochs.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accumulation: usize,
+    /// Peak learning rate of the adapters.
+    pub lr: f64,
+    /// Peak learning rate of the task head (default: `lr`).
+    pub head_lr: Option<f64>,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Fraction of the optimizer steps used for linear warmup.
+    pub warmup_ratio: f64,
+    /// Decay after warmup.
+    pub decay: Decay,
+    /// Global gradient-norm clipping (`None` = off).
+    pub max_grad_norm: Option<f64>,
+    /// Longest sequence in tokens.
+    pub max_len: usize,
+    /// Seed of initialisation, split, shuffling and dropout.
+    pub seed: u64,
+    /// Validation metric that picks the best epoch (`accuracy`, `f1`, `mcc`, `pearson`,
+    /// `spearman`, `loss`, `perplexity`); default by task.
+    pub metric_for_best: Option<String>,
+    /// Stop after this many epochs without improvement of `metric_for_best`.
+    pub early_stopping_patience: Option<usize>,
+    /// Also write a checkpoint every this many optimizer steps (0 = only at epoch ends).
+    pub save_every_steps: usize,
+    /// Label words of `lm-classification`, in label order (e.g. `["terrible", "great"]`).
+    pub verbalizers: Vec<String>,
+    /// Prompt of `lm-classification`; `{text}` / `{text_pair}` are replaced.
+    pub template: String,
+    /// Output directory.
+    pub output: PathBuf,
+    /// Replace an output directory that already holds a run.
+    pub overwrite: bool,
+    /// Continue the run whose output directory this is.
+    pub resume: bool,
+    /// Evaluate the validation split before the first step (recorded as epoch 0).
+    pub eval_before_training: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            task: TaskKind::Classification,
+            train: PathBuf::new(),
+            valid: None,
+            test: None,
+            valid_percent: 10,
+            test_percent: 0,
+            max_train_examples: None,
+            fields: FieldMap::default(),
+            skip_bad_rows: false,
+            method: MethodConfig::from_name("lora").expect("lora exists"),
+            target_modules: None,
+            target_regex: None,
+            train_norms: false,
+            epochs: 3,
+            max_steps: None,
+            batch_size: 16,
+            grad_accumulation: 1,
+            lr: 1e-3,
+            head_lr: None,
+            weight_decay: 0.01,
+            warmup_ratio: 0.06,
+            decay: Decay::Linear,
+            max_grad_norm: Some(1.0),
+            max_len: 128,
+            seed: 42,
+            metric_for_best: None,
+            early_stopping_patience: None,
+            save_every_steps: 0,
+            verbalizers: Vec::new(),
+            template: "{text} It was".into(),
+            output: PathBuf::new(),
+            overwrite: false,
+            resume: false,
+            eval_before_training: false,
+        }
+    }
+}
+
+/// The task description saved in `adapter_config.json` (`tensor_peft.task`): what evaluation and
+/// serving need besides the adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// The task.
+    pub task: TaskKind,
+    /// Label names in class order (label tasks).
+    pub labels: Option<Vec<String>>,
+    /// Head outputs (encoder tasks).
+    pub n_outputs: usize,
+    /// Verbalizer words (lm-classification).
+    pub verbalizers: Vec<String>,
+    /// Prompt template (lm-classification).
+    pub template: String,
+    /// Longest sequence used in training.
+    pub max_len: usize,
+    /// PEFT's `task_type`.
+    pub peft_task_type: String,
+}
+
+/// Options that must not change when resuming (everything that shapes the computation).
+pub(crate) fn fingerprint(cfg: &TrainConfig) -> String {
+    let mut c = cfg.clone();
+    c.resume = false;
+    c.overwrite = false;
+    c.epochs = 0;
+    c.max_steps = None;
+    c.early_stopping_patience = None;
+    c.save_every_steps = 0;
+    c.output = PathBuf::new();
+    let json = serde_json::to_string(&c).expect("serialisable");
+    format!("{:016x}", json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))
+}
+
+/// Checks option values before anything is loaded.
+pub fn validate(cfg: &TrainConfig) -> Result<()> {
+    let bad = |option: &'static str, reason: &str| Err(TrainError::Option { option, reason: reason.into() });
+    if cfg.epochs == 0 {
+        return bad("epochs", "must be at least 1");
+    }
+    if cfg.batch_size == 0 {
+        return bad("batch-size", "must be at least 1");
+    }
+    if cfg.grad_accumulation == 0 {
+        return bad("grad-accumulation", "must be at least 1");
+    }
+    if cfg.max_steps == Some(0) {
+        return bad("max-steps", "must be at least 1");
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) || cfg.head_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
+        return bad("lr", "learning rates must be positive numbers");
+    }
+    if !(0.0..1.0).contains(&cfg.warmup_ratio) {
+        return bad("warmup-ratio", "must be in [0, 1)");
+    }
+    if cfg.max_len < 4 {
+        return bad("max-len", "must be at least 4 tokens");
+    }
+    if cfg.valid.is_none() && (cfg.valid_percent == 0 || cfg.valid_percent + cfg.test_percent >= 100) {
+        return bad("valid-percent", "must be at least 1, with valid + test below 100, when no --valid file is given");
+    }
+    if cfg.max_grad_norm.is_some_and(|n| !(n.is_finite() && n > 0.0)) {
+        return bad("max-grad-norm", "must be a positive number");
+    }
+    if cfg.output.as_os_str().is_empty() {
+        return bad("output", "an output directory is required");
+    }
+    if cfg.task == TaskKind::LmClassification && cfg.verbalizers.is_empty() {
+        return bad(
+            "verbalizers",
+            "lm-classification needs one label word per class, e.g. --verbalizers terrible,great",
+        );
+    }
+    if let Some(m) = &cfg.metric_for_best {
+        let ok: &[&str] = match cfg.task {
+            TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
+            TaskKind::Regression => &["loss", "pearson", "spearman"],
+            TaskKind::CausalLm => &["loss", "perplexity"],
+        };
+        if !ok.contains(&m.as_str()) {
+            return Err(TrainError::Option {
+                option: "metric-for-best",
+                reason: format!("`{m}` is not a {} metric; expected one of {}", cfg.task.name(), ok.join(", ")),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn targets_of(cfg: &TrainConfig) -> Targets {
+    match (&cfg.target_modules, &cfg.target_regex) {
+        (Some(names), _) => Targets::Names(names.clone()),
+        (None, Some(re)) => Targets::Regex(re.clone()),
+        (None, None) => Targets::Default,
+    }
+}
+
+pub(crate) fn default_metric(task: TaskKind) -> &'static str {
+    match task {
+        TaskKind::Classification | TaskKind::LmClassification => "accuracy",
+        TaskKind::Regression => "pearson",
+        TaskKind::CausalLm => "loss",
+    }
+}
