@@ -48,13 +48,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A named benchmark body.
+type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
+
 /// Runs the variants round-robin (`1 + repeats` rounds, the first discarded) and returns the
 /// median milliseconds of each.
-fn time_interleaved<B: Backend>(
-    device: &B::Device,
-    variants: &mut [(String, Box<dyn FnMut() + '_>)],
-    repeats: usize,
-) -> Vec<f64> {
+fn time_interleaved<B: Backend>(device: &B::Device, variants: &mut [Variant<'_>], repeats: usize) -> Vec<f64> {
     let mut samples = vec![Vec::new(); variants.len()];
     for round in 0..=repeats {
         for (i, (_, run)) in variants.iter_mut().enumerate() {

@@ -156,13 +156,13 @@ fn kv_cache_generation_path_matches_the_full_forward() {
     let (model, _) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
     let (ids, _, _) = expected();
     let row = &ids[0];
-    let full = values(model.forward(tokens::<B>(&[row.clone()], &device)));
+    let full = values(model.forward(tokens::<B>(std::slice::from_ref(row), &device)));
     let vocab = 64;
     // Prefill three tokens, then one token at a time.
     let mut cache = tensor_peft_models::llama::KvCache::default();
     let mut cached = values(model.forward_cached(tokens::<B>(&[row[..3].to_vec()], &device), &mut cache));
-    for k in 3..row.len() {
-        cached.extend(values(model.forward_cached(tokens::<B>(&[vec![row[k]]], &device), &mut cache)));
+    for &token in &row[3..] {
+        cached.extend(values(model.forward_cached(tokens::<B>(&[vec![token]], &device), &mut cache)));
     }
     assert_eq!(cache.len, row.len());
     assert_eq!(cached.len(), row.len() * vocab);
@@ -443,7 +443,8 @@ fn extra_trainables_norms_and_classification_head() {
     let device = Default::default();
     let (llama, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
     let lora = MethodConfig::from_name("lora").unwrap();
-    let trainable = |m: &dyn Fn(&mut dyn FnMut(bool, usize))| {
+    type Visit<'a> = &'a dyn Fn(&mut dyn FnMut(bool, usize));
+    let trainable = |m: Visit| {
         let mut n = 0;
         m(&mut |req, count| {
             if req {

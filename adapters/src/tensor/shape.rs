@@ -264,9 +264,12 @@ pub fn loretta_published_shape(hidden: usize, rank: usize) -> Option<&'static [u
     loretta_table_entry(hidden, rank).filter(|s| checked_product(s) == hidden.checked_mul(rank))
 }
 
+/// `(hidden, [(rank, shape)])` rows of LoRETTA's published shape table.
+type ShapeTable = &'static [(usize, &'static [(usize, &'static [usize])])];
+
 /// The official table entry verbatim, valid or not.
 pub fn loretta_table_entry(hidden: usize, rank: usize) -> Option<&'static [usize]> {
-    const TABLE: &[(usize, &[(usize, &[usize])])] = &[
+    const TABLE: ShapeTable = &[
         (
             5,
             &[
