@@ -214,6 +214,7 @@ where
             let mut iterator = dataloader_train.iter();
             let mut hit_max = false;
             let epoch_started = std::time::Instant::now();
+            let tokens_at_start = train_acc.tokens;
             while let Some(batch) = iterator.next() {
                 B::seed(&self.device, seed_for(self.seed, epoch, batches_done));
                 let output = learner.train_step(batch);
@@ -273,7 +274,8 @@ where
                 }
             }
             drop(iterator);
-            outcome.train_seconds += epoch_started.elapsed().as_secs_f64();
+            let epoch_seconds = epoch_started.elapsed().as_secs_f64();
+            outcome.train_seconds += epoch_seconds;
             processor.process_train(LearnerEvent::EndEpoch(epoch));
             // Validation.
             let model = learner.model().valid();
@@ -289,12 +291,14 @@ where
             }
             drop(iterator);
             processor.process_valid(LearnerEvent::EndEpoch(epoch));
-            let train_record = EpochRecord {
-                epoch,
-                split: "train".into(),
-                step: state.step,
-                metrics: train_acc.metrics(self.n_classes, self.lm),
-            };
+            let mut train_metrics = train_acc.metrics(self.n_classes, self.lm);
+            train_metrics.insert("lr".into(), learner.lr_current());
+            // This process's batches of the epoch (a resumed epoch counts only its own part).
+            train_metrics.insert(
+                "tokens_per_second".into(),
+                (train_acc.tokens - tokens_at_start) as f64 / epoch_seconds.max(1e-9),
+            );
+            let train_record = EpochRecord { epoch, split: "train".into(), step: state.step, metrics: train_metrics };
             let valid_record = EpochRecord {
                 epoch,
                 split: "valid".into(),

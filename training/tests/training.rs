@@ -20,6 +20,14 @@ use tensor_peft_training::{TrainConfig, TrainError, finetune};
 type B = NdArray<f32>;
 type AB = Autodiff<B>;
 
+/// Burn's CPU backends draw random numbers from one process-wide generator, which `finetune`
+/// seeds: end-to-end runs must not overlap, or their initialisations interleave.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
@@ -237,6 +245,7 @@ fn valid_losses(r: &tensor_peft_training::FinetuneReport) -> Vec<f64> {
 
 #[test]
 fn causal_lm_loss_falls_and_the_adapter_reloads() {
+    let _serial = serial();
     for method in ["lora", "tt-lora"] {
         let cfg = lm_config(&format!("lm-{method}"), method);
         let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
@@ -284,6 +293,7 @@ fn causal_lm_loss_falls_and_the_adapter_reloads() {
 
 #[test]
 fn prompt_based_classification_learns_the_verbalizer() {
+    let _serial = serial();
     let cfg = TrainConfig {
         task: TaskKind::LmClassification,
         train: fixtures().join("lm-sentiment-train.jsonl"),
@@ -305,6 +315,7 @@ fn prompt_based_classification_learns_the_verbalizer() {
 
 #[test]
 fn resume_from_a_step_checkpoint_is_bit_identical() {
+    let _serial = serial();
     let full = TrainConfig { save_every_steps: 1, ..lm_config("resume-full", "tt-lora") };
     finetune::<AB>(&full, &Default::default()).unwrap();
     let reference = std::fs::read(full.output.join("last/adapter_model.safetensors")).unwrap();
@@ -320,11 +331,16 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
     finetune::<AB>(&resumed, &Default::default()).unwrap();
     let again = std::fs::read(part.output.join("last/adapter_model.safetensors")).unwrap();
     assert!(reference == again, "the resumed run's adapter differs from the uninterrupted one");
-    let a: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(full.output.join("metrics.json")).unwrap()).unwrap();
-    let b: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(part.output.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(a, b, "metric histories differ");
+    // Metric histories are identical too, except the measured throughput.
+    let history = |dir: &Path| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+        for record in v.as_array_mut().unwrap() {
+            record["metrics"].as_object_mut().unwrap().remove("tokens_per_second");
+        }
+        v
+    };
+    assert_eq!(history(&full.output), history(&part.output), "metric histories differ");
 
     // Another run's checkpoint is refused.
     let other = TrainConfig { lr: 5e-3, resume: true, overwrite: false, ..part.clone() };
@@ -334,6 +350,7 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
 
 #[test]
 fn minilm_classification_trains_a_head_and_tt_lora() {
+    let _serial = serial();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/all-minilm-l6-v2");
     if !model.join("model.safetensors").is_file() {
         assert!(
@@ -374,4 +391,48 @@ fn minilm_classification_trains_a_head_and_tt_lora() {
         serde_json::from_slice(&std::fs::read(cfg.output.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["tensor_peft"]["task"]["labels"], serde_json::json!(["neg", "pos"]));
     assert_eq!(config["task_type"], "SEQ_CLS");
+}
+
+#[test]
+fn gradient_accumulation_equals_a_larger_batch_and_early_stopping_stops() {
+    let _serial = serial();
+    // lm-classification: one loss unit per example and right padding that does not change the
+    // last prompt position, so 2 × 4 accumulated examples equal one batch of 8. Three steps: Adam
+    // turns float noise in near-zero gradients into lr-sized steps, so long runs drift apart.
+    let base = TrainConfig {
+        task: TaskKind::LmClassification,
+        train: fixtures().join("lm-sentiment-train.jsonl"),
+        valid: Some(fixtures().join("lm-sentiment-valid.jsonl")),
+        verbalizers: vec!["w60".into(), "w61".into()],
+        template: "{text} w5".into(),
+        epochs: 2,
+        max_grad_norm: None,
+        ..lm_config("accum-a", "lora")
+    };
+    let short = TrainConfig { max_steps: Some(3), warmup_ratio: 0.0, lr: 1e-2, ..base.clone() };
+    let big = TrainConfig { batch_size: 8, ..short.clone() };
+    let accumulated = TrainConfig { batch_size: 4, grad_accumulation: 2, output: scratch("accum-b"), ..short };
+    finetune::<AB>(&big, &Default::default()).unwrap();
+    finetune::<AB>(&accumulated, &Default::default()).unwrap();
+    let a =
+        tensor_peft_training::checkpoint::read_safetensors(&big.output.join("last/adapter_model.safetensors")).unwrap();
+    let b =
+        tensor_peft_training::checkpoint::read_safetensors(&accumulated.output.join("last/adapter_model.safetensors"))
+            .unwrap();
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, (_, x)) in &a {
+        let y = &b[name].1;
+        let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let scale = x.iter().map(|p| p.abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-6, "{name}: accumulated differs by {diff} (scale {scale})");
+    }
+    // Accuracy reaches 1.0 and cannot improve: patience 1 stops the run early.
+    let patient =
+        TrainConfig { epochs: 30, lr: 2e-2, early_stopping_patience: Some(1), output: scratch("early"), ..base };
+    let report = finetune::<AB>(&patient, &Default::default()).unwrap();
+    assert!(report.stop_reason.starts_with("early stopping"), "{}", report.stop_reason);
+    let epochs = report.history.iter().map(|h| h.epoch).max().unwrap();
+    assert_eq!(epochs, report.best.as_ref().unwrap().2 + 1, "stops one epoch after the best");
+    let lr = report.history.iter().find(|h| h.split == "train").unwrap().metrics["lr"];
+    assert!(lr > 0.0 && lr <= 2e-2);
 }
