@@ -25,6 +25,22 @@ pub struct GenerateOptions {
     pub adapter: Option<std::path::PathBuf>,
 }
 
+/// `llama` with the adapter in `dir` injected, and the other tensors the adapter trained (norms
+/// unfrozen by `--train-norms`) put in place.
+pub fn apply_adapter<B: Backend>(
+    mut llama: Llama<B>,
+    spec: &tensor_peft_models::ArchSpec,
+    dir: &std::path::Path,
+) -> Result<Llama<B>, ModelError> {
+    let (_, extras) = tensor_peft_models::adapter_file::load_adapter_with_extras(&mut llama, spec, dir)?;
+    if extras.is_empty() {
+        return Ok(llama);
+    }
+    let weights = dir.join(tensor_peft_models::adapter_file::WEIGHTS_FILE);
+    tensor_peft_training::checkpoint::assign_params(llama, extras, &weights)
+        .map_err(|e| ModelError::AdapterFile { reason: e.to_string() })
+}
+
 /// Loads `model` (HF directory or `.gguf`), generates, and returns the completion text.
 pub fn run<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Device) -> Result<String, ModelError> {
     let (mut llama, spec, tokenizer) = if model.extension().is_some_and(|e| e == "gguf") {
@@ -34,7 +50,7 @@ pub fn run<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Devi
         (llama, spec, TextTokenizer::from_hf_dir(model)?)
     };
     if let Some(dir) = &options.adapter {
-        tensor_peft_models::adapter_file::load_adapter(&mut llama, &spec, dir)?;
+        llama = apply_adapter(llama, &spec, dir)?;
     }
     let text = if options.chat {
         let message = ChatMessage { role: "user".into(), content: options.prompt.clone() };

@@ -2,21 +2,22 @@
 
 use burn::tensor::backend::Backend;
 use std::path::Path;
-use tensor_peft_models::adapter_file::load_adapter;
+use tensor_peft_models::adapter_file::read_adapter_config;
 use tensor_peft_models::{Llama, ModelError};
 
 /// Loads `model` (HF directory or `.gguf`) and `adapter`, merges, and writes `output`
 /// (`config.json`, `model.safetensors`, tokenizer files). Returns a one-line summary.
 pub fn run<B: Backend>(model: &Path, adapter: &Path, output: &Path, device: &B::Device) -> Result<String, ModelError> {
     let gguf = model.extension().is_some_and(|e| e == "gguf");
-    let (mut llama, spec, tokenizer) = if gguf {
+    let (llama, spec, tokenizer) = if gguf {
         let (llama, spec, tokenizer) = Llama::<B>::from_gguf(model, device)?;
         (llama, spec, Some(tokenizer))
     } else {
         let (llama, spec) = Llama::<B>::from_hf_dir(model, device)?;
         (llama, spec, None)
     };
-    let config = load_adapter(&mut llama, &spec, adapter)?;
+    let config = read_adapter_config(adapter)?;
+    let llama = crate::generate::apply_adapter(llama, &spec, adapter)?;
     let merged = llama.merge_adapters()?;
     merged.save_hf(&spec, output)?;
     match tokenizer {

@@ -635,3 +635,38 @@ fn reading_adapters_and_checkpoints_never_modifies_them() {
     let ck_after: Vec<Vec<u8>> = ck_files.iter().map(|f| sha(&checkpoint.join(f))).collect();
     assert!(ck_before == ck_after, "resuming modified the checkpoint it read");
 }
+
+#[test]
+fn adapters_with_trained_norms_generate_and_merge_to_the_same_text() {
+    let dir = scratch("norms");
+    let out = run_args(&lm_finetune_args(
+        &dir,
+        &["--train-norms", "--epochs", "8", "--lr", "0.05", "--method", "loretta-rep"],
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = String::from_utf8_lossy(&std::fs::read(dir.join("adapter_config.json")).unwrap()).to_string();
+    assert!(saved.contains("LORETTA-REP") || saved.contains("loretta"), "{saved}");
+    let generate = |model: &str, adapter: Option<&std::path::Path>| {
+        let mut args = vec!["generate", "--model", model, "--prompt", "w12 w30 w41", "--max-new-tokens", "4"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let out = tpeft(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let with_adapter = generate(&fixture("tiny-llama-words"), Some(&dir));
+    let merged_dir = dir.join("merged");
+    let merge = tpeft(&[
+        "merge",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--output",
+        merged_dir.to_str().unwrap(),
+    ]);
+    assert!(merge.status.success(), "{}", String::from_utf8_lossy(&merge.stderr));
+    assert_eq!(generate(merged_dir.to_str().unwrap(), None), with_adapter, "merged model generates differently");
+    assert_ne!(generate(&fixture("tiny-llama-words"), None), with_adapter, "the adapter changes nothing");
+}
