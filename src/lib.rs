@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! tensor-peft: tensorized parameter-efficient fine-tuning on Burn.
 //!
 //! This root crate re-exports the workspace crates and holds what the `tpeft` CLI needs:

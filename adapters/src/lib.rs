@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Tensorized parameter-efficient fine-tuning adapters as generic Burn modules.
 //!
 //! | method | file | update |

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
 //! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder

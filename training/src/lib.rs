@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Fine-tuning with tensor-peft adapters on burn-train: tasks ([`task`]), data ([`data`]),
 //! metrics ([`metrics`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
