@@ -104,7 +104,7 @@ enum Command {
     /// (fetches the assets first when they are missing).
     Demo {
         /// Training examples used (the full split has 9,512).
-        #[arg(long, default_value_t = 1200)]
+        #[arg(long, default_value_t = 2000)]
         train_examples: usize,
         /// Epochs.
         #[arg(long, default_value_t = 1)]
