@@ -6,7 +6,7 @@
 # Usage: bash scripts/reference/smollm2_chatterbot.sh [output-root]   (default runs/smollm2)
 set -euo pipefail
 root=${1:-runs/smollm2}
-tpeft=${TPEFT:-target/release/tpeft}
+tpeft=${TPEFT:-target/debug/tpeft}
 model=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 common=(finetune --model "$model" --task causal-lm --train builtin:chatterbot --valid-percent 3
   --epochs 1 --max-steps 30 --batch-size 4 --max-len 64 --seed 7 --eval-before-training --overwrite)
