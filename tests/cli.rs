@@ -310,7 +310,7 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
     assert_eq!(stdout.lines().filter(|l| l.starts_with("epoch ")).count(), 6, "{stdout}");
     assert!(stdout.contains("best valid loss:") && stdout.contains("trainable params:"), "{stdout}");
     let csv = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
-    assert!(csv.starts_with("epoch,split,step,loss,perplexity\n") && csv.lines().count() == 7, "{csv}");
+    assert!(csv.starts_with("epoch,split,step,loss,lr,perplexity,tokens_per_second\n") && csv.lines().count() == 7, "{csv}");
     // eval prints one `metric: value` line per metric.
     let eval = tpeft(&[
         "eval",
