@@ -310,7 +310,10 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
     assert_eq!(stdout.lines().filter(|l| l.starts_with("epoch ")).count(), 6, "{stdout}");
     assert!(stdout.contains("best valid loss:") && stdout.contains("trainable params:"), "{stdout}");
     let csv = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
-    assert!(csv.starts_with("epoch,split,step,loss,lr,perplexity,tokens_per_second\n") && csv.lines().count() == 7, "{csv}");
+    assert!(
+        csv.starts_with("epoch,split,step,loss,lr,perplexity,tokens_per_second\n") && csv.lines().count() == 7,
+        "{csv}"
+    );
     // eval prints one `metric: value` line per metric.
     let eval = tpeft(&[
         "eval",
@@ -416,8 +419,13 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Three random kill points among the 36 steps (printed, so a failure can be replayed).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
+    let mut targets = [1 + nanos % 10, 12 + (nanos / 10) % 10, 23 + (nanos / 100) % 10];
+    targets.sort();
+    println!("kill points (checkpoint steps): {targets:?}");
     let mut kills = 0;
-    for target in [3usize, 14, 25] {
+    for target in targets {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             let steps: Vec<usize> = std::fs::read_dir(dir.join("checkpoint"))
