@@ -296,6 +296,13 @@ fn lm_finetune_args(output: &std::path::Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// `tpeft eval` of an adapter on the tiny LLaMA over the copy task's validation file.
+fn eval_tiny(adapter: &std::path::Path, task: &str) -> Output {
+    let adapter = adapter.to_str().unwrap();
+    let (model, data) = (fixture("tiny-llama-words"), fixture("lm-copy-valid.jsonl"));
+    tpeft(&["eval", "--model", &model, "--adapter", adapter, "--task", task, "--data", &data])
+}
+
 fn run_args(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tpeft")).args(args).output().expect("run tpeft")
 }
@@ -315,17 +322,7 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
         "{csv}"
     );
     // eval prints one `metric: value` line per metric.
-    let eval = tpeft(&[
-        "eval",
-        "--model",
-        &fixture("tiny-llama-words"),
-        "--adapter",
-        out_dir.to_str().unwrap(),
-        "--task",
-        "causal-lm",
-        "--data",
-        &fixture("lm-copy-valid.jsonl"),
-    ]);
+    let eval = eval_tiny(&out_dir, "causal-lm");
     let text = String::from_utf8_lossy(&eval.stdout).to_string();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     assert!(
@@ -350,17 +347,7 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
     // Wrong task for the adapter, and a task the model family cannot do.
-    let wrong = tpeft(&[
-        "eval",
-        "--model",
-        &fixture("tiny-llama-words"),
-        "--adapter",
-        out_dir.to_str().unwrap(),
-        "--task",
-        "lm-classification",
-        "--data",
-        &fixture("lm-copy-valid.jsonl"),
-    ]);
+    let wrong = eval_tiny(&out_dir, "lm-classification");
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("trained for causal-lm"));
     let mut args = lm_finetune_args(&scratch("wrong-family"), &[]);
@@ -610,17 +597,7 @@ fn reading_adapters_and_checkpoints_never_modifies_them() {
     let checkpoint = std::fs::read_dir(dir.join("checkpoint")).unwrap().next().unwrap().unwrap().path();
     let ck_files = ["trainable.safetensors", "optimizer.bin", "trainer_state.json"];
     let ck_before: Vec<Vec<u8>> = ck_files.iter().map(|f| sha(&checkpoint.join(f))).collect();
-    let eval = tpeft(&[
-        "eval",
-        "--model",
-        &fixture("tiny-llama-words"),
-        "--adapter",
-        dir.to_str().unwrap(),
-        "--task",
-        "causal-lm",
-        "--data",
-        &fixture("lm-copy-valid.jsonl"),
-    ]);
+    let eval = eval_tiny(&dir, "causal-lm");
     assert!(eval.status.success());
     let generate = tpeft(&[
         "generate",
