@@ -11,6 +11,10 @@
 //! - `merged`: inference of the base layer, the merged layer and the unmerged (factored) layer.
 //! - `scoring`: forward-only factored vs dense ΔW as the number of rows grows, and the switch
 //!   [`tensor_peft_adapters::prefer_dense_delta`] makes.
+//! - `model`: load, forward and greedy decoding of a LLaMA-family model.
+//! - `train-step`: one fine-tuning step of a LLaMA-family model (batch 4 × 64 tokens, LoRA r=8 and
+//!   TT-LoRA on q,v: forward, causal-LM loss, backward, clipped AdamW), the training crate's own
+//!   task and optimizer, with tokens/s and the peak RSS of each method's step.
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -41,7 +45,7 @@ pub struct BenchOptions {
 }
 
 /// Suite names accepted by `--suite`.
-pub const SUITES: [&str; 5] = ["linear", "contraction", "merged", "scoring", "model"];
+pub const SUITES: [&str; 6] = ["linear", "contraction", "merged", "scoring", "model", "train-step"];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -310,16 +314,122 @@ fn peak_rss_mib() -> Option<f64> {
     line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib / 1024.0)
 }
 
+/// Resets the kernel's peak-RSS counter of this process (`VmHWM`; Linux ≥ 4.0), so that the next
+/// [`peak_rss_mib`] reports the peak since now. Returns whether it worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Loads a LLaMA-family model from an HF directory or a `.gguf` file.
+fn load_llama<B: Backend>(
+    path: &std::path::Path,
+    device: &B::Device,
+) -> Result<(tensor_peft_models::Llama<B>, tensor_peft_models::ArchSpec), String> {
+    use tensor_peft_models::Llama;
+    if path.extension().is_some_and(|e| e == "gguf") {
+        Llama::<B>::from_gguf(path, device).map(|(l, s, _)| (l, s)).map_err(|e| e.to_string())
+    } else {
+        Llama::<B>::from_hf_dir(path, device).map_err(|e| e.to_string())
+    }
+}
+
+/// Batch size and sequence length of the `train-step` suite (the recipe).
+const TRAIN_STEP_SHAPE: (usize, usize) = (4, 64);
+
+/// `train-step` suite: one fine-tuning step (forward, loss on every next token, backward, AdamW
+/// with weight decay 0.01 and global-norm clipping at 1.0) of LoRA r=8 (alpha 16) and TT-LoRA
+/// (default rank and planned shape) on q_proj,v_proj, timed interleaved; then each method's step
+/// again alone with the peak-RSS counter reset before it.
+fn bench_train_step<B: AutodiffBackend>(
+    device: &B::Device,
+    path: &std::path::Path,
+    repeats: usize,
+) -> Result<Vec<Value>, String> {
+    use burn::optim::{GradientsParams, Optimizer};
+    use tensor_peft_models::Targets;
+    use tensor_peft_training::optim::PeftOptimizer;
+    use tensor_peft_training::task::{Encoded, LmTask, Target, make_batch};
+
+    let (base, spec) = load_llama::<B>(path, device)?;
+    let vocab = base.embed_tokens.weight.dims()[0] as u32;
+    let (batch_size, seq) = TRAIN_STEP_SHAPE;
+    // Deterministic ids (the same formula as scripts/bench/smollm2_peft_train_step.py), every
+    // position after the first supervised.
+    let items: Vec<Encoded> = (0..batch_size)
+        .map(|row| Encoded {
+            ids: (0..seq).map(|i| (((row * seq + i) * 7919 + 13) as u32) % vocab).collect(),
+            types: vec![0; seq],
+            target: Target::Completion { from: 1 },
+        })
+        .collect();
+    let refs: Vec<&Encoded> = items.iter().collect();
+    let targets = Targets::Names(vec!["q_proj".into(), "v_proj".into()]);
+    let methods = [
+        ("lora r=8", MethodConfig::Lora(LoraConfig::new().with_rank(8).with_alpha(16.0))),
+        ("tt-lora", MethodConfig::TtLora(TtLoraConfig::new())),
+    ];
+    let mut runs = Vec::new();
+    for (name, method) in methods {
+        // The frozen base is shared between the two adapted models (tensors are reference-counted).
+        let net = base.clone().adapt(&spec, &method, &targets).map_err(|e| e.to_string())?;
+        let params = method_params(&net);
+        runs.push((name, params, Some(LmTask { net, verbalizer: Vec::new() })));
+    }
+    drop(base);
+    type Task<B> = LmTask<B>;
+    let optimizers: Vec<std::cell::RefCell<PeftOptimizer<Task<B>, B>>> = runs
+        .iter()
+        .map(|_| std::cell::RefCell::new(PeftOptimizer::new(0.01, Default::default(), 1.0, Some(1.0))))
+        .collect();
+    let models: Vec<std::cell::RefCell<Option<Task<B>>>> =
+        runs.iter_mut().map(|(_, _, m)| std::cell::RefCell::new(m.take())).collect();
+    let step = |i: usize| {
+        let task = models[i].borrow_mut().take().expect("model present");
+        let batch = make_batch::<B>(&refs, 0, device);
+        let (loss, _) = task.run(batch);
+        let grads = GradientsParams::from_grads(loss.backward(), &task);
+        let task = optimizers[i].borrow_mut().step(1e-4, task, grads);
+        *models[i].borrow_mut() = Some(task);
+    };
+    let mut variants: Vec<Variant<'_>> =
+        runs.iter().enumerate().map(|(i, (name, _, _))| (name.to_string(), Box::new(move || step(i)) as _)).collect();
+    let medians = time_interleaved::<B>(device, &mut variants, repeats);
+    drop(variants);
+    let mut out = Vec::new();
+    for (i, (name, params, _)) in runs.iter().enumerate() {
+        let reset = reset_peak_rss();
+        step(i);
+        let peak = if reset { peak_rss_mib() } else { None };
+        out.push(json!({
+            "suite": "train-step", "model": path.display().to_string(), "method": name,
+            "batch": batch_size, "seq": seq, "adapter_params": params,
+            "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
+            "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
+        }));
+    }
+    Ok(out)
+}
+
+/// Trainable parameters of a module (the adapter factors; the base is frozen).
+fn method_params<B: Backend, M: Module<B>>(module: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
+            if p.is_require_grad() {
+                self.0 += p.shape().num_elements();
+            }
+        }
+    }
+    let mut count = Count(0);
+    module.visit(&mut count);
+    count.0
+}
+
 /// `model` suite: load time, a 1×64-token forward (tokens/s), 32 greedy tokens with the KV cache
 /// after a 16-token prompt (tokens/s), and peak RSS.
 fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: usize) -> Result<Vec<Value>, String> {
-    use tensor_peft_models::Llama;
     let start = Instant::now();
-    let llama = if path.extension().is_some_and(|e| e == "gguf") {
-        Llama::<B>::from_gguf(path, device).map_err(|e| e.to_string())?.0
-    } else {
-        Llama::<B>::from_hf_dir(path, device).map_err(|e| e.to_string())?.0
-    };
+    let llama = load_llama::<B>(path, device)?.0;
     let load_s = start.elapsed().as_secs_f64();
     let vocab = llama.embed_tokens.weight.dims()[0] as i64;
     let ids: Vec<i64> = (0..64).map(|i| (i * 7919 + 13) % vocab).collect();
@@ -370,6 +480,10 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Re
                 let path = options.model.as_deref().ok_or("the model suite needs --model <HF dir | file.gguf>")?;
                 records.extend(bench_model::<B::InnerBackend>(inner, path, options.repeats)?);
             }
+            "train-step" => {
+                let path = options.model.as_deref().ok_or("the train-step suite needs --model <HF dir | file.gguf>")?;
+                records.extend(bench_train_step::<B>(device, path, options.repeats)?);
+            }
             other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
         }
     }
@@ -391,6 +505,9 @@ pub fn render(records: &[Value]) -> String {
             "merged" => format!("merged d={} N={}", r["d"], r["tokens"]),
             "contraction" => format!("contraction {} ", r["shape"]),
             "model" => format!("model {}", r["model"].as_str().unwrap_or("")),
+            "train-step" => {
+                format!("train-step {} batch {}x{}", r["model"].as_str().unwrap_or(""), r["batch"], r["seq"])
+            }
             _ => format!("scoring d={}", r["d"]),
         };
         if header != last {
@@ -400,6 +517,7 @@ pub fn render(records: &[Value]) -> String {
                 "merged" => "method        base ms  merged ms  unmerged ms  merged/base  unmerged/base\n",
                 "contraction" => "   N  half-trains ms  core-by-core ms  core/half  planned      measured faster\n",
                 "model" => "load s  forward 1x64 ms  forward tok/s  generate tok/s  peak RSS MiB\n",
+                "train-step" => "method      adapter params   step ms   tokens/s   vs LoRA   step peak RSS MiB\n",
                 _ => "     N  factored ms  dense ms  dense/factored  switch\n",
             });
             last = header;
@@ -437,6 +555,15 @@ pub fn render(records: &[Value]) -> String {
                 f(r, "forward_1x64_ms"),
                 f(r, "forward_tokens_per_s"),
                 f(r, "generate_tokens_per_s"),
+                f(r, "peak_rss_mib")
+            ),
+            "train-step" => format!(
+                "{:<10} {:>15} {:>9.1} {:>10.1} {:>9.3} {:>19.0}\n",
+                r["method"].as_str().unwrap_or(""),
+                r["adapter_params"],
+                f(r, "step_ms"),
+                f(r, "tokens_per_s"),
+                f(r, "vs_lora"),
                 f(r, "peak_rss_mib")
             ),
             _ => format!(

@@ -179,7 +179,7 @@ enum Command {
     },
     /// Micro-benchmarks of the adapters: medians and same-run ratios, optionally as JSON.
     Bench {
-        /// Suites: linear, contraction, merged, scoring.
+        /// Suites: linear, contraction, merged, scoring; model and train-step (need --model).
         #[arg(long, value_delimiter = ',', default_value = "linear,contraction,merged,scoring")]
         suite: Vec<String>,
         /// Layer widths d (square layers).
@@ -194,7 +194,7 @@ enum Command {
         /// Also write the records to this JSON file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// LLaMA-family model (HF directory or .gguf) for the `model` suite.
+        /// LLaMA-family model (HF directory or .gguf) for the `model` and `train-step` suites.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
     },
