@@ -84,6 +84,10 @@ pub struct FinetuneArgs {
     /// LoRETTA_adp bottleneck width.
     #[arg(long)]
     pub bottleneck: Option<usize>,
+    /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
+    /// for tt-lora and LoRETTA).
+    #[arg(long)]
+    pub init: Option<String>,
     /// Comma-separated target modules (exact names or suffixes).
     #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
     pub targets: Option<Vec<String>>,
@@ -205,6 +209,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         tensor_rank: a.tensor_rank,
         tt_shape: a.tt_shape.clone(),
         bottleneck: a.bottleneck,
+        init: a.init.clone(),
     };
     let method = method_from_flags(a.method.as_deref().unwrap_or("lora"), &flags)?;
     let decay = match a.decay.as_deref() {

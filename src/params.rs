@@ -3,7 +3,7 @@
 
 use crate::CliError;
 use tensor_peft_adapters::tensor::shape::parse_shape;
-use tensor_peft_adapters::{MethodConfig, ParamReport};
+use tensor_peft_adapters::{DeltaInit, MethodConfig, ParamReport};
 use tensor_peft_models::{ArchSpec, Targets};
 
 /// Method hyper-parameters as given on the command line (`None` = method default).
@@ -20,6 +20,8 @@ pub struct MethodFlags {
     pub tt_shape: Option<String>,
     /// `--bottleneck`: LoRETTA_adp's width.
     pub bottleneck: Option<usize>,
+    /// `--init`: `zero` (ΔW₀ = 0, the default) or `paper` (the official code's initialisation).
+    pub init: Option<String>,
 }
 
 /// Builds a method configuration from its name and flags; flags that do not apply are refused.
@@ -58,6 +60,27 @@ pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig
             c.bottleneck = flags.bottleneck.unwrap_or(c.bottleneck);
             c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
             c.down_shape = shape;
+        }
+    }
+    if let Some(init) = flags.init.as_deref() {
+        let init = match init {
+            "zero" => DeltaInit::Zero,
+            "paper" => DeltaInit::Paper,
+            other => return Err(CliError::Usage(format!("--init {other}: expected zero or paper"))),
+        };
+        match &mut method {
+            MethodConfig::Lora(_) => {
+                if init == DeltaInit::Paper {
+                    return Err(CliError::Usage(
+                        "--init paper does not apply to lora: its official initialisation is the zero one".into(),
+                    ));
+                }
+            }
+            MethodConfig::Lotr(c) => c.init = init,
+            MethodConfig::Lorta(c) => c.init = init,
+            MethodConfig::TtLora(c) => c.init = init,
+            MethodConfig::LorettaRep(c) => c.init = init,
+            MethodConfig::LorettaAdp(c) => c.init = init,
         }
     }
     if flags.rank == Some(0) || flags.tensor_rank == Some(0) || flags.bottleneck == Some(0) {

@@ -655,3 +655,34 @@ fn adapters_with_trained_norms_generate_and_merge_to_the_same_text() {
     assert_eq!(generate(merged_dir.to_str().unwrap(), None), with_adapter, "merged model generates differently");
     assert_ne!(generate(&fixture("tiny-llama-words"), None), with_adapter, "the adapter changes nothing");
 }
+
+#[test]
+fn init_flag_selects_the_official_initialisation() {
+    let dir = scratch("init");
+    // Epoch-0 validation loss (before any step) of a run with the given extra flags.
+    let start_loss = |name: &str, extra: &[&str]| -> f64 {
+        let mut flags = vec!["--epochs", "1", "--max-steps", "1", "--eval-before-training"];
+        flags.extend_from_slice(extra);
+        let out = run_args(&lm_finetune_args(&dir.join(name), &flags));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("metrics.json")).unwrap()).unwrap();
+        let rows = metrics.as_array().expect("a list of records");
+        let first = rows.iter().find(|r| r["epoch"] == 0 && r["split"] == "valid").expect("epoch 0 recorded");
+        first["metrics"]["loss"].as_f64().unwrap()
+    };
+    let base = start_loss("zero", &[]);
+    assert_eq!(base, start_loss("zero-explicit", &["--init", "zero"]), "zero is the default");
+    // LANL's direct_init: every core random, so the adapted model differs from the base at step 0.
+    let paper = start_loss("paper", &["--init", "paper"]);
+    assert!((paper - base).abs() > 1e-6, "paper init must move the starting point: {paper} vs {base}");
+
+    for (extra, message) in [
+        (vec!["--init", "gaussian"], "--init gaussian: expected zero or paper"),
+        (vec!["--method", "lora", "--init", "paper"], "--init paper does not apply to lora"),
+    ] {
+        let out = run_args(&lm_finetune_args(&dir.join("bad"), &extra));
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(message), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}

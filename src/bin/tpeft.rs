@@ -235,7 +235,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
     match cli.command {
         Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets, target_regex } => {
-            let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck };
+            let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck, init: None };
             let method = method_from_flags(&method, &flags)?;
             let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
                 tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
