@@ -2,7 +2,8 @@
 //! optimizer state, the schedule position, the data-loader position and the metric history.
 //!
 //! A checkpoint is a directory `checkpoint/step-<N>/` written as `.tmp-step-<N>/` (every file
-//! fsynced) and renamed, so the output directory only ever holds complete checkpoints. Parameter
+//! fsynced) and renamed, and an old one is renamed to `.old-step-<N>/` before it is deleted, so a
+//! kill at any moment leaves only complete checkpoints under `step-*` names. Parameter
 //! ids are derived from parameter paths ([`stable_param_ids`]) so the optimizer state, keyed by id,
 //! is valid in a new process.
 
@@ -247,6 +248,7 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>
     state: &TrainerState,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(TrainError::io(root))?;
+    sweep_leftovers(root);
     let name = format!("step-{:08}", state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     let dest = root.join(&name);
@@ -263,7 +265,9 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>
         }
         let json = serde_json::to_vec_pretty(state).expect("serialisable");
         write_synced(&tmp.join(STATE_FILE), &json)?;
-        let _ = std::fs::remove_dir_all(&dest);
+        if dest.exists() {
+            remove_checkpoint(&dest);
+        }
         std::fs::rename(&tmp, &dest).map_err(TrainError::io(&dest))?;
         if let Ok(dir) = std::fs::File::open(root) {
             let _ = dir.sync_all();
@@ -274,6 +278,27 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes a checkpoint so that a kill at any moment leaves either the whole checkpoint or nothing
+/// under its name: it is first renamed to `.old-step-<N>` (atomic), then deleted. Leftovers of an
+/// interrupted deletion are swept by the next [`write_checkpoint`].
+pub fn remove_checkpoint(dir: &Path) {
+    let Some(name) = dir.file_name() else { return };
+    let doomed = dir.with_file_name(format!(".old-{}", name.to_string_lossy()));
+    if std::fs::rename(dir, &doomed).is_ok() {
+        let _ = std::fs::remove_dir_all(&doomed);
+    }
+}
+
+/// Deletes what interrupted writes and deletions left under `root` (`.tmp-*`, `.old-*`).
+fn sweep_leftovers(root: &Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(".tmp-") || name.starts_with(".old-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Complete checkpoints under `root`, oldest first, with their steps.

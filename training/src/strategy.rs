@@ -375,7 +375,7 @@ impl<B: AutodiffBackend> PeftStrategy<B> {
         let written = checkpoint::write_checkpoint(&self.checkpoint_root, model, optimizer, state)?;
         for (_, dir) in checkpoint::list_checkpoints(&self.checkpoint_root) {
             if dir != written {
-                let _ = std::fs::remove_dir_all(&dir);
+                checkpoint::remove_checkpoint(&dir);
             }
         }
         Ok(())

@@ -327,8 +327,17 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
     tensor_peft_training::trainer::finetune_until::<AB>(&part, &Default::default(), stop_at).unwrap();
     let checkpoints = tensor_peft_training::checkpoint::list_checkpoints(&part.output.join("checkpoint"));
     assert_eq!(checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(), [5], "only the newest checkpoint is kept");
+    // What a kill can leave: an old checkpoint half deleted (renamed first, so not under a `step-`
+    // name) and a checkpoint half written. Resume ignores both and the next checkpoint sweeps them.
+    let root = part.output.join("checkpoint");
+    std::fs::create_dir_all(root.join(".old-step-00000004")).unwrap();
+    std::fs::write(root.join(".old-step-00000004/trainable.safetensors"), b"partial").unwrap();
+    std::fs::create_dir_all(root.join(".tmp-step-00000006")).unwrap();
     let resumed = TrainConfig { resume: true, overwrite: false, ..part.clone() };
     finetune::<AB>(&resumed, &Default::default()).unwrap();
+    let left: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert!(left.iter().all(|n| n.starts_with("step-")), "leftovers were not swept: {left:?}");
     let again = std::fs::read(part.output.join("last/adapter_model.safetensors")).unwrap();
     assert!(reference == again, "the resumed run's adapter differs from the uninterrupted one");
     // Metric histories are identical too, except the measured throughput.
