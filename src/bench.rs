@@ -372,7 +372,7 @@ fn bench_train_step<B: AutodiffBackend>(
     for (name, method) in methods {
         // The frozen base is shared between the two adapted models (tensors are reference-counted).
         let net = base.clone().adapt(&spec, &method, &targets).map_err(|e| e.to_string())?;
-        let params = method_params(&net);
+        let params = tensor_peft_training::checkpoint::trainable_count(&net);
         runs.push((name, params, Some(LmTask { net, verbalizer: Vec::new() })));
     }
     drop(base);
@@ -408,21 +408,6 @@ fn bench_train_step<B: AutodiffBackend>(
         }));
     }
     Ok(out)
-}
-
-/// Trainable parameters of a module (the adapter factors; the base is frozen).
-fn method_params<B: Backend, M: Module<B>>(module: &M) -> usize {
-    struct Count(usize);
-    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
-        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
-            if p.is_require_grad() {
-                self.0 += p.shape().num_elements();
-            }
-        }
-    }
-    let mut count = Count(0);
-    module.visit(&mut count);
-    count.0
 }
 
 /// `model` suite: load time, a 1×64-token forward (tokens/s), 32 greedy tokens with the KV cache
