@@ -13,7 +13,7 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::ElementConversion;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
 use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
 
@@ -86,15 +86,54 @@ fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
     RmsNorm { gamma: Param::from_tensor(gamma), epsilon: eps }
 }
 
-/// A frozen linear layer from an HF weight `[out, in]` (transposed to Burn's `[in, out]`).
-fn frozen_linear<B: Backend>(
-    w: &mut Weights,
-    name: &str,
-    d_in: usize,
-    d_out: usize,
-    device: &B::Device,
-) -> Result<AdaptedLinear<B>, ModelError> {
-    let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
+/// Where [`Llama::build`] takes each parameter from: checkpoint weights or a random init.
+trait ParamSource<B: Backend> {
+    /// The HF weight `name` (`[out, in]`) of a projection, as Burn's `[in, out]`.
+    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError>;
+    /// The RMSNorm scale `name` (`[d]`).
+    fn norm(&mut self, name: &str, d: usize) -> Result<Tensor<B, 1>, ModelError>;
+    /// The token embedding table `name` (`[vocab, d]`).
+    fn embedding(&mut self, name: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError>;
+}
+
+/// Parameters read (and removed) from HF-named tensors.
+struct FromWeights<'a, B: Backend> {
+    weights: &'a mut Weights,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> ParamSource<B> for FromWeights<'_, B> {
+    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError> {
+        self.weights.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], self.device)
+    }
+    fn norm(&mut self, name: &str, d: usize) -> Result<Tensor<B, 1>, ModelError> {
+        self.weights.take(&format!("{name}.weight"), [d], self.device)
+    }
+    fn embedding(&mut self, name: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError> {
+        self.weights.take(&format!("{name}.weight"), [vocab, d], self.device)
+    }
+}
+
+/// HF's `LlamaPreTrainedModel` init: matrices N(0, 0.02²), norm scales 1. Created directly on the
+/// device in the backend's float type, so a 7B-shaped model never passes through host memory.
+struct RandomInit<'a, B: Backend> {
+    device: &'a B::Device,
+}
+
+impl<B: Backend> ParamSource<B> for RandomInit<'_, B> {
+    fn projection(&mut self, _: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError> {
+        Ok(Tensor::random([d_in, d_out], Distribution::Normal(0.0, 0.02), self.device))
+    }
+    fn norm(&mut self, _: &str, d: usize) -> Result<Tensor<B, 1>, ModelError> {
+        Ok(Tensor::ones([d], self.device))
+    }
+    fn embedding(&mut self, _: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError> {
+        Ok(Tensor::random([vocab, d], Distribution::Normal(0.0, 0.02), self.device))
+    }
+}
+
+/// A frozen, not yet adapted linear layer (Burn layout `[in, out]`, no bias).
+fn frozen_linear<B: Backend>(weight: Tensor<B, 2>) -> Result<AdaptedLinear<B>, ModelError> {
     let base = Linear { weight: Param::from_tensor(weight), bias: None };
     Ok(AdaptedLinear::new(base, None)?)
 }
@@ -263,6 +302,17 @@ impl<B: Backend> Llama<B> {
 
     /// Builds the model from HF-named tensors.
     pub fn from_weights(spec: &ArchSpec, w: &mut Weights, device: &B::Device) -> Result<Self, ModelError> {
+        Self::build(spec, &mut FromWeights { weights: w, device })
+    }
+
+    /// A model of architecture `spec` with random weights (HF's init: N(0, 0.02²) matrices, unit
+    /// norms), created on `device` in the backend's float type. For benchmarks of shapes whose
+    /// real weights are out of reach (`llama2-7b`): speed does not depend on the values.
+    pub fn random(spec: &ArchSpec, device: &B::Device) -> Result<Self, ModelError> {
+        Self::build(spec, &mut RandomInit { device })
+    }
+
+    fn build(spec: &ArchSpec, src: &mut impl ParamSource<B>) -> Result<Self, ModelError> {
         if spec.family != Family::Llama {
             return Err(ModelError::Weights {
                 path: spec.source.clone().into(),
@@ -275,35 +325,34 @@ impl<B: Backend> Llama<B> {
         for l in 0..spec.layers {
             let p = format!("model.layers.{l}");
             layers.push(LlamaBlock {
-                input_layernorm: rms_norm(w.take(&format!("{p}.input_layernorm.weight"), [d], device)?, spec.norm_eps),
-                q_proj: frozen_linear(w, &format!("{p}.self_attn.q_proj"), d, d, device)?,
-                k_proj: frozen_linear(w, &format!("{p}.self_attn.k_proj"), d, kv, device)?,
-                v_proj: frozen_linear(w, &format!("{p}.self_attn.v_proj"), d, kv, device)?,
-                o_proj: frozen_linear(w, &format!("{p}.self_attn.o_proj"), d, d, device)?,
+                input_layernorm: rms_norm(src.norm(&format!("{p}.input_layernorm"), d)?, spec.norm_eps),
+                q_proj: frozen_linear(src.projection(&format!("{p}.self_attn.q_proj"), d, d)?)?,
+                k_proj: frozen_linear(src.projection(&format!("{p}.self_attn.k_proj"), d, kv)?)?,
+                v_proj: frozen_linear(src.projection(&format!("{p}.self_attn.v_proj"), d, kv)?)?,
+                o_proj: frozen_linear(src.projection(&format!("{p}.self_attn.o_proj"), d, d)?)?,
                 attention_adapter: None,
                 post_attention_layernorm: rms_norm(
-                    w.take(&format!("{p}.post_attention_layernorm.weight"), [d], device)?,
+                    src.norm(&format!("{p}.post_attention_layernorm"), d)?,
                     spec.norm_eps,
                 ),
-                gate_proj: frozen_linear(w, &format!("{p}.mlp.gate_proj"), d, i, device)?,
-                up_proj: frozen_linear(w, &format!("{p}.mlp.up_proj"), d, i, device)?,
-                down_proj: frozen_linear(w, &format!("{p}.mlp.down_proj"), i, d, device)?,
+                gate_proj: frozen_linear(src.projection(&format!("{p}.mlp.gate_proj"), d, i)?)?,
+                up_proj: frozen_linear(src.projection(&format!("{p}.mlp.up_proj"), d, i)?)?,
+                down_proj: frozen_linear(src.projection(&format!("{p}.mlp.down_proj"), i, d)?)?,
                 ffn_adapter: None,
                 n_heads: spec.heads,
                 n_kv_heads: spec.kv_heads,
             });
         }
-        let embed = w.take::<B, 2>("model.embed_tokens.weight", [v, d], device)?;
+        let embed = src.embedding("model.embed_tokens", v, d)?;
         let lm_head = if spec.tie_embeddings {
             None
         } else {
-            let weight = w.take_transposed::<B>("lm_head.weight", [v, d], device)?;
-            Some(Linear { weight: Param::from_tensor(weight), bias: None })
+            Some(Linear { weight: Param::from_tensor(src.projection("lm_head", d, v)?), bias: None })
         };
         let model = Llama {
             embed_tokens: Embedding { weight: Param::from_tensor(embed) },
             layers,
-            norm: rms_norm(w.take("model.norm.weight", [d], device)?, spec.norm_eps),
+            norm: rms_norm(src.norm("model.norm", d)?, spec.norm_eps),
             lm_head,
             shared: SharedFactors::empty(),
             rope_theta: spec.rope_theta,

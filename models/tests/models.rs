@@ -151,6 +151,32 @@ fn explicit_targets_and_clear_errors() {
 }
 
 #[test]
+fn random_init_has_the_architecture_and_hf_init_statistics() {
+    let device = Default::default();
+    let mut spec = ArchSpec::preset("llama2-7b").unwrap();
+    (spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, spec.vocab) = (64, 96, 2, 4, 2, 50);
+    <B as Backend>::seed(&device, 7);
+    let model = Llama::<B>::random(&spec, &device).unwrap();
+    assert_eq!(model.num_params(), spec.base_num_params());
+    assert_eq!(model.layers[0].k_proj.base.weight.dims(), [64, 32], "grouped K/V: 2 heads of 16");
+    // HF's LlamaPreTrainedModel init: N(0, 0.02^2) matrices, unit norm scales.
+    let q = values(model.layers[1].q_proj.base.weight.val());
+    let mean = q.iter().sum::<f64>() / q.len() as f64;
+    let std = (q.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
+    assert!(mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3, "q_proj mean {mean}, std {std}");
+    assert!(values(model.norm.gamma.val()).iter().all(|&g| g == 1.0));
+    let logits = values(model.forward(tokens::<B>(&[vec![1, 2, 3], vec![4, 5, 6]], &device)));
+    assert_eq!(logits.len(), 2 * 3 * 50);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    // The same seed gives the same weights.
+    <B as Backend>::seed(&device, 7);
+    let again = Llama::<B>::random(&spec, &device).unwrap();
+    assert_eq!(values(again.layers[1].q_proj.base.weight.val()), q);
+    let bert = Llama::<B>::random(&ArchSpec::preset("minilm-l6").unwrap(), &device).unwrap_err();
+    assert!(bert.to_string().contains("not a LLaMA-family decoder"), "{bert}");
+}
+
+#[test]
 fn kv_cache_generation_path_matches_the_full_forward() {
     let device = Default::default();
     let (model, _) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
