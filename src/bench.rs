@@ -12,9 +12,10 @@
 //! - `scoring`: forward-only factored vs dense ΔW as the number of rows grows, and the switch
 //!   [`tensor_peft_adapters::prefer_dense_delta`] makes.
 //! - `model`: load, forward and greedy decoding of a LLaMA-family model.
-//! - `train-step`: one fine-tuning step of a LLaMA-family model (batch 4 × 64 tokens, LoRA r=8 and
-//!   TT-LoRA on q,v: forward, causal-LM loss, backward, clipped AdamW), the training crate's own
-//!   task and optimizer, with tokens/s and the peak RSS of each method's step.
+//! - `train-step`: one fine-tuning step of a LLaMA-family model (batch 4 × 64 tokens by default,
+//!   LoRA r=8 and TT-LoRA on q,v: forward, causal-LM loss, backward, clipped AdamW), the training
+//!   crate's own task and optimizer, with tokens/s and the peak RSS of each method's step. A preset
+//!   name instead of a model path (`llama2-7b`) benchmarks that shape with random weights.
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -40,9 +41,15 @@ pub struct BenchOptions {
     pub tokens: Vec<usize>,
     /// Timed repetitions per variant (after one warm-up round).
     pub repeats: usize,
-    /// A LLaMA-family model (HF directory or `.gguf`) for the `model` suite.
+    /// A LLaMA-family model for the `model` and `train-step` suites: an HF directory, a `.gguf`
+    /// file, or a preset name (`llama2-7b`) for random weights of that shape.
     pub model: Option<std::path::PathBuf>,
+    /// Batch size × sequence length of the `train-step` suite.
+    pub train_shape: (usize, usize),
 }
+
+/// Batch size × sequence length of the `train-step` suite by default (the CPU recipe).
+pub const DEFAULT_TRAIN_SHAPE: (usize, usize) = (4, 64);
 
 /// Suite names accepted by `--suite`.
 pub const SUITES: [&str; 6] = ["linear", "contraction", "merged", "scoring", "model", "train-step"];
@@ -320,12 +327,16 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Loads a LLaMA-family model from an HF directory or a `.gguf` file.
+/// Loads a LLaMA-family model from an HF directory or a `.gguf` file, or builds one with random
+/// weights when `path` is a preset name such as `llama2-7b` (no such file existing).
 fn load_llama<B: Backend>(
     path: &std::path::Path,
     device: &B::Device,
 ) -> Result<(tensor_peft_models::Llama<B>, tensor_peft_models::ArchSpec), String> {
     use tensor_peft_models::Llama;
+    if let Some(spec) = random_preset(path) {
+        return Llama::<B>::random(&spec, device).map(|l| (l, spec)).map_err(|e| e.to_string());
+    }
     if path.extension().is_some_and(|e| e == "gguf") {
         Llama::<B>::from_gguf(path, device).map(|(l, s, _)| (l, s)).map_err(|e| e.to_string())
     } else {
@@ -333,8 +344,21 @@ fn load_llama<B: Backend>(
     }
 }
 
-/// Batch size and sequence length of the `train-step` suite (the recipe).
-const TRAIN_STEP_SHAPE: (usize, usize) = (4, 64);
+/// The preset architecture `path` names, when it names one and no such file exists.
+fn random_preset(path: &std::path::Path) -> Option<tensor_peft_models::ArchSpec> {
+    if path.exists() {
+        return None;
+    }
+    tensor_peft_models::ArchSpec::preset(path.to_str()?)
+}
+
+/// How a record names its model: the path, or `<preset> (random weights)`.
+fn model_label(path: &std::path::Path) -> String {
+    match random_preset(path) {
+        Some(_) => format!("{} (random weights)", path.display()),
+        None => path.display().to_string(),
+    }
+}
 
 /// `train-step` suite: one fine-tuning step (forward, loss on every next token, backward, AdamW
 /// with weight decay 0.01 and global-norm clipping at 1.0) of LoRA r=8 (alpha 16) and TT-LoRA
@@ -343,6 +367,7 @@ const TRAIN_STEP_SHAPE: (usize, usize) = (4, 64);
 fn bench_train_step<B: AutodiffBackend>(
     device: &B::Device,
     path: &std::path::Path,
+    (batch_size, seq): (usize, usize),
     repeats: usize,
 ) -> Result<Vec<Value>, String> {
     use burn::optim::{GradientsParams, Optimizer};
@@ -352,7 +377,6 @@ fn bench_train_step<B: AutodiffBackend>(
 
     let (base, spec) = load_llama::<B>(path, device)?;
     let vocab = base.embed_tokens.weight.dims()[0] as u32;
-    let (batch_size, seq) = TRAIN_STEP_SHAPE;
     // Deterministic ids (the same formula as scripts/bench/smollm2_peft_train_step.py), every
     // position after the first supervised.
     let items: Vec<Encoded> = (0..batch_size)
@@ -401,7 +425,7 @@ fn bench_train_step<B: AutodiffBackend>(
         step(i);
         let peak = if reset { peak_rss_mib() } else { None };
         out.push(json!({
-            "suite": "train-step", "model": path.display().to_string(), "method": name,
+            "suite": "train-step", "model": model_label(path), "method": name,
             "batch": batch_size, "seq": seq, "adapter_params": params,
             "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
             "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
@@ -429,7 +453,7 @@ fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: 
     let generated = llama.generate_greedy(&prompt, 32, None).len();
     let decode_s = start.elapsed().as_secs_f64();
     Ok(vec![json!({
-        "suite": "model", "model": path.display().to_string(), "load_s": load_s,
+        "suite": "model", "model": model_label(path), "load_s": load_s,
         "forward_1x64_ms": forward_ms, "forward_tokens_per_s": 64.0 / (forward_ms / 1e3),
         "generate_32_tokens_s": decode_s, "generate_tokens_per_s": generated as f64 / decode_s,
         "peak_rss_mib": peak_rss_mib(),
@@ -467,7 +491,7 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Re
             }
             "train-step" => {
                 let path = options.model.as_deref().ok_or("the train-step suite needs --model <HF dir | file.gguf>")?;
-                records.extend(bench_train_step::<B>(device, path, options.repeats)?);
+                records.extend(bench_train_step::<B>(device, path, options.train_shape, options.repeats)?);
             }
             other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
         }

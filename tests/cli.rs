@@ -79,7 +79,14 @@ fn params_reads_an_hf_config_json() {
 
 #[test]
 fn bad_input_is_a_clear_error_with_exit_code_2() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 13] = [
+        (&["bench", "--suite", "linear,nope"], "unknown suite `nope`"),
+        (&["bench", "--suite", "train-step"], "the train-step suite needs --model"),
+        (
+            &["bench", "--suite", "train-step", "--model", "llama2-7b", "--train-shape", "4by8"],
+            "expected BATCHxSEQUENCE",
+        ),
+        (&["bench", "--dtype", "bf16"], "--dtype bf16 needs --backend cuda"),
         (
             &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "32,256,128,16"],
             "no leading factors multiply to d_in",
@@ -109,6 +116,42 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(!err.contains("panicked") && out.stdout.is_empty(), "{args:?}");
     }
+}
+
+#[test]
+fn bench_train_step_times_both_methods_and_writes_json() {
+    let dir = scratch("bench-train-step");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("records.json");
+    let model = fixture("tiny-llama");
+    let out = tpeft(&[
+        "bench",
+        "--suite",
+        "train-step",
+        "--model",
+        &model,
+        "--train-shape",
+        "2x8",
+        "--repeats",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("batch 2x8") && stdout.contains("lora r=8") && stdout.contains("tt-lora"), "{stdout}");
+    let records: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 2);
+    // LoRA r=8 on q (32→32) and v (32→16, two KV heads of 8) in both layers.
+    assert_eq!(records[0]["adapter_params"], 2 * 8 * ((32 + 32) + (32 + 16)));
+    for r in records {
+        assert_eq!((r["batch"].as_u64(), r["seq"].as_u64()), (Some(2), Some(8)));
+        let tokens_per_s = r["tokens_per_s"].as_f64().unwrap();
+        let step_ms = r["step_ms"].as_f64().unwrap();
+        assert!(step_ms > 0.0 && (tokens_per_s * step_ms / 1e3 - 16.0).abs() < 1e-6, "{r}");
+    }
+    assert_eq!(records[0]["vs_lora"].as_f64(), Some(1.0));
 }
 
 #[test]

@@ -194,9 +194,16 @@ enum Command {
         /// Also write the records to this JSON file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// LLaMA-family model (HF directory or .gguf) for the `model` and `train-step` suites.
+        /// LLaMA-family model for the `model` and `train-step` suites: HF directory, .gguf, or a
+        /// preset (llama2-7b, llama2-13b, llama2-70b) for that shape with random weights.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
+        /// Batch size × sequence length of the `train-step` suite, e.g. 4x512.
+        #[arg(long, default_value = "4x64")]
+        train_shape: String,
+        /// Float type of the benchmarked tensors: f32, or bf16 (cuda only).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
 }
 
@@ -249,7 +256,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             let report = count(&spec, &method, &targets)?;
             Ok(render(&spec, &method, &report))
         }
-        Command::Bench { suite, dims, tokens, repeats, json, model } => {
+        Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype } => {
             for s in &suite {
                 if !tensor_peft::bench::SUITES.contains(&s.as_str()) {
                     return Err(CliError::Usage(format!(
@@ -261,11 +268,24 @@ fn run(cli: Cli) -> Result<String, CliError> {
             if dims.contains(&0) || tokens.contains(&0) || tokens.is_empty() || repeats == 0 {
                 return Err(CliError::Usage("--dims, --tokens and --repeats must be positive".into()));
             }
-            if suite.iter().any(|s| s == "model") && model.is_none() {
-                return Err(CliError::Usage("the model suite needs --model <HF dir | file.gguf>".into()));
+            if let Some(s) = suite.iter().find(|s| *s == "model" || *s == "train-step")
+                && model.is_none()
+            {
+                return Err(CliError::Usage(format!(
+                    "the {s} suite needs --model <HF dir | file.gguf | preset such as llama2-7b>"
+                )));
             }
-            let options = tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats, model };
-            let records = bench(cli.backend, &options).map_err(CliError::Runtime)?;
+            let train_shape = parse_train_shape(&train_shape)?;
+            let bf16 = match dtype.as_str() {
+                "f32" => false,
+                "bf16" if cli.backend == BackendKind::Cuda => true,
+                "bf16" => return Err(CliError::Usage("--dtype bf16 needs --backend cuda".into())),
+                other => return Err(CliError::Usage(format!("--dtype {other}: expected f32 or bf16"))),
+            };
+            let options =
+                tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape };
+            let records = if bf16 { bench_bf16(&options) } else { bench(cli.backend, &options) }
+                .map_err(CliError::Runtime)?;
             if let Some(path) = json {
                 write_atomically(&path, &serde_json::to_string_pretty(&records).expect("json values serialise"))?;
             }
@@ -381,6 +401,31 @@ fn selfcheck(
 
 fn bench(backend: BackendKind, options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
     with_backend!(backend, B => tensor_peft::bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options))
+}
+
+/// The benchmarks on CUDA in bf16 (the precision GPU fine-tuning runs in).
+fn bench_bf16(options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
+    #[cfg(feature = "cuda")]
+    {
+        type B = burn::backend::Cuda<burn::tensor::bf16>;
+        tensor_peft::bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = options;
+        Err("the cuda backend is not compiled in".into())
+    }
+}
+
+/// `--train-shape BxT` (e.g. `4x512`): two positive integers.
+fn parse_train_shape(text: &str) -> Result<(usize, usize), CliError> {
+    let parsed = text.split_once('x').and_then(|(b, t)| Some((b.parse::<usize>().ok()?, t.parse::<usize>().ok()?)));
+    match parsed {
+        Some((b, t)) if b > 0 && t > 1 => Ok((b, t)),
+        _ => Err(CliError::Usage(format!(
+            "--train-shape {text}: expected BATCHxSEQUENCE with a positive batch and a sequence of at least 2, e.g. 4x512"
+        ))),
+    }
 }
 
 /// Writes `text` to a temporary file beside `path`, then renames it into place.
