@@ -273,7 +273,15 @@ fn adapter_forward_ref<B: Backend>(adapter: &ResidualAdapter<B>, h: &[f64], toke
 
 // ---------------------------------------------------------------- generic test bodies
 
+/// Relative tolerance of comparisons that go through matrix products on `B`. CUDA runs f32
+/// matmuls on TF32 tensor cores (10-bit mantissa): an H100 gave 2.7e-4 on LoRA's ΔW against the
+/// f64 loops. The CPU backends (and wgpu on lavapipe) are exact f32.
+fn tolerance<B: Backend>(device: &B::Device) -> f64 {
+    if B::name(device).contains("cuda") { 2e-3 } else { 1e-5 }
+}
+
 fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
+    let tol = tolerance::<B>(device);
     let mut rng = Rng(1);
     for (method, geo) in cases() {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
@@ -287,7 +295,7 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             assert!(norm(&dense) > 1e-3, "{}: reference ΔW is zero, the check would be vacuous", method.name());
             let built = values(adapter.delta_weight(&h.shared));
             assert!(
-                rel_err(&built, &dense) < 1e-5,
+                rel_err(&built, &dense) < tol,
                 "{}: delta_weight vs loops {}",
                 method.name(),
                 rel_err(&built, &dense)
@@ -295,12 +303,12 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             let factored = values(adapter.delta(x.clone(), &h.shared));
             let expected = matmul_ref(&x_vals, &dense, n, d_in, d_out);
             let err = rel_err(&factored, &expected);
-            assert!(err < 1e-5, "{} {:?}: factored forward vs x·ΔW rel err {err}", method.name(), geo);
+            assert!(err < tol, "{} {:?}: factored forward vs x·ΔW rel err {err}", method.name(), geo);
         }
         for adapter in &h.residual {
             let got = values(adapter.forward(x.clone()));
             let err = rel_err(&got, &adapter_forward_ref(adapter, &x_vals, n));
-            assert!(err < 1e-5, "loretta-adp forward rel err {err}");
+            assert!(err < tol, "loretta-adp forward rel err {err}");
         }
     }
 }
@@ -334,6 +342,7 @@ fn check_zero_delta_init<B: Backend>(device: &B::Device) {
 }
 
 fn check_merge_unmerge<B: Backend>(device: &B::Device) {
+    let tol = tolerance::<B>(device);
     let mut rng = Rng(3);
     for (method, geo) in cases() {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
@@ -344,12 +353,12 @@ fn check_merge_unmerge<B: Backend>(device: &B::Device) {
             let merged = layer.merge(&h.shared).unwrap();
             assert!(merged.merged);
             let y_merged = values(merged.forward(x.clone(), &h.shared));
-            assert!(rel_err(&y_merged, &adapted) < 1e-5, "{}: merged forward differs", method.name());
+            assert!(rel_err(&y_merged, &adapted) < tol, "{}: merged forward differs", method.name());
             assert!(merged.clone().merge(&h.shared).is_err(), "merging twice must fail");
             let restored = merged.unmerge(&h.shared).unwrap();
             let after = values(restored.base.weight.val());
             let max_diff = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            assert!(max_diff < 1e-5, "{}: unmerge left {max_diff}", method.name());
+            assert!(max_diff < tol, "{}: unmerge left {max_diff}", method.name());
             assert!(restored.unmerge(&h.shared).is_err(), "unmerging an unmerged layer must fail");
         }
         for adapter in &h.residual {
@@ -416,6 +425,7 @@ fn check_only_adapters_get_gradients<B: AutodiffBackend>(device: &B::Device) {
 }
 
 fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
+    let tol = tolerance::<B>(device);
     let mut rng = Rng(5);
     let shared_methods =
         [MethodConfig::Lotr(LotrConfig::new().with_rank(3)), MethodConfig::Lorta(LortaConfig::new().with_rank(3))];
@@ -448,7 +458,7 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
                 *s += g;
             }
         }
-        assert!(rel_err(&summed, &joint) < 1e-5, "{}: shared gradient is not the sum over sites", method.name());
+        assert!(rel_err(&summed, &joint) < tol, "{}: shared gradient is not the sum over sites", method.name());
         assert!(h.linear.len() >= 4);
 
         // One SGD step moves the shared factor by exactly -lr·grad (once, not once per site).
@@ -459,12 +469,12 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
         let h = optim.step(lr, h, grads);
         let after = values(shared_a(&h));
         let expected: Vec<f64> = before.iter().zip(&joint).map(|(b, g)| b - lr * g).collect();
-        assert!(rel_err(&after, &expected) < 1e-5, "{}: shared factor not updated exactly once", method.name());
+        assert!(rel_err(&after, &expected) < tol, "{}: shared factor not updated exactly once", method.name());
         // Every site sees the updated factor (there is only one copy).
         for layer in &h.linear {
             let adapter = layer.adapter.as_ref().unwrap();
             let err = rel_err(&values(adapter.delta_weight(&h.shared)), &delta_weight_ref(adapter, &h.shared));
-            assert!(err < 1e-5);
+            assert!(err < tol, "{}: ΔW after the step, rel err {err}", method.name());
         }
     }
 }
