@@ -361,7 +361,8 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
     assert!(stdout.contains("best valid loss:") && stdout.contains("trainable params:"), "{stdout}");
     let csv = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
     assert!(
-        csv.starts_with("epoch,split,step,loss,lr,perplexity,tokens_per_second\n") && csv.lines().count() == 7,
+        csv.starts_with("epoch,split,step,loss,lr,perplexity,tokens_per_second,update_ratio\n")
+            && csv.lines().count() == 7,
         "{csv}"
     );
     // eval prints one `metric: value` line per metric.
@@ -398,6 +399,23 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
     let wrong = run_args(&args);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("needs an encoder (BERT family)"));
+}
+
+#[test]
+fn an_update_that_outgrows_its_frozen_weight_is_reported() {
+    let out_dir = scratch("runaway");
+    let out = run_args(&lm_finetune_args(&out_dir, &["--method", "lora", "--lr", "0.3"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr.lines().find(|l| l.starts_with("warning: epoch")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(warning.contains("(‖ΔW‖/‖W‖)") && warning.contains("lower --lr"), "{warning}");
+    // The value printed is epoch 1's recorded metric.
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    let first = json[0]["metrics"]["update_ratio"].as_f64().unwrap();
+    assert!(warning.starts_with("warning: epoch 1:") && first > 1.0, "{warning}");
+    assert!(warning.contains(&format!("{first:.2}×")), "{warning} vs {first}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
 #[test]

@@ -178,6 +178,20 @@ impl<B: Backend> AdaptedLinear<B> {
         self.base.forward(x.clone()) + adapter.delta(x, shared)
     }
 
+    /// `‖ΔW‖_F / ‖W‖_F`: how large the update has grown relative to the frozen weight it modifies
+    /// (`None` when unadapted or merged). Healthy fine-tuning keeps it well below 1; far above 1
+    /// the update swamps the pretrained layer, the usual sign of a learning rate that is too high.
+    pub fn update_ratio(&self, shared: &SharedFactors<B>) -> Option<f64> {
+        let adapter = self.adapter.as_ref().filter(|_| !self.merged)?;
+        let norm = |t: Tensor<B, 2>| -> Option<f64> {
+            let sq = t.clone() * t;
+            sq.sum().into_data().convert::<f64>().to_vec::<f64>().ok()?.first().map(|v| v.sqrt())
+        };
+        let delta = norm(adapter.delta_weight(shared))?;
+        let weight = norm(self.base.weight.val())?;
+        Some(delta / weight.max(f64::MIN_POSITIVE))
+    }
+
     /// Folds the update into the base weight. Errors if already merged or unadapted.
     pub fn merge(mut self, shared: &SharedFactors<B>) -> crate::Result<Self> {
         let adapter =

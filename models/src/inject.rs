@@ -70,6 +70,20 @@ fn split_site_name(name: &str) -> Option<(usize, &str)> {
     Some((layer.parse().ok()?, local))
 }
 
+/// `‖ΔW‖_F / ‖W‖_F` of every adapted (unmerged) projection of `model`, by site name, in site
+/// order: how far each update has grown relative to the frozen weight ([`AdaptedLinear::update_ratio`]).
+pub fn update_ratios<B: Backend, M: AdapterSlots<B>>(model: &mut M, spec: &ArchSpec) -> Vec<(String, f64)> {
+    let shared = model.shared_mut().clone();
+    spec.linear_sites()
+        .into_iter()
+        .filter_map(|site| {
+            let (layer, local) = split_site_name(&site.name)?;
+            let ratio = model.linear_slot(layer, local)?.update_ratio(&shared)?;
+            Some((site.name, ratio))
+        })
+        .collect()
+}
+
 /// Injects `method` at `targets` into `model` (described by `spec`). Refuses a model that already
 /// carries an adapter at any chosen site.
 pub fn inject<B: Backend, M: AdapterSlots<B>>(

@@ -22,6 +22,6 @@ pub use arch::{ArchSpec, Family};
 pub use bert::Bert;
 pub use error::ModelError;
 pub use heads::SequenceClassifier;
-pub use inject::{AdapterSlots, ResidualPosition, Targets, inject};
+pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios};
 pub use llama::Llama;
 pub use weights::Weights;

@@ -177,6 +177,48 @@ fn random_init_has_the_architecture_and_hf_init_statistics() {
 }
 
 #[test]
+fn update_ratios_are_the_norm_of_delta_w_over_the_frozen_weight() {
+    use tensor_peft_adapters::{LinearAdapter, LoraConfig};
+    let device = Default::default();
+    let (base, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let method = MethodConfig::Lora(LoraConfig::new().with_rank(2).with_alpha(4.0));
+    let mut model = base.adapt(&spec, &method, &Targets::Default).unwrap();
+    let ratios = tensor_peft_models::update_ratios(&mut model.clone(), &spec);
+    let names: Vec<_> = ratios.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj"
+        ]
+    );
+    assert!(ratios.iter().all(|(_, r)| *r == 0.0), "B = 0 at initialisation: {ratios:?}");
+    // Give layer 1's q_proj a known update and compare with ‖scale·A·B‖ / ‖W‖ by loops in f64.
+    let q = &mut model.layers[1].q_proj;
+    let Some(LinearAdapter::Lora(lora)) = q.adapter.as_mut() else { panic!("LoRA expected") };
+    let b_vals: Vec<f32> = (0..2 * 32).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+    lora.b = Param::from_tensor(Tensor::from_data(TensorData::new(b_vals.clone(), [2, 32]), &device));
+    let (a, w, scale) = (values(lora.a.val()), values(q.base.weight.val()), lora.scaling);
+    let mut delta_sq = 0.0;
+    for i in 0..32 {
+        for j in 0..32 {
+            let dij: f64 = (0..2).map(|k| a[i * 2 + k] * b_vals[k * 32 + j] as f64).sum::<f64>() * scale;
+            delta_sq += dij * dij;
+        }
+    }
+    let expected = delta_sq.sqrt() / w.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let ratios = tensor_peft_models::update_ratios(&mut model.clone(), &spec);
+    assert!(expected > 0.01, "the check would be vacuous");
+    assert!((ratios[2].1 - expected).abs() < 1e-5 * expected, "{} vs {expected}", ratios[2].1);
+    assert_eq!(ratios.iter().filter(|(_, r)| *r > 0.0).count(), 1);
+    // A merged layer carries no separate update.
+    model.layers[1].q_proj = model.layers[1].q_proj.clone().merge(&model.shared).unwrap();
+    assert_eq!(tensor_peft_models::update_ratios(&mut model, &spec).len(), 3);
+}
+
+#[test]
 fn kv_cache_generation_path_matches_the_full_forward() {
     let device = Default::default();
     let (model, _) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();

@@ -27,7 +27,7 @@ pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
     let mut names: Vec<String> = history.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     names.sort();
     names.dedup();
-    names.retain(|n| n != "tokens_per_second");
+    names.retain(|n| n != "tokens_per_second" && n != "update_ratio");
     if names.is_empty() {
         return Ok(());
     }

@@ -95,6 +95,14 @@ pub(crate) struct FitOutcome {
 /// Writes the adapter of a trained model (downcast from `Any`); `true` = best so far.
 pub(crate) type SaveAdapter = Box<dyn Fn(&dyn std::any::Any, bool) -> Result<()> + Send + Sync>;
 
+/// `‖ΔW‖/‖W‖` of every adapted projection of a model (downcast from `Any`), by site name.
+pub(crate) type UpdateRatios = Box<dyn Fn(&dyn std::any::Any) -> Vec<(String, f64)> + Send + Sync>;
+
+/// Above this `‖ΔW‖/‖W‖` the update outweighs the pretrained layer: warn. Measured on MiniLM and
+/// the VADER recipe: healthy LoRA runs end at 0.01–0.2, TT-LoRA runs that collapsed to chance at
+/// 1.2–12.5. (A model with random weights, like the tests' tiny LLaMA, passes 1 legitimately.)
+pub(crate) const UPDATE_RATIO_WARNING: f64 = 1.0;
+
 /// Everything the training loop needs besides burn-train's components.
 pub(crate) struct PeftStrategy<B: AutodiffBackend> {
     pub(crate) device: B::Device,
@@ -118,6 +126,8 @@ pub(crate) struct PeftStrategy<B: AutodiffBackend> {
     /// Writes the adapter of a model (`true`: the best so far, into the output directory;
     /// `false`: the last one, into `<output>/last`).
     pub(crate) on_save: SaveAdapter,
+    /// Measures how large the updates have grown (the `update_ratio` train metric).
+    pub(crate) update_ratios: UpdateRatios,
     pub(crate) checkpoint_root: PathBuf,
     pub(crate) output: PathBuf,
     pub(crate) outcome: Arc<Mutex<FitOutcome>>,
@@ -298,6 +308,17 @@ where
                 "tokens_per_second".into(),
                 (train_acc.tokens - tokens_at_start) as f64 / epoch_seconds.max(1e-9),
             );
+            let ratios = (self.update_ratios)(&learner.model() as &dyn std::any::Any);
+            if let Some((site, max)) = ratios.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+                train_metrics.insert("update_ratio".into(), max);
+                if max > UPDATE_RATIO_WARNING {
+                    eprintln!(
+                        "warning: epoch {epoch}: the update of {site} has grown to {max:.2}× the norm of its frozen \
+                         weight (‖ΔW‖/‖W‖); on a pretrained model healthy updates stay well below 1 and runs that \
+                         collapsed reached 1.2–12.5 — if the metrics stall, lower --lr"
+                    );
+                }
+            }
             let train_record = EpochRecord { epoch, split: "train".into(), step: state.step, metrics: train_metrics };
             let valid_record = EpochRecord {
                 epoch,

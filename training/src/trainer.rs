@@ -172,6 +172,9 @@ where
     fn write_adapter(&self, spec: &ArchSpec, config: &AdapterConfig, dir: &Path) -> Result<()>;
     /// Trained scalars in the adapters (excluding heads and norms).
     fn adapter_params(&self) -> usize;
+    /// `‖ΔW‖_F / ‖W‖_F` of every adapted projection, by site name
+    /// ([`tensor_peft_models::update_ratios`]).
+    fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)>;
 }
 
 /// Whether a parameter path belongs to an adapter (factor or shared factor).
@@ -206,6 +209,9 @@ impl<B: AutodiffBackend> TaskModel<B> for EncoderTask<B> {
     fn adapter_params(&self) -> usize {
         adapter_count(self)
     }
+    fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {
+        tensor_peft_models::update_ratios(&mut self.net.encoder.clone(), spec)
+    }
 }
 
 impl<B: AutodiffBackend> TaskModel<B> for LmTask<B> {
@@ -217,6 +223,9 @@ impl<B: AutodiffBackend> TaskModel<B> for LmTask<B> {
     }
     fn adapter_params(&self) -> usize {
         adapter_count(self)
+    }
+    fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {
+        tensor_peft_models::update_ratios(&mut self.net.clone(), spec)
     }
 }
 
@@ -545,6 +554,12 @@ where
             Ok(())
         }
     };
+    let update_ratios = {
+        let spec = spec.clone();
+        move |m: &dyn std::any::Any| -> Vec<(String, f64)> {
+            m.downcast_ref::<M>().expect("the strategy trains M").update_ratios(&spec)
+        }
+    };
     let outcome = Arc::new(Mutex::new(FitOutcome::default()));
     let strategy = PeftStrategy::<B> {
         device: device.clone(),
@@ -566,6 +581,7 @@ where
         grad_scale: optimizer.grad_scale.clone(),
         optimizer_snapshot: optimizer.snapshot.clone(),
         on_save: Box::new(on_save),
+        update_ratios: Box::new(update_ratios),
         checkpoint_root,
         output: cfg.output.clone(),
         outcome: outcome.clone(),

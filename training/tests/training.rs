@@ -254,6 +254,12 @@ fn causal_lm_loss_falls_and_the_adapter_reloads() {
         assert!(losses[3] < losses[0] - 0.3, "{method}: validation loss did not fall: {losses:?}");
         let ppl = report.history.last().unwrap().metrics["perplexity"];
         assert!((ppl - losses[3].exp()).abs() < 1e-9 * ppl);
+        // The update-size diagnostic ‖ΔW‖/‖W‖ is recorded every epoch and grows as the adapter
+        // learns (this tiny model's weights are random, so the task lives in ΔW and it passes 1).
+        let ratios: Vec<f64> =
+            report.history.iter().filter(|h| h.split == "train").map(|h| h.metrics["update_ratio"]).collect();
+        assert!(ratios.len() == 4 && ratios.iter().all(|r| r.is_finite() && *r > 0.0), "{method}: {ratios:?}");
+        assert!(ratios[3] > ratios[0], "{method}: {ratios:?}");
         for f in [
             "adapter_config.json",
             "adapter_model.safetensors",
