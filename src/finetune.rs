@@ -116,6 +116,10 @@ pub struct FinetuneArgs {
     /// Peak learning rate of the task head [default: --lr].
     #[arg(long)]
     pub head_lr: Option<f64>,
+    /// LoRA+: the factor that starts at zero (LoRA's B, TT-LoRA's last core) trains at this
+    /// multiple of --lr, as PEFT's loraplus_lr_ratio [default: off].
+    #[arg(long)]
+    pub loraplus_lr_ratio: Option<f64>,
     /// AdamW weight decay [default: 0.01].
     #[arg(long)]
     pub weight_decay: Option<f64>,
@@ -261,6 +265,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         grad_accumulation: a.grad_accumulation.unwrap_or(d.grad_accumulation),
         lr: a.lr.unwrap_or(d.lr),
         head_lr: a.head_lr,
+        loraplus_lr_ratio: a.loraplus_lr_ratio,
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
         warmup_ratio: a.warmup_ratio.unwrap_or(d.warmup_ratio),
         decay,

@@ -7,7 +7,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use tensor_peft_adapters::MethodConfig;
+use tensor_peft_adapters::{DeltaInit, MethodConfig};
 use tensor_peft_models::Targets;
 
 /// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
@@ -54,6 +54,9 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Peak learning rate of the task head (default: `lr`).
     pub head_lr: Option<f64>,
+    /// LoRA+ (PEFT's `loraplus_lr_ratio`): the factor that starts at zero (LoRA's `B`, TT-LoRA's
+    /// last core) trains at this multiple of `lr` (lora and tt-lora with zero init only).
+    pub loraplus_lr_ratio: Option<f64>,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Fraction of the optimizer steps used for linear warmup.
@@ -110,6 +113,7 @@ impl Default for TrainConfig {
             grad_accumulation: 1,
             lr: 1e-3,
             head_lr: None,
+            loraplus_lr_ratio: None,
             weight_decay: 0.01,
             warmup_ratio: 0.06,
             decay: Decay::Linear,
@@ -180,6 +184,25 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     }
     if !(cfg.lr.is_finite() && cfg.lr > 0.0) || cfg.head_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
         return bad("lr", "learning rates must be positive numbers");
+    }
+    if let Some(ratio) = cfg.loraplus_lr_ratio {
+        if !(ratio.is_finite() && ratio > 0.0) {
+            return bad("loraplus-lr-ratio", "must be a positive number");
+        }
+        let zero_init_factor = match &cfg.method {
+            MethodConfig::Lora(_) => true,
+            MethodConfig::TtLora(c) => c.init == DeltaInit::Zero,
+            _ => false,
+        };
+        if !zero_init_factor {
+            return bad(
+                "loraplus-lr-ratio",
+                &format!(
+                    "applies to lora and to tt-lora with --init zero (the methods with one factor that starts at zero), not to {}",
+                    cfg.method.name()
+                ),
+            );
+        }
     }
     if !(0.0..1.0).contains(&cfg.warmup_ratio) {
         return bad("warmup-ratio", "must be in [0, 1)");

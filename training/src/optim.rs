@@ -25,6 +25,10 @@ pub struct PeftOptimizer<M: AutodiffModule<B>, B: AutodiffBackend> {
     head: OptimizerAdaptor<AdamW, M, B>,
     head_ids: Arc<HashSet<ParamId>>,
     head_lr_scale: f64,
+    /// LoRA+'s fast group: the factors that start at zero (LoRA's `B`, TT-LoRA's last core).
+    fast: OptimizerAdaptor<AdamW, M, B>,
+    fast_ids: Arc<HashSet<ParamId>>,
+    fast_lr_scale: f64,
     max_grad_norm: Option<f64>,
     /// The state after the latest step, readable while burn-train owns the optimizer (for
     /// checkpoints) — the learner does not expose its optimizer.
@@ -46,11 +50,24 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> PeftOptimizer<M, B> {
             head: config.init(),
             head_ids: Arc::new(head_ids),
             head_lr_scale,
+            fast: config.init(),
+            fast_ids: Arc::new(HashSet::new()),
+            fast_lr_scale: 1.0,
             max_grad_norm,
             snapshot: Arc::new(Mutex::new(None)),
             last_grad_norm: Arc::new(Mutex::new(0.0)),
             grad_scale: Arc::new(Mutex::new(1.0)),
         }
+    }
+}
+
+impl<M: AutodiffModule<B>, B: AutodiffBackend> PeftOptimizer<M, B> {
+    /// LoRA+ (Hayou et al. 2024; PEFT's `create_loraplus_optimizer`): the parameters in `ids`
+    /// train at `lr_scale` × the scheduled learning rate (PEFT's `loraplus_lr_ratio`).
+    pub fn with_fast_group(mut self, ids: HashSet<ParamId>, lr_scale: f64) -> Self {
+        self.fast_ids = Arc::new(ids);
+        self.fast_lr_scale = lr_scale;
+        self
     }
 }
 
@@ -139,9 +156,15 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizer<M, B> for PeftOptimizer
             Split::<B> { from: &mut grads, to: GradientsParams::new(), ids: &self.head_ids, _b: Default::default() };
         module.visit(&mut split);
         let head_grads = split.to;
+        let mut split =
+            Split::<B> { from: &mut grads, to: GradientsParams::new(), ids: &self.fast_ids, _b: Default::default() };
+        module.visit(&mut split);
+        let fast_grads = split.to;
         let module = self.main.step(lr, module, grads);
         let module =
             if head_grads.is_empty() { module } else { self.head.step(lr * self.head_lr_scale, module, head_grads) };
+        let module =
+            if fast_grads.is_empty() { module } else { self.fast.step(lr * self.fast_lr_scale, module, fast_grads) };
         *self.snapshot.lock().expect("not poisoned") = Some(self.to_record());
         module
     }
@@ -155,14 +178,18 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizer<M, B> for PeftOptimizer
     fn to_record(&self) -> Self::Record {
         let mut record = self.main.to_record();
         record.extend(self.head.to_record());
+        record.extend(self.fast.to_record());
         record
     }
 
     fn load_record(mut self, record: Self::Record) -> Self {
-        let (head, main): (HashMap<_, _>, HashMap<_, _>) =
+        let (head, rest): (HashMap<_, _>, HashMap<_, _>) =
             record.into_iter().partition(|(id, _)| self.head_ids.contains(id));
+        let (fast, main): (HashMap<_, _>, HashMap<_, _>) =
+            rest.into_iter().partition(|(id, _)| self.fast_ids.contains(id));
         self.main = self.main.load_record(main);
         self.head = self.head.load_record(head);
+        self.fast = self.fast.load_record(fast);
         self
     }
 }

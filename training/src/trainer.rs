@@ -229,6 +229,27 @@ impl<B: AutodiffBackend> TaskModel<B> for LmTask<B> {
     }
 }
 
+/// LoRA+'s fast group: the factors that start at zero, i.e. LoRA's `B` (`….Lora.b`) and the last
+/// core of every TT-LoRA train (`….TtLora.tt.cores.<last>`), given trainable parameter paths.
+pub fn zero_init_factor_ids(paths: &[(String, ParamId)]) -> HashSet<ParamId> {
+    let mut last_core: std::collections::HashMap<&str, (usize, ParamId)> = Default::default();
+    let mut ids = HashSet::new();
+    for (path, id) in paths {
+        if path.ends_with(".Lora.b") {
+            ids.insert(*id);
+        } else if let Some((train, index)) = path.rsplit_once(".TtLora.tt.cores.")
+            && let Ok(index) = index.parse::<usize>()
+        {
+            let entry = last_core.entry(train).or_insert((index, *id));
+            if index >= entry.0 {
+                *entry = (index, *id);
+            }
+        }
+    }
+    ids.extend(last_core.into_values().map(|(_, id)| id));
+    ids
+}
+
 /// Files a run writes at the top of its output directory.
 const RUN_FILES: [&str; 4] = ["train_config.json", "metrics.csv", "adapter_config.json", "checkpoint"];
 
@@ -484,6 +505,11 @@ where
         cfg.head_lr.map_or(1.0, |h| h / cfg.lr),
         cfg.max_grad_norm,
     );
+    if let Some(ratio) = cfg.loraplus_lr_ratio {
+        let paths: Vec<(String, ParamId)> =
+            checkpoint::trainable_params(&model).into_iter().map(|(p, .., id)| (p, id)).collect();
+        optimizer = optimizer.with_fast_group(zero_init_factor_ids(&paths), ratio);
+    }
     let (model, start) = if cfg.resume {
         let (_, dir) = checkpoint::list_checkpoints(&checkpoint_root).pop().expect("checked by prepare_output");
         let state = checkpoint::read_state(&dir)?;

@@ -451,3 +451,93 @@ fn gradient_accumulation_equals_a_larger_batch_and_early_stopping_stops() {
     let lr = report.history.iter().find(|h| h.split == "train").unwrap().metrics["lr"];
     assert!(lr > 0.0 && lr <= 2e-2);
 }
+
+/// Every tensor of a saved adapter, by name.
+fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (name, values)
+        })
+        .collect()
+}
+
+#[test]
+fn loraplus_ratio_multiplies_the_first_step_of_the_zero_init_factor_only() {
+    let _serial = serial();
+    // One AdamW step without weight decay, clipping or warmup moves every entry by lr·sign(g):
+    // with LoRA+ ratio 4, B (zero at start) must end at exactly 4× the plain run's B, A unchanged.
+    let one_step = |name: &str, ratio: Option<f64>| {
+        let cfg = TrainConfig {
+            max_steps: Some(1),
+            weight_decay: 0.0,
+            max_grad_norm: None,
+            warmup_ratio: 0.0,
+            lr: 1e-2,
+            loraplus_lr_ratio: ratio,
+            ..lm_config(name, "lora")
+        };
+        finetune::<AB>(&cfg, &Default::default()).unwrap();
+        adapter_tensors(&cfg.output)
+    };
+    let plain = one_step("loraplus-off", None);
+    let fast = one_step("loraplus-4", Some(4.0));
+    let mut b_checked = 0;
+    for (name, p) in &plain {
+        let f = &fast[name];
+        if name.contains("lora_B") {
+            assert!(p.iter().any(|v| v.abs() > 1e-3), "{name}: B did not move");
+            for (x, y) in p.iter().zip(f) {
+                assert!((y - 4.0 * x).abs() <= 1e-5 * x.abs().max(1e-2), "{name}: {y} vs 4 × {x}");
+            }
+            b_checked += 1;
+        } else {
+            assert_eq!(p, f, "{name}: only B may change with the ratio");
+        }
+    }
+    assert_eq!(b_checked, 4, "q and v of both layers");
+}
+
+#[test]
+fn loraplus_groups_the_factors_that_start_at_zero() {
+    use burn::module::ParamId;
+    let ids: Vec<ParamId> = (0..7).map(|_| ParamId::new()).collect();
+    let paths: Vec<(String, ParamId)> = [
+        "net.layers.0.q_proj.adapter.Lora.a",
+        "net.layers.0.q_proj.adapter.Lora.b",
+        "net.layers.0.v_proj.adapter.TtLora.tt.cores.9",
+        "net.layers.0.v_proj.adapter.TtLora.tt.cores.10",
+        "net.layers.0.v_proj.adapter.TtLora.tt.cores.2",
+        "net.layers.1.v_proj.adapter.TtLora.tt.cores.0",
+        "net.head.weight",
+    ]
+    .iter()
+    .zip(&ids)
+    .map(|(p, id)| (p.to_string(), *id))
+    .collect();
+    let fast = tensor_peft_training::trainer::zero_init_factor_ids(&paths);
+    // LoRA's B, the last core (10, not 9) of layer 0's train and the only core of layer 1's.
+    assert_eq!(fast, [ids[1], ids[3], ids[5]].into_iter().collect());
+    // Only methods with a zero-initialised factor take the option.
+    for (method, ok) in [("lora", true), ("tt-lora", true), ("lotr", false), ("loretta-rep", false)] {
+        let cfg = TrainConfig { loraplus_lr_ratio: Some(16.0), ..lm_config("loraplus-check", method) };
+        let err = tensor_peft_training::config::validate(&cfg).err();
+        assert_eq!(err.is_none(), ok, "{method}: {err:?}");
+        if let Some(e) = err {
+            assert!(e.to_string().contains("loraplus-lr-ratio") && e.to_string().contains(method), "{e}");
+        }
+    }
+    let paper = TrainConfig {
+        loraplus_lr_ratio: Some(16.0),
+        method: MethodConfig::TtLora(
+            tensor_peft_adapters::TtLoraConfig::new().with_init(tensor_peft_adapters::DeltaInit::Paper),
+        ),
+        ..lm_config("loraplus-paper", "tt-lora")
+    };
+    assert!(tensor_peft_training::config::validate(&paper).is_err());
+    let bad = TrainConfig { loraplus_lr_ratio: Some(0.0), ..lm_config("loraplus-zero", "lora") };
+    assert!(tensor_peft_training::config::validate(&bad).unwrap_err().to_string().contains("positive"));
+}
