@@ -5,6 +5,7 @@
 #   LoRA r=8, alpha 16, lr 1e-3        (the recipe of scripts/reference/vader_peft_lora.py)
 #   TT-LoRA (a) rank 4, shape 4,4,4,6,6,4,4,4 (8 cores), alpha 16, adapter lr 5e-3   (5,760 params)
 #   TT-LoRA (b) rank 4, shape 8,6,8,8,6,8 (6 cores), alpha 16, adapter lr 1e-2         (6,144 params)
+#   TT-LoRA (k) as (b) with LoRA+: inner cores lr 5e-3, the zero-initialised last core 4x (2e-2)
 # Usage: bash scripts/reference/vader_recipe.sh [output-root]   (default runs/vader)
 set -euo pipefail
 root=${1:-runs/vader}
@@ -14,4 +15,5 @@ common=(finetune --model assets/all-minilm-l6-v2 --task classification --train b
   --seed 1234 --weight-decay 0.01 --warmup-ratio 0.06 --max-grad-norm 1.0 --head-lr 1e-3 --overwrite)
 "$tpeft" "${common[@]}" --method tt-lora --rank 4 --alpha 16 --tt-shape 4,4,4,6,6,4,4,4 --lr 5e-3 --output "$root/tt-lora"
 "$tpeft" "${common[@]}" --method tt-lora --rank 4 --alpha 16 --tt-shape 8,6,8,8,6,8 --lr 1e-2 --output "$root/tt-lora-b"
+"$tpeft" "${common[@]}" --method tt-lora --rank 4 --alpha 16 --tt-shape 8,6,8,8,6,8 --lr 5e-3 --loraplus-lr-ratio 4 --output "$root/tt-lora-k"
 "$tpeft" "${common[@]}" --method lora --rank 8 --alpha 16 --lr 1e-3 --output "$root/lora"
