@@ -48,9 +48,6 @@ pub struct BenchOptions {
     pub train_shape: (usize, usize),
 }
 
-/// Batch size × sequence length of the `train-step` suite by default (the CPU recipe).
-pub const DEFAULT_TRAIN_SHAPE: (usize, usize) = (4, 64);
-
 /// Suite names accepted by `--suite`.
 pub const SUITES: [&str; 6] = ["linear", "contraction", "merged", "scoring", "model", "train-step"];
 

@@ -490,11 +490,11 @@ where
     let (valid_items, _) = encoder.encode_all(&valid)?;
     let (test_items, _) = encoder.encode_all(&test)?;
     let model = checkpoint::stable_param_ids(model);
-    let head_ids: HashSet<ParamId> = checkpoint::trainable_params(&model)
-        .into_iter()
-        .filter(|(p, ..)| p.starts_with("net.head."))
-        .map(|(.., id)| id)
-        .collect();
+    // Trained parameter paths, read once: they pick the head's and LoRA+'s optimizer groups.
+    let param_paths: Vec<(String, ParamId)> =
+        checkpoint::trainable_params(&model).into_iter().map(|(p, .., id)| (p, id)).collect();
+    let head_ids: HashSet<ParamId> =
+        param_paths.iter().filter(|(p, _)| p.starts_with("net.head.")).map(|(_, id)| *id).collect();
     let trainable_params = checkpoint::trainable_count(&model);
     let adapter_params = model.adapter_params();
     let checkpoint_root = cfg.output.join("checkpoint");
@@ -506,9 +506,7 @@ where
         cfg.max_grad_norm,
     );
     if let Some(ratio) = cfg.loraplus_lr_ratio {
-        let paths: Vec<(String, ParamId)> =
-            checkpoint::trainable_params(&model).into_iter().map(|(p, .., id)| (p, id)).collect();
-        optimizer = optimizer.with_fast_group(zero_init_factor_ids(&paths), ratio);
+        optimizer = optimizer.with_fast_group(zero_init_factor_ids(&param_paths), ratio);
     }
     let (model, start) = if cfg.resume {
         let (_, dir) = checkpoint::list_checkpoints(&checkpoint_root).pop().expect("checked by prepare_output");
