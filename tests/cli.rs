@@ -402,6 +402,82 @@ fn finetune_eval_and_generate_with_the_trained_adapter() {
 }
 
 #[test]
+fn eval_writes_every_prediction_and_refuses_them_for_causal_lm() {
+    let out_dir = scratch("predictions");
+    let valid = fixture("lm-sentiment-valid.jsonl");
+    let args = lm_finetune_args(
+        &out_dir,
+        &[
+            "--task",
+            "lm-classification",
+            "--train",
+            &fixture("lm-sentiment-train.jsonl"),
+            "--valid",
+            &valid,
+            "--verbalizers",
+            "w60,w61",
+            "--template",
+            "{text} w5",
+            "--epochs",
+            "2",
+        ],
+    );
+    let out = run_args(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = out_dir.join("predictions.jsonl");
+    let (model, adapter) = (fixture("tiny-llama-words"), out_dir.to_str().unwrap().to_string());
+    let eval = |task: &str, predictions: &str| {
+        tpeft(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--task",
+            task,
+            "--data",
+            &valid,
+            "--json",
+            "--predictions",
+            predictions,
+        ])
+    };
+    let out = eval("lm-classification", file.to_str().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One row per example, in file order, with the file's gold labels; their agreement is the
+    // printed accuracy.
+    let gold: Vec<serde_json::Value> = std::fs::read_to_string(&valid)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].clone())
+        .collect();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), gold.len());
+    for (i, (row, label)) in rows.iter().zip(&gold).enumerate() {
+        assert_eq!((row["index"].as_u64(), row["line"].as_u64()), (Some(i as u64), Some(i as u64 + 1)), "{row}");
+        assert_eq!(&row["expected"], label, "{row}");
+        assert!(["neg", "pos"].contains(&row["predicted"].as_str().unwrap()), "{row}");
+    }
+    let correct = rows.iter().filter(|r| r["expected"] == r["predicted"]).count();
+    let accuracy = metrics["accuracy"].as_f64().unwrap();
+    assert!((accuracy - correct as f64 / rows.len() as f64).abs() < 1e-12, "{accuracy} vs {correct}/{}", rows.len());
+    // Causal-LM has no per-example prediction, and a missing directory is caught before evaluating.
+    let refused = eval("causal-lm", file.to_str().unwrap());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("causal-lm has no single predicted value"));
+    let missing = out_dir.join("no/such/dir/p.jsonl");
+    let refused = eval("lm-classification", missing.to_str().unwrap());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+#[test]
 fn an_update_that_outgrows_its_frozen_weight_is_reported() {
     let out_dir = scratch("runaway");
     let out = run_args(&lm_finetune_args(&out_dir, &["--method", "lora", "--lr", "0.3"]));

@@ -259,7 +259,8 @@ def main():
             best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     model.load_state_dict(best_state)
-    tm = metrics(predict(test_idx), [labels[i] for i in test_idx])
+    test_preds = predict(test_idx)
+    tm = metrics(test_preds, [labels[i] for i in test_idx])
     print(f"best epoch {best_epoch} valid_acc {best_acc:.4f} | test acc {tm['accuracy']:.4f} "
           f"f1 {tm['f1_positive']:.4f} mcc {tm['mcc']:.4f}")
     tps = train_tokens / train_seconds if train_seconds else 0.0
@@ -290,6 +291,10 @@ def main():
         "best_epoch": best_epoch,
         "best_valid_accuracy": best_acc,
         "test": tm,
+        # Per-snippet test predictions [index among the kept snippets in file order, predicted label],
+        # the order `tpeft eval --data builtin:vader-movie-reviews` uses too; for
+        # paired comparisons with other runs on the same split (scripts/reference/paired_test.py).
+        "test_predictions": [[i, p] for i, p in zip(test_idx, test_preds)],
         "train_seconds": train_seconds,
         "train_tokens": train_tokens,
         "train_tokens_per_s": tps,

@@ -99,6 +99,11 @@ enum Command {
         /// Print the metrics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also write every example's prediction to this JSONL file, one object per example:
+        /// `{"index", "line", "expected", "predicted"}` (labels by name, or regression scores).
+        /// Not for causal-lm, which has no single predicted value per example.
+        #[arg(long)]
+        predictions: Option<std::path::PathBuf>,
     },
     /// Fine-tune MiniLM on the VADER movie reviews with TT-LoRA and with LoRA and compare them
     /// (fetches the assets first when they are missing).
@@ -356,8 +361,19 @@ fn run(cli: Cli) -> Result<String, CliError> {
             .map_err(CliError::Runtime)?;
             Ok(tensor_peft::finetune::render_report(&report))
         }
-        Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json } => {
+        Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json, predictions } => {
             let task = tensor_peft_training::TaskKind::parse(&task).map_err(|e| CliError::Usage(e.to_string()))?;
+            if let Some(path) = &predictions {
+                if task == tensor_peft_training::TaskKind::CausalLm {
+                    return Err(CliError::Usage(
+                        "--predictions: causal-lm has no single predicted value per example (its metrics are loss and perplexity)".into(),
+                    ));
+                }
+                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                if !parent.is_dir() {
+                    return Err(CliError::Usage(format!("--predictions {}: directory {} does not exist", path.display(), parent.display())));
+                }
+            }
             if !model.exists() {
                 return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
             }
@@ -375,9 +391,19 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 ..Default::default()
             };
             let options = tensor_peft_training::eval::EvalOptions { task, fields, skip_bad_rows, batch_size };
-            let metrics = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate::<B>(&model, &adapter, &data, &options, &Default::default())
+            let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_with_predictions::<B>(&model, &adapter, &data, &options, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
+            if let Some(path) = &predictions {
+                let lines: String = evaluation
+                    .predictions
+                    .iter()
+                    .map(|p| serde_json::to_string(p).expect("predictions serialise") + "\n")
+                    .collect();
+                tensor_peft_models::adapter_file::write_atomically(path, lines.as_bytes())
+                    .map_err(|e| CliError::Runtime(e.to_string()))?;
+            }
+            let metrics = evaluation.metrics;
             if json {
                 return Ok(format!("{}\n", serde_json::to_string_pretty(&metrics).expect("numbers serialise")));
             }

@@ -2,11 +2,13 @@
 //! head, label names, prompt), a data file; the task's metrics over the whole file.
 
 use crate::checkpoint::assign_params;
-use crate::data::{self, FieldMap, Labels, TaskKind};
+use crate::data::{self, Example, FieldMap, Labels, TaskKind};
 use crate::error::{Result, TrainError};
+use crate::metrics::Accumulator;
 use crate::task::{Encoder, EncoderTask, LmTask, verbalizer_ids};
 use crate::trainer::{BaseModel, TaskInfo, evaluate_items, load_base};
 use burn::tensor::backend::Backend;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tensor_peft_models::SequenceClassifier;
@@ -25,6 +27,39 @@ pub struct EvalOptions {
     pub batch_size: usize,
 }
 
+/// One example's prediction, for error analysis and paired comparisons between runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    /// 0-based position among the data's examples (file order, after skipped rows).
+    pub index: usize,
+    /// 1-based line of the example in its file.
+    pub line: usize,
+    /// The gold label or score.
+    pub expected: Target,
+    /// What the model predicted.
+    pub predicted: Target,
+}
+
+/// A label (classification tasks) or a score (regression), as written to the predictions file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Target {
+    /// A class, by its name in the adapter's label mapping.
+    Label(String),
+    /// A regression score.
+    Score(f32),
+}
+
+/// The result of [`evaluate_with_predictions`].
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// The task's metrics over the whole data (as [`evaluate`] returns them).
+    pub metrics: BTreeMap<String, f64>,
+    /// One entry per example in data order; empty for `causal-lm`, whose examples have no single
+    /// predicted value (its metrics are the loss and perplexity over completion tokens).
+    pub predictions: Vec<Prediction>,
+}
+
 /// Metrics of `adapter` on `model` over `data` (a file or `builtin:<name>`).
 pub fn evaluate<B: Backend>(
     model: &Path,
@@ -33,6 +68,17 @@ pub fn evaluate<B: Backend>(
     options: &EvalOptions,
     device: &B::Device,
 ) -> Result<BTreeMap<String, f64>> {
+    Ok(evaluate_with_predictions::<B>(model, adapter, data_path, options, device)?.metrics)
+}
+
+/// [`evaluate`], also returning every example's prediction.
+pub fn evaluate_with_predictions<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    data_path: &Path,
+    options: &EvalOptions,
+    device: &B::Device,
+) -> Result<Evaluation> {
     let config = read_adapter_config(adapter)?;
     let info: TaskInfo =
         config.task.clone().and_then(|t| serde_json::from_value(t).ok()).ok_or_else(|| TrainError::Checkpoint {
@@ -103,5 +149,32 @@ pub fn evaluate<B: Backend>(
             evaluate_items(&task, &items, options.batch_size, tokenizer.eos.unwrap_or(0), device)
         }
     };
-    Ok(acc.metrics(n_classes, lm))
+    let metrics = acc.metrics(n_classes, lm);
+    let predictions = if lm { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
+    Ok(Evaluation { metrics, predictions })
+}
+
+/// Pairs the accumulated per-example outputs with the examples they came from. Label and score
+/// tasks never drop an example while encoding, so outputs and examples align one to one.
+fn predictions(acc: &Accumulator, examples: &[Example], labels: Option<&Labels>) -> Result<Vec<Prediction>> {
+    let name = |i: usize| -> Target {
+        Target::Label(labels.and_then(|l| l.names.get(i)).cloned().unwrap_or_else(|| i.to_string()))
+    };
+    let pairs: Vec<(Target, Target)> = if acc.labels().is_empty() {
+        acc.scores().iter().zip(acc.predicted_scores()).map(|(&e, &p)| (Target::Score(e), Target::Score(p))).collect()
+    } else {
+        acc.labels().iter().zip(acc.predicted()).map(|(&e, &p)| (name(e), name(p))).collect()
+    };
+    if pairs.len() != examples.len() {
+        return Err(TrainError::Option {
+            option: "predictions",
+            reason: format!("{} outputs for {} examples", pairs.len(), examples.len()),
+        });
+    }
+    Ok(pairs
+        .into_iter()
+        .zip(examples)
+        .enumerate()
+        .map(|(index, ((expected, predicted), e))| Prediction { index, line: e.origin.line, expected, predicted })
+        .collect())
 }

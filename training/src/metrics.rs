@@ -52,6 +52,26 @@ impl Accumulator {
         self.tokens += s.tokens;
     }
 
+    /// Predicted class per example, in the order added.
+    pub fn predicted(&self) -> &[usize] {
+        &self.predicted
+    }
+
+    /// True class per example, in the order added.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// Predicted score per example (regression), in the order added.
+    pub fn predicted_scores(&self) -> &[f32] {
+        &self.predicted_scores
+    }
+
+    /// True score per example (regression), in the order added.
+    pub fn scores(&self) -> &[f32] {
+        &self.scores
+    }
+
     /// Mean loss per unit.
     pub fn loss(&self) -> f64 {
         if self.units == 0 { f64::NAN } else { self.loss_sum / self.units as f64 }

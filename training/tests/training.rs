@@ -3,7 +3,7 @@
 //! global-norm clipping against torch's formula, and end-to-end fine-tuning of a tiny LLaMA
 //! (causal LM and prompt-based classification: loss falls, the adapter reloads and evaluates to the
 //! recorded validation metrics, resuming from a step checkpoint is bit-identical) and of MiniLM
-//! (classification, when the assets are present).
+//! (classification and pair regression, when the assets are present).
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
@@ -13,6 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 use std::path::{Path, PathBuf};
 use tensor_peft_adapters::MethodConfig;
 use tensor_peft_training::data::{self, FieldMap, TaskKind};
+use tensor_peft_training::eval::Target;
 use tensor_peft_training::metrics::{accuracy, f1, matthews, pearson, ranks, spearman};
 use tensor_peft_training::optim::{Decay, WarmupSchedule, clip_global_norm};
 use tensor_peft_training::{TrainConfig, TrainError, finetune};
@@ -363,18 +364,21 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
     assert!(matches!(err, TrainError::Checkpoint { .. }) && err.to_string().contains("other data"), "{err}");
 }
 
+/// The MiniLM directory, or `None` (test skipped) when the assets were not fetched.
+fn minilm() -> Option<PathBuf> {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/all-minilm-l6-v2");
+    if model.join("model.safetensors").is_file() {
+        return Some(model);
+    }
+    assert!(std::env::var_os("TENSOR_PEFT_REQUIRE_ASSETS").is_none(), "assets missing: run scripts/fetch-assets.sh");
+    eprintln!("skipped: assets/all-minilm-l6-v2 missing (scripts/fetch-assets.sh)");
+    None
+}
+
 #[test]
 fn minilm_classification_trains_a_head_and_tt_lora() {
     let _serial = serial();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/all-minilm-l6-v2");
-    if !model.join("model.safetensors").is_file() {
-        assert!(
-            std::env::var_os("TENSOR_PEFT_REQUIRE_ASSETS").is_none(),
-            "assets missing: run scripts/fetch-assets.sh"
-        );
-        eprintln!("skipped: assets/all-minilm-l6-v2 missing (scripts/fetch-assets.sh)");
-        return;
-    }
+    let Some(model) = minilm() else { return };
     let dir = scratch("minilm-data");
     let train = dir.join("train.jsonl");
     let mut lines = String::new();
@@ -406,6 +410,94 @@ fn minilm_classification_trains_a_head_and_tt_lora() {
         serde_json::from_slice(&std::fs::read(cfg.output.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["tensor_peft"]["task"]["labels"], serde_json::json!(["neg", "pos"]));
     assert_eq!(config["task_type"], "SEQ_CLS");
+}
+
+#[test]
+fn minilm_regression_fits_pair_scores_and_eval_reports_each_prediction() {
+    let _serial = serial();
+    let Some(model) = minilm() else { return };
+    // STS-like pairs: the same sentence scores 5, the same topic 2.5, another topic 0.
+    let topics = [
+        ["the cat sleeps on the warm mat", "a kitten naps on a rug"],
+        ["stock markets fell sharply today", "shares dropped in heavy trading"],
+        ["the team won the final match", "the players celebrated their victory"],
+        ["heavy rain flooded the streets", "a storm brought floods to the town"],
+    ];
+    let mut lines = String::new();
+    for i in 0..64 {
+        let (t, kind) = (i % 4, (i / 4) % 3);
+        let (pair, score) = match kind {
+            0 => (topics[t][0], 5.0),
+            1 => (topics[t][1], 2.5),
+            _ => (topics[(t + 1) % 4][1], 0.0),
+        };
+        lines.push_str(&format!("{{\"text\": \"{}\", \"text_pair\": \"{pair}\", \"score\": {score}}}\n", topics[t][0]));
+    }
+    let dir = scratch("minilm-regression-data");
+    let (train, valid) = (dir.join("train.jsonl"), dir.join("valid.jsonl"));
+    std::fs::write(&train, &lines).unwrap();
+    std::fs::write(&valid, lines.lines().take(24).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let cfg = TrainConfig {
+        model: model.clone(),
+        task: TaskKind::Regression,
+        train,
+        valid: Some(valid.clone()),
+        method: MethodConfig::from_name("lora").unwrap(),
+        epochs: 4,
+        batch_size: 8,
+        lr: 5e-3,
+        head_lr: Some(1e-2),
+        max_len: 24,
+        seed: 5,
+        output: scratch("minilm-regression"),
+        overwrite: true,
+        ..TrainConfig::default()
+    };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let valid_loss: Vec<f64> = valid_losses(&report);
+    assert!(valid_loss.last().unwrap() < &(valid_loss[0] * 0.5), "valid MSE does not fall: {valid_loss:?}");
+    let (name, best, _, _) = report.best.clone().unwrap();
+    assert_eq!(name, "pearson");
+    assert!(best > 0.8, "{:?}", report.history);
+    // The reloaded adapter scores the validation file; its per-example predictions reproduce the
+    // metrics computed from them (Pearson, MSE).
+    let options = tensor_peft_training::eval::EvalOptions {
+        task: TaskKind::Regression,
+        fields: FieldMap::default(),
+        skip_bad_rows: false,
+        batch_size: 5,
+    };
+    let evaluation = tensor_peft_training::eval::evaluate_with_predictions::<B>(
+        &model,
+        &cfg.output,
+        &valid,
+        &options,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(evaluation.predictions.len(), 24);
+    let mut expected = Vec::new();
+    let mut predicted = Vec::new();
+    for (i, p) in evaluation.predictions.iter().enumerate() {
+        assert_eq!((p.index, p.line), (i, i + 1));
+        match (&p.expected, &p.predicted) {
+            (Target::Score(e), Target::Score(q)) => {
+                expected.push(*e);
+                predicted.push(*q);
+            }
+            other => panic!("regression predictions are scores, got {other:?}"),
+        }
+    }
+    let want: Vec<f32> = lines
+        .lines()
+        .take(24)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["score"].as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(expected, want);
+    let r = pearson(&predicted, &expected);
+    assert!((r - evaluation.metrics["pearson"]).abs() < 1e-9, "{r} vs {:?}", evaluation.metrics);
+    let mse = predicted.iter().zip(&expected).map(|(p, e)| ((p - e) as f64).powi(2)).sum::<f64>() / 24.0;
+    assert!((mse - evaluation.metrics["loss"]).abs() < 1e-4 * mse.max(1.0), "{mse} vs {:?}", evaluation.metrics);
 }
 
 #[test]
