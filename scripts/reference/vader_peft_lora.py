@@ -48,55 +48,11 @@ import time
 
 import torch
 
+from vader_split import SEED, load_examples, split_indices
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(REPO, "assets/vader/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
 MODEL_DIR = os.path.join(REPO, "assets/all-minilm-l6-v2")
-
-SEED = 1234
-M64 = 0xFFFFFFFFFFFFFFFF
-
-
-# ----------------------------------------------------------------------------- data
-def load_examples(path):
-    texts, labels = [], []
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        for raw in f:
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t", 2)
-            if len(parts) < 3:
-                raise ValueError(f"malformed line: {line!r}")
-            rating = float(parts[1].strip())
-            if rating == 0.0:
-                continue
-            texts.append(parts[2].strip())
-            labels.append(1 if rating > 0 else 0)
-    return texts, labels
-
-
-class SplitMix64:
-    def __init__(self, seed):
-        self.state = seed & M64
-
-    def next(self):
-        self.state = (self.state + 0x9E3779B97F4A7C15) & M64
-        z = self.state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-        return z ^ (z >> 31)
-
-
-def split_indices(n, seed=SEED):
-    rng = SplitMix64(seed)
-    idx = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = rng.next() % (i + 1)
-        idx[i], idx[j] = idx[j], idx[i]
-    n_valid = n * 10 // 100
-    n_test = n * 10 // 100
-    n_train = n - n_valid - n_test
-    return idx[:n_train], idx[n_train:n_train + n_valid], idx[n_train + n_valid:]
 
 
 # ----------------------------------------------------------------------------- metrics
