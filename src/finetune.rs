@@ -138,6 +138,10 @@ pub struct FinetuneArgs {
     /// Seed of initialisation, split, shuffling and dropout [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Seed of the train/valid/test split only [default: --seed]; vary --seed with this fixed for
+    /// seed studies on one split.
+    #[arg(long)]
+    pub split_seed: Option<u64>,
     /// Validation metric that picks the best epoch (default: accuracy / pearson / loss).
     #[arg(long)]
     pub metric_for_best: Option<String>,
@@ -276,6 +280,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         },
         max_len: a.max_len.unwrap_or(d.max_len),
         seed: a.seed.unwrap_or(d.seed),
+        split_seed: a.split_seed.or(d.split_seed),
         metric_for_best: a.metric_for_best.clone(),
         early_stopping_patience: a.early_stopping_patience,
         save_every_steps: a.save_every_steps.unwrap_or(d.save_every_steps),

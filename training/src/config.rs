@@ -67,8 +67,11 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Longest sequence in tokens.
     pub max_len: usize,
-    /// Seed of initialisation, split, shuffling and dropout.
+    /// Seed of initialisation, shuffling and dropout (and of the split unless `split_seed` is set).
     pub seed: u64,
+    /// Seed of the train/valid/test split (default: `seed`); fixing it while varying `seed` gives
+    /// seed studies on one split (HF `TrainingArguments.data_seed` plays the same role).
+    pub split_seed: Option<u64>,
     /// Validation metric that picks the best epoch (`accuracy`, `f1`, `mcc`, `pearson`,
     /// `spearman`, `loss`, `perplexity`); default by task.
     pub metric_for_best: Option<String>,
@@ -120,6 +123,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             max_len: 128,
             seed: 42,
+            split_seed: None,
             metric_for_best: None,
             early_stopping_patience: None,
             save_every_steps: 0,

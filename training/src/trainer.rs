@@ -118,7 +118,8 @@ pub fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
         }
         None => {
             let test_percent = if cfg.test.is_some() { 0 } else { cfg.test_percent };
-            let [tr, va, te] = data::split_indices(all.len(), cfg.seed, cfg.valid_percent, test_percent);
+            let [tr, va, te] =
+                data::split_indices(all.len(), cfg.split_seed.unwrap_or(cfg.seed), cfg.valid_percent, test_percent);
             let test = match &cfg.test {
                 Some(t) => read(t, &mut notes)?,
                 None => data::pick(&all, &te),

@@ -91,6 +91,33 @@ fn split_is_seeded_disjoint_and_matches_the_python_reference() {
     assert_eq!(&test[..5], &PYTHON_TEST_HEAD);
 }
 
+#[test]
+fn split_seed_fixes_the_split_while_seed_varies() {
+    let dir = scratch("split-seed");
+    let file = dir.join("data.jsonl");
+    let rows: String = (0..40).map(|i| format!("{{\"text\": \"row {i}\", \"label\": {}}}\n", i % 2)).collect();
+    std::fs::write(&file, rows).unwrap();
+    let lines = |seed: u64, split_seed: Option<u64>| {
+        let cfg = TrainConfig {
+            train: file.clone(),
+            valid_percent: 20,
+            test_percent: 10,
+            seed,
+            split_seed,
+            ..TrainConfig::default()
+        };
+        let (train, valid, test, _) = tensor_peft_training::trainer::load_splits(&cfg).unwrap();
+        let lines = |v: &[data::Example]| v.iter().map(|e| e.origin.line).collect::<Vec<_>>();
+        [lines(&train), lines(&valid), lines(&test)]
+    };
+    let fixed = lines(1, Some(7));
+    assert_eq!(fixed.each_ref().map(Vec::len), [28, 8, 4]);
+    assert_eq!(lines(2, Some(7)), fixed, "--seed moved a split fixed by --split-seed");
+    assert_eq!(lines(7, None), fixed, "without --split-seed the split follows --seed");
+    assert_ne!(lines(1, None), lines(2, None), "--seed does not move the split");
+    assert_ne!(lines(1, Some(8)), fixed, "--split-seed is ignored");
+}
+
 const PYTHON_TRAIN_HEAD: [usize; 5] = [4247, 8212, 10366, 1610, 6707];
 const PYTHON_VALID_HEAD: [usize; 5] = [8552, 2880, 9287, 7366, 2898];
 const PYTHON_TEST_HEAD: [usize; 5] = [9828, 9935, 7862, 7427, 5693];
