@@ -30,6 +30,17 @@ Exact command (from the repository root)
     /tmp/venv/bin/python scripts/reference/vader_peft_lora.py --epochs 2 \
         --output docs/results/vader_peft_lora.json
 
+Other seeds and TT-LoRA
+-----------------------
+``--init-seed S`` changes the initialisation and batch order only (the split stays seed 1234, like
+``tpeft finetune --seed S --split-seed 1234``). ``--method tt-lora`` replaces PEFT's LoRA by
+``TtLoraLinear`` below (PEFT has no TT-LoRA): tpeft's TT-LoRA math and initialisation in torch, for
+the cross-check of our TT-LoRA and for seed studies at torch speed, e.g. the README's TT-LoRA (k):
+
+    /tmp/venv/bin/python scripts/reference/vader_peft_lora.py --method tt-lora --rank 4 --alpha 16 \
+        --tt-shape 8,6,8,8,6,8 --lr 5e-3 --head-lr 1e-3 --loraplus-lr-ratio 4 --init-seed 1 \
+        --output docs/results/vader-seeds/torch-tt-lora-k-s1.json
+
 Quick check:
     /tmp/venv/bin/python scripts/reference/vader_peft_lora.py --max-train 256 \
         --epochs 1 --output /tmp/vader_peft_quick.json
@@ -92,6 +103,53 @@ def write_json_atomic(path, obj):
         raise
 
 
+# ----------------------------------------------------------------------------- TT-LoRA
+class TtLoraLinear(torch.nn.Module):
+    """A frozen nn.Linear plus a TT-LoRA update, the math and initialisation of tpeft's `tt_lora.rs`.
+
+    Cores [r_{k-1}, n_k, r_k] over `input_factors ++ reversed(output_factors)`, every core uniform
+    in [-1, 1] rescaled to unit Frobenius norm (LANL's `direct_init`), except the last core, which
+    starts at zero so that ΔW_0 = 0. The forward contracts the two half-trains A [d_in, r] and
+    B [r, d_out] and adds alpha * x A B, as tpeft's planner does at these token counts.
+    """
+
+    def __init__(self, base, tt_shape, rank, alpha):
+        super().__init__()
+        self.base, self.alpha = base, alpha
+        d_in, d_out = base.in_features, base.out_features
+        prod, split = 1, None
+        for k, n in enumerate(tt_shape):
+            prod *= n
+            if prod == d_in:
+                split = k + 1
+                break
+        assert split is not None and math.prod(tt_shape[split:]) == d_out, (tt_shape, d_in, d_out)
+        self.split = split
+        ranks = [1] + [rank] * (len(tt_shape) - 1) + [1]
+        cores = []
+        for k, n in enumerate(tt_shape):
+            if k + 1 == len(tt_shape):
+                core = torch.zeros(ranks[k], n, ranks[k + 1])
+            else:
+                core = torch.rand(ranks[k], n, ranks[k + 1]) * 2 - 1
+                core = core / core.norm()
+            cores.append(torch.nn.Parameter(core))
+        self.cores = torch.nn.ParameterList(cores)
+
+    def half_trains(self):
+        a = self.cores[0].reshape(-1, self.cores[0].shape[-1])  # [n_0, r]
+        for core in self.cores[1:self.split]:
+            a = (a @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+        b = self.cores[-1].reshape(self.cores[-1].shape[0], -1)  # [r, n_last]
+        for core in reversed(list(self.cores)[self.split:-1]):
+            b = (core.reshape(-1, core.shape[-1]) @ b).reshape(core.shape[0], -1)
+        return a, b
+
+    def forward(self, x):
+        a, b = self.half_trains()
+        return self.base(x) + self.alpha * ((x @ a) @ b)
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,9 +157,25 @@ def main():
     ap.add_argument("--max-train", type=int, default=None,
                     help="use only the first N examples of the train split")
     ap.add_argument("--output", default=os.path.join(REPO, "docs/results/vader_peft_lora.json"))
+    ap.add_argument("--method", choices=["lora", "tt-lora"], default="lora",
+                    help="lora: HF PEFT's LoRA; tt-lora: the TT-LoRA module below (PEFT has none)")
+    ap.add_argument("--init-seed", type=int, default=SEED,
+                    help="seed of the adapter/head initialisation and batch order; the split "
+                         "always uses seed 1234")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA r (8) or TT rank (4)")
+    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--tt-shape", default="8,6,8,8,6,8",
+                    help="input_factors ++ reversed(output_factors), as tpeft's --tt-shape")
+    ap.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate")
+    ap.add_argument("--head-lr", type=float, default=None, help="classifier lr (default: --lr)")
+    ap.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                    help="LoRA+: the zero-initialised factor (lora_B / last TT core) at ratio x lr")
     args = ap.parse_args()
+    rank = args.rank or (8 if args.method == "lora" else 4)
+    head_lr = args.head_lr if args.head_lr is not None else args.lr
+    seed = args.init_seed
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     torch.set_num_threads(2)
 
     import transformers
@@ -131,16 +205,30 @@ def main():
     print(f"missing (newly initialised) keys: {missing}")
     print(f"pooler: {'loaded from checkpoint' if pooler_loaded else 'NEWLY INITIALISED'}")
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                     modules_to_save=["classifier"], task_type=TaskType.SEQ_CLS, bias="none")
-    model = get_peft_model(model, cfg)
-    model.print_trainable_parameters()
+    if args.method == "lora":
+        cfg = LoraConfig(r=rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                         target_modules=["query", "value"], modules_to_save=["classifier"],
+                         task_type=TaskType.SEQ_CLS, bias="none")
+        model = get_peft_model(model, cfg)
+        model.print_trainable_parameters()
+    else:
+        tt_shape = [int(v) for v in args.tt_shape.split(",")]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in model.bert.encoder.layer:
+            att = layer.attention.self
+            att.query = TtLoraLinear(att.query, tt_shape, rank, args.alpha)
+            att.value = TtLoraLinear(att.value, tt_shape, rank, args.alpha)
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
     trainable = [(nme, p) for nme, p in model.named_parameters() if p.requires_grad]
-    n_lora = sum(p.numel() for nme, p in trainable if "lora_A" in nme or "lora_B" in nme)
+    n_lora = sum(p.numel() for nme, p in trainable
+                 if "lora_A" in nme or "lora_B" in nme or ".cores." in nme)
     n_head = sum(p.numel() for nme, p in trainable if "classifier" in nme)
     n_trainable = sum(p.numel() for _, p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
-    other = [nme for nme, _ in trainable if not ("lora_" in nme or "classifier" in nme)]
+    other = [nme for nme, _ in trainable
+             if not ("lora_" in nme or ".cores." in nme or "classifier" in nme)]
     print(f"trainable: lora(A+B)={n_lora} head={n_head} total_trainable={n_trainable} "
           f"all_params={n_total} other_trainable={other}")
 
@@ -155,7 +243,19 @@ def main():
     n_batches = math.ceil(len(train_idx) / bs)
     total_steps = n_batches * args.epochs
     warmup = int(0.06 * total_steps)
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=1e-3, weight_decay=0.01,
+    # Parameter groups as tpeft builds them: head, adapter, and (LoRA+) the zero-initialised factor.
+    def is_zero_factor(nme):
+        return "lora_B" in nme or nme.endswith(f".cores.{len(args.tt_shape.split(',')) - 1}")
+    ratio = args.loraplus_lr_ratio or 1.0
+    groups = [
+        {"params": [p for nme, p in trainable if "classifier" in nme], "lr": head_lr},
+        {"params": [p for nme, p in trainable if "classifier" not in nme and not is_zero_factor(nme)],
+         "lr": args.lr},
+        {"params": [p for nme, p in trainable if "classifier" not in nme and is_zero_factor(nme)],
+         "lr": args.lr * ratio},
+    ]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01,
                             betas=(0.9, 0.999), eps=1e-8)
 
     def lr_lambda(step):  # same shape as transformers.get_linear_schedule_with_warmup
@@ -179,7 +279,7 @@ def main():
     train_seconds, train_tokens, train_examples, step = 0.0, 0, 0, 0
     for epoch in range(args.epochs):
         model.train()
-        g = torch.Generator().manual_seed(SEED + epoch)
+        g = torch.Generator().manual_seed(seed + epoch)
         # fixed contiguous batches of the train split, visited in shuffled order
         order = torch.randperm(n_batches, generator=g).tolist()
         t0 = time.perf_counter()
@@ -239,7 +339,11 @@ def main():
                   "newly_initialised_keys": missing},
         "params": {"lora_ab": n_lora, "head": n_head, "trainable_total": n_trainable,
                    "all": n_total},
-        "hyper": {"r": 8, "alpha": 16, "targets": ["query", "value"], "lr": 1e-3,
+        "method": args.method,
+        "init_seed": seed,
+        "hyper": {"r": rank, "alpha": args.alpha, "targets": ["query", "value"], "lr": args.lr,
+                  "head_lr": head_lr, "loraplus_lr_ratio": args.loraplus_lr_ratio,
+                  "tt_shape": args.tt_shape if args.method == "tt-lora" else None,
                   "weight_decay": 0.01, "batch_size": bs, "epochs": args.epochs,
                   "max_length": 64, "warmup_steps": warmup, "total_steps": total_steps,
                   "grad_clip": 1.0, "threads": 2, "max_train": args.max_train},
