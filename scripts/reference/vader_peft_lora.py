@@ -174,6 +174,7 @@ def main():
     rank = args.rank or (8 if args.method == "lora" else 4)
     head_lr = args.head_lr if args.head_lr is not None else args.lr
     seed = args.init_seed
+    tt_shape = [int(v) for v in args.tt_shape.split(",")]
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -212,7 +213,6 @@ def main():
         model = get_peft_model(model, cfg)
         model.print_trainable_parameters()
     else:
-        tt_shape = [int(v) for v in args.tt_shape.split(",")]
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in model.bert.encoder.layer:
@@ -245,7 +245,7 @@ def main():
     warmup = int(0.06 * total_steps)
     # Parameter groups as tpeft builds them: head, adapter, and (LoRA+) the zero-initialised factor.
     def is_zero_factor(nme):
-        return "lora_B" in nme or nme.endswith(f".cores.{len(args.tt_shape.split(',')) - 1}")
+        return "lora_B" in nme or nme.endswith(f".cores.{len(tt_shape) - 1}")
     ratio = args.loraplus_lr_ratio or 1.0
     groups = [
         {"params": [p for nme, p in trainable if "classifier" in nme], "lr": head_lr},
