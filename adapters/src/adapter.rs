@@ -9,6 +9,7 @@ use crate::loretta_adp::LorettaAdp;
 use crate::loretta_rep::LorettaRep;
 use crate::lorta::{Lorta, LortaShared};
 use crate::lotr::{Lotr, LotrShared};
+use crate::tensor::{low_rank_dense, low_rank_frobenius_sq};
 use crate::tt_lora::TtLora;
 use burn::config::Config;
 use burn::module::Module;
@@ -54,7 +55,8 @@ impl<B: Backend> Default for SharedFactors<B> {
 ///
 /// Implementations contract the input with their small factors and never form the dense ΔW in
 /// [`delta`](LinearDelta::delta); [`delta_weight`](LinearDelta::delta_weight) builds it only for
-/// merging and checks.
+/// merging and checks. Every method's ΔW is a product of two thin matrices
+/// ([`low_rank_factors`](LinearDelta::low_rank_factors)), which also gives its norm cheaply.
 pub trait LinearDelta<B: Backend> {
     /// `(d_in, d_out)` of the adapted layer.
     fn dims(&self) -> (usize, usize);
@@ -62,8 +64,21 @@ pub trait LinearDelta<B: Backend> {
     /// The update for `x: [..., d_in]` → `[..., d_out]`.
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D>;
 
+    /// `(a, b)` with `ΔW = a · b`, `a: [d_in, k]`, `b: [k, d_out]` and the method's scaling folded
+    /// into `b` (`k` is the rank LoRA, LoTR, LoRTA and LoRETTA_rep use, the split rank for TT-LoRA).
+    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>);
+
     /// The dense update `ΔW: [d_in, d_out]` (Burn layout).
-    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2>;
+    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_dense(a, b)
+    }
+
+    /// `‖ΔW‖_F²` from the factors' Gram matrices, without forming ΔW.
+    fn delta_frobenius_sq(&self, shared: &SharedFactors<B>) -> Tensor<B, 1> {
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_frobenius_sq(a, b)
+    }
 
     /// Folds ΔW into `base` (`W ← W + ΔW`) for zero-overhead inference.
     fn merge(&self, base: Linear<B>, shared: &SharedFactors<B>) -> Linear<B> {
@@ -128,8 +143,8 @@ impl<B: Backend> LinearDelta<B> for LinearAdapter<B> {
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
         dispatch!(self, a => a.delta(x, shared))
     }
-    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
-        dispatch!(self, a => a.delta_weight(shared))
+    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        dispatch!(self, a => a.low_rank_factors(shared))
     }
 }
 
@@ -183,12 +198,13 @@ impl<B: Backend> AdaptedLinear<B> {
     /// the update swamps the pretrained layer, the usual sign of a learning rate that is too high.
     pub fn update_ratio(&self, shared: &SharedFactors<B>) -> Option<f64> {
         let adapter = self.adapter.as_ref().filter(|_| !self.merged)?;
-        let norm = |t: Tensor<B, 2>| -> Option<f64> {
-            let sq = t.clone() * t;
-            sq.sum().into_data().convert::<f64>().to_vec::<f64>().ok()?.first().map(|v| v.sqrt())
+        let sqrt = |sq: Tensor<B, 1>| -> Option<f64> {
+            sq.into_data().convert::<f64>().to_vec::<f64>().ok()?.first().map(|v| v.max(0.0).sqrt())
         };
-        let delta = norm(adapter.delta_weight(shared))?;
-        let weight = norm(self.base.weight.val())?;
+        // ΔW's norm from its factors: no d_in × d_out matrix per layer per evaluation.
+        let delta = sqrt(adapter.delta_frobenius_sq(shared))?;
+        let weight = self.base.weight.val();
+        let weight = sqrt((weight.clone() * weight).sum())?;
         Some(delta / weight.max(f64::MIN_POSITIVE))
     }
 

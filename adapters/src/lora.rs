@@ -8,7 +8,7 @@
 
 use crate::adapter::{LinearDelta, SharedFactors};
 use crate::error::{invalid, require_finite, require_positive};
-use crate::tensor::{low_rank_apply, low_rank_dense};
+use crate::tensor::low_rank_apply;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
@@ -89,7 +89,7 @@ impl<B: Backend> LinearDelta<B> for Lora<B> {
         low_rank_apply(self.dropout.forward(x), self.a.val(), self.b.val()).mul_scalar(self.scaling)
     }
 
-    fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {
-        low_rank_dense(self.a.val(), self.b.val()).mul_scalar(self.scaling)
+    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (self.a.val(), self.b.val().mul_scalar(self.scaling))
     }
 }

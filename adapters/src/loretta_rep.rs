@@ -9,7 +9,7 @@
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{invalid, require_finite, require_positive};
 use crate::tensor::shape::loretta_factor_shape;
-use crate::tensor::{low_rank_apply, low_rank_dense};
+use crate::tensor::low_rank_apply;
 use crate::tt_linear::{TtLinear, tt_linear_num_params};
 use burn::config::Config;
 use burn::module::Module;
@@ -114,7 +114,7 @@ impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
         low_rank_apply(self.dropout.forward(x), self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
     }
 
-    fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {
-        low_rank_dense(self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
+    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (self.a.weight(), self.b.weight().mul_scalar(self.scaling))
     }
 }

@@ -17,7 +17,7 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
-use crate::tensor::cp::{cp_heads_apply, cp_heads_dense};
+use crate::tensor::cp::{cp_heads_apply, cp_heads_output_factor};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
@@ -246,8 +246,8 @@ impl<B: Backend> LinearDelta<B> for Lorta<B> {
         cp_heads_apply(x, f.a.val(), self.head_weights(f), f.b.val()).mul_scalar(f.scaling)
     }
 
-    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
+    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let f = self.factors(shared);
-        cp_heads_dense(f.a.val(), self.head_weights(f), f.b.val()).mul_scalar(f.scaling)
+        (f.a.val(), cp_heads_output_factor(self.head_weights(f), f.b.val()).mul_scalar(f.scaling))
     }
 }

@@ -13,7 +13,7 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
-use crate::tensor::tucker::{tucker2_apply, tucker2_dense};
+use crate::tensor::tucker::{tucker2_apply, tucker2_factors};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
@@ -146,8 +146,9 @@ impl<B: Backend> LinearDelta<B> for Lotr<B> {
         tucker2_apply(x, f.a.val(), self.core.val(), f.bt.val()).mul_scalar(self.scaling)
     }
 
-    fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
+    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let f = self.factors(shared);
-        tucker2_dense(f.a.val(), self.core.val(), f.bt.val()).mul_scalar(self.scaling)
+        let (a, b) = tucker2_factors(f.a.val(), self.core.val(), f.bt.val());
+        (a, b.mul_scalar(self.scaling))
     }
 }

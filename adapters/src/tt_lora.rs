@@ -16,7 +16,7 @@ use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{require_finite, require_positive};
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
 use crate::tensor::tt::{CoreInit, TensorTrain, TtPath, apply_core_by_core, plan_tt_path, tt_num_params};
-use crate::tensor::{low_rank_apply, low_rank_dense};
+use crate::tensor::low_rank_apply;
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
@@ -130,8 +130,8 @@ impl<B: Backend> LinearDelta<B> for TtLora<B> {
         self.delta_with(x, plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens))
     }
 
-    fn delta_weight(&self, _shared: &SharedFactors<B>) -> Tensor<B, 2> {
+    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let (a, b) = self.half_trains();
-        low_rank_dense(a, b).mul_scalar(self.alpha)
+        (a, b.mul_scalar(self.alpha))
     }
 }

@@ -300,6 +300,14 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
                 method.name(),
                 rel_err(&built, &dense)
             );
+            // ‖ΔW‖² from the factors' Gram matrices (the update_ratio metric) vs the loop reference
+            let norm_sq = values(adapter.delta_frobenius_sq(&h.shared))[0];
+            let expected_sq = norm(&dense).powi(2);
+            assert!(
+                (norm_sq - expected_sq).abs() <= tol * expected_sq,
+                "{}: factored ‖ΔW‖² {norm_sq} vs dense {expected_sq}",
+                method.name()
+            );
             let factored = values(adapter.delta(x.clone(), &h.shared));
             let expected = matmul_ref(&x_vals, &dense, n, d_in, d_out);
             let err = rel_err(&factored, &expected);

@@ -18,6 +18,17 @@ pub fn low_rank_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 
     linear(linear(x, a, None), b, None)
 }
 
+/// `‖a · b‖_F²` without forming `a · b`: `Σ (aᵀa) ⊙ (b bᵀ)` over the two `r × r` Gram matrices
+/// (cost `r²·(d_in + d_out)` instead of `d_in·d_out·r`).
+///
+/// Rounding in the Gram products can leave a tiny negative value when `a · b` is almost zero;
+/// callers taking a square root clamp at zero.
+pub fn low_rank_frobenius_sq<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
+    let gram_a = a.clone().transpose().matmul(a);
+    let gram_b = b.clone().matmul(b.transpose());
+    (gram_a * gram_b).sum()
+}
+
 /// The dense `a · b` (`[d_in, d_out]`), for merging and reference checks.
 pub fn low_rank_dense<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     a.matmul(b)

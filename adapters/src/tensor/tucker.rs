@@ -16,6 +16,11 @@ pub fn tucker2_apply<B: Backend, const D: usize>(
     low_rank_apply(x, a, g.matmul(bt))
 }
 
+/// `(A, G·Bᵀ)`: the update as a product of two thin factors, `[d_in, r]` and `[r, d_out]`.
+pub fn tucker2_factors<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    (a, g.matmul(bt))
+}
+
 /// The dense `A · G · Bᵀ`, `[d_in, d_out]`.
 pub fn tucker2_dense<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, 2> {
     low_rank_dense(a, g.matmul(bt))
