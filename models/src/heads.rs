@@ -5,7 +5,7 @@
 use crate::bert::Bert;
 use crate::llama::Llama;
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, Linear, LinearConfig, RmsNorm};
+use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig, RmsNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -58,6 +58,15 @@ impl<B: Backend> Bert<B> {
     }
 }
 
+/// Standard deviation of a fresh [`SequenceClassifier`] head's weight: transformers'
+/// `initializer_range` default, which BERT-family checkpoints (MiniLM, BERT, RoBERTa) ship with.
+///
+/// The same init as the transformers + PEFT reference runs, so that a comparison with them does not
+/// also compare head inits. Burn's default `Linear` init (PyTorch's uniform `±1/√d` for weight and
+/// bias) starts with larger logits; with it the torch TT-LoRA reference of the VADER recipe tested
+/// 0.5 points lower over three seeds (`docs/results/vader-seeds/README.md`).
+pub const HEAD_INIT_STD: f64 = 0.02;
+
 /// A BERT-family encoder with a trainable head: `n_outputs` logits for classification, or one
 /// score for regression (`n_outputs = 1`). Uses the pooler (`tanh(W·h_[CLS])`) when the checkpoint
 /// has one, else mean pooling over the attention mask.
@@ -70,11 +79,21 @@ pub struct SequenceClassifier<B: Backend> {
 }
 
 impl<B: Backend> SequenceClassifier<B> {
-    /// A fresh head (PyTorch-style uniform init) on `encoder`.
+    /// A fresh head on `encoder`, initialised as transformers initialises
+    /// `BertForSequenceClassification.classifier`: weight `N(0, HEAD_INIT_STD²)`, bias zero.
     pub fn new(encoder: Bert<B>, n_outputs: usize) -> Self {
         let device = encoder.word_embeddings.weight.device();
         let d = encoder.word_embeddings.weight.dims()[1];
-        Self { encoder, head: LinearConfig::new(d, n_outputs.max(1)).init(&device) }
+        let head = LinearConfig::new(d, n_outputs.max(1))
+            .with_initializer(Initializer::Normal { mean: 0.0, std: HEAD_INIT_STD })
+            .init(&device);
+        // A fresh tensor does not require grad: keep the bias trainable as Burn initialised it.
+        let zero = |t: Tensor<B, 1>| {
+            let trainable = t.is_require_grad();
+            t.zeros_like().set_require_grad(trainable)
+        };
+        let head = Linear { bias: head.bias.map(|b| b.map(zero)), ..head };
+        Self { encoder, head }
     }
 
     /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]` and attention mask `[B, T]`.

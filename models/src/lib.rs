@@ -21,7 +21,7 @@ pub mod weights;
 pub use arch::{ArchSpec, Family};
 pub use bert::Bert;
 pub use error::ModelError;
-pub use heads::SequenceClassifier;
+pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios};
 pub use llama::Llama;
 pub use weights::Weights;

@@ -631,6 +631,13 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
     assert_eq!(roberta.position_offset, 2);
     let long: Vec<i64> = (0..18).collect();
     assert_eq!(roberta.forward(tokens::<B>(&[long], &device), Tensor::ones([1, 18], &device)).dims(), [1, 18, 16]);
+    // A fresh classification head starts as transformers' does: weight N(0, 0.02²), zero bias
+    // (Burn's default uniform ±1/√16 would give a std of 0.14).
+    let head = tensor_peft_models::SequenceClassifier::new(roberta, 64).head;
+    let w = values(head.weight.val());
+    let std = (w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64).sqrt();
+    assert!((std / tensor_peft_models::HEAD_INIT_STD - 1.0).abs() < 0.1, "head weight std {std}");
+    assert!(values(head.bias.unwrap().val()).iter().all(|&b| b == 0.0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

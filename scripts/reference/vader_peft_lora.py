@@ -41,6 +41,12 @@ the cross-check of our TT-LoRA and for seed studies at torch speed, e.g. the REA
         --tt-shape 8,6,8,8,6,8 --lr 5e-3 --head-lr 1e-3 --loraplus-lr-ratio 4 --init-seed 1 \
         --output docs/results/vader-seeds/torch-tt-lora-k-s1.json
 
+Ablations of the differences between this script and tpeft (docs/results/vader-seeds/README.md):
+``--head-init uniform`` initialises the classifier like tpeft's head until 2026-11-23 (PyTorch's
+nn.Linear default: uniform +-1/sqrt(fan_in) for weight and bias; tpeft now uses transformers'
+N(0, 0.02) with zero bias, this script's default); ``--batching examples`` reshuffles the examples
+every epoch, as tpeft does, instead of visiting fixed batches in a shuffled order.
+
 Quick check:
     /tmp/venv/bin/python scripts/reference/vader_peft_lora.py --max-train 256 \
         --epochs 1 --output /tmp/vader_peft_quick.json
@@ -170,6 +176,13 @@ def main():
     ap.add_argument("--head-lr", type=float, default=None, help="classifier lr (default: --lr)")
     ap.add_argument("--loraplus-lr-ratio", type=float, default=None,
                     help="LoRA+: the zero-initialised factor (lora_B / last TT core) at ratio x lr")
+    ap.add_argument("--head-init", choices=["hf", "uniform"], default="hf",
+                    help="classifier init: transformers' N(0, 0.02) with zero bias (hf), or "
+                         "nn.Linear's default uniform(+-1/sqrt(fan_in)) for weight and bias "
+                         "(Burn's LinearConfig default, tpeft's head init until 2026-11-23)")
+    ap.add_argument("--batching", choices=["fixed", "examples"], default="fixed",
+                    help="fixed: contiguous batches of the train split visited in shuffled order; "
+                         "examples: the train examples reshuffled every epoch, as tpeft does")
     args = ap.parse_args()
     rank = args.rank or (8 if args.method == "lora" else 4)
     head_lr = args.head_lr if args.head_lr is not None else args.lr
@@ -221,6 +234,11 @@ def main():
             att.value = TtLoraLinear(att.value, tt_shape, rank, args.alpha)
         for p in model.classifier.parameters():
             p.requires_grad_(True)
+    if args.head_init == "uniform":
+        torch.manual_seed(seed)
+        model_classifier = (model.base_model.model.classifier.modules_to_save["default"]
+                            if args.method == "lora" else model.classifier)
+        model_classifier.reset_parameters()
     trainable = [(nme, p) for nme, p in model.named_parameters() if p.requires_grad]
     n_lora = sum(p.numel() for nme, p in trainable
                  if "lora_A" in nme or "lora_B" in nme or ".cores." in nme)
@@ -282,10 +300,17 @@ def main():
         g = torch.Generator().manual_seed(seed + epoch)
         # fixed contiguous batches of the train split, visited in shuffled order
         order = torch.randperm(n_batches, generator=g).tolist()
+        if args.batching == "examples":
+            # a fresh permutation of the examples every epoch, cut into consecutive batches
+            perm = torch.randperm(len(train_idx), generator=g).tolist()
+            shuffled = [train_idx[i] for i in perm]
+            order = list(range(n_batches))
+        else:
+            shuffled = train_idx
         t0 = time.perf_counter()
         loss_sum, loss_n = 0.0, 0
         for bi, b in enumerate(order):
-            ids = train_idx[b * bs:(b + 1) * bs]
+            ids = shuffled[b * bs:(b + 1) * bs]
             enc, y = encode(ids)
             out = model(**enc)
             loss = torch.nn.functional.cross_entropy(out.logits, y)
@@ -341,6 +366,8 @@ def main():
                    "all": n_total},
         "method": args.method,
         "init_seed": seed,
+        "head_init": args.head_init,
+        "batching": args.batching,
         "hyper": {"r": rank, "alpha": args.alpha, "targets": ["query", "value"], "lr": args.lr,
                   "head_lr": head_lr, "loraplus_lr_ratio": args.loraplus_lr_ratio,
                   "tt_shape": args.tt_shape if args.method == "tt-lora" else None,
