@@ -8,8 +8,8 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{invalid, require_finite, require_positive};
-use crate::tensor::shape::loretta_factor_shape;
 use crate::tensor::low_rank_apply;
+use crate::tensor::shape::loretta_factor_shape;
 use crate::tt_linear::{TtLinear, tt_linear_num_params};
 use burn::config::Config;
 use burn::module::Module;

@@ -14,9 +14,9 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{require_finite, require_positive};
+use crate::tensor::low_rank_apply;
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
 use crate::tensor::tt::{CoreInit, TensorTrain, TtPath, apply_core_by_core, plan_tt_path, tt_num_params};
-use crate::tensor::low_rank_apply;
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
