@@ -7,7 +7,7 @@
 //! `M[k, h·d_h + j] = w[h, k] · B[j, k]`, `M: [r, H·d_h]`: building `M` costs `r·H·d_h` and the update
 //! is then applied exactly like LoRA.
 
-use super::{low_rank_apply, low_rank_dense};
+use super::low_rank_apply;
 use burn::tensor::{Tensor, backend::Backend};
 
 /// The output factor `M: [r, H·d_h]` of a head-blocked CP update.
@@ -27,9 +27,4 @@ pub fn cp_heads_apply<B: Backend, const D: usize>(
     b: Tensor<B, 2>,
 ) -> Tensor<B, D> {
     low_rank_apply(x, a, cp_heads_output_factor(w, b))
-}
-
-/// The dense head-blocked matrix `[d_in, H·d_h]`.
-pub fn cp_heads_dense<B: Backend>(a: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-    low_rank_dense(a, cp_heads_output_factor(w, b))
 }

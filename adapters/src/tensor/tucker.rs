@@ -3,7 +3,7 @@
 //!
 //! Burn layout: `a: [d_in, r]`, `g: [r, r]`, `bt = Bᵀ: [r, d_out]`.
 
-use super::{low_rank_apply, low_rank_dense};
+use super::low_rank_apply;
 use burn::tensor::{Tensor, backend::Backend};
 
 /// `x · A · G · Bᵀ` (the core is folded into the output factor first: `r²·d_out` flops).
@@ -13,15 +13,11 @@ pub fn tucker2_apply<B: Backend, const D: usize>(
     g: Tensor<B, 2>,
     bt: Tensor<B, 2>,
 ) -> Tensor<B, D> {
-    low_rank_apply(x, a, g.matmul(bt))
+    let (a, out) = tucker2_factors(a, g, bt);
+    low_rank_apply(x, a, out)
 }
 
 /// `(A, G·Bᵀ)`: the update as a product of two thin factors, `[d_in, r]` and `[r, d_out]`.
 pub fn tucker2_factors<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     (a, g.matmul(bt))
-}
-
-/// The dense `A · G · Bᵀ`, `[d_in, d_out]`.
-pub fn tucker2_dense<B: Backend>(a: Tensor<B, 2>, g: Tensor<B, 2>, bt: Tensor<B, 2>) -> Tensor<B, 2> {
-    low_rank_dense(a, g.matmul(bt))
 }
