@@ -62,6 +62,9 @@ pub trait LinearDelta<B: Backend> {
     fn dims(&self) -> (usize, usize);
 
     /// The update for `x: [..., d_in]` → `[..., d_out]`.
+    ///
+    /// The method's scaling belongs on the small `[k, d_out]` factor, not on the result: scaling
+    /// the `[..., d_out]` output costs a full elementwise pass forward and another backward.
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D>;
 
     /// `(a, b)` with `ΔW = a · b`, `a: [d_in, k]`, `b: [k, d_out]` and the method's scaling folded

@@ -85,8 +85,9 @@ impl<B: Backend> LinearDelta<B> for Lora<B> {
         (self.a.dims()[0], self.b.dims()[1])
     }
 
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
-        low_rank_apply(self.dropout.forward(x), self.a.val(), self.b.val()).mul_scalar(self.scaling)
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_apply(self.dropout.forward(x), a, b)
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

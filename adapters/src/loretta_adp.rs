@@ -129,8 +129,8 @@ pub struct LorettaAdp<B: Backend> {
 impl<B: Backend> LorettaAdp<B> {
     /// `h + s · up(act(down(h)))` for `h: [..., d]`.
     pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        let z = self.up.forward(self.activation.forward(self.down.forward(h.clone())));
-        h + z.mul_scalar(self.scaling)
+        let z = self.activation.forward(self.down.forward(h.clone()));
+        h + self.up.forward_scaled(z, self.scaling)
     }
 
     /// Hidden size `d`.

@@ -110,8 +110,9 @@ impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
         (self.a.d_in, self.b.d_out)
     }
 
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
-        low_rank_apply(self.dropout.forward(x), self.a.weight(), self.b.weight()).mul_scalar(self.scaling)
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_apply(self.dropout.forward(x), a, b)
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

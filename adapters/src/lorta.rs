@@ -17,7 +17,8 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
-use crate::tensor::cp::{cp_heads_apply, cp_heads_output_factor};
+use crate::tensor::cp::cp_heads_output_factor;
+use crate::tensor::low_rank_apply;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
@@ -242,8 +243,8 @@ impl<B: Backend> LinearDelta<B> for Lorta<B> {
     }
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let f = self.factors(shared);
-        cp_heads_apply(x, f.a.val(), self.head_weights(f), f.b.val()).mul_scalar(f.scaling)
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_apply(x, a, b)
     }
 
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -13,7 +13,8 @@
 
 use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
-use crate::tensor::tucker::{tucker2_apply, tucker2_factors};
+use crate::tensor::low_rank_apply;
+use crate::tensor::tucker::tucker2_factors;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
@@ -142,8 +143,8 @@ impl<B: Backend> LinearDelta<B> for Lotr<B> {
     }
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let f = self.factors(shared);
-        tucker2_apply(x, f.a.val(), self.core.val(), f.bt.val()).mul_scalar(self.scaling)
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_apply(x, a, b)
     }
 
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -63,4 +63,9 @@ impl<B: Backend> TtLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         linear(x, self.weight(), self.bias.as_ref().map(|b| b.val()))
     }
+
+    /// `s · (x · W + b)`, with `s` applied to the weight and bias rather than to the larger output.
+    pub fn forward_scaled<const D: usize>(&self, x: Tensor<B, D>, scale: f64) -> Tensor<B, D> {
+        linear(x, self.weight().mul_scalar(scale), self.bias.as_ref().map(|b| b.val().mul_scalar(scale)))
+    }
 }

@@ -106,7 +106,7 @@ impl<B: Backend> TtLora<B> {
         match path {
             TtPath::HalfTrains => {
                 let (a, b) = self.half_trains();
-                low_rank_apply(x, a, b).mul_scalar(self.alpha)
+                low_rank_apply(x, a, b.mul_scalar(self.alpha))
             }
             TtPath::CoreByCore => {
                 let mut dims = x.dims();

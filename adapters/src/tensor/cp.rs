@@ -5,9 +5,8 @@
 //! per-head weights `w: [H, r]` (the Hadamard product of the CP factors of the other modes).
 //! Since every head shares `A`, the whole matrix is `A · M` with the small output factor
 //! `M[k, h·d_h + j] = w[h, k] · B[j, k]`, `M: [r, H·d_h]`: building `M` costs `r·H·d_h` and the update
-//! is then applied exactly like LoRA.
+//! is then applied exactly like LoRA (`low_rank_apply` with `M` as the output factor).
 
-use super::low_rank_apply;
 use burn::tensor::{Tensor, backend::Backend};
 
 /// The output factor `M: [r, H·d_h]` of a head-blocked CP update.
@@ -16,15 +15,4 @@ pub fn cp_heads_output_factor<B: Backend>(w: Tensor<B, 2>, b: Tensor<B, 2>) -> T
     let [head_dim, _] = b.dims();
     // [H, r, 1] ⊙ [1, r, d_h] → [H, r, d_h] → [r, H, d_h]
     (w.reshape([heads, rank, 1]) * b.transpose().unsqueeze::<3>()).swap_dims(0, 1).reshape([rank, heads * head_dim])
-}
-
-/// Applies the head-blocked CP update to `x: [..., d_in]`, giving `[..., H·d_h]`, as `(x·A)·M`
-/// (cost `N·r·(d_in + H·d_h) + r·H·d_h`, the same as LoRA).
-pub fn cp_heads_apply<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    a: Tensor<B, 2>,
-    w: Tensor<B, 2>,
-    b: Tensor<B, 2>,
-) -> Tensor<B, D> {
-    low_rank_apply(x, a, cp_heads_output_factor(w, b))
 }
