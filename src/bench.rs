@@ -6,7 +6,8 @@
 //!   does inside a model), each method at its default size vs LoRA r=8 and vs the frozen base
 //!   layer; plus the *materialising* baselines (ΔW built from the factors every step and added to
 //!   the weight, as the official LoRTA / 2024 TT-LoRA code and Burn 0.22's LoRA do), checked to
-//!   give the same output and gradients.
+//!   give the same output and gradients; and LoRA with its scaling on the output instead of on
+//!   its small factor (what every method did before), to show what that saves.
 //! - `contraction`: TT-LoRA half-trains vs core-by-core, forward only, and the planner's choice.
 //! - `merged`: inference of the base layer, the merged layer and the unmerged (factored) layer.
 //! - `scoring`: forward-only factored vs dense ΔW as the number of rows grows, and the switch
@@ -24,10 +25,11 @@ use burn::tensor::module::linear;
 use burn::tensor::{Distribution, Tensor};
 use serde_json::{Value, json};
 use std::time::Instant;
+use tensor_peft_adapters::tensor::low_rank_apply;
 use tensor_peft_adapters::tensor::tt::{TtPath, plan_tt_path};
 use tensor_peft_adapters::{
-    AdaptedLinear, AdapterSet, AttentionGeometry, AttentionMatrix, LinearDelta, LinearSite, LoraConfig, METHOD_NAMES,
-    MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
+    AdaptedLinear, AdapterSet, AttentionGeometry, AttentionMatrix, LinearAdapter, LinearDelta, LinearSite, LoraConfig,
+    METHOD_NAMES, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
 };
 
 /// What to run.
@@ -172,6 +174,21 @@ fn bench_linear<B: AutodiffBackend>(
                         layer.base.weight.val() + update.delta_weight(shared),
                         layer.base.bias.as_ref().map(|b| b.val()),
                     ))
+                }),
+            ));
+        }
+    }
+    // Ablation: LoRA with α/r applied to the N × d output, as every method did before its scaling
+    // moved onto the small factor; the same run shows what that move saves.
+    for (name, _, adapter) in &sets {
+        if let (Adapter::Linear(layer), "lora") = (adapter, name.as_str())
+            && let Some(LinearAdapter::Lora(lora)) = layer.adapter.as_ref()
+        {
+            variants.push((
+                "lora (output scaled)".into(),
+                Box::new(move || {
+                    let delta = low_rank_apply(x.clone(), lora.a.val(), lora.b.val()).mul_scalar(lora.scaling);
+                    step(layer.base.forward(x.clone()) + delta)
                 }),
             ));
         }
