@@ -88,9 +88,10 @@ pub struct TtLora<B: Backend> {
 }
 
 impl<B: Backend> TtLora<B> {
-    /// The two half-trains `(A: [d_in, r], B: [r, d_out])` with `ΔW = α·A·B`.
-    pub fn half_trains(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        (self.tt.left(self.split), self.tt.right(self.split))
+    /// The two half-trains `(A: [d_in, r], α·B: [r, d_out])` with `ΔW = A·(α·B)`: `α` goes on the
+    /// small right half-train, not on the layer's output.
+    pub fn scaled_half_trains(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (self.tt.left(self.split), self.tt.right(self.split).mul_scalar(self.alpha))
     }
 }
 
@@ -105,8 +106,8 @@ impl<B: Backend> TtLora<B> {
     pub fn delta_with<const D: usize>(&self, x: Tensor<B, D>, path: TtPath) -> Tensor<B, D> {
         match path {
             TtPath::HalfTrains => {
-                let (a, b) = self.half_trains();
-                low_rank_apply(x, a, b.mul_scalar(self.alpha))
+                let (a, b) = self.scaled_half_trains();
+                low_rank_apply(x, a, b)
             }
             TtPath::CoreByCore => {
                 let mut dims = x.dims();
@@ -131,7 +132,6 @@ impl<B: Backend> LinearDelta<B> for TtLora<B> {
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let (a, b) = self.half_trains();
-        (a, b.mul_scalar(self.alpha))
+        self.scaled_half_trains()
     }
 }
