@@ -164,12 +164,19 @@ fn rope_tables<B: Backend>(
     )
 }
 
-/// `x·cos + rotate_half(x)·sin` for `x: [B, H, T, d_h]`.
+/// `x·cos + rotate_half(x)·sin` for `x: [B, T, H, d_h]`.
+///
+/// Applied in the projection's own contiguous layout, before the heads are swapped forward, and
+/// with the tables widened to one `[1, T·H·d_h]` row shared by the batch: on the swapped view, or
+/// broadcast over the heads, every element-wise op here and in its backward took the CPU backends'
+/// scalar strided path (5 % of a SmolLM2 training step on flex).
 fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let d_h = x.dims()[3];
+    let [b, t, n, d_h] = x.dims();
     let half = d_h / 2;
+    let row = t * n * d_h;
+    let widen = |table: &Tensor<B, 2>| table.clone().reshape([t, 1, d_h]).repeat_dim(1, n).reshape([1, row]);
     let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
-    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+    (x.reshape([b, row]) * widen(cos) + rotated.reshape([b, row]) * widen(sin)).reshape([b, t, n, d_h])
 }
 
 impl<B: Backend> LlamaBlock<B> {
@@ -185,10 +192,10 @@ impl<B: Backend> LlamaBlock<B> {
         let (h, kv) = (self.n_heads, self.n_kv_heads);
         let d_h = d / h;
         let hs = self.input_layernorm.forward(x.clone());
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(hs.clone(), shared), h), &rope.0, &rope.1);
-        let mut k = apply_rope(heads(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1);
-        let mut v = heads(self.v_proj.forward(hs, shared), kv);
+        let split = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]);
+        let q = apply_rope(split(self.q_proj.forward(hs.clone(), shared), h), &rope.0, &rope.1).swap_dims(1, 2);
+        let mut k = apply_rope(split(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1).swap_dims(1, 2);
+        let mut v = split(self.v_proj.forward(hs, shared), kv).swap_dims(1, 2);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -395,9 +402,15 @@ impl<B: Backend> Llama<B> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            // Tied head: `E·hᵀ` keeps the big embedding matrix contiguous (a transposed view of it
-            // would be copied on every call).
-            None => self.embed_tokens.weight.val().unsqueeze::<3>().matmul(x.swap_dims(1, 2)).swap_dims(1, 2),
+            // Tied head, `h·Eᵀ` on `[B·T, d]` rows: a 2-D product takes the transposed embedding
+            // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
+            // call), and the logits come out contiguous for the softmax.
+            None => {
+                let [b, t, d] = x.dims();
+                let embedding = self.embed_tokens.weight.val();
+                let vocab = embedding.dims()[0];
+                x.reshape([b * t, d]).matmul(embedding.transpose()).reshape([b, t, vocab])
+            }
         }
     }
 
