@@ -421,12 +421,26 @@ fn bench_train_step<B: AutodiffBackend>(
         .collect();
     let models: Vec<std::cell::RefCell<Option<Task<B>>>> =
         runs.iter_mut().map(|(_, _, m)| std::cell::RefCell::new(m.take())).collect();
+    // Milliseconds of each phase (forward + loss, backward, optimizer) of every timed step, to say
+    // where a step's time goes; the backend is synchronised between phases.
+    let phases: Vec<std::cell::RefCell<Vec<[f64; 3]>>> = runs.iter().map(|_| Default::default()).collect();
     let step = |i: usize| {
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let _ = B::sync(device);
+            let ms = clock.elapsed().as_secs_f64() * 1e3;
+            clock = Instant::now();
+            ms
+        };
         let task = models[i].borrow_mut().take().expect("model present");
         let batch = make_batch::<B>(&refs, 0, device);
         let (loss, _) = task.run(batch);
+        let forward = lap();
         let grads = GradientsParams::from_grads(loss.backward(), &task);
+        let backward = lap();
         let task = optimizers[i].borrow_mut().step(1e-4, task, grads);
+        let optimizer = lap();
+        phases[i].borrow_mut().push([forward, backward, optimizer]);
         *models[i].borrow_mut() = Some(task);
     };
     let mut variants: Vec<Variant<'_>> =
@@ -435,6 +449,9 @@ fn bench_train_step<B: AutodiffBackend>(
     drop(variants);
     let mut out = Vec::new();
     for (i, (name, params, _)) in runs.iter().enumerate() {
+        // The first (warm-up) step is not part of the medians.
+        let timed: Vec<[f64; 3]> = phases[i].borrow().iter().skip(1).copied().collect();
+        let phase = |k: usize| median(timed.iter().map(|p| p[k]).collect());
         let reset = reset_peak_rss();
         step(i);
         let peak = if reset { peak_rss_mib() } else { None };
@@ -443,6 +460,7 @@ fn bench_train_step<B: AutodiffBackend>(
             "batch": batch_size, "seq": seq, "adapter_params": params,
             "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
             "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
+            "forward_ms": phase(0), "backward_ms": phase(1), "optimizer_ms": phase(2),
         }));
     }
     Ok(out)
@@ -540,7 +558,7 @@ pub fn render(records: &[Value]) -> String {
                 "merged" => "method        base ms  merged ms  unmerged ms  merged/base  unmerged/base\n",
                 "contraction" => "   N  half-trains ms  core-by-core ms  core/half  planned      measured faster\n",
                 "model" => "load s  forward 1x64 ms  forward tok/s  generate tok/s  peak RSS MiB\n",
-                "train-step" => "method      adapter params   step ms   tokens/s   vs LoRA   step peak RSS MiB\n",
+                "train-step" => "method      adapter params   step ms   tokens/s   vs LoRA   step peak RSS MiB   forward ms  backward ms  optimizer ms\n",
                 _ => "     N  factored ms  dense ms  dense/factored  switch\n",
             });
             last = header;
@@ -581,13 +599,16 @@ pub fn render(records: &[Value]) -> String {
                 f(r, "peak_rss_mib")
             ),
             "train-step" => format!(
-                "{:<10} {:>15} {:>9.1} {:>10.1} {:>9.3} {:>19.0}\n",
+                "{:<10} {:>15} {:>9.1} {:>10.1} {:>9.3} {:>19.0} {:>12.1} {:>12.1} {:>13.1}\n",
                 r["method"].as_str().unwrap_or(""),
                 r["adapter_params"],
                 f(r, "step_ms"),
                 f(r, "tokens_per_s"),
                 f(r, "vs_lora"),
-                f(r, "peak_rss_mib")
+                f(r, "peak_rss_mib"),
+                f(r, "forward_ms"),
+                f(r, "backward_ms"),
+                f(r, "optimizer_ms")
             ),
             _ => format!(
                 "{:>6} {:>12.3} {:>9.3} {:>15.3}  {}\n",
