@@ -5,6 +5,7 @@
 //! backend selection ([`backend`]), the parameter report ([`params`]), the demo ([`demo`]) and the
 //! micro-benchmarks ([`bench`]).
 
+pub mod allocator;
 pub mod backend;
 pub mod bench;
 pub mod compare;

@@ -466,6 +466,7 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<(), CliError> 
 }
 
 fn main() -> ExitCode {
+    tensor_peft::allocator::keep_freed_memory();
     // A backend that fails deep inside Burn (e.g. no GPU device) must still end with one clear
     // line and exit code 1, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
