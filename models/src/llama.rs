@@ -138,52 +138,62 @@ fn frozen_linear<B: Backend>(weight: Tensor<B, 2>) -> Result<AdaptedLinear<B>, M
     Ok(AdaptedLinear::new(base, None)?)
 }
 
-/// `[cos, sin]` tables `[T, d_h]` for positions `start..start+T` (HF rotate-half layout:
-/// frequencies repeated).
-fn rope_tables<B: Backend>(
-    start: usize,
-    t: usize,
-    head_dim: usize,
-    theta: f64,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(t * head_dim);
-    let mut sin = Vec::with_capacity(t * head_dim);
-    for pos in start..start + t {
-        for j in 0..head_dim {
-            let inv_freq = theta.powf(-((2 * (j % half)) as f64) / head_dim as f64);
-            let angle = pos as f64 * inv_freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [t, head_dim]), device),
-        Tensor::from_data(TensorData::new(sin, [t, head_dim]), device),
-    )
+/// RoPE's `cos` and `sin` for positions `start..start+T` (HF rotate-half layout: frequencies
+/// repeated), each laid out as one `[1, T·H·d_h]` row that matches a `[B, T, H, d_h]` projection
+/// flattened to `[B, T·H·d_h]`.
+///
+/// One row shared by the batch is the broadcast the CPU backends run with SIMD; a `[T, d_h]` table
+/// broadcast over the heads (or applied to the head-swapped view) took their scalar strided path
+/// in RoPE and its backward (5 % of a SmolLM2 training step on flex). Built once per forward.
+struct RopeRows<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
 }
 
-/// `x·cos + rotate_half(x)·sin` for `x: [B, T, H, d_h]`.
-///
-/// Applied in the projection's own contiguous layout, before the heads are swapped forward, and
-/// with the tables widened to one `[1, T·H·d_h]` row shared by the batch: on the swapped view, or
-/// broadcast over the heads, every element-wise op here and in its backward took the CPU backends'
-/// scalar strided path (5 % of a SmolLM2 training step on flex).
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let [b, t, n, d_h] = x.dims();
-    let half = d_h / 2;
-    let row = t * n * d_h;
-    let widen = |table: &Tensor<B, 2>| table.clone().reshape([t, 1, d_h]).repeat_dim(1, n).reshape([1, row]);
-    let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
-    (x.reshape([b, row]) * widen(cos) + rotated.reshape([b, row]) * widen(sin)).reshape([b, t, n, d_h])
+impl<B: Backend> RopeRows<B> {
+    fn new(start: usize, t: usize, heads: usize, head_dim: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> =
+            (0..head_dim).map(|j| theta.powf(-((2 * (j % half)) as f64) / head_dim as f64)).collect();
+        let row = t * heads * head_dim;
+        let (mut cos, mut sin) = (Vec::with_capacity(row), Vec::with_capacity(row));
+        for pos in start..start + t {
+            for _ in 0..heads {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [1, row]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [1, row]), device),
+        }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x: [B, T, H, d_h]`, in the projection's own contiguous
+    /// layout (before the heads are swapped forward).
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, n, d_h] = x.dims();
+        let half = d_h / 2;
+        let row = t * n * d_h;
+        let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
+        (x.reshape([b, row]) * self.cos.clone() + rotated.reshape([b, row]) * self.sin.clone()).reshape([b, t, n, d_h])
+    }
+}
+
+/// The RoPE rows for the query heads and for the key heads (fewer with grouped-query attention).
+struct Rope<B: Backend> {
+    query: RopeRows<B>,
+    key: RopeRows<B>,
 }
 
 impl<B: Backend> LlamaBlock<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        rope: &Rope<B>,
         mask: &Tensor<B, 4, Bool>,
         cache: Option<&mut LayerCache<B>>,
         shared: &SharedFactors<B>,
@@ -193,8 +203,8 @@ impl<B: Backend> LlamaBlock<B> {
         let d_h = d / h;
         let hs = self.input_layernorm.forward(x.clone());
         let split = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]);
-        let q = apply_rope(split(self.q_proj.forward(hs.clone(), shared), h), &rope.0, &rope.1).swap_dims(1, 2);
-        let mut k = apply_rope(split(self.k_proj.forward(hs.clone(), shared), kv), &rope.0, &rope.1).swap_dims(1, 2);
+        let q = rope.query.apply(split(self.q_proj.forward(hs.clone(), shared), h)).swap_dims(1, 2);
+        let mut k = rope.key.apply(split(self.k_proj.forward(hs.clone(), shared), kv)).swap_dims(1, 2);
         let mut v = split(self.v_proj.forward(hs, shared), kv).swap_dims(1, 2);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
@@ -387,8 +397,12 @@ impl<B: Backend> Llama<B> {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let total = start + t;
         let mut x = self.embed_tokens.forward(tokens);
-        let d_h = x.dims()[2] / self.layers.first().map_or(1, |l| l.n_heads);
-        let rope = rope_tables(start, t, d_h, self.rope_theta, &device);
+        let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
+        let d_h = x.dims()[2] / heads;
+        let rope = Rope {
+            query: RopeRows::new(start, t, heads, d_h, self.rope_theta, &device),
+            key: RopeRows::new(start, t, kv_heads, d_h, self.rope_theta, &device),
+        };
         // Query i (position start+i) must not see keys after it.
         let mask_values: Vec<bool> = (0..t * total).map(|k| k % total > start + k / total).collect();
         let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask_values, [t, total]), &device).unsqueeze::<4>();
