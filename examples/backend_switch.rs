@@ -34,6 +34,8 @@ fn train<B: AutodiffBackend>(name: &str) -> Result<(), Box<dyn std::error::Error
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Reuse freed activation buffers instead of faulting in fresh pages every step (glibc).
+    tensor_peft::allocator::keep_freed_memory();
     let backend = std::env::args().nth(1).unwrap_or_else(|| "flex".into());
     match backend.as_str() {
         "flex" => train::<burn::backend::Autodiff<burn::backend::Flex>>("flex"),

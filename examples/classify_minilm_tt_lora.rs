@@ -12,6 +12,8 @@ use tensor_peft::adapters::MethodConfig;
 use tensor_peft::training::{TaskKind, TrainConfig, finetune};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Reuse freed activation buffers instead of faulting in fresh pages every step (glibc).
+    tensor_peft::allocator::keep_freed_memory();
     let mut method = MethodConfig::from_name("tt-lora")?;
     if let MethodConfig::TtLora(c) = &mut method {
         c.rank = 4;

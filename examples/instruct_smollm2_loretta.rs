@@ -13,6 +13,8 @@ use tensor_peft::generate::{GenerateOptions, run};
 use tensor_peft::training::{TaskKind, TrainConfig, finetune};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Reuse freed activation buffers instead of faulting in fresh pages every step (glibc).
+    tensor_peft::allocator::keep_freed_memory();
     let model = std::path::PathBuf::from("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let config = TrainConfig {
         model: model.clone(),
