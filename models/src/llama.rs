@@ -391,7 +391,48 @@ impl<B: Backend> Llama<B> {
         self.forward_inner(tokens, Some(cache))
     }
 
-    fn forward_inner(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    /// The final (normed) hidden states `[B, T, d]` for token ids `[B, T]` (causal, no KV cache):
+    /// the input of the output head. With [`Self::output_head`] the training loss computes the
+    /// logits chunk by chunk instead of holding all `[B, T, vocab]` of them.
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.hidden_inner(tokens, None)
+    }
+
+    /// The output head as `[vocab, d]` (logits = `h·Wᵀ`): the token embeddings when the head is
+    /// tied, else the `lm_head` weight (a transposed view of its `[d, vocab]` parameter).
+    pub fn output_head(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val().transpose(),
+            None => self.embed_tokens.weight.val(),
+        }
+    }
+
+    /// Whether the output head's parameter takes gradients (never for a model as loaded: the base
+    /// is frozen). Read off the parameter, because [`Self::output_head`] may be a view of it.
+    pub fn output_head_is_trainable(&self) -> bool {
+        match &self.lm_head {
+            Some(head) => head.weight.is_require_grad(),
+            None => self.embed_tokens.weight.is_require_grad(),
+        }
+    }
+
+    fn forward_inner(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let x = self.hidden_inner(tokens, cache);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            // Tied head, `h·Eᵀ` on `[B·T, d]` rows: a 2-D product takes the transposed embedding
+            // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
+            // call), and the logits come out contiguous for the softmax.
+            None => {
+                let [b, t, d] = x.dims();
+                let embedding = self.embed_tokens.weight.val();
+                let vocab = embedding.dims()[0];
+                x.reshape([b * t, d]).matmul(embedding.transpose()).reshape([b, t, vocab])
+            }
+        }
+    }
+
+    fn hidden_inner(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
@@ -413,19 +454,7 @@ impl<B: Backend> Llama<B> {
         if let Some(c) = cache {
             c.len = total;
         }
-        let x = self.norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            // Tied head, `h·Eᵀ` on `[B·T, d]` rows: a 2-D product takes the transposed embedding
-            // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
-            // call), and the logits come out contiguous for the softmax.
-            None => {
-                let [b, t, d] = x.dims();
-                let embedding = self.embed_tokens.weight.val();
-                let vocab = embedding.dims()[0];
-                x.reshape([b * t, d]).matmul(embedding.transpose()).reshape([b, t, vocab])
-            }
-        }
+        self.norm.forward(x)
     }
 
     /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are

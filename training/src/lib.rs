@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
 //! Fine-tuning with tensor-peft adapters on burn-train: tasks ([`task`]), data ([`data`]),
-//! metrics ([`metrics`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
+//! metrics ([`metrics`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
 //! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
 //! ([`eval`]) and training curves ([`plot`]).
@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod loader;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

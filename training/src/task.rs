@@ -6,6 +6,7 @@
 
 use crate::data::{Content, Example, Labels, TaskKind};
 use crate::error::{Result, TrainError};
+use crate::loss::linear_cross_entropy;
 use crate::metrics::StepStats;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::activation::log_softmax;
@@ -360,16 +361,23 @@ pub struct LmTask<B: Backend> {
 impl<B: Backend> LmTask<B> {
     /// Loss and statistics of a batch.
     pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
-        let logits = self.net.forward(batch.ids);
-        let [b, t, v] = logits.dims();
         let mut stats = StepStats { tokens: batch.tokens, ..Default::default() };
         let loss = if self.verbalizer.is_empty() {
             let (targets, weights, count) = batch.next_tokens.expect("causal-LM batches carry targets");
-            let log_p = log_softmax(logits, 2);
-            let picked = log_p.gather(2, targets.reshape([b, t, 1])).reshape([b, t]);
+            let hidden = self.net.hidden(batch.ids);
+            let [b, t, d] = hidden.dims();
             stats.units = count;
-            (picked * weights).sum().neg().div_scalar(count.max(1) as f32).reshape([1])
+            linear_cross_entropy(
+                hidden.reshape([b * t, d]),
+                self.net.output_head(),
+                self.net.output_head_is_trainable(),
+                targets.reshape([b * t]),
+                weights.reshape([b * t]),
+                count,
+            )
         } else {
+            let logits = self.net.forward(batch.ids);
+            let [b, _, v] = logits.dims();
             let index = batch.last.reshape([b, 1, 1]).repeat_dim(2, v);
             let at_last = logits.gather(1, index).reshape([b, v]);
             let device = at_last.device();
