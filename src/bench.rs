@@ -252,7 +252,7 @@ fn bench_contraction<B: Backend>(device: &B::Device, repeats: usize) -> Result<V
     for (shape, d) in [(vec![16, 8, 8, 8, 8, 16], 1024usize), (vec![32, 32, 32, 32], 1024), (vec![16; 6], 4096)] {
         let cfg = TtLoraConfig::new().with_rank(5).with_tt_shape(Some(shape.clone()));
         let tt: TtLora<B> = perturbed(cfg.init(d, d, device).map_err(|e| e.to_string())?, device);
-        for n in [1usize, 8, 64, 512] {
+        for n in [1usize, 2, 8, 64, 512] {
             let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
             let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
                 ("half-trains".into(), Box::new(|| drop(tt.delta_with(x.clone(), TtPath::HalfTrains)))),

@@ -800,14 +800,19 @@ fn tt_core_by_core_equals_half_trains_and_the_planner_picks_the_cheaper() {
         assert!(rel_err(&core, &half) < 1e-5, "{shape:?}: {}", rel_err(&core, &half));
     }
     // 4096x4096 as 16^6 at rank 5: building the half-trains costs 217,600 MACs, applying them
-    // 40,960 per row; core by core costs 54,560 MACs per row plus 16 per permuted state element
-    // (4096 + 256·5 + 16·5 per row). So core by core only for one or two rows (decoding).
-    let shape = [16; 6];
-    assert_eq!(tt_apply_costs(&shape, 3, 5, 1), (217_600 + 40_960, 54_560 + 16 * (4096 + 1280 + 80)));
+    // 40,960 per row, in 6 ops; core by core costs 54,560 MACs per row plus 16 per permuted state
+    // element (4096 + 256·5 + 16·5 per row), in 3·3 + 3 ops. So core by core for one row only.
+    let (shape, op) = ([16; 6], tensor_peft_adapters::tensor::tt::OP_COST);
+    assert_eq!(
+        tt_apply_costs(&shape, 3, 5, 1),
+        (217_600 + 40_960 + 6 * op, 54_560 + 16 * (4096 + 1280 + 80) + 12 * op)
+    );
     assert_eq!(plan_tt_path(&shape, 3, 5, 1), TtPath::CoreByCore);
-    assert_eq!(plan_tt_path(&shape, 3, 5, 2), TtPath::CoreByCore);
-    assert_eq!(plan_tt_path(&shape, 3, 5, 3), TtPath::HalfTrains);
+    assert_eq!(plan_tt_path(&shape, 3, 5, 2), TtPath::HalfTrains);
     assert_eq!(plan_tt_path(&shape, 3, 5, 512), TtPath::HalfTrains);
+    // 1024-wide trains: the op count decides a single row for the half-trains (measured faster).
+    assert_eq!(plan_tt_path(&[16, 8, 8, 8, 8, 16], 3, 5, 1), TtPath::HalfTrains);
+    assert_eq!(plan_tt_path(&[32, 32, 32, 32], 2, 5, 1), TtPath::HalfTrains);
 }
 
 #[test]

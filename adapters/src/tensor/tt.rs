@@ -166,8 +166,17 @@ pub enum TtPath {
 /// (`tpeft bench --suite contraction`).
 pub const PERMUTE_COST: usize = 16;
 
+/// The fixed cost of one tensor op (dispatch, output allocation), charged as this many
+/// multiply-accumulates. It decides single-row calls, where both paths take ~20 µs on CPU: with
+/// flex and ndarray the half-trains won at one row on 1024-wide trains ([16,8,8,8,8,16],
+/// [32,32,32,32]) and core by core on [16; 6], which puts the value between 7.7k and 19k
+/// (`tpeft bench --suite contraction`, BENCHMARKS.md §2).
+pub const OP_COST: usize = 12_000;
+
 /// Costs `(half_trains, core_by_core)` of applying a split train of uniform rank `rank` to `tokens`
-/// rows, in multiply-accumulates plus [`PERMUTE_COST`] per permuted element (forward pass; backward
+/// rows, in multiply-accumulates plus [`PERMUTE_COST`] per permuted element and [`OP_COST`] per
+/// op: one per half-train contraction and per GEMM for the half-trains, three per input core (two
+/// layout copies and a product) and one per output core for core by core (forward pass; backward
 /// scales both alike).
 pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize) -> (usize, usize) {
     let ranks = uniform_ranks(shape.len(), rank);
@@ -184,7 +193,7 @@ pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize)
         build += ranks[k] * shape[k] * ranks[k + 1] * cols;
         cols *= shape[k];
     }
-    let half = build + tokens * ranks[split] * (d_in + d_out);
+    let half = build + tokens * ranks[split] * (d_in + d_out) + OP_COST * shape.len();
     // Core by core: input step k touches the remaining input modes, output step j the produced ones.
     let mut core = 0;
     let mut rest = d_in;
@@ -197,6 +206,7 @@ pub fn tt_apply_costs(shape: &[usize], split: usize, rank: usize, tokens: usize)
         produced *= shape[k];
         core += tokens * produced * ranks[k] * ranks[k + 1];
     }
+    core += OP_COST * (3 * split + shape.len() - split);
     (half, core)
 }
 
