@@ -1,10 +1,12 @@
 #![warn(missing_docs)]
 //! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
-//! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
+//! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), activations with a
+//! hand-supplied derivative ([`activation`]), the LLaMA decoder
 //! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
 //! method by module name.
 
+pub mod activation;
 pub mod adapter_file;
 pub mod arch;
 pub mod bert;

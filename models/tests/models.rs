@@ -863,3 +863,68 @@ fn parsers_of_untrusted_input_never_panic() {
     let _ = std::fs::remove_dir_all(&dir);
     println!("fuzz executions: {executions}");
 }
+
+/// Our GELU against Burn's (exact erf GELU) and a float64 reference on a grid over [−8, 8]: the
+/// value to 5e-7 of both, the gradient to 1e-6 of `Φ(x) + x·φ(x)` in float64 (Φ integrated from
+/// φ by Simpson's rule), with and without autodiff.
+#[test]
+fn gelu_with_supplied_derivative_matches_exact_gelu() {
+    type AB = Autodiff<B>;
+    let device = Default::default();
+    let grid: Vec<f32> = (0..=1600).map(|i| -8.0 + i as f32 * 0.01).collect();
+    let pdf = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    // Φ at the grid points: Φ(−8) ≈ φ(8)/8·(1 − 1/64), then Simpson over each step.
+    let mut cdf = vec![pdf(8.0) / 8.0 * (1.0 - 1.0 / 64.0)];
+    for w in grid.windows(2) {
+        let (a, b) = (w[0] as f64, w[1] as f64);
+        let n = 16;
+        let h = (b - a) / n as f64;
+        let sum: f64 = (0..=n)
+            .map(|k| {
+                pdf(a + k as f64 * h)
+                    * if k == 0 || k == n {
+                        1.0
+                    } else if k % 2 == 1 {
+                        4.0
+                    } else {
+                        2.0
+                    }
+            })
+            .sum();
+        cdf.push(cdf.last().unwrap() + sum * h / 3.0);
+    }
+    let input = |x: &[f32]| Tensor::<AB, 1>::from_data(TensorData::new(x.to_vec(), [x.len()]), &device).require_grad();
+    let values = |t: Tensor<AB, 1>| t.to_data().to_vec::<f32>().unwrap();
+    let weight = |x: f32| 1.0 + 0.1 * x; // a weighted sum: every element gets its own gradient
+    let weights = Tensor::<AB, 1>::from_data(
+        TensorData::new(grid.iter().map(|&v| weight(v)).collect::<Vec<f32>>(), [grid.len()]),
+        &device,
+    );
+
+    let x = input(&grid);
+    let ours = tensor_peft_models::activation::gelu(x.clone());
+    let burns = burn::tensor::activation::gelu(Tensor::<AB, 1>::from_data(
+        TensorData::new(grid.clone(), [grid.len()]),
+        &device,
+    ));
+    for (i, (a, b)) in values(ours.clone()).iter().zip(values(burns)).enumerate() {
+        let exact = grid[i] as f64 * cdf[i];
+        assert!((a - b).abs() <= 5e-7, "gelu({}) = {a}, Burn: {b}", grid[i]);
+        assert!((*a as f64 - exact).abs() <= 5e-7, "gelu({}) = {a}, float64: {exact}", grid[i]);
+    }
+    let grads = (ours * weights).sum().backward();
+    for (i, g) in x.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap().iter().enumerate() {
+        let x = grid[i] as f64;
+        let exact = (cdf[i] + x * pdf(x)) * weight(grid[i]) as f64;
+        assert!((*g as f64 - exact).abs() <= 1e-6, "gelu'({x})·w = {g}, float64: {exact}");
+    }
+    // Inference backend: the value only, the same numbers.
+    let plain = tensor_peft_models::activation::gelu(Tensor::<B, 1>::from_data(
+        TensorData::new(grid.clone(), [grid.len()]),
+        &device,
+    ));
+    let reference =
+        burn::tensor::activation::gelu(Tensor::<B, 1>::from_data(TensorData::new(grid.clone(), [grid.len()]), &device));
+    let diff = (plain - reference).abs().max().into_scalar();
+    assert!(diff <= 5e-7, "{diff}");
+}
