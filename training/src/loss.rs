@@ -11,7 +11,7 @@
 //! the loss returned is `value + s − detach(s)` with the surrogate `s = Σ h ⊙ detach(G·W)` (plus
 //! `Σ W ⊙ detach(Gᵀ·h)` when the head is trained). Its value is exactly `value` and its gradient
 //! is the cross-entropy's, the same `softmax − onehot` that autodiff would derive, on
-//! every backend. The graph holds only `[rows, d]` tensors.
+//! every backend. The graph holds only `[rows, d]` tensors (and `[vocab, d]` when the head trains).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
