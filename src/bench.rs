@@ -1,7 +1,8 @@
 //! `tpeft bench`: micro-benchmarks of the adapters on the chosen backend.
 //!
-//! Machines are noisy, so every suite runs its variants interleaved (round-robin, after warm-up)
-//! and reports medians together with **ratios measured in the same run**. Suites:
+//! Machines are noisy, so every suite runs its variants interleaved (after warm-up, each round in
+//! a freshly shuffled order) and reports medians together with **ratios measured in the same run**.
+//! Suites:
 //! - `linear`: one adapted `d×d` layer, forward + backward (the input requires a gradient, as it
 //!   does inside a model), each method at its default size vs LoRA r=8 and vs the frozen base
 //!   layer; plus the *materialising* baselines (ΔW built from the factors every step and added to
@@ -61,12 +62,28 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// A named benchmark body.
 type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
 
-/// Runs the variants round-robin (`1 + repeats` rounds, the first discarded) and returns the
-/// median milliseconds of each.
+/// Runs every variant once per round (`1 + repeats` rounds, the first discarded), in an order
+/// shuffled anew each round, and returns the median milliseconds of each.
+///
+/// A fixed order made a variant pay for what the one before it left behind (allocator and cache
+/// state): LoRTA, always run after LoTR, measured 1.17–1.21× LoRA at N=512 in the `linear` suite
+/// against 1.00–1.07× in a four-variant probe (BENCHMARKS.md "Current numbers"). The shuffle is
+/// seeded, so runs stay comparable.
 fn time_interleaved<B: Backend>(device: &B::Device, variants: &mut [Variant<'_>], repeats: usize) -> Vec<f64> {
     let mut samples = vec![Vec::new(); variants.len()];
+    let mut order: Vec<usize> = (0..variants.len()).collect();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for round in 0..=repeats {
-        for (i, (_, run)) in variants.iter_mut().enumerate() {
+        // Fisher–Yates with splitmix64.
+        for i in (1..order.len()).rev() {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            order.swap(i, ((z ^ (z >> 31)) % (i as u64 + 1)) as usize);
+        }
+        for &i in &order {
+            let run = &mut variants[i].1;
             let _ = B::sync(device);
             let start = Instant::now();
             run();
