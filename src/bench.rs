@@ -71,18 +71,8 @@ type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
 /// seeded, so runs stay comparable.
 fn time_interleaved<B: Backend>(device: &B::Device, variants: &mut [Variant<'_>], repeats: usize) -> Vec<f64> {
     let mut samples = vec![Vec::new(); variants.len()];
-    let mut order: Vec<usize> = (0..variants.len()).collect();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for round in 0..=repeats {
-        // Fisher–Yates with splitmix64.
-        for i in (1..order.len()).rev() {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            order.swap(i, ((z ^ (z >> 31)) % (i as u64 + 1)) as usize);
-        }
-        for &i in &order {
+        for i in tensor_peft_training::data::permutation(variants.len(), round as u64) {
             let run = &mut variants[i].1;
             let _ = B::sync(device);
             let start = Instant::now();
