@@ -1,0 +1,31 @@
+//! Fused CPU kernels for the transformer blocks' element-wise and attention work.
+//!
+//! Burn's CPU backends run a block's activations, rotary embedding, normalisations and attention
+//! softmax as chains of element-wise ops, each a full pass over memory on one thread, and the
+//! autodiff backward adds a second chain. On a SmolLM2-135M training step (flex, 2 cores) those
+//! chains cost more than the GEMMs (BENCHMARKS.md §9). Each kernel here does one op's forward or
+//! backward in one pass, split over rayon's threads and vectorised, on plain contiguous `f32`
+//! slices. `tensor-peft-models` wires them into Burn (`fused` module) for the flex backend and
+//! keeps Burn's op chains for every other backend.
+//!
+//! The crate is built at `opt-level = 3` even in the dev profile (workspace `Cargo.toml`): its
+//! loops are the point of it, and unoptimised they would be slower than the op chains they replace.
+
+mod simd;
+
+pub mod attention;
+pub mod gelu;
+pub mod norm;
+pub mod rope;
+pub mod swiglu;
+
+pub use simd::{exp, sigmoid};
+
+/// Elements per parallel task for element-wise kernels: large enough that rayon's scheduling
+/// (a few microseconds) is noise, small enough to share a 400k-element activation among threads.
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+/// Rows per parallel task for row-wise kernels with rows of `width` elements.
+pub(crate) fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}

@@ -1,0 +1,106 @@
+//! The kernels against float64 references. Their agreement with Burn's op chains, values and
+//! gradients, is tested where they are wired into Burn (`tensor-peft-models`, `fused_on_flex`).
+
+use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
+use tensor_peft_kernels::norm::{rms_norm_backward, rms_norm_forward};
+use tensor_peft_kernels::{exp, sigmoid};
+
+#[test]
+fn exp_and_sigmoid_are_accurate_to_f32_rounding() {
+    let mut worst = 0.0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let exact = (x as f64).exp();
+        worst = worst.max(((exp(x) as f64) - exact).abs() / exact);
+        x += 0.001_37;
+    }
+    assert!(worst <= 2.5e-7, "exp: max relative error {worst:e}");
+    for x in [-30.0f32, -5.0, -0.1, 0.0, 0.1, 5.0, 30.0] {
+        let exact = 1.0 / (1.0 + (-(x as f64)).exp());
+        assert!(((sigmoid(x) as f64) - exact).abs() <= 1e-7, "sigmoid({x})");
+    }
+    assert_eq!(exp(f32::NEG_INFINITY).min(1e-30), exp(f32::NEG_INFINITY), "clamped, not NaN");
+    assert!(exp(-200.0) < 1e-37 && exp(200.0).is_finite());
+}
+
+#[test]
+fn rms_norm_matches_float64_and_is_deterministic() {
+    let (rows, d) = (67, 45);
+    let x: Vec<f32> = (0..rows * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+    let gamma: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / d as f32).collect();
+    let grad: Vec<f32> = (0..rows * d).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+    let eps = 1e-5;
+    let mut out = vec![0.0; rows * d];
+    rms_norm_forward(&x, &gamma, eps, &mut out);
+    let mut d_gamma_exact = vec![0.0f64; d];
+    for r in 0..rows {
+        let row = &x[r * d..(r + 1) * d];
+        let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        for j in 0..d {
+            let exact = row[j] as f64 * inv * gamma[j] as f64;
+            assert!((out[r * d + j] as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0));
+            d_gamma_exact[j] += grad[r * d + j] as f64 * row[j] as f64 * inv;
+        }
+    }
+    let mut dx = vec![0.0; rows * d];
+    let d_gamma = rms_norm_backward(&x, &gamma, &grad, eps, &mut dx);
+    for (a, b) in d_gamma.iter().zip(&d_gamma_exact) {
+        assert!((*a as f64 - b).abs() <= 1e-4 * b.abs().max(1.0), "dγ {a} vs {b}");
+    }
+    // The per-task partial sums are added in task order: the same bits on every run.
+    for _ in 0..5 {
+        let mut again = vec![0.0; rows * d];
+        let d_gamma_again = rms_norm_backward(&x, &gamma, &grad, eps, &mut again);
+        assert_eq!(d_gamma_again, d_gamma);
+        assert_eq!(again, dx);
+    }
+}
+
+#[test]
+fn attention_matches_float64_and_fully_masked_rows_are_zero() {
+    let s = AttentionShape { batch: 2, q_len: 3, kv_len: 4, heads: 4, kv_heads: 2, head_dim: 5 };
+    let q: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 7 % 23) as f32 - 11.0) / 9.0).collect();
+    let k: Vec<f32> = (0..2 * 4 * 2 * 5).map(|i| ((i * 5 % 19) as f32 - 9.0) / 8.0).collect();
+    let v: Vec<f32> = (0..2 * 4 * 2 * 5).map(|i| ((i * 3 % 17) as f32 - 8.0) / 5.0).collect();
+    // Sequence 0 pads its last key; sequence 1 pads every key.
+    let pad = [false, false, false, true, true, true, true, true];
+    let scale = 0.4;
+    let mut out = vec![0.0; q.len()];
+    let mut probs = vec![0.0; 2 * 4 * 3 * 4];
+    attention_forward(&q, &k, &v, s, Mask::KeyPadding(&pad), scale, &mut out, &mut probs);
+    for h in 0..4 {
+        let g = h / 2;
+        for i in 0..3 {
+            let qi = &q[(i * 4 + h) * 5..][..5];
+            let scores: Vec<f64> = (0..3)
+                .map(|j| scale as f64 * (0..5).map(|c| qi[c] as f64 * k[(j * 2 + g) * 5 + c] as f64).sum::<f64>())
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for c in 0..5 {
+                let exact: f64 = (0..3).map(|j| (scores[j] - max).exp() / total * v[(j * 2 + g) * 5 + c] as f64).sum();
+                assert!((out[(i * 4 + h) * 5 + c] as f64 - exact).abs() <= 1e-6, "out[0, {i}, {h}, {c}]");
+            }
+        }
+    }
+    assert!(out[3 * 4 * 5..].iter().all(|&o| o == 0.0), "nothing to attend to gives zeros, not NaN");
+    let grad = vec![1.0f32; q.len()];
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    attention_backward(&q, &k, &v, &probs, &grad, s, Mask::KeyPadding(&pad), scale, &mut dq, &mut dk, &mut dv);
+    assert!(dq.iter().chain(&dk).chain(&dv).all(|g| g.is_finite()));
+    // A padded key gets no gradient; the values' gradients sum to the number of queries per kv head.
+    assert!(dk[3 * 2 * 5..4 * 2 * 5].iter().all(|&g| g == 0.0));
+    let dv_total: f32 = dv[..4 * 2 * 5].iter().sum();
+    assert!((dv_total - (3 * 4 * 5) as f32).abs() < 1e-4, "Σ dv = {dv_total}");
+}
+
+#[test]
+fn attention_propagates_nan_scores() {
+    let s = AttentionShape { batch: 1, q_len: 2, kv_len: 2, heads: 1, kv_heads: 1, head_dim: 3 };
+    let q = [f32::NAN, 0.0, 0.0, f32::NAN, 1.0, 1.0];
+    let kv = [0.5f32; 6];
+    let (mut out, mut probs) = ([0.0; 6], [0.0; 4]);
+    attention_forward(&q, &kv, &kv, s, Mask::Causal { offset: 0 }, 1.0, &mut out, &mut probs);
+    assert!(out.iter().all(|o| o.is_nan()), "a NaN query must give NaN outputs, not zeros: {out:?}");
+}
