@@ -2,15 +2,15 @@
 //! GELU) whose projections are [`AdaptedLinear`]s, with mean-pooled L2-normalised sentence
 //! embeddings (what sentence-transformers gives for models such as all-MiniLM-L6-v2).
 
-use crate::activation::gelu;
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
+use crate::fused::{self, AttentionMask, KeyPadding};
 use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{softmax, tanh};
+use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::Path;
@@ -62,6 +62,14 @@ pub struct Bert<B: Backend> {
     pub shared: SharedFactors<B>,
     /// Position offset (2 for RoBERTa, whose positions start after the padding index).
     pub position_offset: usize,
+    /// ε of every LayerNorm (`layer_norm_eps`).
+    pub norm_eps: f64,
+}
+
+/// `norm` applied with the model's ε (Burn's `LayerNorm` keeps its own private).
+fn norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    let beta = norm.beta.as_ref().map_or_else(|| norm.gamma.val().zeros_like(), |b| b.val());
+    fused::layer_norm(x, norm.gamma.val(), beta, eps)
 }
 
 fn layer_norm<B: Backend>(
@@ -100,26 +108,25 @@ fn embedding<B: Backend>(
 }
 
 impl<B: Backend> BertLayer<B> {
-    fn forward(&self, x: Tensor<B, 3>, key_bias: &Tensor<B, 4>, shared: &SharedFactors<B>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, mask: &AttentionMask<B>, eps: f64, shared: &SharedFactors<B>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let h = self.n_heads;
-        let d_h = d / h;
-        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d_h]).swap_dims(1, 2);
+        // Heads stay in the projections' `[B, T, H, d_h]` layout.
+        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d / h]);
         let q = heads(self.query.forward(x.clone(), shared));
         let k = heads(self.key.forward(x.clone(), shared));
         let v = heads(self.value.forward(x.clone(), shared));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d_h as f64).sqrt()) + key_bias.clone();
-        let attn = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+        let attn = fused::attention(q, k, v, mask).reshape([b, t, d]);
         let mut attn_out = self.attention_output.forward(attn, shared);
         if let Some(adapter) = &self.attention_adapter {
             attn_out = adapter.forward(attn_out);
         }
-        let x = self.attention_norm.forward(attn_out + x);
-        let mut ffn = self.output.forward(gelu(self.intermediate.forward(x.clone(), shared)), shared);
+        let x = norm(&self.attention_norm, attn_out + x, eps);
+        let mut ffn = self.output.forward(fused::gelu(self.intermediate.forward(x.clone(), shared)), shared);
         if let Some(adapter) = &self.ffn_adapter {
             ffn = adapter.forward(ffn);
         }
-        self.output_norm.forward(ffn + x)
+        norm(&self.output_norm, ffn + x, eps)
     }
 
     fn projection_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear<B>> {
@@ -185,6 +192,7 @@ impl<B: Backend> Bert<B> {
             pooler,
             shared: SharedFactors::empty(),
             position_offset: if roberta { 2 } else { 0 },
+            norm_eps: eps,
         };
         if let Some(example) = w.remaining().first() {
             return Err(ModelError::UnexpectedTensors { count: w.len(), example: example.clone() });
@@ -213,18 +221,11 @@ impl<B: Backend> Bert<B> {
         let x = self.word_embeddings.forward(ids)
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
-        let mut x = self.embeddings_norm.forward(x);
-        // Padded keys get a large negative score. The bias is laid out in full, `[B, H, T, T]`, once
-        // per forward: added as a `[B, 1, 1, T]` broadcast it took flex's strided path, 11 ms per
-        // layer on a MiniLM batch against 0.7 ms for the full add (8 % of a training step).
+        let mut x = norm(&self.embeddings_norm, x, self.norm_eps);
         let heads = self.layers.first().map_or(1, |l| l.n_heads);
-        let key_bias = (attention_mask.ones_like() - attention_mask)
-            .mul_scalar(-1e9)
-            .reshape([b, 1, 1, t])
-            .repeat_dim(1, heads)
-            .repeat_dim(2, t);
+        let mask = AttentionMask::KeyPadding(KeyPadding::new(attention_mask, heads));
         for layer in &self.layers {
-            x = layer.forward(x, &key_bias, &self.shared);
+            x = layer.forward(x, &mask, self.norm_eps, &self.shared);
         }
         x
     }

@@ -12,6 +12,7 @@ pub mod arch;
 pub mod bert;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod gguf;
 pub mod heads;
 pub mod inject;

@@ -4,6 +4,7 @@
 
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
+use crate::fused::{self, AttentionMask, Rope};
 use crate::gguf::Gguf;
 use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
 use crate::tokenizer::TextTokenizer;
@@ -11,13 +12,12 @@ use crate::weights::Weights;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::ElementConversion;
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use std::path::Path;
 use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
 
-/// Cached keys and values of one layer: `[B, H_kv, T, d_h]` each.
+/// Cached keys and values of one layer: `[B, T, H_kv, d_h]` each.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// Keys and values of the tokens seen so far, for every layer (the generation path).
@@ -138,100 +138,39 @@ fn frozen_linear<B: Backend>(weight: Tensor<B, 2>) -> Result<AdaptedLinear<B>, M
     Ok(AdaptedLinear::new(base, None)?)
 }
 
-/// RoPE's `cos` and `sin` for positions `start..start+T` (HF rotate-half layout: frequencies
-/// repeated), each laid out as one `[1, T·H·d_h]` row that matches a `[B, T, H, d_h]` projection
-/// flattened to `[B, T·H·d_h]`.
-///
-/// One row shared by the batch is the broadcast the CPU backends run with SIMD; a `[T, d_h]` table
-/// broadcast over the heads (or applied to the head-swapped view) took their scalar strided path
-/// in RoPE and its backward (5 % of a SmolLM2 training step on flex). Built once per forward.
-struct RopeRows<B: Backend> {
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
-}
-
-impl<B: Backend> RopeRows<B> {
-    fn new(start: usize, t: usize, heads: usize, head_dim: usize, theta: f64, device: &B::Device) -> Self {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f64> =
-            (0..head_dim).map(|j| theta.powf(-((2 * (j % half)) as f64) / head_dim as f64)).collect();
-        let row = t * heads * head_dim;
-        let (mut cos, mut sin) = (Vec::with_capacity(row), Vec::with_capacity(row));
-        for pos in start..start + t {
-            for _ in 0..heads {
-                for f in &inv_freq {
-                    let angle = pos as f64 * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, [1, row]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, row]), device),
-        }
-    }
-
-    /// `x·cos + rotate_half(x)·sin` for `x: [B, T, H, d_h]`, in the projection's own contiguous
-    /// layout (before the heads are swapped forward).
-    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, t, n, d_h] = x.dims();
-        let half = d_h / 2;
-        let row = t * n * d_h;
-        let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
-        (x.reshape([b, row]) * self.cos.clone() + rotated.reshape([b, row]) * self.sin.clone()).reshape([b, t, n, d_h])
-    }
-}
-
-/// The RoPE rows for the query heads and for the key heads (fewer with grouped-query attention).
-struct Rope<B: Backend> {
-    query: RopeRows<B>,
-    key: RopeRows<B>,
-}
-
 impl<B: Backend> LlamaBlock<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: &Tensor<B, 4, Bool>,
         cache: Option<&mut LayerCache<B>>,
         shared: &SharedFactors<B>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let (h, kv) = (self.n_heads, self.n_kv_heads);
         let d_h = d / h;
-        let hs = self.input_layernorm.forward(x.clone());
+        let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| fused::rms_norm(x, n.gamma.val(), n.epsilon);
+        let hs = norm(&self.input_layernorm, x.clone());
+        // Heads stay in the projections' `[B, T, H, d_h]` layout throughout.
         let split = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d_h]);
-        let q = rope.query.apply(split(self.q_proj.forward(hs.clone(), shared), h)).swap_dims(1, 2);
-        let mut k = rope.key.apply(split(self.k_proj.forward(hs.clone(), shared), kv)).swap_dims(1, 2);
-        let mut v = split(self.v_proj.forward(hs, shared), kv).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(hs.clone(), shared), h));
+        let mut k = rope.apply(split(self.k_proj.forward(hs.clone(), shared), kv));
+        let mut v = split(self.v_proj.forward(hs, shared), kv);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
+                k = Tensor::cat(vec![past_k, k], 1);
+                v = Tensor::cat(vec![past_v, v], 1);
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let total = k.dims()[2];
-        // Grouped-query attention: each key/value head serves h/kv query heads.
-        let repeat = |y: Tensor<B, 4>| {
-            if kv == h {
-                y
-            } else {
-                y.reshape([b, kv, 1, total, d_h]).repeat_dim(2, h / kv).reshape([b, h, total, d_h])
-            }
-        };
-        let scores = q.matmul(repeat(k).swap_dims(2, 3)).div_scalar((d_h as f64).sqrt());
-        let probs = softmax(scores.mask_fill(mask.clone(), f32::NEG_INFINITY), 3);
-        let attn = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([b, t, h * d_h]);
+        let attn = fused::attention(q, k, v, &AttentionMask::Causal { offset: rope.start() }).reshape([b, t, h * d_h]);
         let mut attn_out = self.o_proj.forward(attn, shared);
         if let Some(adapter) = &self.attention_adapter {
             attn_out = adapter.forward(attn_out);
         }
         let x = x + attn_out;
-        let hs = self.post_attention_layernorm.forward(x.clone());
-        let gated = silu(self.gate_proj.forward(hs.clone(), shared)) * self.up_proj.forward(hs, shared);
+        let hs = norm(&self.post_attention_layernorm, x.clone());
+        let gated = fused::swiglu(self.gate_proj.forward(hs.clone(), shared), self.up_proj.forward(hs, shared));
         let mut mlp_out = self.down_proj.forward(gated, shared);
         if let Some(adapter) = &self.ffn_adapter {
             mlp_out = adapter.forward(mlp_out);
@@ -440,21 +379,15 @@ impl<B: Backend> Llama<B> {
         let mut x = self.embed_tokens.forward(tokens);
         let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
         let d_h = x.dims()[2] / heads;
-        let rope = Rope {
-            query: RopeRows::new(start, t, heads, d_h, self.rope_theta, &device),
-            key: RopeRows::new(start, t, kv_heads, d_h, self.rope_theta, &device),
-        };
-        // Query i (position start+i) must not see keys after it.
-        let mask_values: Vec<bool> = (0..t * total).map(|k| k % total > start + k / total).collect();
-        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask_values, [t, total]), &device).unsqueeze::<4>();
+        let rope = Rope::new(start, t, d_h, self.rope_theta, &[heads, kv_heads], &device);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, &mask, layer_cache, &self.shared);
+            x = layer.forward(x, &rope, layer_cache, &self.shared);
         }
         if let Some(c) = cache {
             c.len = total;
         }
-        self.norm.forward(x)
+        fused::rms_norm(x, self.norm.gamma.val(), self.norm.epsilon)
     }
 
     /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are

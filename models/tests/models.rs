@@ -928,3 +928,272 @@ fn gelu_with_supplied_derivative_matches_exact_gelu() {
     let diff = (plain - reference).abs().max().into_scalar();
     assert!(diff <= 5e-7, "{diff}");
 }
+
+/// The fused kernels that run on flex (`fused` module) against Burn's op chains on ndarray, the
+/// path every other backend takes: values and gradients, op by op and through a whole model.
+#[cfg(feature = "flex")]
+mod fused_on_flex {
+    use super::*;
+    use burn::backend::Flex;
+    use tensor_peft_models::fused::{self, AttentionMask, KeyPadding, Rope};
+
+    type F = Autodiff<Flex>;
+    type N = Autodiff<NdArray>;
+
+    /// Deterministic values in [−2, 2) (splitmix64), shared by both backends.
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                (z >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn input<Bk: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Bk, D> {
+        let n = shape.iter().product();
+        Tensor::from_data(TensorData::new(data(n, seed), shape), &Default::default())
+    }
+
+    fn floats<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    /// `max |a − b| ≤ tol · max(1, max |b|)`.
+    fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(err <= tol * scale, "{what}: fused vs op chain differ by {err} (scale {scale})");
+    }
+
+    /// Runs `op` on both backends with the same inputs (tracked), and compares the output and the
+    /// gradients of `Σ out ⊙ w` for a fixed weight `w`.
+    fn compare<const D: usize, const O: usize>(
+        what: &str,
+        shapes: &[[usize; D]],
+        op_f: impl Fn(Vec<Tensor<F, D>>) -> Tensor<F, O>,
+        op_n: impl Fn(Vec<Tensor<N, D>>) -> Tensor<N, O>,
+    ) {
+        let xs_f: Vec<Tensor<F, D>> =
+            shapes.iter().enumerate().map(|(i, &s)| input::<F, D>(s, i as u64 + 1).require_grad()).collect();
+        let xs_n: Vec<Tensor<N, D>> =
+            shapes.iter().enumerate().map(|(i, &s)| input::<N, D>(s, i as u64 + 1).require_grad()).collect();
+        let (out_f, out_n) = (op_f(xs_f.clone()), op_n(xs_n.clone()));
+        assert_eq!(out_f.dims(), out_n.dims(), "{what}: output shape");
+        let w_f = input::<F, O>(out_f.dims(), 99);
+        let w_n = input::<N, O>(out_n.dims(), 99);
+        assert_close(&format!("{what}: output"), &floats(out_f.clone()), &floats(out_n.clone()), 2e-6);
+        let (g_f, g_n) = ((out_f * w_f).sum().backward(), (out_n * w_n).sum().backward());
+        for (i, (x_f, x_n)) in xs_f.iter().zip(&xs_n).enumerate() {
+            let (a, b) = (x_f.grad(&g_f).unwrap(), x_n.grad(&g_n).unwrap());
+            assert_eq!(a.dims(), b.dims(), "{what}: gradient {i} shape");
+            assert_close(&format!("{what}: gradient {i}"), &floats(a), &floats(b), 1e-5);
+        }
+    }
+
+    #[test]
+    fn swiglu_rms_norm_and_rope_match_the_op_chains() {
+        // Odd widths exercise the kernels' vector tails.
+        compare(
+            "swiglu",
+            &[[2, 3, 37], [2, 3, 37]],
+            |x| fused::swiglu(x[0].clone(), x[1].clone()),
+            |x| fused::swiglu(x[0].clone(), x[1].clone()),
+        );
+        // γ enters as a rank-3 `[1, 1, d]` input here so that its gradient is compared too.
+        let norm = |x: &[Tensor<F, 3>]| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5);
+        let norm_n = |x: &[Tensor<N, 3>]| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5);
+        compare("rms_norm", &[[2, 5, 29], [1, 1, 29]], |x| norm(&x), |x| norm_n(&x));
+        for (start, heads) in [(0, 3), (4, 2)] {
+            let rope_f = Rope::<F>::new(start, 5, 8, 10_000.0, &[heads], &Default::default());
+            let rope_n = Rope::<N>::new(start, 5, 8, 10_000.0, &[heads], &Default::default());
+            compare(
+                &format!("rope from {start}"),
+                &[[2, 5, heads, 8]],
+                |x| rope_f.apply(x[0].clone()),
+                |x| rope_n.apply(x[0].clone()),
+            );
+        }
+    }
+
+    #[test]
+    fn attention_matches_the_op_chain_with_grouped_heads_and_a_cache_offset() {
+        // (heads, kv heads, queries, keys): grouped-query with two cached positions; plain
+        // multi-head self-attention; one query against a cache (decoding).
+        for (heads, kv, t_q, t_k) in [(6, 2, 5, 7), (4, 4, 9, 9), (4, 2, 1, 6)] {
+            let offset = t_k - t_q;
+            let shapes = [[2, t_q, heads, 8], [2, t_k, kv, 8], [2, t_k, kv, 8]];
+            compare(
+                &format!("causal attention {heads}/{kv} heads, {t_q} queries, {t_k} keys"),
+                &shapes,
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &AttentionMask::Causal { offset }),
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &AttentionMask::Causal { offset }),
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_layer_norm_and_padded_attention_match_the_op_chains() {
+        compare("gelu", &[[3, 41]], |x| fused::gelu(x[0].clone()), |x| fused::gelu(x[0].clone()));
+        let norm = |x: &[Tensor<F, 3>]| {
+            fused::layer_norm(x[0].clone(), x[1].clone().reshape([19]), x[2].clone().reshape([19]), 1e-12)
+        };
+        let norm_n = |x: &[Tensor<N, 3>]| {
+            fused::layer_norm(x[0].clone(), x[1].clone().reshape([19]), x[2].clone().reshape([19]), 1e-12)
+        };
+        compare("layer_norm", &[[2, 5, 19], [1, 1, 19], [1, 1, 19]], |x| norm(&x), |x| norm_n(&x));
+        // Sequence 0 has no padding, sequence 1 pads its last three keys.
+        let mask = [1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0., 0.];
+        let mask_f =
+            KeyPadding::<F>::new(Tensor::from_data(TensorData::new(mask.to_vec(), [2, 7]), &Default::default()), 4);
+        let mask_n =
+            KeyPadding::<N>::new(Tensor::from_data(TensorData::new(mask.to_vec(), [2, 7]), &Default::default()), 4);
+        let (mask_f, mask_n) = (AttentionMask::KeyPadding(mask_f), AttentionMask::KeyPadding(mask_n));
+        compare(
+            "padded attention",
+            &[[2, 7, 4, 8], [2, 7, 4, 8], [2, 7, 4, 8]],
+            |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_f),
+            |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_n),
+        );
+    }
+
+    #[test]
+    fn bert_on_flex_matches_sentence_transformers_and_ndarray_gradients() {
+        use tensor_peft_models::Bert;
+        use tensor_peft_models::tokenizer::TextTokenizer;
+        // The tiny BERT with trainable LayerNorms, on a padded batch: every gradient as on ndarray.
+        let dir = std::env::temp_dir().join(format!("tpeft-tiny-bert-flex-{}", std::process::id()));
+        write_tiny_bert(&dir, false, "bert");
+        let (on_flex, _) = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap();
+        let (on_ndarray, _) = Bert::<N>::from_hf_dir(&dir, &Default::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (on_flex, on_ndarray) = (on_flex.train_norms(), on_ndarray.train_norms());
+        let ids = [vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]];
+        let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]);
+        let out_f = on_flex
+            .forward(tokens::<F>(&ids, &Default::default()), Tensor::from_data(mask.clone(), &Default::default()));
+        let out_n =
+            on_ndarray.forward(tokens::<N>(&ids, &Default::default()), Tensor::from_data(mask, &Default::default()));
+        assert_close("tiny BERT hidden states", &floats(out_f.clone()), &floats(out_n.clone()), 1e-5);
+        let w_f = input::<F, 3>(out_f.dims(), 5);
+        let w_n = input::<N, 3>(out_n.dims(), 5);
+        let g_f = (out_f * w_f).sum().backward();
+        let g_n = (out_n * w_n).sum().backward();
+        let (g_f, g_n) = (trainable_bert_grads(&on_flex, &g_f), trainable_bert_grads(&on_ndarray, &g_n));
+        assert!(g_f.len() >= 10, "LayerNorm scales and biases are trainable ({} tensors)", g_f.len());
+        assert_eq!(g_f.len(), g_n.len());
+        for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
+            assert_close(&format!("tiny BERT gradient {i}"), a, b, 1e-4);
+        }
+        // The real all-MiniLM-L6-v2 on flex: sentence-transformers' embeddings.
+        let Some(dir) = minilm() else { return };
+        let reference = &parity()["minilm"];
+        let texts: Vec<String> =
+            reference["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+        let (model, _) = Bert::<Flex>::from_hf_dir(&dir, &Default::default()).unwrap();
+        let tokenizer = TextTokenizer::from_hf_dir(&dir).unwrap();
+        let got = model.embed_texts(&tokenizer, &texts).unwrap();
+        for (row, expected) in got.iter().zip(reference["embeddings"].as_array().unwrap()) {
+            let max_err = row
+                .iter()
+                .zip(expected.as_array().unwrap())
+                .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
+                .fold(0.0, f64::max);
+            assert!(max_err < 1e-5, "flex embedding differs from sentence-transformers by {max_err}");
+        }
+    }
+
+    fn trainable_bert_grads<Bk: AutodiffBackend>(
+        model: &tensor_peft_models::Bert<Bk>,
+        grads: &<Bk as AutodiffBackend>::Gradients,
+    ) -> Vec<Vec<f32>> {
+        let mut visitor = Collect::<Bk>(grads, Vec::new());
+        model.visit(&mut visitor);
+        visitor.1
+    }
+
+    /// Collects the gradient of every trainable parameter, in visiting order.
+    struct Collect<'a, Bk: AutodiffBackend>(&'a Bk::Gradients, Vec<Vec<f32>>);
+
+    impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Collect<'_, Bk> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            if p.val().is_require_grad() {
+                let g = p.val().grad(self.0).expect("every trainable parameter gets a gradient");
+                self.1.push(g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+            }
+        }
+    }
+
+    /// Gradients of every trainable parameter, in visiting order.
+    fn trainable_grads<Bk: AutodiffBackend>(
+        model: &Llama<Bk>,
+        grads: &<Bk as AutodiffBackend>::Gradients,
+    ) -> Vec<Vec<f32>> {
+        struct Collect<'a, Bk: AutodiffBackend>(&'a Bk::Gradients, Vec<Vec<f32>>);
+        impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Collect<'_, Bk> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+                if p.val().is_require_grad() {
+                    let g = p.val().grad(self.0).expect("every trainable parameter gets a gradient");
+                    self.1.push(g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+                }
+            }
+        }
+        let mut visitor = Collect::<Bk>(grads, Vec::new());
+        model.visit(&mut visitor);
+        visitor.1
+    }
+
+    #[test]
+    fn tiny_llama_on_flex_matches_numpy_peft_and_ndarray_gradients() {
+        use tensor_peft_models::adapter_file::load_adapter;
+        let device = Default::default();
+        let (ids, shape, reference) = expected();
+        // Logits of the plain model against the numpy reference, through every fused op.
+        let (model, _) = Llama::<Flex>::from_hf_dir(&fixture(), &device).unwrap();
+        let logits = model.forward(tokens::<Flex>(&ids, &device));
+        assert_eq!(logits.dims().to_vec(), shape);
+        let got: Vec<f64> = values(logits);
+        let err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-4, "flex logits differ from the numpy reference by {err}");
+        // The KV-cache path (one query at a time against the cache) gives the same logits.
+        let row = &ids[0];
+        let mut cache = tensor_peft_models::llama::KvCache::default();
+        let mut cached = values(model.forward_cached(tokens::<Flex>(&[row[..3].to_vec()], &device), &mut cache));
+        for &token in &row[3..] {
+            cached.extend(values(model.forward_cached(tokens::<Flex>(&[vec![token]], &device), &mut cache)));
+        }
+        let err = cached.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-5, "flex: cached vs full logits differ by {err}");
+
+        // PEFT's LoRA adapter with trainable norms: every gradient as on ndarray's op chains.
+        let dir = fixture().join("../tiny-llama-peft-lora");
+        let (mut on_flex, spec) = Llama::<F>::from_hf_dir(&fixture(), &device).unwrap();
+        load_adapter(&mut on_flex, &spec, &dir).unwrap();
+        let (mut on_ndarray, _) = Llama::<N>::from_hf_dir(&fixture(), &Default::default()).unwrap();
+        load_adapter(&mut on_ndarray, &spec, &dir).unwrap();
+        let (on_flex, on_ndarray) = (on_flex.train_norms(), on_ndarray.train_norms());
+        let loss_f = {
+            let out = on_flex.forward(tokens::<F>(&ids, &device));
+            let w = input::<F, 3>(out.dims(), 7);
+            (out * w).sum()
+        };
+        let loss_n = {
+            let out = on_ndarray.forward(tokens::<N>(&ids, &Default::default()));
+            let w = input::<N, 3>(out.dims(), 7);
+            (out * w).sum()
+        };
+        let (g_f, g_n) =
+            (trainable_grads(&on_flex, &loss_f.backward()), trainable_grads(&on_ndarray, &loss_n.backward()));
+        assert!(g_f.len() >= 8, "LoRA factors and norms are trainable ({} tensors)", g_f.len());
+        assert_eq!(g_f.len(), g_n.len());
+        for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
+            assert_close(&format!("tiny LLaMA gradient {i}"), a, b, 1e-4);
+        }
+    }
+}

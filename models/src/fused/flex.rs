@@ -1,0 +1,432 @@
+//! The fused ops on the flex backend: raw kernels on the tensors' f32 buffers, and their backward
+//! registered as custom autodiff steps (Burn's "backend extension" pattern).
+//!
+//! The model code is generic over the backend, so each entry point checks the backend type at run
+//! time (`TypeId`) and hands its inputs back untouched (`Err`) when it cannot run them: another
+//! backend, another dtype, or shapes the kernel does not take.
+
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
+use tensor_peft_kernels::gelu::{gelu_backward, gelu_forward};
+use tensor_peft_kernels::norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
+use tensor_peft_kernels::rope::{RopeShape, rope as rope_kernel};
+use tensor_peft_kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+use super::AttentionMask;
+
+type AdFlex = Autodiff<Flex>;
+type AdTensor = FloatTensor<AdFlex>;
+
+/// Whether `B` is flex or flex under (non-checkpointing) autodiff: the backends these kernels run on.
+pub(super) fn runs<B: Backend>() -> bool {
+    is::<B, Flex>() || is::<B, AdFlex>()
+}
+
+fn is<B: 'static, T: 'static>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<T>()
+}
+
+/// `x` as a `U`, for `T` and `U` the same type (checked by the caller with [`is`]).
+fn same<T: 'static, U: 'static>(x: T) -> U {
+    let mut slot = Some(x);
+    (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take).expect("types checked by the caller")
+}
+
+/// The backend's float primitive of `t`, as `P` (flex's or autodiff-flex's tensor type).
+fn primitive<B: Backend, P: 'static, const D: usize>(t: Tensor<B, D>) -> P {
+    same(t.into_primitive().tensor())
+}
+
+/// A tensor of backend `B` from the primitive `p` of the same backend.
+fn tensor<B: Backend, P: 'static, const D: usize>(p: P) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(same::<P, FloatTensor<B>>(p)))
+}
+
+/// A contiguous row-major view of `t` (copied only when strided).
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+/// The f32 elements of a tensor made by [`contiguous`].
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("f32 tensors are checked before any kernel runs, and made contiguous")
+}
+
+/// A flex tensor that owns `data` (no copy).
+fn owned(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape.to_vec()))
+}
+
+/// Whether every tensor is f32, the kernels' only type.
+fn all_f32<B: Backend, const D: usize>(ts: &[&Tensor<B, D>]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// Runs a fused op on `inputs`: `forward` on the flex tensors gives the output and the state its
+/// backward needs; under autodiff the step is registered with `backward` when any input is
+/// tracked. `N` inputs, all `[..]` float tensors of rank `D` (inputs of other ranks are passed in
+/// the state).
+fn run<B, S, Op, const N: usize, const D: usize, const O: usize>(
+    inputs: [Tensor<B, D>; N],
+    backward: Op,
+    forward: impl FnOnce([&FlexTensor; N]) -> (FlexTensor, S),
+) -> Tensor<B, O>
+where
+    B: Backend,
+    S: Clone + Send + std::fmt::Debug + 'static,
+    Op: Backward<Flex, N, State = S>,
+{
+    if is::<B, Flex>() {
+        let prims: [FlexTensor; N] = inputs.map(|t| contiguous(&primitive::<B, FlexTensor, D>(t)));
+        let (out, _) = forward(prims.each_ref());
+        return tensor::<B, FlexTensor, O>(out);
+    }
+    let prims: [AdTensor; N] = inputs.map(primitive::<B, AdTensor, D>);
+    let flex: [FlexTensor; N] = prims.each_ref().map(|p| contiguous(&p.primitive));
+    let (out, state) = forward(flex.each_ref());
+    let out = match backward.prepare::<NoCheckpointing>(prims.map(|p| p.node.clone())).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    tensor::<B, AdTensor, O>(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+#[derive(Debug)]
+struct SwiGluBackward;
+
+impl Backward<Flex, 2> for SwiGluBackward {
+    /// The gate and up projections.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (gate, up) = ops.state;
+        let shape = gate.layout().shape().to_vec();
+        let n = grad.layout().num_elements();
+        let (mut d_gate, mut d_up) = (vec![0.0f32; n], vec![0.0f32; n]);
+        swiglu_backward(values(&gate), values(&up), values(&grad), &mut d_gate, &mut d_up);
+        if let Some(node) = node_gate {
+            grads.register::<Flex>(node.id, owned(d_gate, &shape));
+        }
+        if let Some(node) = node_up {
+            grads.register::<Flex>(node.id, owned(d_up, &shape));
+        }
+    }
+}
+
+pub(super) fn swiglu<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if !runs::<B>() || !all_f32(&[&gate, &up]) || gate.dims() != up.dims() {
+        return Err((gate, up));
+    }
+    let shape = gate.dims();
+    Ok(run([gate, up], SwiGluBackward, |[gate, up]| {
+        let mut out = vec![0.0f32; gate.layout().num_elements()];
+        swiglu_forward(values(gate), values(up), &mut out);
+        (owned(out, &shape), (gate.clone(), up.clone()))
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    /// The input, γ as `[d]`, ε, and γ's shape as the op saw it.
+    type State = (FlexTensor, FlexTensor, f32, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, gamma, eps, gamma_shape) = ops.state;
+        let mut dx = vec![0.0f32; x.layout().num_elements()];
+        let d_gamma = rms_norm_backward(values(&x), values(&gamma), values(&grad), eps, &mut dx);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, owned(dx, &x.layout().shape().to_vec()));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, owned(d_gamma, &gamma_shape));
+        }
+    }
+}
+
+pub(super) fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    epsilon: f64,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>)> {
+    let d = gamma.dims()[0];
+    if !runs::<B>() || x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || x.dims()[D - 1] != d || d == 0 {
+        return Err((x, gamma));
+    }
+    let shape = x.dims();
+    // γ goes in as a rank-D tensor so both inputs share the op's rank; it is reshaped back below.
+    let mut gamma_shape = [1; D];
+    gamma_shape[D - 1] = d;
+    let eps = epsilon as f32;
+    let out = run([x, gamma.reshape(gamma_shape)], RmsNormBackward, |[x, gamma]| {
+        let gamma_shape = gamma.layout().shape().to_vec();
+        let gamma = gamma.reshape(Shape::new([d]));
+        let mut out = vec![0.0f32; x.layout().num_elements()];
+        rms_norm_forward(values(x), values(&gamma), eps, &mut out);
+        (owned(out, &shape), (x.clone(), gamma, eps, gamma_shape))
+    });
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    /// The tables and the shape: the rotation is linear, so its backward needs no activations.
+    type State = (Arc<[f32]>, Arc<[f32]>, RopeShape);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let Some(node) = node_x else { return };
+        let (cos, sin, shape) = ops.state;
+        let mut dx = vec![0.0f32; grad.layout().num_elements()];
+        rope_kernel(values(&grad), &cos, &sin, shape, true, &mut dx);
+        grads.register::<Flex>(node.id, owned(dx, &grad.layout().shape().to_vec()));
+    }
+}
+
+pub(super) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Arc<[f32]>,
+    sin: &Arc<[f32]>,
+    seq: usize,
+    head_dim: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [_, t, heads, d_h] = x.dims();
+    if !runs::<B>() || x.dtype() != DType::F32 || t != seq || d_h != head_dim || d_h % 2 != 0 || heads == 0 {
+        return Err(x);
+    }
+    let shape = RopeShape { seq, heads, head_dim };
+    let dims = x.dims();
+    let (cos, sin) = (cos.clone(), sin.clone());
+    Ok(run([x], RopeBackward, |[x]| {
+        let mut out = vec![0.0f32; x.layout().num_elements()];
+        rope_kernel(values(x), &cos, &sin, shape, false, &mut out);
+        (owned(out, &dims), (cos, sin, shape))
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// The kernel's mask, owned so that the backward can keep it.
+#[derive(Debug, Clone)]
+enum KernelMask {
+    Causal(usize),
+    KeyPadding(Arc<[bool]>),
+}
+
+impl KernelMask {
+    fn new<B: Backend>(mask: &AttentionMask<B>) -> Self {
+        match mask {
+            AttentionMask::Causal { offset } => Self::Causal(*offset),
+            AttentionMask::KeyPadding(padding) => Self::KeyPadding(padding.padded.clone()),
+        }
+    }
+
+    fn get(&self) -> Mask<'_> {
+        match self {
+            Self::Causal(offset) => Mask::Causal { offset: *offset },
+            Self::KeyPadding(padded) => Mask::KeyPadding(padded),
+        }
+    }
+}
+
+/// What the attention backward keeps: `q`, `k`, `v`, the probabilities, the sizes and the mask.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: Arc<Vec<f32>>,
+    shape: AttentionShape,
+    mask: KernelMask,
+}
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let AttentionState { q, k, v, probs, shape, mask } = ops.state;
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; q.layout().num_elements()],
+            vec![0.0f32; k.layout().num_elements()],
+            vec![0.0f32; v.layout().num_elements()],
+        );
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        attention_backward(
+            values(&q),
+            values(&k),
+            values(&v),
+            &probs,
+            values(&grad),
+            shape,
+            mask.get(),
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        for (node, data, t) in [(node_q, dq, &q), (node_k, dk, &k), (node_v, dv, &v)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, owned(data, &t.layout().shape().to_vec()));
+            }
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+pub(super) fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let [batch, q_len, heads, head_dim] = q.dims();
+    let [kb, kv_len, kv_heads, kd] = k.dims();
+    let mask = KernelMask::new(mask);
+    let mask_fits = match &mask {
+        KernelMask::Causal(_) => true,
+        KernelMask::KeyPadding(padded) => padded.len() == batch * kv_len,
+    };
+    let fits = kb == batch
+        && kd == head_dim
+        && v.dims() == k.dims()
+        && kv_heads > 0
+        && heads.is_multiple_of(kv_heads)
+        && mask_fits;
+    if !runs::<B>() || !all_f32(&[&q, &k, &v]) || !fits {
+        return Err((q, k, v));
+    }
+    let shape = AttentionShape { batch, q_len, kv_len, heads, kv_heads, head_dim };
+    let dims = q.dims();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    Ok(run([q, k, v], AttentionBackward, |[q, k, v]| {
+        let mut out = vec![0.0f32; q.layout().num_elements()];
+        let mut probs = vec![0.0f32; batch * heads * q_len * kv_len];
+        attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, &mut out, &mut probs);
+        let state = AttentionState { q: q.clone(), k: k.clone(), v: v.clone(), probs: Arc::new(probs), shape, mask };
+        (owned(out, &dims), state)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    /// The input.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let Some(node) = node_x else { return };
+        let x = ops.state;
+        let mut dx = vec![0.0f32; x.layout().num_elements()];
+        gelu_backward(values(&x), values(&grad), &mut dx);
+        grads.register::<Flex>(node.id, owned(dx, &x.layout().shape().to_vec()));
+    }
+}
+
+pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if !runs::<B>() || x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let dims = x.dims();
+    Ok(run([x], GeluBackward, |[x]| {
+        let mut out = vec![0.0f32; x.layout().num_elements()];
+        gelu_forward(values(x), &mut out);
+        (owned(out, &dims), x.clone())
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    /// The input, γ as `[d]`, ε, and γ's (and β's) shape as the op saw it.
+    type State = (FlexTensor, FlexTensor, f32, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, gamma, eps, param_shape) = ops.state;
+        let mut dx = vec![0.0f32; x.layout().num_elements()];
+        let (d_gamma, d_beta) = layer_norm_backward(values(&x), values(&gamma), values(&grad), eps, &mut dx);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, owned(dx, &x.layout().shape().to_vec()));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, owned(d_gamma, &param_shape));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, owned(d_beta, &param_shape));
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+pub(super) fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>)> {
+    let d = gamma.dims()[0];
+    let fits = x.dims()[D - 1] == d && beta.dims()[0] == d && d > 0;
+    if !runs::<B>() || x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 || !fits {
+        return Err((x, gamma, beta));
+    }
+    let shape = x.dims();
+    // γ and β go in as rank-D tensors so all inputs share the op's rank.
+    let mut param_shape = [1; D];
+    param_shape[D - 1] = d;
+    let eps = epsilon as f32;
+    Ok(run([x, gamma.reshape(param_shape), beta.reshape(param_shape)], LayerNormBackward, |[x, gamma, beta]| {
+        let param_shape = gamma.layout().shape().to_vec();
+        let (gamma, beta) = (gamma.reshape(Shape::new([d])), beta.reshape(Shape::new([d])));
+        let mut out = vec![0.0f32; x.layout().num_elements()];
+        layer_norm_forward(values(x), values(&gamma), values(&beta), eps, &mut out);
+        (owned(out, &shape), (x.clone(), gamma, eps, param_shape))
+    }))
+}

@@ -1,0 +1,254 @@
+//! The transformer blocks' fused ops: SwiGLU, RMSNorm, rotary embedding and attention.
+//!
+//! Each function computes what Burn's op chain computes and is the only way the models call it.
+//! On the flex backend, plain or under autodiff, it runs one fused kernel from
+//! `tensor-peft-kernels` forward and one backward (the [`flex`] module registers the backward as
+//! a custom autodiff step); on every other backend, and for dtypes other than f32, it runs Burn's
+//! op chain, which the tests use as the reference. On a SmolLM2-135M training step the chains
+//! cost more than the GEMMs (BENCHMARKS.md §9).
+
+#[cfg(feature = "flex")]
+mod flex;
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
+use std::sync::Arc;
+
+/// `silu(gate) · up`, LLaMA's MLP gate.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (gate, up) = match flex::swiglu(gate, up) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    silu(gate) * up
+}
+
+/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) · γ`, as Burn's `RmsNorm`.
+pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, epsilon: f64) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (x, gamma) = match flex::rms_norm(x, gamma, epsilon) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let rms = (x.clone().square().mean_dim(D - 1) + epsilon).sqrt();
+    (x / rms) * gamma.unsqueeze()
+}
+
+/// Rotary position embedding (HF rotate-half layout) for positions `start..start + seq`, built once
+/// per forward and applied to every layer's queries and keys.
+#[derive(Debug, Clone)]
+pub struct Rope<B: Backend> {
+    start: usize,
+    // Read by the flex kernel only.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    seq: usize,
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    head_dim: usize,
+    /// `cos`, `sin` of the `[seq, head_dim/2]` angles, for the fused kernel.
+    cos: Arc<[f32]>,
+    sin: Arc<[f32]>,
+    /// For the op chain, per head count: the tables repeated per head as `[1, seq·heads·head_dim]`
+    /// rows. One row broadcast over the batch is the shape Burn's CPU backends vectorise; a
+    /// `[seq, head_dim]` table broadcast over the heads took their scalar strided path.
+    rows: Vec<(usize, Tensor<B, 2>, Tensor<B, 2>)>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for `seq` positions from `start`, head size `head_dim`, base `theta`, for
+    /// projections with any of `head_counts` heads.
+    pub fn new(
+        start: usize,
+        seq: usize,
+        head_dim: usize,
+        theta: f64,
+        head_counts: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|j| theta.powf(-((2 * j) as f64) / head_dim as f64)).collect();
+        let (mut cos, mut sin) = (Vec::with_capacity(seq * half), Vec::with_capacity(seq * half));
+        for pos in start..start + seq {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let (cos, sin): (Arc<[f32]>, Arc<[f32]>) = (cos.into(), sin.into());
+        let mut rows = Vec::new();
+        #[cfg(feature = "flex")]
+        let chain = !flex::runs::<B>();
+        #[cfg(not(feature = "flex"))]
+        let chain = true;
+        if chain {
+            for &heads in head_counts {
+                if rows.iter().all(|(n, _, _)| *n != heads) {
+                    let row = |table: &[f32]| repeat_per_head::<B>(table, seq, heads, head_dim, device);
+                    rows.push((heads, row(&cos), row(&sin)));
+                }
+            }
+        }
+        Self { start, seq, head_dim, cos, sin, rows }
+    }
+
+    /// Position of the first row of the tables.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x: [B, seq, heads, head_dim]`, heads one of the counts
+    /// given to [`Rope::new`].
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        #[cfg(feature = "flex")]
+        let x = match flex::rope(x, &self.cos, &self.sin, self.seq, self.head_dim) {
+            Ok(out) => return out,
+            Err(x) => x,
+        };
+        let [b, t, n, d_h] = x.dims();
+        let (cos, sin) = match self.rows.iter().find(|(heads, _, _)| *heads == n) {
+            Some((_, c, s)) => (c.clone(), s.clone()),
+            None => {
+                let row = |table: &[f32]| repeat_per_head::<B>(table, t, n, d_h, &x.device());
+                (row(&self.cos), row(&self.sin))
+            }
+        };
+        let half = d_h / 2;
+        let row = t * n * d_h;
+        let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
+        (x.reshape([b, row]) * cos + rotated.reshape([b, row]) * sin).reshape([b, t, n, d_h])
+    }
+}
+
+/// A `[seq, head_dim/2]` table as one `[1, seq·heads·head_dim]` row: each position's half-row
+/// twice (HF repeats the frequencies), once per head.
+fn repeat_per_head<B: Backend>(
+    table: &[f32],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let half = head_dim / 2;
+    let mut row = Vec::with_capacity(seq * heads * head_dim);
+    for pos in table.chunks_exact(half.max(1)).take(seq) {
+        for _ in 0..heads {
+            row.extend_from_slice(pos);
+            row.extend_from_slice(pos);
+        }
+    }
+    Tensor::from_data(TensorData::new(row, [1, seq * heads * head_dim]), device)
+}
+
+/// Which keys each query attends to in [`attention`].
+#[derive(Debug, Clone)]
+pub enum AttentionMask<B: Backend> {
+    /// Causal: query `i` sits at position `offset + i` and sees keys `0..=offset + i` (a KV cache
+    /// holds the `offset` earlier positions).
+    Causal {
+        /// Cached positions before the first query.
+        offset: usize,
+    },
+    /// Every query sees every key that is not padding.
+    KeyPadding(KeyPadding<B>),
+}
+
+/// The padded keys of a batch, in the form the running backend needs: flags for the fused
+/// kernel, which skips those keys, or an additive `[B, H, T, T]` bias of −10⁹ for the op chain
+/// (laid out in full once per forward: added as a `[B, 1, 1, T]` broadcast it took flex's strided
+/// path, 11 ms per layer on a MiniLM batch).
+#[derive(Debug, Clone)]
+pub struct KeyPadding<B: Backend> {
+    // Read by the flex kernel only.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    padded: Arc<[bool]>,
+    bias: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> KeyPadding<B> {
+    /// From an HF attention mask `[B, T]` (1 = token, 0 = padding), for `heads` heads and
+    /// `T` queries per sequence.
+    pub fn new(attention_mask: Tensor<B, 2>, heads: usize) -> Self {
+        #[cfg(feature = "flex")]
+        if flex::runs::<B>() {
+            let mask = attention_mask.into_data().convert::<f32>();
+            let padded = mask.iter::<f32>().map(|m| m < 0.5).collect();
+            return Self { padded, bias: None };
+        }
+        let [b, t] = attention_mask.dims();
+        let bias = (attention_mask.ones_like() - attention_mask)
+            .mul_scalar(-1e9)
+            .reshape([b, 1, 1, t])
+            .repeat_dim(1, heads)
+            .repeat_dim(2, t);
+        Self { padded: Arc::from(Vec::new()), bias: Some(bias) }
+    }
+}
+
+/// `softmax(q·kᵀ/√d_h + mask)·v` per head, with grouped-query heads: `q: [B, T_q, H, d_h]`,
+/// `k`, `v`: `[B, T_k, H_kv, d_h]` (query head `h` reads key/value head `h / (H / H_kv)`), output
+/// `[B, T_q, H, d_h]`: the projections' own layouts, so no head transposes on the fused path.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let (q, k, v) = match flex::attention(q, k, v, mask) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let [b, t_q, h, d_h] = q.dims();
+    let [_, t_k, kv, _] = k.dims();
+    let device = q.device();
+    let repeat = |y: Tensor<B, 4>| {
+        let y = y.swap_dims(1, 2);
+        if kv == h { y } else { y.reshape([b, kv, 1, t_k, d_h]).repeat_dim(2, h / kv).reshape([b, h, t_k, d_h]) }
+    };
+    let scores = q.swap_dims(1, 2).matmul(repeat(k).swap_dims(2, 3)).div_scalar((d_h as f64).sqrt());
+    let scores = match mask {
+        AttentionMask::Causal { offset } => {
+            let hidden: Vec<bool> = (0..t_q * t_k).map(|n| n % t_k > offset + n / t_k).collect();
+            let hidden = Tensor::<B, 2, Bool>::from_data(TensorData::new(hidden, [t_q, t_k]), &device);
+            scores.mask_fill(hidden.unsqueeze::<4>(), f32::NEG_INFINITY)
+        }
+        AttentionMask::KeyPadding(padding) => match &padding.bias {
+            Some(bias) => scores + bias.clone(),
+            None => scores,
+        },
+    };
+    softmax(scores, 3).matmul(repeat(v)).swap_dims(1, 2)
+}
+
+/// The exact (erf) GELU, `x·Φ(x)`, as BERT uses it; on the op chain,
+/// [`crate::activation::gelu`].
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = match flex::gelu(x) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    crate::activation::gelu(x)
+}
+
+/// LayerNorm over the last dimension, `(x − mean) / √(var + ε) · γ + β`, as Burn's `LayerNorm`.
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (x, gamma, beta) = match flex::layer_norm(x, gamma, beta, epsilon) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        Some(beta.into_primitive().tensor()),
+        epsilon,
+    )))
+}
