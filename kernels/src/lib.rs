@@ -15,6 +15,7 @@ mod simd;
 
 pub mod attention;
 pub mod gelu;
+pub mod loss;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

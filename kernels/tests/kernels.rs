@@ -104,3 +104,27 @@ fn attention_propagates_nan_scores() {
     attention_forward(&q, &kv, &kv, s, Mask::Causal { offset: 0 }, 1.0, &mut out, &mut probs);
     assert!(out.iter().all(|o| o.is_nan()), "a NaN query must give NaN outputs, not zeros: {out:?}");
 }
+
+#[test]
+fn softmax_cross_entropy_matches_float64() {
+    use tensor_peft_kernels::loss::softmax_cross_entropy;
+    let (rows, vocab) = (5, 37);
+    let logits: Vec<f32> = (0..rows * vocab).map(|i| ((i * 29 % 83) as f32 - 41.0) / 3.0).collect();
+    let targets = [0usize, 36, 5, 5, 17];
+    let weights = [1.0f32, 0.5, 0.0, 2.0, 0.25];
+    let mut grad = logits.clone();
+    let loss = softmax_cross_entropy(&mut grad, vocab, &targets, &weights);
+    let mut exact = 0.0f64;
+    for r in 0..rows {
+        let z: Vec<f64> = logits[r * vocab..(r + 1) * vocab].iter().map(|&v| v as f64).collect();
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        exact -= weights[r] as f64 * (z[targets[r]] - max - sum.ln());
+        for (j, v) in z.iter().enumerate() {
+            let p = (v - max).exp() / sum;
+            let g = weights[r] as f64 * (p - if j == targets[r] { 1.0 } else { 0.0 });
+            assert!((grad[r * vocab + j] as f64 - g).abs() <= 1e-6, "gradient [{r}, {j}]");
+        }
+    }
+    assert!((loss - exact).abs() <= 1e-5 * exact.abs(), "loss {loss} vs {exact}");
+}

@@ -14,7 +14,8 @@
 //! every backend. The graph holds only `[rows, d]` tensors (and `[vocab, d]` when the head trains).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Int, Tensor};
+use tensor_peft_models::fused;
 
 /// Logits held at once per chunk of rows: 16 Mi entries (64 MiB in f32), all 256 rows of a
 /// SmolLM2 batch of 4×64. Smaller chunks cost more than they save: at 85 rows flex's two head
@@ -73,19 +74,15 @@ pub fn linear_cross_entropy_chunked<B: Backend>(
     for start in (0..rows).step_by(chunk) {
         let n = chunk.min(rows - start);
         let h_chunk = h.clone().narrow(0, start, n);
-        let target = targets.clone().narrow(0, start, n).reshape([n, 1]);
-        let weight = scaled.clone().narrow(0, start, n).reshape([n, 1]);
+        let target = targets.clone().narrow(0, start, n);
+        let weight = scaled.clone().narrow(0, start, n);
 
         let logits = h_chunk.clone().matmul(w.clone().transpose());
-        let shifted = logits.clone() - logits.max_dim(1);
-        let exp = shifted.clone().exp();
-        let sum = exp.clone().sum_dim(1);
-        let log_p = shifted.gather(1, target.clone()) - sum.clone().log();
-        value = value + (log_p * weight.clone()).sum().neg();
+        let (chunk_value, g) = fused::softmax_cross_entropy(logits, target, weight, grad_hidden || grad_head);
+        value = value + chunk_value;
 
-        if grad_hidden || grad_head {
-            // G = w·softmax − w·onehot: the gradient of the loss with respect to these logits.
-            let g = (exp * (weight.clone() / sum)).scatter(1, target, weight.neg(), IndexingUpdateOp::Add);
+        // G = w·softmax − w·onehot: the gradient of the loss with respect to these logits.
+        if let Some(g) = g {
             if grad_hidden {
                 hidden_grads.push(g.clone().matmul(w.clone()));
             }

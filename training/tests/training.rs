@@ -664,13 +664,21 @@ fn loraplus_groups_the_factors_that_start_at_zero() {
 /// The fused loss against a float64 reference computed on the host: the value
 /// `−Σ w_i log softmax(h_i·Wᵀ)[t_i] / count` and its gradients `G·W` and `Gᵀ·h` with
 /// `G = w·(softmax − onehot)/count`, for several chunk sizes, with and without autodiff.
+///
+/// On ndarray (Burn's op chain) and on flex (the fused softmax cross-entropy kernel).
 #[test]
 fn linear_cross_entropy_matches_a_float64_reference_in_every_chunking() {
-    use burn::tensor::{Distribution, Int};
-    use tensor_peft_training::loss::{linear_cross_entropy, linear_cross_entropy_chunked};
     // Seeding and drawing from Burn's process-wide RNG while an end-to-end test trains would change
     // that test's initialisation.
     let _serial = serial();
+    linear_cross_entropy_check::<AB>();
+    linear_cross_entropy_check::<Autodiff<burn::backend::Flex>>();
+}
+
+fn linear_cross_entropy_check<AB: burn::tensor::backend::AutodiffBackend>() {
+    use burn::tensor::{Distribution, Int};
+    use tensor_peft_training::loss::{linear_cross_entropy, linear_cross_entropy_chunked};
+    type B<AB> = <AB as burn::tensor::backend::AutodiffBackend>::InnerBackend;
     let device = Default::default();
     <AB as burn::tensor::backend::Backend>::seed(&device, 7);
     let (rows, d, vocab) = (7, 5, 11);
@@ -723,13 +731,13 @@ fn linear_cross_entropy_matches_a_float64_reference_in_every_chunking() {
     close(&h_leaf.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap(), &grad_h, "grad hidden (frozen head)");
     assert!(head.grad(&grads).is_none());
     // Without autodiff (evaluation): the value only.
-    let inner = |x: Tensor<AB, 2>| Tensor::<B, 2>::from_data(x.to_data(), &device);
+    let inner = |x: Tensor<AB, 2>| Tensor::<B<AB>, 2>::from_data(x.to_data(), &device);
     let loss = linear_cross_entropy(
         inner(hidden),
         inner(head),
         false,
-        Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [rows]), &device),
-        Tensor::<B, 1>::from_data(TensorData::new(weights, [rows]), &device),
+        Tensor::<B<AB>, 1, Int>::from_data(TensorData::new(targets, [rows]), &device),
+        Tensor::<B<AB>, 1>::from_data(TensorData::new(weights, [rows]), &device),
         count,
     );
     close(&loss.to_data().to_vec::<f32>().unwrap(), &[value], "value (no autodiff)");

@@ -14,11 +14,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
 use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
 use tensor_peft_kernels::gelu::{gelu_backward, gelu_forward};
+use tensor_peft_kernels::loss::softmax_cross_entropy as cross_entropy_kernel;
 use tensor_peft_kernels::norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
 use tensor_peft_kernels::rope::{RopeShape, rope as rope_kernel};
 use tensor_peft_kernels::swiglu::{swiglu_backward, swiglu_forward};
@@ -51,6 +52,22 @@ fn primitive<B: Backend, P: 'static, const D: usize>(t: Tensor<B, D>) -> P {
 /// A tensor of backend `B` from the primitive `p` of the same backend.
 fn tensor<B: Backend, P: 'static, const D: usize>(p: P) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(same::<P, FloatTensor<B>>(p)))
+}
+
+/// A tensor of backend `B` (flex, or autodiff-flex untracked) holding `t`.
+fn untracked<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    if is::<B, Flex>() {
+        return tensor::<B, FlexTensor, D>(t);
+    }
+    tensor::<B, AdTensor, D>(<AdFlex as AutodiffBackend>::from_inner(t))
+}
+
+/// The flex tensor inside `t` (which autodiff must not track).
+fn inner<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    if is::<B, Flex>() {
+        return primitive::<B, FlexTensor, D>(t);
+    }
+    <AdFlex as AutodiffBackend>::inner(primitive::<B, AdTensor, D>(t))
 }
 
 /// A contiguous row-major view of `t` (copied only when strided).
@@ -429,4 +446,40 @@ pub(super) fn layer_norm<B: Backend, const D: usize>(
         layer_norm_forward(values(x), values(&gamma), values(&beta), eps, &mut out);
         (owned(out, &shape), (x.clone(), gamma, eps, param_shape))
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax cross-entropy (outside the graph)
+
+#[allow(clippy::type_complexity)]
+pub(super) fn softmax_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: Tensor<B, 1>,
+) -> Result<(Tensor<B, 1>, Tensor<B, 2>), (Tensor<B, 2>, Tensor<B, 1, Int>, Tensor<B, 1>)> {
+    let [rows, vocab] = logits.dims();
+    let fits = targets.dims()[0] == rows && weights.dims()[0] == rows && vocab > 0;
+    if !runs::<B>() || logits.dtype() != DType::F32 || weights.dtype() != DType::F32 || !fits {
+        return Err((logits, targets, weights));
+    }
+    let ids = targets.to_data().convert::<i64>();
+    let ids: Vec<usize> = ids.iter::<i64>().filter_map(|t| usize::try_from(t).ok().filter(|&t| t < vocab)).collect();
+    if ids.len() != rows {
+        // A target outside the vocabulary: the op chain's behaviour, whatever it is.
+        return Err((logits, targets, weights));
+    }
+    let device = logits.device();
+    let w: Vec<f32> = weights.into_data().convert::<f32>().iter::<f32>().collect();
+    let mut z = contiguous(&inner(logits));
+    let value = match z.try_storage_mut::<f32>() {
+        Some(buffer) => cross_entropy_kernel(buffer, vocab, &ids, &w),
+        None => {
+            let mut copy = values(&z).to_vec();
+            let value = cross_entropy_kernel(&mut copy, vocab, &ids, &w);
+            z = owned(copy, &[rows, vocab]);
+            value
+        }
+    };
+    let value = Tensor::<B, 1>::from_data(TensorData::new(vec![value as f32], [1]), &device);
+    Ok((value, untracked(z)))
 }

@@ -1,4 +1,5 @@
-//! The transformer blocks' fused ops: SwiGLU, RMSNorm, rotary embedding and attention.
+//! The transformer blocks' fused ops: SwiGLU, GELU, RMSNorm, LayerNorm, rotary embedding,
+//! attention, and the causal-LM loss's softmax cross-entropy.
 //!
 //! Each function computes what Burn's op chain computes and is the only way the models call it.
 //! On the flex backend, plain or under autodiff, it runs one fused kernel from
@@ -12,7 +13,7 @@ mod flex;
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
 /// `silu(gate) · up`, LLaMA's MLP gate.
@@ -251,4 +252,32 @@ pub fn layer_norm<B: Backend, const D: usize>(
         Some(beta.into_primitive().tensor()),
         epsilon,
     )))
+}
+
+/// The weighted softmax cross-entropy of each logit row against its target, outside the autodiff
+/// graph: `Σᵢ −wᵢ·log softmax(zᵢ)[tᵢ]` as a `[1]` tensor and, when `with_grad`, its gradient with
+/// respect to the logits, `w·(softmax(z) − onehot(t))` (`[rows, vocab]`). `logits` is consumed: on
+/// flex the gradient is written over it in three passes per row. Targets must lie in the
+/// vocabulary.
+pub fn softmax_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: Tensor<B, 1>,
+    with_grad: bool,
+) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
+    #[cfg(feature = "flex")]
+    let (logits, targets, weights) = match flex::softmax_cross_entropy(logits, targets, weights) {
+        Ok((value, grad)) => return (value, with_grad.then_some(grad)),
+        Err(inputs) => inputs,
+    };
+    let n = targets.dims()[0];
+    let (target, weight) = (targets.reshape([n, 1]), weights.reshape([n, 1]));
+    let shifted = logits.clone() - logits.max_dim(1);
+    let exp = shifted.clone().exp();
+    let sum = exp.clone().sum_dim(1);
+    let log_p = shifted.gather(1, target.clone()) - sum.clone().log();
+    let value = (log_p * weight.clone()).sum().neg();
+    let grad =
+        with_grad.then(|| (exp * (weight.clone() / sum)).scatter(1, target, weight.neg(), IndexingUpdateOp::Add));
+    (value, grad)
 }
