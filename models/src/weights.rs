@@ -167,9 +167,10 @@ impl Weights {
         Ok(Tensor::from_data(TensorData::new(stored.into_f32(), shape), device))
     }
 
-    /// Removes and returns the 2-D tensor `name` stored as `[rows, cols]` (HF's `[out, in]`),
-    /// transposed into a contiguous `[cols, rows]` (Burn's `[in, out]`). Backends multiply a
-    /// contiguous weight several times faster than a transposed view of one.
+    /// Removes and returns the 2-D tensor `name` stored as `[rows, cols]` (HF's `[out, in]`) as
+    /// Burn's `[cols, rows]` (`[in, out]`): transposed into contiguous memory, or, where the
+    /// backend's GEMMs run faster that way ([`crate::fused::weight_as_transposed_view`]), a
+    /// transposed view of the stored layout.
     pub fn take_transposed<B: Backend>(
         &mut self,
         name: &str,
@@ -185,6 +186,9 @@ impl Weights {
             ));
         }
         let values = stored.into_f32();
+        if crate::fused::weight_as_transposed_view::<B>(cols, rows) {
+            return Ok(Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device).transpose());
+        }
         let mut transposed = vec![0.0f32; values.len()];
         for r in 0..rows {
             for c in 0..cols {

@@ -16,6 +16,20 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
+/// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
+/// transposed view of it instead of being transposed into contiguous memory: on flex when
+/// `d_out > d_in`. Flex's GEMM packs a column-major right operand slowly when its reduction
+/// dimension is long; the forward `x·W` reduces over `d_in` and the backward `dY·Wᵀ` over
+/// `d_out`, so the longer of the two should read row-major memory. On SmolLM2's 576→1536 MLP
+/// projections that makes forward + backward 1.2× faster (3.41 → 2.86 ms on 256 rows); on ndarray
+/// a column-major operand is slower whichever dimension it reduces, so the layout is left alone.
+pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool {
+    #[cfg(feature = "flex")]
+    return flex::runs::<B>() && d_out > d_in;
+    #[cfg(not(feature = "flex"))]
+    return false;
+}
+
 /// `silu(gate) · up`, LLaMA's MLP gate.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
