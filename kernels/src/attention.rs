@@ -6,7 +6,8 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{axpy, dot, exp, multiversion, sum};
+use crate::matmul::{View, matmul};
+use crate::simd::{dot, exp, max, multiversion, sum};
 
 /// Sizes of one attention call. `q` and the output are `[batch, q_len, heads, head_dim]`; `k` and
 /// `v` are `[batch, kv_len, kv_heads, head_dim]`; the probabilities are
@@ -51,14 +52,6 @@ impl Mask<'_> {
             _ => kv_len,
         }
     }
-
-    #[inline(always)]
-    fn is_padding(&self, b: usize, j: usize, kv_len: usize) -> bool {
-        match *self {
-            Mask::KeyPadding(pad) => pad[b * kv_len + j],
-            _ => false,
-        }
-    }
 }
 
 impl AttentionShape {
@@ -97,89 +90,115 @@ struct Problem<'a> {
     scale: f32,
 }
 
+impl Problem<'_> {
+    /// Query head `h` of sequence `b` as a `[q_len, head_dim]` view of `x` (`q`, or a tensor shaped
+    /// like it).
+    fn query_head<'x>(&self, x: &'x [f32], b: usize, h: usize) -> View<'x> {
+        let s = self.s;
+        View::rows(x, s.q_row(b, 0, h), s.q_len, s.head_dim, s.heads * s.head_dim)
+    }
+
+    /// Key/value head `g` of sequence `b` as a `[kv_len, head_dim]` view of `x` (`k` or `v`).
+    fn kv_head<'x>(&self, x: &'x [f32], b: usize, g: usize) -> View<'x> {
+        let s = self.s;
+        View::rows(x, s.kv_row(b, 0, g), s.kv_len, s.head_dim, s.kv_heads * s.head_dim)
+    }
+}
+
 multiversion! {
-    /// One (sequence, query head): the probabilities into `probs` (`[q_len, kv_len]`) and the
-    /// output rows into `out` (`[q_len, head_dim]`).
-    fn forward_head(problem: Problem, b: usize, h: usize, probs: &mut [f32], out: &mut [f32]) {
-        let Problem { q, k, v, s, mask, scale } = problem;
-        let g = h / (s.heads / s.kv_heads);
-        let dh = s.head_dim;
-        for (i, (p, o)) in probs.chunks_exact_mut(s.kv_len).zip(out.chunks_exact_mut(dh)).enumerate() {
-            let qi = &q[s.q_row(b, i, h)..][..dh];
+    /// Scaled scores in `p` (`[q_len, kv_len]`) to masked softmax probabilities, in place.
+    fn softmax_rows(problem: Problem, b: usize, p: &mut [f32]) {
+        let Problem { s, mask, .. } = problem;
+        for (i, row) in p.chunks_exact_mut(s.kv_len).enumerate() {
             let end = mask.end(i, s.kv_len);
-            let (mut max, mut any_key) = (f32::NEG_INFINITY, false);
-            for j in 0..end {
-                p[j] = if mask.is_padding(b, j, s.kv_len) {
-                    f32::NEG_INFINITY
-                } else {
-                    any_key = true;
-                    scale * dot(qi, &k[s.kv_row(b, j, g)..][..dh])
-                };
-                max = max.max(p[j]);
-            }
-            p[end..].fill(0.0);
-            // (Scores that are NaN leave `max` at −∞ and come out as NaN probabilities: a
-            // diverged model must not look finite.)
+            row[end..].fill(0.0);
+            let scores = &mut row[..end];
+            let any_key = match mask {
+                Mask::KeyPadding(pad) => {
+                    let mut any_key = false;
+                    for (score, &padded) in scores.iter_mut().zip(&pad[b * s.kv_len..][..end]) {
+                        *score = if padded { f32::NEG_INFINITY } else { *score };
+                        any_key |= !padded;
+                    }
+                    any_key
+                }
+                _ => end > 0,
+            };
             if !any_key {
-                // Nothing to attend to: zero output (Burn's softmax would give NaN).
-                p[..end].fill(0.0);
-                o.fill(0.0);
+                // Nothing to attend to: zero probabilities, zero output (Burn's softmax: NaN).
+                scores.fill(0.0);
                 continue;
             }
-            for x in &mut p[..end] {
+            // Scores that are NaN leave `max` at −∞ and come out as NaN probabilities: a diverged
+            // model must not look finite.
+            let max = max(scores);
+            for x in scores.iter_mut() {
                 *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - max) };
             }
-            let inv = 1.0 / sum(&p[..end]);
-            for x in &mut p[..end] {
+            let inv = 1.0 / sum(scores);
+            for x in scores.iter_mut() {
                 *x *= inv;
-            }
-            o.fill(0.0);
-            for (j, &pj) in p[..end].iter().enumerate() {
-                if pj != 0.0 {
-                    axpy(o, pj, &v[s.kv_row(b, j, g)..][..dh]);
-                }
             }
         }
     }
 }
 
 multiversion! {
-    /// One (sequence, key/value head) and every query head that reads it: `dq` for those heads
-    /// (`[heads/kv_heads, q_len, head_dim]`), `dk` and `dv` for the key/value head
-    /// (`[kv_len, head_dim]` each, accumulated).
-    fn backward_group(problem: Problem, probs: &[f32], grad: &[f32], task: (usize, usize), dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        let Problem { q, k, v, s, mask, scale } = problem;
-        let (b, g) = task;
-        let group = s.heads / s.kv_heads;
-        let dh = s.head_dim;
-        let mut dp = vec![0.0f32; s.kv_len];
-        for (local, dq_head) in dq.chunks_exact_mut(s.q_len * dh).enumerate() {
-            let h = g * group + local;
-            let head_probs = &probs[(b * s.heads + h) * s.q_len * s.kv_len..][..s.q_len * s.kv_len];
-            for (i, (p, dqi)) in head_probs.chunks_exact(s.kv_len).zip(dq_head.chunks_exact_mut(dh)).enumerate() {
-                let end = mask.end(i, s.kv_len);
-                let qi = &q[s.q_row(b, i, h)..][..dh];
-                let doi = &grad[s.q_row(b, i, h)..][..dh];
-                // dP = dO·vᵀ; softmax backward dS = P ⊙ (dP − Σⱼ P·dP).
-                let mut weighted = 0.0f32;
-                for j in 0..end {
-                    dp[j] = if p[j] == 0.0 { 0.0 } else { dot(doi, &v[s.kv_row(b, j, g)..][..dh]) };
-                    weighted += p[j] * dp[j];
-                }
-                dqi.fill(0.0);
-                for j in 0..end {
-                    let pj = p[j];
-                    if pj == 0.0 {
-                        continue;
-                    }
-                    let ds = pj * (dp[j] - weighted) * scale;
-                    let kv = s.kv_row(b, j, g);
-                    axpy(dqi, ds, &k[kv..][..dh]);
-                    axpy(&mut dk[j * dh..][..dh], ds, qi);
-                    axpy(&mut dv[j * dh..][..dh], pj, doi);
-                }
+    /// `dP` (`[q_len, kv_len]`, in place) to the scores' gradient `scale·P ⊙ (dP − Σⱼ P·dP)`.
+    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], kv_len: usize, scale: f32) {
+        for (pr, dr) in p.chunks_exact(kv_len).zip(dp.chunks_exact_mut(kv_len)) {
+            let weighted = dot(pr, dr);
+            for (d, &pj) in dr.iter_mut().zip(pr) {
+                *d = pj * (*d - weighted) * scale;
             }
         }
+    }
+}
+
+/// One (sequence, query head): `S = scale·Q·Kᵀ` into `probs` (`[q_len, kv_len]`), the masked
+/// softmax in place, and `P·V` into `out` (`[q_len, head_dim]`).
+fn forward_head(problem: Problem, b: usize, h: usize, probs: &mut [f32], out: &mut [f32]) {
+    let g = h / (problem.s.heads / problem.s.kv_heads);
+    let (q, k, v) =
+        (problem.query_head(problem.q, b, h), problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
+    matmul(probs, q, k.t(), problem.scale, false);
+    softmax_rows(problem, b, probs);
+    let p = View::rows(probs, 0, problem.s.q_len, problem.s.kv_len, problem.s.kv_len);
+    matmul(out, p, v, 1.0, false);
+}
+
+/// One (sequence, key/value head) and every query head that reads it: `dq` for those heads
+/// (`[heads/kv_heads, q_len, head_dim]`), `dk` and `dv` for the key/value head (`[kv_len,
+/// head_dim]` each, accumulated over the heads).
+#[allow(clippy::too_many_arguments)]
+fn backward_group(
+    problem: Problem,
+    probs: &[f32],
+    grad: &[f32],
+    b: usize,
+    g: usize,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let s = problem.s;
+    let group = s.heads / s.kv_heads;
+    let (k, v) = (problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
+    let mut ds = vec![0.0f32; s.q_len * s.kv_len];
+    for (local, dq_head) in dq.chunks_exact_mut(s.q_len * s.head_dim).enumerate() {
+        let h = g * group + local;
+        let block = s.q_len * s.kv_len;
+        let p = &probs[(b * s.heads + h) * block..][..block];
+        let p_view = View::rows(p, 0, s.q_len, s.kv_len, s.kv_len);
+        let (q, d_out) = (problem.query_head(problem.q, b, h), problem.query_head(grad, b, h));
+        // dV += Pᵀ·dO; dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − rowsum(P ⊙ dP)).
+        matmul(dv, p_view.t(), d_out, 1.0, local > 0);
+        matmul(&mut ds, d_out, v.t(), 1.0, false);
+        softmax_backward_rows(p, &mut ds, s.kv_len, problem.scale);
+        let ds_view = View::rows(&ds, 0, s.q_len, s.kv_len, s.kv_len);
+        // dQ = dS·K; dK += dSᵀ·Q.
+        matmul(dq_head, ds_view, k, 1.0, false);
+        matmul(dk, ds_view.t(), q, 1.0, local > 0);
     }
 }
 
@@ -263,7 +282,7 @@ pub fn attention_backward(
             let mut dq_local = vec![0.0f32; group * s.q_len * dh];
             let mut dk_local = vec![0.0f32; s.kv_len * dh];
             let mut dv_local = vec![0.0f32; s.kv_len * dh];
-            backward_group(problem, probs, grad, (b, g), &mut dq_local, &mut dk_local, &mut dv_local);
+            backward_group(problem, probs, grad, b, g, &mut dq_local, &mut dk_local, &mut dv_local);
             (dq_local, dk_local, dv_local)
         })
         .collect();

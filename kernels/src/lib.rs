@@ -11,6 +11,7 @@
 //! The crate is built at `opt-level = 3` even in the dev profile (workspace `Cargo.toml`): its
 //! loops are the point of it, and unoptimised they would be slower than the op chains they replace.
 
+mod matmul;
 mod simd;
 
 pub mod attention;

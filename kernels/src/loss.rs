@@ -2,19 +2,12 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{exp, multiversion};
+use crate::simd::{exp, max, multiversion};
 
 multiversion! {
     /// One row: returns `(log softmax(z)[target], Σ exp(z − max))` and leaves `exp(z − max)` in `z`.
     fn exp_row(z: &mut [f32], target: usize) -> (f32, f32) {
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let mut chunks = z.chunks_exact(8);
-        for c in &mut chunks {
-            for k in 0..8 {
-                lanes[k] = lanes[k].max(c[k]);
-            }
-        }
-        let max = chunks.remainder().iter().fold(lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v));
+        let max = max(z);
         let shifted_target = z[target] - max;
         let mut sums = [0.0f32; 8];
         let mut chunks = z.chunks_exact_mut(8);

@@ -107,10 +107,16 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// `y += a·x`.
+/// The largest element (−∞ for none), in eight lanes as [`dot`]; NaNs are skipped, as by
+/// `f32::max`.
 #[inline(always)]
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
+pub(crate) fn max(a: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = a.chunks_exact(8);
+    for x in &mut chunks {
+        for k in 0..8 {
+            lanes[k] = lanes[k].max(x[k]);
+        }
     }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
