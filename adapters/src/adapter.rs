@@ -14,7 +14,8 @@ use crate::tt_lora::TtLora;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{Tensor, backend::Backend, module::linear};
+use burn::tensor::{Tensor, backend::Backend};
+use tensor_peft_kernels::fused;
 
 /// How an adapter's update starts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -184,28 +185,31 @@ impl<B: Backend> AdaptedLinear<B> {
     /// is cheaper than contracting every row ([`prefer_dense_delta`]); otherwise the update is
     /// applied factored.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        if D > 2 {
-            // Burn's `linear` brings a 2-D weight to the input's rank with a reshape, and its
-            // backward does the same to the *transposed* weight, which the CPU backends copy: a
-            // full weight copy per layer per step (5 % of a SmolLM2 training step on flex). On a
-            // `[tokens, d_in]` matrix no reshape is needed, and the adapter's weight gradients are
-            // one GEMM instead of a batched one plus a sum.
-            let dims = x.dims();
-            let y = self.forward(x.reshape([dims[..D - 1].iter().product(), dims[D - 1]]), shared);
-            let mut out = dims;
-            out[D - 1] = y.dims()[1];
-            return y.reshape(out);
-        }
-        let Some(adapter) = self.adapter.as_ref().filter(|_| !self.merged) else {
-            return self.base.forward(x);
+        // Work on `[tokens, d_in]` rows. Burn's `linear` brings a 2-D weight to a 3-D input's rank
+        // with a reshape, and its backward does the same to the *transposed* weight, which the CPU
+        // backends copy: a full weight copy per layer per step (5 % of a SmolLM2 training step on
+        // flex). On rows no reshape is needed, and the adapter's weight gradients are one GEMM
+        // instead of a batched one plus a sum.
+        let dims = x.dims();
+        let tokens = dims[..D - 1].iter().product();
+        let x = x.reshape([tokens, dims[D - 1]]);
+        let bias = || self.base.bias.as_ref().map(|b| b.val());
+        // The frozen layer through `fused::linear`: on flex, `gemm` straight into the output.
+        let y = match self.adapter.as_ref().filter(|_| !self.merged) {
+            None => fused::linear(x, self.base.weight.val(), bias()),
+            Some(adapter) => {
+                let (d_in, d_out) = adapter.dims();
+                if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
+                    let weight = self.base.weight.val() + adapter.delta_weight(shared);
+                    fused::linear(x, weight, bias())
+                } else {
+                    fused::linear(x.clone(), self.base.weight.val(), bias()) + adapter.delta(x, shared)
+                }
+            }
         };
-        let tokens = x.dims()[..D - 1].iter().product();
-        let (d_in, d_out) = adapter.dims();
-        if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
-            let weight = self.base.weight.val() + adapter.delta_weight(shared);
-            return linear(x, weight, self.base.bias.as_ref().map(|b| b.val()));
-        }
-        self.base.forward(x.clone()) + adapter.delta(x, shared)
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     /// `‖ΔW‖_F / ‖W‖_F`: how large the update has grown relative to the frozen weight it modifies

@@ -5,16 +5,17 @@
 //! autodiff backward adds a second chain. On a SmolLM2-135M training step (flex, 2 cores) those
 //! chains cost more than the GEMMs (BENCHMARKS.md §9). Each kernel here does one op's forward or
 //! backward in one pass, split over rayon's threads and vectorised, on plain contiguous `f32`
-//! slices. `tensor-peft-models` wires them into Burn (`fused` module) for the flex backend and
-//! keeps Burn's op chains for every other backend.
+//! slices. The [`fused`] module makes them Burn ops: on the flex backend they run these kernels,
+//! on every other backend Burn's op chains.
 //!
 //! The crate is built at `opt-level = 3` even in the dev profile (workspace `Cargo.toml`): its
 //! loops are the point of it, and unoptimised they would be slower than the op chains they replace.
 
-mod matmul;
+pub(crate) mod matmul;
 mod simd;
 
 pub mod attention;
+pub mod fused;
 pub mod gelu;
 pub mod loss;
 pub mod norm;

@@ -1,5 +1,5 @@
-//! Small strided matrix products on the `gemm` crate (the GEMM Burn's flex backend runs), for the
-//! per-head products inside the attention kernel.
+//! Strided matrix products on the `gemm` crate (the GEMM Burn's flex backend runs): the per-head
+//! products inside the attention kernel, and the frozen layers' products of `fused::linear`.
 
 /// A matrix inside a slice: element `(r, c)` at `offset + r·row_stride + c·col_stride`.
 #[derive(Debug, Clone, Copy)]
@@ -76,4 +76,64 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulat
             gemm::Parallelism::None,
         );
     }
+}
+
+/// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a
+/// bias), split over rayon's threads when large (flex's threshold, 192³ multiply-adds). No zero
+/// fill: `gemm` writes every element.
+pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert!(rhs.rows == k, "product: inner dimensions {k} and {} differ", rhs.rows);
+    assert!(row.is_none_or(|r| r.len() == n), "product: the added row must have {n} elements");
+    lhs.check(lhs.data.len(), "lhs");
+    rhs.check(rhs.data.len(), "rhs");
+    let mut out: Vec<f32> = match row {
+        Some(row) => {
+            let mut out = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                out.extend_from_slice(row);
+            }
+            out
+        }
+        None if k == 0 => vec![0.0; m * n],
+        None => Vec::with_capacity(m * n),
+    };
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let read_dst = row.is_some();
+    // SAFETY: the operands' elements lie inside their slices (checked above); the destination is
+    // the `m·n` elements of `out`'s allocation, written through a raw pointer (never read unless
+    // `read_dst`, and then initialised by the bias rows), and every one of them is written by
+    // `gemm` before the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            lhs.data.as_ptr().add(lhs.offset),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr().add(rhs.offset),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
 }

@@ -1,18 +1,15 @@
 #![warn(missing_docs)]
 //! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
-//! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), activations with a
-//! hand-supplied derivative ([`activation`]), the LLaMA decoder
+//! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
 //! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
 //! method by module name.
 
-pub mod activation;
 pub mod adapter_file;
 pub mod arch;
 pub mod bert;
 pub mod error;
 pub mod export;
-pub mod fused;
 pub mod gguf;
 pub mod heads;
 pub mod inject;
@@ -27,4 +24,6 @@ pub use error::ModelError;
 pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios};
 pub use llama::Llama;
+/// The fused ops the blocks call (from `tensor-peft-kernels`).
+pub use tensor_peft_kernels::fused;
 pub use weights::Weights;

@@ -902,7 +902,7 @@ fn gelu_with_supplied_derivative_matches_exact_gelu() {
     );
 
     let x = input(&grid);
-    let ours = tensor_peft_models::activation::gelu(x.clone());
+    let ours = tensor_peft_models::fused::gelu(x.clone());
     let burns = burn::tensor::activation::gelu(Tensor::<AB, 1>::from_data(
         TensorData::new(grid.clone(), [grid.len()]),
         &device,
@@ -919,7 +919,7 @@ fn gelu_with_supplied_derivative_matches_exact_gelu() {
         assert!((*g as f64 - exact).abs() <= 1e-6, "gelu'({x})·w = {g}, float64: {exact}");
     }
     // Inference backend: the value only, the same numbers.
-    let plain = tensor_peft_models::activation::gelu(Tensor::<B, 1>::from_data(
+    let plain = tensor_peft_models::fused::gelu(Tensor::<B, 1>::from_data(
         TensorData::new(grid.clone(), [grid.len()]),
         &device,
     ));
@@ -1036,6 +1036,31 @@ mod fused_on_flex {
                 |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &AttentionMask::Causal { offset }),
             );
         }
+    }
+
+    #[test]
+    fn linear_matches_burns_with_strided_weights_and_every_gradient() {
+        // Weight contiguous `[d_in, d_out]`, or a transposed view of `[d_out, d_in]` (how flex
+        // holds widening frozen projections); with and without a bias.
+        compare(
+            "linear",
+            &[[5, 7], [7, 6]],
+            |x| fused::linear(x[0].clone(), x[1].clone(), None),
+            |x| fused::linear(x[0].clone(), x[1].clone(), None),
+        );
+        compare(
+            "linear, transposed weight, bias",
+            &[[5, 7], [6, 7], [1, 6]],
+            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
+            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
+        );
+        // A frozen weight (untracked) gets no gradient and the input's is still exact.
+        let w = input::<F, 2>([7, 6], 3);
+        let x = input::<F, 2>([5, 7], 4).require_grad();
+        let grads = fused::linear(x.clone(), w.clone(), None).sum().backward();
+        assert!(w.grad(&grads).is_none());
+        let expected = floats(input::<N, 2>([7, 6], 3).sum_dim(1).reshape([1, 7]).repeat_dim(0, 5));
+        assert_close("linear: input gradient with a frozen weight", &floats(x.grad(&grads).unwrap()), &expected, 1e-6);
     }
 
     #[test]

@@ -77,14 +77,14 @@ pub fn linear_cross_entropy_chunked<B: Backend>(
         let target = targets.clone().narrow(0, start, n);
         let weight = scaled.clone().narrow(0, start, n);
 
-        let logits = h_chunk.clone().matmul(w.clone().transpose());
+        let logits = fused::linear(h_chunk.clone(), w.clone().transpose(), None);
         let (chunk_value, g) = fused::softmax_cross_entropy(logits, target, weight, grad_hidden || grad_head);
         value = value + chunk_value;
 
         // G = w·softmax − w·onehot: the gradient of the loss with respect to these logits.
         if let Some(g) = g {
             if grad_hidden {
-                hidden_grads.push(g.clone().matmul(w.clone()));
+                hidden_grads.push(fused::linear(g.clone(), w.clone(), None));
             }
             if grad_head {
                 let part = g.transpose().matmul(h_chunk);

@@ -8,6 +8,13 @@
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
+use crate::attention::{AttentionShape, Mask, attention_backward, attention_forward};
+use crate::gelu::{gelu_backward, gelu_forward};
+use crate::loss::softmax_cross_entropy as cross_entropy_kernel;
+use crate::matmul::{View, product};
+use crate::norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
+use crate::rope::{RopeShape, rope as rope_kernel};
+use crate::swiglu::{swiglu_backward, swiglu_forward};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -17,12 +24,6 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
-use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
-use tensor_peft_kernels::gelu::{gelu_backward, gelu_forward};
-use tensor_peft_kernels::loss::softmax_cross_entropy as cross_entropy_kernel;
-use tensor_peft_kernels::norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
-use tensor_peft_kernels::rope::{RopeShape, rope as rope_kernel};
-use tensor_peft_kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 use super::AttentionMask;
 
@@ -90,14 +91,28 @@ fn all_f32<B: Backend, const D: usize>(ts: &[&Tensor<B, D>]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
-/// Runs a fused op on `inputs`: `forward` on the flex tensors gives the output and the state its
-/// backward needs; under autodiff the step is registered with `backward` when any input is
-/// tracked. `N` inputs, all `[..]` float tensors of rank `D` (inputs of other ranks are passed in
+/// Runs a fused op on `inputs`: `forward`, given the flex tensors and which of them autodiff tracks,
+/// gives the output and the state its backward needs; under autodiff the step is registered with
+/// `backward` when any input is tracked. `N` inputs, all `[..]` float tensors of rank `D` (inputs of other ranks are passed in
 /// the state).
 fn run<B, S, Op, const N: usize, const D: usize, const O: usize>(
     inputs: [Tensor<B, D>; N],
     backward: Op,
-    forward: impl FnOnce([&FlexTensor; N]) -> (FlexTensor, S),
+    forward: impl FnOnce([&FlexTensor; N], [bool; N]) -> (FlexTensor, S),
+) -> Tensor<B, O>
+where
+    B: Backend,
+    S: Clone + Send + std::fmt::Debug + 'static,
+    Op: Backward<Flex, N, State = S>,
+{
+    run_strided(inputs, backward, |prims, tracked| forward(prims.map(contiguous).each_ref(), tracked))
+}
+
+/// [`run`] handing `forward` the inputs in their own layouts (strided views included).
+fn run_strided<B, S, Op, const N: usize, const D: usize, const O: usize>(
+    inputs: [Tensor<B, D>; N],
+    backward: Op,
+    forward: impl FnOnce([&FlexTensor; N], [bool; N]) -> (FlexTensor, S),
 ) -> Tensor<B, O>
 where
     B: Backend,
@@ -105,13 +120,13 @@ where
     Op: Backward<Flex, N, State = S>,
 {
     if is::<B, Flex>() {
-        let prims: [FlexTensor; N] = inputs.map(|t| contiguous(&primitive::<B, FlexTensor, D>(t)));
-        let (out, _) = forward(prims.each_ref());
+        let prims: [FlexTensor; N] = inputs.map(primitive::<B, FlexTensor, D>);
+        let (out, _) = forward(prims.each_ref(), [false; N]);
         return tensor::<B, FlexTensor, O>(out);
     }
     let prims: [AdTensor; N] = inputs.map(primitive::<B, AdTensor, D>);
-    let flex: [FlexTensor; N] = prims.each_ref().map(|p| contiguous(&p.primitive));
-    let (out, state) = forward(flex.each_ref());
+    let tracked = prims.each_ref().map(|p| p.is_tracked());
+    let (out, state) = forward(prims.each_ref().map(|p| &p.primitive), tracked);
     let out = match backward.prepare::<NoCheckpointing>(prims.map(|p| p.node.clone())).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(state, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -154,7 +169,7 @@ pub(super) fn swiglu<B: Backend, const D: usize>(
         return Err((gate, up));
     }
     let shape = gate.dims();
-    Ok(run([gate, up], SwiGluBackward, |[gate, up]| {
+    Ok(run([gate, up], SwiGluBackward, |[gate, up], _| {
         let mut out = vec![0.0f32; gate.layout().num_elements()];
         swiglu_forward(values(gate), values(up), &mut out);
         (owned(out, &shape), (gate.clone(), up.clone()))
@@ -200,7 +215,7 @@ pub(super) fn rms_norm<B: Backend, const D: usize>(
     let mut gamma_shape = [1; D];
     gamma_shape[D - 1] = d;
     let eps = epsilon as f32;
-    let out = run([x, gamma.reshape(gamma_shape)], RmsNormBackward, |[x, gamma]| {
+    let out = run([x, gamma.reshape(gamma_shape)], RmsNormBackward, |[x, gamma], _| {
         let gamma_shape = gamma.layout().shape().to_vec();
         let gamma = gamma.reshape(Shape::new([d]));
         let mut out = vec![0.0f32; x.layout().num_elements()];
@@ -245,7 +260,7 @@ pub(super) fn rope<B: Backend>(
     let shape = RopeShape { seq, heads, head_dim };
     let dims = x.dims();
     let (cos, sin) = (cos.clone(), sin.clone());
-    Ok(run([x], RopeBackward, |[x]| {
+    Ok(run([x], RopeBackward, |[x], _| {
         let mut out = vec![0.0f32; x.layout().num_elements()];
         rope_kernel(values(x), &cos, &sin, shape, false, &mut out);
         (owned(out, &dims), (cos, sin, shape))
@@ -352,7 +367,7 @@ pub(super) fn attention<B: Backend>(
     let shape = AttentionShape { batch, q_len, kv_len, heads, kv_heads, head_dim };
     let dims = q.dims();
     let scale = 1.0 / (head_dim as f32).sqrt();
-    Ok(run([q, k, v], AttentionBackward, |[q, k, v]| {
+    Ok(run([q, k, v], AttentionBackward, |[q, k, v], _| {
         let mut out = vec![0.0f32; q.layout().num_elements()];
         let mut probs = vec![0.0f32; batch * heads * q_len * kv_len];
         attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, &mut out, &mut probs);
@@ -387,7 +402,7 @@ pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor
         return Err(x);
     }
     let dims = x.dims();
-    Ok(run([x], GeluBackward, |[x]| {
+    Ok(run([x], GeluBackward, |[x], _| {
         let mut out = vec![0.0f32; x.layout().num_elements()];
         gelu_forward(values(x), &mut out);
         (owned(out, &dims), x.clone())
@@ -439,7 +454,7 @@ pub(super) fn layer_norm<B: Backend, const D: usize>(
     let mut param_shape = [1; D];
     param_shape[D - 1] = d;
     let eps = epsilon as f32;
-    Ok(run([x, gamma.reshape(param_shape), beta.reshape(param_shape)], LayerNormBackward, |[x, gamma, beta]| {
+    Ok(run([x, gamma.reshape(param_shape), beta.reshape(param_shape)], LayerNormBackward, |[x, gamma, beta], _| {
         let param_shape = gamma.layout().shape().to_vec();
         let (gamma, beta) = (gamma.reshape(Shape::new([d])), beta.reshape(Shape::new([d])));
         let mut out = vec![0.0f32; x.layout().num_elements()];
@@ -482,4 +497,99 @@ pub(super) fn softmax_cross_entropy<B: Backend>(
     };
     let value = Tensor::<B, 1>::from_data(TensorData::new(vec![value as f32], [1]), &device);
     Ok((value, untracked(z)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// A 2-D flex tensor as a [`View`] of its whole buffer (any non-negative strides).
+fn view(t: &FlexTensor) -> Option<View<'_>> {
+    let (rows, cols, row_stride, col_stride) = t.layout().as_2d_strides()?;
+    let (row_stride, col_stride) = (usize::try_from(row_stride).ok()?, usize::try_from(col_stride).ok()?);
+    let data = t.storage::<f32>();
+    Some(View { data, offset: t.layout().start_offset(), rows, cols, row_stride, col_stride })
+}
+
+/// `t` back, or `Err(t)` when its flex tensor has a negative stride.
+fn strides_usable<B: Backend>(t: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let positive = |p: &FlexTensor| p.layout().has_positive_strides();
+    let ok = if is::<B, Flex>() {
+        positive(&primitive::<B, FlexTensor, 2>(t.clone()))
+    } else {
+        positive(&primitive::<B, AdTensor, 2>(t.clone()).primitive)
+    };
+    if ok { Ok(t) } else { Err(t) }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+/// What the linear backward keeps: `x` (only when the weight's gradient is needed) and `W`.
+#[derive(Debug, Clone)]
+struct LinearState {
+    x: Option<FlexTensor>,
+    weight: FlexTensor,
+}
+
+impl<const N: usize> Backward<Flex, N> for LinearBackward {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let LinearState { x, weight } = ops.state;
+        let (Some(dy), Some(w)) = (view(&grad), view(&weight)) else {
+            unreachable!("both are 2-D f32 tensors with non-negative strides (checked in the forward)")
+        };
+        let [node_x, node_w, node_b] = [0, 1, 2].map(|i| ops.parents.get(i).cloned().flatten());
+        if let Some(node) = node_x {
+            // dX = dY·Wᵀ
+            grads.register::<Flex>(node.id, owned(product(dy, w.t(), None), &[dy.rows, w.rows]));
+        }
+        if let (Some(node), Some(x)) = (node_w, x.as_ref().and_then(view)) {
+            // dW = Xᵀ·dY
+            grads.register::<Flex>(node.id, owned(product(x.t(), dy, None), &[x.cols, dy.cols]));
+        }
+        if let Some(node) = node_b {
+            let mut d_bias = vec![0.0f32; dy.cols];
+            for row in values(&grad).chunks_exact(dy.cols) {
+                d_bias.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+            }
+            grads.register::<Flex>(node.id, owned(d_bias, &[1, dy.cols]));
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+pub(super) fn linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    let [rows, d_in] = x.dims();
+    let [w_in, d_out] = weight.dims();
+    let bias_fits = bias.as_ref().is_none_or(|b| b.dims() == [d_out] && b.dtype() == DType::F32);
+    if !runs::<B>() || !all_f32(&[&x, &weight]) || w_in != d_in || !bias_fits {
+        return Err((x, weight, bias));
+    }
+    // Flipped (negative-stride) weights, which no model makes, go to Burn.
+    let weight = match strides_usable(weight) {
+        Ok(weight) => weight,
+        Err(weight) => return Err((x, weight, bias)),
+    };
+    let forward = move |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep_x: bool| {
+        let x = contiguous(x);
+        let (Some(xv), Some(wv)) = (view(&x), view(w)) else {
+            unreachable!("a contiguous 2-D input, and a weight with non-negative strides (checked)")
+        };
+        let b = b.map(contiguous);
+        let out = owned(product(xv, wv, b.as_ref().map(values)), &[rows, d_out]);
+        (out, LinearState { x: keep_x.then(|| x.clone()), weight: w.clone() })
+    };
+    // The weight is used as it is laid out (a transposed view stays one).
+    Ok(match bias {
+        Some(bias) => run_strided([x, weight, bias.reshape([1, d_out])], LinearBackward, |[x, w, b], tracked| {
+            forward(x, w, Some(b), tracked[1])
+        }),
+        None => run_strided([x, weight], LinearBackward, |[x, w], tracked| forward(x, w, None, tracked[1])),
+    })
 }

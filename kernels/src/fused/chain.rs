@@ -1,11 +1,12 @@
-//! Element-wise activations whose derivative is handed to autodiff instead of derived.
+//! Burn op chains for the ops whose chain is more than a line: what every backend other than flex
+//! runs, and the reference the fused kernels are tested against.
 //!
-//! Burn records an activation as its chain of primitive ops, or as one op whose backward
-//! recomputes the function. On the CPU backends both are expensive for GELU: flex evaluates
-//! `erf` with the scalar `libm::erff`, once in the forward and again in the backward, which made
-//! GELU 28 % of a MiniLM training step (BENCHMARKS.md §6). Here the value `f(x)` and the derivative
-//! `f'(x)` are computed outside the graph, and the graph records one product:
-//! `f(x) + (x·f'(x) − detach(x·f'(x)))` has the value `f(x)` exactly and the gradient `f'(x)`.
+//! GELU: Burn records an activation as its chain of primitive ops, or as one op whose backward
+//! recomputes the function. On the CPU backends both are expensive for GELU: flex evaluates `erf`
+//! with the scalar `libm::erff`, once in the forward and again in the backward. Here the value
+//! `f(x)` and the derivative `f'(x)` are computed outside the graph, and the graph records one
+//! product: `f(x) + (x·f'(x) − detach(x·f'(x)))` has the value `f(x)` exactly and the gradient
+//! `f'(x)`.
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -27,7 +28,7 @@ fn with_derivative<B: Backend, const D: usize>(
 /// below f32's resolution of `Φ` near 1), built from multiply-adds, one reciprocal and one `exp`,
 /// all vectorised on the CPU backends: about 2× faster than flex's `erf`, and the backward is one
 /// product with `Φ(x) + x·φ(x)` instead of a second `erf`. Agrees with Burn's `gelu` to 5e-7 (test).
-pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     const P: f64 = 0.327_591_1;
     const A: [f64; 5] = [0.254_829_592, -0.284_496_736, 1.421_413_741, -1.453_152_027, 1.061_405_429];
     let xd = x.clone().detach();
