@@ -22,7 +22,6 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::module::linear;
 use burn::tensor::{Distribution, Tensor};
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -32,6 +31,7 @@ use tensor_peft_adapters::{
     AdaptedLinear, AdapterSet, AttentionGeometry, AttentionMatrix, LinearAdapter, LinearDelta, LinearSite, LoraConfig,
     METHOD_NAMES, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
 };
+use tensor_peft_kernels::fused::linear;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -165,7 +165,7 @@ fn bench_linear<B: AutodiffBackend>(
     // The closures borrow the shared input and step.
     let (x, step) = (&x, &step);
     let mut variants: Vec<(String, Box<dyn FnMut()>)> =
-        vec![("base".into(), Box::new(|| step(base.forward(x.clone()))))];
+        vec![("base".into(), Box::new(|| step(frozen(&base, x.clone()))))];
     for (name, shared, adapter) in &sets {
         variants.push((name.to_string(), Box::new(move || step(adapter.forward(x.clone(), shared)))));
     }
@@ -195,7 +195,7 @@ fn bench_linear<B: AutodiffBackend>(
                 "lora (output scaled)".into(),
                 Box::new(move || {
                     let delta = low_rank_apply(x.clone(), lora.a.val(), lora.b.val()).mul_scalar(lora.scaling);
-                    step(layer.base.forward(x.clone()) + delta)
+                    step(frozen(&layer.base, x.clone()) + delta)
                 }),
             ));
         }
@@ -238,6 +238,12 @@ fn bench_linear<B: AutodiffBackend>(
         .collect())
 }
 
+/// The frozen layer as `AdaptedLinear` runs it (`fused::linear`: on flex, `gemm` straight into the
+/// output), so that "base" and the adapted variants share one base path.
+fn frozen<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
 enum Adapter<B: Backend> {
     Linear(AdaptedLinear<B>),
     /// A residual adapter after the frozen layer (LoRETTA_adp sits after a block's output).
@@ -248,7 +254,7 @@ impl<B: Backend> Adapter<B> {
     fn forward(&self, x: Tensor<B, 2>, shared: &SharedFactors<B>) -> Tensor<B, 2> {
         match self {
             Adapter::Linear(l) => l.forward(x, shared),
-            Adapter::Residual(base, r) => r.forward(base.forward(x)),
+            Adapter::Residual(base, r) => r.forward(frozen(base, x)),
         }
     }
 }
@@ -291,9 +297,9 @@ fn bench_merged<B: Backend>(device: &B::Device, d: usize, n: usize, repeats: usi
         let merged = layer.clone().merge(&shared).map_err(|e| e.to_string())?;
         let update = layer.adapter.as_ref().expect("adapted");
         let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
-            ("base".into(), Box::new(|| drop(base.forward(x.clone())))),
+            ("base".into(), Box::new(|| drop(frozen(&base, x.clone())))),
             ("merged".into(), Box::new(|| drop(merged.forward(x.clone(), &shared)))),
-            ("unmerged".into(), Box::new(|| drop(layer.base.forward(x.clone()) + update.delta(x.clone(), &shared)))),
+            ("unmerged".into(), Box::new(|| drop(frozen(&layer.base, x.clone()) + update.delta(x.clone(), &shared)))),
         ];
         let m = time_interleaved::<B>(device, &mut variants, repeats);
         out.push(json!({
@@ -314,7 +320,7 @@ fn bench_scoring<B: Backend>(device: &B::Device, d: usize, repeats: usize) -> Re
     for n in [d / 8, d / 4, d / 2, d, 2 * d] {
         let x = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
         let mut variants: Vec<(String, Box<dyn FnMut()>)> = vec![
-            ("factored".into(), Box::new(|| drop(base.forward(x.clone()) + lora.delta(x.clone(), &shared)))),
+            ("factored".into(), Box::new(|| drop(frozen(&base, x.clone()) + lora.delta(x.clone(), &shared)))),
             (
                 "dense".into(),
                 Box::new(|| {

@@ -10,12 +10,18 @@ pub mod shape;
 pub mod tt;
 pub mod tucker;
 
-use burn::tensor::{Tensor, backend::Backend, module::linear};
+use burn::tensor::{Tensor, backend::Backend};
+use tensor_peft_kernels::fused;
 
 /// `x · a · b` for `x: [..., d_in]`, `a: [d_in, r]`, `b: [r, d_out]` → `[..., d_out]`,
-/// as two thin GEMMs (never forming `a·b`).
+/// as two thin GEMMs (never forming `a·b`) on rows, through `fused::linear` (on flex, `gemm`
+/// straight into the outputs).
 pub fn low_rank_apply<B: Backend, const D: usize>(x: Tensor<B, D>, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, D> {
-    linear(linear(x, a, None), b, None)
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    let mut out = dims;
+    out[D - 1] = b.dims()[1];
+    fused::linear(fused::linear(x.reshape([rows, dims[D - 1]]), a, None), b, None).reshape(out)
 }
 
 /// `‖a · b‖_F²` without forming `a · b`: `Σ (aᵀa) ⊙ (b bᵀ)` over the two `r × r` Gram matrices
