@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Fused CPU kernels for the transformer blocks' element-wise and attention work.
 //!
 //! Burn's CPU backends run a block's activations, rotary embedding, normalisations and attention

@@ -81,6 +81,7 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulat
 /// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a
 /// bias), split over rayon's threads when large (flex's threshold, 192³ multiply-adds). No zero
 /// fill: `gemm` writes every element.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert!(rhs.rows == k, "product: inner dimensions {k} and {} differ", rhs.rows);

@@ -30,7 +30,10 @@ pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool 
     #[cfg(feature = "flex")]
     return flex::runs::<B>() && d_out > d_in;
     #[cfg(not(feature = "flex"))]
-    return false;
+    {
+        let _ = (d_in, d_out);
+        false
+    }
 }
 
 /// `x·W + b` for `x: [rows, d_in]`, `W: [d_in, d_out]` (any strides, e.g. a transposed view),
