@@ -91,10 +91,10 @@ fn all_f32<B: Backend, const D: usize>(ts: &[&Tensor<B, D>]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
-/// Runs a fused op on `inputs`: `forward`, given the flex tensors and which of them autodiff tracks,
-/// gives the output and the state its backward needs; under autodiff the step is registered with
-/// `backward` when any input is tracked. `N` inputs, all `[..]` float tensors of rank `D` (inputs of other ranks are passed in
-/// the state).
+/// Runs a fused op on `inputs` (`N` float tensors of one rank `D`; an input of another rank is
+/// reshaped to it by the caller): `forward`, given the inputs as contiguous flex tensors and which
+/// of them autodiff tracks, returns the output and the state its backward needs; under autodiff the
+/// step is registered with `backward` when any input is tracked.
 fn run<B, S, Op, const N: usize, const D: usize, const O: usize>(
     inputs: [Tensor<B, D>; N],
     backward: Op,
@@ -512,13 +512,7 @@ fn view(t: &FlexTensor) -> Option<View<'_>> {
 
 /// `t` back, or `Err(t)` when its flex tensor has a negative stride.
 fn strides_usable<B: Backend>(t: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let positive = |p: &FlexTensor| p.layout().has_positive_strides();
-    let ok = if is::<B, Flex>() {
-        positive(&primitive::<B, FlexTensor, 2>(t.clone()))
-    } else {
-        positive(&primitive::<B, AdTensor, 2>(t.clone()).primitive)
-    };
-    if ok { Ok(t) } else { Err(t) }
+    if inner(t.clone()).layout().has_positive_strides() { Ok(t) } else { Err(t) }
 }
 
 #[derive(Debug)]
