@@ -13,6 +13,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
+use tensor_peft_kernels::fused;
 
 /// Hyper-parameters of a LoRA adapter.
 #[derive(Config, Debug)]
@@ -87,7 +88,7 @@ impl<B: Backend> LinearDelta<B> for Lora<B> {
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
         let (a, b) = self.low_rank_factors(shared);
-        low_rank_apply(self.dropout.forward(x), a, b)
+        low_rank_apply(fused::dropout(x, self.dropout.prob), a, b)
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -15,6 +15,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Tensor, backend::Backend};
+use tensor_peft_kernels::fused;
 
 /// Hyper-parameters of a LoRETTA_rep adapter.
 #[derive(Config, Debug)]
@@ -112,7 +113,7 @@ impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
 
     fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
         let (a, b) = self.low_rank_factors(shared);
-        low_rank_apply(self.dropout.forward(x), a, b)
+        low_rank_apply(fused::dropout(x, self.dropout.prob), a, b)
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

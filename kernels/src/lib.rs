@@ -16,6 +16,7 @@ pub(crate) mod matmul;
 mod simd;
 
 pub mod attention;
+pub mod dropout;
 pub mod fused;
 pub mod gelu;
 pub mod loss;

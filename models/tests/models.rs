@@ -1064,6 +1064,35 @@ mod fused_on_flex {
     }
 
     #[test]
+    fn dropout_keeps_the_expected_fraction_and_its_gradient_uses_the_same_mask() {
+        let device = Default::default();
+        let fresh = || input::<F, 2>([300, 400], 1).add_scalar(3.0).require_grad(); // in [1, 5): never 0
+        <F as Backend>::seed(&device, 3);
+        let x = fresh();
+        let y = fused::dropout(x.clone(), 0.25);
+        let (xs, ys) = (floats(x.clone()), floats(y.clone()));
+        let kept = ys.iter().filter(|&&v| v != 0.0).count() as f64 / ys.len() as f64;
+        assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept} (σ = 0.00125)");
+        for (a, b) in xs.iter().zip(&ys) {
+            assert!(*b == 0.0 || (b - a / 0.75).abs() <= 1e-6 * b.abs(), "kept values are scaled by 1/0.75");
+        }
+        // The backward recomputes the forward's mask.
+        let w = input::<F, 2>([300, 400], 2);
+        let grads = (y * w.clone()).sum().backward();
+        let (dx, ws) = (floats(x.grad(&grads).unwrap()), floats(w));
+        for ((g, wv), yv) in dx.iter().zip(&ws).zip(&ys) {
+            let expected = if *yv == 0.0 { 0.0 } else { wv / 0.75 };
+            assert!((g - expected).abs() <= 1e-6 * expected.abs().max(1.0), "gradient {g} vs {expected}");
+        }
+        // Seeded: the same mask again; the next call draws another; no autodiff, no dropout.
+        <F as Backend>::seed(&device, 3);
+        assert_eq!(floats(fused::dropout(fresh(), 0.25)), ys);
+        assert_ne!(floats(fused::dropout(fresh(), 0.25)), ys);
+        let plain = input::<Flex, 2>([3, 4], 1);
+        assert_eq!(floats(fused::dropout(plain.clone(), 0.5)), floats(plain));
+    }
+
+    #[test]
     fn gelu_layer_norm_and_padded_attention_match_the_op_chains() {
         compare("gelu", &[[3, 41]], |x| fused::gelu(x[0].clone()), |x| fused::gelu(x[0].clone()));
         let norm = |x: &[Tensor<F, 3>]| {

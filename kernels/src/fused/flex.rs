@@ -9,6 +9,7 @@ use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use crate::attention::{AttentionShape, Mask, attention_backward, attention_forward};
+use crate::dropout::dropout as dropout_kernel;
 use crate::gelu::{gelu_backward, gelu_forward};
 use crate::loss::softmax_cross_entropy as cross_entropy_kernel;
 use crate::matmul::{View, product};
@@ -586,4 +587,43 @@ pub(super) fn linear<B: Backend>(
         }),
         None => run_strided([x, weight], LinearBackward, |[x, w], tracked| forward(x, w, None, tracked[1])),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout
+
+#[derive(Debug)]
+struct DropoutBackward;
+
+impl Backward<Flex, 1> for DropoutBackward {
+    /// The seed and the keep probability: the mask is recomputed, not stored.
+    type State = (u64, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let Some(node) = node_x else { return };
+        let (seed, keep) = ops.state;
+        let mut dx = vec![0.0f32; grad.layout().num_elements()];
+        dropout_kernel(values(&grad), seed, keep, &mut dx);
+        grads.register::<Flex>(node.id, owned(dx, &grad.layout().shape().to_vec()));
+    }
+}
+
+pub(super) fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let n = x.shape().num_elements();
+    if !runs::<B>() || x.dtype() != DType::F32 || !(0.0..1.0).contains(&prob) || n > u32::MAX as usize {
+        return Err(x);
+    }
+    // The seed comes from the backend's generator, so `B::seed` makes the masks reproducible.
+    let draw = Tensor::<B, 1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), &x.device());
+    let bits: Vec<u64> = draw.into_data().convert::<f32>().iter::<f32>().map(|v| v.to_bits() as u64).collect();
+    let seed = bits[0] | (bits[1] << 32);
+    let keep = (1.0 - prob) as f32;
+    let dims = x.dims();
+    Ok(run([x], DropoutBackward, |[x], _| {
+        let mut out = vec![0.0f32; x.layout().num_elements()];
+        dropout_kernel(values(x), seed, keep, &mut out);
+        (owned(out, &dims), (seed, keep))
+    }))
 }

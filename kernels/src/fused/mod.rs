@@ -50,6 +50,23 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
     burn_linear(x, weight, bias)
 }
 
+/// Inverted dropout with drop probability `prob`, as Burn's `Dropout` (identity without autodiff
+/// or at `prob = 0`). On flex the mask is a hash of each element's index and a seed drawn from the
+/// backend's seeded generator, applied in one pass forward and recomputed in the backward; Burn
+/// draws a Bernoulli tensor element by element and multiplies twice (70–95 % of a LoRA step for
+/// LoRETTA_rep's default 0.05, BENCHMARKS.md §9).
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
+    if !B::ad_enabled(&x.device()) || prob == 0.0 {
+        return x;
+    }
+    #[cfg(feature = "flex")]
+    let x = match flex::dropout(x, prob) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    burn::nn::Dropout { prob }.forward(x)
+}
+
 /// `silu(gate) · up`, LLaMA's MLP gate.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "flex")]
