@@ -16,7 +16,7 @@ mod flex;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::linear as burn_linear;
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
 /// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
@@ -84,8 +84,10 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
-    let rms = (x.clone().square().mean_dim(D - 1) + epsilon).sqrt();
-    (x / rms) * gamma.unsqueeze()
+    // As Burn's `RmsNorm`: the mean of squares in f32 whatever the activations' dtype (bf16 on GPUs).
+    let dtype = x.dtype();
+    let rms = (x.clone().cast(DType::F32).square().mean_dim(D - 1) + epsilon).sqrt();
+    (x / rms.cast(dtype)) * gamma.unsqueeze()
 }
 
 /// Rotary position embedding (HF rotate-half layout) for positions `start..start + seq`, built once
