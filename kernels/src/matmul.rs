@@ -50,32 +50,9 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulat
         }
         return;
     }
-    // SAFETY: every element the product reads lies inside `lhs.data` and `rhs.data` (checked
-    // above), every element it writes inside `dst[..m·n]`, and `dst` is borrowed mutably, so no
-    // operand aliases it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.offset),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr().add(rhs.offset),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // SAFETY: `dst` is borrowed mutably, so no operand aliases it, and holds the `m·n` elements;
+    // it is initialised, so it may be read when accumulating.
+    unsafe { gemm_into(dst.as_mut_ptr(), lhs, rhs, accumulate, beta, gemm::Parallelism::None) }
 }
 
 /// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a
@@ -107,19 +84,33 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     } else {
         gemm::Parallelism::None
     };
-    let read_dst = row.is_some();
-    // SAFETY: the operands' elements lie inside their slices (checked above); the destination is
-    // the `m·n` elements of `out`'s allocation, written through a raw pointer (never read unless
-    // `read_dst`, and then initialised by the bias rows), and every one of them is written by
-    // `gemm` before the length is set.
+    // SAFETY: `out`'s allocation holds the `m·n` elements, written through a raw pointer; they
+    // are read only with a bias row, which initialised them, and all are written by `gemm` before
+    // the length is set.
+    unsafe {
+        gemm_into(out.as_mut_ptr(), lhs, rhs, row.is_some(), 1.0, parallelism);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` with `read_dst`, `dst` a row-major
+/// `lhs.rows × rhs.cols` matrix with a positive inner dimension.
+///
+/// # Safety
+/// `dst` must be valid for writes of `lhs.rows·rhs.cols` elements that no operand aliases, and
+/// for reads of them (initialised) when `read_dst`; the operands must have been checked with
+/// [`View::check`] and agree on the inner dimension.
+unsafe fn gemm_into(dst: *mut f32, lhs: View, rhs: View, read_dst: bool, beta: f32, parallelism: gemm::Parallelism) {
+    // SAFETY: the caller's contract; the operands' elements lie inside their slices (checked).
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
             1,
-            n as isize,
+            rhs.cols as isize,
             read_dst,
             lhs.data.as_ptr().add(lhs.offset),
             lhs.col_stride as isize,
@@ -128,13 +119,11 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
             rhs.col_stride as isize,
             rhs.row_stride as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
             parallelism,
         );
-        out.set_len(m * n);
     }
-    out
 }

@@ -329,6 +329,14 @@ fn minilm() -> Option<PathBuf> {
     None
 }
 
+/// `max |row − reference|` for an embedding and its JSON reference array.
+fn max_abs_diff(row: &[f32], reference: &serde_json::Value) -> f64 {
+    row.iter()
+        .zip(reference.as_array().unwrap())
+        .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn minilm_embeddings_match_the_numpy_reference() {
     use tensor_peft_models::Bert;
@@ -349,11 +357,7 @@ fn minilm_embeddings_match_the_numpy_reference() {
     }
     let got = model.embed_texts(&tokenizer, &texts).unwrap();
     for (row, reference) in got.iter().zip(json["embeddings"].as_array().unwrap()) {
-        let max_err = row
-            .iter()
-            .zip(reference.as_array().unwrap())
-            .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
-            .fold(0.0, f64::max);
+        let max_err = max_abs_diff(row, reference);
         assert!(max_err < 1e-5, "embedding differs from the reference by {max_err}");
     }
     // sentence-transformers on the same model and texts.
@@ -362,11 +366,7 @@ fn minilm_embeddings_match_the_numpy_reference() {
         assert_eq!(tokenizer.encode_with_specials(text).unwrap(), u32s(ids));
     }
     for (row, reference) in got.iter().zip(reference["embeddings"].as_array().unwrap()) {
-        let max_err = row
-            .iter()
-            .zip(reference.as_array().unwrap())
-            .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
-            .fold(0.0, f64::max);
+        let max_err = max_abs_diff(row, reference);
         assert!(max_err < 1e-5, "embedding differs from sentence-transformers by {max_err}");
     }
     // Adapters inject into BERT names too, leaving the output unchanged at initialisation.
@@ -1154,11 +1154,7 @@ mod fused_on_flex {
         let tokenizer = TextTokenizer::from_hf_dir(&dir).unwrap();
         let got = model.embed_texts(&tokenizer, &texts).unwrap();
         for (row, expected) in got.iter().zip(reference["embeddings"].as_array().unwrap()) {
-            let max_err = row
-                .iter()
-                .zip(expected.as_array().unwrap())
-                .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
-                .fold(0.0, f64::max);
+            let max_err = max_abs_diff(row, expected);
             assert!(max_err < 1e-5, "flex embedding differs from sentence-transformers by {max_err}");
         }
     }
