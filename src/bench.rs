@@ -18,6 +18,10 @@
 //!   LoRA r=8 and TT-LoRA on q,v: forward, causal-LM loss, backward, clipped AdamW), the training
 //!   crate's own task and optimizer, with tokens/s and the peak RSS of each method's step. A preset
 //!   name instead of a model path (`llama2-7b`) benchmarks that shape with random weights.
+//!
+//! With [`crate::allocator::CountingAllocator`] installed (as in `tpeft`), the `linear` and
+//! `train-step` records also say what one step allocates: allocations, MiB, and the peak of live
+//! heap above the step's start (`model`: allocations of one forward).
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -32,6 +36,8 @@ use tensor_peft_adapters::{
     METHOD_NAMES, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
 };
 use tensor_peft_kernels::fused::linear;
+
+use crate::allocator::{AllocationDelta, count_allocations};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -85,6 +91,45 @@ fn time_interleaved<B: Backend>(device: &B::Device, variants: &mut [Variant<'_>]
     }
     samples.into_iter().map(median).collect()
 }
+
+/// Runs every variant once more and returns what each allocated (`None` without the counting
+/// allocator, e.g. when the library is used from another binary).
+fn count_each<B: Backend>(device: &B::Device, variants: &mut [Variant<'_>]) -> Vec<Option<AllocationDelta>> {
+    variants
+        .iter_mut()
+        .map(|(_, run)| {
+            let _ = B::sync(device);
+            count_allocations(|| {
+                run();
+                let _ = B::sync(device);
+            })
+            .1
+        })
+        .collect()
+}
+
+/// The allocation fields of a record: allocations, MiB allocated, and the peak of live heap above
+/// the start in MiB.
+fn allocation_fields(delta: Option<AllocationDelta>) -> Value {
+    match delta {
+        Some(d) => json!({
+            "allocations": d.allocations,
+            "allocated_mib": d.allocated_bytes as f64 / MIB,
+            "heap_peak_extra_mib": d.peak_extra_bytes as f64 / MIB,
+        }),
+        None => json!({"allocations": null, "allocated_mib": null, "heap_peak_extra_mib": null}),
+    }
+}
+
+/// Adds `fields`' entries to the JSON object `record`.
+fn with_fields(mut record: Value, fields: Value) -> Value {
+    if let (Some(r), Value::Object(f)) = (record.as_object_mut(), fields) {
+        r.extend(f);
+    }
+    record
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default()
@@ -201,6 +246,7 @@ fn bench_linear<B: AutodiffBackend>(
         }
     }
     let medians = time_interleaved::<B>(device, &mut variants, repeats);
+    let allocations = count_each::<B>(device, &mut variants);
     let names: Vec<String> = variants.iter().map(|(n, _)| n.clone()).collect();
     drop(variants);
     // Same results: factored vs materialised output and input gradient.
@@ -225,15 +271,16 @@ fn bench_linear<B: AutodiffBackend>(
     Ok(names
         .iter()
         .zip(&medians)
-        .map(|(name, &ms)| {
+        .zip(allocations)
+        .map(|((name, &ms), allocated)| {
             let factored = name.trim_end_matches(" (materialised)");
             let factored_ms = medians[names.iter().position(|n| n == factored).unwrap_or(0)];
-            json!({
+            with_fields(json!({
                 "suite": "linear", "d": d, "tokens": n, "variant": name, "median_ms": ms,
                 "vs_lora": ms / lora_ms, "vs_base": ms / base_ms,
                 "materialised_vs_factored": if name.ends_with("(materialised)") { json!(ms / factored_ms) } else { Value::Null },
                 "max_rel_diff_vs_factored": agreement.iter().find(|(n, _)| n == factored && name.ends_with("(materialised)")).map(|(_, d)| *d),
-            })
+            }), allocation_fields(allocated))
         })
         .collect())
 }
@@ -390,7 +437,7 @@ fn model_label(path: &std::path::Path) -> String {
 /// `train-step` suite: one fine-tuning step (forward, loss on every next token, backward, AdamW
 /// with weight decay 0.01 and global-norm clipping at 1.0) of LoRA r=8 (alpha 16) and TT-LoRA
 /// (default rank and planned shape) on q_proj,v_proj, timed interleaved; then each method's step
-/// again alone with the peak-RSS counter reset before it.
+/// again alone with the peak-RSS counter reset before it and its allocations counted.
 fn bench_train_step<B: AutodiffBackend>(
     device: &B::Device,
     path: &std::path::Path,
@@ -466,15 +513,18 @@ fn bench_train_step<B: AutodiffBackend>(
         let timed: Vec<[f64; 3]> = phases[i].borrow().iter().skip(1).copied().collect();
         let phase = |k: usize| median(timed.iter().map(|p| p[k]).collect());
         let reset = reset_peak_rss();
-        step(i);
+        let allocated = count_allocations(|| step(i)).1;
         let peak = if reset { peak_rss_mib() } else { None };
-        out.push(json!({
-            "suite": "train-step", "model": model_label(path), "method": name,
-            "batch": batch_size, "seq": seq, "adapter_params": params,
-            "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
-            "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
-            "forward_ms": phase(0), "backward_ms": phase(1), "optimizer_ms": phase(2),
-        }));
+        out.push(with_fields(
+            json!({
+                "suite": "train-step", "model": model_label(path), "method": name,
+                "batch": batch_size, "seq": seq, "adapter_params": params,
+                "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
+                "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
+                "forward_ms": phase(0), "backward_ms": phase(1), "optimizer_ms": phase(2),
+            }),
+            allocation_fields(allocated),
+        ));
     }
     Ok(out)
 }
@@ -492,6 +542,7 @@ fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: 
     let mut variants: Vec<(String, Box<dyn FnMut()>)> =
         vec![("forward".into(), Box::new(|| drop(llama.forward(tokens.clone()))))];
     let forward_ms = time_interleaved::<B>(device, &mut variants, repeats)[0];
+    let forward_allocations = count_each::<B>(device, &mut variants)[0].map(|d| d.allocations);
     drop(variants);
     let prompt: Vec<u32> = ids[..16].iter().map(|&i| i as u32).collect();
     let start = Instant::now();
@@ -500,6 +551,7 @@ fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: 
     Ok(vec![json!({
         "suite": "model", "model": model_label(path), "load_s": load_s,
         "forward_1x64_ms": forward_ms, "forward_tokens_per_s": 64.0 / (forward_ms / 1e3),
+        "forward_1x64_allocations": forward_allocations,
         "generate_32_tokens_s": decode_s, "generate_tokens_per_s": generated as f64 / decode_s,
         "peak_rss_mib": peak_rss_mib(),
     })])
@@ -548,6 +600,11 @@ fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
 
+/// An integer field as text (empty when absent), so that width formatting applies.
+fn count(v: &Value, key: &str) -> String {
+    v[key].as_u64().map(|n| n.to_string()).unwrap_or_default()
+}
+
 /// Human-readable tables of the records.
 pub fn render(records: &[Value]) -> String {
     let mut out = String::new();
@@ -567,23 +624,25 @@ pub fn render(records: &[Value]) -> String {
         if header != last {
             out.push_str(&format!("\n== {header}\n"));
             out.push_str(match suite {
-                "linear" => "variant                       median ms   vs LoRA   vs base   same result\n",
+                "linear" => "variant                       median ms   vs LoRA   vs base   same result   allocs  alloc MiB\n",
                 "merged" => "method        base ms  merged ms  unmerged ms  merged/base  unmerged/base\n",
                 "contraction" => "   N  half-trains ms  core-by-core ms  core/half  planned      measured faster\n",
                 "model" => "load s  forward 1x64 ms  forward tok/s  generate tok/s  peak RSS MiB\n",
-                "train-step" => "method      adapter params   step ms   tokens/s   vs LoRA   step peak RSS MiB   forward ms  backward ms  optimizer ms\n",
+                "train-step" => "method      adapter params   step ms   tokens/s   vs LoRA   step peak RSS MiB   forward ms  backward ms  optimizer ms   allocs  alloc MiB  heap peak MiB\n",
                 _ => "     N  factored ms  dense ms  dense/factored  switch\n",
             });
             last = header;
         }
         out.push_str(&match suite {
             "linear" => format!(
-                "{:<28} {:>10.3} {:>9.3} {:>9.3}   {}\n",
+                "{:<28} {:>10.3} {:>9.3} {:>9.3}   {:<11} {:>6} {:>10.2}\n",
                 r["variant"].as_str().unwrap_or(""),
                 f(r, "median_ms"),
                 f(r, "vs_lora"),
                 f(r, "vs_base"),
-                r["max_rel_diff_vs_factored"].as_f64().map(|d| format!("{d:.1e}")).unwrap_or_default()
+                r["max_rel_diff_vs_factored"].as_f64().map(|d| format!("{d:.1e}")).unwrap_or_default(),
+                count(r, "allocations"),
+                f(r, "allocated_mib")
             ),
             "merged" => format!(
                 "{:<12} {:>8.3} {:>10.3} {:>12.3} {:>12.3} {:>14.3}\n",
@@ -612,7 +671,7 @@ pub fn render(records: &[Value]) -> String {
                 f(r, "peak_rss_mib")
             ),
             "train-step" => format!(
-                "{:<10} {:>15} {:>9.1} {:>10.1} {:>9.3} {:>19.0} {:>12.1} {:>12.1} {:>13.1}\n",
+                "{:<10} {:>15} {:>9.1} {:>10.1} {:>9.3} {:>19.0} {:>12.1} {:>12.1} {:>13.1} {:>8} {:>10.1} {:>14.1}\n",
                 r["method"].as_str().unwrap_or(""),
                 r["adapter_params"],
                 f(r, "step_ms"),
@@ -621,7 +680,10 @@ pub fn render(records: &[Value]) -> String {
                 f(r, "peak_rss_mib"),
                 f(r, "forward_ms"),
                 f(r, "backward_ms"),
-                f(r, "optimizer_ms")
+                f(r, "optimizer_ms"),
+                count(r, "allocations"),
+                f(r, "allocated_mib"),
+                f(r, "heap_peak_extra_mib")
             ),
             _ => format!(
                 "{:>6} {:>12.3} {:>9.3} {:>15.3}  {}\n",

@@ -150,8 +150,36 @@ fn bench_train_step_times_both_methods_and_writes_json() {
         let tokens_per_s = r["tokens_per_s"].as_f64().unwrap();
         let step_ms = r["step_ms"].as_f64().unwrap();
         assert!(step_ms > 0.0 && (tokens_per_s * step_ms / 1e3 - 16.0).abs() < 1e-6, "{r}");
+        // `tpeft` counts its allocations: a step allocates at least its logits (16 × 64 floats).
+        let allocated = r["allocated_mib"].as_f64().unwrap() * 1024.0 * 1024.0;
+        assert!(r["allocations"].as_u64().unwrap() > 0 && allocated >= 16.0 * 64.0 * 4.0, "{r}");
+        assert!(r["heap_peak_extra_mib"].as_f64().unwrap() * 1024.0 * 1024.0 <= allocated, "{r}");
     }
     assert_eq!(records[0]["vs_lora"].as_f64(), Some(1.0));
+}
+
+/// The counting allocator, installed here as `tpeft` installs it, for the test below.
+#[global_allocator]
+static ALLOCATOR: tensor_peft::allocator::CountingAllocator = tensor_peft::allocator::CountingAllocator;
+
+#[test]
+fn the_counting_allocator_sees_a_known_allocation() {
+    use tensor_peft::allocator::count_allocations;
+    const MIB: usize = 1 << 20;
+    // One 4 MiB buffer, a 1 MiB one freed inside, and a growth by `realloc`: other test threads
+    // may allocate meanwhile, so the counts are lower bounds.
+    let (kept, delta) = count_allocations(|| {
+        drop(std::hint::black_box(vec![1u8; MIB]));
+        let mut v = std::hint::black_box(vec![1u8; 4 * MIB]);
+        v.reserve_exact(8 * MIB);
+        v
+    });
+    let delta = delta.expect("the counting allocator is installed");
+    assert!(delta.allocations >= 3, "{delta:?}");
+    assert!(delta.allocated_bytes >= 17 * MIB as u64, "{delta:?}");
+    // The grown 12 MiB buffer was live at the end (a `realloc` counts as a free and a new block).
+    assert!(delta.peak_extra_bytes >= 12 * MIB as u64, "{delta:?}");
+    drop(kept);
 }
 
 #[test]

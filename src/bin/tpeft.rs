@@ -465,6 +465,10 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<(), CliError> 
     })
 }
 
+/// Counts allocations while `tpeft bench` measures them (until then: one relaxed load per allocation).
+#[global_allocator]
+static ALLOCATOR: tensor_peft::allocator::CountingAllocator = tensor_peft::allocator::CountingAllocator;
+
 fn main() -> ExitCode {
     tensor_peft::allocator::keep_freed_memory();
     // A backend that fails deep inside Burn (e.g. no GPU device) must still end with one clear
