@@ -3,7 +3,7 @@
 //!
 //! This root crate re-exports the workspace crates and holds what the `tpeft` CLI needs:
 //! backend selection ([`backend`]), the parameter report ([`params`]), the demo ([`demo`]) and the
-//! micro-benchmarks ([`bench`]).
+//! micro-benchmarks ([`mod@bench`]).
 
 pub mod allocator;
 pub mod backend;

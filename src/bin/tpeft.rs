@@ -1,4 +1,6 @@
 //! `tpeft`: the command-line interface (a thin layer over the library).
+// The doc comments below are the `--help` text (clap), written for a terminal, not for rustdoc.
+#![allow(rustdoc::invalid_html_tags)]
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
