@@ -72,6 +72,21 @@ pub trait LinearDelta<B: Backend> {
     /// into `b` (`k` is the rank LoRA, LoTR, LoRTA and LoRETTA_rep use, the split rank for TT-LoRA).
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>);
 
+    /// `(a, b)` when [`delta`](Self::delta) on `tokens` rows is exactly `x·a·b` with these factors
+    /// (no dropout mask drawn, which happens only under `autodiff`, and no other contraction path
+    /// planned): [`AdaptedLinear`] then adds the
+    /// update inside the frozen layer's product ([`fused::low_rank_linear`]) instead of summing a
+    /// separate `[tokens, d_out]` result. `None` (the default) makes it call `delta`.
+    fn plain_low_rank_factors(
+        &self,
+        tokens: usize,
+        autodiff: bool,
+        shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let _ = (tokens, autodiff, shared);
+        None
+    }
+
     /// The dense update `ΔW: [d_in, d_out]` (Burn layout).
     fn delta_weight(&self, shared: &SharedFactors<B>) -> Tensor<B, 2> {
         let (a, b) = self.low_rank_factors(shared);
@@ -150,6 +165,14 @@ impl<B: Backend> LinearDelta<B> for LinearAdapter<B> {
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         dispatch!(self, a => a.low_rank_factors(shared))
     }
+    fn plain_low_rank_factors(
+        &self,
+        tokens: usize,
+        autodiff: bool,
+        shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        dispatch!(self, a => a.plain_low_rank_factors(tokens, autodiff, shared))
+    }
 }
 
 /// A base linear layer (frozen by [`AdaptedLinear::new`]) with an optional adapter.
@@ -199,9 +222,12 @@ impl<B: Backend> AdaptedLinear<B> {
             None => fused::linear(x, self.base.weight.val(), bias()),
             Some(adapter) => {
                 let (d_in, d_out) = adapter.dims();
-                if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
+                let autodiff = B::ad_enabled(&x.device());
+                if prefer_dense_delta(d_in, d_out, tokens, autodiff) {
                     let weight = self.base.weight.val() + adapter.delta_weight(shared);
                     fused::linear(x, weight, bias())
+                } else if let Some((a, b)) = adapter.plain_low_rank_factors(tokens, autodiff, shared) {
+                    fused::low_rank_linear(x, self.base.weight.val(), bias(), a, b)
                 } else {
                     fused::linear(x.clone(), self.base.weight.val(), bias()) + adapter.delta(x, shared)
                 }

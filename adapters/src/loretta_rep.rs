@@ -116,6 +116,17 @@ impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
         low_rank_apply(fused::dropout(x, self.dropout.prob), a, b)
     }
 
+    fn plain_low_rank_factors(
+        &self,
+        _tokens: usize,
+        autodiff: bool,
+        shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        // `fused::dropout` draws a mask only under autodiff with a positive probability.
+        let masked = autodiff && self.dropout.prob > 0.0;
+        (!masked).then(|| self.low_rank_factors(shared))
+    }
+
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         (self.a.weight(), self.b.weight().mul_scalar(self.scaling))
     }

@@ -247,6 +247,15 @@ impl<B: Backend> LinearDelta<B> for Lorta<B> {
         low_rank_apply(x, a, b)
     }
 
+    fn plain_low_rank_factors(
+        &self,
+        _tokens: usize,
+        _autodiff: bool,
+        shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        Some(self.low_rank_factors(shared))
+    }
+
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let f = self.factors(shared);
         (f.a.val(), cp_heads_output_factor(self.head_weights(f), f.b.val()).mul_scalar(f.scaling))

@@ -147,6 +147,15 @@ impl<B: Backend> LinearDelta<B> for Lotr<B> {
         low_rank_apply(x, a, b)
     }
 
+    fn plain_low_rank_factors(
+        &self,
+        _tokens: usize,
+        _autodiff: bool,
+        shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        Some(self.low_rank_factors(shared))
+    }
+
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let f = self.factors(shared);
         let (a, b) = tucker2_factors(f.a.val(), self.core.val(), f.bt.val());

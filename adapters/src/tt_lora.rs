@@ -134,4 +134,14 @@ impl<B: Backend> LinearDelta<B> for TtLora<B> {
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         self.scaled_half_trains()
     }
+
+    fn plain_low_rank_factors(
+        &self,
+        tokens: usize,
+        _autodiff: bool,
+        _shared: &SharedFactors<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let path = plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens);
+        (path == TtPath::HalfTrains).then(|| self.scaled_half_trains())
+    }
 }

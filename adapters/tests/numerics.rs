@@ -312,6 +312,13 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             let expected = matmul_ref(&x_vals, &dense, n, d_in, d_out);
             let err = rel_err(&factored, &expected);
             assert!(err < tol, "{} {:?}: factored forward vs x·ΔW rel err {err}", method.name(), geo);
+            // The factors `AdaptedLinear` adds inside the base product give the same update; every
+            // method offers them at this many rows (TT-LoRA plans its half-trains for more than a
+            // handful, and dropout is off).
+            let (a, b) = adapter.plain_low_rank_factors(n, true, &h.shared).expect("plain factors");
+            let x2 = x.clone().reshape([n, d_in]);
+            let err = rel_err(&values(x2.matmul(a).matmul(b)), &expected);
+            assert!(err < tol, "{} {:?}: plain low-rank factors vs x·ΔW rel err {err}", method.name(), geo);
         }
         for adapter in &h.residual {
             let got = values(adapter.forward(x.clone()));
@@ -740,6 +747,38 @@ fn rank_at_most<B: Backend>(tt: &TtLora<B>, r: usize) -> bool {
         }
     }
     rank <= r && rank > 0
+}
+
+#[test]
+fn dropout_and_core_by_core_keep_their_own_update_path() {
+    // With a dropout mask to draw (autodiff, p > 0), LoRA and LoRETTA_rep offer no plain factors,
+    // so `AdaptedLinear` applies the masked update rather than skipping the mask.
+    type B = burn::backend::Autodiff<burn::backend::NdArray>;
+    let device = Default::default();
+    let shared = SharedFactors::<B>::empty();
+    let lora =
+        LinearAdapter::Lora(LoraConfig::new().with_rank(4).with_dropout(0.5).init::<B>(16, 16, &device).unwrap());
+    let rep = LinearAdapter::LorettaRep(
+        LorettaRepConfig::new().with_rank(4).with_tensor_rank(3).with_dropout(0.5).init::<B>(16, 16, &device).unwrap(),
+    );
+    for adapter in [&lora, &rep] {
+        assert!(adapter.plain_low_rank_factors(8, true, &shared).is_none());
+        assert!(adapter.plain_low_rank_factors(8, false, &shared).is_some());
+    }
+    let mut rng = Rng(7);
+    let base = LinearConfig::new(16, 16).init::<B>(&device);
+    let layer = AdaptedLinear::new(base.clone(), Some(randomize(lora, &mut rng, 0.5))).unwrap();
+    let x = tensor::<B, 2>(rng.normals(8 * 16, 1.0), [8, 16], &device);
+    let delta_weight = layer.adapter.as_ref().unwrap().delta_weight(&shared);
+    let plain = values(base.forward(x.clone()) + x.clone().matmul(delta_weight));
+    let masked = values(layer.forward(x, &shared));
+    assert!(rel_err(&masked, &plain) > 1e-3, "LoRA's dropout was not applied in training");
+    // One row through a deep train: TT-LoRA contracts core by core and offers no half-trains.
+    let tt = LinearAdapter::TtLora(
+        TtLoraConfig::new().with_tt_shape(Some(vec![16, 16, 16, 16, 16, 16])).init::<B>(4096, 4096, &device).unwrap(),
+    );
+    assert!(tt.plain_low_rank_factors(1, false, &shared).is_none());
+    assert!(tt.plain_low_rank_factors(512, false, &shared).is_some());
 }
 
 #[test]

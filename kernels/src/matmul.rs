@@ -79,19 +79,42 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         return out;
     }
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: `out`'s allocation holds the `m·n` elements, written through a raw pointer; they
     // are read only with a bias row, which initialised them, and all are written by `gemm` before
     // the length is set.
     unsafe {
-        gemm_into(out.as_mut_ptr(), lhs, rhs, row.is_some(), 1.0, parallelism);
+        gemm_into(out.as_mut_ptr(), lhs, rhs, row.is_some(), 1.0, parallelism(m, n, k));
         out.set_len(m * n);
     }
     out
+}
+
+/// `dst += lhs·rhs`, `dst` a contiguous row-major `lhs.rows × rhs.cols` matrix, split over
+/// rayon's threads when large (as [`product`]). Adds a low-rank update into a layer's output in
+/// the same pass that writes it back, with no buffer for the update.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+pub(crate) fn add_product(dst: &mut [f32], lhs: View, rhs: View) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert!(rhs.rows == k, "add_product: inner dimensions {k} and {} differ", rhs.rows);
+    assert!(dst.len() == m * n, "add_product: destination holds {} of {} elements", dst.len(), m * n);
+    lhs.check(lhs.data.len(), "lhs");
+    rhs.check(rhs.data.len(), "rhs");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: `dst` is borrowed mutably, so no operand aliases it, holds the `m·n` elements and is
+    // initialised.
+    unsafe { gemm_into(dst.as_mut_ptr(), lhs, rhs, true, 1.0, parallelism(m, n, k)) }
+}
+
+/// Threads for an `m×k · k×n` product: rayon's when it has at least flex's threshold of 192³
+/// multiply-adds, else one.
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    }
 }
 
 /// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` with `read_dst`, `dst` a row-major

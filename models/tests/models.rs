@@ -1064,6 +1064,57 @@ mod fused_on_flex {
     }
 
     #[test]
+    fn low_rank_linear_matches_the_op_chain_and_every_gradient() {
+        // `x·W + bias + (x·a)·b`: contiguous and transposed weights, with and without a bias, and
+        // a size large enough for the threaded GEMM path.
+        compare(
+            "low-rank linear",
+            &[[5, 7], [7, 6], [7, 3], [3, 6]],
+            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone()),
+            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone()),
+        );
+        let with_bias_f = |x: Vec<Tensor<F, 2>>| {
+            let bias = Some(x[4].clone().reshape([150]));
+            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone())
+        };
+        let with_bias_n = |x: Vec<Tensor<N, 2>>| {
+            let bias = Some(x[4].clone().reshape([150]));
+            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone())
+        };
+        compare(
+            "low-rank linear, transposed weight, bias, 300 rows",
+            &[[300, 200], [150, 200], [200, 4], [4, 150], [1, 150]],
+            with_bias_f,
+            with_bias_n,
+        );
+        // A frozen weight (as in every adapted model): no gradient for it, and the others exact.
+        let run = |x: Tensor<F, 2>, a: Tensor<F, 2>, b: Tensor<F, 2>| {
+            let w = input::<F, 2>([7, 6], 2);
+            let g = (fused::low_rank_linear(x.clone(), w.clone(), None, a.clone(), b.clone())
+                * input::<F, 2>([5, 6], 99))
+            .sum()
+            .backward();
+            assert!(w.grad(&g).is_none());
+            [x, a, b].map(|t| floats(t.grad(&g).unwrap()))
+        };
+        let (x, a, b) = (input::<N, 2>([5, 7], 1), input::<N, 2>([7, 3], 3), input::<N, 2>([3, 6], 4));
+        let (x, a, b) = (x.require_grad(), a.require_grad(), b.require_grad());
+        let w = input::<N, 2>([7, 6], 2);
+        let g = ((x.clone().matmul(w) + x.clone().matmul(a.clone()).matmul(b.clone())) * input::<N, 2>([5, 6], 99))
+            .sum()
+            .backward();
+        let expected = [&x, &a, &b].map(|t| floats(t.grad(&g).unwrap()));
+        let got = run(
+            input::<F, 2>([5, 7], 1).require_grad(),
+            input::<F, 2>([7, 3], 3).require_grad(),
+            input::<F, 2>([3, 6], 4).require_grad(),
+        );
+        for (name, (got, expected)) in ["x", "a", "b"].iter().zip(got.iter().zip(&expected)) {
+            assert_close(&format!("low-rank linear, frozen weight: gradient of {name}"), got, expected, 1e-5);
+        }
+    }
+
+    #[test]
     fn dropout_keeps_the_expected_fraction_and_its_gradient_uses_the_same_mask() {
         let device = Default::default();
         let fresh = || input::<F, 2>([300, 400], 1).add_scalar(3.0).require_grad(); // in [1, 5): never 0

@@ -12,7 +12,7 @@ use crate::attention::{AttentionShape, Mask, attention_backward, attention_forwa
 use crate::dropout::dropout as dropout_kernel;
 use crate::gelu::{gelu_backward, gelu_forward};
 use crate::loss::softmax_cross_entropy as cross_entropy_kernel;
-use crate::matmul::{View, product};
+use crate::matmul::{View, add_product, product};
 use crate::norm::{layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward};
 use crate::rope::{RopeShape, rope as rope_kernel};
 use crate::swiglu::{swiglu_backward, swiglu_forward};
@@ -545,11 +545,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
             grads.register::<Flex>(node.id, owned(product(x.t(), dy, None), &[x.cols, dy.cols]));
         }
         if let Some(node) = node_b {
-            let mut d_bias = vec![0.0f32; dy.cols];
-            for row in values(&grad).chunks_exact(dy.cols) {
-                d_bias.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
-            grads.register::<Flex>(node.id, owned(d_bias, &[1, dy.cols]));
+            grads.register::<Flex>(node.id, owned(column_sums(&grad, dy.cols), &[1, dy.cols]));
         }
     }
 }
@@ -586,6 +582,129 @@ pub(super) fn linear<B: Backend>(
             forward(x, w, Some(b), tracked[1])
         }),
         None => run_strided([x, weight], LinearBackward, |[x, w], tracked| forward(x, w, None, tracked[1])),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear with a low-rank update
+
+#[derive(Debug)]
+struct LowRankLinearBackward;
+
+/// What the backward keeps: `x` (when `W`'s or `a`'s gradient is needed), `h = x·a`, and the
+/// three matrices (reference-counted, not copied).
+#[derive(Debug, Clone)]
+struct LowRankLinearState {
+    x: Option<FlexTensor>,
+    h: FlexTensor,
+    weight: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+}
+
+/// The column sums of `dy` (a bias gradient).
+fn column_sums(dy: &FlexTensor, cols: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f32; cols];
+    for row in values(dy).chunks_exact(cols) {
+        sums.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+    sums
+}
+
+impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
+    type State = LowRankLinearState;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let LowRankLinearState { x, h, weight, a, b } = ops.state;
+        let (Some(dy), Some(w), Some(av), Some(bv), Some(hv)) =
+            (view(&grad), view(&weight), view(&a), view(&b), view(&h))
+        else {
+            unreachable!("2-D f32 tensors with non-negative strides (checked in the forward)")
+        };
+        let [node_x, node_w, node_a, node_b, node_bias] =
+            [0, 1, 2, 3, 4].map(|i| ops.parents.get(i).cloned().flatten());
+        // dH = dY·bᵀ, the gradient at the rank-k bottleneck, for dX and da.
+        let dh = (node_x.is_some() || node_a.is_some()).then(|| product(dy, bv.t(), None));
+        let dh_view = dh.as_deref().map(|d| View::rows(d, 0, dy.rows, bv.rows, bv.rows));
+        if let (Some(node), Some(dh)) = (node_x, dh_view) {
+            // dX = dY·Wᵀ + dH·aᵀ, the low-rank part added into the same buffer.
+            let mut dx = product(dy, w.t(), None);
+            add_product(&mut dx, dh, av.t());
+            grads.register::<Flex>(node.id, owned(dx, &[dy.rows, w.rows]));
+        }
+        let xv = x.as_ref().and_then(view);
+        if let (Some(node), Some(x)) = (node_w, xv) {
+            // dW = Xᵀ·dY
+            grads.register::<Flex>(node.id, owned(product(x.t(), dy, None), &[x.cols, dy.cols]));
+        }
+        if let (Some(node), Some(x), Some(dh)) = (node_a, xv, dh_view) {
+            // da = Xᵀ·dH
+            grads.register::<Flex>(node.id, owned(product(x.t(), dh, None), &[x.cols, dh.cols]));
+        }
+        if let Some(node) = node_b {
+            // db = Hᵀ·dY
+            grads.register::<Flex>(node.id, owned(product(hv.t(), dy, None), &[hv.cols, dy.cols]));
+        }
+        if let Some(node) = node_bias {
+            grads.register::<Flex>(node.id, owned(column_sums(&grad, dy.cols), &[1, dy.cols]));
+        }
+    }
+}
+
+/// The inputs of [`low_rank_linear`], handed back when flex cannot run them.
+type LowRankLinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>, Tensor<B, 2>, Tensor<B, 2>);
+
+pub(super) fn low_rank_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, LowRankLinearInputs<B>> {
+    let [rows, d_in] = x.dims();
+    let [w_in, d_out] = weight.dims();
+    let ([a_in, rank], [b_rank, b_out]) = (a.dims(), b.dims());
+    let bias_fits = bias.as_ref().is_none_or(|b| b.dims() == [d_out] && b.dtype() == DType::F32);
+    let shapes_fit = w_in == d_in && a_in == d_in && b_rank == rank && b_out == d_out;
+    let usable = |t: &Tensor<B, 2>| inner(t.clone()).layout().has_positive_strides();
+    if !runs::<B>()
+        || !all_f32(&[&x, &weight, &a, &b])
+        || !shapes_fit
+        || !bias_fits
+        || ![&weight, &a, &b].into_iter().all(usable)
+    {
+        return Err((x, weight, bias, a, b));
+    }
+    let forward = move |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 5]| {
+        let x = contiguous(x);
+        let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(w), view(a), view(b)) else {
+            unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
+        };
+        let bias = bias.map(contiguous);
+        // H = X·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
+        let h = product(xv, av, None);
+        let mut y = product(xv, wv, bias.as_ref().map(values));
+        add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
+        let keep_x = tracked[1] || tracked[2];
+        let state = LowRankLinearState {
+            x: keep_x.then(|| x.clone()),
+            h: owned(h, &[rows, rank]),
+            weight: w.clone(),
+            a: a.clone(),
+            b: b.clone(),
+        };
+        (owned(y, &[rows, d_out]), state)
+    };
+    Ok(match bias {
+        Some(bias) => run_strided(
+            [x, weight, a, b, bias.reshape([1, d_out])],
+            LowRankLinearBackward,
+            |[x, w, a, b, bias], tracked| forward([x, w, a, b], Some(bias), tracked),
+        ),
+        None => run_strided([x, weight, a, b], LowRankLinearBackward, |[x, w, a, b], tracked| {
+            forward([x, w, a, b], None, [tracked[0], tracked[1], tracked[2], tracked[3], false])
+        }),
     })
 }
 

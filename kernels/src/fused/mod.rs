@@ -50,6 +50,27 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
     burn_linear(x, weight, bias)
 }
 
+/// `x·W + b + (x·a)·b_lr` for `x: [rows, d_in]`, `W: [d_in, d_out]`, `a: [d_in, k]`,
+/// `b_lr: [k, d_out]`: a frozen layer with a low-rank update, what every factored adapter computes.
+/// On flex the update's product is added into the layer's output buffer by `gemm` (and `dX`'s
+/// low-rank part into `dX` in the backward), instead of being written to a buffer of its own and
+/// summed in another pass: one `[rows, d_out]` and one `[rows, d_in]` buffer and two memory passes
+/// fewer per layer and step. Elsewhere it is [`linear`] plus the update through [`linear`].
+pub fn low_rank_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    a: Tensor<B, 2>,
+    b_lr: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, weight, bias, a, b_lr) = match flex::low_rank_linear(x, weight, bias, a, b_lr) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    linear(x.clone(), weight, bias) + linear(linear(x, a, None), b_lr, None)
+}
+
 /// Inverted dropout with drop probability `prob`, as Burn's `Dropout` (identity without autodiff
 /// or at `prob = 0`). On flex the mask is a hash of each element's index and a seed drawn from the
 /// backend's seeded generator, applied in one pass forward and recomputed in the backward; Burn
