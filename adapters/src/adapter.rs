@@ -72,18 +72,13 @@ pub trait LinearDelta<B: Backend> {
     /// into `b` (`k` is the rank LoRA, LoTR, LoRTA and LoRETTA_rep use, the split rank for TT-LoRA).
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>);
 
-    /// `(a, b)` when [`delta`](Self::delta) on `tokens` rows is exactly `x·a·b` with these factors
-    /// (no dropout mask drawn, which happens only under `autodiff`, and no other contraction path
-    /// planned): [`AdaptedLinear`] then adds the
-    /// update inside the frozen layer's product ([`fused::low_rank_linear`]) instead of summing a
-    /// separate `[tokens, d_out]` result. `None` (the default) makes it call `delta`.
-    fn plain_low_rank_factors(
-        &self,
-        tokens: usize,
-        autodiff: bool,
-        shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        let _ = (tokens, autodiff, shared);
+    /// The update as `dropout(x)·a·b` when that is exactly what [`delta`](Self::delta) computes on
+    /// `tokens` rows (every method but TT-LoRA where it plans its core-by-core path):
+    /// [`AdaptedLinear`] then adds it inside the frozen layer's product
+    /// ([`fused::low_rank_linear`]) instead of summing a separate `[tokens, d_out]` result. `None`
+    /// (the default) makes it call `delta`.
+    fn low_rank_update(&self, tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
+        let _ = (tokens, shared);
         None
     }
 
@@ -128,6 +123,24 @@ pub fn prefer_dense_delta(d_in: usize, d_out: usize, tokens: usize, needs_grad: 
     !needs_grad && tokens.saturating_mul(d_in + d_out) > d_in.saturating_mul(d_out)
 }
 
+/// A linear update in the form `dropout(x)·a·b` ([`LinearDelta::low_rank_update`]).
+#[derive(Debug, Clone)]
+pub struct LowRankUpdate<B: Backend> {
+    /// `[d_in, k]`.
+    pub a: Tensor<B, 2>,
+    /// `[k, d_out]`, the method's scaling folded in.
+    pub b: Tensor<B, 2>,
+    /// Drop probability on the update's input (as [`fused::dropout`]: applied only under autodiff).
+    pub dropout: f64,
+}
+
+impl<B: Backend> LowRankUpdate<B> {
+    /// `x·a·b` with no dropout, from factors as [`LinearDelta::low_rank_factors`] returns them.
+    pub fn plain((a, b): (Tensor<B, 2>, Tensor<B, 2>)) -> Self {
+        Self { a, b, dropout: 0.0 }
+    }
+}
+
 /// Any linear adapter method: what models hold for each adapted projection.
 #[derive(Module, Debug)]
 pub enum LinearAdapter<B: Backend> {
@@ -165,13 +178,8 @@ impl<B: Backend> LinearDelta<B> for LinearAdapter<B> {
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         dispatch!(self, a => a.low_rank_factors(shared))
     }
-    fn plain_low_rank_factors(
-        &self,
-        tokens: usize,
-        autodiff: bool,
-        shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        dispatch!(self, a => a.plain_low_rank_factors(tokens, autodiff, shared))
+    fn low_rank_update(&self, tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
+        dispatch!(self, a => a.low_rank_update(tokens, shared))
     }
 }
 
@@ -222,12 +230,11 @@ impl<B: Backend> AdaptedLinear<B> {
             None => fused::linear(x, self.base.weight.val(), bias()),
             Some(adapter) => {
                 let (d_in, d_out) = adapter.dims();
-                let autodiff = B::ad_enabled(&x.device());
-                if prefer_dense_delta(d_in, d_out, tokens, autodiff) {
+                if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
                     let weight = self.base.weight.val() + adapter.delta_weight(shared);
                     fused::linear(x, weight, bias())
-                } else if let Some((a, b)) = adapter.plain_low_rank_factors(tokens, autodiff, shared) {
-                    fused::low_rank_linear(x, self.base.weight.val(), bias(), a, b)
+                } else if let Some(update) = adapter.low_rank_update(tokens, shared) {
+                    fused::low_rank_linear(x, self.base.weight.val(), bias(), update.a, update.b, update.dropout)
                 } else {
                     fused::linear(x.clone(), self.base.weight.val(), bias()) + adapter.delta(x, shared)
                 }

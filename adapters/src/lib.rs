@@ -46,7 +46,8 @@ pub mod tt_linear;
 pub mod tt_lora;
 
 pub use adapter::{
-    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, ResidualAdapter, SharedFactors, prefer_dense_delta,
+    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, LowRankUpdate, ResidualAdapter, SharedFactors,
+    prefer_dense_delta,
 };
 pub use error::{AdapterError, Result};
 pub use lora::{Lora, LoraConfig};

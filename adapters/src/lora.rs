@@ -6,7 +6,7 @@
 //! PEFT stores `lora_A.weight` as `[r, d_in]` and `lora_B.weight` as `[d_out, r]`: transpose on
 //! import and export.
 
-use crate::adapter::{LinearDelta, SharedFactors};
+use crate::adapter::{LinearDelta, LowRankUpdate, SharedFactors};
 use crate::error::{invalid, require_finite, require_positive};
 use crate::tensor::low_rank_apply;
 use burn::config::Config;
@@ -91,15 +91,9 @@ impl<B: Backend> LinearDelta<B> for Lora<B> {
         low_rank_apply(fused::dropout(x, self.dropout.prob), a, b)
     }
 
-    fn plain_low_rank_factors(
-        &self,
-        _tokens: usize,
-        autodiff: bool,
-        shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        // `fused::dropout` draws a mask only under autodiff with a positive probability.
-        let masked = autodiff && self.dropout.prob > 0.0;
-        (!masked).then(|| self.low_rank_factors(shared))
+    fn low_rank_update(&self, _tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
+        let (a, b) = self.low_rank_factors(shared);
+        Some(LowRankUpdate { a, b, dropout: self.dropout.prob })
     }
 
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -15,7 +15,7 @@
 //! Initialisation (official): `A ~ U(±1/√r)` (kaiming-uniform with `a=√5` on a `[d, r]` tensor),
 //! `B = 0` (so ΔW₀ = 0 for both [`DeltaInit`] choices), `C_* ~ U(±√(6/r))` (`init_scale = 0`).
 
-use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
+use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
 use crate::tensor::cp::cp_heads_output_factor;
 use crate::tensor::low_rank_apply;
@@ -247,13 +247,8 @@ impl<B: Backend> LinearDelta<B> for Lorta<B> {
         low_rank_apply(x, a, b)
     }
 
-    fn plain_low_rank_factors(
-        &self,
-        _tokens: usize,
-        _autodiff: bool,
-        shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        Some(self.low_rank_factors(shared))
+    fn low_rank_update(&self, _tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
+        Some(LowRankUpdate::plain(self.low_rank_factors(shared)))
     }
 
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -11,7 +11,7 @@
 //! of its family and receives the shared factors at forward time, so an optimizer updates them
 //! exactly once per step.
 
-use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
+use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
 use crate::error::{AdapterError, require_finite, require_positive};
 use crate::tensor::low_rank_apply;
 use crate::tensor::tucker::tucker2_factors;
@@ -147,13 +147,8 @@ impl<B: Backend> LinearDelta<B> for Lotr<B> {
         low_rank_apply(x, a, b)
     }
 
-    fn plain_low_rank_factors(
-        &self,
-        _tokens: usize,
-        _autodiff: bool,
-        shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        Some(self.low_rank_factors(shared))
+    fn low_rank_update(&self, _tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
+        Some(LowRankUpdate::plain(self.low_rank_factors(shared)))
     }
 
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {

@@ -12,7 +12,7 @@
 //! (`x.view(m_factors[::-1])`); we read both halves in shape order. The two differ by a fixed
 //! permutation of the input features, so parameter counts and expressivity are identical.
 
-use crate::adapter::{DeltaInit, LinearDelta, SharedFactors};
+use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
 use crate::error::{require_finite, require_positive};
 use crate::tensor::low_rank_apply;
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
@@ -135,13 +135,8 @@ impl<B: Backend> LinearDelta<B> for TtLora<B> {
         self.scaled_half_trains()
     }
 
-    fn plain_low_rank_factors(
-        &self,
-        tokens: usize,
-        _autodiff: bool,
-        _shared: &SharedFactors<B>,
-    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+    fn low_rank_update(&self, tokens: usize, _shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
         let path = plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens);
-        (path == TtPath::HalfTrains).then(|| self.scaled_half_trains())
+        (path == TtPath::HalfTrains).then(|| LowRankUpdate::plain(self.scaled_half_trains()))
     }
 }

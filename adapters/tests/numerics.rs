@@ -314,11 +314,12 @@ fn check_factored_forward_matches_dense<B: Backend>(device: &B::Device) {
             assert!(err < tol, "{} {:?}: factored forward vs x·ΔW rel err {err}", method.name(), geo);
             // The factors `AdaptedLinear` adds inside the base product give the same update; every
             // method offers them at this many rows (TT-LoRA plans its half-trains for more than a
-            // handful, and dropout is off).
-            let (a, b) = adapter.plain_low_rank_factors(n, true, &h.shared).expect("plain factors");
+            // handful).
+            let update = adapter.low_rank_update(n, &h.shared).expect("a low-rank update");
+            assert_eq!(update.dropout, 0.0, "{}: dropout is off in these cases", method.name());
             let x2 = x.clone().reshape([n, d_in]);
-            let err = rel_err(&values(x2.matmul(a).matmul(b)), &expected);
-            assert!(err < tol, "{} {:?}: plain low-rank factors vs x·ΔW rel err {err}", method.name(), geo);
+            let err = rel_err(&values(x2.matmul(update.a).matmul(update.b)), &expected);
+            assert!(err < tol, "{} {:?}: low-rank update vs x·ΔW rel err {err}", method.name(), geo);
         }
         for adapter in &h.residual {
             let got = values(adapter.forward(x.clone()));
@@ -750,9 +751,9 @@ fn rank_at_most<B: Backend>(tt: &TtLora<B>, r: usize) -> bool {
 }
 
 #[test]
-fn dropout_and_core_by_core_keep_their_own_update_path() {
-    // With a dropout mask to draw (autodiff, p > 0), LoRA and LoRETTA_rep offer no plain factors,
-    // so `AdaptedLinear` applies the masked update rather than skipping the mask.
+fn low_rank_updates_carry_the_dropout_and_core_by_core_keeps_its_path() {
+    // LoRA and LoRETTA_rep hand their input dropout to the fused layer, which applies it in
+    // training: the adapted layer then differs from the unmasked `base(x) + x·ΔW`.
     type B = burn::backend::Autodiff<burn::backend::NdArray>;
     let device = Default::default();
     let shared = SharedFactors::<B>::empty();
@@ -762,8 +763,7 @@ fn dropout_and_core_by_core_keep_their_own_update_path() {
         LorettaRepConfig::new().with_rank(4).with_tensor_rank(3).with_dropout(0.5).init::<B>(16, 16, &device).unwrap(),
     );
     for adapter in [&lora, &rep] {
-        assert!(adapter.plain_low_rank_factors(8, true, &shared).is_none());
-        assert!(adapter.plain_low_rank_factors(8, false, &shared).is_some());
+        assert_eq!(adapter.low_rank_update(8, &shared).unwrap().dropout, 0.5);
     }
     let mut rng = Rng(7);
     let base = LinearConfig::new(16, 16).init::<B>(&device);
@@ -777,8 +777,8 @@ fn dropout_and_core_by_core_keep_their_own_update_path() {
     let tt = LinearAdapter::TtLora(
         TtLoraConfig::new().with_tt_shape(Some(vec![16, 16, 16, 16, 16, 16])).init::<B>(4096, 4096, &device).unwrap(),
     );
-    assert!(tt.plain_low_rank_factors(1, false, &shared).is_none());
-    assert!(tt.plain_low_rank_factors(512, false, &shared).is_some());
+    assert!(tt.low_rank_update(1, &shared).is_none());
+    assert!(tt.low_rank_update(512, &shared).is_some());
 }
 
 #[test]

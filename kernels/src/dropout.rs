@@ -28,6 +28,15 @@ multiversion! {
     }
 }
 
+multiversion! {
+    fn masked_add_chunk(x: &[f32], out: &mut [f32], first: u32, seed: [u32; 2], keep: f32) {
+        let scale = 1.0 / keep;
+        for (k, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+            *o += if kept(first.wrapping_add(k as u32), seed, keep) { v * scale } else { 0.0 };
+        }
+    }
+}
+
 /// `out = x · mask / keep` with `mask[i] = 1` with probability `keep` (in `(0, 1]`), drawn from
 /// `seed` and the index `i`. The backward is the same call on the output gradient with the same
 /// seed. Indices wrap at 2³², beyond any activation this crate meets.
@@ -39,4 +48,16 @@ pub fn dropout(x: &[f32], seed: u64, keep: f32, out: &mut [f32]) {
         .zip(x.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(task, (o, x))| masked_chunk(x, o, (task * CHUNK) as u32, seed, keep));
+}
+
+/// `out += x · mask / keep` with the mask of [`dropout`] for the same `seed` and `keep`: a masked
+/// gradient added into one that another branch already wrote.
+pub fn dropout_add(x: &[f32], seed: u64, keep: f32, out: &mut [f32]) {
+    assert!(x.len() == out.len(), "dropout_add: slice lengths differ");
+    assert!(keep > 0.0 && keep <= 1.0, "dropout_add: the keep probability must be in (0, 1]");
+    let seed = [seed as u32, (seed >> 32) as u32];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(task, (o, x))| masked_add_chunk(x, o, (task * CHUNK) as u32, seed, keep));
 }

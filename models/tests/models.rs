@@ -1070,16 +1070,16 @@ mod fused_on_flex {
         compare(
             "low-rank linear",
             &[[5, 7], [7, 6], [7, 3], [3, 6]],
-            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone()),
-            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone()),
+            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.0),
+            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.0),
         );
         let with_bias_f = |x: Vec<Tensor<F, 2>>| {
             let bias = Some(x[4].clone().reshape([150]));
-            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone())
+            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone(), 0.0)
         };
         let with_bias_n = |x: Vec<Tensor<N, 2>>| {
             let bias = Some(x[4].clone().reshape([150]));
-            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone())
+            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone(), 0.0)
         };
         compare(
             "low-rank linear, transposed weight, bias, 300 rows",
@@ -1090,7 +1090,7 @@ mod fused_on_flex {
         // A frozen weight (as in every adapted model): no gradient for it, and the others exact.
         let run = |x: Tensor<F, 2>, a: Tensor<F, 2>, b: Tensor<F, 2>| {
             let w = input::<F, 2>([7, 6], 2);
-            let g = (fused::low_rank_linear(x.clone(), w.clone(), None, a.clone(), b.clone())
+            let g = (fused::low_rank_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.0)
                 * input::<F, 2>([5, 6], 99))
             .sum()
             .backward();
@@ -1112,6 +1112,50 @@ mod fused_on_flex {
         for (name, (got, expected)) in ["x", "a", "b"].iter().zip(got.iter().zip(&expected)) {
             assert_close(&format!("low-rank linear, frozen weight: gradient of {name}"), got, expected, 1e-5);
         }
+    }
+
+    #[test]
+    fn low_rank_linear_with_dropout_equals_the_chain_through_fused_dropout() {
+        // The same seed gives the same mask: the fused op (mask applied inside, dX through the
+        // mask in one pass) against `linear + linear(linear(fused::dropout(x)))` on flex, values
+        // and every gradient.
+        let device = Default::default();
+        let inputs = || {
+            [[9, 7], [7, 6], [7, 3], [3, 6], [1, 6]]
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| input::<F, 2>(s, i as u64 + 1).require_grad())
+                .collect::<Vec<_>>()
+        };
+        let run = |fused_op: bool| {
+            let x = inputs();
+            <F as Backend>::seed(&device, 11);
+            let bias = Some(x[4].clone().reshape([6]));
+            let y = if fused_op {
+                fused::low_rank_linear(x[0].clone(), x[1].clone(), bias, x[2].clone(), x[3].clone(), 0.3)
+            } else {
+                let update = fused::linear(
+                    fused::linear(fused::dropout(x[0].clone(), 0.3), x[2].clone(), None),
+                    x[3].clone(),
+                    None,
+                );
+                fused::linear(x[0].clone(), x[1].clone(), bias) + update
+            };
+            let g = (y.clone() * input::<F, 2>([9, 6], 99)).sum().backward();
+            let mut out = vec![floats(y)];
+            out.extend(x.iter().map(|t| floats(t.grad(&g).unwrap())));
+            out
+        };
+        let (got, expected) = (run(true), run(false));
+        for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
+            assert_close(&format!("low-rank linear with dropout: output/gradient {i}"), got, expected, 1e-6);
+        }
+        // And the mask is really applied: without it the output differs.
+        let x = inputs();
+        let unmasked = fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.0);
+        let masked = fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.3);
+        let diff = floats(unmasked).iter().zip(floats(masked)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff > 1e-3, "the dropout mask changed nothing");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use crate::attention::{AttentionShape, Mask, attention_backward, attention_forward};
-use crate::dropout::dropout as dropout_kernel;
+use crate::dropout::{dropout as dropout_kernel, dropout_add};
 use crate::gelu::{gelu_backward, gelu_forward};
 use crate::loss::softmax_cross_entropy as cross_entropy_kernel;
 use crate::matmul::{View, add_product, product};
@@ -591,12 +591,15 @@ pub(super) fn linear<B: Backend>(
 #[derive(Debug)]
 struct LowRankLinearBackward;
 
-/// What the backward keeps: `x` (when `W`'s or `a`'s gradient is needed), `h = x·a`, and the
-/// three matrices (reference-counted, not copied).
+/// What the backward keeps: `x` (when `W`'s gradient is needed), the update's input (`x`, or `x`
+/// with the dropout mask applied; when `a`'s gradient is needed), `h`, the mask's seed and keep
+/// probability, and the three matrices (reference-counted, not copied).
 #[derive(Debug, Clone)]
 struct LowRankLinearState {
     x: Option<FlexTensor>,
+    x_update: Option<FlexTensor>,
     h: FlexTensor,
+    mask: Option<(u64, f32)>,
     weight: FlexTensor,
     a: FlexTensor,
     b: FlexTensor,
@@ -616,7 +619,7 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-        let LowRankLinearState { x, h, weight, a, b } = ops.state;
+        let LowRankLinearState { x, x_update, h, mask, weight, a, b } = ops.state;
         let (Some(dy), Some(w), Some(av), Some(bv), Some(hv)) =
             (view(&grad), view(&weight), view(&a), view(&b), view(&h))
         else {
@@ -628,18 +631,20 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
         let dh = (node_x.is_some() || node_a.is_some()).then(|| product(dy, bv.t(), None));
         let dh_view = dh.as_deref().map(|d| View::rows(d, 0, dy.rows, bv.rows, bv.rows));
         if let (Some(node), Some(dh)) = (node_x, dh_view) {
-            // dX = dY·Wᵀ + dH·aᵀ, the low-rank part added into the same buffer.
+            // dX = dY·Wᵀ + dH·aᵀ (through the mask, when there is one), added into one buffer.
             let mut dx = product(dy, w.t(), None);
-            add_product(&mut dx, dh, av.t());
+            match mask {
+                None => add_product(&mut dx, dh, av.t()),
+                Some((seed, keep)) => dropout_add(&product(dh, av.t(), None), seed, keep, &mut dx),
+            }
             grads.register::<Flex>(node.id, owned(dx, &[dy.rows, w.rows]));
         }
-        let xv = x.as_ref().and_then(view);
-        if let (Some(node), Some(x)) = (node_w, xv) {
+        if let (Some(node), Some(x)) = (node_w, x.as_ref().and_then(view)) {
             // dW = Xᵀ·dY
             grads.register::<Flex>(node.id, owned(product(x.t(), dy, None), &[x.cols, dy.cols]));
         }
-        if let (Some(node), Some(x), Some(dh)) = (node_a, xv, dh_view) {
-            // da = Xᵀ·dH
+        if let (Some(node), Some(x), Some(dh)) = (node_a, x_update.as_ref().and_then(view), dh_view) {
+            // da = X_updateᵀ·dH
             grads.register::<Flex>(node.id, owned(product(x.t(), dh, None), &[x.cols, dh.cols]));
         }
         if let Some(node) = node_b {
@@ -661,6 +666,7 @@ pub(super) fn low_rank_linear<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     a: Tensor<B, 2>,
     b: Tensor<B, 2>,
+    dropout: f64,
 ) -> Result<Tensor<B, 2>, LowRankLinearInputs<B>> {
     let [rows, d_in] = x.dims();
     let [w_in, d_out] = weight.dims();
@@ -672,24 +678,37 @@ pub(super) fn low_rank_linear<B: Backend>(
         || !all_f32(&[&x, &weight, &a, &b])
         || !shapes_fit
         || !bias_fits
+        || !(0.0..1.0).contains(&dropout)
+        || rows * d_in > u32::MAX as usize
         || ![&weight, &a, &b].into_iter().all(usable)
     {
         return Err((x, weight, bias, a, b));
     }
+    // As `fused::dropout`: a mask only under autodiff, its seed drawn from the backend's generator.
+    let mask =
+        (B::ad_enabled(&x.device()) && dropout > 0.0).then(|| (dropout_seed::<B>(&x.device()), (1.0 - dropout) as f32));
     let forward = move |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 5]| {
         let x = contiguous(x);
         let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(w), view(a), view(b)) else {
             unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
         };
         let bias = bias.map(contiguous);
-        // H = X·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
-        let h = product(xv, av, None);
+        // The update's input: `x`, or `x · mask / keep`.
+        let x_update = mask.map(|(seed, keep)| {
+            let mut masked = vec![0.0f32; rows * d_in];
+            dropout_kernel(values(&x), seed, keep, &mut masked);
+            owned(masked, &[rows, d_in])
+        });
+        let uv = x_update.as_ref().and_then(view).unwrap_or(xv);
+        // H = X_update·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
+        let h = product(uv, av, None);
         let mut y = product(xv, wv, bias.as_ref().map(values));
         add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
-        let keep_x = tracked[1] || tracked[2];
         let state = LowRankLinearState {
-            x: keep_x.then(|| x.clone()),
+            x: tracked[1].then(|| x.clone()),
+            x_update: tracked[2].then(|| x_update.unwrap_or_else(|| x.clone())),
             h: owned(h, &[rows, rank]),
+            mask,
             weight: w.clone(),
             a: a.clone(),
             b: b.clone(),
@@ -729,15 +748,19 @@ impl Backward<Flex, 1> for DropoutBackward {
     }
 }
 
+/// A mask seed from the backend's generator, so that `B::seed` makes the masks reproducible.
+fn dropout_seed<B: Backend>(device: &B::Device) -> u64 {
+    let draw = Tensor::<B, 1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    let bits: Vec<u64> = draw.into_data().convert::<f32>().iter::<f32>().map(|v| v.to_bits() as u64).collect();
+    bits[0] | (bits[1] << 32)
+}
+
 pub(super) fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let n = x.shape().num_elements();
     if !runs::<B>() || x.dtype() != DType::F32 || !(0.0..1.0).contains(&prob) || n > u32::MAX as usize {
         return Err(x);
     }
-    // The seed comes from the backend's generator, so `B::seed` makes the masks reproducible.
-    let draw = Tensor::<B, 1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), &x.device());
-    let bits: Vec<u64> = draw.into_data().convert::<f32>().iter::<f32>().map(|v| v.to_bits() as u64).collect();
-    let seed = bits[0] | (bits[1] << 32);
+    let seed = dropout_seed::<B>(&x.device());
     let keep = (1.0 - prob) as f32;
     let dims = x.dims();
     Ok(run([x], DropoutBackward, |[x], _| {

@@ -50,25 +50,27 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
     burn_linear(x, weight, bias)
 }
 
-/// `x·W + b + (x·a)·b_lr` for `x: [rows, d_in]`, `W: [d_in, d_out]`, `a: [d_in, k]`,
-/// `b_lr: [k, d_out]`: a frozen layer with a low-rank update, what every factored adapter computes.
-/// On flex the update's product is added into the layer's output buffer by `gemm` (and `dX`'s
-/// low-rank part into `dX` in the backward), instead of being written to a buffer of its own and
-/// summed in another pass: one `[rows, d_out]` and one `[rows, d_in]` buffer and two memory passes
-/// fewer per layer and step. Elsewhere it is [`linear`] plus the update through [`linear`].
+/// `x·W + b + (dropout(x)·a)·b_lr` for `x: [rows, d_in]`, `W: [d_in, d_out]`, `a: [d_in, k]`,
+/// `b_lr: [k, d_out]`: a frozen layer with a low-rank update whose input goes through [`dropout`]
+/// with probability `dropout` (LoRA's `lora_dropout`; 0 for none), what every factored adapter
+/// computes. On flex the update's product is added into the layer's output buffer by `gemm`, and
+/// in the backward the update's part of `dX` into `dX` (through the mask in the same pass),
+/// instead of each being written to a buffer of its own and summed in another pass. Elsewhere it
+/// is [`linear`] plus the update through [`dropout`] and [`linear`].
 pub fn low_rank_linear<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     a: Tensor<B, 2>,
     b_lr: Tensor<B, 2>,
+    dropout_prob: f64,
 ) -> Tensor<B, 2> {
     #[cfg(feature = "flex")]
-    let (x, weight, bias, a, b_lr) = match flex::low_rank_linear(x, weight, bias, a, b_lr) {
+    let (x, weight, bias, a, b_lr) = match flex::low_rank_linear(x, weight, bias, a, b_lr, dropout_prob) {
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
-    linear(x.clone(), weight, bias) + linear(linear(x, a, None), b_lr, None)
+    linear(x.clone(), weight, bias) + linear(linear(dropout(x, dropout_prob), a, None), b_lr, None)
 }
 
 /// Inverted dropout with drop probability `prob`, as Burn's `Dropout` (identity without autodiff
