@@ -52,12 +52,13 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulat
     }
     // SAFETY: `dst` is borrowed mutably, so no operand aliases it, and holds the `m·n` elements;
     // it is initialised, so it may be read when accumulating.
-    unsafe { gemm_into(dst.as_mut_ptr(), lhs, rhs, accumulate, beta, gemm::Parallelism::None) }
+    unsafe { gemm_into(dst.as_mut_ptr(), n, lhs, rhs, accumulate, beta, gemm::Parallelism::None) }
 }
 
 /// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a
-/// bias), split over rayon's threads when large (flex's threshold, 192³ multiply-adds). No zero
-/// fill: `gemm` writes every element.
+/// bias), split over rayon's threads when large (flex's threshold, 192³ multiply-adds), or, for a
+/// few rows against a large right operand, by output columns ([`FEW_ROWS`]). No zero fill: `gemm`
+/// writes every element.
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
@@ -79,15 +80,50 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         return out;
     }
+    let threads = rayon::current_num_threads();
+    if m <= FEW_ROWS && threads > 1 && n.saturating_mul(k) >= SPLIT_COLUMNS_FROM {
+        // `gemm` runs a product with one row (decoding) as a matrix-vector loop on one thread,
+        // and one with a few rows splits poorly; each thread takes a block of output columns.
+        let block = n.div_ceil(threads).next_multiple_of(16);
+        let dst = SendPtr(out.as_mut_ptr());
+        rayon::scope(|scope| {
+            for first in (0..n).step_by(block) {
+                let dst = &dst;
+                let cols = block.min(n - first);
+                let rhs = View { offset: rhs.offset + first * rhs.col_stride, cols, ..rhs };
+                scope.spawn(move |_| {
+                    // SAFETY: the blocks' columns are disjoint, so no two threads write one
+                    // element; `out` holds the `m·n` elements (initialised when read, as below).
+                    unsafe {
+                        let dst = dst.0.add(first);
+                        gemm_into(dst, n, lhs, rhs, row.is_some(), 1.0, gemm::Parallelism::None)
+                    }
+                });
+            }
+        });
+        // SAFETY: every element was written by one of the blocks.
+        unsafe { out.set_len(m * n) };
+        return out;
+    }
     // SAFETY: `out`'s allocation holds the `m·n` elements, written through a raw pointer; they
     // are read only with a bias row, which initialised them, and all are written by `gemm` before
     // the length is set.
     unsafe {
-        gemm_into(out.as_mut_ptr(), lhs, rhs, row.is_some(), 1.0, parallelism(m, n, k));
+        gemm_into(out.as_mut_ptr(), n, lhs, rhs, row.is_some(), 1.0, parallelism(m, n, k));
         out.set_len(m * n);
     }
     out
 }
+
+/// At most this many rows, [`product`] splits the output columns over the threads itself.
+const FEW_ROWS: usize = 16;
+/// ... when the right operand has at least this many elements (256 KiB of `f32`).
+const SPLIT_COLUMNS_FROM: usize = 1 << 16;
+
+/// A pointer handed to the threads of [`product`], each writing its own columns.
+struct SendPtr(*mut f32);
+// SAFETY: the threads write disjoint elements (see `product`).
+unsafe impl Sync for SendPtr {}
 
 /// `dst += lhs·rhs`, `dst` a contiguous row-major `lhs.rows × rhs.cols` matrix, split over
 /// rayon's threads when large (as [`product`]). Adds a low-rank update into a layer's output in
@@ -104,7 +140,7 @@ pub(crate) fn add_product(dst: &mut [f32], lhs: View, rhs: View) {
     }
     // SAFETY: `dst` is borrowed mutably, so no operand aliases it, holds the `m·n` elements and is
     // initialised.
-    unsafe { gemm_into(dst.as_mut_ptr(), lhs, rhs, true, 1.0, parallelism(m, n, k)) }
+    unsafe { gemm_into(dst.as_mut_ptr(), n, lhs, rhs, true, 1.0, parallelism(m, n, k)) }
 }
 
 /// Threads for an `m×k · k×n` product: rayon's when it has at least flex's threshold of 192³
@@ -118,13 +154,22 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 }
 
 /// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` with `read_dst`, `dst` a row-major
-/// `lhs.rows × rhs.cols` matrix with a positive inner dimension.
+/// `lhs.rows × rhs.cols` matrix whose rows are `dst_row_stride` apart, with a positive inner
+/// dimension.
 ///
 /// # Safety
-/// `dst` must be valid for writes of `lhs.rows·rhs.cols` elements that no operand aliases, and
-/// for reads of them (initialised) when `read_dst`; the operands must have been checked with
-/// [`View::check`] and agree on the inner dimension.
-unsafe fn gemm_into(dst: *mut f32, lhs: View, rhs: View, read_dst: bool, beta: f32, parallelism: gemm::Parallelism) {
+/// `dst` must be valid for writes of those elements, which no operand aliases, and for reads of
+/// them (initialised) when `read_dst`; the operands must have been checked with [`View::check`]
+/// and agree on the inner dimension.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: View,
+    rhs: View,
+    read_dst: bool,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
     // SAFETY: the caller's contract; the operands' elements lie inside their slices (checked).
     unsafe {
         gemm::gemm(
@@ -133,7 +178,7 @@ unsafe fn gemm_into(dst: *mut f32, lhs: View, rhs: View, read_dst: bool, beta: f
             lhs.cols,
             dst,
             1,
-            rhs.cols as isize,
+            dst_row_stride as isize,
             read_dst,
             lhs.data.as_ptr().add(lhs.offset),
             lhs.col_stride as isize,

@@ -357,18 +357,14 @@ impl<B: Backend> Llama<B> {
 
     fn forward_inner(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let x = self.hidden_inner(tokens, cache);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            // Tied head, `h·Eᵀ` on `[B·T, d]` rows: a 2-D product takes the transposed embedding
-            // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
-            // call), and the logits come out contiguous for the softmax.
-            None => {
-                let [b, t, d] = x.dims();
-                let embedding = self.embed_tokens.weight.val();
-                let vocab = embedding.dims()[0];
-                x.reshape([b * t, d]).matmul(embedding.transpose()).reshape([b, t, vocab])
-            }
-        }
+        // `h·head` on `[B·T, d]` rows: a 2-D product takes the (tied: transposed embedding) head
+        // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
+        // call), and `fused::linear` spreads a decoding step's one row over the threads.
+        let [b, t, d] = x.dims();
+        let head = self.output_head().transpose();
+        let vocab = head.dims()[1];
+        let bias = self.lm_head.as_ref().and_then(|h| h.bias.as_ref().map(|b| b.val()));
+        fused::linear(x.reshape([b * t, d]), head, bias).reshape([b, t, vocab])
     }
 
     fn hidden_inner(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {

@@ -1054,6 +1054,20 @@ mod fused_on_flex {
             |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
             |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
         );
+        // A few rows against a large weight (decoding): the output columns split over the
+        // threads, with uneven blocks, a bias and a transposed weight.
+        compare(
+            "linear, 3 rows, 300 → 250",
+            &[[3, 300], [300, 250]],
+            |x| fused::linear(x[0].clone(), x[1].clone(), None),
+            |x| fused::linear(x[0].clone(), x[1].clone(), None),
+        );
+        compare(
+            "linear, 1 row, transposed 300 → 251, bias",
+            &[[1, 300], [251, 300], [1, 251]],
+            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([251]))),
+            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([251]))),
+        );
         // A frozen weight (untracked) gets no gradient and the input's is still exact.
         let w = input::<F, 2>([7, 6], 3);
         let x = input::<F, 2>([5, 7], 4).require_grad();
