@@ -56,9 +56,10 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulat
 }
 
 /// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a
-/// bias), split over rayon's threads when large (flex's threshold, 192³ multiply-adds), or, for a
-/// few rows against a large right operand, by output columns ([`FEW_ROWS`]). No zero fill: `gemm`
-/// writes every element.
+/// bias). A large right operand (a layer's weight) has its output columns split over rayon's
+/// threads here, one single-threaded `gemm` per block ([`SPLIT_COLUMNS_FROM`]); other products
+/// use `gemm`'s own threads when large (flex's threshold, 192³ multiply-adds). No zero fill:
+/// `gemm` writes every element.
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
@@ -81,10 +82,11 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
         return out;
     }
     let threads = rayon::current_num_threads();
-    if m <= FEW_ROWS && threads > 1 && n.saturating_mul(k) >= SPLIT_COLUMNS_FROM {
+    let block = n.div_ceil(threads).next_multiple_of(16);
+    if n > block && n.saturating_mul(k) >= SPLIT_COLUMNS_FROM {
         // `gemm` runs a product with one row (decoding) as a matrix-vector loop on one thread,
-        // and one with a few rows splits poorly; each thread takes a block of output columns.
-        let block = n.div_ceil(threads).next_multiple_of(16);
+        // and splits one with up to a few thousand rows worse than this (BENCHMARKS.md §10);
+        // each thread takes a block of output columns and packs only its part of the weight.
         let dst = SendPtr(out.as_mut_ptr());
         rayon::scope(|scope| {
             for first in (0..n).step_by(block) {
@@ -115,9 +117,8 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     out
 }
 
-/// At most this many rows, [`product`] splits the output columns over the threads itself.
-const FEW_ROWS: usize = 16;
-/// ... when the right operand has at least this many elements (256 KiB of `f32`).
+/// From this many elements in the right operand (256 KiB of `f32`), [`product`] splits the output
+/// columns over the threads itself, when that gives two blocks of at least 16 columns.
 const SPLIT_COLUMNS_FROM: usize = 1 << 16;
 
 /// A pointer handed to the threads of [`product`], each writing its own columns.

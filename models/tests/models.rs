@@ -1054,11 +1054,11 @@ mod fused_on_flex {
             |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
             |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
         );
-        // A few rows against a large weight (decoding): the output columns split over the
-        // threads, with uneven blocks, a bias and a transposed weight.
+        // A large weight: the output columns split over the threads (uneven blocks), for many
+        // rows and for one (decoding), with a bias and a transposed weight.
         compare(
-            "linear, 3 rows, 300 → 250",
-            &[[3, 300], [300, 250]],
+            "linear, 70 rows, 300 → 250",
+            &[[70, 300], [300, 250]],
             |x| fused::linear(x[0].clone(), x[1].clone(), None),
             |x| fused::linear(x[0].clone(), x[1].clone(), None),
         );
