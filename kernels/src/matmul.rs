@@ -94,8 +94,9 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
                 let cols = block.min(n - first);
                 let rhs = View { offset: rhs.offset + first * rhs.col_stride, cols, ..rhs };
                 scope.spawn(move |_| {
-                    // SAFETY: the blocks' columns are disjoint, so no two threads write one
-                    // element; `out` holds the `m·n` elements (initialised when read, as below).
+                    // SAFETY: the blocks' columns are disjoint, so no two threads touch one
+                    // element; `out`'s allocation holds the `m·n` elements, and `gemm` reads them
+                    // only with a bias row, which initialised them.
                     unsafe {
                         let dst = dst.0.add(first);
                         gemm_into(dst, n, lhs, rhs, row.is_some(), 1.0, gemm::Parallelism::None)
@@ -126,8 +127,8 @@ struct SendPtr(*mut f32);
 // SAFETY: the threads write disjoint elements (see `product`).
 unsafe impl Sync for SendPtr {}
 
-/// `dst += lhs·rhs`, `dst` a contiguous row-major `lhs.rows × rhs.cols` matrix, split over
-/// rayon's threads when large (as [`product`]). Adds a low-rank update into a layer's output in
+/// `dst += lhs·rhs`, `dst` a contiguous row-major `lhs.rows × rhs.cols` matrix, on `gemm`'s
+/// threads when large (its right operand is a thin factor, never a layer's weight). Adds a low-rank update into a layer's output in
 /// the same pass that writes it back, with no buffer for the update.
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) fn add_product(dst: &mut [f32], lhs: View, rhs: View) {
