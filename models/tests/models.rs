@@ -1038,36 +1038,42 @@ mod fused_on_flex {
         }
     }
 
+    /// The weight input `x[1]`, as given or (`transposed`) as a view of its transpose.
+    fn weight_of<Bk: Backend>(x: &[Tensor<Bk, 2>], transposed: bool) -> Tensor<Bk, 2> {
+        if transposed { x[1].clone().transpose() } else { x[1].clone() }
+    }
+
+    /// A `[1, n]` input at `i`, if there is one, as a bias `[n]`.
+    fn bias_of<Bk: Backend>(x: &[Tensor<Bk, 2>], i: usize) -> Option<Tensor<Bk, 1>> {
+        x.get(i).map(|b| b.clone().reshape([b.dims()[1]]))
+    }
+
+    /// `fused::linear` on `[x, weight, (bias)]` inputs.
+    fn linear_of<Bk: Backend>(x: &[Tensor<Bk, 2>], transposed: bool) -> Tensor<Bk, 2> {
+        fused::linear(x[0].clone(), weight_of(x, transposed), bias_of(x, 2))
+    }
+
+    /// `fused::low_rank_linear` without dropout on `[x, weight, a, b, (bias)]` inputs.
+    fn low_rank_linear_of<Bk: Backend>(x: &[Tensor<Bk, 2>], transposed: bool) -> Tensor<Bk, 2> {
+        let (a, b) = (x[2].clone(), x[3].clone());
+        fused::low_rank_linear(x[0].clone(), weight_of(x, transposed), bias_of(x, 4), a, b, 0.0)
+    }
+
     #[test]
     fn linear_matches_burns_with_strided_weights_and_every_gradient() {
         // Weight contiguous `[d_in, d_out]`, or a transposed view of `[d_out, d_in]` (how flex
-        // holds widening frozen projections); with and without a bias.
-        compare(
-            "linear",
-            &[[5, 7], [7, 6]],
-            |x| fused::linear(x[0].clone(), x[1].clone(), None),
-            |x| fused::linear(x[0].clone(), x[1].clone(), None),
-        );
-        compare(
-            "linear, transposed weight, bias",
-            &[[5, 7], [6, 7], [1, 6]],
-            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
-            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([6]))),
-        );
-        // A large weight: the output columns split over the threads (uneven blocks), for many
-        // rows and for one (decoding), with a bias and a transposed weight.
-        compare(
-            "linear, 70 rows, 300 → 250",
-            &[[70, 300], [300, 250]],
-            |x| fused::linear(x[0].clone(), x[1].clone(), None),
-            |x| fused::linear(x[0].clone(), x[1].clone(), None),
-        );
-        compare(
-            "linear, 1 row, transposed 300 → 251, bias",
-            &[[1, 300], [251, 300], [1, 251]],
-            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([251]))),
-            |x| fused::linear(x[0].clone(), x[1].clone().transpose(), Some(x[2].clone().reshape([251]))),
-        );
+        // holds widening frozen projections); with and without a bias. The large weights have
+        // their output columns split over the threads (uneven blocks), for many rows and for one
+        // (decoding).
+        let cases: [(&str, &[[usize; 2]], bool); 4] = [
+            ("linear", &[[5, 7], [7, 6]], false),
+            ("linear, transposed weight, bias", &[[5, 7], [6, 7], [1, 6]], true),
+            ("linear, 70 rows, 300 → 250", &[[70, 300], [300, 250]], false),
+            ("linear, 1 row, transposed 300 → 251, bias", &[[1, 300], [251, 300], [1, 251]], true),
+        ];
+        for (what, shapes, transposed) in cases {
+            compare(what, shapes, |x| linear_of(&x, transposed), |x| linear_of(&x, transposed));
+        }
         // A frozen weight (untracked) gets no gradient and the input's is still exact.
         let w = input::<F, 2>([7, 6], 3);
         let x = input::<F, 2>([5, 7], 4).require_grad();
@@ -1081,26 +1087,17 @@ mod fused_on_flex {
     fn low_rank_linear_matches_the_op_chain_and_every_gradient() {
         // `x·W + bias + (x·a)·b`: contiguous and transposed weights, with and without a bias, and
         // a size large enough for the threaded GEMM path.
-        compare(
-            "low-rank linear",
-            &[[5, 7], [7, 6], [7, 3], [3, 6]],
-            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.0),
-            |x| fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.0),
-        );
-        let with_bias_f = |x: Vec<Tensor<F, 2>>| {
-            let bias = Some(x[4].clone().reshape([150]));
-            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone(), 0.0)
-        };
-        let with_bias_n = |x: Vec<Tensor<N, 2>>| {
-            let bias = Some(x[4].clone().reshape([150]));
-            fused::low_rank_linear(x[0].clone(), x[1].clone().transpose(), bias, x[2].clone(), x[3].clone(), 0.0)
-        };
-        compare(
-            "low-rank linear, transposed weight, bias, 300 rows",
-            &[[300, 200], [150, 200], [200, 4], [4, 150], [1, 150]],
-            with_bias_f,
-            with_bias_n,
-        );
+        let cases: [(&str, &[[usize; 2]], bool); 2] = [
+            ("low-rank linear", &[[5, 7], [7, 6], [7, 3], [3, 6]], false),
+            (
+                "low-rank linear, transposed weight, bias, 300 rows",
+                &[[300, 200], [150, 200], [200, 4], [4, 150], [1, 150]],
+                true,
+            ),
+        ];
+        for (what, shapes, transposed) in cases {
+            compare(what, shapes, |x| low_rank_linear_of(&x, transposed), |x| low_rank_linear_of(&x, transposed));
+        }
         // A frozen weight (as in every adapted model): no gradient for it, and the others exact.
         let run = |x: Tensor<F, 2>, a: Tensor<F, 2>, b: Tensor<F, 2>| {
             let w = input::<F, 2>([7, 6], 2);
