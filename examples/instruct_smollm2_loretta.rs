@@ -9,8 +9,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use tensor_peft::adapters::MethodConfig;
-use tensor_peft::generate::{GenerateOptions, run};
-use tensor_peft::training::{TaskKind, TrainConfig, finetune};
+use tensor_peft::training::{GenerateOptions, TaskKind, TrainConfig, finetune, generate};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Reuse freed activation buffers instead of faulting in fresh pages every step (glibc).
@@ -43,6 +42,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 0,
         adapter: Some(report.output.join("last")),
     };
-    println!("{}", run::<Flex>(&model, &options, &Default::default())?);
+    println!("{}", generate::<Flex>(&model, &options, &Default::default())?);
     Ok(())
 }

@@ -540,6 +540,36 @@ pub fn chatterbot_conversations(dir: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// The corpora fetched by `scripts/fetch-assets.sh`, by name (under `$TENSOR_PEFT_ASSETS`, default
+/// `assets/`).
+pub fn builtin_dataset(name: &str, task: TaskKind) -> Result<Vec<Example>> {
+    let root = std::env::var_os("TENSOR_PEFT_ASSETS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("assets"));
+    match (name, task) {
+        ("vader-movie-reviews", TaskKind::Classification | TaskKind::LmClassification) => {
+            vader_movie_reviews(&root.join("vader/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"))
+        }
+        ("chatterbot", TaskKind::CausalLm) => {
+            chatterbot_conversations(&root.join("chatterbot/chatterbot_corpus/data/english"))
+        }
+        _ => Err(TrainError::Option {
+            option: "train",
+            reason: format!(
+                "unknown built-in data set `{name}` for task {}: expected builtin:vader-movie-reviews (classification, lm-classification) or builtin:chatterbot (causal-lm); run scripts/fetch-assets.sh first",
+                task.name()
+            ),
+        }),
+    }
+}
+
+/// The examples of `path`: `builtin:<name>` (a [`builtin_dataset`], which skips nothing) or a data
+/// file ([`read_file`]).
+pub fn read_source(path: &Path, task: TaskKind, fields: &FieldMap, skip_bad_rows: bool) -> Result<Dataset> {
+    match path.to_string_lossy().strip_prefix("builtin:") {
+        Some(name) => Ok(Dataset { examples: builtin_dataset(name, task)?, skipped: Vec::new() }),
+        None => read_file(path, task, fields, skip_bad_rows),
+    }
+}
+
 /// Counts of examples per label text, for reports.
 pub fn label_counts(examples: &[Example]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

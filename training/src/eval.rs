@@ -91,17 +91,11 @@ pub fn evaluate_with_predictions<B: Backend>(
             reason: format!("the adapter was trained for {}, not {}", info.task.name(), options.task.name()),
         });
     }
-    let name = data_path.to_string_lossy();
-    let examples = match name.strip_prefix("builtin:") {
-        Some(builtin) => crate::trainer::builtin_dataset(builtin, options.task)?,
-        None => {
-            let d = data::read_file(data_path, options.task, &options.fields, options.skip_bad_rows)?;
-            if !d.skipped.is_empty() {
-                eprintln!("warning: skipped {} bad rows, e.g. {}", d.skipped.len(), d.skipped[0]);
-            }
-            d.examples
-        }
-    };
+    let d = data::read_source(data_path, options.task, &options.fields, options.skip_bad_rows)?;
+    if !d.skipped.is_empty() {
+        eprintln!("warning: skipped {} bad rows, e.g. {}", d.skipped.len(), d.skipped[0]);
+    }
+    let examples = d.examples;
     let labels = info.labels.clone().map(|names| Labels { names });
     let n_classes = labels.as_ref().map_or(0, Labels::len);
     let lm = options.task == TaskKind::CausalLm;

@@ -3,13 +3,14 @@
 //! metrics ([`metrics`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
 //! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
-//! ([`eval`]) and training curves ([`plot`]).
+//! ([`eval`]), text generation with a saved adapter ([`mod@generate`]) and training curves ([`plot`]).
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
@@ -22,4 +23,5 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use data::TaskKind;
 pub use error::{Result, TrainError};
+pub use generate::{GenerateOptions, generate};
 pub use trainer::{FinetuneReport, finetune};

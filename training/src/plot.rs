@@ -20,10 +20,27 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Data { path: path.into(), reason: format!("cannot draw the figure: {e}") }
 }
 
+/// Draws a white `size` PNG with `draw` and writes it to `path` atomically (a temporary file
+/// beside it, then a rename).
+fn write_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+        draw(&root)?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+}
+
 /// Draws train and valid curves of every metric in `history` (one panel per metric, x = epoch)
 /// and writes them to `path` (atomically).
 pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
-    register_font();
     let mut names: Vec<String> = history.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     names.sort();
     names.dedup();
@@ -31,13 +48,10 @@ pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp.png");
     let panels = names.len();
     let cols = panels.min(3);
     let rows = panels.div_ceil(cols);
-    {
-        let root = BitMapBackend::new(&tmp, (420 * cols as u32, 300 * rows as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+    write_png(path, (420 * cols as u32, 300 * rows as u32), |root| {
         let areas = root.split_evenly((rows, cols));
         for (name, area) in names.iter().zip(areas) {
             let series = |split: &str| -> Vec<(f64, f64)> {
@@ -84,9 +98,8 @@ pub fn curves(history: &[EpochRecord], path: &Path) -> Result<()> {
                 .draw()
                 .map_err(|e| plot_error(path, e))?;
         }
-        root.present().map_err(|e| plot_error(path, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+        Ok(())
+    })
 }
 
 /// The points of `points` (`(label, x, y)`) on the Pareto front: no other point has fewer or equal
@@ -114,7 +127,6 @@ pub fn scatter_vs_params(
     higher_is_better: bool,
     path: &Path,
 ) -> Result<()> {
-    register_font();
     let usable: Vec<&(String, f64, f64)> = points.iter().filter(|p| p.1 > 0.0 && p.2.is_finite()).collect();
     if usable.is_empty() {
         return Err(TrainError::Data { path: path.into(), reason: "no finished run to plot".into() });
@@ -135,11 +147,8 @@ pub fn scatter_vs_params(
         RGBColor(227, 119, 194),
         RGBColor(127, 127, 127),
     ];
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (900, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
-        let mut chart = ChartBuilder::on(&root)
+    write_png(path, (900, 600), |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(format!("{y_label} vs trainable adapter parameters"), ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(45)
@@ -178,7 +187,6 @@ pub fn scatter_vs_params(
             .border_style(BLACK)
             .draw()
             .map_err(|e| plot_error(path, e))?;
-        root.present().map_err(|e| plot_error(path, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+        Ok(())
+    })
 }

@@ -5,14 +5,15 @@
 //! event processor still feeds its dashboard. Also the quiet (non-terminal) renderer.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data;
+use crate::config::TrainConfig;
+use crate::data::{self, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Accumulator, EpochRecord, higher_is_better};
 use crate::optim::{PeftOptimizer, WarmupSchedule};
-use crate::task::{Batch, TaskOutput};
-use crate::trainer::{StopAt, TaskModel};
+use crate::task::{Batch, TaskModel, TaskOutput};
+use crate::trainer::StopAt;
+use crate::trainer::report::{metric_for_best, print_record, write_history};
 use burn::data::dataloader::{DataLoader, Progress};
-use burn::module::Module;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::MetricDefinition;
@@ -24,9 +25,10 @@ use burn::train::{
     EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningComponentsMarker, SupervisedLearningStrategy,
     SupervisedTrainingEventProcessor, TrainLoader, TrainingComponents, TrainingItem, ValidLoader,
 };
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use tensor_peft_models::ArchSpec;
+use tensor_peft_models::adapter_file::AdapterConfig;
 
 /// Output of the quiet (non-terminal) mode: burn-train's per-batch renderer is replaced by one
 /// line per epoch and split, printed by the strategy.
@@ -92,47 +94,38 @@ pub(crate) struct FitOutcome {
     pub(crate) tokens: usize,
 }
 
-/// Writes the adapter of a trained model (downcast from `Any`); `true` = best so far.
-pub(crate) type SaveAdapter = Box<dyn Fn(&dyn std::any::Any, bool) -> Result<()> + Send + Sync>;
-
-/// `‖ΔW‖/‖W‖` of every adapted projection of a model (downcast from `Any`), by site name.
-pub(crate) type UpdateRatios = Box<dyn Fn(&dyn std::any::Any) -> Vec<(String, f64)> + Send + Sync>;
-
 /// Above this `‖ΔW‖/‖W‖` the update outweighs the pretrained layer: warn. Measured on MiniLM and
 /// the VADER recipe: healthy LoRA runs end at 0.01–0.2; a TT-LoRA run that degraded toward chance
 /// reached 12.5 (median over its layers 3.1). A model with random weights, like the tests' tiny
 /// LLaMA, passes 1 legitimately.
 pub(crate) const UPDATE_RATIO_WARNING: f64 = 1.0;
 
-/// Everything the training loop needs besides burn-train's components.
-pub(crate) struct PeftStrategy<B: AutodiffBackend> {
+/// The training loop of one run of task model `M`: the run's configuration, where it starts, and
+/// the handles it shares with the data loader and the optimizer (which burn-train owns while it
+/// runs).
+pub(crate) struct PeftStrategy<B: AutodiffBackend, M> {
+    /// The run's configuration (epochs, steps, batches, checkpoints, early stopping, output).
+    pub(crate) cfg: Arc<TrainConfig>,
     pub(crate) device: B::Device,
-    pub(crate) seed: u64,
-    pub(crate) epochs: usize,
-    pub(crate) max_steps: Option<usize>,
-    pub(crate) grad_accumulation: usize,
-    pub(crate) batch_size: usize,
-    pub(crate) save_every_steps: usize,
-    pub(crate) patience: Option<usize>,
-    pub(crate) metric_for_best: String,
+    /// Classes of a label task (0 otherwise), for the metrics.
     pub(crate) n_classes: usize,
-    pub(crate) lm: bool,
+    /// Print one line per epoch and split (no dashboard).
     pub(crate) quiet: bool,
-    pub(crate) eval_before_training: bool,
+    /// The loop's position: fresh, or read from the checkpoint resumed.
     pub(crate) start: TrainerState,
+    pub(crate) stop: StopAt,
+    /// The loader's epoch and the batches it skips (resuming inside an epoch).
     pub(crate) train_epoch: Arc<AtomicUsize>,
     pub(crate) train_skip: Arc<AtomicUsize>,
+    /// The optimizer's gradient scale (1 / micro-batches accumulated) and its state for checkpoints.
     pub(crate) grad_scale: Arc<Mutex<f64>>,
     pub(crate) optimizer_snapshot: Arc<Mutex<Option<crate::optim::OptimizerState<B>>>>,
-    /// Writes the adapter of a model (`true`: the best so far, into the output directory;
-    /// `false`: the last one, into `<output>/last`).
-    pub(crate) on_save: SaveAdapter,
-    /// Measures how large the updates have grown (the `update_ratio` train metric).
-    pub(crate) update_ratios: UpdateRatios,
-    pub(crate) checkpoint_root: PathBuf,
-    pub(crate) output: PathBuf,
+    /// The base model's architecture and the adapter config written with every adapter.
+    pub(crate) spec: ArchSpec,
+    pub(crate) adapter_config: AdapterConfig,
+    /// The model of the best validation epoch so far, for the test split.
+    pub(crate) best_model: Arc<Mutex<Option<M>>>,
     pub(crate) outcome: Arc<Mutex<FitOutcome>>,
-    pub(crate) stop: StopAt,
 }
 
 /// Seeds the backend RNG from the run seed and the data position, so dropout masks do not depend
@@ -142,39 +135,10 @@ fn seed_for(seed: u64, epoch: usize, batch: usize) -> u64 {
     rng.next_u64()
 }
 
-pub(crate) fn print_record(r: &EpochRecord) {
-    let metrics: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
-    println!("epoch {} {:<5} step {:>6}  {}", r.epoch, r.split, r.step, metrics.join("  "));
-}
+/// burn-train's component types of a run of task model `M`.
+pub(crate) type Marker<B, M> = LearningComponentsMarker<B, WarmupSchedule, M, PeftOptimizer<M, B>>;
 
-/// Writes `metrics.csv` and `metrics.json` (atomically).
-pub fn write_history(dir: &Path, history: &[EpochRecord]) -> Result<()> {
-    let keys: std::collections::BTreeSet<&String> = history.iter().flat_map(|r| r.metrics.keys()).collect();
-    let mut csv = String::from("epoch,split,step");
-    for k in &keys {
-        csv.push(',');
-        csv.push_str(k);
-    }
-    csv.push('\n');
-    for r in history {
-        csv.push_str(&format!("{},{},{}", r.epoch, r.split, r.step));
-        for k in &keys {
-            csv.push(',');
-            if let Some(v) = r.metrics.get(*k) {
-                csv.push_str(&format!("{v}"));
-            }
-        }
-        csv.push('\n');
-    }
-    tensor_peft_models::adapter_file::write_atomically(&dir.join("metrics.csv"), csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(history).expect("serialisable");
-    tensor_peft_models::adapter_file::write_atomically(&dir.join("metrics.json"), &json)?;
-    Ok(())
-}
-
-type Marker<B, M> = LearningComponentsMarker<B, WarmupSchedule, M, PeftOptimizer<M, B>>;
-
-impl<B, M> SupervisedLearningStrategy<Marker<B, M>> for PeftStrategy<B>
+impl<B, M> SupervisedLearningStrategy<Marker<B, M>> for PeftStrategy<B, M>
 where
     B: AutodiffBackend,
     M: TaskModel<B>,
@@ -192,30 +156,33 @@ where
         let interrupter = components.interrupter;
         let mut state = self.start.clone();
         let mut outcome = FitOutcome::default();
-        let better = |a: f64, b: f64| if higher_is_better(&self.metric_for_best) { a > b } else { a < b };
-        let max_steps = self.max_steps.unwrap_or(usize::MAX);
+        let cfg = &*self.cfg;
+        let metric_for_best = metric_for_best(cfg);
+        let lm = cfg.task == TaskKind::CausalLm;
+        let better = |a: f64, b: f64| if higher_is_better(&metric_for_best) { a > b } else { a < b };
+        let max_steps = cfg.max_steps.unwrap_or(usize::MAX);
         let started_epoch = if state.epoch_finished { state.epoch + 1 } else { state.epoch.max(1) };
         let mut resume_skip = if state.epoch_finished { 0 } else { state.batches_done };
         let mut partial = state.partial_train.take();
-        if self.eval_before_training && state.step == 0 && state.history.is_empty() {
+        if cfg.eval_before_training && state.step == 0 && state.history.is_empty() {
             let model = learner.model().valid();
             let mut acc = Accumulator::default();
             for batch in dataloader_valid.iter() {
                 acc.add(&model.step(batch).stats);
             }
             let record =
-                EpochRecord { epoch: 0, split: "valid".into(), step: 0, metrics: acc.metrics(self.n_classes, self.lm) };
+                EpochRecord { epoch: 0, split: "valid".into(), step: 0, metrics: acc.metrics(self.n_classes, lm) };
             if self.quiet {
                 print_record(&record);
             }
             state.history.push(record);
         }
-        'epochs: for epoch in started_epoch..=self.epochs {
+        'epochs: for epoch in started_epoch..=cfg.epochs {
             if state.step >= max_steps {
                 outcome.stop_reason = format!("reached --max-steps {max_steps}");
                 break;
             }
-            let global = Progress { items_processed: epoch, items_total: self.epochs };
+            let global = Progress { items_processed: epoch, items_total: cfg.epochs };
             self.train_epoch.store(epoch, Ordering::SeqCst);
             self.train_skip.store(resume_skip, Ordering::SeqCst);
             let mut batches_done = std::mem::take(&mut resume_skip);
@@ -227,7 +194,7 @@ where
             let epoch_started = std::time::Instant::now();
             let tokens_at_start = train_acc.tokens;
             while let Some(batch) = iterator.next() {
-                B::seed(&self.device, seed_for(self.seed, epoch, batches_done));
+                B::seed(&self.device, seed_for(cfg.seed, epoch, batches_done));
                 let output = learner.train_step(batch);
                 let stats = output.item.stats.clone();
                 if !stats.loss.is_finite() {
@@ -241,7 +208,7 @@ where
                 accumulated += 1;
                 let epoch_end = batches_done == self.train_batches(&dataloader_train);
                 let mut stepped = false;
-                if accumulated == self.grad_accumulation || epoch_end {
+                if accumulated == cfg.grad_accumulation || epoch_end {
                     *self.grad_scale.lock().expect("not poisoned") = 1.0 / accumulated as f64;
                     learner.lr_step();
                     learner.optimizer_step(accumulator.grads());
@@ -258,7 +225,7 @@ where
                 );
                 processor.process_train(LearnerEvent::ProcessedItem(item));
                 if stepped && !epoch_end {
-                    if self.save_every_steps > 0 && state.step.is_multiple_of(self.save_every_steps) {
+                    if cfg.save_every_steps > 0 && state.step.is_multiple_of(cfg.save_every_steps) {
                         state.epoch = epoch;
                         state.batches_done = batches_done;
                         state.epoch_finished = false;
@@ -302,14 +269,14 @@ where
             }
             drop(iterator);
             processor.process_valid(LearnerEvent::EndEpoch(epoch));
-            let mut train_metrics = train_acc.metrics(self.n_classes, self.lm);
+            let mut train_metrics = train_acc.metrics(self.n_classes, lm);
             train_metrics.insert("lr".into(), learner.lr_current());
             // This process's batches of the epoch (a resumed epoch counts only its own part).
             train_metrics.insert(
                 "tokens_per_second".into(),
                 (train_acc.tokens - tokens_at_start) as f64 / epoch_seconds.max(1e-9),
             );
-            let ratios = (self.update_ratios)(&learner.model() as &dyn std::any::Any);
+            let ratios = learner.model().update_ratios(&self.spec);
             if let Some((site, max)) = ratios.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
                 train_metrics.insert("update_ratio".into(), max);
                 if max > UPDATE_RATIO_WARNING {
@@ -326,21 +293,20 @@ where
                 epoch,
                 split: "valid".into(),
                 step: state.step,
-                metrics: valid_acc.metrics(self.n_classes, self.lm),
+                metrics: valid_acc.metrics(self.n_classes, lm),
             };
             if self.quiet {
                 print_record(&train_record);
                 print_record(&valid_record);
             }
-            let value = valid_record.metrics.get(&self.metric_for_best).copied().unwrap_or(f64::NAN);
+            let value = valid_record.metrics.get(&metric_for_best).copied().unwrap_or(f64::NAN);
             state.history.push(train_record);
             state.history.push(valid_record);
             let improved = value.is_finite() && state.best.is_none_or(|(b, _, _)| better(value, b));
             if improved {
                 state.best = Some((value, epoch, state.step));
                 state.epochs_without_improvement = 0;
-                let trained = learner.model();
-                if let Err(e) = (self.on_save)(&trained as &dyn std::any::Any, true) {
+                if let Err(e) = self.save_adapter(&learner.model(), true) {
                     outcome.error = Some(e);
                     break;
                 }
@@ -355,7 +321,7 @@ where
             state.epoch_finished = finished;
             state.partial_train = (!finished).then(|| train_acc.clone());
             if let Err(e) =
-                write_history(&self.output, &state.history).and_then(|_| self.checkpoint(&learner.model(), &state))
+                write_history(&cfg.output, &state.history).and_then(|_| self.checkpoint(&learner.model(), &state))
             {
                 outcome.error = Some(e);
                 break;
@@ -364,20 +330,20 @@ where
                 outcome.stop_reason = format!("reached --max-steps {max_steps}");
                 break;
             }
-            if let Some(p) = self.patience
+            if let Some(p) = cfg.early_stopping_patience
                 && state.epochs_without_improvement >= p
             {
-                outcome.stop_reason = format!("early stopping: no {} improvement in {p} epochs", self.metric_for_best);
+                outcome.stop_reason = format!("early stopping: no {metric_for_best} improvement in {p} epochs");
                 break;
             }
         }
         if outcome.stop_reason.is_empty() {
-            outcome.stop_reason = format!("completed {} epochs", self.epochs);
+            outcome.stop_reason = format!("completed {} epochs", cfg.epochs);
         }
         if outcome.error.is_none()
             && !outcome.killed
             && !state.history.is_empty()
-            && let Err(e) = (self.on_save)(&learner.model() as &dyn std::any::Any, false)
+            && let Err(e) = self.save_adapter(&learner.model(), false)
         {
             outcome.error = Some(e);
         }
@@ -387,16 +353,32 @@ where
     }
 }
 
-impl<B: AutodiffBackend> PeftStrategy<B> {
+impl<B: AutodiffBackend, M: TaskModel<B>> PeftStrategy<B, M>
+where
+    M::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
+{
     fn train_batches<O>(&self, loader: &Arc<dyn DataLoader<B, O>>) -> usize {
-        loader.num_items().div_ceil(self.batch_size)
+        loader.num_items().div_ceil(self.cfg.batch_size)
+    }
+
+    /// Writes the adapter of `model`: the best so far into the output directory (and kept for the
+    /// test split), or the last one into `<output>/last`.
+    fn save_adapter(&self, model: &M, best: bool) -> Result<()> {
+        if best {
+            model.write_adapter(&self.spec, &self.adapter_config, &self.cfg.output)?;
+            *self.best_model.lock().expect("not poisoned") = Some(model.clone());
+        } else {
+            model.write_adapter(&self.spec, &self.adapter_config, &self.cfg.output.join("last"))?;
+        }
+        Ok(())
     }
 
     /// Writes a step checkpoint and keeps only the newest.
-    fn checkpoint<M: Module<B>>(&self, model: &M, state: &TrainerState) -> Result<()> {
+    fn checkpoint(&self, model: &M, state: &TrainerState) -> Result<()> {
+        let root = self.cfg.output.join("checkpoint");
         let optimizer = self.optimizer_snapshot.lock().expect("not poisoned").clone();
-        let written = checkpoint::write_checkpoint(&self.checkpoint_root, model, optimizer, state)?;
-        for (_, dir) in checkpoint::list_checkpoints(&self.checkpoint_root) {
+        let written = checkpoint::write_checkpoint(&root, model, optimizer, state)?;
+        for (_, dir) in checkpoint::list_checkpoints(&root) {
             if dir != written {
                 checkpoint::remove_checkpoint(&dir);
             }

@@ -14,8 +14,10 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::metric::Adaptor;
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
+use std::path::Path;
+use tensor_peft_models::adapter_file::{AdapterConfig, save_adapter_with_extras};
 use tensor_peft_models::tokenizer::{ChatMessage, TextTokenizer};
-use tensor_peft_models::{Llama, SequenceClassifier};
+use tensor_peft_models::{AdapterSlots, ArchSpec, Bert, Llama, SequenceClassifier};
 
 /// What a tokenised example is trained to produce.
 #[derive(Debug, Clone, PartialEq)]
@@ -418,6 +420,69 @@ macro_rules! steps {
 }
 steps!(EncoderTask);
 steps!(LmTask);
+
+/// The task-specific side of training: a trainable model made from a base model.
+pub trait TaskModel<B: AutodiffBackend>:
+    TrainStep<Input = Batch<B>, Output = TaskOutput> + AutodiffModule<B> + core::fmt::Display + 'static
+where
+    Self::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
+{
+    /// The adapted base model inside: its adapters are what the adapter file holds.
+    type Adapted: AdapterSlots<B> + Clone;
+
+    /// The adapted base model (without the task's head).
+    fn adapted(&self) -> &Self::Adapted;
+
+    /// Writes the adapter directory: the adapter factors and the other trained tensors (head,
+    /// norms).
+    fn write_adapter(&self, spec: &ArchSpec, config: &AdapterConfig, dir: &Path) -> Result<()> {
+        save_adapter_with_extras(&mut self.adapted().clone(), spec, config, dir, &extras(self))?;
+        Ok(())
+    }
+
+    /// Trained scalars in the adapters (excluding heads and norms).
+    fn adapter_params(&self) -> usize {
+        crate::checkpoint::trainable_params(self)
+            .iter()
+            .filter(|(p, ..)| is_adapter_path(p))
+            .map(|(_, s, ..)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// `‖ΔW‖_F / ‖W‖_F` of every adapted projection, by site name
+    /// ([`tensor_peft_models::update_ratios`]).
+    fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {
+        tensor_peft_models::update_ratios(&mut self.adapted().clone(), spec)
+    }
+}
+
+impl<B: AutodiffBackend> TaskModel<B> for EncoderTask<B> {
+    type Adapted = Bert<B>;
+    fn adapted(&self) -> &Bert<B> {
+        &self.net.encoder
+    }
+}
+
+impl<B: AutodiffBackend> TaskModel<B> for LmTask<B> {
+    type Adapted = Llama<B>;
+    fn adapted(&self) -> &Llama<B> {
+        &self.net
+    }
+}
+
+/// Whether a parameter path belongs to an adapter (factor or shared factor).
+fn is_adapter_path(path: &str) -> bool {
+    path.split('.').any(|seg| seg == "adapter" || seg.ends_with("_adapter") || seg == "shared")
+}
+
+/// Trained tensors that are not adapter factors, named without the task wrapper's `net.`.
+fn extras<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    crate::checkpoint::trainable_params(model)
+        .into_iter()
+        .filter(|(p, ..)| !is_adapter_path(p))
+        .map(|(p, s, v, _)| (p.strip_prefix("net.").unwrap_or(&p).to_string(), s, v))
+        .collect()
+}
 
 /// The single-token id of each verbalizer word (looked up with a leading space, as it follows the
 /// prompt), or an error naming the word that is not one token.

@@ -1,4 +1,5 @@
-//! `tpeft generate`: text generation with a LLaMA-family model from an HF directory or a GGUF file.
+//! Text generation with a LLaMA-family model (HF directory or GGUF file), optionally with a saved
+//! adapter applied: what `tpeft generate` runs and what the examples call.
 
 use burn::tensor::backend::Backend;
 use std::path::Path;
@@ -37,12 +38,12 @@ pub fn apply_adapter<B: Backend>(
         return Ok(llama);
     }
     let weights = dir.join(tensor_peft_models::adapter_file::WEIGHTS_FILE);
-    tensor_peft_training::checkpoint::assign_params(llama, extras, &weights)
+    crate::checkpoint::assign_params(llama, extras, &weights)
         .map_err(|e| ModelError::AdapterFile { reason: e.to_string() })
 }
 
 /// Loads `model` (HF directory or `.gguf`), generates, and returns the completion text.
-pub fn run<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Device) -> Result<String, ModelError> {
+pub fn generate<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Device) -> Result<String, ModelError> {
     let (mut llama, spec, tokenizer) = if model.extension().is_some_and(|e| e == "gguf") {
         Llama::<B>::from_gguf(model, device)?
     } else {

@@ -2,11 +2,19 @@
 // The doc comments below are the `--help` text (clap), written for a terminal, not for rustdoc.
 #![allow(rustdoc::invalid_html_tags)]
 
+mod backend;
+mod bench;
+mod compare;
+mod demo;
+mod embed;
+mod finetune;
+mod merge;
+mod params;
+
+use backend::BackendKind;
 use clap::{Parser, Subcommand};
+use params::{MethodFlags, count, method_from_flags, render};
 use std::process::ExitCode;
-use tensor_peft::CliError;
-use tensor_peft::backend::BackendKind;
-use tensor_peft::params::{MethodFlags, count, method_from_flags, render};
 use tensor_peft_models::ArchSpec;
 
 #[derive(Parser)]
@@ -55,7 +63,7 @@ enum Command {
         target_regex: Option<String>,
     },
     /// Fine-tune a model with an adapter (see README "Fine-tuning"); writes an adapter directory.
-    Finetune(Box<tensor_peft::finetune::FinetuneArgs>),
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Train a grid of methods and sizes on one task (sweep.toml; see README "Comparing
     /// methods") and write results.csv, results.md and accuracy_vs_params.png.
     Compare {
@@ -214,31 +222,43 @@ enum Command {
     },
 }
 
+/// A CLI-level error: usage errors (bad flags) exit with 2, runtime errors with 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The command line asks for something impossible (bad flag value, backend not compiled in).
+    #[error("{0}")]
+    Usage(String),
+    /// The command failed while running (unreadable file, invalid model config).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    /// Process exit code: 2 for usage errors, 1 for runtime errors.
+    fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
 /// Evaluates `$body` with `$B` bound to the backend of `$kind` (wrap it in `Autodiff` to train;
 /// a string error when that backend is not compiled in, which `run` checks first).
 macro_rules! with_backend {
     ($kind:expr, $B:ident => $body:expr) => {
+        with_backend!(@arms $kind, $B, $body,
+            ["ndarray", Ndarray, NdArray] ["flex", Flex, Flex] ["wgpu", Wgpu, Wgpu] ["cuda", Cuda, Cuda])
+    };
+    (@arms $kind:expr, $B:ident, $body:expr, $([$feature:literal, $variant:ident, $backend:ident])*) => {
         match $kind {
-            #[cfg(feature = "ndarray")]
-            BackendKind::Ndarray => {
-                type $B = burn::backend::NdArray;
-                $body
-            }
-            #[cfg(feature = "flex")]
-            BackendKind::Flex => {
-                type $B = burn::backend::Flex;
-                $body
-            }
-            #[cfg(feature = "wgpu")]
-            BackendKind::Wgpu => {
-                type $B = burn::backend::Wgpu;
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            BackendKind::Cuda => {
-                type $B = burn::backend::Cuda;
-                $body
-            }
+            $(
+                #[cfg(feature = $feature)]
+                BackendKind::$variant => {
+                    type $B = burn::backend::$backend;
+                    $body
+                }
+            )*
             #[allow(unreachable_patterns)]
             other => Err(format!("the {} backend is not compiled in", other.feature())),
         }
@@ -265,10 +285,10 @@ fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype } => {
             for s in &suite {
-                if !tensor_peft::bench::SUITES.contains(&s.as_str()) {
+                if !bench::SUITES.contains(&s.as_str()) {
                     return Err(CliError::Usage(format!(
                         "unknown suite `{s}`: expected one of {}",
-                        tensor_peft::bench::SUITES.join(", ")
+                        bench::SUITES.join(", ")
                     )));
                 }
             }
@@ -290,13 +310,13 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 other => return Err(CliError::Usage(format!("--dtype {other}: expected f32 or bf16"))),
             };
             let options =
-                tensor_peft::bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape };
+                bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape };
             let records = if bf16 { bench_bf16(&options) } else { bench(cli.backend, &options) }
                 .map_err(CliError::Runtime)?;
             if let Some(path) = json {
                 write_atomically(&path, &serde_json::to_string_pretty(&records).expect("json values serialise"))?;
             }
-            Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::bench::render(&records)))
+            Ok(format!("backend: {:?}\n{}", cli.backend, bench::render(&records)))
         }
         Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter } => {
             if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
@@ -305,7 +325,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             if !model.exists() {
                 return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
             }
-            let options = tensor_peft::generate::GenerateOptions {
+            let options = tensor_peft_training::GenerateOptions {
                 prompt,
                 chat,
                 max_new_tokens,
@@ -315,7 +335,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 adapter,
             };
             let text =
-                with_backend!(cli.backend, B => tensor_peft::generate::run::<B>(&model, &options, &Default::default())
+                with_backend!(cli.backend, B => tensor_peft_training::generate::<B>(&model, &options, &Default::default())
                 .map_err(|e| e.to_string()))
                 .map_err(CliError::Runtime)?;
             Ok(format!("{text}\n"))
@@ -330,7 +350,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                     output.display()
                 )));
             }
-            let summary = with_backend!(cli.backend, B => tensor_peft::merge::run::<B>(&model, &adapter, &output, &Default::default())
+            let summary = with_backend!(cli.backend, B => merge::run::<B>(&model, &adapter, &output, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{summary}\n"))
@@ -339,29 +359,29 @@ fn run(cli: Cli) -> Result<String, CliError> {
             if !model.is_dir() {
                 return Err(CliError::Usage(format!("--model {}: not a model directory", model.display())));
             }
-            let json = with_backend!(cli.backend, B => tensor_peft::embed::run::<B>(&model, &text, &Default::default())
+            let json = with_backend!(cli.backend, B => embed::run::<B>(&model, &text, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{json}\n"))
         }
         Command::Selfcheck { steps, lr, seed } => {
             let results = selfcheck(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
-            Ok(format!("backend: {:?}\n{}", cli.backend, tensor_peft::demo::render(&results)))
+            Ok(format!("backend: {:?}\n{}", cli.backend, demo::render(&results)))
         }
         Command::Compare { config, budget_minutes } => {
             if budget_minutes.is_some_and(|m| m.is_nan() || m <= 0.0) {
                 return Err(CliError::Usage("--budget-minutes must be positive".into()));
             }
             // Usage errors in the sweep file keep exit code 2: the inner result is returned as is.
-            with_backend!(cli.backend, B => Ok(tensor_peft::compare::run::<burn::backend::Autodiff<B>>(&config, budget_minutes)))
+            with_backend!(cli.backend, B => Ok(compare::run::<burn::backend::Autodiff<B>>(&config, budget_minutes)))
                 .map_err(CliError::Runtime)?
         }
         Command::Finetune(args) => {
-            let config = tensor_peft::finetune::train_config(&args)?;
+            let config = finetune::train_config(&args)?;
             let report = with_backend!(cli.backend, B => tensor_peft_training::finetune::<burn::backend::Autodiff<B>>(&config, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
-            Ok(tensor_peft::finetune::render_report(&report))
+            Ok(finetune::render_report(&report))
         }
         Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json, predictions } => {
             let task = tensor_peft_training::TaskKind::parse(&task).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -412,31 +432,26 @@ fn run(cli: Cli) -> Result<String, CliError> {
             Ok(metrics.iter().map(|(k, v)| format!("{k}: {v:.4}\n")).collect())
         }
         Command::Demo { train_examples, epochs, output } => {
-            with_backend!(cli.backend, B => tensor_peft::demo::vader::<burn::backend::Autodiff<B>>(train_examples, epochs, &output, &Default::default()))
+            with_backend!(cli.backend, B => demo::vader::<burn::backend::Autodiff<B>>(train_examples, epochs, &output, &Default::default()))
                 .map_err(CliError::Runtime)
         }
     }
 }
 
-fn selfcheck(
-    backend: BackendKind,
-    steps: usize,
-    lr: f64,
-    seed: u64,
-) -> Result<Vec<tensor_peft::demo::DemoResult>, String> {
-    with_backend!(backend, B => tensor_peft::demo::run::<burn::backend::Autodiff<B>>(&Default::default(), steps, lr, seed))
+fn selfcheck(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<demo::DemoResult>, String> {
+    with_backend!(backend, B => demo::run::<burn::backend::Autodiff<B>>(&Default::default(), steps, lr, seed))
 }
 
-fn bench(backend: BackendKind, options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
-    with_backend!(backend, B => tensor_peft::bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options))
+fn bench(backend: BackendKind, options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
+    with_backend!(backend, B => bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options))
 }
 
 /// The benchmarks on CUDA in bf16 (the precision GPU fine-tuning runs in).
-fn bench_bf16(options: &tensor_peft::bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
+fn bench_bf16(options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
     #[cfg(feature = "cuda")]
     {
         type B = burn::backend::Cuda<burn::tensor::bf16>;
-        tensor_peft::bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options)
+        bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options)
     }
     #[cfg(not(feature = "cuda"))]
     {

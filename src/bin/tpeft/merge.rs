@@ -17,7 +17,7 @@ pub fn run<B: Backend>(model: &Path, adapter: &Path, output: &Path, device: &B::
         (llama, spec, None)
     };
     let config = read_adapter_config(adapter)?;
-    let llama = crate::generate::apply_adapter(llama, &spec, adapter)?;
+    let llama = tensor_peft_training::generate::apply_adapter(llama, &spec, adapter)?;
     let merged = llama.merge_adapters()?;
     merged.save_hf(&spec, output)?;
     match tokenizer {

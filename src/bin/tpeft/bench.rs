@@ -19,7 +19,7 @@
 //!   crate's own task and optimizer, with tokens/s and the peak RSS of each method's step. A preset
 //!   name instead of a model path (`llama2-7b`) benchmarks that shape with random weights.
 //!
-//! With [`crate::allocator::CountingAllocator`] installed (as in `tpeft`), the `linear` and
+//! With [`tensor_peft::allocator::CountingAllocator`] installed (as in `tpeft`), the `linear` and
 //! `train-step` records also say what one step allocates: allocations, MiB, and the peak of live
 //! heap above the step's start (`model`: allocations of one forward).
 
@@ -37,7 +37,7 @@ use tensor_peft_adapters::{
 };
 use tensor_peft_kernels::fused::linear;
 
-use crate::allocator::{AllocationDelta, count_allocations};
+use tensor_peft::allocator::{AllocationDelta, count_allocations};
 
 /// What to run.
 #[derive(Debug, Clone)]

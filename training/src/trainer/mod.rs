@@ -1,0 +1,136 @@
+//! `finetune`: from a model path, a task, data and a method to a small adapter directory.
+//!
+//! A run has three parts, one module each: [`setup`] loads the base model and the data, builds the
+//! task model with its adapters and the optimizer, and wires burn-train's `SupervisedTraining`;
+//! [`resume`] picks up a run from its newest checkpoint (or starts a fresh one); [`report`] prints
+//! and writes what the run measured (`metrics.csv`, `metrics.json`, `curves.png`,
+//! `train_report.json`). The training loop itself is the strategy of [`crate::strategy`]. Metrics
+//! go to burn-train's dashboard (TUI on a terminal) and, one line per epoch and split, to stdout
+//! otherwise.
+
+pub mod report;
+pub mod resume;
+pub mod setup;
+
+pub use crate::config::{TaskInfo, TrainConfig, validate};
+pub use report::{FinetuneReport, evaluate_items};
+pub use setup::{BaseModel, Splits, load_base, load_splits, zero_init_factor_ids};
+
+use crate::checkpoint;
+use crate::data::{Example, Labels};
+use crate::error::Result;
+use crate::loader::TaskLoader;
+use crate::strategy::{FitOutcome, PeftStrategy};
+use crate::task::{Batch, TaskModel, TaskOutput};
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{InferenceStep, Learner};
+use std::sync::{Arc, Mutex};
+
+/// Where a run stops early on purpose (tests of resuming: as if the process were killed right
+/// after a checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAt {
+    /// Run to the end.
+    Never,
+    /// Stop right after the checkpoint of this optimizer step, writing nothing else.
+    Step(usize),
+}
+
+/// Fine-tunes `cfg.model` on `cfg.task` with `cfg.method` and writes the adapter directory.
+pub fn finetune<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device) -> Result<FinetuneReport> {
+    finetune_until::<B>(cfg, device, StopAt::Never)
+}
+
+/// [`finetune`] that stops at `stop` (see [`StopAt`]).
+pub fn finetune_until<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    device: &B::Device,
+    stop: StopAt,
+) -> Result<FinetuneReport> {
+    validate(cfg)?;
+    setup::check_model_family(cfg)?;
+    let (train, valid, test, notes) = load_splits(cfg)?;
+    for note in notes {
+        eprintln!("warning: {note}");
+    }
+    setup::prepare_output(cfg)?;
+    B::seed(device, cfg.seed);
+    let base = load_base::<B>(&cfg.model, device)?;
+    let labels = if cfg.task.has_labels() { Some(Labels::from_examples(&train, &cfg.train)?) } else { None };
+    let splits = [train, valid, test];
+    match base {
+        BaseModel::Encoder(bert, spec, tokenizer) => {
+            let prepared = setup::encoder_task(cfg, bert, spec, tokenizer, labels)?;
+            run(cfg, prepared, splits, device, stop)
+        }
+        BaseModel::Decoder(llama, spec, tokenizer) => {
+            let prepared = setup::lm_task(cfg, llama, spec, tokenizer, labels)?;
+            run(cfg, prepared, splits, device, stop)
+        }
+    }
+}
+
+/// Trains the prepared task model: setup, resume, burn-train's loop, report.
+fn run<B, M>(
+    cfg: &TrainConfig,
+    prepared: setup::Prepared<M>,
+    splits: [Vec<Example>; 3],
+    device: &B::Device,
+    stop: StopAt,
+) -> Result<FinetuneReport>
+where
+    B: AutodiffBackend,
+    M: TaskModel<B>,
+    M::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
+{
+    let setup::Prepared { model, spec, tokenizer, labels, info, pad } = prepared;
+    let [train_items, valid_items, test_items] = setup::encode_splits(cfg, &tokenizer, labels.as_ref(), splits)?;
+    let model = checkpoint::stable_param_ids(model);
+    let trainable_params = checkpoint::trainable_count(&model);
+    let adapter_params = model.adapter_params();
+    let optimizer = setup::optimizer::<B, M>(cfg, &model);
+    let (model, optimizer, start) = resume::start::<B, M>(cfg, model, optimizer, device)?;
+    setup::write_train_config(cfg)?;
+
+    let total_steps = setup::total_steps(cfg, train_items.len());
+    let schedule = setup::schedule(cfg, total_steps, start.step);
+    let train_loader = TaskLoader::<B>::new(Arc::new(train_items), cfg.batch_size, pad, device.clone(), Some(cfg.seed));
+    let valid_loader =
+        TaskLoader::<B::InnerBackend>::new(Arc::new(valid_items), cfg.batch_size, pad, device.clone(), None);
+    let n_classes = labels.as_ref().map_or(0, Labels::len);
+    let quiet = report::quiet();
+    let best_model: Arc<Mutex<Option<M>>> = Arc::new(Mutex::new(None));
+    let outcome = Arc::new(Mutex::new(FitOutcome::default()));
+    let strategy = PeftStrategy::<B, M> {
+        cfg: Arc::new(cfg.clone()),
+        device: device.clone(),
+        n_classes,
+        quiet,
+        start,
+        stop,
+        train_epoch: train_loader.epoch.clone(),
+        train_skip: train_loader.skip.clone(),
+        grad_scale: optimizer.grad_scale.clone(),
+        optimizer_snapshot: optimizer.snapshot.clone(),
+        adapter_config: setup::adapter_config(cfg, &spec, &info),
+        spec: spec.clone(),
+        best_model: best_model.clone(),
+        outcome: outcome.clone(),
+    };
+    if quiet {
+        report::announce(cfg, &spec, trainable_params, adapter_params, total_steps);
+    }
+    let training = setup::supervised_training(cfg, train_loader, valid_loader, strategy, n_classes, quiet);
+    let started = std::time::Instant::now();
+    let result = training.launch(Learner::new(model, optimizer, schedule));
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let outcome = std::mem::take(&mut *outcome.lock().expect("not poisoned"));
+    if let Some(e) = outcome.error {
+        return Err(e);
+    }
+    drop(result);
+    let best = best_model.lock().expect("not poisoned").clone();
+    let test = report::TestRun { best: best.as_ref(), items: &test_items, pad, n_classes, quiet };
+    report::finish::<B, M>(cfg, outcome, test, trainable_params, adapter_params, train_seconds, device)
+}
