@@ -5,9 +5,8 @@
 //! Why keep freed memory: glibc's `malloc` serves large blocks (from 128 KiB, a threshold it raises as blocks are freed,
 //! up to 32 MiB) with `mmap` and returns freed memory above the heap top to the kernel. A training
 //! step allocates and frees multi-megabyte activations and gradients every time, so each step
-//! faulted in and zeroed fresh pages: one adapted 1024×1024 layer on 2,048 rows took 150–162 ms
-//! instead of 94 ms, and an element-wise op on SmolLM2's 50 MB logits took 18 ms instead of 4.5 ms
-//! (BENCHMARKS.md §1, §5). With `mmap` off and trimming off, every block comes from the heap and
+//! faulted in and zeroed fresh pages, which cost more than the arithmetic on large activations
+//! (docs/bench/history.md has the measurements). With `mmap` off and trimming off, every block comes from the heap and
 //! stays there for reuse; the peak memory is unchanged, only its release to the kernel is deferred.
 
 /// Turns off glibc's `mmap` allocations (`M_MMAP_MAX` 0) and its heap trimming (`M_TRIM_THRESHOLD`

@@ -3,8 +3,8 @@
 //!
 //! Burn's CPU backends run a block's activations, rotary embedding, normalisations and attention
 //! softmax as chains of element-wise ops, each a full pass over memory on one thread, and the
-//! autodiff backward adds a second chain. On a SmolLM2-135M training step (flex, 2 cores) those
-//! chains cost more than the GEMMs (BENCHMARKS.md §9). Each kernel here does one op's forward or
+//! autodiff backward adds a second chain. On a CPU training step those chains cost as much as the
+//! GEMMs. Each kernel here does one op's forward or
 //! backward in one pass, split over rayon's threads and vectorised, on plain contiguous `f32`
 //! slices. The [`fused`] module makes them Burn ops: on the flex backend they run these kernels,
 //! on every other backend Burn's op chains.

@@ -85,7 +85,7 @@ pub(crate) fn product(lhs: View, rhs: View, row: Option<&[f32]>) -> Vec<f32> {
     let block = n.div_ceil(threads).next_multiple_of(16);
     if n > block && n.saturating_mul(k) >= SPLIT_COLUMNS_FROM {
         // `gemm` runs a product with one row (decoding) as a matrix-vector loop on one thread,
-        // and splits one with up to a few thousand rows worse than this (BENCHMARKS.md §10);
+        // and splits one with up to a few thousand rows worse than this;
         // each thread takes a block of output columns and packs only its part of the weight.
         let dst = SendPtr(out.as_mut_ptr());
         rayon::scope(|scope| {

@@ -14,7 +14,7 @@
 #               the GPU memory of each process is sampled by nvidia-smi every 100 ms
 # Each step runs under `timeout` ($STEP_TIMEOUT seconds, default 540): Burn's CUDA backend compiles
 # every kernel with NVRTC at first use, which took longer than that for the 7B step with autotuning
-# and fusion on (BENCHMARKS.md §8). Autotune results are cached in ./target/autotune.
+# and fusion on. Autotune results are cached in ./target/autotune.
 set -uo pipefail
 mode=$1 tpeft=$2 numerics=$3 out=$4
 t=${STEP_TIMEOUT:-540}

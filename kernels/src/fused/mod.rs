@@ -6,8 +6,8 @@
 //! On the flex backend, plain or under autodiff, it runs this crate's kernels forward and backward
 //! (the `flex` module registers the backward as a custom autodiff step: Burn's "backend
 //! extension" pattern); on every other backend, and for dtypes other than f32, it runs Burn's op
-//! chain, which the tests use as the reference. On a SmolLM2-135M training step the chains cost
-//! more than the GEMMs (BENCHMARKS.md §9).
+//! chain, which the tests use as the reference. On a CPU training step the chains cost as much as
+//! the GEMMs.
 
 mod chain;
 #[cfg(feature = "flex")]
@@ -38,8 +38,7 @@ pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool 
 
 /// `x·W + b` for `x: [rows, d_in]`, `W: [d_in, d_out]` (any strides, e.g. a transposed view),
 /// as Burn's `linear`. On flex the products run on `gemm` directly into the output buffer: flex's
-/// own matmul zero-fills and then copies every output (1.04-1.24× slower on SmolLM2's and MiniLM's
-/// projections, BENCHMARKS.md §9). The backward computes `W`'s and `b`'s gradients only when they
+/// own matmul zero-fills and then copies every output. The backward computes `W`'s and `b`'s gradients only when they
 /// are tracked, and keeps `x` only then.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
     #[cfg(feature = "flex")]
@@ -76,8 +75,8 @@ pub fn low_rank_linear<B: Backend>(
 /// Inverted dropout with drop probability `prob`, as Burn's `Dropout` (identity without autodiff
 /// or at `prob = 0`). On flex the mask is a hash of each element's index and a seed drawn from the
 /// backend's seeded generator, applied in one pass forward and recomputed in the backward; Burn
-/// draws a Bernoulli tensor element by element and multiplies twice (70–95 % of a LoRA step for
-/// LoRETTA_rep's default 0.05, BENCHMARKS.md §9).
+/// draws a Bernoulli tensor element by element and multiplies twice, which cost almost as much as
+/// the rest of an adapted layer's step.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
     if !B::ad_enabled(&x.device()) || prob == 0.0 {
         return x;

@@ -62,9 +62,9 @@ enum Command {
         #[arg(long)]
         target_regex: Option<String>,
     },
-    /// Fine-tune a model with an adapter (see README "Fine-tuning"); writes an adapter directory.
+    /// Fine-tune a model with an adapter (see docs/cli.md); writes an adapter directory.
     Finetune(Box<finetune::FinetuneArgs>),
-    /// Train a grid of methods and sizes on one task (sweep.toml; see README "Comparing
+    /// Train a grid of methods and sizes on one task (sweep.toml; see docs/cli.md "Comparing
     /// methods") and write results.csv, results.md and accuracy_vs_params.png.
     Compare {
         /// The sweep file.
