@@ -13,8 +13,10 @@ pub mod export;
 pub mod gguf;
 pub mod heads;
 pub mod inject;
+pub mod layout;
 pub mod llama;
 pub mod sampling;
+pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
 
