@@ -49,7 +49,7 @@ pub use tensor_peft_adapters::ResidualPosition;
 
 /// The adapter slots a model exposes to [`inject`]: its blocks, each reached through its family's
 /// layout table ([`LayoutBlock`]), and the home of shared factors. Implemented with
-/// [`adapter_slots!`].
+/// `adapter_slots!`.
 pub trait AdapterSlots<B: Backend> {
     /// The model's block type.
     type Block: LayoutBlock<B>;

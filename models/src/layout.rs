@@ -19,7 +19,7 @@ pub struct Projection {
     pub shape: fn(&ArchSpec) -> (usize, usize),
 }
 
-/// A transformer block whose projections follow a layout table; implemented by [`layout_table!`]
+/// A transformer block whose projections follow a layout table; implemented by `layout_table!`
 /// from the table itself, so the rows and the fields they reach cannot drift apart.
 pub trait LayoutBlock<B: Backend> {
     /// The family's layout table.
