@@ -55,6 +55,8 @@ pub use loretta_adp::{Activation, LorettaAdp, LorettaAdpConfig};
 pub use loretta_rep::{LorettaRep, LorettaRepConfig};
 pub use lorta::{AttentionGeometry, AttentionMatrix, Lorta, LortaConfig, LortaShared};
 pub use lotr::{Lotr, LotrConfig, LotrShared};
-pub use method::{AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualSite};
+pub use method::{
+    AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualPosition, ResidualSite,
+};
 pub use tt_linear::TtLinear;
 pub use tt_lora::{TtLora, TtLoraConfig};

@@ -20,6 +20,9 @@ pub struct LinearSite {
     pub name: String,
     /// Transformer layer index.
     pub layer: usize,
+    /// Row of the projection in its model family's layout table (what the model code uses to
+    /// find the slot; `name` is for display and file names).
+    pub projection: usize,
     /// The attention role, for methods that index by it (LoRTA); `None` for MLP projections.
     pub role: Option<AttentionMatrix>,
     /// Input features.
@@ -33,8 +36,21 @@ pub struct LinearSite {
 pub struct ResidualSite {
     /// Path of the adapter, e.g. `model.layers.3.attention_adapter`.
     pub name: String,
+    /// Transformer layer index.
+    pub layer: usize,
+    /// Where in the block the adapter sits.
+    pub position: ResidualPosition,
     /// Hidden size at that position.
     pub hidden: usize,
+}
+
+/// Where a residual adapter sits in a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResidualPosition {
+    /// After the attention output projection.
+    Attention,
+    /// After the feed-forward output projection.
+    FeedForward,
 }
 
 /// One row of a parameter report.

@@ -113,10 +113,23 @@ fn sites(method: &MethodConfig, geo: &AttentionGeometry) -> (Vec<LinearSite>, Ve
     for layer in 0..geo.n_layers {
         for &role in method.default_roles() {
             let (d_in, d_out) = geo.matrix_dims(role);
-            linear.push(LinearSite { name: format!("layers.{layer}.{role:?}"), layer, role: Some(role), d_in, d_out });
+            let projection = role as usize;
+            linear.push(LinearSite {
+                name: format!("layers.{layer}.{role:?}"),
+                layer,
+                projection,
+                role: Some(role),
+                d_in,
+                d_out,
+            });
         }
-        for place in ["attention", "ffn"] {
-            residual.push(ResidualSite { name: format!("layers.{layer}.{place}_adapter"), hidden: geo.d_model });
+        for (place, position) in [("attention", ResidualPosition::Attention), ("ffn", ResidualPosition::FeedForward)] {
+            residual.push(ResidualSite {
+                name: format!("layers.{layer}.{place}_adapter"),
+                layer,
+                position,
+                hidden: geo.d_model,
+            });
         }
     }
     (linear, residual)
@@ -655,7 +668,14 @@ fn llama_sites(layers: usize, d: usize, kv: usize, roles: &[AttentionMatrix]) ->
         for &role in roles {
             let d_out = if role.uses_kv_heads() { kv } else { d };
             let _ = geo;
-            out.push(LinearSite { name: format!("{layer}.{role:?}"), layer, role: Some(role), d_in: d, d_out });
+            out.push(LinearSite {
+                name: format!("{layer}.{role:?}"),
+                layer,
+                projection: role as usize,
+                role: Some(role),
+                d_in: d,
+                d_out,
+            });
         }
     }
     out
@@ -800,7 +820,7 @@ fn invalid_configurations_are_errors_not_panics() {
     // LoRTA refuses MLP projections and heads that do not tile the width.
     let geo = AttentionGeometry::new(1, 24, 5, 5);
     assert!(LortaConfig::new().num_params(&geo).is_err());
-    let mlp = LinearSite { name: "mlp.up_proj".into(), layer: 0, role: None, d_in: 24, d_out: 64 };
+    let mlp = LinearSite { name: "mlp.up_proj".into(), layer: 0, projection: 5, role: None, d_in: 24, d_out: 64 };
     let err = MethodConfig::from_name("lorta").unwrap().count(&geometry(4), &[mlp], &[]).unwrap_err();
     assert!(err.to_string().contains("mlp.up_proj"), "{err}");
     assert!(MethodConfig::from_name("dora").unwrap_err().to_string().contains("lora, tt-lora"));

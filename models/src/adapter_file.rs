@@ -9,8 +9,9 @@
 
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
-use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use crate::inject::{AdapterSlots, Targets, inject};
+use crate::tensor_io::{self, Params};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -227,86 +228,19 @@ impl AdapterConfig {
     }
 }
 
-/// Collects `(path, values, shape)` of every float parameter, with paths made of field names.
-struct Collect {
-    path: Vec<String>,
-    out: Vec<(String, Vec<f32>, Vec<usize>)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Collect {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val();
-        let shape = t.dims().to_vec();
-        let values = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        self.out.push((self.path.join("."), values, shape));
-    }
-}
-
+/// `(path, values, shape)` of every float parameter, with paths made of field names.
 fn collect<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f32>, Vec<usize>)> {
-    let mut c = Collect { path: Vec::new(), out: Vec::new() };
-    module.visit(&mut c);
-    c.out
-}
-
-/// Replaces every float parameter by the tensor stored under `prefix.path`, checking shapes.
-struct Replace<'a> {
-    prefix: String,
-    path: Vec<String>,
-    tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    error: Option<ModelError>,
-}
-
-impl<B: Backend> ModuleMapper<B> for Replace<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = format!("{}.{}", self.prefix, self.path.join("."));
-        let (id, tensor, mapper) = param.consume();
-        let dims = tensor.dims();
-        let replaced = match self.tensors.remove(&name) {
-            Some((shape, values)) if shape == dims => {
-                Tensor::from_data(TensorData::new(values, dims), &tensor.device())
-                    .set_require_grad(tensor.is_require_grad())
-            }
-            Some((shape, _)) => {
-                self.error.get_or_insert(ModelError::AdapterFile {
-                    reason: format!("tensor `{name}` has shape {shape:?}, this model needs {dims:?}"),
-                });
-                tensor
-            }
-            None => {
-                self.error.get_or_insert(ModelError::AdapterFile {
-                    reason: format!("the adapter file has no tensor `{name}`"),
-                });
-                tensor
-            }
-        };
-        Param::from_mapped_value(id, replaced, mapper)
-    }
+    tensor_io::module_params(module, Params::All).into_iter().map(|p| (p.path, p.values, p.shape)).collect()
 }
 
 /// `module` with every parameter replaced by the tensor stored under `prefix.<path>`.
-fn replace<B: Backend, M: Module<B>>(
-    module: M,
-    prefix: String,
-    tensors: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<M, ModelError> {
-    let mut mapper = Replace { prefix, path: Vec::new(), tensors, error: None };
-    let module = module.map(&mut mapper);
-    match mapper.error {
-        Some(e) => Err(e),
-        None => Ok(module),
-    }
+fn replace<B: Backend, M: Module<B>>(module: M, prefix: String, tensors: &mut TensorMap) -> Result<M, ModelError> {
+    tensor_io::load_params(module, tensors, &prefix, Params::All).map_err(|e| ModelError::AdapterFile {
+        reason: match e {
+            tensor_io::LoadError::Missing(name) => format!("the adapter file has no tensor `{name}`"),
+            other => other.to_string(),
+        },
+    })
 }
 
 /// PEFT's names for a LoRA site.
@@ -337,21 +271,14 @@ fn each_site<B: Backend, M: AdapterSlots<B>>(
     mut f: impl FnMut(&str, Slot<'_, B>) -> Result<(), ModelError>,
 ) -> Result<(), ModelError> {
     for site in spec.linear_sites() {
-        let local = site.name.splitn(4, '.').nth(3).unwrap_or("");
-        if let Some(slot) = model.linear_slot(site.layer, local)
+        if let Some(slot) = model.linear_slot(&site)
             && slot.adapter.is_some()
         {
             f(&site.name, Slot::Linear(slot))?;
         }
     }
     for site in spec.residual_sites() {
-        let layer: usize = site.name.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
-        let position = if site.name.ends_with("attention_adapter") {
-            ResidualPosition::Attention
-        } else {
-            ResidualPosition::FeedForward
-        };
-        if let Some(Some(adapter)) = model.residual_slot(layer, position) {
+        if let Some(Some(adapter)) = model.residual_slot(&site) {
             f(&site.name, Slot::Residual(adapter))?;
         }
     }
@@ -415,38 +342,13 @@ pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
         return Err(ModelError::AdapterFile { reason: "the model carries no adapter to save".into() });
     }
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, (s, v))| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, d)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map(|v| (n.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
-    let mut metadata = std::collections::HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    let data =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &data)?;
+    tensor_io::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
     let json =
         serde_json::to_vec_pretty(&config.to_json()).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
     write_atomically(&dir.join(CONFIG_FILE), &json)
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    let written = file.write_all(bytes).and_then(|_| file.sync_all());
-    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
-}
+pub use crate::tensor_io::write_atomically;
 
 /// Reads `<dir>/adapter_config.json`.
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, ModelError> {
@@ -477,8 +379,7 @@ pub fn load_adapter<B: Backend, M: AdapterSlots<B>>(
     Ok(config)
 }
 
-/// Named tensors: name → (shape, values).
-pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+pub use crate::tensor_io::TensorMap;
 
 /// [`load_adapter`] that returns the tensors that are not adapter factors (a task head, norms:
 /// see [`save_adapter_with_extras`]) by name, without the `base_model.model.` prefix.
@@ -499,9 +400,7 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
             ),
         });
     }
-    let mut weights = crate::weights::Weights::default();
-    weights.add_file(&dir.join(WEIGHTS_FILE))?;
-    let mut tensors = weights.into_map();
+    let mut tensors = tensor_io::read_safetensors(&dir.join(WEIGHTS_FILE))?;
     inject(model, spec, &config.method, &config.targets())?;
     each_site(model, spec, |site, slot| {
         let prefix = format!("base_model.model.{site}");

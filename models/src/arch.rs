@@ -2,9 +2,10 @@
 //! and count parameters, without allocating weights (a 70B count takes microseconds).
 
 use crate::error::ModelError;
+use crate::layout::{Projection, residual_name};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use tensor_peft_adapters::{AttentionGeometry, AttentionMatrix, LinearSite, ResidualSite};
+use tensor_peft_adapters::{AttentionGeometry, AttentionMatrix, LinearSite, ResidualPosition, ResidualSite};
 
 /// Model family: which module names and block layout apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,22 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Bert => "bert",
+        }
+    }
+
+    /// The family's layout table: the adaptable projections of one block.
+    pub fn layout(&self) -> &'static [Projection] {
+        match self {
+            Family::Llama => crate::llama::LAYOUT,
+            Family::Bert => crate::bert::LAYOUT,
+        }
+    }
+
+    /// The HF path of block `layer` (`model.layers.3`, `encoder.layer.3`).
+    pub fn block_path(&self, layer: usize) -> String {
+        match self {
+            Family::Llama => format!("model.layers.{layer}"),
+            Family::Bert => format!("encoder.layer.{layer}"),
         }
     }
 }
@@ -79,18 +96,12 @@ impl ArchSpec {
         };
         let bert = |hidden, intermediate, layers, heads, vocab, positions, type_vocab| ArchSpec {
             family: Family::Bert,
-            source: name.to_string(),
-            hidden,
-            intermediate,
-            layers,
-            heads,
-            kv_heads: heads,
             vocab,
             positions,
             type_vocab,
-            tie_embeddings: false,
             rope_theta: 0.0,
             norm_eps: 1e-12,
+            ..llama(hidden, intermediate, layers, heads, heads)
         };
         Some(match name {
             "llama2-7b" => llama(4096, 11008, 32, 32, 32),
@@ -228,39 +239,12 @@ impl ArchSpec {
 
     /// Every linear projection of every block, in checkpoint order, with HF module names.
     pub fn linear_sites(&self) -> Vec<LinearSite> {
-        use AttentionMatrix::*;
-        let (d, i, kv) = (self.hidden, self.intermediate, self.kv_heads * self.head_dim());
-        let per_layer: Vec<(&str, Option<AttentionMatrix>, usize, usize)> = match self.family {
-            Family::Llama => vec![
-                ("self_attn.q_proj", Some(Query), d, d),
-                ("self_attn.k_proj", Some(Key), d, kv),
-                ("self_attn.v_proj", Some(Value), d, kv),
-                ("self_attn.o_proj", Some(Output), d, d),
-                ("mlp.gate_proj", None, d, i),
-                ("mlp.up_proj", None, d, i),
-                ("mlp.down_proj", None, i, d),
-            ],
-            Family::Bert => vec![
-                ("attention.self.query", Some(Query), d, d),
-                ("attention.self.key", Some(Key), d, d),
-                ("attention.self.value", Some(Value), d, d),
-                ("attention.output.dense", Some(Output), d, d),
-                ("intermediate.dense", None, d, i),
-                ("output.dense", None, i, d),
-            ],
-        };
-        let prefix = match self.family {
-            Family::Llama => "model.layers",
-            Family::Bert => "encoder.layer",
-        };
         (0..self.layers)
             .flat_map(|layer| {
-                per_layer.iter().map(move |&(name, role, d_in, d_out)| LinearSite {
-                    name: format!("{prefix}.{layer}.{name}"),
-                    layer,
-                    role,
-                    d_in,
-                    d_out,
+                let block = self.family.block_path(layer);
+                self.family.layout().iter().enumerate().map(move |(projection, row)| {
+                    let (d_in, d_out) = (row.shape)(self);
+                    LinearSite { name: format!("{block}.{}", row.name), layer, projection, role: row.role, d_in, d_out }
                 })
             })
             .collect()
@@ -268,14 +252,14 @@ impl ArchSpec {
 
     /// Houlsby positions: after every block's attention output and feed-forward output.
     pub fn residual_sites(&self) -> Vec<ResidualSite> {
-        let prefix = match self.family {
-            Family::Llama => "model.layers",
-            Family::Bert => "encoder.layer",
-        };
         (0..self.layers)
             .flat_map(|layer| {
-                ["attention_adapter", "ffn_adapter"]
-                    .map(|name| ResidualSite { name: format!("{prefix}.{layer}.{name}"), hidden: self.hidden })
+                [ResidualPosition::Attention, ResidualPosition::FeedForward].map(|position| ResidualSite {
+                    name: format!("{}.{}", self.family.block_path(layer), residual_name(position)),
+                    layer,
+                    position,
+                    hidden: self.hidden,
+                })
             })
             .collect()
     }
@@ -320,11 +304,7 @@ impl ArchSpec {
 
     /// The distinct per-layer module names (`q_proj`, `attention.output.dense`, …).
     pub fn short_names(&self) -> Vec<String> {
-        let prefix_len = match self.family {
-            Family::Llama => "model.layers.0.".len(),
-            Family::Bert => "encoder.layer.0.".len(),
-        };
-        self.linear_sites().iter().filter(|s| s.layer == 0).map(|s| s.name[prefix_len..].to_string()).collect()
+        self.family.layout().iter().map(|row| row.name.to_string()).collect()
     }
 
     /// Parameters of the base model (HF base model: LLaMA with `lm_head`, BERT with pooler).

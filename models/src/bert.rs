@@ -5,7 +5,8 @@
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
 use crate::fused::{self, AttentionMask, KeyPadding};
-use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
+use crate::inject::{Targets, adapter_slots, inject};
+use crate::layout::{layout_table, load_projections};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -14,7 +15,7 @@ use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
 
 /// One encoder block (post-LN).
 #[derive(Module, Debug)]
@@ -41,6 +42,18 @@ pub struct BertLayer<B: Backend> {
     pub output_norm: LayerNorm<B>,
     /// Attention heads.
     pub n_heads: usize,
+}
+
+layout_table! {
+    /// The adaptable projections of a [`BertLayer`] (HF names, `(d_in, d_out)`), in checkpoint order.
+    LAYOUT for BertLayer {
+        query: "attention.self.query", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
+        key: "attention.self.key", Some(AttentionMatrix::Key), |s| (s.hidden, s.hidden);
+        value: "attention.self.value", Some(AttentionMatrix::Value), |s| (s.hidden, s.hidden);
+        attention_output: "attention.output.dense", Some(AttentionMatrix::Output), |s| (s.hidden, s.hidden);
+        intermediate: "intermediate.dense", None, |s| (s.hidden, s.intermediate);
+        output: "output.dense", None, |s| (s.intermediate, s.hidden);
+    }
 }
 
 /// A BERT-family encoder.
@@ -128,18 +141,6 @@ impl<B: Backend> BertLayer<B> {
         }
         norm(&self.output_norm, ffn + x, eps)
     }
-
-    fn projection_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear<B>> {
-        Some(match name {
-            "attention.self.query" => &mut self.query,
-            "attention.self.key" => &mut self.key,
-            "attention.self.value" => &mut self.value,
-            "attention.output.dense" => &mut self.attention_output,
-            "intermediate.dense" => &mut self.intermediate,
-            "output.dense" => &mut self.output,
-            _ => return None,
-        })
-    }
 }
 
 impl<B: Backend> Bert<B> {
@@ -156,20 +157,24 @@ impl<B: Backend> Bert<B> {
         }
         let mut w = Weights::from_hf_dir(dir)?.strip_prefixes(&["bert.", "roberta."]);
         let roberta = std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("\"roberta\""));
-        let (d, i, eps) = (spec.hidden, spec.intermediate, spec.norm_eps);
+        let (d, eps) = (spec.hidden, spec.norm_eps);
         let mut layers = Vec::with_capacity(spec.layers);
-        let frozen = |l: Linear<B>| AdaptedLinear::new(l, None);
         for l in 0..spec.layers {
-            let p = format!("encoder.layer.{l}");
+            let p = spec.family.block_path(l);
+            // In `LAYOUT` order.
+            let [query, key, value, attention_output, intermediate, output] =
+                load_projections(&spec, &p, |name, d_in, d_out| {
+                    Ok(AdaptedLinear::new(dense(&mut w, name, d_in, d_out, device)?, None)?)
+                })?;
             layers.push(BertLayer {
-                query: frozen(dense(&mut w, &format!("{p}.attention.self.query"), d, d, device)?)?,
-                key: frozen(dense(&mut w, &format!("{p}.attention.self.key"), d, d, device)?)?,
-                value: frozen(dense(&mut w, &format!("{p}.attention.self.value"), d, d, device)?)?,
-                attention_output: frozen(dense(&mut w, &format!("{p}.attention.output.dense"), d, d, device)?)?,
+                query,
+                key,
+                value,
+                attention_output,
                 attention_adapter: None,
                 attention_norm: layer_norm(&mut w, &format!("{p}.attention.output.LayerNorm"), d, eps, device)?,
-                intermediate: frozen(dense(&mut w, &format!("{p}.intermediate.dense"), d, i, device)?)?,
-                output: frozen(dense(&mut w, &format!("{p}.output.dense"), i, d, device)?)?,
+                intermediate,
+                output,
                 ffn_adapter: None,
                 output_norm: layer_norm(&mut w, &format!("{p}.output.LayerNorm"), d, eps, device)?,
                 n_heads: spec.heads,
@@ -280,24 +285,4 @@ impl<B: Backend> Bert<B> {
     }
 }
 
-impl<B: Backend> AdapterSlots<B> for Bert<B> {
-    fn linear_slot(&mut self, layer: usize, local: &str) -> Option<&mut AdaptedLinear<B>> {
-        self.layers.get_mut(layer)?.projection_mut(local)
-    }
-
-    fn residual_slot(&mut self, layer: usize, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>> {
-        let block = self.layers.get_mut(layer)?;
-        Some(match position {
-            ResidualPosition::Attention => &mut block.attention_adapter,
-            ResidualPosition::FeedForward => &mut block.ffn_adapter,
-        })
-    }
-
-    fn shared_mut(&mut self) -> &mut SharedFactors<B> {
-        &mut self.shared
-    }
-
-    fn device(&self) -> B::Device {
-        self.word_embeddings.weight.device()
-    }
-}
+adapter_slots!(Bert, BertLayer, device: word_embeddings.weight);

@@ -1,12 +1,12 @@
 //! Merging adapters into the base weights and writing the result as an HF model directory
 //! (`config.json`, `model.safetensors`, tokenizer files): the zero-overhead artefact to ship.
 
-use crate::adapter_file::write_atomically;
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
-use crate::llama::Llama;
+use crate::layout::LayoutBlock;
+use crate::llama::{LAYOUT, Llama};
+use crate::tensor_io::{TensorMap, tensor_values, write_atomically, write_safetensors};
 use crate::tokenizer::TextTokenizer;
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use std::path::Path;
 use tensor_peft_adapters::{AdapterError, LinearDelta};
@@ -15,7 +15,7 @@ impl<B: Backend> Llama<B> {
     /// Folds every linear adapter into its base weight and removes it, giving a plain model.
     /// Refuses residual (LoRETTA_adp) adapters, which are nonlinear and cannot be merged.
     pub fn merge_adapters(mut self) -> Result<Self, ModelError> {
-        if self.layers.iter().any(|l| l.attention_adapter.is_some() || l.ffn_adapter.is_some()) {
+        if self.layers.iter().any(|l| l.has_residual()) {
             return Err(AdapterError::Unsupported {
                 method: "loretta-adp",
                 target: "merge".into(),
@@ -25,15 +25,7 @@ impl<B: Backend> Llama<B> {
         }
         let shared = std::mem::take(&mut self.shared);
         for layer in &mut self.layers {
-            for slot in [
-                &mut layer.q_proj,
-                &mut layer.k_proj,
-                &mut layer.v_proj,
-                &mut layer.o_proj,
-                &mut layer.gate_proj,
-                &mut layer.up_proj,
-                &mut layer.down_proj,
-            ] {
+            for slot in layer.projections_mut() {
                 if let Some(adapter) = slot.adapter.take() {
                     slot.base = adapter.merge(slot.base.clone(), &shared);
                     slot.merged = false;
@@ -46,58 +38,27 @@ impl<B: Backend> Llama<B> {
     /// Writes `dir/config.json` and `dir/model.safetensors` (HF names and `[out, in]` layout, F32).
     pub fn save_hf(&self, spec: &ArchSpec, dir: &Path) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut push = |name: String, t: Tensor<B, 2>| {
-            let dims = t.dims().to_vec();
-            let bytes = t
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap_or_default()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            tensors.push((name, dims, bytes));
-        };
-        let row = |t: Tensor<B, 1>| t.unsqueeze::<2>();
-        push("model.embed_tokens.weight".into(), self.embed_tokens.weight.val());
+        let mut tensors = TensorMap::new();
+        tensors.insert("model.embed_tokens.weight".into(), tensor_values(self.embed_tokens.weight.val()));
         for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            push(format!("{p}.input_layernorm.weight"), row(layer.input_layernorm.gamma.val()));
-            push(format!("{p}.post_attention_layernorm.weight"), row(layer.post_attention_layernorm.gamma.val()));
-            for (name, slot) in [
-                ("self_attn.q_proj", &layer.q_proj),
-                ("self_attn.k_proj", &layer.k_proj),
-                ("self_attn.v_proj", &layer.v_proj),
-                ("self_attn.o_proj", &layer.o_proj),
-                ("mlp.gate_proj", &layer.gate_proj),
-                ("mlp.up_proj", &layer.up_proj),
-                ("mlp.down_proj", &layer.down_proj),
-            ] {
+            let p = spec.family.block_path(l);
+            tensors.insert(format!("{p}.input_layernorm.weight"), tensor_values(layer.input_layernorm.gamma.val()));
+            let post_norm = tensor_values(layer.post_attention_layernorm.gamma.val());
+            tensors.insert(format!("{p}.post_attention_layernorm.weight"), post_norm);
+            for (row, slot) in LAYOUT.iter().zip(layer.projections()) {
                 if slot.adapter.is_some() {
                     return Err(ModelError::AdapterFile {
-                        reason: format!("{p}.{name} still carries an adapter: merge first"),
+                        reason: format!("{p}.{} still carries an adapter: merge first", row.name),
                     });
                 }
-                push(format!("{p}.{name}.weight"), slot.base.weight.val().transpose());
+                tensors.insert(format!("{p}.{}.weight", row.name), tensor_values(slot.base.weight.val().transpose()));
             }
         }
-        push("model.norm.weight".into(), row(self.norm.gamma.val()));
+        tensors.insert("model.norm.weight".into(), tensor_values(self.norm.gamma.val()));
         if let Some(head) = &self.lm_head {
-            push("lm_head.weight".into(), head.weight.val().transpose());
+            tensors.insert("lm_head.weight".into(), tensor_values(head.weight.val().transpose()));
         }
-        // Norms were pushed as [1, d]: store them as [d].
-        let views = tensors
-            .iter()
-            .map(|(n, s, d)| {
-                let shape = if s[0] == 1 && n.contains("norm") { vec![s[1]] } else { s.clone() };
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, d).map(|v| (n.clone(), v))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
-        let data =
-            safetensors::serialize(views, None).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
-        write_atomically(&dir.join("model.safetensors"), &data)?;
+        write_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
         let config = serde_json::json!({
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],

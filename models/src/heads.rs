@@ -9,34 +9,27 @@ use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig, RmsNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-fn trainable<B: Backend, const D: usize>(p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-    p.map(|t| t.set_require_grad(true))
+fn trainable<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>) {
+    *p = p.clone().map(|t| t.set_require_grad(true));
 }
 
-fn train_rms_norm<B: Backend>(mut n: RmsNorm<B>) -> RmsNorm<B> {
-    n.gamma = trainable(n.gamma);
-    n
+fn train_rms_norm<B: Backend>(n: &mut RmsNorm<B>) {
+    trainable(&mut n.gamma);
 }
 
-fn train_layer_norm<B: Backend>(mut n: LayerNorm<B>) -> LayerNorm<B> {
-    n.gamma = trainable(n.gamma);
-    n.beta = n.beta.map(trainable);
-    n
+fn train_layer_norm<B: Backend>(n: &mut LayerNorm<B>) {
+    trainable(&mut n.gamma);
+    n.beta.iter_mut().for_each(trainable);
 }
 
 impl<B: Backend> Llama<B> {
     /// Makes every RMSNorm scale trainable (LoRETTA's extra trainables).
     pub fn train_norms(mut self) -> Self {
-        self.layers = self
-            .layers
-            .into_iter()
-            .map(|mut l| {
-                l.input_layernorm = train_rms_norm(l.input_layernorm);
-                l.post_attention_layernorm = train_rms_norm(l.post_attention_layernorm);
-                l
-            })
-            .collect();
-        self.norm = train_rms_norm(self.norm);
+        for l in &mut self.layers {
+            train_rms_norm(&mut l.input_layernorm);
+            train_rms_norm(&mut l.post_attention_layernorm);
+        }
+        train_rms_norm(&mut self.norm);
         self
     }
 }
@@ -44,16 +37,11 @@ impl<B: Backend> Llama<B> {
 impl<B: Backend> Bert<B> {
     /// Makes every LayerNorm (scale and bias) trainable.
     pub fn train_norms(mut self) -> Self {
-        self.embeddings_norm = train_layer_norm(self.embeddings_norm);
-        self.layers = self
-            .layers
-            .into_iter()
-            .map(|mut l| {
-                l.attention_norm = train_layer_norm(l.attention_norm);
-                l.output_norm = train_layer_norm(l.output_norm);
-                l
-            })
-            .collect();
+        train_layer_norm(&mut self.embeddings_norm);
+        for l in &mut self.layers {
+            train_layer_norm(&mut l.attention_norm);
+            train_layer_norm(&mut l.output_norm);
+        }
         self
     }
 }

@@ -4,8 +4,11 @@
 
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
+use crate::layout::LayoutBlock;
 use burn::tensor::backend::Backend;
-use tensor_peft_adapters::{AdaptedLinear, AdapterError, LinearSite, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{
+    AdaptedLinear, AdapterError, LinearSite, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors,
+};
 
 /// Which projections get a linear adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,33 +45,51 @@ impl Targets {
     }
 }
 
-/// Where a residual adapter sits in a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResidualPosition {
-    /// After the attention output projection.
-    Attention,
-    /// After the feed-forward output projection.
-    FeedForward,
-}
+pub use tensor_peft_adapters::ResidualPosition;
 
-/// The adapter slots a model exposes to [`inject`].
+/// The adapter slots a model exposes to [`inject`]: its blocks, each reached through its family's
+/// layout table ([`LayoutBlock`]), and the home of shared factors. Implemented with
+/// `adapter_slots!`.
 pub trait AdapterSlots<B: Backend> {
-    /// The projection `local` (e.g. `self_attn.q_proj`) of block `layer`.
-    fn linear_slot(&mut self, layer: usize, local: &str) -> Option<&mut AdaptedLinear<B>>;
-    /// The residual adapter slot at `position` of block `layer`.
-    fn residual_slot(&mut self, layer: usize, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>>;
+    /// The model's block type.
+    type Block: LayoutBlock<B>;
+    /// The blocks, in layer order.
+    fn blocks_mut(&mut self) -> &mut [Self::Block];
     /// The model-level home of shared factors.
     fn shared_mut(&mut self) -> &mut SharedFactors<B>;
     /// The device the model's weights live on.
     fn device(&self) -> B::Device;
+
+    /// The projection at `site`.
+    fn linear_slot(&mut self, site: &LinearSite) -> Option<&mut AdaptedLinear<B>> {
+        self.blocks_mut().get_mut(site.layer)?.projections_mut().into_iter().nth(site.projection)
+    }
+
+    /// The residual adapter slot at `site`.
+    fn residual_slot(&mut self, site: &ResidualSite) -> Option<&mut Option<ResidualAdapter<B>>> {
+        Some(self.blocks_mut().get_mut(site.layer)?.residual_mut(site.position))
+    }
 }
 
-/// `(layer, local name)` of a site named `<prefix>.<layer>.<local>`.
-fn split_site_name(name: &str) -> Option<(usize, &str)> {
-    let mut parts = name.splitn(4, '.');
-    let (_, _, layer, local) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    Some((layer.parse().ok()?, local))
+/// Implements [`AdapterSlots`] for `$model` whose blocks are its `layers`, whose shared factors
+/// are its `shared`, and whose device is that of the parameter `$device`.
+macro_rules! adapter_slots {
+    ($model:ident, $block:ident, device: $($device:ident).+) => {
+        impl<B: Backend> $crate::inject::AdapterSlots<B> for $model<B> {
+            type Block = $block<B>;
+            fn blocks_mut(&mut self) -> &mut [$block<B>] {
+                &mut self.layers
+            }
+            fn shared_mut(&mut self) -> &mut SharedFactors<B> {
+                &mut self.shared
+            }
+            fn device(&self) -> B::Device {
+                self.$($device).+.device()
+            }
+        }
+    };
 }
+pub(crate) use adapter_slots;
 
 /// `‖ΔW‖_F / ‖W‖_F` of every adapted (unmerged) projection of `model`, by site name, in site
 /// order: how far each update has grown relative to the frozen weight ([`AdaptedLinear::update_ratio`]).
@@ -77,8 +98,7 @@ pub fn update_ratios<B: Backend, M: AdapterSlots<B>>(model: &mut M, spec: &ArchS
     spec.linear_sites()
         .into_iter()
         .filter_map(|site| {
-            let (layer, local) = split_site_name(&site.name)?;
-            let ratio = model.linear_slot(layer, local)?.update_ratio(&shared)?;
+            let ratio = model.linear_slot(&site)?.update_ratio(&shared)?;
             Some((site.name, ratio))
         })
         .collect()
@@ -98,18 +118,14 @@ pub fn inject<B: Backend, M: AdapterSlots<B>>(
     let missing = |name: &str| AdapterError::State(format!("the model has no slot for {name}"));
     let occupied = |name: &str| AdapterError::State(format!("{name} already carries an adapter"));
     for (site, adapter) in set.linear {
-        let (layer, local) = split_site_name(&site.name).ok_or_else(|| missing(&site.name))?;
-        let slot = model.linear_slot(layer, local).ok_or_else(|| missing(&site.name))?;
+        let slot = model.linear_slot(&site).ok_or_else(|| missing(&site.name))?;
         if slot.adapter.is_some() {
             return Err(occupied(&site.name).into());
         }
         *slot = AdaptedLinear::new(slot.base.clone(), Some(adapter))?;
     }
     for (site, adapter) in set.residual {
-        let (layer, local) = split_site_name(&site.name).ok_or_else(|| missing(&site.name))?;
-        let position =
-            if local == "attention_adapter" { ResidualPosition::Attention } else { ResidualPosition::FeedForward };
-        let slot = model.residual_slot(layer, position).ok_or_else(|| missing(&site.name))?;
+        let slot = model.residual_slot(&site).ok_or_else(|| missing(&site.name))?;
         if slot.is_some() {
             return Err(occupied(&site.name).into());
         }

@@ -3,7 +3,8 @@
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
 //! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
 //! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
-//! method by module name.
+//! method by module name. Each family lists its projections once, in a layout table ([`layout`]);
+//! named tensors are read and written in one place ([`tensor_io`]).
 
 pub mod adapter_file;
 pub mod arch;
@@ -13,8 +14,10 @@ pub mod export;
 pub mod gguf;
 pub mod heads;
 pub mod inject;
+pub mod layout;
 pub mod llama;
 pub mod sampling;
+pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
 

@@ -6,7 +6,8 @@ use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
 use crate::fused::{self, AttentionMask, Rope};
 use crate::gguf::Gguf;
-use crate::inject::{AdapterSlots, ResidualPosition, Targets, inject};
+use crate::inject::{Targets, adapter_slots, inject};
+use crate::layout::{layout_table, load_projections};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -15,7 +16,7 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_adapters::{AdaptedLinear, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
 
 /// Cached keys and values of one layer: `[B, T, H_kv, d_h]` each.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -63,6 +64,19 @@ pub struct LlamaBlock<B: Backend> {
     pub n_heads: usize,
     /// Key/value heads.
     pub n_kv_heads: usize,
+}
+
+layout_table! {
+    /// The adaptable projections of a [`LlamaBlock`] (HF names, `(d_in, d_out)`), in checkpoint order.
+    LAYOUT for LlamaBlock {
+        q_proj: "self_attn.q_proj", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
+        k_proj: "self_attn.k_proj", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim());
+        v_proj: "self_attn.v_proj", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim());
+        o_proj: "self_attn.o_proj", Some(AttentionMatrix::Output), |s| (s.hidden, s.hidden);
+        gate_proj: "mlp.gate_proj", None, |s| (s.hidden, s.intermediate);
+        up_proj: "mlp.up_proj", None, |s| (s.hidden, s.intermediate);
+        down_proj: "mlp.down_proj", None, |s| (s.intermediate, s.hidden);
+    }
 }
 
 /// A LLaMA causal language model.
@@ -177,20 +191,6 @@ impl<B: Backend> LlamaBlock<B> {
         }
         x + mlp_out
     }
-
-    /// The projection slot with HF name `name` (`self_attn.q_proj`, `mlp.down_proj`, …).
-    fn projection_mut(&mut self, name: &str) -> Option<&mut AdaptedLinear<B>> {
-        Some(match name {
-            "self_attn.q_proj" => &mut self.q_proj,
-            "self_attn.k_proj" => &mut self.k_proj,
-            "self_attn.v_proj" => &mut self.v_proj,
-            "self_attn.o_proj" => &mut self.o_proj,
-            "mlp.gate_proj" => &mut self.gate_proj,
-            "mlp.up_proj" => &mut self.up_proj,
-            "mlp.down_proj" => &mut self.down_proj,
-            _ => return None,
-        })
-    }
 }
 
 impl<B: Backend> Llama<B> {
@@ -275,25 +275,27 @@ impl<B: Backend> Llama<B> {
                 reason: format!("this is a {} model, not a LLaMA-family decoder", spec.family.name()),
             });
         }
-        let (d, i, v) = (spec.hidden, spec.intermediate, spec.vocab);
-        let kv = spec.kv_heads * spec.head_dim();
+        let (d, v) = (spec.hidden, spec.vocab);
         let mut layers = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
-            let p = format!("model.layers.{l}");
+            let p = spec.family.block_path(l);
+            let input_layernorm = rms_norm(src.norm(&format!("{p}.input_layernorm"), d)?, spec.norm_eps);
+            // In `LAYOUT` order.
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
+                load_projections(spec, &p, |name, d_in, d_out| frozen_linear(src.projection(name, d_in, d_out)?))?;
+            let post_attention_layernorm =
+                rms_norm(src.norm(&format!("{p}.post_attention_layernorm"), d)?, spec.norm_eps);
             layers.push(LlamaBlock {
-                input_layernorm: rms_norm(src.norm(&format!("{p}.input_layernorm"), d)?, spec.norm_eps),
-                q_proj: frozen_linear(src.projection(&format!("{p}.self_attn.q_proj"), d, d)?)?,
-                k_proj: frozen_linear(src.projection(&format!("{p}.self_attn.k_proj"), d, kv)?)?,
-                v_proj: frozen_linear(src.projection(&format!("{p}.self_attn.v_proj"), d, kv)?)?,
-                o_proj: frozen_linear(src.projection(&format!("{p}.self_attn.o_proj"), d, d)?)?,
+                input_layernorm,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
                 attention_adapter: None,
-                post_attention_layernorm: rms_norm(
-                    src.norm(&format!("{p}.post_attention_layernorm"), d)?,
-                    spec.norm_eps,
-                ),
-                gate_proj: frozen_linear(src.projection(&format!("{p}.mlp.gate_proj"), d, i)?)?,
-                up_proj: frozen_linear(src.projection(&format!("{p}.mlp.up_proj"), d, i)?)?,
-                down_proj: frozen_linear(src.projection(&format!("{p}.mlp.down_proj"), i, d)?)?,
+                post_attention_layernorm,
+                gate_proj,
+                up_proj,
+                down_proj,
                 ffn_adapter: None,
                 n_heads: spec.heads,
                 n_kv_heads: spec.kv_heads,
@@ -394,24 +396,4 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-impl<B: Backend> AdapterSlots<B> for Llama<B> {
-    fn linear_slot(&mut self, layer: usize, local: &str) -> Option<&mut AdaptedLinear<B>> {
-        self.layers.get_mut(layer)?.projection_mut(local)
-    }
-
-    fn residual_slot(&mut self, layer: usize, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>> {
-        let block = self.layers.get_mut(layer)?;
-        Some(match position {
-            ResidualPosition::Attention => &mut block.attention_adapter,
-            ResidualPosition::FeedForward => &mut block.ffn_adapter,
-        })
-    }
-
-    fn shared_mut(&mut self) -> &mut SharedFactors<B> {
-        &mut self.shared
-    }
-
-    fn device(&self) -> B::Device {
-        self.embed_tokens.weight.device()
-    }
-}
+adapter_slots!(Llama, LlamaBlock, device: embed_tokens.weight);

@@ -9,13 +9,14 @@
 
 use crate::error::{Result, TrainError};
 use crate::metrics::EpochRecord;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tensor_peft_models::tensor_io::{self, Params, TensorMap};
 
 /// FNV-1a, 64 bit: a stable hash of a parameter path.
 fn fnv1a(s: &str) -> u64 {
@@ -27,57 +28,26 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-struct StableIds {
-    path: Vec<String>,
-}
+/// Gives every parameter the id its old id maps to.
+struct Reassign(HashMap<ParamId, ParamId>);
 
-impl<B: Backend> ModuleMapper<B> for StableIds {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
+impl<B: Backend> ModuleMapper<B> for Reassign {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (_, tensor, mapper) = param.consume();
-        Param::from_mapped_value(ParamId::from(fnv1a(&self.path.join("."))), tensor, mapper)
+        let (id, tensor, mapper) = param.consume();
+        Param::from_mapped_value(self.0.get(&id).copied().unwrap_or(id), tensor, mapper)
     }
 }
 
 /// `module` with every parameter id replaced by a hash of its path: ids are then the same in
 /// every process that builds the same model.
 pub fn stable_param_ids<B: Backend, M: Module<B>>(module: M) -> M {
-    module.map(&mut StableIds { path: Vec::new() })
-}
-
-/// Path, shape and values of every parameter that requires a gradient.
-struct Trainable {
-    path: Vec<String>,
-    out: Vec<(String, Vec<usize>, Vec<f32>, ParamId)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Trainable {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val();
-        if t.is_require_grad() {
-            let shape = t.dims().to_vec();
-            let values = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-            self.out.push((self.path.join("."), shape, values, param.id));
-        }
-    }
+    let ids = tensor_io::param_paths(&module).into_iter().map(|(path, id)| (id, ParamId::from(fnv1a(&path))));
+    module.map(&mut Reassign(ids.collect()))
 }
 
 /// `(path, shape, values, id)` of every trained parameter of `module`, in visiting order.
 pub fn trainable_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>, ParamId)> {
-    let mut v = Trainable { path: Vec::new(), out: Vec::new() };
-    module.visit(&mut v);
-    v.out
+    tensor_io::module_params(module, Params::Trained).into_iter().map(|p| (p.path, p.shape, p.values, p.id)).collect()
 }
 
 /// Number of trained scalars of `module`.
@@ -85,62 +55,12 @@ pub fn trainable_count<B: Backend, M: Module<B>>(module: &M) -> usize {
     trainable_params(module).iter().map(|(_, s, _, _)| s.iter().product::<usize>()).sum()
 }
 
-struct Restore<'a> {
-    path: Vec<String>,
-    tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    error: Option<String>,
-    /// Restore exactly the trained parameters (all must be present); otherwise replace whichever
-    /// parameters `tensors` names.
-    trained_only: bool,
-}
-
-impl<B: Backend> ModuleMapper<B> for Restore<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
-        let (id, tensor, mapper) = param.consume();
-        let trained = tensor.is_require_grad();
-        if (self.trained_only && !trained) || (!self.trained_only && !self.tensors.contains_key(&name)) {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let dims = tensor.dims();
-        let tensor = match self.tensors.remove(&name) {
-            Some((shape, values)) if shape[..] == dims[..] => {
-                Tensor::from_data(TensorData::new(values, dims), &tensor.device()).set_require_grad(trained)
-            }
-            Some((shape, _)) => {
-                self.error.get_or_insert(format!("`{name}` has shape {shape:?}, the model needs {dims:?}"));
-                tensor
-            }
-            None => {
-                self.error.get_or_insert(format!("no tensor `{name}`"));
-                tensor
-            }
-        };
-        Param::from_mapped_value(id, tensor, mapper)
-    }
-}
-
 /// `module` with its trained parameters read from `tensors` (every one must be present with the
 /// same shape, and nothing else).
-pub fn restore_trainable<B: Backend, M: Module<B>>(
-    module: M,
-    mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    file: &Path,
-) -> Result<M> {
-    let mut mapper = Restore { path: Vec::new(), tensors: &mut tensors, error: None, trained_only: true };
-    let module = module.map(&mut mapper);
-    if let Some(e) = mapper.error {
-        return Err(TrainError::Checkpoint {
-            path: file.into(),
-            reason: format!("{e} (is it a checkpoint of this run?)"),
-        });
-    }
+pub fn restore_trainable<B: Backend, M: Module<B>>(module: M, mut tensors: TensorMap, file: &Path) -> Result<M> {
+    let module = tensor_io::load_params(module, &mut tensors, "", Params::Trained).map_err(|e| {
+        TrainError::Checkpoint { path: file.into(), reason: format!("{e} (is it a checkpoint of this run?)") }
+    })?;
     if let Some(extra) = tensors.keys().next() {
         return Err(TrainError::Checkpoint {
             path: file.into(),
@@ -152,16 +72,9 @@ pub fn restore_trainable<B: Backend, M: Module<B>>(
 
 /// `module` with the parameters named in `tensors` (Burn paths) replaced; names that match no
 /// parameter, or a shape mismatch, are errors about `file`.
-pub fn assign_params<B: Backend, M: Module<B>>(
-    module: M,
-    mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    file: &Path,
-) -> Result<M> {
-    let mut mapper = Restore { path: Vec::new(), tensors: &mut tensors, error: None, trained_only: false };
-    let module = module.map(&mut mapper);
-    if let Some(e) = mapper.error {
-        return Err(TrainError::Checkpoint { path: file.into(), reason: e });
-    }
+pub fn assign_params<B: Backend, M: Module<B>>(module: M, mut tensors: TensorMap, file: &Path) -> Result<M> {
+    let module = tensor_io::load_params(module, &mut tensors, "", Params::Stored)
+        .map_err(|e| TrainError::Checkpoint { path: file.into(), reason: e.to_string() })?;
     if let Some(extra) = tensors.keys().next() {
         return Err(TrainError::Checkpoint {
             path: file.into(),
@@ -171,37 +84,9 @@ pub fn assign_params<B: Backend, M: Module<B>>(
     Ok(module)
 }
 
-/// Serialises named f32 tensors as safetensors.
-pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, d)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).map(|v| (n.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| TrainError::Checkpoint { path: PathBuf::new(), reason: e.to_string() })?;
-    safetensors::serialize(views, None)
-        .map_err(|e| TrainError::Checkpoint { path: PathBuf::new(), reason: e.to_string() })
-}
-
 /// Reads named f32 tensors from a safetensors file.
-pub fn read_safetensors(path: &Path) -> Result<tensor_peft_models::adapter_file::TensorMap> {
-    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
-    let bad = |reason: String| TrainError::Checkpoint { path: path.into(), reason };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("`{name}` is {:?}, expected F32", view.dtype())));
-        }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        out.insert(name, (view.shape().to_vec(), values));
-    }
-    Ok(out)
+pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
+    Ok(tensor_io::read_safetensors(path)?)
 }
 
 /// Where training stands: enough to continue exactly.
@@ -234,12 +119,6 @@ pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 /// [`TrainerState`] as JSON.
 pub const STATE_FILE: &str = "trainer_state.json";
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(TrainError::io(path))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(TrainError::io(path))
-}
-
 /// Writes checkpoint `step-<step>` under `root` atomically and returns its path.
 pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
     root: &Path,
@@ -255,16 +134,16 @@ pub fn write_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     let result = (|| {
-        let tensors: Vec<_> = trainable_params(module).into_iter().map(|(n, s, v, _)| (n, s, v)).collect();
-        write_synced(&tmp.join(TRAINABLE_FILE), &safetensors_bytes(&tensors)?)?;
+        let tensors: TensorMap = trainable_params(module).into_iter().map(|(n, s, v, _)| (n, (s, v))).collect();
+        tensor_io::write_safetensors(&tmp.join(TRAINABLE_FILE), &tensors, &[])?;
         if let Some(optimizer) = optimizer {
             let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
                 .record(optimizer, ())
                 .map_err(|e| TrainError::Checkpoint { path: tmp.join(OPTIMIZER_FILE), reason: e.to_string() })?;
-            write_synced(&tmp.join(OPTIMIZER_FILE), &bytes)?;
+            tensor_io::write_atomically(&tmp.join(OPTIMIZER_FILE), &bytes)?;
         }
         let json = serde_json::to_vec_pretty(state).expect("serialisable");
-        write_synced(&tmp.join(STATE_FILE), &json)?;
+        tensor_io::write_atomically(&tmp.join(STATE_FILE), &json)?;
         if dest.exists() {
             remove_checkpoint(&dest);
         }

@@ -33,7 +33,8 @@ use tensor_peft_adapters::tensor::low_rank_apply;
 use tensor_peft_adapters::tensor::tt::{TtPath, plan_tt_path};
 use tensor_peft_adapters::{
     AdaptedLinear, AdapterSet, AttentionGeometry, AttentionMatrix, LinearAdapter, LinearDelta, LinearSite, LoraConfig,
-    METHOD_NAMES, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors, TtLora, TtLoraConfig, prefer_dense_delta,
+    METHOD_NAMES, MethodConfig, ResidualAdapter, ResidualPosition, ResidualSite, SharedFactors, TtLora, TtLoraConfig,
+    prefer_dense_delta,
 };
 use tensor_peft_kernels::fused::linear;
 
@@ -143,8 +144,10 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
 /// A single adapted site of `method` on a `d×d` layer (q of layer 0; LoRTA gets 64-wide heads).
 fn single_site<B: Backend>(method: &MethodConfig, d: usize, device: &B::Device) -> Result<AdapterSet<B>, String> {
     let geometry = AttentionGeometry::new(1, d, (d / 64).max(1), (d / 64).max(1));
-    let site = LinearSite { name: "q".into(), layer: 0, role: Some(AttentionMatrix::Query), d_in: d, d_out: d };
-    let residual = ResidualSite { name: "attention_adapter".into(), hidden: d };
+    let site =
+        LinearSite { name: "q".into(), layer: 0, projection: 0, role: Some(AttentionMatrix::Query), d_in: d, d_out: d };
+    let residual =
+        ResidualSite { name: "attention_adapter".into(), layer: 0, position: ResidualPosition::Attention, hidden: d };
     let (linear_sites, residual_sites) =
         if method.is_residual() { (vec![], vec![residual]) } else { (vec![site], vec![]) };
     method.build(&geometry, &linear_sites, &residual_sites, device).map_err(|e| e.to_string())

@@ -1,0 +1,97 @@
+//! Model layouts: each family lists its block's adaptable projections once, in a table
+//! ([`crate::llama::LAYOUT`], [`crate::bert::LAYOUT`]) that names, shapes and reaches every
+//! projection. Site lists, parameter counts, loaders, injection, update ratios, saving and merging
+//! all walk that table instead of listing the projections again.
+
+use crate::arch::ArchSpec;
+use crate::error::ModelError;
+use burn::tensor::backend::Backend;
+use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, ResidualAdapter, ResidualPosition};
+
+/// One adaptable projection of a block: a row of a model family's layout table.
+#[derive(Debug, Clone, Copy)]
+pub struct Projection {
+    /// HF module name inside a block (`self_attn.q_proj`, `attention.output.dense`).
+    pub name: &'static str,
+    /// The attention role, for methods that index by it; `None` for feed-forward projections.
+    pub role: Option<AttentionMatrix>,
+    /// `(d_in, d_out)` in a model of shape `spec`.
+    pub shape: fn(&ArchSpec) -> (usize, usize),
+}
+
+/// A transformer block whose projections follow a layout table; implemented by `layout_table!`
+/// from the table itself, so the rows and the fields they reach cannot drift apart.
+pub trait LayoutBlock<B: Backend> {
+    /// The family's layout table.
+    const LAYOUT: &'static [Projection];
+    /// The block's projections, in [`LayoutBlock::LAYOUT`] order.
+    fn projections(&self) -> Vec<&AdaptedLinear<B>>;
+    /// The block's projections, mutably, in [`LayoutBlock::LAYOUT`] order.
+    fn projections_mut(&mut self) -> Vec<&mut AdaptedLinear<B>>;
+    /// The residual adapter slot at `position`.
+    fn residual_mut(&mut self, position: ResidualPosition) -> &mut Option<ResidualAdapter<B>>;
+    /// Whether the block carries a residual adapter.
+    fn has_residual(&self) -> bool;
+}
+
+/// The name of a residual adapter at `position` inside a block.
+pub fn residual_name(position: ResidualPosition) -> &'static str {
+    match position {
+        ResidualPosition::Attention => "attention_adapter",
+        ResidualPosition::FeedForward => "ffn_adapter",
+    }
+}
+
+/// A block's projections, built in `spec`'s layout-table order: `load` gets each one's HF name
+/// (`{block}.{row name}`) and `(d_in, d_out)`.
+pub fn load_projections<B: Backend, const N: usize>(
+    spec: &ArchSpec,
+    block: &str,
+    mut load: impl FnMut(&str, usize, usize) -> Result<AdaptedLinear<B>, ModelError>,
+) -> Result<[AdaptedLinear<B>; N], ModelError> {
+    let built = spec
+        .family
+        .layout()
+        .iter()
+        .map(|row| {
+            let (d_in, d_out) = (row.shape)(spec);
+            load(&format!("{block}.{}", row.name), d_in, d_out)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rows = built.len();
+    Ok(built.try_into().unwrap_or_else(|_| panic!("a {} block has {rows} projections, not {N}", spec.family.name())))
+}
+
+/// Defines a family's layout table `$table` and implements [`LayoutBlock`] for `$block` from it:
+/// one row per projection, `field: "hf.name", role, |spec| (d_in, d_out);`. The block's residual
+/// slots are its `attention_adapter` and `ffn_adapter` fields.
+macro_rules! layout_table {
+    ($(#[$doc:meta])* $table:ident for $block:ident { $($field:ident: $name:literal, $role:expr, $shape:expr;)* }) => {
+        $(#[$doc])*
+        pub const $table: &[$crate::layout::Projection] =
+            &[$($crate::layout::Projection { name: $name, role: $role, shape: $shape }),*];
+
+        impl<B: Backend> $crate::layout::LayoutBlock<B> for $block<B> {
+            const LAYOUT: &'static [$crate::layout::Projection] = $table;
+            fn projections(&self) -> Vec<&AdaptedLinear<B>> {
+                vec![$(&self.$field),*]
+            }
+            fn projections_mut(&mut self) -> Vec<&mut AdaptedLinear<B>> {
+                vec![$(&mut self.$field),*]
+            }
+            fn residual_mut(
+                &mut self,
+                position: tensor_peft_adapters::ResidualPosition,
+            ) -> &mut Option<ResidualAdapter<B>> {
+                match position {
+                    tensor_peft_adapters::ResidualPosition::Attention => &mut self.attention_adapter,
+                    tensor_peft_adapters::ResidualPosition::FeedForward => &mut self.ffn_adapter,
+                }
+            }
+            fn has_residual(&self) -> bool {
+                self.attention_adapter.is_some() || self.ffn_adapter.is_some()
+            }
+        }
+    };
+}
+pub(crate) use layout_table;
