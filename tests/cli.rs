@@ -853,3 +853,26 @@ fn init_flag_selects_the_official_initialisation() {
         assert!(String::from_utf8_lossy(&out.stderr).contains(message), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The adapter files an earlier version wrote for every method (`scripts/fixtures/adapter_files.sh`)
+/// evaluate to the metrics recorded with them.
+#[test]
+fn committed_adapter_files_of_every_method_evaluate_as_recorded() {
+    let mut dirs: Vec<_> = std::fs::read_dir(fixture("adapter-files")).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 6, "one fixture per method");
+    for dir in dirs {
+        let method = dir.file_name().unwrap().to_string_lossy().to_string();
+        let (model, data) = (fixture("tiny-llama-words"), fixture("lm-copy-valid.jsonl"));
+        let args = ["eval", "--model", &model, "--adapter", dir.to_str().unwrap(), "--task", "causal-lm"];
+        let out = tpeft(&[&args[..], &["--data", &data, "--json"]].concat());
+        assert!(out.status.success(), "{method}: {}", String::from_utf8_lossy(&out.stderr));
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        for key in ["loss", "perplexity"] {
+            let (g, w) = (got[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{method}: {key} {g} vs recorded {w}");
+        }
+    }
+}

@@ -1,16 +1,11 @@
-//! The one adapter interface models call: [`LinearDelta`] (implemented by every linear method),
-//! the [`LinearAdapter`] enum that dispatches to them, [`AdaptedLinear`] (a frozen base layer plus
-//! an optional update, with merge/unmerge), [`ResidualAdapter`] for block-output adapters, and
-//! [`SharedFactors`], the model-level home of factors shared across layers.
+//! The adapter interfaces models call: [`LinearDelta`] (implemented by every linear method and by
+//! the registry's [`LinearAdapter`] that dispatches to them), [`AdaptedLinear`] (a frozen base
+//! layer plus an optional update, with merge/unmerge) and [`ResidualLayer`] for block-output
+//! adapters.
 
 use crate::error::AdapterError;
-use crate::lora::Lora;
-use crate::loretta_adp::LorettaAdp;
-use crate::loretta_rep::LorettaRep;
-use crate::lorta::{Lorta, LortaShared};
-use crate::lotr::{Lotr, LotrShared};
-use crate::tensor::{low_rank_dense, low_rank_frobenius_sq};
-use crate::tt_lora::TtLora;
+use crate::methods::{LinearAdapter, SharedFactors};
+use crate::tensor::{low_rank_apply, low_rank_dense, low_rank_frobenius_sq};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Linear;
@@ -28,30 +23,6 @@ pub enum DeltaInit {
     Paper,
 }
 
-/// Factors shared by many adapted layers. They exist once, here, at model level, and are passed to
-/// every forward: Burn's optimizer would update only the first copy of a parameter that appeared
-/// twice in the module tree.
-#[derive(Module, Debug)]
-pub struct SharedFactors<B: Backend> {
-    /// LoTR outer factors, one entry per family of equally shaped matrices.
-    pub lotr: Vec<LotrShared<B>>,
-    /// The LoRTA CP tensor, when LoRTA is in use.
-    pub lorta: Option<LortaShared<B>>,
-}
-
-impl<B: Backend> SharedFactors<B> {
-    /// No shared factors (LoRA, TT-LoRA, LoRETTA).
-    pub fn empty() -> Self {
-        Self { lotr: Vec::new(), lorta: None }
-    }
-}
-
-impl<B: Backend> Default for SharedFactors<B> {
-    fn default() -> Self {
-        Self::empty()
-    }
-}
-
 /// A linear update `Δ(x) = x · ΔW` applied next to a frozen base layer.
 ///
 /// Implementations contract the input with their small factors and never form the dense ΔW in
@@ -62,24 +33,35 @@ pub trait LinearDelta<B: Backend> {
     /// `(d_in, d_out)` of the adapted layer.
     fn dims(&self) -> (usize, usize);
 
-    /// The update for `x: [..., d_in]` → `[..., d_out]`.
+    /// Drop probability on the update's input (as [`fused::dropout`]: applied only under
+    /// autodiff); none by default.
+    fn dropout(&self) -> f64 {
+        0.0
+    }
+
+    /// The update for `x: [..., d_in]` → `[..., d_out]`; by default `dropout(x)·a·b` from
+    /// [`low_rank_factors`](Self::low_rank_factors), as two thin products.
     ///
     /// The method's scaling belongs on the small `[k, d_out]` factor, not on the result: scaling
     /// the `[..., d_out]` output costs a full elementwise pass forward and another backward.
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D>;
+    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
+        let (a, b) = self.low_rank_factors(shared);
+        low_rank_apply(fused::dropout(x, self.dropout()), a, b)
+    }
 
     /// `(a, b)` with `ΔW = a · b`, `a: [d_in, k]`, `b: [k, d_out]` and the method's scaling folded
     /// into `b` (`k` is the rank LoRA, LoTR, LoRTA and LoRETTA_rep use, the split rank for TT-LoRA).
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>);
 
     /// The update as `dropout(x)·a·b` when that is exactly what [`delta`](Self::delta) computes on
-    /// `tokens` rows (every method but TT-LoRA where it plans its core-by-core path):
-    /// [`AdaptedLinear`] then adds it inside the frozen layer's product
+    /// `tokens` rows (by default always; TT-LoRA overrides it where it plans its core-by-core
+    /// path): [`AdaptedLinear`] then adds it inside the frozen layer's product
     /// ([`fused::low_rank_linear`]) instead of summing a separate `[tokens, d_out]` result. `None`
-    /// (the default) makes it call `delta`.
+    /// makes it call `delta`.
     fn low_rank_update(&self, tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
-        let _ = (tokens, shared);
-        None
+        let _ = tokens;
+        let (a, b) = self.low_rank_factors(shared);
+        Some(LowRankUpdate { a, b, dropout: self.dropout() })
     }
 
     /// The dense update `ΔW: [d_in, d_out]` (Burn layout).
@@ -138,48 +120,6 @@ impl<B: Backend> LowRankUpdate<B> {
     /// `x·a·b` with no dropout, from factors as [`LinearDelta::low_rank_factors`] returns them.
     pub fn plain((a, b): (Tensor<B, 2>, Tensor<B, 2>)) -> Self {
         Self { a, b, dropout: 0.0 }
-    }
-}
-
-/// Any linear adapter method: what models hold for each adapted projection.
-#[derive(Module, Debug)]
-pub enum LinearAdapter<B: Backend> {
-    /// [`Lora`].
-    Lora(Lora<B>),
-    /// [`TtLora`].
-    TtLora(TtLora<B>),
-    /// [`LorettaRep`].
-    LorettaRep(LorettaRep<B>),
-    /// [`Lotr`] (needs [`SharedFactors::lotr`]).
-    Lotr(Lotr<B>),
-    /// [`Lorta`] (needs [`SharedFactors::lorta`]).
-    Lorta(Lorta<B>),
-}
-
-macro_rules! dispatch {
-    ($self:ident, $inner:ident => $body:expr) => {
-        match $self {
-            LinearAdapter::Lora($inner) => $body,
-            LinearAdapter::TtLora($inner) => $body,
-            LinearAdapter::LorettaRep($inner) => $body,
-            LinearAdapter::Lotr($inner) => $body,
-            LinearAdapter::Lorta($inner) => $body,
-        }
-    };
-}
-
-impl<B: Backend> LinearDelta<B> for LinearAdapter<B> {
-    fn dims(&self) -> (usize, usize) {
-        dispatch!(self, a => a.dims())
-    }
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        dispatch!(self, a => a.delta(x, shared))
-    }
-    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        dispatch!(self, a => a.low_rank_factors(shared))
-    }
-    fn low_rank_update(&self, tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
-        dispatch!(self, a => a.low_rank_update(tokens, shared))
     }
 }
 
@@ -285,34 +225,13 @@ impl<B: Backend> AdaptedLinear<B> {
     }
 }
 
-/// Adapters applied to a block's output hidden states (`h → h + f(h)`): what models hold at the
-/// Houlsby positions after attention and after the feed-forward network.
-#[derive(Module, Debug)]
-pub enum ResidualAdapter<B: Backend> {
-    /// [`LorettaAdp`].
-    LorettaAdp(LorettaAdp<B>),
-}
-
-impl<B: Backend> ResidualAdapter<B> {
+/// An adapter on a block's output hidden states (`h → h + f(h)`), held by models at the Houlsby
+/// positions after attention and after the feed-forward network (through the registry's
+/// [`ResidualAdapter`](crate::ResidualAdapter)).
+pub trait ResidualLayer<B: Backend> {
     /// `h + f(h)` for `h: [..., d]`.
-    pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            ResidualAdapter::LorettaAdp(a) => a.forward(h),
-        }
-    }
+    fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D>;
 
-    /// Whether the adapter can be folded into a base weight: never for these nonlinear adapters.
-    pub fn merge_supported(&self) -> bool {
-        false
-    }
-
-    /// Always an error that explains why the adapter cannot be merged.
-    pub fn merge(&self) -> crate::Result<()> {
-        Err(AdapterError::Unsupported {
-            method: "loretta-adp",
-            target: "merge".into(),
-            reason: "the bottleneck adapter is nonlinear (up(act(down(h)))), so it has no weight delta to fold in"
-                .into(),
-        })
-    }
+    /// Folds the adapter into the base weights, or says why it cannot be.
+    fn merge(&self) -> crate::Result<()>;
 }

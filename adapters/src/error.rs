@@ -48,6 +48,16 @@ pub enum AdapterError {
         /// Why not.
         reason: String,
     },
+    /// A hyper-parameter flag was given to a method it does not apply to.
+    #[error("{flag} does not apply to {method}; it takes {takes}")]
+    NotApplicable {
+        /// The flag as typed, e.g. `--bottleneck`.
+        flag: &'static str,
+        /// Method name.
+        method: &'static str,
+        /// The flags the method takes, comma-separated.
+        takes: String,
+    },
     /// A state transition that does not make sense (merging twice, unmerging an unmerged layer).
     #[error("{0}")]
     State(String),

@@ -1,19 +1,21 @@
 #![warn(missing_docs)]
 //! Tensorized parameter-efficient fine-tuning adapters as generic Burn modules.
 //!
-//! | method | file | update |
+//! | method | folder | update |
 //! |---|---|---|
-//! | LoRA | [`lora`] | `s·x·A·B` |
-//! | TT-LoRA | [`tt_lora`] | ΔW as a tensor train, `α·x·left·right` |
-//! | LoRETTA_rep | [`loretta_rep`] | LoRA with TT-compressed `A` and `B` |
-//! | LoRETTA_adp | [`loretta_adp`] | TT bottleneck adapter `h + s·up(act(down(h)))` |
-//! | LoTR | [`lotr`] | Tucker-2 `A·G_l·Bᵀ`, `A`, `B` shared |
-//! | LoRTA | [`lorta`] | one CP tensor over layers × heads × {q,k,v,o} |
+//! | LoRA | [`methods::lora`] | `s·x·A·B` |
+//! | TT-LoRA | [`methods::tt_lora`] | ΔW as a tensor train, `α·x·left·right` |
+//! | LoRETTA_rep | [`methods::loretta_rep`] | LoRA with TT-compressed `A` and `B` |
+//! | LoRETTA_adp | [`methods::loretta_adp`] | TT bottleneck adapter `h + s·up(act(down(h)))` |
+//! | LoTR | [`methods::lotr`] | Tucker-2 `A·G_l·Bᵀ`, `A`, `B` shared |
+//! | LoRTA | [`methods::lorta`] | one CP tensor over layers × heads × {q,k,v,o} |
 //!
-//! Every linear method implements [`LinearDelta`] and is held by models as a [`LinearAdapter`]
-//! inside an [`AdaptedLinear`]; factors shared across layers live once in [`SharedFactors`].
-//! The tensor-format math is in [`tensor`]; [`MethodConfig`] counts and builds adapters for a
-//! model's sites.
+//! Each method is a folder of [`methods`] whose configuration implements [`Method`] (name, flags,
+//! default targets, counting, building, file names) and one line of the registry there, which
+//! generates [`MethodConfig`], [`LinearAdapter`], [`ResidualAdapter`] and [`SharedFactors`].
+//! Linear methods implement [`LinearDelta`] and are held by models inside an [`AdaptedLinear`];
+//! factors shared across layers live once in [`SharedFactors`]. The tensor-format math is in
+//! [`tensor`].
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -35,28 +37,21 @@
 
 pub mod adapter;
 pub mod error;
-pub mod lora;
-pub mod loretta_adp;
-pub mod loretta_rep;
-pub mod lorta;
-pub mod lotr;
 pub mod method;
+pub mod methods;
+mod registry;
 pub mod tensor;
-pub mod tt_linear;
-pub mod tt_lora;
 
-pub use adapter::{
-    AdaptedLinear, DeltaInit, LinearAdapter, LinearDelta, LowRankUpdate, ResidualAdapter, SharedFactors,
-    prefer_dense_delta,
-};
+pub use adapter::{AdaptedLinear, DeltaInit, LinearDelta, LowRankUpdate, ResidualLayer, prefer_dense_delta};
 pub use error::{AdapterError, Result};
-pub use lora::{Lora, LoraConfig};
-pub use loretta_adp::{Activation, LorettaAdp, LorettaAdpConfig};
-pub use loretta_rep::{LorettaRep, LorettaRepConfig};
-pub use lorta::{AttentionGeometry, AttentionMatrix, Lorta, LortaConfig, LortaShared};
-pub use lotr::{Lotr, LotrConfig, LotrShared};
 pub use method::{
-    AdapterSet, LinearSite, METHOD_NAMES, MethodConfig, ParamReport, ParamRow, ResidualPosition, ResidualSite,
+    AdapterLayer, AdapterSet, AttentionGeometry, AttentionMatrix, FileParam, FileTensor, Flag, LinearSite, Method,
+    MethodFlags, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, TENSOR_NAMES_VERSION,
 };
-pub use tt_linear::TtLinear;
-pub use tt_lora::{TtLora, TtLoraConfig};
+pub use methods::loretta_adp::Activation;
+pub use methods::{
+    LinearAdapter, Lora, LoraConfig, LorettaAdp, LorettaAdpConfig, LorettaRep, LorettaRepConfig, Lorta, LortaConfig,
+    LortaShared, Lotr, LotrConfig, LotrShared, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors, TtLora,
+    TtLoraConfig,
+};
+pub use tensor::tt_linear::TtLinear;

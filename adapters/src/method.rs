@@ -1,17 +1,17 @@
-//! Method-agnostic configuration, parameter accounting and construction: given where adapters go
-//! (the [`LinearSite`]s and [`ResidualSite`]s a model reports), count parameters without allocating
-//! anything, or build every adapter with its shared factors.
+//! What every adapter method says about itself ([`Method`], implemented by each method's config in
+//! `methods/<method>/`), what its layers say about their tensors ([`AdapterLayer`]), and the
+//! method-agnostic types they speak in: the sites a model reports, parameter reports, the built
+//! [`AdapterSet`] and the hyper-parameter flags of the command line.
 
-use crate::adapter::{LinearAdapter, ResidualAdapter, SharedFactors};
-use crate::error::{AdapterError, Result};
-use crate::lora::LoraConfig;
-use crate::loretta_adp::LorettaAdpConfig;
-use crate::loretta_rep::LorettaRepConfig;
-use crate::lorta::{AttentionGeometry, AttentionMatrix, LortaConfig};
-use crate::lotr::LotrConfig;
-use crate::tt_lora::TtLoraConfig;
-use burn::tensor::backend::Backend;
-use serde::{Deserialize, Serialize};
+use crate::adapter::DeltaInit;
+use crate::error::{AdapterError, require_positive};
+use crate::methods::{LinearAdapter, ResidualAdapter, SharedFactors};
+use crate::tensor::tt::TensorTrain;
+use burn::config::Config;
+use burn::module::{Param, ParamId};
+use burn::tensor::{Tensor, backend::Backend};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// A linear projection that can carry a [`LinearAdapter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,13 @@ pub struct ParamRow {
     pub params: usize,
 }
 
+impl ParamRow {
+    /// The row of a linear site holding `params` parameters.
+    pub fn linear(site: &LinearSite, params: usize) -> Self {
+        Self { module: site.name.clone(), shape: format!("{}x{}", site.d_in, site.d_out), params }
+    }
+}
+
 /// Trainable parameters per module; shared factors appear once, in their own rows.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ParamReport {
@@ -72,28 +79,32 @@ pub struct ParamReport {
 }
 
 impl ParamReport {
+    /// One row per linear site with the parameters `params` counts for it; an error names the
+    /// site.
+    pub fn per_linear_site(
+        method: &'static str,
+        linear: &[LinearSite],
+        params: impl Fn(&LinearSite) -> crate::Result<usize>,
+    ) -> crate::Result<Self> {
+        let rows = linear.iter().map(|s| Ok(ParamRow::linear(s, params(s).map_err(at_site(method, &s.name))?)));
+        Ok(Self { rows: rows.collect::<crate::Result<_>>()? })
+    }
+
     /// Sum over all rows.
     pub fn total(&self) -> usize {
         self.rows.iter().map(|r| r.params).sum()
     }
 }
 
-/// Any adapter method with its hyper-parameters (serialised with a `"method"` tag).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "kebab-case")]
-pub enum MethodConfig {
-    /// LoRA.
-    Lora(LoraConfig),
-    /// TT-LoRA.
-    TtLora(TtLoraConfig),
-    /// LoRETTA_rep.
-    LorettaRep(LorettaRepConfig),
-    /// LoRETTA_adp.
-    LorettaAdp(LorettaAdpConfig),
-    /// LoTR.
-    Lotr(LotrConfig),
-    /// LoRTA.
-    Lorta(LortaConfig),
+/// Where a method's adapters go in a model: what [`Method::count`] and [`Method::build`] take.
+#[derive(Debug, Clone, Copy)]
+pub struct Sites<'a> {
+    /// The model's attention shape.
+    pub geometry: &'a AttentionGeometry,
+    /// The projections chosen for linear methods.
+    pub linear: &'a [LinearSite],
+    /// The block outputs for residual methods.
+    pub residual: &'a [ResidualSite],
 }
 
 /// Every adapter of a model, ready to be placed by the model code.
@@ -107,220 +118,270 @@ pub struct AdapterSet<B: Backend> {
     pub residual: Vec<(ResidualSite, ResidualAdapter<B>)>,
 }
 
-/// Method names accepted by [`MethodConfig::from_name`].
-pub const METHOD_NAMES: [&str; 6] = ["lora", "tt-lora", "loretta-rep", "loretta-adp", "lotr", "lorta"];
-
-impl MethodConfig {
-    /// The default configuration of a method by CLI name.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "lora" => MethodConfig::Lora(LoraConfig::new()),
-            "tt-lora" => MethodConfig::TtLora(TtLoraConfig::new()),
-            "loretta-rep" => MethodConfig::LorettaRep(LorettaRepConfig::new()),
-            "loretta-adp" => MethodConfig::LorettaAdp(LorettaAdpConfig::new()),
-            "lotr" => MethodConfig::Lotr(LotrConfig::new()),
-            "lorta" => MethodConfig::Lorta(LortaConfig::new()),
-            other => {
-                return Err(crate::error::invalid(
-                    "method",
-                    other,
-                    format!("expected one of {}", METHOD_NAMES.join(", ")),
-                ));
-            }
-        })
+impl<B: Backend> AdapterSet<B> {
+    /// One adapter per linear site, built by `init`, and no shared factors: what most linear
+    /// methods build.
+    pub fn per_linear_site(
+        linear: &[LinearSite],
+        mut init: impl FnMut(&LinearSite) -> crate::Result<LinearAdapter<B>>,
+    ) -> crate::Result<Self> {
+        let linear = linear.iter().map(|s| Ok((s.clone(), init(s)?))).collect::<crate::Result<_>>()?;
+        Ok(Self { shared: SharedFactors::empty(), linear, residual: Vec::new() })
     }
+}
 
-    /// CLI name of the method.
-    pub fn name(&self) -> &'static str {
+/// A hyper-parameter flag of the command line (and key of `--config` files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    /// `--rank`.
+    Rank,
+    /// `--alpha`.
+    Alpha,
+    /// `--tensor-rank`.
+    TensorRank,
+    /// `--tt-shape`.
+    TtShape,
+    /// `--bottleneck`.
+    Bottleneck,
+}
+
+impl Flag {
+    /// Every flag, in help order.
+    pub const ALL: [Flag; 5] = [Flag::Rank, Flag::Alpha, Flag::TensorRank, Flag::TtShape, Flag::Bottleneck];
+
+    /// The flag as typed, e.g. `--tensor-rank`.
+    pub fn cli(self) -> &'static str {
         match self {
-            MethodConfig::Lora(_) => "lora",
-            MethodConfig::TtLora(_) => "tt-lora",
-            MethodConfig::LorettaRep(_) => "loretta-rep",
-            MethodConfig::LorettaAdp(_) => "loretta-adp",
-            MethodConfig::Lotr(_) => "lotr",
-            MethodConfig::Lorta(_) => "lorta",
+            Flag::Rank => "--rank",
+            Flag::Alpha => "--alpha",
+            Flag::TensorRank => "--tensor-rank",
+            Flag::TtShape => "--tt-shape",
+            Flag::Bottleneck => "--bottleneck",
         }
     }
+}
 
-    /// Attention projections adapted when no targets are given: q, v (q, k, v, o for LoRTA; none
-    /// for LoRETTA_adp, which goes after every block's attention and feed-forward output).
-    pub fn default_roles(&self) -> &'static [AttentionMatrix] {
-        use AttentionMatrix::*;
+/// Hyper-parameters given on the command line (`None`: the method's default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MethodFlags {
+    /// `--rank`.
+    pub rank: Option<usize>,
+    /// `--alpha`.
+    pub alpha: Option<f64>,
+    /// `--tensor-rank`.
+    pub tensor_rank: Option<usize>,
+    /// `--tt-shape`, parsed.
+    pub tt_shape: Option<Vec<usize>>,
+    /// `--bottleneck`.
+    pub bottleneck: Option<usize>,
+    /// `--init`.
+    pub init: Option<DeltaInit>,
+}
+
+impl MethodFlags {
+    /// Whether `flag` was given.
+    pub fn given(&self, flag: Flag) -> bool {
+        match flag {
+            Flag::Rank => self.rank.is_some(),
+            Flag::Alpha => self.alpha.is_some(),
+            Flag::TensorRank => self.tensor_rank.is_some(),
+            Flag::TtShape => self.tt_shape.is_some(),
+            Flag::Bottleneck => self.bottleneck.is_some(),
+        }
+    }
+}
+
+/// Everything the rest of the code asks of an adapter method, implemented by the method's
+/// configuration. The registry (`methods/mod.rs`) turns the implementations into the
+/// [`MethodConfig`](crate::MethodConfig), [`LinearAdapter`] and [`ResidualAdapter`] enums.
+pub trait Method: Clone + std::fmt::Debug + Serialize + DeserializeOwned + 'static {
+    /// The name on the command line and in files, e.g. `tt-lora`.
+    const NAME: &'static str;
+    /// The flags that set this method's hyper-parameters, each with what it means here.
+    const FLAGS: &'static [(Flag, &'static str)];
+
+    /// The method with its default hyper-parameters.
+    fn default_config() -> Self;
+
+    /// Attention projections adapted when no targets are given (ignored by residual methods).
+    fn default_roles(&self) -> &'static [AttentionMatrix] {
+        &[AttentionMatrix::Query, AttentionMatrix::Value]
+    }
+
+    /// Sets the hyper-parameters of the flags that were given (only flags in
+    /// [`FLAGS`](Self::FLAGS) are passed on).
+    fn apply_flags(&mut self, flags: &MethodFlags);
+
+    /// Chooses how the update starts; errors if the method has no such initialisation.
+    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()>;
+
+    /// Whether one factor starts at zero (LoRA's `B`), which LoRA+ trains faster: the layers
+    /// then name it in [`AdapterLayer::zero_init_factors`].
+    fn has_zero_init_factor(&self) -> bool {
+        false
+    }
+
+    /// HF PEFT's `peft_type` written to `adapter_config.json`.
+    fn peft_type(&self) -> String {
+        Self::NAME.to_uppercase()
+    }
+
+    /// HF PEFT's own keys for this configuration, written at the top level of
+    /// `adapter_config.json` so PEFT can read the file (`None`: PEFT has no such method).
+    fn peft_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Reads an `adapter_config.json` written by HF PEFT whose `peft_type` is
+    /// [`peft_type`](Self::peft_type) (`None`: files of this method come from tensor-peft only).
+    fn from_peft_config(json: &serde_json::Value) -> Option<crate::Result<Self>> {
+        let _ = json;
+        None
+    }
+
+    /// Trainable parameters per site and for shared factors, without allocating tensors; fails
+    /// on the first site the method cannot adapt, naming it.
+    fn count(&self, sites: &Sites) -> crate::Result<ParamReport>;
+
+    /// Every adapter for the given sites, with the shared factors.
+    fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>>;
+}
+
+/// Wraps an error about `site` into one that names the method and the site.
+pub fn at_site<'a>(method: &'static str, site: &'a str) -> impl Fn(AdapterError) -> AdapterError + 'a {
+    move |e| AdapterError::Unsupported { method, target: site.to_string(), reason: e.to_string() }
+}
+
+/// The version of the tensor names adapter files use. A method that renames its tensors bumps
+/// it and keeps reading the older names; files record it as `tensor_peft.names_version` (absent
+/// in files written before it existed, which use version 1).
+pub const TENSOR_NAMES_VERSION: u32 = 1;
+
+/// A parameter as an adapter file stores it.
+pub enum FileParam<'a, B: Backend> {
+    /// A vector (biases).
+    Vector(&'a mut Param<Tensor<B, 1>>),
+    /// A matrix stored as it is.
+    Matrix(&'a mut Param<Tensor<B, 2>>),
+    /// A matrix stored transposed (PEFT's `[out, in]` linear weights).
+    TransposedMatrix(&'a mut Param<Tensor<B, 2>>),
+    /// A TT core `[r_{k-1}, n_k, r_k]`.
+    Core(&'a mut Param<Tensor<B, 3>>),
+}
+
+/// One named tensor of an adapter file.
+pub struct FileTensor<'a, B: Backend> {
+    /// Name relative to the adapted site (or to `shared` for shared factors), e.g.
+    /// `lora_A.weight`. Spelled out by each method, so renaming a Rust type or field cannot
+    /// change a file.
+    pub name: String,
+    /// The parameter it holds.
+    pub param: FileParam<'a, B>,
+}
+
+impl<'a, B: Backend> FileTensor<'a, B> {
+    /// `name` holding `param`.
+    pub fn new(name: impl Into<String>, param: FileParam<'a, B>) -> Self {
+        Self { name: name.into(), param }
+    }
+
+    /// The cores of `train` as `{prefix}.cores.{k}`.
+    pub fn train(prefix: &str, train: &'a mut TensorTrain<B>) -> Vec<Self> {
+        train
+            .cores
+            .iter_mut()
+            .enumerate()
+            .map(|(k, core)| Self::new(format!("{prefix}.cores.{k}"), FileParam::Core(core)))
+            .collect()
+    }
+}
+
+/// What an adapter layer (or a method's shared factors) says about its tensors.
+pub trait AdapterLayer<B: Backend> {
+    /// Every parameter under its adapter-file name (version [`TENSOR_NAMES_VERSION`]).
+    fn file_tensors(&mut self) -> Vec<FileTensor<'_, B>>;
+
+    /// The factors that start at zero, which LoRA+ trains at a higher learning rate.
+    fn zero_init_factors(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
+}
+
+/// Which attention projection a matrix is (the `C_M` row it uses).
+#[derive(Config, Debug, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionMatrix {
+    /// Query projection (`q_proj`, `query`).
+    Query,
+    /// Key projection (`k_proj`, `key`).
+    Key,
+    /// Value projection (`v_proj`, `value`).
+    Value,
+    /// Output projection (`o_proj`, `attention.output.dense`).
+    Output,
+}
+
+impl AttentionMatrix {
+    /// Row of `C_M`: q=0, k=1, v=2, o=3.
+    pub fn index(&self) -> usize {
         match self {
-            MethodConfig::Lorta(_) => &[Query, Key, Value, Output],
-            MethodConfig::LorettaAdp(_) => &[],
-            _ => &[Query, Value],
+            AttentionMatrix::Query => 0,
+            AttentionMatrix::Key => 1,
+            AttentionMatrix::Value => 2,
+            AttentionMatrix::Output => 3,
         }
     }
 
-    /// Whether the method inserts residual (block-output) adapters instead of linear updates.
-    pub fn is_residual(&self) -> bool {
-        matches!(self, MethodConfig::LorettaAdp(_))
+    /// Whether the output axis holds the key/value heads.
+    pub fn uses_kv_heads(&self) -> bool {
+        matches!(self, AttentionMatrix::Key | AttentionMatrix::Value)
+    }
+}
+
+/// Attention shape of the model LoRTA adapts.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub struct AttentionGeometry {
+    /// Number of transformer layers `L`.
+    pub n_layers: usize,
+    /// Model width `d`.
+    pub d_model: usize,
+    /// Query heads `H`.
+    pub n_heads: usize,
+    /// Key/value heads (`H` for multi-head attention, fewer for GQA).
+    pub n_kv_heads: usize,
+}
+
+impl AttentionGeometry {
+    /// Head width `d_h = d / H`.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
     }
 
-    fn check_sites(&self, linear: &[LinearSite], residual: &[ResidualSite]) -> Result<()> {
-        let nothing = if self.is_residual() { residual.is_empty() } else { linear.is_empty() };
-        if nothing {
-            return Err(AdapterError::Unsupported {
-                method: self.name(),
-                target: "the model".into(),
-                reason: "no module matched the targets".into(),
-            });
+    /// Whether key/value projections are narrower than the query projection.
+    pub fn is_grouped(&self) -> bool {
+        self.n_kv_heads != self.n_heads
+    }
+
+    /// Checks that heads tile the model width.
+    pub fn validate(&self) -> crate::Result<()> {
+        require_positive("n_layers", self.n_layers)?;
+        require_positive("n_heads", self.n_heads)?;
+        require_positive("n_kv_heads", self.n_kv_heads)?;
+        let err = |reason: String| AdapterError::Unsupported { method: "lorta", target: format!("{self:?}"), reason };
+        if !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(err(format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads)));
         }
-        if let MethodConfig::Lorta(_) = self
-            && let Some(site) = linear.iter().find(|s| s.role.is_none())
-        {
-            return Err(AdapterError::Unsupported {
-                method: "lorta",
-                target: site.name.clone(),
-                reason: "LoRTA adapts only attention projections (q, k, v, o)".into(),
-            });
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(err(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads)));
         }
         Ok(())
     }
 
-    /// Groups linear sites into LoTR families: equally shaped matrices share one pair of factors.
-    fn lotr_families(linear: &[LinearSite]) -> Vec<(usize, usize)> {
-        let mut families: Vec<(usize, usize)> = Vec::new();
-        for s in linear {
-            if !families.contains(&(s.d_in, s.d_out)) {
-                families.push((s.d_in, s.d_out));
-            }
+    /// `(d_in, d_out)` of a projection.
+    pub fn matrix_dims(&self, matrix: AttentionMatrix) -> (usize, usize) {
+        if matrix.uses_kv_heads() {
+            (self.d_model, self.n_kv_heads * self.head_dim())
+        } else {
+            (self.d_model, self.d_model)
         }
-        families
-    }
-
-    /// Counts trainable parameters, per module and for shared factors, without allocating tensors.
-    pub fn count(
-        &self,
-        geometry: &AttentionGeometry,
-        linear: &[LinearSite],
-        residual: &[ResidualSite],
-    ) -> Result<ParamReport> {
-        self.check_sites(linear, residual)?;
-        let row = |s: &LinearSite, params: usize| ParamRow {
-            module: s.name.clone(),
-            shape: format!("{}x{}", s.d_in, s.d_out),
-            params,
-        };
-        let named = |site: &LinearSite, e: AdapterError| AdapterError::Unsupported {
-            method: self.name(),
-            target: site.name.clone(),
-            reason: e.to_string(),
-        };
-        let mut rows = Vec::new();
-        match self {
-            MethodConfig::Lora(c) => {
-                c.validate()?;
-                rows.extend(linear.iter().map(|s| row(s, c.num_params(s.d_in, s.d_out))));
-            }
-            MethodConfig::TtLora(c) => {
-                for s in linear {
-                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
-                }
-            }
-            MethodConfig::LorettaRep(c) => {
-                for s in linear {
-                    rows.push(row(s, c.num_params(s.d_in, s.d_out).map_err(|e| named(s, e))?));
-                }
-            }
-            MethodConfig::LorettaAdp(c) => {
-                for s in residual {
-                    let params = c.num_params(s.hidden).map_err(|e| AdapterError::Unsupported {
-                        method: "loretta-adp",
-                        target: s.name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    rows.push(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params });
-                }
-            }
-            MethodConfig::Lotr(c) => {
-                c.validate()?;
-                rows.extend(linear.iter().map(|s| row(s, c.num_params())));
-                for (i, (d_in, d_out)) in Self::lotr_families(linear).into_iter().enumerate() {
-                    rows.push(ParamRow {
-                        module: format!("shared: lotr family {i} (A, B)"),
-                        shape: format!("{d_in}x{d_out}"),
-                        params: c.shared_num_params(d_in, d_out),
-                    });
-                }
-            }
-            MethodConfig::Lorta(c) => {
-                for s in linear {
-                    let role = s.role.expect("checked above");
-                    if geometry.matrix_dims(role) != (s.d_in, s.d_out) {
-                        return Err(named(
-                            s,
-                            AdapterError::State(format!(
-                                "expected {:?} for {role:?} from the attention geometry",
-                                geometry.matrix_dims(role)
-                            )),
-                        ));
-                    }
-                    rows.push(row(s, 0));
-                }
-                rows.push(ParamRow {
-                    module: "shared: lorta CP factors (A, B, C_L, C_H, C_M)".into(),
-                    shape: format!("L={} H={} d={}", geometry.n_layers, geometry.n_heads, geometry.d_model),
-                    params: c.num_params(geometry)?,
-                });
-            }
-        }
-        Ok(ParamReport { rows })
-    }
-
-    /// Builds every adapter (and the shared factors) for the given sites.
-    pub fn build<B: Backend>(
-        &self,
-        geometry: &AttentionGeometry,
-        linear: &[LinearSite],
-        residual: &[ResidualSite],
-        device: &B::Device,
-    ) -> Result<AdapterSet<B>> {
-        // Counting validates every shape and names the failing module before anything is allocated.
-        self.count(geometry, linear, residual)?;
-        let mut shared = SharedFactors::empty();
-        let mut linear_out = Vec::new();
-        let mut residual_out = Vec::new();
-        match self {
-            MethodConfig::LorettaAdp(c) => {
-                for s in residual {
-                    residual_out.push((s.clone(), ResidualAdapter::LorettaAdp(c.init(s.hidden, device)?)));
-                }
-            }
-            MethodConfig::Lotr(c) => {
-                let families = Self::lotr_families(linear);
-                for &(d_in, d_out) in &families {
-                    shared.lotr.push(c.init_shared(d_in, d_out, device)?);
-                }
-                for s in linear {
-                    let family = families.iter().position(|f| *f == (s.d_in, s.d_out)).expect("grouped above");
-                    linear_out.push((s.clone(), LinearAdapter::Lotr(c.init(family, &shared, device)?)));
-                }
-            }
-            MethodConfig::Lorta(c) => {
-                shared.lorta = Some(c.init_shared(geometry, device)?);
-                for s in linear {
-                    let role = s.role.expect("checked by count");
-                    linear_out.push((s.clone(), LinearAdapter::Lorta(c.init(s.layer, role, geometry)?)));
-                }
-            }
-            MethodConfig::Lora(c) => {
-                for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::Lora(c.init(s.d_in, s.d_out, device)?)));
-                }
-            }
-            MethodConfig::TtLora(c) => {
-                for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::TtLora(c.init(s.d_in, s.d_out, device)?)));
-                }
-            }
-            MethodConfig::LorettaRep(c) => {
-                for s in linear {
-                    linear_out.push((s.clone(), LinearAdapter::LorettaRep(c.init(s.d_in, s.d_out, device)?)));
-                }
-            }
-        }
-        Ok(AdapterSet { shared, linear: linear_out, residual: residual_out })
     }
 }

@@ -833,6 +833,9 @@ fn invalid_configurations_are_errors_not_panics() {
 
 #[test]
 fn method_configs_round_trip_through_json() {
+    // The generic suites cover every registered method.
+    let covered: Vec<&str> = methods().iter().map(|m| m.name()).collect();
+    assert_eq!(covered, METHOD_NAMES);
     for method in methods() {
         let json = serde_json::to_string(&method).unwrap();
         let back: MethodConfig = serde_json::from_str(&json).unwrap();
@@ -895,4 +898,49 @@ fn inference_switches_to_the_dense_update_for_many_rows() {
             }
         }
     }
+}
+
+/// The registry's lookup, flags and serde form, for every registered method.
+#[test]
+fn the_registry_names_flags_and_serialises_every_method() {
+    for &name in METHOD_NAMES {
+        let method = MethodConfig::from_name(name).unwrap();
+        assert_eq!(method.name(), name);
+        // Every flag a method declares sets something: the configuration changes.
+        for (flag, meaning) in method.flags() {
+            assert!(!meaning.is_empty());
+            let flags = match flag {
+                Flag::Rank => MethodFlags { rank: Some(3), ..Default::default() },
+                Flag::Alpha => MethodFlags { alpha: Some(0.5), ..Default::default() },
+                Flag::TensorRank => MethodFlags { tensor_rank: Some(2), ..Default::default() },
+                Flag::TtShape => MethodFlags { tt_shape: Some(vec![2, 3]), ..Default::default() },
+                Flag::Bottleneck => MethodFlags { bottleneck: Some(3), ..Default::default() },
+            };
+            let set = MethodConfig::from_flags(name, &flags).unwrap();
+            assert_ne!(serde_json::to_value(&set).unwrap(), serde_json::to_value(&method).unwrap(), "{name} {flag:?}");
+        }
+        // A flag it does not declare is refused, naming the ones it takes.
+        for flag in Flag::ALL.into_iter().filter(|f| !method.flags().iter().any(|(g, _)| g == f)) {
+            let flags = MethodFlags {
+                rank: (flag == Flag::Rank).then_some(3),
+                alpha: (flag == Flag::Alpha).then_some(0.5),
+                tensor_rank: (flag == Flag::TensorRank).then_some(2),
+                tt_shape: (flag == Flag::TtShape).then(|| vec![2, 3]),
+                bottleneck: (flag == Flag::Bottleneck).then_some(3),
+                init: None,
+            };
+            let err = MethodConfig::from_flags(name, &flags).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{} does not apply to {name}; it takes ", flag.cli())), "{err}");
+        }
+        let json = serde_json::to_value(&method).unwrap();
+        assert_eq!(json["method"], name);
+    }
+    let unknown = MethodConfig::from_name("dora").unwrap_err().to_string();
+    assert!(unknown.contains("dora") && unknown.contains(&METHOD_NAMES.join(", ")), "{unknown}");
+    let err = serde_json::from_str::<MethodConfig>(r#"{"method": "dora", "rank": 8}"#).unwrap_err().to_string();
+    assert!(err.contains("unknown method `dora`"), "{err}");
+    let err = serde_json::from_str::<MethodConfig>(r#"{"rank": 8}"#).unwrap_err().to_string();
+    assert!(err.contains("method"), "{err}");
+    let zero = MethodConfig::from_flags("lora", &MethodFlags { rank: Some(0), ..Default::default() });
+    assert!(zero.unwrap_err().to_string().contains("at least 1"));
 }

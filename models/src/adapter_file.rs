@@ -1,8 +1,9 @@
 //! Adapter files, PEFT style: `<dir>/adapter_config.json` (method, hyper-parameters, targets, base
 //! model identity) and `<dir>/adapter_model.safetensors` (only the adapter tensors; shared factors
-//! stored once). LoRA tensors use HF PEFT's layout (`base_model.model.<module>.lora_A.weight`
-//! `[r, in]`, `lora_B.weight` `[out, r]`) so PEFT can read them; other methods store their factors
-//! under `base_model.model.<module>.<parameter path>`.
+//! stored once). Every tensor is stored as `base_model.model.<module>.<name>` (shared factors as
+//! `base_model.model.shared.<name>`) under the name its method gives it
+//! ([`AdapterLayer::file_tensors`]): LoRA's are HF PEFT's (`lora_A.weight` `[r, in]`,
+//! `lora_B.weight` `[out, r]`) so PEFT can read them.
 //!
 //! Loading rebuilds the adapters from the config and then replaces every parameter by name, after
 //! checking that the base model matches; files are written to temporary names and renamed.
@@ -10,14 +11,13 @@
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
 use crate::inject::{AdapterSlots, Targets, inject};
-use crate::tensor_io::{self, Params};
-use burn::module::Module;
+use crate::tensor_io;
+use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::Path;
-use tensor_peft_adapters::{LinearAdapter, MethodConfig};
+use tensor_peft_adapters::{AdapterError, AdapterLayer, FileParam, FileTensor, MethodConfig, TENSOR_NAMES_VERSION};
 
 /// Name of the config file in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -74,7 +74,7 @@ pub struct AdapterConfig {
     /// Shapes the base model must have (`None` for adapters written by PEFT, which records none;
     /// every tensor's shape is still checked).
     pub base_model: Option<BaseModelIdentity>,
-    /// `LORA` for LoRA (PEFT's `peft_type`), else the method name.
+    /// PEFT's `peft_type` ([`MethodConfig::peft_type`]: `LORA` for LoRA).
     pub peft_type: String,
     /// Version of tensor-peft that wrote the file.
     pub library_version: String,
@@ -88,8 +88,15 @@ struct TensorPeftSection {
     method: MethodConfig,
     base_model: BaseModelIdentity,
     library_version: String,
+    /// [`TENSOR_NAMES_VERSION`] of the tensor names (absent in files written before it existed).
+    #[serde(default = "first_names_version")]
+    names_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     task: Option<serde_json::Value>,
+}
+
+fn first_names_version() -> u32 {
+    1
 }
 
 fn config_error(path: &Path, field: &'static str, problem: impl Into<String>) -> ModelError {
@@ -110,19 +117,15 @@ impl AdapterConfig {
             "inference_mode": true,
             "task_type": self.task.as_ref().and_then(|t| t.get("peft_task_type")).cloned().unwrap_or(serde_json::Value::Null),
         });
-        if let MethodConfig::Lora(c) = &self.method {
-            let peft = serde_json::json!({
-                "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.use_rslora,
-                "bias": "none", "fan_in_fan_out": false, "init_lora_weights": true, "use_dora": false,
-                "modules_to_save": null, "layers_to_transform": null, "rank_pattern": {}, "alpha_pattern": {},
-            });
-            json.as_object_mut().expect("object").extend(peft.as_object().expect("object").clone());
+        if let Some(serde_json::Value::Object(peft)) = self.method.peft_config() {
+            json.as_object_mut().expect("object").extend(peft);
         }
         if let Some(base_model) = &self.base_model {
             let section = TensorPeftSection {
                 method: self.method.clone(),
                 base_model: base_model.clone(),
                 library_version: self.library_version.clone(),
+                names_version: TENSOR_NAMES_VERSION,
                 task: self.task.clone(),
             };
             json["tensor_peft"] = serde_json::to_value(section).expect("serialisable");
@@ -130,7 +133,8 @@ impl AdapterConfig {
         json
     }
 
-    /// Parses `adapter_config.json` written by tensor-peft or by PEFT (LoRA).
+    /// Parses `adapter_config.json` written by tensor-peft or by PEFT (for the methods that read
+    /// PEFT's files: [`MethodConfig::from_peft_config`]).
     pub fn from_json(json: &serde_json::Value, path: &Path) -> Result<Self, ModelError> {
         let (target_modules, target_regex) = match json.get("target_modules") {
             None | Some(serde_json::Value::Null) => (None, None),
@@ -154,6 +158,16 @@ impl AdapterConfig {
         if let Some(section) = json.get("tensor_peft") {
             let section: TensorPeftSection = serde_json::from_value(section.clone())
                 .map_err(|e| config_error(path, "tensor_peft", format!("is invalid: {e}")))?;
+            if section.names_version > TENSOR_NAMES_VERSION {
+                return Err(config_error(
+                    path,
+                    "tensor_peft.names_version",
+                    format!(
+                        "is {}; this version of tensor-peft reads tensor names up to version {TENSOR_NAMES_VERSION}",
+                        section.names_version
+                    ),
+                ));
+            }
             return Ok(AdapterConfig {
                 method: section.method,
                 target_modules,
@@ -165,45 +179,24 @@ impl AdapterConfig {
                 task: section.task,
             });
         }
-        // A PEFT LoRA adapter: refuse the options whose semantics this loader does not implement.
-        if peft_type != "LORA" {
-            return Err(config_error(
-                path,
-                "peft_type",
-                format!("is \"{peft_type}\"; only PEFT LoRA adapters (or tensor-peft's own) are supported"),
-            ));
-        }
-        let unsupported = |field: &'static str, ok: &dyn Fn(&serde_json::Value) -> bool| -> Result<(), ModelError> {
-            match json.get(field) {
-                Some(v) if !ok(v) => Err(config_error(path, field, format!("is {v}; this option is not supported"))),
-                _ => Ok(()),
+        // A PEFT adapter: its method reads PEFT's keys, refusing options it does not implement.
+        let method = match MethodConfig::from_peft_config(&peft_type, json) {
+            Some(method) => method.map_err(|e| match e {
+                AdapterError::InvalidValue { field, value, reason } => {
+                    config_error(path, field, format!("is {value}: {reason}"))
+                }
+                other => config_error(path, "peft_type", other.to_string()),
+            })?,
+            None => {
+                return Err(config_error(
+                    path,
+                    "peft_type",
+                    format!("is \"{peft_type}\"; only PEFT LoRA adapters (or tensor-peft's own) are supported"),
+                ));
             }
         };
-        let empty = |v: &serde_json::Value| {
-            v.is_null() || v.as_object().is_some_and(|o| o.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
-        };
-        unsupported("use_dora", &|v| v == &serde_json::Value::Bool(false))?;
-        unsupported("bias", &|v| v == "none")?;
-        unsupported("fan_in_fan_out", &|v| v == &serde_json::Value::Bool(false))?;
-        for field in ["rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication"] {
-            unsupported(field, &empty)?;
-        }
-        let number = |field: &'static str| {
-            json.get(field)
-                .and_then(|v| v.as_f64())
-                .ok_or_else(|| config_error(path, field, "is missing or not a number"))
-        };
-        let rank = number("r")?;
-        if rank < 1.0 || rank.fract() != 0.0 {
-            return Err(config_error(path, "r", format!("is {rank}, expected a positive integer")));
-        }
-        let lora = tensor_peft_adapters::LoraConfig::new()
-            .with_rank(rank as usize)
-            .with_alpha(number("lora_alpha")?)
-            .with_dropout(json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0))
-            .with_use_rslora(json.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false));
         Ok(AdapterConfig {
-            method: MethodConfig::Lora(lora),
+            method,
             target_modules,
             target_regex,
             base_model_name_or_path,
@@ -228,26 +221,6 @@ impl AdapterConfig {
     }
 }
 
-/// `(path, values, shape)` of every float parameter, with paths made of field names.
-fn collect<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<f32>, Vec<usize>)> {
-    tensor_io::module_params(module, Params::All).into_iter().map(|p| (p.path, p.values, p.shape)).collect()
-}
-
-/// `module` with every parameter replaced by the tensor stored under `prefix.<path>`.
-fn replace<B: Backend, M: Module<B>>(module: M, prefix: String, tensors: &mut TensorMap) -> Result<M, ModelError> {
-    tensor_io::load_params(module, tensors, &prefix, Params::All).map_err(|e| ModelError::AdapterFile {
-        reason: match e {
-            tensor_io::LoadError::Missing(name) => format!("the adapter file has no tensor `{name}`"),
-            other => other.to_string(),
-        },
-    })
-}
-
-/// PEFT's names for a LoRA site.
-fn lora_names(site: &str) -> (String, String) {
-    (format!("base_model.model.{site}.lora_A.weight"), format!("base_model.model.{site}.lora_B.weight"))
-}
-
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
@@ -256,6 +229,51 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Shape and values of `param` as the file stores it.
+fn file_values<B: Backend>(param: &FileParam<'_, B>) -> (Vec<usize>, Vec<f32>) {
+    match param {
+        FileParam::Vector(p) => tensor_io::tensor_values(p.val()),
+        FileParam::Matrix(p) => tensor_io::tensor_values(p.val()),
+        FileParam::Core(p) => tensor_io::tensor_values(p.val()),
+        FileParam::TransposedMatrix(p) => {
+            let (shape, values) = tensor_io::tensor_values(p.val());
+            (vec![shape[1], shape[0]], transpose(&values, shape[0], shape[1]))
+        }
+    }
+}
+
+/// `param` with the values stored as `shape` (the file's layout), keeping its id and trainability.
+fn set_param<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, shape: [usize; D], values: Vec<f32>) {
+    *param = param
+        .clone()
+        .map(|t| Tensor::from_data(TensorData::new(values, shape), &t.device()).set_require_grad(t.is_require_grad()));
+}
+
+/// Moves the tensor `name` of `tensors` into `tensor.param`, checking its shape.
+fn load_file_tensor<B: Backend>(
+    name: &str,
+    tensor: FileTensor<'_, B>,
+    tensors: &mut TensorMap,
+) -> Result<(), ModelError> {
+    let expected = file_values(&tensor.param).0;
+    let (shape, values) = match tensors.remove(name) {
+        Some((shape, _)) if shape != expected => {
+            return Err(ModelError::AdapterFile {
+                reason: format!("tensor `{name}` has shape {shape:?}, expected {expected:?}"),
+            });
+        }
+        Some(stored) => stored,
+        None => return Err(ModelError::AdapterFile { reason: format!("the adapter file has no tensor `{name}`") }),
+    };
+    match tensor.param {
+        FileParam::Vector(p) => set_param(p, [shape[0]], values),
+        FileParam::Matrix(p) => set_param(p, [shape[0], shape[1]], values),
+        FileParam::Core(p) => set_param(p, [shape[0], shape[1], shape[2]], values),
+        FileParam::TransposedMatrix(p) => set_param(p, [shape[1], shape[0]], transpose(&values, shape[0], shape[1])),
+    }
+    Ok(())
 }
 
 /// One adapted site of a model.
@@ -305,39 +323,24 @@ pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
     dir: &Path,
     extras: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<(), ModelError> {
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut tensors = TensorMap::new();
     for (name, shape, values) in extras {
         tensors.insert(format!("base_model.model.{name}"), (shape.clone(), values.clone()));
     }
+    let mut store = |prefix: &str, layer: Vec<FileTensor<'_, B>>| {
+        for tensor in layer {
+            tensors.insert(format!("{prefix}.{}", tensor.name), file_values(&tensor.param));
+        }
+    };
     each_site(model, spec, |site, slot| {
+        let prefix = format!("base_model.model.{site}");
         match slot {
-            Slot::Linear(slot) => match slot.adapter.as_ref().expect("checked by each_site") {
-                LinearAdapter::Lora(lora) => {
-                    let (a_name, b_name) = lora_names(site);
-                    let [d_in, r] = lora.a.dims();
-                    let [_, d_out] = lora.b.dims();
-                    let a = lora.a.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-                    let b = lora.b.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-                    tensors.insert(a_name, (vec![r, d_in], transpose(&a, d_in, r)));
-                    tensors.insert(b_name, (vec![d_out, r], transpose(&b, r, d_out)));
-                }
-                adapter => {
-                    for (path, values, shape) in collect(adapter) {
-                        tensors.insert(format!("base_model.model.{site}.{path}"), (shape, values));
-                    }
-                }
-            },
-            Slot::Residual(adapter) => {
-                for (path, values, shape) in collect(&*adapter) {
-                    tensors.insert(format!("base_model.model.{site}.{path}"), (shape, values));
-                }
-            }
+            Slot::Linear(slot) => store(&prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors()),
+            Slot::Residual(adapter) => store(&prefix, adapter.file_tensors()),
         }
         Ok(())
     })?;
-    for (path, values, shape) in collect(model.shared_mut()) {
-        tensors.insert(format!("base_model.model.shared.{path}"), (shape, values));
-    }
+    store("base_model.model.shared", model.shared_mut().file_tensors());
     if tensors.is_empty() {
         return Err(ModelError::AdapterFile { reason: "the model carries no adapter to save".into() });
     }
@@ -402,48 +405,17 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
     }
     let mut tensors = tensor_io::read_safetensors(&dir.join(WEIGHTS_FILE))?;
     inject(model, spec, &config.method, &config.targets())?;
+    let mut load = |prefix: &str, layer: Vec<FileTensor<'_, B>>| {
+        layer.into_iter().try_for_each(|t| load_file_tensor(&format!("{prefix}.{}", t.name), t, &mut tensors))
+    };
     each_site(model, spec, |site, slot| {
         let prefix = format!("base_model.model.{site}");
         match slot {
-            Slot::Linear(slot) => {
-                let adapter = match slot.adapter.take().expect("checked by each_site") {
-                    LinearAdapter::Lora(mut lora) => {
-                        let (a_name, b_name) = lora_names(site);
-                        let [d_in, r] = lora.a.dims();
-                        let [_, d_out] = lora.b.dims();
-                        let device = lora.a.device();
-                        let mut take = |name: &str, shape: [usize; 2]| match tensors.remove(name) {
-                            Some((s, v)) if s == shape => Ok(v),
-                            Some((s, _)) => Err(ModelError::AdapterFile {
-                                reason: format!("tensor `{name}` has shape {s:?}, expected {shape:?}"),
-                            }),
-                            None => Err(ModelError::AdapterFile {
-                                reason: format!("the adapter file has no tensor `{name}`"),
-                            }),
-                        };
-                        let a = transpose(&take(&a_name, [r, d_in])?, r, d_in);
-                        let b = transpose(&take(&b_name, [d_out, r])?, d_out, r);
-                        let load = |values: Vec<f32>, shape: [usize; 2]| {
-                            let device = device.clone();
-                            move |t: Tensor<B, 2>| {
-                                Tensor::from_data(TensorData::new(values, shape), &device)
-                                    .set_require_grad(t.is_require_grad())
-                            }
-                        };
-                        lora.a = lora.a.map(load(a, [d_in, r]));
-                        lora.b = lora.b.map(load(b, [r, d_out]));
-                        LinearAdapter::Lora(lora)
-                    }
-                    adapter => replace(adapter, prefix, &mut tensors)?,
-                };
-                slot.adapter = Some(adapter);
-            }
-            Slot::Residual(adapter) => *adapter = replace(adapter.clone(), prefix, &mut tensors)?,
+            Slot::Linear(slot) => load(&prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors()),
+            Slot::Residual(adapter) => load(&prefix, adapter.file_tensors()),
         }
-        Ok(())
     })?;
-    let shared = std::mem::take(model.shared_mut());
-    *model.shared_mut() = replace(shared, "base_model.model.shared".into(), &mut tensors)?;
+    load("base_model.model.shared", model.shared_mut().file_tensors())?;
     let extras = tensors
         .into_iter()
         .map(|(name, v)| (name.strip_prefix("base_model.model.").map(str::to_string).unwrap_or(name), v))

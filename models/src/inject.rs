@@ -5,9 +5,10 @@
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
 use crate::layout::LayoutBlock;
+use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use tensor_peft_adapters::{
-    AdaptedLinear, AdapterError, LinearSite, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors,
+    AdaptedLinear, AdapterError, AdapterLayer, LinearSite, MethodConfig, ResidualAdapter, ResidualSite, SharedFactors,
 };
 
 /// Which projections get a linear adapter.
@@ -102,6 +103,24 @@ pub fn update_ratios<B: Backend, M: AdapterSlots<B>>(model: &mut M, spec: &ArchS
             Some((site.name, ratio))
         })
         .collect()
+}
+
+/// The adapter factors of `model` that start at zero (LoRA's `B`, TT-LoRA's last core), which
+/// LoRA+ trains at a higher learning rate: each method names its own
+/// ([`AdapterLayer::zero_init_factors`]).
+pub fn zero_init_factors<B: Backend, M: AdapterSlots<B>>(model: &mut M, spec: &ArchSpec) -> Vec<ParamId> {
+    let mut ids = model.shared_mut().zero_init_factors();
+    for site in spec.linear_sites() {
+        if let Some(adapter) = model.linear_slot(&site).and_then(|slot| slot.adapter.as_ref()) {
+            ids.extend(adapter.zero_init_factors());
+        }
+    }
+    for site in spec.residual_sites() {
+        if let Some(Some(adapter)) = model.residual_slot(&site) {
+            ids.extend(adapter.zero_init_factors());
+        }
+    }
+    ids
 }
 
 /// Injects `method` at `targets` into `model` (described by `spec`). Refuses a model that already

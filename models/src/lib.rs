@@ -25,7 +25,7 @@ pub use arch::{ArchSpec, Family};
 pub use bert::Bert;
 pub use error::ModelError;
 pub use heads::{HEAD_INIT_STD, SequenceClassifier};
-pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios};
+pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;

@@ -1353,3 +1353,96 @@ mod fused_on_flex {
         }
     }
 }
+
+/// Adapter files of every method written by an earlier version (`tests/fixtures/adapter-files/`,
+/// `scripts/fixtures/adapter_files.sh`) load, and saving them again writes the same tensors under
+/// the same names: file names belong to the methods, not to Rust field or variant names.
+#[test]
+fn committed_adapter_files_of_every_method_load_and_save_the_same_tensors() {
+    use tensor_peft_models::adapter_file::{load_adapter, read_adapter_config, save_adapter};
+    type AB = Autodiff<NdArray>;
+    let device = Default::default();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let (base, spec) = Llama::<AB>::from_hf_dir(&root.join("tiny-llama-words"), &device).unwrap();
+    let read = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+            file.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
+        tensors.sort();
+        tensors
+    };
+    let out = std::env::temp_dir().join(format!("tpeft-fixture-resave-{}", std::process::id()));
+    let mut seen = Vec::new();
+    for name in METHOD_NAMES {
+        let dir = root.join("adapter-files").join(name);
+        if !dir.exists() {
+            // A method added after the fixtures were recorded.
+            continue;
+        }
+        let mut model = base.clone();
+        let config = load_adapter(&mut model, &spec, &dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(config.method.name(), *name);
+        let _ = std::fs::remove_dir_all(&out);
+        save_adapter(&mut model, &spec, &config, &out).unwrap();
+        let (stored, saved) = (read(&dir), read(&out));
+        assert!(!stored.is_empty());
+        assert_eq!(saved, stored, "{name}: saving the loaded adapter writes other tensors");
+        // The config reads back the same, now with the tensor names' version.
+        let again = read_adapter_config(&out).unwrap();
+        assert_eq!(serde_json::to_value(&again.method).unwrap(), serde_json::to_value(&config.method).unwrap());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(json["tensor_peft"]["names_version"], 1);
+        seen.push(*name);
+    }
+    assert_eq!(seen.len(), std::fs::read_dir(root.join("adapter-files")).unwrap().count(), "a fixture per method");
+    assert!(seen.len() >= 6);
+    // A file from a future version of the names is refused, naming the field.
+    let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+    std::fs::write(out.join("adapter_config.json"), text.replace("\"names_version\": 1", "\"names_version\": 2"))
+        .unwrap();
+    let err = load_adapter(&mut base.clone(), &spec, &out).unwrap_err().to_string();
+    assert!(err.contains("names_version") && err.contains('2'), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// LoRA+'s fast group comes from the adapters themselves: LoRA's `B`, the last core of every
+/// TT-LoRA train, nothing for a method without a zero-initialised factor.
+#[test]
+fn zero_init_factors_are_named_by_each_method() {
+    use tensor_peft_adapters::LinearAdapter;
+    type AB = Autodiff<NdArray>;
+    let device = Default::default();
+    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
+    let expected = |model: &Llama<AB>, pick: &dyn Fn(&LinearAdapter<AB>) -> burn::module::ParamId| {
+        let ids = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q_proj, &l.v_proj])
+            .map(|p| pick(p.adapter.as_ref().expect("adapted")))
+            .collect::<std::collections::HashSet<_>>();
+        ids
+    };
+    let found = |model: &mut Llama<AB>| {
+        let ids = tensor_peft_models::zero_init_factors(model, &spec);
+        let unique: std::collections::HashSet<_> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len(), "each factor once");
+        unique
+    };
+    let mut lora = base.clone().adapt(&spec, &MethodConfig::from_name("lora").unwrap(), &Targets::Default).unwrap();
+    let want = expected(&lora, &|a| match a {
+        LinearAdapter::Lora(l) => l.b.id,
+        _ => unreachable!(),
+    });
+    assert_eq!(found(&mut lora), want);
+    assert_eq!(want.len(), 4);
+    let mut tt = base.clone().adapt(&spec, &MethodConfig::from_name("tt-lora").unwrap(), &Targets::Default).unwrap();
+    let want = expected(&tt, &|a| match a {
+        LinearAdapter::TtLora(t) => t.tt.cores.last().unwrap().id,
+        _ => unreachable!(),
+    });
+    assert_eq!(found(&mut tt), want);
+    let mut lotr = base.adapt(&spec, &MethodConfig::from_name("lotr").unwrap(), &Targets::Default).unwrap();
+    assert!(found(&mut lotr).is_empty());
+}

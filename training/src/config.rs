@@ -7,7 +7,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use tensor_peft_adapters::{DeltaInit, MethodConfig};
+use tensor_peft_adapters::MethodConfig;
 use tensor_peft_models::Targets;
 
 /// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
@@ -193,16 +193,17 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
         if !(ratio.is_finite() && ratio > 0.0) {
             return bad("loraplus-lr-ratio", "must be a positive number");
         }
-        let zero_init_factor = match &cfg.method {
-            MethodConfig::Lora(_) => true,
-            MethodConfig::TtLora(c) => c.init == DeltaInit::Zero,
-            _ => false,
-        };
-        if !zero_init_factor {
+        if !cfg.method.has_zero_init_factor() {
+            let takes: Vec<&str> = tensor_peft_adapters::METHOD_NAMES
+                .iter()
+                .filter(|name| MethodConfig::from_name(name).is_ok_and(|m| m.has_zero_init_factor()))
+                .copied()
+                .collect();
             return bad(
                 "loraplus-lr-ratio",
                 &format!(
-                    "applies to lora and to tt-lora with --init zero (the methods with one factor that starts at zero), not to {}",
+                    "applies to the methods with one factor that starts at zero ({}, with their default --init), not to {} as configured",
+                    takes.join(", "),
                     cfg.method.name()
                 ),
             );

@@ -449,6 +449,12 @@ where
             .sum()
     }
 
+    /// The adapter factors that start at zero, which LoRA+ trains faster
+    /// ([`tensor_peft_models::zero_init_factors`]).
+    fn zero_init_factors(&self, spec: &ArchSpec) -> std::collections::HashSet<burn::module::ParamId> {
+        tensor_peft_models::zero_init_factors(&mut self.adapted().clone(), spec).into_iter().collect()
+    }
+
     /// `‖ΔW‖_F / ‖W‖_F` of every adapted projection, by site name
     /// ([`tensor_peft_models::update_ratios`]).
     fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {

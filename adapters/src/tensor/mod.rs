@@ -1,5 +1,6 @@
 //! Tensor-format math shared by every adapter: tensor trains ([`tt`]), CP ([`cp`]),
-//! Tucker-2 ([`tucker`]), the low-rank products they all reduce to, and TT shapes ([`shape`]).
+//! Tucker-2 ([`tucker`]), the low-rank products they all reduce to, TT shapes ([`shape`]) and
+//! LoRETTA's TT-factored linear layer ([`tt_linear`]).
 //!
 //! Every linear method's update is applied as a chain of thin products `x·A·B` with
 //! `A: [d_in, r]` and `B: [r, d_out]`; the dense `d_in × d_out` matrix is built only on request
@@ -8,6 +9,7 @@
 pub mod cp;
 pub mod shape;
 pub mod tt;
+pub mod tt_linear;
 pub mod tucker;
 
 use burn::tensor::{Tensor, backend::Backend};

@@ -170,7 +170,7 @@ pub const PERMUTE_COST: usize = 16;
 /// multiply-accumulates. It decides single-row calls, where both paths take ~20 µs on CPU: with
 /// flex and ndarray the half-trains won at one row on 1024-wide trains (`[16,8,8,8,8,16]`,
 /// `[32,32,32,32]`) and core by core on `[16; 6]`, which puts the value between 7.7k and 19k
-/// (`tpeft bench --suite contraction`, BENCHMARKS.md §2).
+/// (`tpeft bench --suite contraction`).
 pub const OP_COST: usize = 12_000;
 
 /// Costs `(half_trains, core_by_core)` of applying a split train of uniform rank `rank` to `tokens`

@@ -170,15 +170,19 @@ fn perturbed<B: Backend, M: Module<B>>(module: M, device: &B::Device) -> M {
     module.map(&mut Perturb(device))
 }
 
-/// Every method at its default size, plus LoRETTA_rep without its default dropout (dropout draws a
-/// random mask over the whole input each step, which is not the tensor format's cost).
+/// Every method at its default size, plus those with a default dropout once more without it
+/// (dropout draws a random mask over the whole input each step, which is not the tensor format's
+/// cost).
 fn methods() -> Vec<(String, MethodConfig)> {
     let mut all: Vec<_> =
         METHOD_NAMES.iter().map(|n| (n.to_string(), MethodConfig::from_name(n).expect("known"))).collect();
-    all.push((
-        "loretta-rep (dropout 0)".into(),
-        MethodConfig::LorettaRep(tensor_peft_adapters::LorettaRepConfig::new().with_dropout(0.0)),
-    ));
+    for name in METHOD_NAMES {
+        let mut config = serde_json::to_value(MethodConfig::from_name(name).expect("known")).expect("serialisable");
+        if config.get("dropout").and_then(Value::as_f64).is_some_and(|p| p > 0.0) {
+            config["dropout"] = json!(0.0);
+            all.push((format!("{name} (dropout 0)"), serde_json::from_value(config).expect("the same fields")));
+        }
+    }
     all
 }
 

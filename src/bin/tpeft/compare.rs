@@ -121,7 +121,7 @@ pub fn plan(path: &Path) -> Result<(SweepFile, Vec<Planned>), CliError> {
                 table.try_into().map_err(|e: toml::de::Error| usage(format!("--config {}: {e}", path.display())))?;
             let options: BTreeMap<String, String> = point.iter().map(|(k, v)| (k.clone(), short(v))).collect();
             let method =
-                options.get("method").cloned().or_else(|| args.method.clone()).unwrap_or_else(|| "lora".into());
+                options.get("method").cloned().or_else(|| args.adapter.method.clone()).unwrap_or_else(|| "lora".into());
             let rest: Vec<String> =
                 options.iter().filter(|(k, _)| *k != "method").map(|(k, v)| format!("{k}={v}")).collect();
             let mut name = method.clone();

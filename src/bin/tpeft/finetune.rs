@@ -2,7 +2,7 @@
 //! turned into the training library's [`TrainConfig`], and the printed summaries.
 
 use crate::CliError;
-use crate::params::{MethodFlags, method_from_flags, thousands};
+use crate::params::{MethodArgs, thousands};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tensor_peft_training::data::{FieldMap, TaskKind};
@@ -66,28 +66,10 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(default)]
     pub skip_bad_rows: bool,
-    /// lora, tt-lora, loretta-rep, loretta-adp, lotr or lorta [default: lora].
-    #[arg(long)]
-    pub method: Option<String>,
-    /// TT rank for tt-lora; LoRA rank for lora, loretta-rep, lotr, lorta.
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// Scale numerator α.
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// LoRETTA's TT rank.
-    #[arg(long)]
-    pub tensor_rank: Option<usize>,
-    /// TT shape, e.g. 16,24,24,16 (see `tpeft params`).
-    #[arg(long)]
-    pub tt_shape: Option<String>,
-    /// LoRETTA_adp bottleneck width.
-    #[arg(long)]
-    pub bottleneck: Option<usize>,
-    /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
-    /// for tt-lora and LoRETTA).
-    #[arg(long)]
-    pub init: Option<String>,
+    /// The adapter method and its hyper-parameters (the same flags as `tpeft params`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub adapter: MethodArgs,
     /// Comma-separated target modules (exact names or suffixes).
     #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
     pub targets: Option<Vec<String>>,
@@ -116,8 +98,8 @@ pub struct FinetuneArgs {
     /// Peak learning rate of the task head [default: --lr].
     #[arg(long)]
     pub head_lr: Option<f64>,
-    /// LoRA+: the factor that starts at zero (LoRA's B, TT-LoRA's last core) trains at this
-    /// multiple of --lr, as PEFT's loraplus_lr_ratio [default: off].
+    /// LoRA+: the factor that starts at zero (e.g. LoRA's B) trains at this multiple of --lr, as
+    /// PEFT's loraplus_lr_ratio [default: off].
     #[arg(long)]
     pub loraplus_lr_ratio: Option<f64>,
     /// AdamW weight decay [default: 0.01].
@@ -211,15 +193,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
     let d = TrainConfig::default();
     let required = |v: &Option<PathBuf>, flag: &str| v.clone().ok_or_else(|| usage(format!("{flag} is required")));
     let task = TaskKind::parse(a.task.as_deref().ok_or_else(|| usage("--task is required"))?).map_err(usage)?;
-    let flags = MethodFlags {
-        rank: a.rank,
-        alpha: a.alpha,
-        tensor_rank: a.tensor_rank,
-        tt_shape: a.tt_shape.clone(),
-        bottleneck: a.bottleneck,
-        init: a.init.clone(),
-    };
-    let method = method_from_flags(a.method.as_deref().unwrap_or("lora"), &flags)?;
+    let method = a.adapter.config("lora")?;
     let decay = match a.decay.as_deref() {
         None | Some("linear") => Decay::Linear,
         Some("cosine") => Decay::Cosine,

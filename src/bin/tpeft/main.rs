@@ -13,7 +13,7 @@ mod params;
 
 use backend::BackendKind;
 use clap::{Parser, Subcommand};
-use params::{MethodFlags, count, method_from_flags, render};
+use params::{count, render};
 use std::process::ExitCode;
 use tensor_peft_models::ArchSpec;
 
@@ -36,25 +36,9 @@ enum Command {
         /// directory, or config.json.
         #[arg(long)]
         model: String,
-        /// lora, tt-lora, loretta-rep, loretta-adp, lotr or lorta.
-        #[arg(long)]
-        method: String,
-        /// TT rank for tt-lora; LoRA rank for lora, loretta-rep, lotr, lorta.
-        #[arg(long)]
-        rank: Option<usize>,
-        /// Scale numerator α.
-        #[arg(long)]
-        alpha: Option<f64>,
-        /// LoRETTA's TT rank (loretta-rep, loretta-adp).
-        #[arg(long)]
-        tensor_rank: Option<usize>,
-        /// TT shape, e.g. 16,16,16,16,16,16 (tt-lora: whole ΔW; loretta-rep: A, B uses the reverse;
-        /// loretta-adp: down projection).
-        #[arg(long)]
-        tt_shape: Option<String>,
-        /// LoRETTA_adp bottleneck width.
-        #[arg(long)]
-        bottleneck: Option<usize>,
+        /// The adapter method and its hyper-parameters.
+        #[command(flatten)]
+        adapter: params::MethodArgs,
         /// Comma-separated target modules (exact name or suffix, PEFT style).
         #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
         targets: Option<Vec<String>>,
@@ -268,9 +252,8 @@ macro_rules! with_backend {
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
     match cli.command {
-        Command::Params { model, method, rank, alpha, tensor_rank, tt_shape, bottleneck, targets, target_regex } => {
-            let flags = MethodFlags { rank, alpha, tensor_rank, tt_shape, bottleneck, init: None };
-            let method = method_from_flags(&method, &flags)?;
+        Command::Params { model, adapter, targets, target_regex } => {
+            let method = adapter.config("lora")?;
             let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
                 tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
                 other => CliError::Runtime(other.to_string()),

@@ -2,91 +2,79 @@
 //! from the architecture description alone (nothing is allocated).
 
 use crate::CliError;
+use serde::{Deserialize, Serialize};
 use tensor_peft_adapters::tensor::shape::parse_shape;
-use tensor_peft_adapters::{DeltaInit, MethodConfig, ParamReport};
+use tensor_peft_adapters::{DeltaInit, Flag, METHOD_NAMES, MethodConfig, MethodFlags, ParamReport};
 use tensor_peft_models::{ArchSpec, Targets};
 
-/// Method hyper-parameters as given on the command line (`None` = method default).
-#[derive(Debug, Clone, Default)]
-pub struct MethodFlags {
-    /// `--rank`: TT rank for tt-lora; LoRA rank for lora, loretta-rep, lotr, lorta.
+/// The method and its hyper-parameters as typed: one set of flags, flattened into `tpeft params`
+/// and `tpeft finetune` (and the keys of its `--config` files).
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+pub struct MethodArgs {
+    /// The adapter method.
+    #[arg(long, help = method_help())]
+    pub method: Option<String>,
+    /// The method's rank.
+    #[arg(long, help = flag_help(Flag::Rank))]
     pub rank: Option<usize>,
-    /// `--alpha`.
+    /// Scale α.
+    #[arg(long, help = flag_help(Flag::Alpha))]
     pub alpha: Option<f64>,
-    /// `--tensor-rank`: LoRETTA's TT rank.
+    /// TT rank of a factor's trains.
+    #[arg(long, help = flag_help(Flag::TensorRank))]
     pub tensor_rank: Option<usize>,
-    /// `--tt-shape`: TT-LoRA's full shape; LoRETTA_rep's `A` shape (B uses its reverse);
-    /// LoRETTA_adp's down-projection shape.
+    /// TT shape.
+    #[arg(long, help = flag_help(Flag::TtShape))]
     pub tt_shape: Option<String>,
-    /// `--bottleneck`: LoRETTA_adp's width.
+    /// Bottleneck width.
+    #[arg(long, help = flag_help(Flag::Bottleneck))]
     pub bottleneck: Option<usize>,
-    /// `--init`: `zero` (ΔW₀ = 0, the default) or `paper` (the official code's initialisation).
+    /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
+    /// for the TT methods).
+    #[arg(long)]
     pub init: Option<String>,
 }
 
-/// Builds a method configuration from its name and flags; flags that do not apply are refused.
-pub fn method_from_flags(name: &str, flags: &MethodFlags) -> Result<MethodConfig, CliError> {
-    let usage = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
-    let mut method = MethodConfig::from_name(name).map_err(|e| usage(&e))?;
-    let shape = flags.tt_shape.as_deref().map(parse_shape).transpose().map_err(|e| usage(&e))?;
-    let accepted: &[&str] = match method {
-        MethodConfig::Lora(_) | MethodConfig::Lotr(_) | MethodConfig::Lorta(_) => &["--rank", "--alpha"],
-        MethodConfig::TtLora(_) => &["--rank", "--alpha", "--tt-shape"],
-        MethodConfig::LorettaRep(_) => &["--rank", "--alpha", "--tensor-rank", "--tt-shape"],
-        MethodConfig::LorettaAdp(_) => &["--bottleneck", "--tensor-rank", "--tt-shape"],
-    };
-    let given = [
-        ("--rank", flags.rank.is_some()),
-        ("--alpha", flags.alpha.is_some()),
-        ("--tensor-rank", flags.tensor_rank.is_some()),
-        ("--tt-shape", shape.is_some()),
-        ("--bottleneck", flags.bottleneck.is_some()),
-    ];
-    if let Some((flag, _)) = given.iter().find(|(flag, present)| *present && !accepted.contains(flag)) {
-        return Err(CliError::Usage(format!("{flag} does not apply to {name}; it takes {}", accepted.join(", "))));
-    }
-    let rank = |default: usize| flags.rank.unwrap_or(default);
-    let alpha = |default: f64| flags.alpha.unwrap_or(default);
-    match &mut method {
-        MethodConfig::Lora(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
-        MethodConfig::Lotr(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
-        MethodConfig::Lorta(c) => (c.rank, c.alpha) = (rank(c.rank), alpha(c.alpha)),
-        MethodConfig::TtLora(c) => (c.rank, c.alpha, c.tt_shape) = (rank(c.rank), alpha(c.alpha), shape),
-        MethodConfig::LorettaRep(c) => {
-            (c.rank, c.alpha, c.a_shape) = (rank(c.rank), alpha(c.alpha), shape);
-            c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
-        }
-        MethodConfig::LorettaAdp(c) => {
-            c.bottleneck = flags.bottleneck.unwrap_or(c.bottleneck);
-            c.tensor_rank = flags.tensor_rank.unwrap_or(c.tensor_rank);
-            c.down_shape = shape;
-        }
-    }
-    if let Some(init) = flags.init.as_deref() {
-        let init = match init {
-            "zero" => DeltaInit::Zero,
-            "paper" => DeltaInit::Paper,
-            other => return Err(CliError::Usage(format!("--init {other}: expected zero or paper"))),
+impl MethodArgs {
+    /// The method configuration these flags give (`default` when no `--method` is given); flags
+    /// that do not apply to the method are refused.
+    pub fn config(&self, default: &str) -> Result<MethodConfig, CliError> {
+        let usage = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
+        let init = match self.init.as_deref() {
+            None => None,
+            Some("zero") => Some(DeltaInit::Zero),
+            Some("paper") => Some(DeltaInit::Paper),
+            Some(other) => return Err(CliError::Usage(format!("--init {other}: expected zero or paper"))),
         };
-        match &mut method {
-            MethodConfig::Lora(_) => {
-                if init == DeltaInit::Paper {
-                    return Err(CliError::Usage(
-                        "--init paper does not apply to lora: its official initialisation is the zero one".into(),
-                    ));
-                }
-            }
-            MethodConfig::Lotr(c) => c.init = init,
-            MethodConfig::Lorta(c) => c.init = init,
-            MethodConfig::TtLora(c) => c.init = init,
-            MethodConfig::LorettaRep(c) => c.init = init,
-            MethodConfig::LorettaAdp(c) => c.init = init,
-        }
+        let flags = MethodFlags {
+            rank: self.rank,
+            alpha: self.alpha,
+            tensor_rank: self.tensor_rank,
+            tt_shape: self.tt_shape.as_deref().map(parse_shape).transpose().map_err(|e| usage(&e))?,
+            bottleneck: self.bottleneck,
+            init,
+        };
+        MethodConfig::from_flags(self.method.as_deref().unwrap_or(default), &flags).map_err(|e| usage(&e))
     }
-    if flags.rank == Some(0) || flags.tensor_rank == Some(0) || flags.bottleneck == Some(0) {
-        return Err(CliError::Usage("--rank, --tensor-rank and --bottleneck must be at least 1".into()));
-    }
-    Ok(method)
+}
+
+/// `--method`'s help: the registered methods.
+pub fn method_help() -> String {
+    format!("Adapter method: {} [default: lora]", METHOD_NAMES.join(", "))
+}
+
+/// A hyper-parameter flag's help: what it sets in each method that takes it.
+pub fn flag_help(flag: Flag) -> String {
+    let meanings: Vec<String> = METHOD_NAMES
+        .iter()
+        .filter_map(|name| {
+            let flags = MethodConfig::flags_of(name)?;
+            let (_, meaning) = flags.iter().find(|(f, _)| *f == flag)?;
+            Some(format!("{name}: {meaning}"))
+        })
+        .collect();
+    let what = if flag == Flag::TtShape { "Comma-separated, e.g. 16,24,24,16. " } else { "" };
+    format!("{what}{}", meanings.join("; "))
 }
 
 /// The counted report for `method` on `spec` at `targets`.

@@ -14,7 +14,7 @@ pub mod setup;
 
 pub use crate::config::{TaskInfo, TrainConfig, validate};
 pub use report::{FinetuneReport, evaluate_items};
-pub use setup::{BaseModel, Splits, load_base, load_splits, zero_init_factor_ids};
+pub use setup::{BaseModel, Splits, load_base, load_splits};
 
 use crate::checkpoint;
 use crate::data::{Example, Labels};
@@ -88,7 +88,7 @@ where
     let model = checkpoint::stable_param_ids(model);
     let trainable_params = checkpoint::trainable_count(&model);
     let adapter_params = model.adapter_params();
-    let optimizer = setup::optimizer::<B, M>(cfg, &model);
+    let optimizer = setup::optimizer::<B, M>(cfg, &spec, &model);
     let (model, optimizer, start) = resume::start::<B, M>(cfg, model, optimizer, device)?;
     setup::write_train_config(cfg)?;
 

@@ -10,7 +10,7 @@ use crate::metrics::DashboardMetric;
 use crate::optim::{PeftOptimizer, WarmupSchedule};
 use crate::strategy::{NullLogger, PeftStrategy, QuietRenderer};
 use crate::task::{Batch, Encoded, Encoder, EncoderTask, LmTask, TaskModel, TaskOutput, verbalizer_ids};
-use burn::module::{AutodiffModule, ParamId};
+use burn::module::ParamId;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::train::metric::LearningRateMetric;
 use burn::train::{InferenceStep, SupervisedTraining, TrainingStrategy};
@@ -313,20 +313,25 @@ pub(crate) fn adapter_config(cfg: &TrainConfig, spec: &ArchSpec, info: &TaskInfo
         target_regex: cfg.target_regex.clone(),
         base_model_name_or_path: cfg.model.to_string_lossy().into(),
         base_model: Some(BaseModelIdentity::of(spec)),
-        peft_type: if cfg.method.name() == "lora" { "LORA".into() } else { cfg.method.name().to_uppercase() },
+        peft_type: cfg.method.peft_type(),
         library_version: env!("CARGO_PKG_VERSION").into(),
         task: Some(serde_json::to_value(info).expect("serialisable")),
     }
 }
 
 /// AdamW over the trained parameters, with two parameter groups of their own: the task head
-/// (`--head-lr`) and, with LoRA+, the factors that start at zero.
-pub(crate) fn optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(cfg: &TrainConfig, model: &M) -> PeftOptimizer<M, B> {
-    // Trained parameter paths, read once: they pick the head's and LoRA+'s optimizer groups.
-    let param_paths: Vec<(String, ParamId)> =
-        checkpoint::trainable_params(model).into_iter().map(|(p, .., id)| (p, id)).collect();
-    let head_ids: HashSet<ParamId> =
-        param_paths.iter().filter(|(p, _)| p.starts_with("net.head.")).map(|(_, id)| *id).collect();
+/// (`--head-lr`) and, with LoRA+, the factors that start at zero (each method names its own).
+pub(crate) fn optimizer<B, M>(cfg: &TrainConfig, spec: &ArchSpec, model: &M) -> PeftOptimizer<M, B>
+where
+    B: AutodiffBackend,
+    M: TaskModel<B>,
+    M::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
+{
+    let head_ids: HashSet<ParamId> = checkpoint::trainable_params(model)
+        .into_iter()
+        .filter(|(p, ..)| p.starts_with("net.head."))
+        .map(|(.., id)| id)
+        .collect();
     let optimizer = PeftOptimizer::<M, B>::new(
         cfg.weight_decay,
         head_ids,
@@ -334,30 +339,9 @@ pub(crate) fn optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(cfg: &TrainCon
         cfg.max_grad_norm,
     );
     match cfg.loraplus_lr_ratio {
-        Some(ratio) => optimizer.with_fast_group(zero_init_factor_ids(&param_paths), ratio),
+        Some(ratio) => optimizer.with_fast_group(model.zero_init_factors(spec), ratio),
         None => optimizer,
     }
-}
-
-/// LoRA+'s fast group: the factors that start at zero, i.e. LoRA's `B` (`….Lora.b`) and the last
-/// core of every TT-LoRA train (`….TtLora.tt.cores.<last>`), given trainable parameter paths.
-pub fn zero_init_factor_ids(paths: &[(String, ParamId)]) -> HashSet<ParamId> {
-    let mut last_core: std::collections::HashMap<&str, (usize, ParamId)> = Default::default();
-    let mut ids = HashSet::new();
-    for (path, id) in paths {
-        if path.ends_with(".Lora.b") {
-            ids.insert(*id);
-        } else if let Some((train, index)) = path.rsplit_once(".TtLora.tt.cores.")
-            && let Ok(index) = index.parse::<usize>()
-        {
-            let entry = last_core.entry(train).or_insert((index, *id));
-            if index >= entry.0 {
-                *entry = (index, *id);
-            }
-        }
-    }
-    ids.extend(last_core.into_values().map(|(_, id)| id));
-    ids
 }
 
 /// Optimizer steps of the whole run: every epoch's, capped by `--max-steps`.

@@ -3,14 +3,19 @@
 //! the attention output and after the feed-forward output of every block (Houlsby placement).
 //!
 //! The adapter is **nonlinear, so it cannot be merged** into a base weight: it has no
-//! `delta_weight`/`merge`, and [`crate::ResidualAdapter::merge_supported`] says so.
+//! `delta_weight`, and [`crate::ResidualAdapter::merge_supported`] says so.
+
+mod layer;
+
+pub use layer::LorettaAdp;
 
 use crate::adapter::DeltaInit;
 use crate::error::{require_finite, require_positive};
+use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, ParamRow, Sites, at_site};
+use crate::methods::{ResidualAdapter, SharedFactors};
 use crate::tensor::shape::loretta_factor_shape;
-use crate::tt_linear::{TtLinear, tt_linear_num_params};
+use crate::tensor::tt_linear::{TtLinear, tt_linear_num_params};
 use burn::config::Config;
-use burn::module::Module;
 use burn::tensor::{Tensor, activation, backend::Backend};
 
 /// The bottleneck nonlinearity.
@@ -112,29 +117,48 @@ impl LorettaAdpConfig {
     }
 }
 
-/// A LoRETTA_adp bottleneck adapter on hidden states of size `d`.
-#[derive(Module, Debug)]
-pub struct LorettaAdp<B: Backend> {
-    /// Down projection `d → b` (TT weight + bias).
-    pub down: TtLinear<B>,
-    /// Up projection `b → d` (TT weight + bias).
-    pub up: TtLinear<B>,
-    /// Bottleneck nonlinearity.
-    #[module(skip)]
-    pub activation: Activation,
-    /// Output multiplier `s`.
-    pub scaling: f64,
-}
+impl Method for LorettaAdpConfig {
+    const NAME: &'static str = "loretta-adp";
+    const FLAGS: &'static [(Flag, &'static str)] = &[
+        (Flag::Bottleneck, "bottleneck width"),
+        (Flag::TensorRank, "TT rank of the projections' trains"),
+        (Flag::TtShape, "TT shape of the down projection (up uses its reverse)"),
+    ];
 
-impl<B: Backend> LorettaAdp<B> {
-    /// `h + s · up(act(down(h)))` for `h: [..., d]`.
-    pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        let z = self.activation.forward(self.down.forward(h.clone()));
-        h + self.up.forward_scaled(z, self.scaling)
+    fn default_config() -> Self {
+        Self::new()
     }
 
-    /// Hidden size `d`.
-    pub fn hidden(&self) -> usize {
-        self.down.d_in
+    /// None: it goes after every block's attention and feed-forward output instead.
+    fn default_roles(&self) -> &'static [crate::AttentionMatrix] {
+        &[]
+    }
+
+    fn apply_flags(&mut self, flags: &MethodFlags) {
+        self.bottleneck = flags.bottleneck.unwrap_or(self.bottleneck);
+        self.tensor_rank = flags.tensor_rank.unwrap_or(self.tensor_rank);
+        self.down_shape = flags.tt_shape.clone().or(self.down_shape.take());
+    }
+
+    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
+        self.init = init;
+        Ok(())
+    }
+
+    fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
+        let rows = sites.residual.iter().map(|s| {
+            let params = self.num_params(s.hidden).map_err(at_site(Self::NAME, &s.name))?;
+            Ok(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params })
+        });
+        Ok(ParamReport { rows: rows.collect::<crate::Result<_>>()? })
+    }
+
+    fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
+        let residual = sites
+            .residual
+            .iter()
+            .map(|s| Ok((s.clone(), ResidualAdapter::LorettaAdp(self.init(s.hidden, device)?))))
+            .collect::<crate::Result<_>>()?;
+        Ok(AdapterSet { shared: SharedFactors::empty(), linear: Vec::new(), residual })
     }
 }

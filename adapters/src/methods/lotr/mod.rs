@@ -11,12 +11,16 @@
 //! of its family and receives the shared factors at forward time, so an optimizer updates them
 //! exactly once per step.
 
-use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
+mod layer;
+
+pub use layer::{Lotr, LotrShared};
+
+use crate::adapter::DeltaInit;
 use crate::error::{AdapterError, require_finite, require_positive};
-use crate::tensor::low_rank_apply;
-use crate::tensor::tucker::tucker2_factors;
+use crate::method::{AdapterSet, Flag, LinearSite, Method, MethodFlags, ParamReport, ParamRow, Sites};
+use crate::methods::{LinearAdapter, SharedFactors};
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 /// Hyper-parameters of LoTR.
@@ -98,62 +102,60 @@ impl LotrConfig {
     }
 }
 
-/// The outer factors shared by one LoTR family.
-#[derive(Module, Debug)]
-pub struct LotrShared<B: Backend> {
-    /// `A: [d_in, r]` (the paper's `R`), `N(0, 1)`.
-    pub a: Param<Tensor<B, 2>>,
-    /// `Bᵀ: [r, d_out]` (the paper's `Lᵀ`), `N(0, 1)`.
-    pub bt: Param<Tensor<B, 2>>,
+/// Groups linear sites into LoTR families: equally shaped matrices share one pair of factors.
+fn families(linear: &[LinearSite]) -> Vec<(usize, usize)> {
+    let mut families: Vec<(usize, usize)> = Vec::new();
+    for s in linear {
+        if !families.contains(&(s.d_in, s.d_out)) {
+            families.push((s.d_in, s.d_out));
+        }
+    }
+    families
 }
 
-impl<B: Backend> LotrShared<B> {
-    /// Tucker rank.
-    pub fn rank(&self) -> usize {
-        self.a.dims()[1]
-    }
-}
+impl Method for LotrConfig {
+    const NAME: &'static str = "lotr";
+    const FLAGS: &'static [(Flag, &'static str)] =
+        &[(Flag::Rank, "Tucker rank r"), (Flag::Alpha, "scale α (update × α/r)")];
 
-/// The private part of one LoTR-adapted matrix.
-#[derive(Module, Debug)]
-pub struct Lotr<B: Backend> {
-    /// Core `G_l: [r, r]`, zero at initialisation.
-    pub core: Param<Tensor<B, 2>>,
-    /// Index of the family whose shared factors this matrix uses.
-    pub family: usize,
-    /// Output scale `α/r`.
-    pub scaling: f64,
-    /// Input features.
-    pub d_in: usize,
-    /// Output features.
-    pub d_out: usize,
-}
-
-impl<B: Backend> Lotr<B> {
-    fn factors<'a>(&self, shared: &'a SharedFactors<B>) -> &'a LotrShared<B> {
-        shared.lotr.get(self.family).unwrap_or_else(|| {
-            panic!("LoTR family {} is missing from the shared factors passed to forward", self.family)
-        })
-    }
-}
-
-impl<B: Backend> LinearDelta<B> for Lotr<B> {
-    fn dims(&self) -> (usize, usize) {
-        (self.d_in, self.d_out)
+    fn default_config() -> Self {
+        Self::new()
     }
 
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let (a, b) = self.low_rank_factors(shared);
-        low_rank_apply(x, a, b)
+    fn apply_flags(&mut self, flags: &MethodFlags) {
+        self.rank = flags.rank.unwrap_or(self.rank);
+        self.alpha = flags.alpha.unwrap_or(self.alpha);
     }
 
-    fn low_rank_update(&self, _tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
-        Some(LowRankUpdate::plain(self.low_rank_factors(shared)))
+    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
+        self.init = init;
+        Ok(())
     }
 
-    fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let f = self.factors(shared);
-        let (a, b) = tucker2_factors(f.a.val(), self.core.val(), f.bt.val());
-        (a, b.mul_scalar(self.scaling))
+    fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
+        self.validate()?;
+        let mut report = ParamReport::per_linear_site(Self::NAME, sites.linear, |_| Ok(self.num_params()))?;
+        for (i, (d_in, d_out)) in families(sites.linear).into_iter().enumerate() {
+            report.rows.push(ParamRow {
+                module: format!("shared: lotr family {i} (A, B)"),
+                shape: format!("{d_in}x{d_out}"),
+                params: self.shared_num_params(d_in, d_out),
+            });
+        }
+        Ok(report)
+    }
+
+    fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
+        let families = families(sites.linear);
+        let mut shared = SharedFactors::empty();
+        for &(d_in, d_out) in &families {
+            shared.lotr.push(self.init_shared(d_in, d_out, device)?);
+        }
+        let mut set = AdapterSet::per_linear_site(sites.linear, |s| {
+            let family = families.iter().position(|f| *f == (s.d_in, s.d_out)).expect("grouped above");
+            Ok(LinearAdapter::Lotr(self.init(family, &shared, device)?))
+        })?;
+        set.shared = shared;
+        Ok(set)
     }
 }

@@ -12,14 +12,18 @@
 //! (`x.view(m_factors[::-1])`); we read both halves in shape order. The two differ by a fixed
 //! permutation of the input features, so parameter counts and expressivity are identical.
 
-use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
+mod layer;
+
+pub use layer::TtLora;
+
+use crate::adapter::DeltaInit;
 use crate::error::{require_finite, require_positive};
-use crate::tensor::low_rank_apply;
+use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, Sites};
+use crate::methods::LinearAdapter;
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
-use crate::tensor::tt::{CoreInit, TensorTrain, TtPath, apply_core_by_core, plan_tt_path, tt_num_params};
+use crate::tensor::tt::{CoreInit, TensorTrain, tt_num_params};
 use burn::config::Config;
-use burn::module::Module;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::backend::Backend;
 
 /// Hyper-parameters of a TT-LoRA adapter.
 #[derive(Config, Debug)]
@@ -76,67 +80,39 @@ impl TtLoraConfig {
     }
 }
 
-/// A TT-LoRA update for one linear layer.
-#[derive(Module, Debug)]
-pub struct TtLora<B: Backend> {
-    /// The cores of ΔW over `input_factors ++ reversed(output_factors)`.
-    pub tt: TensorTrain<B>,
-    /// Number of input cores (the cut with rank ≤ r).
-    pub split: usize,
-    /// Output multiplier `α`.
-    pub alpha: f64,
-}
+impl Method for TtLoraConfig {
+    const NAME: &'static str = "tt-lora";
+    const FLAGS: &'static [(Flag, &'static str)] = &[
+        (Flag::Rank, "TT rank of the inner bonds"),
+        (Flag::Alpha, "output multiplier α"),
+        (Flag::TtShape, "input factors ++ reversed output factors"),
+    ];
 
-impl<B: Backend> TtLora<B> {
-    /// The two half-trains `(A: [d_in, r], α·B: [r, d_out])` with `ΔW = A·(α·B)`: `α` goes on the
-    /// small right half-train, not on the layer's output.
-    pub fn scaled_half_trains(&self) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        (self.tt.left(self.split), self.tt.right(self.split).mul_scalar(self.alpha))
-    }
-}
-
-impl<B: Backend> TtLora<B> {
-    /// TT rank of the inner bonds.
-    pub fn rank(&self) -> usize {
-        self.tt.cores.first().map_or(1, |c| c.dims()[2])
+    fn default_config() -> Self {
+        Self::new()
     }
 
-    /// The update along an explicit contraction path (the planner picks the cheaper one in
-    /// [`LinearDelta::delta`]).
-    pub fn delta_with<const D: usize>(&self, x: Tensor<B, D>, path: TtPath) -> Tensor<B, D> {
-        match path {
-            TtPath::HalfTrains => {
-                let (a, b) = self.scaled_half_trains();
-                low_rank_apply(x, a, b)
-            }
-            TtPath::CoreByCore => {
-                let mut dims = x.dims();
-                let (d_in, d_out) = self.dims();
-                let x2 = x.reshape([dims[..D - 1].iter().product(), d_in]);
-                dims[D - 1] = d_out;
-                apply_core_by_core(x2, &self.tt.core_values(), self.split).reshape(dims).mul_scalar(self.alpha)
-            }
-        }
-    }
-}
-
-impl<B: Backend> LinearDelta<B> for TtLora<B> {
-    fn dims(&self) -> (usize, usize) {
-        let shape = self.tt.shape();
-        (shape[..self.split].iter().product(), shape[self.split..].iter().product())
+    fn apply_flags(&mut self, flags: &MethodFlags) {
+        self.rank = flags.rank.unwrap_or(self.rank);
+        self.alpha = flags.alpha.unwrap_or(self.alpha);
+        self.tt_shape = flags.tt_shape.clone().or(self.tt_shape.take());
     }
 
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, _shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let tokens = x.dims()[..D - 1].iter().product();
-        self.delta_with(x, plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens))
+    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
+        self.init = init;
+        Ok(())
     }
 
-    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        self.scaled_half_trains()
+    /// The last core starts at zero with the zero initialisation.
+    fn has_zero_init_factor(&self) -> bool {
+        self.init == DeltaInit::Zero
     }
 
-    fn low_rank_update(&self, tokens: usize, _shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
-        let path = plan_tt_path(&self.tt.shape(), self.split, self.rank(), tokens);
-        (path == TtPath::HalfTrains).then(|| LowRankUpdate::plain(self.scaled_half_trains()))
+    fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
+        ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))
+    }
+
+    fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
+        AdapterSet::per_linear_site(sites.linear, |s| Ok(LinearAdapter::TtLora(self.init(s.d_in, s.d_out, device)?)))
     }
 }

@@ -6,16 +6,19 @@
 //! `[d_out, r]` shape. Each step rebuilds the two small factors (≈ `k²·r·d` flops) and applies
 //! them like LoRA; the dense ΔW is never formed during training.
 
-use crate::adapter::{DeltaInit, LinearDelta, LowRankUpdate, SharedFactors};
+mod layer;
+
+pub use layer::LorettaRep;
+
+use crate::adapter::DeltaInit;
 use crate::error::{invalid, require_finite, require_positive};
-use crate::tensor::low_rank_apply;
+use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, Sites};
+use crate::methods::LinearAdapter;
 use crate::tensor::shape::loretta_factor_shape;
-use crate::tt_linear::{TtLinear, tt_linear_num_params};
+use crate::tensor::tt_linear::{TtLinear, tt_linear_num_params};
 use burn::config::Config;
-use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Tensor, backend::Backend};
-use tensor_peft_kernels::fused;
+use burn::nn::DropoutConfig;
+use burn::tensor::backend::Backend;
 
 /// Hyper-parameters of a LoRETTA_rep adapter.
 #[derive(Config, Debug)]
@@ -26,7 +29,7 @@ pub struct LorettaRepConfig {
     /// Scale numerator: the output is scaled by `α/r` (official default 16).
     #[config(default = 16.0)]
     pub alpha: f64,
-    /// TT rank of the factors' trains (README default 5; the official scripts use 8).
+    /// TT rank of the factors' trains (the paper's default 5; the official scripts use 8).
     #[config(default = 5)]
     pub tensor_rank: usize,
     /// TT shape of `A` (product `d_in·r`); from the published table or planned when `None`.
@@ -93,35 +96,38 @@ impl LorettaRepConfig {
     }
 }
 
-/// A LoRETTA_rep update for one linear layer.
-#[derive(Module, Debug)]
-pub struct LorettaRep<B: Backend> {
-    /// `A: [d_in, r]` as a tensor train.
-    pub a: TtLinear<B>,
-    /// `B: [r, d_out]` as a tensor train.
-    pub b: TtLinear<B>,
-    /// Dropout on the adapter input.
-    pub dropout: Dropout,
-    /// Output scale `α/r`.
-    pub scaling: f64,
-}
+impl Method for LorettaRepConfig {
+    const NAME: &'static str = "loretta-rep";
+    const FLAGS: &'static [(Flag, &'static str)] = &[
+        (Flag::Rank, "LoRA rank r"),
+        (Flag::Alpha, "scale α (update × α/r)"),
+        (Flag::TensorRank, "TT rank of the factors' trains"),
+        (Flag::TtShape, "TT shape of A (B uses its reverse)"),
+    ];
 
-impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
-    fn dims(&self) -> (usize, usize) {
-        (self.a.d_in, self.b.d_out)
+    fn default_config() -> Self {
+        Self::new()
     }
 
-    fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-        let (a, b) = self.low_rank_factors(shared);
-        low_rank_apply(fused::dropout(x, self.dropout.prob), a, b)
+    fn apply_flags(&mut self, flags: &MethodFlags) {
+        self.rank = flags.rank.unwrap_or(self.rank);
+        self.alpha = flags.alpha.unwrap_or(self.alpha);
+        self.tensor_rank = flags.tensor_rank.unwrap_or(self.tensor_rank);
+        self.a_shape = flags.tt_shape.clone().or(self.a_shape.take());
     }
 
-    fn low_rank_update(&self, _tokens: usize, shared: &SharedFactors<B>) -> Option<LowRankUpdate<B>> {
-        let (a, b) = self.low_rank_factors(shared);
-        Some(LowRankUpdate { a, b, dropout: self.dropout.prob })
+    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
+        self.init = init;
+        Ok(())
     }
 
-    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        (self.a.weight(), self.b.weight().mul_scalar(self.scaling))
+    fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
+        ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))
+    }
+
+    fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
+        AdapterSet::per_linear_site(sites.linear, |s| {
+            Ok(LinearAdapter::LorettaRep(self.init(s.d_in, s.d_out, device)?))
+        })
     }
 }

@@ -1,0 +1,44 @@
+//! The LoRETTA_rep layer and its adapter-file names.
+
+use crate::adapter::LinearDelta;
+use crate::method::{AdapterLayer, FileTensor};
+use crate::methods::SharedFactors;
+use crate::tensor::tt_linear::TtLinear;
+use burn::module::Module;
+use burn::nn::Dropout;
+use burn::tensor::{Tensor, backend::Backend};
+
+/// A LoRETTA_rep update for one linear layer.
+#[derive(Module, Debug)]
+pub struct LorettaRep<B: Backend> {
+    /// `A: [d_in, r]` as a tensor train.
+    pub a: TtLinear<B>,
+    /// `B: [r, d_out]` as a tensor train.
+    pub b: TtLinear<B>,
+    /// Dropout on the adapter input.
+    pub dropout: Dropout,
+    /// Output scale `α/r`.
+    pub scaling: f64,
+}
+
+impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.a.d_in, self.b.d_out)
+    }
+
+    fn dropout(&self) -> f64 {
+        self.dropout.prob
+    }
+
+    fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (self.a.weight(), self.b.weight().mul_scalar(self.scaling))
+    }
+}
+
+impl<B: Backend> AdapterLayer<B> for LorettaRep<B> {
+    fn file_tensors(&mut self) -> Vec<FileTensor<'_, B>> {
+        let mut tensors = FileTensor::train("LorettaRep.a.tt", &mut self.a.tt);
+        tensors.extend(FileTensor::train("LorettaRep.b.tt", &mut self.b.tt));
+        tensors
+    }
+}
