@@ -21,14 +21,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         train: "builtin:chatterbot".into(),
         valid_percent: 5,
         method: MethodConfig::from_name("loretta-rep")?,
-        epochs: 1,
+        output: "runs/example-smollm2-loretta".into(),
+        overwrite: true,
+        // 20 optimizer steps, well inside the first epoch.
         max_steps: Some(20),
         batch_size: 4,
         lr: 2e-3,
         max_len: 96,
         seed: 7,
-        output: "runs/example-smollm2-loretta".into(),
-        overwrite: true,
         ..TrainConfig::default()
     };
     let report = finetune::<Autodiff<Flex>>(&config, &Default::default())?;

@@ -766,17 +766,9 @@ fn reading_adapters_and_checkpoints_never_modifies_them() {
     let ck_before: Vec<Vec<u8>> = ck_files.iter().map(|f| sha(&checkpoint.join(f))).collect();
     let eval = eval_tiny(&dir, "causal-lm");
     assert!(eval.status.success());
-    let generate = tpeft(&[
-        "generate",
-        "--model",
-        &fixture("tiny-llama-words"),
-        "--adapter",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "w5",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let (model, adapter) = (fixture("tiny-llama-words"), dir.to_str().unwrap());
+    let generate =
+        tpeft(&["generate", "--model", &model, "--adapter", adapter, "--prompt", "w5", "--max-new-tokens", "2"]);
     assert!(generate.status.success());
     let after: Vec<Vec<u8>> = files.iter().map(|f| sha(&dir.join(f))).collect();
     assert!(before == after, "eval or generate modified the adapter files");

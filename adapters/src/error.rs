@@ -75,6 +75,17 @@ pub(crate) fn require_positive(field: &'static str, value: usize) -> Result<()> 
     if value == 0 { Err(invalid(field, value, "must be at least 1")) } else { Ok(()) }
 }
 
+/// Checks the two fields every low-rank method has: `rank ≥ 1` and a finite `alpha`.
+pub(crate) fn require_rank_and_alpha(rank: usize, alpha: f64) -> Result<()> {
+    require_positive("rank", rank)?;
+    require_finite("alpha", alpha)
+}
+
+/// Returns an error naming `field` unless `value` is a probability below 1 (a dropout rate).
+pub(crate) fn require_dropout(field: &'static str, value: f64) -> Result<()> {
+    if (0.0..1.0).contains(&value) { Ok(()) } else { Err(invalid(field, value, "must be in [0, 1)")) }
+}
+
 /// Returns an error naming `field` unless `value` is finite.
 pub(crate) fn require_finite(field: &'static str, value: f64) -> Result<()> {
     if value.is_finite() { Ok(()) } else { Err(invalid(field, value, "must be a finite number")) }

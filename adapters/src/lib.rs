@@ -45,8 +45,8 @@ pub mod tensor;
 pub use adapter::{AdaptedLinear, DeltaInit, LinearDelta, LowRankUpdate, ResidualLayer, prefer_dense_delta};
 pub use error::{AdapterError, Result};
 pub use method::{
-    AdapterLayer, AdapterSet, AttentionGeometry, AttentionMatrix, FileParam, FileTensor, Flag, LinearSite, Method,
-    MethodFlags, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, TENSOR_NAMES_VERSION,
+    AdapterLayer, AdapterSet, AttentionGeometry, AttentionMatrix, FileParam, FileTensor, Flag, FlagField, LinearSite,
+    Method, MethodFlags, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, TENSOR_NAMES_VERSION,
 };
 pub use methods::loretta_adp::Activation;
 pub use methods::{

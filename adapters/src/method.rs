@@ -179,41 +179,50 @@ pub struct MethodFlags {
 }
 
 impl MethodFlags {
-    /// Whether `flag` was given.
-    pub fn given(&self, flag: Flag) -> bool {
+    /// The value given for `flag`, as the configuration field it sets holds it.
+    pub fn value(&self, flag: Flag) -> Option<serde_json::Value> {
         match flag {
-            Flag::Rank => self.rank.is_some(),
-            Flag::Alpha => self.alpha.is_some(),
-            Flag::TensorRank => self.tensor_rank.is_some(),
-            Flag::TtShape => self.tt_shape.is_some(),
-            Flag::Bottleneck => self.bottleneck.is_some(),
+            Flag::Rank => self.rank.map(Into::into),
+            Flag::Alpha => self.alpha.map(Into::into),
+            Flag::TensorRank => self.tensor_rank.map(Into::into),
+            Flag::TtShape => self.tt_shape.clone().map(Into::into),
+            Flag::Bottleneck => self.bottleneck.map(Into::into),
         }
     }
 }
 
+/// A flag a method takes: the configuration field it sets, and what that field means for the
+/// method (the CLI's help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlagField {
+    /// The flag.
+    pub flag: Flag,
+    /// The configuration field it sets.
+    pub field: &'static str,
+    /// What the field is, e.g. `TT rank of the inner bonds`.
+    pub meaning: &'static str,
+}
+
+/// `flag` sets the configuration field `field`, which is `meaning`.
+pub const fn sets(flag: Flag, field: &'static str, meaning: &'static str) -> FlagField {
+    FlagField { flag, field, meaning }
+}
+
 /// Everything the rest of the code asks of an adapter method, implemented by the method's
-/// configuration. The registry (`methods/mod.rs`) turns the implementations into the
+/// configuration (a Burn `Config` whose fields all have defaults: `new()` is the default method).
+/// The registry (`methods/mod.rs`) turns the implementations into the
 /// [`MethodConfig`](crate::MethodConfig), [`LinearAdapter`] and [`ResidualAdapter`] enums.
 pub trait Method: Clone + std::fmt::Debug + Serialize + DeserializeOwned + 'static {
     /// The name on the command line and in files, e.g. `tt-lora`.
     const NAME: &'static str;
-    /// The flags that set this method's hyper-parameters, each with what it means here.
-    const FLAGS: &'static [(Flag, &'static str)];
-
-    /// The method with its default hyper-parameters.
-    fn default_config() -> Self;
+    /// The flags that set this method's hyper-parameters (the others are refused). `--init` sets
+    /// the field `init` where the configuration has one; without it only `--init zero` is taken.
+    const FLAGS: &'static [FlagField];
 
     /// Attention projections adapted when no targets are given (ignored by residual methods).
     fn default_roles(&self) -> &'static [AttentionMatrix] {
         &[AttentionMatrix::Query, AttentionMatrix::Value]
     }
-
-    /// Sets the hyper-parameters of the flags that were given (only flags in
-    /// [`FLAGS`](Self::FLAGS) are passed on).
-    fn apply_flags(&mut self, flags: &MethodFlags);
-
-    /// Chooses how the update starts; errors if the method has no such initialisation.
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()>;
 
     /// Whether one factor starts at zero (LoRA's `B`), which LoRA+ trains faster: the layers
     /// then name it in [`AdapterLayer::zero_init_factors`].

@@ -7,23 +7,27 @@
 /// Generates the method enums and their dispatch. A line is `linear Variant(ConfigType);`,
 /// `linear Variant(ConfigType) shared field: FieldType;` or `residual Variant(ConfigType);`, where
 /// `Variant` is also the name of the method's layer type and `field` the place of its shared
-/// factors in `SharedFactors`. Names are listed in line order.
+/// factors in `SharedFactors`. Names are listed in line order. A line may carry attributes (a
+/// `#[cfg(…)]`), applied to everything generated for it except its shared-factor field, so a
+/// conditional method has no shared factors.
 macro_rules! registry {
     // Sorts the lines into linear and residual methods; `all` keeps the registry's order.
     (@sort [$($lin:tt)*] [$($res:tt)*] [$($all:tt)*]) => {
         $crate::registry::registry!(@emit [$($lin)*] [$($res)*] [$($all)*]);
     };
     (@sort [$($lin:tt)*] [$($res:tt)*] [$($all:tt)*]
-        linear $v:ident($c:ident) $(shared $f:ident: $s:ty)?; $($rest:tt)*) => {
-        $crate::registry::registry!(@sort [$($lin)* ($v $c $(shared $f: $s)?)] [$($res)*] [$($all)* ($v $c)] $($rest)*);
+        $(#[$a:meta])* linear $v:ident($c:ident) $(shared $f:ident: $s:ty)?; $($rest:tt)*) => {
+        $crate::registry::registry!(@sort
+            [$($lin)* ($(#[$a])* $v $c $(shared $f: $s)?)] [$($res)*] [$($all)* ($(#[$a])* $v $c)] $($rest)*);
     };
-    (@sort [$($lin:tt)*] [$($res:tt)*] [$($all:tt)*] residual $v:ident($c:ident); $($rest:tt)*) => {
-        $crate::registry::registry!(@sort [$($lin)*] [$($res)* ($v $c)] [$($all)* ($v $c)] $($rest)*);
+    (@sort [$($lin:tt)*] [$($res:tt)*] [$($all:tt)*] $(#[$a:meta])* residual $v:ident($c:ident); $($rest:tt)*) => {
+        $crate::registry::registry!(@sort
+            [$($lin)*] [$($res)* ($(#[$a])* $v $c)] [$($all)* ($(#[$a])* $v $c)] $($rest)*);
     };
     (@emit
-        [$(($lin:ident $lin_config:ident $(shared $lin_field:ident: $lin_shared:ty)?))*]
-        [$(($res:ident $res_config:ident))*]
-        [$(($any:ident $any_config:ident))*]
+        [$(($(#[$la:meta])* $lin:ident $lin_config:ident $(shared $lin_field:ident: $lin_shared:ty)?))*]
+        [$(($(#[$ra:meta])* $res:ident $res_config:ident))*]
+        [$(($(#[$aa:meta])* $any:ident $any_config:ident))*]
     ) => {
         /// Any adapter method with its hyper-parameters (serialised as the configuration's fields
         /// plus a `"method"` key holding its name).
@@ -31,18 +35,19 @@ macro_rules! registry {
         pub enum MethodConfig {
             $(
                 #[doc = concat!("[`", stringify!($any_config), "`].")]
+                $(#[$aa])*
                 $any($any_config),
             )*
         }
 
         /// Method names accepted by [`MethodConfig::from_name`], in registry order.
-        pub const METHOD_NAMES: &[&str] = &[$(<$any_config as $crate::Method>::NAME,)*];
+        pub const METHOD_NAMES: &[&str] = &[$($(#[$aa])* <$any_config as $crate::Method>::NAME,)*];
 
         /// Calls `$body` with `$config` bound to the method's configuration and `$M` to its type.
         macro_rules! with_method {
             ($self:expr, $config:ident: $M:ident => $body:expr) => {
                 match $self {
-                    $(MethodConfig::$any($config) => { #[allow(dead_code)] type $M = $any_config; $body })*
+                    $($(#[$aa])* MethodConfig::$any($config) => { #[allow(dead_code)] type $M = $any_config; $body })*
                 }
             };
         }
@@ -51,8 +56,9 @@ macro_rules! registry {
             /// The default configuration of the method called `name`.
             pub fn from_name(name: &str) -> $crate::Result<Self> {
                 $(
+                    $(#[$aa])*
                     if name == <$any_config as $crate::Method>::NAME {
-                        return Ok(MethodConfig::$any(<$any_config as $crate::Method>::default_config()));
+                        return Ok(MethodConfig::$any(<$any_config>::new()));
                     }
                 )*
                 Err($crate::error::invalid("method", name, format!("expected one of {}", METHOD_NAMES.join(", "))))
@@ -66,32 +72,24 @@ macro_rules! registry {
             /// Whether the method inserts residual (block-output) adapters instead of linear updates.
             pub fn is_residual(&self) -> bool {
                 match self {
-                    $(MethodConfig::$lin(_) => false,)*
-                    $(MethodConfig::$res(_) => true,)*
+                    $($(#[$la])* MethodConfig::$lin(_) => false,)*
+                    $($(#[$ra])* MethodConfig::$res(_) => true,)*
                 }
             }
 
             /// The flags that set the method's hyper-parameters, each with what it means here.
-            pub fn flags(&self) -> &'static [($crate::Flag, &'static str)] {
+            pub fn flags(&self) -> &'static [$crate::FlagField] {
                 with_method!(self, _c: M => <M as $crate::Method>::FLAGS)
             }
 
             /// The flags of the method called `name` (`None` for an unknown name).
-            pub fn flags_of(name: &str) -> Option<&'static [($crate::Flag, &'static str)]> {
+            pub fn flags_of(name: &str) -> Option<&'static [$crate::FlagField]> {
                 Self::from_name(name).ok().map(|m| m.flags())
             }
 
             /// See [`Method::default_roles`]($crate::Method::default_roles).
             pub fn default_roles(&self) -> &'static [$crate::AttentionMatrix] {
                 with_method!(self, c: M => c.default_roles())
-            }
-
-            fn apply_flags_unchecked(&mut self, flags: &$crate::MethodFlags) {
-                with_method!(self, c: M => c.apply_flags(flags))
-            }
-
-            fn set_init(&mut self, init: $crate::DeltaInit) -> $crate::Result<()> {
-                with_method!(self, c: M => c.set_init(init))
             }
 
             /// See [`Method::has_zero_init_factor`]($crate::Method::has_zero_init_factor).
@@ -113,7 +111,8 @@ macro_rules! registry {
             /// registered method reads PEFT's files of that type).
             pub fn from_peft_config(peft_type: &str, json: &serde_json::Value) -> Option<$crate::Result<Self>> {
                 $(
-                    if peft_type == <$any_config as $crate::Method>::default_config().peft_type()
+                    $(#[$aa])*
+                    if peft_type == <$any_config>::new().peft_type()
                         && let Some(config) = <$any_config as $crate::Method>::from_peft_config(json)
                     {
                         return Some(config.map(MethodConfig::$any));
@@ -159,6 +158,7 @@ macro_rules! registry {
                 };
                 let fields = serde_json::Value::Object(fields);
                 $(
+                    $(#[$aa])*
                     if name == <$any_config as $crate::Method>::NAME {
                         return serde_json::from_value(fields).map(MethodConfig::$any).map_err(D::Error::custom);
                     }
@@ -172,33 +172,27 @@ macro_rules! registry {
         pub enum LinearAdapter<B: Backend> {
             $(
                 #[doc = concat!("[`", stringify!($lin), "`].")]
+                $(#[$la])*
                 $lin($lin<B>),
             )*
         }
 
         impl<B: Backend> $crate::LinearDelta<B> for LinearAdapter<B> {
             fn dims(&self) -> (usize, usize) {
-                match self { $(LinearAdapter::$lin(a) => a.dims(),)* }
+                match self { $($(#[$la])* LinearAdapter::$lin(a) => a.dims(),)* }
             }
             fn delta<const D: usize>(&self, x: Tensor<B, D>, shared: &SharedFactors<B>) -> Tensor<B, D> {
-                match self { $(LinearAdapter::$lin(a) => a.delta(x, shared),)* }
+                match self { $($(#[$la])* LinearAdapter::$lin(a) => a.delta(x, shared),)* }
             }
             fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-                match self { $(LinearAdapter::$lin(a) => a.low_rank_factors(shared),)* }
+                match self { $($(#[$la])* LinearAdapter::$lin(a) => a.low_rank_factors(shared),)* }
             }
             fn low_rank_update(&self, tokens: usize, shared: &SharedFactors<B>) -> Option<$crate::LowRankUpdate<B>> {
-                match self { $(LinearAdapter::$lin(a) => a.low_rank_update(tokens, shared),)* }
+                match self { $($(#[$la])* LinearAdapter::$lin(a) => a.low_rank_update(tokens, shared),)* }
             }
         }
 
-        impl<B: Backend> $crate::AdapterLayer<B> for LinearAdapter<B> {
-            fn file_tensors(&mut self) -> Vec<$crate::FileTensor<'_, B>> {
-                match self { $(LinearAdapter::$lin(a) => a.file_tensors(),)* }
-            }
-            fn zero_init_factors(&self) -> Vec<burn::module::ParamId> {
-                match self { $(LinearAdapter::$lin(a) => a.zero_init_factors(),)* }
-            }
-        }
+        $crate::registry::adapter_layer_dispatch!(LinearAdapter { $($(#[$la])* $lin)* });
 
         /// Adapters applied to a block's output hidden states (`h → h + f(h)`): what models hold at
         /// the Houlsby positions after attention and after the feed-forward network.
@@ -206,6 +200,7 @@ macro_rules! registry {
         pub enum ResidualAdapter<B: Backend> {
             $(
                 #[doc = concat!("[`", stringify!($res), "`].")]
+                $(#[$ra])*
                 $res($res<B>),
             )*
         }
@@ -213,7 +208,7 @@ macro_rules! registry {
         impl<B: Backend> ResidualAdapter<B> {
             /// `h + f(h)` for `h: [..., d]`.
             pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-                match self { $(ResidualAdapter::$res(a) => $crate::ResidualLayer::forward(a, h),)* }
+                match self { $($(#[$ra])* ResidualAdapter::$res(a) => $crate::ResidualLayer::forward(a, h),)* }
             }
 
             /// Whether the adapter can be folded into a base weight.
@@ -223,18 +218,11 @@ macro_rules! registry {
 
             /// Folds nothing: an error that explains why the adapter cannot be merged, if it cannot.
             pub fn merge(&self) -> $crate::Result<()> {
-                match self { $(ResidualAdapter::$res(a) => $crate::ResidualLayer::merge(a),)* }
+                match self { $($(#[$ra])* ResidualAdapter::$res(a) => $crate::ResidualLayer::merge(a),)* }
             }
         }
 
-        impl<B: Backend> $crate::AdapterLayer<B> for ResidualAdapter<B> {
-            fn file_tensors(&mut self) -> Vec<$crate::FileTensor<'_, B>> {
-                match self { $(ResidualAdapter::$res(a) => a.file_tensors(),)* }
-            }
-            fn zero_init_factors(&self) -> Vec<burn::module::ParamId> {
-                match self { $(ResidualAdapter::$res(a) => a.zero_init_factors(),)* }
-            }
-        }
+        $crate::registry::adapter_layer_dispatch!(ResidualAdapter { $($(#[$ra])* $res)* });
 
         /// Factors shared by many adapted layers. They exist once, here, at model level, and are
         /// passed to every forward: Burn's optimizer would update only the first copy of a
@@ -278,3 +266,19 @@ macro_rules! registry {
     };
 }
 pub(crate) use registry;
+
+/// Implements [`AdapterLayer`](crate::AdapterLayer) for a registry enum by dispatching to its
+/// variants' layers.
+macro_rules! adapter_layer_dispatch {
+    ($adapter:ident { $($(#[$a:meta])* $variant:ident)* }) => {
+        impl<B: Backend> $crate::AdapterLayer<B> for $adapter<B> {
+            fn file_tensors(&mut self) -> Vec<$crate::FileTensor<'_, B>> {
+                match self { $($(#[$a])* $adapter::$variant(a) => a.file_tensors(),)* }
+            }
+            fn zero_init_factors(&self) -> Vec<burn::module::ParamId> {
+                match self { $($(#[$a])* $adapter::$variant(a) => a.zero_init_factors(),)* }
+            }
+        }
+    };
+}
+pub(crate) use adapter_layer_dispatch;

@@ -146,6 +146,8 @@ fn methods() -> Vec<MethodConfig> {
         ),
         MethodConfig::Lotr(LotrConfig::new().with_rank(3)),
         MethodConfig::Lorta(LortaConfig::new().with_rank(3)),
+        #[cfg(feature = "toy-method")]
+        MethodConfig::Toy(tensor_peft_adapters::methods::ToyConfig::new().with_scale(0.5)),
     ]
 }
 
@@ -263,6 +265,11 @@ fn delta_weight_ref<B: Backend>(adapter: &LinearAdapter<B>, shared: &SharedFacto
                 }
             }
             out
+        }
+        #[cfg(feature = "toy-method")]
+        LinearAdapter::Toy(t) => {
+            let (d_in, d_out) = (t.u.dims()[0], t.v.dims()[1]);
+            scale(matmul_ref(&values(t.u.val()), &values(t.v.val()), d_in, 1, d_out), t.scale)
         }
     }
 }
@@ -574,31 +581,26 @@ fn check_gradients_match_finite_differences<B: AutodiffBackend>(device: &B::Devi
 
 // ---------------------------------------------------------------- backend instantiations
 
+/// One `#[test]` per check, for the backend `$backend`.
 macro_rules! backend_tests {
     ($module:ident, $backend:ty, $device:expr) => {
+        backend_tests!(@tests $module, $backend, $device,
+            factored_forward_matches_dense_reconstruction: check_factored_forward_matches_dense,
+            zero_delta_init_leaves_output_unchanged: check_zero_delta_init,
+            merge_then_unmerge: check_merge_unmerge,
+            only_adapter_parameters_receive_gradients: check_only_adapters_get_gradients,
+            shared_factors_update_once_per_step: check_shared_factors_update_once,
+        );
+    };
+    (@tests $module:ident, $backend:ty, $device:expr, $($test:ident: $check:ident,)*) => {
         mod $module {
             use super::*;
-            type B = $backend;
-            #[test]
-            fn factored_forward_matches_dense_reconstruction() {
-                check_factored_forward_matches_dense::<B>(&$device);
-            }
-            #[test]
-            fn zero_delta_init_leaves_output_unchanged() {
-                check_zero_delta_init::<B>(&$device);
-            }
-            #[test]
-            fn merge_then_unmerge() {
-                check_merge_unmerge::<B>(&$device);
-            }
-            #[test]
-            fn only_adapter_parameters_receive_gradients() {
-                check_only_adapters_get_gradients::<B>(&$device);
-            }
-            #[test]
-            fn shared_factors_update_once_per_step() {
-                check_shared_factors_update_once::<B>(&$device);
-            }
+            $(
+                #[test]
+                fn $test() {
+                    $check::<$backend>(&$device);
+                }
+            )*
         }
     };
 }
@@ -903,37 +905,41 @@ fn inference_switches_to_the_dense_update_for_many_rows() {
 /// The registry's lookup, flags and serde form, for every registered method.
 #[test]
 fn the_registry_names_flags_and_serialises_every_method() {
+    let one = |flag: Flag| MethodFlags {
+        rank: (flag == Flag::Rank).then_some(3),
+        alpha: (flag == Flag::Alpha).then_some(0.5),
+        tensor_rank: (flag == Flag::TensorRank).then_some(2),
+        tt_shape: (flag == Flag::TtShape).then(|| vec![2, 3]),
+        bottleneck: (flag == Flag::Bottleneck).then_some(3),
+        init: None,
+    };
     for &name in METHOD_NAMES {
         let method = MethodConfig::from_name(name).unwrap();
         assert_eq!(method.name(), name);
-        // Every flag a method declares sets something: the configuration changes.
-        for (flag, meaning) in method.flags() {
-            assert!(!meaning.is_empty());
-            let flags = match flag {
-                Flag::Rank => MethodFlags { rank: Some(3), ..Default::default() },
-                Flag::Alpha => MethodFlags { alpha: Some(0.5), ..Default::default() },
-                Flag::TensorRank => MethodFlags { tensor_rank: Some(2), ..Default::default() },
-                Flag::TtShape => MethodFlags { tt_shape: Some(vec![2, 3]), ..Default::default() },
-                Flag::Bottleneck => MethodFlags { bottleneck: Some(3), ..Default::default() },
-            };
-            let set = MethodConfig::from_flags(name, &flags).unwrap();
-            assert_ne!(serde_json::to_value(&set).unwrap(), serde_json::to_value(&method).unwrap(), "{name} {flag:?}");
-        }
-        // A flag it does not declare is refused, naming the ones it takes.
-        for flag in Flag::ALL.into_iter().filter(|f| !method.flags().iter().any(|(g, _)| g == f)) {
-            let flags = MethodFlags {
-                rank: (flag == Flag::Rank).then_some(3),
-                alpha: (flag == Flag::Alpha).then_some(0.5),
-                tensor_rank: (flag == Flag::TensorRank).then_some(2),
-                tt_shape: (flag == Flag::TtShape).then(|| vec![2, 3]),
-                bottleneck: (flag == Flag::Bottleneck).then_some(3),
-                init: None,
-            };
-            let err = MethodConfig::from_flags(name, &flags).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("{} does not apply to {name}; it takes ", flag.cli())), "{err}");
-        }
         let json = serde_json::to_value(&method).unwrap();
         assert_eq!(json["method"], name);
+        for flag in Flag::ALL {
+            let flags = one(flag);
+            match method.flags().iter().find(|taken| taken.flag == flag) {
+                // A flag the method takes sets the field it names.
+                Some(taken) => {
+                    assert!(!taken.meaning.is_empty() && json.get(taken.field).is_some(), "{name} {flag:?}");
+                    let set = serde_json::to_value(MethodConfig::from_flags(name, &flags).unwrap()).unwrap();
+                    assert_eq!(set[taken.field], flags.value(flag).unwrap(), "{name} {flag:?}");
+                }
+                // Another is refused, naming the ones it takes.
+                None => {
+                    let err = MethodConfig::from_flags(name, &flags).unwrap_err().to_string();
+                    assert!(err.starts_with(&format!("{} does not apply to {name}; it takes ", flag.cli())), "{err}");
+                }
+            }
+        }
+        // `--init paper` sets `init` where the method has it, and is refused where it has not.
+        let paper = MethodConfig::from_flags(name, &MethodFlags { init: Some(DeltaInit::Paper), ..Default::default() });
+        match json.get("init") {
+            Some(_) => assert_eq!(serde_json::to_value(paper.unwrap()).unwrap()["init"], "Paper"),
+            None => assert!(paper.unwrap_err().to_string().contains("--init paper does not apply")),
+        }
     }
     let unknown = MethodConfig::from_name("dora").unwrap_err().to_string();
     assert!(unknown.contains("dora") && unknown.contains(&METHOD_NAMES.join(", ")), "{unknown}");

@@ -24,23 +24,18 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 /// Name of the weights file in an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
-/// The base model an adapter was trained on (checked when loading).
+/// The base model an adapter was trained on (checked when loading): its family name and the
+/// [`ArchSpec`] sizes the adapter's tensors depend on (width, feed-forward width, blocks, query and
+/// key/value heads, vocabulary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseModelIdentity {
-    /// `llama` or `bert`.
-    pub family: String,
-    /// Model width.
-    pub hidden: usize,
-    /// Feed-forward width.
-    pub intermediate: usize,
-    /// Blocks.
-    pub layers: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
+    family: String,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
 }
 
 impl BaseModelIdentity {

@@ -144,14 +144,17 @@ impl ArchSpec {
     pub fn from_config_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
         let field_err =
             |field: &'static str, problem: String| ModelError::Field { path: PathBuf::from(path), field, problem };
+        // Bounds far above any real model that keep every size product inside `usize` and the
+        // per-layer site lists small: a config claiming billions of layers is refused, not allocated.
         let count = |field: &'static str| -> Result<usize, ModelError> {
+            let max: u64 = if field == "num_hidden_layers" { 1 << 12 } else { 1 << 24 };
             match json.get(field) {
                 None => Err(field_err(field, "is missing (expected a positive integer)".into())),
                 Some(v) => v
                     .as_u64()
-                    .filter(|&n| n > 0 && n <= u32::MAX as u64)
+                    .filter(|&n| n > 0 && n <= max)
                     .map(|n| n as usize)
-                    .ok_or_else(|| field_err(field, format!("is {v}, expected a positive integer"))),
+                    .ok_or_else(|| field_err(field, format!("is {v}, expected a positive integer up to {max}"))),
             }
         };
         let optional = |field: &'static str, default: usize| -> Result<usize, ModelError> {
@@ -368,6 +371,9 @@ mod tests {
             ("num_attention_heads", 3.into()),
             ("model_type", "gpt2".into()),
             ("vocab_size", (-1).into()),
+            // Absurd sizes are refused before anything is sized by them.
+            ("num_hidden_layers", 3_000_000_000u64.into()),
+            ("intermediate_size", (1u64 << 40).into()),
         ] {
             let mut bad = ok.clone();
             if value.is_null() {

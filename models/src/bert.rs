@@ -15,38 +15,26 @@ use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::Path;
+/// What the loaders return.
+type Loaded<T> = Result<T, ModelError>;
+
+/// Token ids (or token types) `[batch, tokens]`.
+pub type TokenIds<B> = Tensor<B, 2, Int>;
+
 use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
 
-/// One encoder block (post-LN).
-#[derive(Module, Debug)]
-pub struct BertLayer<B: Backend> {
-    /// `attention.self.query`.
-    pub query: AdaptedLinear<B>,
-    /// `attention.self.key`.
-    pub key: AdaptedLinear<B>,
-    /// `attention.self.value`.
-    pub value: AdaptedLinear<B>,
-    /// `attention.output.dense`.
-    pub attention_output: AdaptedLinear<B>,
-    /// Residual adapter after the attention output projection (Houlsby), if any.
-    pub attention_adapter: Option<ResidualAdapter<B>>,
-    /// `attention.output.LayerNorm`.
-    pub attention_norm: LayerNorm<B>,
-    /// `intermediate.dense`.
-    pub intermediate: AdaptedLinear<B>,
-    /// `output.dense`.
-    pub output: AdaptedLinear<B>,
-    /// Residual adapter after the feed-forward output projection, if any.
-    pub ffn_adapter: Option<ResidualAdapter<B>>,
-    /// `output.LayerNorm`.
-    pub output_norm: LayerNorm<B>,
-    /// Attention heads.
-    pub n_heads: usize,
-}
-
 layout_table! {
+    /// One encoder block (post-LN).
+    BertLayer {
+        /// `attention.output.LayerNorm`.
+        attention_norm: LayerNorm<B>,
+        /// `output.LayerNorm`.
+        output_norm: LayerNorm<B>,
+        /// Attention heads.
+        n_heads: usize,
+    }
     /// The adaptable projections of a [`BertLayer`] (HF names, `(d_in, d_out)`), in checkpoint order.
-    LAYOUT for BertLayer {
+    LAYOUT {
         query: "attention.self.query", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
         key: "attention.self.key", Some(AttentionMatrix::Key), |s| (s.hidden, s.hidden);
         value: "attention.self.value", Some(AttentionMatrix::Value), |s| (s.hidden, s.hidden);
@@ -85,28 +73,19 @@ fn norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, eps: f64) -> Tensor<B,
     fused::layer_norm(x, norm.gamma.val(), beta, eps)
 }
 
-fn layer_norm<B: Backend>(
-    w: &mut Weights,
-    prefix: &str,
-    d: usize,
-    eps: f64,
-    device: &B::Device,
-) -> Result<LayerNorm<B>, ModelError> {
-    let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-    norm.gamma = Param::from_tensor(w.take(&format!("{prefix}.weight"), [d], device)?);
-    norm.beta = Some(Param::from_tensor(w.take(&format!("{prefix}.bias"), [d], device)?));
+/// The HF LayerNorm `name` (weight, bias).
+fn layer_norm<B: Backend>(w: &mut Weights, name: &str, d: usize, eps: f64, dev: &B::Device) -> Loaded<LayerNorm<B>> {
+    let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(dev);
+    norm.gamma = Param::from_tensor(w.take(&format!("{name}.weight"), [d], dev)?);
+    norm.beta = Some(Param::from_tensor(w.take(&format!("{name}.bias"), [d], dev)?));
     Ok(norm)
 }
 
-fn dense<B: Backend>(
-    w: &mut Weights,
-    name: &str,
-    d_in: usize,
-    d_out: usize,
-    device: &B::Device,
-) -> Result<Linear<B>, ModelError> {
-    let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
-    let bias = w.take::<B, 1>(&format!("{name}.bias"), [d_out], device)?;
+/// The HF linear layer `name` (weight `[d_out, d_in]`, bias) in Burn's layout.
+fn dense<B: Backend>(w: &mut Weights, name: &str, dims: (usize, usize), dev: &B::Device) -> Loaded<Linear<B>> {
+    let (d_in, d_out) = dims;
+    let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], dev)?;
+    let bias = w.take::<B, 1>(&format!("{name}.bias"), [d_out], dev)?;
     Ok(Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) })
 }
 
@@ -164,7 +143,7 @@ impl<B: Backend> Bert<B> {
             // In `LAYOUT` order.
             let [query, key, value, attention_output, intermediate, output] =
                 load_projections(&spec, &p, |name, d_in, d_out| {
-                    Ok(AdaptedLinear::new(dense(&mut w, name, d_in, d_out, device)?, None)?)
+                    Ok(AdaptedLinear::new(dense(&mut w, name, (d_in, d_out), device)?, None)?)
                 })?;
             layers.push(BertLayer {
                 query,
@@ -181,7 +160,7 @@ impl<B: Backend> Bert<B> {
             });
         }
         let pooler =
-            if w.contains("pooler.dense.weight") { Some(dense(&mut w, "pooler.dense", d, d, device)?) } else { None };
+            if w.contains("pooler.dense.weight") { Some(dense(&mut w, "pooler.dense", (d, d), device)?) } else { None };
         let model = Bert {
             word_embeddings: embedding(&mut w, "embeddings.word_embeddings.weight", spec.vocab, d, device)?,
             position_embeddings: embedding(&mut w, "embeddings.position_embeddings.weight", spec.positions, d, device)?,
@@ -205,19 +184,9 @@ impl<B: Backend> Bert<B> {
         Ok((model.no_grad(), spec))
     }
 
-    /// Hidden states `[B, T, d]` for token ids `[B, T]` with `attention_mask` `[B, T]` (1 = token,
-    /// 0 = padding); token types are all 0.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 3> {
-        self.forward_typed(ids, None, attention_mask)
-    }
-
-    /// [`Bert::forward`] with token types `[B, T]` (0 = first sentence, 1 = second of a pair).
-    pub fn forward_typed(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        types: Option<Tensor<B, 2, Int>>,
-        attention_mask: Tensor<B, 2>,
-    ) -> Tensor<B, 3> {
+    /// Hidden states `[B, T, d]` for token ids `[B, T]`, token types `[B, T]` (0 = first sentence,
+    /// 1 = second of a pair; `None`: all 0) and `mask` `[B, T]` (1 = token, 0 = padding).
+    pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let device = ids.device();
         let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
@@ -228,7 +197,7 @@ impl<B: Backend> Bert<B> {
             + self.token_type_embeddings.forward(types);
         let mut x = norm(&self.embeddings_norm, x, self.norm_eps);
         let heads = self.layers.first().map_or(1, |l| l.n_heads);
-        let mask = AttentionMask::KeyPadding(KeyPadding::new(attention_mask, heads));
+        let mask = AttentionMask::KeyPadding(KeyPadding::new(mask, heads));
         for layer in &self.layers {
             x = layer.forward(x, &mask, self.norm_eps, &self.shared);
         }
@@ -237,7 +206,7 @@ impl<B: Backend> Bert<B> {
 
     /// Mean over unpadded tokens, L2-normalised: `[B, d]` sentence embeddings.
     pub fn sentence_embeddings(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 2> {
-        let hidden = self.forward(ids, attention_mask.clone());
+        let hidden = self.forward(ids, None, attention_mask.clone());
         let [b, t, d] = hidden.dims();
         let mask = attention_mask.reshape([b, t, 1]);
         let summed = (hidden * mask.clone()).sum_dim(1).reshape([b, d]);

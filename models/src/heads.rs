@@ -2,12 +2,12 @@
 //! regression head (PEFT's `modules_to_save`), and unfreezing the normalisation layers (LoRETTA
 //! trains them next to its adapters).
 
-use crate::bert::Bert;
+use crate::bert::{Bert, TokenIds};
 use crate::llama::Llama;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig, RmsNorm};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
 
 fn trainable<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>) {
     *p = p.clone().map(|t| t.set_require_grad(true));
@@ -84,24 +84,15 @@ impl<B: Backend> SequenceClassifier<B> {
         Self { encoder, head }
     }
 
-    /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]` and attention mask `[B, T]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.forward_typed(ids, None, attention_mask)
-    }
-
-    /// [`SequenceClassifier::forward`] with token types (sentence pairs).
-    pub fn forward_typed(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        types: Option<Tensor<B, 2, Int>>,
-        attention_mask: Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
-        let hidden = self.encoder.forward_typed(ids, types, attention_mask.clone());
+    /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]`, token types `[B, T]` (sentence
+    /// pairs; `None`: all 0) and attention mask `[B, T]`.
+    pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
+        let hidden = self.encoder.forward(ids, types, mask.clone());
         let pooled = match self.encoder.pooled(hidden.clone()) {
             Some(p) => p,
             None => {
                 let [b, t, d] = hidden.dims();
-                let mask = attention_mask.reshape([b, t, 1]);
+                let mask = mask.reshape([b, t, 1]);
                 (hidden * mask.clone()).sum_dim(1).reshape([b, d]) / mask.sum_dim(1).reshape([b, 1])
             }
         };

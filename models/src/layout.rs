@@ -62,11 +62,31 @@ pub fn load_projections<B: Backend, const N: usize>(
     Ok(built.try_into().unwrap_or_else(|_| panic!("a {} block has {rows} projections, not {N}", spec.family.name())))
 }
 
-/// Defines a family's layout table `$table` and implements [`LayoutBlock`] for `$block` from it:
-/// one row per projection, `field: "hf.name", role, |spec| (d_in, d_out);`. The block's residual
-/// slots are its `attention_adapter` and `ffn_adapter` fields.
+/// Defines a family's block struct `$block` and its layout table `$table`, and implements
+/// [`LayoutBlock`] from the table: one row per projection, `field: "hf.name", role,
+/// |spec| (d_in, d_out);`. The block's fields are the table's projections (an `AdaptedLinear`
+/// each), its two residual adapter slots (`attention_adapter`, `ffn_adapter`), then `$field`s.
 macro_rules! layout_table {
-    ($(#[$doc:meta])* $table:ident for $block:ident { $($field:ident: $name:literal, $role:expr, $shape:expr;)* }) => {
+    (
+        $(#[$block_doc:meta])*
+        $block:ident { $($(#[$field_doc:meta])* $field:ident: $field_ty:ty,)* }
+        $(#[$doc:meta])*
+        $table:ident { $($proj:ident: $name:literal, $role:expr, $shape:expr;)* }
+    ) => {
+        $(#[$block_doc])*
+        #[derive(Module, Debug)]
+        pub struct $block<B: Backend> {
+            $(
+                #[doc = concat!("`", $name, "`, a row of [`", stringify!($table), "`].")]
+                pub $proj: AdaptedLinear<B>,
+            )*
+            /// Residual adapter after the attention output projection (Houlsby), if any.
+            pub attention_adapter: Option<ResidualAdapter<B>>,
+            /// Residual adapter after the feed-forward output projection, if any.
+            pub ffn_adapter: Option<ResidualAdapter<B>>,
+            $($(#[$field_doc])* pub $field: $field_ty,)*
+        }
+
         $(#[$doc])*
         pub const $table: &[$crate::layout::Projection] =
             &[$($crate::layout::Projection { name: $name, role: $role, shape: $shape }),*];
@@ -74,10 +94,10 @@ macro_rules! layout_table {
         impl<B: Backend> $crate::layout::LayoutBlock<B> for $block<B> {
             const LAYOUT: &'static [$crate::layout::Projection] = $table;
             fn projections(&self) -> Vec<&AdaptedLinear<B>> {
-                vec![$(&self.$field),*]
+                vec![$(&self.$proj),*]
             }
             fn projections_mut(&mut self) -> Vec<&mut AdaptedLinear<B>> {
-                vec![$(&mut self.$field),*]
+                vec![$(&mut self.$proj),*]
             }
             fn residual_mut(
                 &mut self,

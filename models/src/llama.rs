@@ -35,40 +35,20 @@ impl<B: Backend> Default for KvCache<B> {
     }
 }
 
-/// One decoder block.
-#[derive(Module, Debug)]
-pub struct LlamaBlock<B: Backend> {
-    /// RMSNorm before attention.
-    pub input_layernorm: RmsNorm<B>,
-    /// Query projection `[d, H·d_h]`.
-    pub q_proj: AdaptedLinear<B>,
-    /// Key projection `[d, H_kv·d_h]`.
-    pub k_proj: AdaptedLinear<B>,
-    /// Value projection `[d, H_kv·d_h]`.
-    pub v_proj: AdaptedLinear<B>,
-    /// Output projection `[H·d_h, d]`.
-    pub o_proj: AdaptedLinear<B>,
-    /// Residual adapter after the attention output (Houlsby position), if any.
-    pub attention_adapter: Option<ResidualAdapter<B>>,
-    /// RMSNorm before the MLP.
-    pub post_attention_layernorm: RmsNorm<B>,
-    /// SwiGLU gate projection.
-    pub gate_proj: AdaptedLinear<B>,
-    /// SwiGLU up projection.
-    pub up_proj: AdaptedLinear<B>,
-    /// SwiGLU down projection.
-    pub down_proj: AdaptedLinear<B>,
-    /// Residual adapter after the MLP output, if any.
-    pub ffn_adapter: Option<ResidualAdapter<B>>,
-    /// Query heads.
-    pub n_heads: usize,
-    /// Key/value heads.
-    pub n_kv_heads: usize,
-}
-
 layout_table! {
+    /// One decoder block.
+    LlamaBlock {
+        /// RMSNorm before attention.
+        input_layernorm: RmsNorm<B>,
+        /// RMSNorm before the MLP.
+        post_attention_layernorm: RmsNorm<B>,
+        /// Query heads.
+        n_heads: usize,
+        /// Key/value heads.
+        n_kv_heads: usize,
+    }
     /// The adaptable projections of a [`LlamaBlock`] (HF names, `(d_in, d_out)`), in checkpoint order.
-    LAYOUT for LlamaBlock {
+    LAYOUT {
         q_proj: "self_attn.q_proj", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
         k_proj: "self_attn.k_proj", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim());
         v_proj: "self_attn.v_proj", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim());

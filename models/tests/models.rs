@@ -10,6 +10,8 @@ use tensor_peft_adapters::{METHOD_NAMES, MethodConfig};
 use tensor_peft_models::{ArchSpec, Llama, ModelError, Targets};
 
 type B = NdArray;
+/// Autodiff, so that trainable (adapter) parameters can be told from the frozen base.
+type AB = Autodiff<NdArray>;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
@@ -34,6 +36,14 @@ fn tokens<Bk: Backend>(ids: &[Vec<i64>], device: &Bk::Device) -> Tensor<Bk, 2, I
     Tensor::from_data(TensorData::new(flat, [ids.len(), ids[0].len()]), device)
 }
 
+/// The tiny LLaMA (on autodiff) and the token ids of its numpy reference.
+fn tiny_llama_and_input() -> (Llama<AB>, ArchSpec, Tensor<AB, 2, Int>) {
+    let device = Default::default();
+    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
+    let (ids, _, _) = expected();
+    (base, spec, tokens::<AB>(&ids, &device))
+}
+
 fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec::<f64>().unwrap()
 }
@@ -56,11 +66,7 @@ fn logits_match_the_numpy_reference() {
 
 #[test]
 fn every_method_injects_with_zero_change_and_trains_only_adapters() {
-    type AB = Autodiff<NdArray>;
-    let device = Default::default();
-    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
-    let (ids, _, _) = expected();
-    let x = tokens::<AB>(&ids, &device);
+    let (base, spec, x) = tiny_llama_and_input();
     let reference = values(base.forward(x.clone()));
     for name in METHOD_NAMES {
         let method = MethodConfig::from_name(name).unwrap();
@@ -507,7 +513,6 @@ fn gguf_dequantisation_and_corrupt_files() {
 #[test]
 fn extra_trainables_norms_and_classification_head() {
     use burn::module::Module;
-    type AB = Autodiff<NdArray>;
     let device = Default::default();
     let (llama, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
     let lora = MethodConfig::from_name("lora").unwrap();
@@ -540,7 +545,7 @@ fn extra_trainables_norms_and_classification_head() {
         let ids =
             Tensor::<AB, 2, Int>::from_data(TensorData::new(vec![101i64, 2054, 102, 101, 102, 0], [2, 3]), &device);
         let mask = Tensor::<AB, 2>::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0, 1.0, 1.0, 0.0], [2, 3]), &device);
-        assert_eq!(classifier.forward(ids, mask).dims(), [2, 3]);
+        assert_eq!(classifier.forward(ids, None, mask).dims(), [2, 3]);
     }
 }
 
@@ -613,10 +618,10 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
     let ids = tokens::<B>(&[vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]], &device);
     let mask =
         Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]), &device);
-    let hidden = bert.forward(ids, mask);
+    let hidden = bert.forward(ids, None, mask);
     assert_eq!(hidden.dims(), [2, 5, 16]);
     // The padded row's real tokens equal the same sentence run alone.
-    let alone = values(bert.forward(tokens::<B>(&[vec![3, 8, 1]], &device), Tensor::ones([1, 3], &device)));
+    let alone = values(bert.forward(tokens::<B>(&[vec![3, 8, 1]], &device), None, Tensor::ones([1, 3], &device)));
     let padded = values(hidden.narrow(0, 1, 1).narrow(1, 0, 3));
     let max_err = alone.iter().zip(&padded).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(max_err < 1e-5, "padding leaked into real tokens: {max_err}");
@@ -630,7 +635,10 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
     let (roberta, _) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
     assert_eq!(roberta.position_offset, 2);
     let long: Vec<i64> = (0..18).collect();
-    assert_eq!(roberta.forward(tokens::<B>(&[long], &device), Tensor::ones([1, 18], &device)).dims(), [1, 18, 16]);
+    assert_eq!(
+        roberta.forward(tokens::<B>(&[long], &device), None, Tensor::ones([1, 18], &device)).dims(),
+        [1, 18, 16]
+    );
     // A fresh classification head starts as transformers' does: weight N(0, 0.02²), zero bias
     // (Burn's default uniform ±1/√16 would give a std of 0.14).
     let head = tensor_peft_models::SequenceClassifier::new(roberta, 64).head;
@@ -644,12 +652,7 @@ fn tiny_bert_loads_and_padding_does_not_leak() {
 #[test]
 fn adapter_files_round_trip_for_every_method() {
     use tensor_peft_models::adapter_file::{AdapterConfig, BaseModelIdentity, load_adapter, save_adapter};
-    // Autodiff, so that trainable (adapter) parameters can be told from the frozen base.
-    type AB = Autodiff<NdArray>;
-    let device = Default::default();
-    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
-    let (ids, _, _) = expected();
-    let x = tokens::<AB>(&ids, &device);
+    let (base, spec, x) = tiny_llama_and_input();
     let dir = std::env::temp_dir().join(format!("tpeft-adapter-{}", std::process::id()));
     // Randomises every trainable factor so the round trip cannot pass by accident.
     struct Noise(u64);
@@ -775,15 +778,12 @@ fn merge_and_export_an_hf_model() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// SplitMix64, for seeded random inputs.
+/// Knuth's MMIX linear congruential generator, for seeded random inputs (its high 32 bits).
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 32
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
@@ -1236,16 +1236,22 @@ mod fused_on_flex {
         let (on_flex, on_ndarray) = (on_flex.train_norms(), on_ndarray.train_norms());
         let ids = [vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]];
         let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]);
-        let out_f = on_flex
-            .forward(tokens::<F>(&ids, &Default::default()), Tensor::from_data(mask.clone(), &Default::default()));
-        let out_n =
-            on_ndarray.forward(tokens::<N>(&ids, &Default::default()), Tensor::from_data(mask, &Default::default()));
+        let out_f = on_flex.forward(
+            tokens::<F>(&ids, &Default::default()),
+            None,
+            Tensor::from_data(mask.clone(), &Default::default()),
+        );
+        let out_n = on_ndarray.forward(
+            tokens::<N>(&ids, &Default::default()),
+            None,
+            Tensor::from_data(mask, &Default::default()),
+        );
         assert_close("tiny BERT hidden states", &floats(out_f.clone()), &floats(out_n.clone()), 1e-5);
         let w_f = input::<F, 3>(out_f.dims(), 5);
         let w_n = input::<N, 3>(out_n.dims(), 5);
         let g_f = (out_f * w_f).sum().backward();
         let g_n = (out_n * w_n).sum().backward();
-        let (g_f, g_n) = (trainable_bert_grads(&on_flex, &g_f), trainable_bert_grads(&on_ndarray, &g_n));
+        let (g_f, g_n) = (trainable_grads(&on_flex, &g_f), trainable_grads(&on_ndarray, &g_n));
         assert!(g_f.len() >= 10, "LayerNorm scales and biases are trainable ({} tensors)", g_f.len());
         assert_eq!(g_f.len(), g_n.len());
         for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
@@ -1265,30 +1271,9 @@ mod fused_on_flex {
         }
     }
 
-    fn trainable_bert_grads<Bk: AutodiffBackend>(
-        model: &tensor_peft_models::Bert<Bk>,
-        grads: &<Bk as AutodiffBackend>::Gradients,
-    ) -> Vec<Vec<f32>> {
-        let mut visitor = Collect::<Bk>(grads, Vec::new());
-        model.visit(&mut visitor);
-        visitor.1
-    }
-
-    /// Collects the gradient of every trainable parameter, in visiting order.
-    struct Collect<'a, Bk: AutodiffBackend>(&'a Bk::Gradients, Vec<Vec<f32>>);
-
-    impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Collect<'_, Bk> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            if p.val().is_require_grad() {
-                let g = p.val().grad(self.0).expect("every trainable parameter gets a gradient");
-                self.1.push(g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
-            }
-        }
-    }
-
-    /// Gradients of every trainable parameter, in visiting order.
-    fn trainable_grads<Bk: AutodiffBackend>(
-        model: &Llama<Bk>,
+    /// Gradients of every trainable parameter of `model`, in visiting order.
+    fn trainable_grads<Bk: AutodiffBackend, M: Module<Bk>>(
+        model: &M,
         grads: &<Bk as AutodiffBackend>::Gradients,
     ) -> Vec<Vec<f32>> {
         struct Collect<'a, Bk: AutodiffBackend>(&'a Bk::Gradients, Vec<Vec<f32>>);
@@ -1360,7 +1345,6 @@ mod fused_on_flex {
 #[test]
 fn committed_adapter_files_of_every_method_load_and_save_the_same_tensors() {
     use tensor_peft_models::adapter_file::{load_adapter, read_adapter_config, save_adapter};
-    type AB = Autodiff<NdArray>;
     let device = Default::default();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let (base, spec) = Llama::<AB>::from_hf_dir(&root.join("tiny-llama-words"), &device).unwrap();
@@ -1412,17 +1396,10 @@ fn committed_adapter_files_of_every_method_load_and_save_the_same_tensors() {
 #[test]
 fn zero_init_factors_are_named_by_each_method() {
     use tensor_peft_adapters::LinearAdapter;
-    type AB = Autodiff<NdArray>;
-    let device = Default::default();
-    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &device).unwrap();
+    let (base, spec) = Llama::<AB>::from_hf_dir(&fixture(), &Default::default()).unwrap();
     let expected = |model: &Llama<AB>, pick: &dyn Fn(&LinearAdapter<AB>) -> burn::module::ParamId| {
-        let ids = model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.q_proj, &l.v_proj])
-            .map(|p| pick(p.adapter.as_ref().expect("adapted")))
-            .collect::<std::collections::HashSet<_>>();
-        ids
+        let sites = model.layers.iter().flat_map(|l| [&l.q_proj, &l.v_proj]);
+        sites.map(|p| pick(p.adapter.as_ref().expect("adapted"))).collect::<std::collections::HashSet<_>>()
     };
     let found = |model: &mut Llama<AB>| {
         let ids = tensor_peft_models::zero_init_factors(model, &spec);

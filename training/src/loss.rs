@@ -32,9 +32,10 @@ const CHUNK_ELEMENTS: usize = 1 << 24;
 /// - `targets`: `[rows]` token ids; `weights`: `[rows]` (1 = supervised, 0 = ignored);
 /// - `count`: the divisor (the number of supervised rows; 0 is taken as 1).
 ///
+/// - `rows_per_chunk`: how many rows' logits are formed at a time (at least 1; the loss's peak
+///   memory is about four `[rows_per_chunk, vocab]` buffers); `None`: up to 16 Mi logits.
+///
 /// Returns a `[1]` tensor. On a backend without autodiff (evaluation) only the value is computed.
-/// The logits are formed for up to 16 Mi entries at a time; [`linear_cross_entropy_chunked`] sets
-/// the number of rows per chunk.
 pub fn linear_cross_entropy<B: Backend>(
     hidden: Tensor<B, 2>,
     head: Tensor<B, 2>,
@@ -42,22 +43,9 @@ pub fn linear_cross_entropy<B: Backend>(
     targets: Tensor<B, 1, Int>,
     weights: Tensor<B, 1>,
     count: usize,
+    rows_per_chunk: Option<usize>,
 ) -> Tensor<B, 1> {
-    let rows_per_chunk = CHUNK_ELEMENTS / head.dims()[0].max(1);
-    linear_cross_entropy_chunked(hidden, head, train_head, targets, weights, count, rows_per_chunk)
-}
-
-/// [`linear_cross_entropy`] forming the logits of `rows_per_chunk` rows at a time (at least 1):
-/// the peak memory of the loss is about four `[rows_per_chunk, vocab]` buffers.
-pub fn linear_cross_entropy_chunked<B: Backend>(
-    hidden: Tensor<B, 2>,
-    head: Tensor<B, 2>,
-    train_head: bool,
-    targets: Tensor<B, 1, Int>,
-    weights: Tensor<B, 1>,
-    count: usize,
-    rows_per_chunk: usize,
-) -> Tensor<B, 1> {
+    let rows_per_chunk = rows_per_chunk.unwrap_or(CHUNK_ELEMENTS / head.dims()[0].max(1));
     let [rows, _] = hidden.dims();
     // Autodiff tracks computed tensors without marking them `require_grad` (only leaves are), so
     // the hidden states' gradient is computed whenever the backend differentiates.

@@ -327,7 +327,7 @@ pub struct EncoderTask<B: Backend> {
 impl<B: Backend> EncoderTask<B> {
     /// Loss and statistics of a batch.
     pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
-        let logits = self.net.forward_typed(batch.ids, Some(batch.types), batch.mask);
+        let logits = self.net.forward(batch.ids, Some(batch.types), batch.mask);
         let [b, c] = logits.dims();
         let mut stats = StepStats { units: b, tokens: batch.tokens, ..Default::default() };
         let loss = if self.regression {
@@ -376,6 +376,7 @@ impl<B: Backend> LmTask<B> {
                 targets.reshape([b * t]),
                 weights.reshape([b * t]),
                 count,
+                None,
             )
         } else {
             let logits = self.net.forward(batch.ids);

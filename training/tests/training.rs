@@ -267,6 +267,23 @@ fn lm_config(name: &str, method: &str) -> TrainConfig {
     }
 }
 
+/// How the tests evaluate a saved adapter: default fields, stop at a bad row.
+fn eval_options(task: TaskKind, batch_size: usize) -> tensor_peft_training::eval::EvalOptions {
+    tensor_peft_training::eval::EvalOptions { task, fields: FieldMap::default(), skip_bad_rows: false, batch_size }
+}
+
+/// LoRA on the tiny LLaMA classifying the sentiment fixture by the verbalizers `w60`/`w61`.
+fn lm_classification_config(name: &str) -> TrainConfig {
+    TrainConfig {
+        task: TaskKind::LmClassification,
+        train: fixtures().join("lm-sentiment-train.jsonl"),
+        valid: Some(fixtures().join("lm-sentiment-valid.jsonl")),
+        verbalizers: vec!["w60".into(), "w61".into()],
+        template: "{text} w5".into(),
+        ..lm_config(name, "lora")
+    }
+}
+
 fn valid_losses(r: &tensor_peft_training::FinetuneReport) -> Vec<f64> {
     r.history.iter().filter(|h| h.split == "valid").map(|h| h.metrics["loss"]).collect()
 }
@@ -302,12 +319,7 @@ fn causal_lm_loss_falls_and_the_adapter_reloads() {
         let png = std::fs::read(cfg.output.join("curves.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         // The saved best adapter evaluates to the best recorded validation loss.
-        let options = tensor_peft_training::eval::EvalOptions {
-            task: TaskKind::CausalLm,
-            fields: FieldMap::default(),
-            skip_bad_rows: false,
-            batch_size: 8,
-        };
+        let options = eval_options(TaskKind::CausalLm, 8);
         let metrics = tensor_peft_training::eval::evaluate::<B>(
             &cfg.model,
             &cfg.output,
@@ -328,16 +340,7 @@ fn causal_lm_loss_falls_and_the_adapter_reloads() {
 #[test]
 fn prompt_based_classification_learns_the_verbalizer() {
     let _serial = serial();
-    let cfg = TrainConfig {
-        task: TaskKind::LmClassification,
-        train: fixtures().join("lm-sentiment-train.jsonl"),
-        valid: Some(fixtures().join("lm-sentiment-valid.jsonl")),
-        verbalizers: vec!["w60".into(), "w61".into()],
-        template: "{text} w5".into(),
-        epochs: 6,
-        lr: 2e-2,
-        ..lm_config("lm-cls", "lora")
-    };
+    let cfg = TrainConfig { epochs: 6, lr: 2e-2, ..lm_classification_config("lm-cls") };
     let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
     let best = report.best.clone().unwrap();
     assert_eq!(best.0, "accuracy");
@@ -392,6 +395,22 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
 }
 
 /// The MiniLM directory, or `None` (test skipped) when the assets were not fetched.
+/// `method` fine-tuning MiniLM for `task` on `train`: batches of 8 at lr 5e-3, into scratch `name`.
+fn minilm_config(model: PathBuf, task: TaskKind, train: PathBuf, method: &str, name: &str) -> TrainConfig {
+    let method = MethodConfig::from_name(method).unwrap();
+    TrainConfig {
+        model,
+        task,
+        train,
+        method,
+        batch_size: 8,
+        lr: 5e-3,
+        output: scratch(name),
+        overwrite: true,
+        ..TrainConfig::default()
+    }
+}
+
 fn minilm() -> Option<PathBuf> {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/all-minilm-l6-v2");
     if model.join("model.safetensors").is_file() {
@@ -416,19 +435,11 @@ fn minilm_classification_trains_a_head_and_tt_lora() {
     }
     std::fs::write(&train, lines).unwrap();
     let cfg = TrainConfig {
-        model,
-        task: TaskKind::Classification,
-        train,
         valid_percent: 25,
-        method: MethodConfig::from_name("tt-lora").unwrap(),
         epochs: 2,
-        batch_size: 8,
-        lr: 5e-3,
         max_len: 16,
         seed: 3,
-        output: scratch("minilm"),
-        overwrite: true,
-        ..TrainConfig::default()
+        ..minilm_config(model, TaskKind::Classification, train, "tt-lora", "minilm")
     };
     let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
     assert_eq!(report.trainable_params - report.adapter_params, 384 * 2 + 2, "head = 384×2 + 2");
@@ -465,20 +476,12 @@ fn minilm_regression_fits_pair_scores_and_eval_reports_each_prediction() {
     std::fs::write(&train, &lines).unwrap();
     std::fs::write(&valid, lines.lines().take(24).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let cfg = TrainConfig {
-        model: model.clone(),
-        task: TaskKind::Regression,
-        train,
         valid: Some(valid.clone()),
-        method: MethodConfig::from_name("lora").unwrap(),
         epochs: 4,
-        batch_size: 8,
-        lr: 5e-3,
         head_lr: Some(1e-2),
         max_len: 24,
         seed: 5,
-        output: scratch("minilm-regression"),
-        overwrite: true,
-        ..TrainConfig::default()
+        ..minilm_config(model.clone(), TaskKind::Regression, train, "lora", "minilm-regression")
     };
     let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
     let valid_loss: Vec<f64> = valid_losses(&report);
@@ -488,12 +491,7 @@ fn minilm_regression_fits_pair_scores_and_eval_reports_each_prediction() {
     assert!(best > 0.8, "{:?}", report.history);
     // The reloaded adapter scores the validation file; its per-example predictions reproduce the
     // metrics computed from them (Pearson, MSE).
-    let options = tensor_peft_training::eval::EvalOptions {
-        task: TaskKind::Regression,
-        fields: FieldMap::default(),
-        skip_bad_rows: false,
-        batch_size: 5,
-    };
+    let options = eval_options(TaskKind::Regression, 5);
     let evaluation = tensor_peft_training::eval::evaluate_with_predictions::<B>(
         &model,
         &cfg.output,
@@ -533,16 +531,7 @@ fn gradient_accumulation_equals_a_larger_batch_and_early_stopping_stops() {
     // lm-classification: one loss unit per example and right padding that does not change the
     // last prompt position, so 2 × 4 accumulated examples equal one batch of 8. Three steps: Adam
     // turns float noise in near-zero gradients into lr-sized steps, so long runs drift apart.
-    let base = TrainConfig {
-        task: TaskKind::LmClassification,
-        train: fixtures().join("lm-sentiment-train.jsonl"),
-        valid: Some(fixtures().join("lm-sentiment-valid.jsonl")),
-        verbalizers: vec!["w60".into(), "w61".into()],
-        template: "{text} w5".into(),
-        epochs: 2,
-        max_grad_norm: None,
-        ..lm_config("accum-a", "lora")
-    };
+    let base = TrainConfig { epochs: 2, max_grad_norm: None, ..lm_classification_config("accum-a") };
     let short = TrainConfig { max_steps: Some(3), warmup_ratio: 0.0, lr: 1e-2, ..base.clone() };
     let big = TrainConfig { batch_size: 8, ..short.clone() };
     let accumulated = TrainConfig { batch_size: 4, grad_accumulation: 2, output: scratch("accum-b"), ..short };
@@ -584,21 +573,27 @@ fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// One AdamW step of `method` without weight decay, clipping or warmup (every entry moves by
+/// `lr·sign(g)`), with LoRA+ at `ratio`.
+fn one_step_config(name: &str, method: &str, ratio: Option<f64>) -> TrainConfig {
+    TrainConfig {
+        max_steps: Some(1),
+        weight_decay: 0.0,
+        max_grad_norm: None,
+        warmup_ratio: 0.0,
+        lr: 1e-2,
+        loraplus_lr_ratio: ratio,
+        ..lm_config(name, method)
+    }
+}
+
 #[test]
 fn loraplus_ratio_multiplies_the_first_step_of_the_zero_init_factor_only() {
     let _serial = serial();
     // One AdamW step without weight decay, clipping or warmup moves every entry by lr·sign(g):
     // with LoRA+ ratio 4, B (zero at start) must end at exactly 4× the plain run's B, A unchanged.
     let one_step = |name: &str, ratio: Option<f64>| {
-        let cfg = TrainConfig {
-            max_steps: Some(1),
-            weight_decay: 0.0,
-            max_grad_norm: None,
-            warmup_ratio: 0.0,
-            lr: 1e-2,
-            loraplus_lr_ratio: ratio,
-            ..lm_config(name, "lora")
-        };
+        let cfg = one_step_config(name, "lora", ratio);
         finetune::<AB>(&cfg, &Default::default()).unwrap();
         adapter_tensors(&cfg.output)
     };
@@ -660,7 +655,7 @@ fn linear_cross_entropy_matches_a_float64_reference_in_every_chunking() {
 
 fn linear_cross_entropy_check<AB: burn::tensor::backend::AutodiffBackend>() {
     use burn::tensor::{Distribution, Int};
-    use tensor_peft_training::loss::{linear_cross_entropy, linear_cross_entropy_chunked};
+    use tensor_peft_training::loss::linear_cross_entropy;
     type B<AB> = <AB as burn::tensor::backend::AutodiffBackend>::InnerBackend;
     let device = Default::default();
     <AB as burn::tensor::backend::Backend>::seed(&device, 7);
@@ -701,7 +696,7 @@ fn linear_cross_entropy_check<AB: burn::tensor::backend::AutodiffBackend>() {
         // The loss sees an intermediate, as it does in the model, and the head as a view.
         let h_in = h_leaf.clone().mul_scalar(1.0);
         let w_in = w_leaf.clone().transpose().transpose();
-        let loss = linear_cross_entropy_chunked(h_in, w_in, true, t.clone(), wt.clone(), count, chunk);
+        let loss = linear_cross_entropy(h_in, w_in, true, t.clone(), wt.clone(), count, Some(chunk));
         close(&loss.to_data().to_vec::<f32>().unwrap(), &[value], "value");
         let grads = loss.backward();
         close(&h_leaf.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap(), &grad_h, "grad hidden");
@@ -709,7 +704,8 @@ fn linear_cross_entropy_check<AB: burn::tensor::backend::AutodiffBackend>() {
     }
     // A frozen head gets no gradient; the hidden states' gradient is unchanged.
     let h_leaf = hidden.clone().require_grad();
-    let loss = linear_cross_entropy(h_leaf.clone().mul_scalar(1.0), head.clone(), false, t.clone(), wt.clone(), count);
+    let loss =
+        linear_cross_entropy(h_leaf.clone().mul_scalar(1.0), head.clone(), false, t.clone(), wt.clone(), count, None);
     let grads = loss.backward();
     close(&h_leaf.grad(&grads).unwrap().to_data().to_vec::<f32>().unwrap(), &grad_h, "grad hidden (frozen head)");
     assert!(head.grad(&grads).is_none());
@@ -722,6 +718,55 @@ fn linear_cross_entropy_check<AB: burn::tensor::backend::AutodiffBackend>() {
         Tensor::<B<AB>, 1, Int>::from_data(TensorData::new(targets, [rows]), &device),
         Tensor::<B<AB>, 1>::from_data(TensorData::new(weights, [rows]), &device),
         count,
+        None,
     );
     close(&loss.to_data().to_vec::<f32>().unwrap(), &[value], "value (no autodiff)");
+}
+
+/// A method added through the registry alone (the `toy-method` feature: `methods/toy/` and one
+/// registry line) counts, builds, trains, saves and reloads with no other code knowing it, and LoRA+
+/// finds its zero-initialised factor.
+#[test]
+fn a_toy_method_added_through_the_registry_alone_trains_saves_and_reloads() {
+    use tensor_peft_adapters::METHOD_NAMES;
+    let _serial = serial();
+    assert!(METHOD_NAMES.contains(&"toy"), "{METHOD_NAMES:?}");
+    let method = MethodConfig::from_name("toy").unwrap();
+    // Counted without allocating: u [d_in, 1] and v [1, d_out] at q and v of both layers.
+    let (_, spec) =
+        tensor_peft_models::Llama::<B>::from_hf_dir(&fixtures().join("tiny-llama-words"), &Default::default()).unwrap();
+    let sites = tensor_peft_models::Targets::Default.resolve(&spec, &method).unwrap();
+    let report = method.count(&spec.geometry(), &sites, &[]).unwrap();
+    assert_eq!(report.total(), sites.iter().map(|s| s.d_in + s.d_out).sum::<usize>());
+    assert_eq!(report.rows.len(), 4);
+    // Trains one step with LoRA+: v (zero at start) moves 4× as far as in a plain step, u as far.
+    let step = |name: &str, ratio: Option<f64>| {
+        let cfg = one_step_config(name, "toy", ratio);
+        let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+        assert_eq!(report.adapter_params, report.trainable_params);
+        let tensors = adapter_tensors(&cfg.output);
+        (cfg, report, tensors)
+    };
+    let (cfg, report, plain) = step("toy-plain", None);
+    let (_, _, fast) = step("toy-loraplus", Some(4.0));
+    assert_eq!(plain.len(), 8, "u and v of 4 sites: {:?}", plain.keys());
+    for (name, p) in &plain {
+        assert!(name.ends_with(".toy.u") || name.ends_with(".toy.v"), "{name}");
+        if name.ends_with(".toy.v") {
+            assert!(p.iter().any(|v| v.abs() > 1e-3), "{name}: v did not move");
+            assert!(p.iter().zip(&fast[name]).all(|(x, y)| (y - 4.0 * x).abs() <= 1e-5 * x.abs().max(1e-2)));
+        } else {
+            assert_eq!(p, &fast[name], "{name}");
+        }
+    }
+    // Reloads: the saved adapter evaluates to the recorded validation loss.
+    let options = eval_options(TaskKind::CausalLm, 8);
+    let valid = cfg.valid.as_ref().unwrap();
+    let metrics =
+        tensor_peft_training::eval::evaluate::<B>(&cfg.model, &cfg.output, valid, &options, &Default::default())
+            .unwrap();
+    let best = report.best.as_ref().unwrap().1;
+    assert!((metrics["loss"] - best).abs() < 1e-4, "eval {} vs best {best}", metrics["loss"]);
+    let config = tensor_peft_models::adapter_file::read_adapter_config(&cfg.output).unwrap();
+    assert_eq!((config.method.name(), config.peft_type.as_str()), ("toy", "TOY"));
 }

@@ -8,6 +8,8 @@ pub mod loretta_adp;
 pub mod loretta_rep;
 pub mod lorta;
 pub mod lotr;
+#[cfg(feature = "toy-method")]
+pub mod toy;
 pub mod tt_lora;
 
 pub use lora::{Lora, LoraConfig};
@@ -15,6 +17,8 @@ pub use loretta_adp::{LorettaAdp, LorettaAdpConfig};
 pub use loretta_rep::{LorettaRep, LorettaRepConfig};
 pub use lorta::{Lorta, LortaConfig, LortaShared};
 pub use lotr::{Lotr, LotrConfig, LotrShared};
+#[cfg(feature = "toy-method")]
+pub use toy::{Toy, ToyConfig};
 pub use tt_lora::{TtLora, TtLoraConfig};
 
 use crate::method::Method;
@@ -28,34 +32,45 @@ crate::registry::registry! {
     residual LorettaAdp(LorettaAdpConfig);
     linear Lotr(LotrConfig) shared lotr: Vec<LotrShared<B>>;
     linear Lorta(LortaConfig) shared lorta: Option<LortaShared<B>>;
+    #[cfg(feature = "toy-method")]
+    linear Toy(ToyConfig);
 }
 
 impl MethodConfig {
     /// The default configuration of the method called `name` with the hyper-parameters `flags`
-    /// gives; refuses a flag that does not apply to the method, naming the ones that do.
+    /// gives (each sets the field its [`FlagField`](crate::FlagField) names); refuses a flag that
+    /// does not apply to the method, naming the ones that do.
     pub fn from_flags(name: &str, flags: &crate::MethodFlags) -> crate::Result<Self> {
-        let mut method = Self::from_name(name)?;
+        let method = Self::from_name(name)?;
         let accepted = method.flags();
-        if let Some(flag) =
-            crate::Flag::ALL.into_iter().find(|f| flags.given(*f) && !accepted.iter().any(|(a, _)| a == f))
-        {
-            let takes: Vec<&str> = accepted.iter().map(|(f, _)| f.cli()).collect();
-            return Err(crate::AdapterError::NotApplicable {
-                flag: flag.cli(),
-                method: method.name(),
-                takes: takes.join(", "),
-            });
+        let given = crate::Flag::ALL.into_iter().filter(|f| flags.value(*f).is_some());
+        if let Some(flag) = given.clone().find(|f| !accepted.iter().any(|a| a.flag == *f)) {
+            let takes: Vec<&str> = accepted.iter().map(|a| a.flag.cli()).collect();
+            let (flag, method, takes) = (flag.cli(), method.name(), takes.join(", "));
+            return Err(crate::AdapterError::NotApplicable { flag, method, takes });
         }
         for (field, value) in
             [("rank", flags.rank), ("tensor_rank", flags.tensor_rank), ("bottleneck", flags.bottleneck)]
         {
             crate::error::require_positive(field, value.unwrap_or(1))?;
         }
-        method.apply_flags_unchecked(flags);
-        if let Some(init) = flags.init {
-            method.set_init(init)?;
+        let mut fields = serde_json::to_value(&method).expect("a configuration serialises");
+        for a in accepted {
+            if let Some(value) = flags.value(a.flag) {
+                fields[a.field] = value;
+            }
         }
-        Ok(method)
+        match flags.init {
+            Some(init) if fields.get("init").is_some() => {
+                fields["init"] = serde_json::to_value(init).expect("serialises")
+            }
+            Some(crate::DeltaInit::Paper) => {
+                let takes = "--init zero: its only initialisation is the zero one".into();
+                return Err(crate::AdapterError::NotApplicable { flag: "--init paper", method: method.name(), takes });
+            }
+            _ => {}
+        }
+        serde_json::from_value(fields).map_err(|e| crate::error::invalid("method flags", name, e.to_string()))
     }
 
     /// Counts trainable parameters, per module and for shared factors, without allocating tensors.

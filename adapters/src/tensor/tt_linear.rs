@@ -26,6 +26,40 @@ pub fn tt_linear_num_params(shape: &[usize], rank: usize, d_out: usize, bias: bo
     tt_num_params(shape, rank) + if bias { d_out } else { 0 }
 }
 
+/// Two TT linear layers in a chain `d_in → k → d_out` (LoRETTA_rep's `A·B`, LoRETTA_adp's
+/// down and up projections): their TT shapes and what they share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TtLinearPair {
+    /// `(d_in, k, d_out)`.
+    pub dims: (usize, usize, usize),
+    /// TT shapes of the first (`d_in·k`) and the second (`k·d_out`) layer.
+    pub shapes: (Vec<usize>, Vec<usize>),
+    /// TT rank of both trains.
+    pub rank: usize,
+    /// Whether both layers have a bias.
+    pub bias: bool,
+}
+
+impl TtLinearPair {
+    /// Trainable parameters of both layers, after checking that the shapes fit.
+    pub fn num_params(&self) -> Result<usize> {
+        let ((first, second), (d_in, k, d_out)) = (&self.shapes, self.dims);
+        validate_flat_shape(first, d_in, k)?;
+        validate_flat_shape(second, k, d_out)?;
+        Ok(tt_linear_num_params(first, self.rank, k, self.bias)
+            + tt_linear_num_params(second, self.rank, d_out, self.bias))
+    }
+
+    /// Both layers; with `zero_second` the second outputs 0 ([`TtLinear::new`]).
+    pub fn init<B: Backend>(&self, zero_second: bool, device: &B::Device) -> Result<(TtLinear<B>, TtLinear<B>)> {
+        let ((first, second), (d_in, k, d_out)) = (&self.shapes, self.dims);
+        Ok((
+            TtLinear::new(d_in, k, first, self.rank, self.bias, false, device)?,
+            TtLinear::new(k, d_out, second, self.rank, self.bias, zero_second, device)?,
+        ))
+    }
+}
+
 impl<B: Backend> TtLinear<B> {
     /// LoRETTA initialisation: Gaussian cores whose product has entry std `√(1/(d_in+d_out))`,
     /// bias `U(±1/√d_out)`. With `zero` the last core and the bias are zero (the layer outputs 0).

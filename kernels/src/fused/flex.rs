@@ -96,18 +96,17 @@ fn all_f32<B: Backend, const D: usize>(ts: &[&Tensor<B, D>]) -> bool {
 /// reshaped to it by the caller): `forward`, given the inputs as contiguous flex tensors and which
 /// of them autodiff tracks, returns the output and the state its backward needs; under autodiff the
 /// step is registered with `backward` when any input is tracked.
-fn run<B, S, Op, const N: usize, const D: usize, const O: usize>(
+fn run<B: Backend, S: OpState, Op: Backward<Flex, N, State = S>, const N: usize, const D: usize, const O: usize>(
     inputs: [Tensor<B, D>; N],
     backward: Op,
     forward: impl FnOnce([&FlexTensor; N], [bool; N]) -> (FlexTensor, S),
-) -> Tensor<B, O>
-where
-    B: Backend,
-    S: Clone + Send + std::fmt::Debug + 'static,
-    Op: Backward<Flex, N, State = S>,
-{
+) -> Tensor<B, O> {
     run_strided(inputs, backward, |prims, tracked| forward(prims.map(contiguous).each_ref(), tracked))
 }
+
+/// What a fused op keeps for its backward pass.
+trait OpState: Clone + Send + std::fmt::Debug + 'static {}
+impl<S: Clone + Send + std::fmt::Debug + 'static> OpState for S {}
 
 /// [`run`] handing `forward` the inputs in their own layouts (strided views included).
 fn run_strided<B, S, Op, const N: usize, const D: usize, const O: usize>(

@@ -69,8 +69,8 @@ pub fn flag_help(flag: Flag) -> String {
         .iter()
         .filter_map(|name| {
             let flags = MethodConfig::flags_of(name)?;
-            let (_, meaning) = flags.iter().find(|(f, _)| *f == flag)?;
-            Some(format!("{name}: {meaning}"))
+            let taken = flags.iter().find(|f| f.flag == flag)?;
+            Some(format!("{name}: {}", taken.meaning))
         })
         .collect();
     let what = if flag == Flag::TtShape { "Comma-separated, e.g. 16,24,24,16. " } else { "" };

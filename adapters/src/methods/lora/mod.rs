@@ -10,9 +10,8 @@ mod layer;
 
 pub use layer::Lora;
 
-use crate::adapter::DeltaInit;
-use crate::error::{AdapterError, invalid, require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, Sites};
+use crate::error::{invalid, require_dropout, require_positive, require_rank_and_alpha};
+use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, Sites, sets};
 use crate::methods::LinearAdapter;
 use burn::config::Config;
 use burn::module::Param;
@@ -39,12 +38,8 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// Checks every field (rank ≥ 1, finite α, dropout in `[0, 1)`).
     pub fn validate(&self) -> crate::Result<()> {
-        require_positive("rank", self.rank)?;
-        require_finite("alpha", self.alpha)?;
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid("dropout", self.dropout, "must be in [0, 1)"));
-        }
-        Ok(())
+        require_rank_and_alpha(self.rank, self.alpha)?;
+        require_dropout("dropout", self.dropout)
     }
 
     /// The output scale `α/r` (or `α/√r`).
@@ -74,27 +69,8 @@ impl LoraConfig {
 
 impl Method for LoraConfig {
     const NAME: &'static str = "lora";
-    const FLAGS: &'static [(Flag, &'static str)] = &[(Flag::Rank, "rank r"), (Flag::Alpha, "scale α (update × α/r)")];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.rank = flags.rank.unwrap_or(self.rank);
-        self.alpha = flags.alpha.unwrap_or(self.alpha);
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        match init {
-            DeltaInit::Zero => Ok(()),
-            DeltaInit::Paper => Err(AdapterError::NotApplicable {
-                flag: "--init paper",
-                method: Self::NAME,
-                takes: "--init zero: its official initialisation is the zero one".into(),
-            }),
-        }
-    }
+    const FLAGS: &'static [FlagField] =
+        &[sets(Flag::Rank, "rank", "rank r"), sets(Flag::Alpha, "alpha", "scale α (update × α/r)")];
 
     fn has_zero_init_factor(&self) -> bool {
         true

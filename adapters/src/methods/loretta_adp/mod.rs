@@ -11,10 +11,10 @@ pub use layer::LorettaAdp;
 
 use crate::adapter::DeltaInit;
 use crate::error::{require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, ParamRow, Sites, at_site};
+use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, ParamRow, Sites, at_site, sets};
 use crate::methods::{ResidualAdapter, SharedFactors};
 use crate::tensor::shape::loretta_factor_shape;
-use crate::tensor::tt_linear::{TtLinear, tt_linear_num_params};
+use crate::tensor::tt_linear::TtLinearPair;
 use burn::config::Config;
 use burn::tensor::{Tensor, activation, backend::Backend};
 
@@ -79,70 +79,43 @@ impl LorettaAdpConfig {
         require_finite("scaling", self.scaling)
     }
 
-    /// TT shapes of the down and up projections for hidden size `d`.
-    pub fn resolve_shapes(&self, d: usize) -> crate::Result<(Vec<usize>, Vec<usize>)> {
+    /// The down (`d → b`) and up (`b → d`) projections for hidden size `d`, with TT shapes from
+    /// the config, the published table or the planner (not yet validated).
+    pub fn projections(&self, d: usize) -> crate::Result<TtLinearPair> {
         let down = match &self.down_shape {
             Some(s) => s.clone(),
             None => loretta_factor_shape(d, self.bottleneck)?,
         };
-        let up = match &self.up_shape {
-            Some(s) => s.clone(),
-            None => down.iter().rev().copied().collect(),
-        };
-        Ok((down, up))
+        let up = self.up_shape.clone().unwrap_or_else(|| down.iter().rev().copied().collect());
+        Ok(TtLinearPair { dims: (d, self.bottleneck, d), shapes: (down, up), rank: self.tensor_rank, bias: true })
     }
 
     /// Trainable parameters of one adapter on hidden size `d` (cores and both biases).
     pub fn num_params(&self, d: usize) -> crate::Result<usize> {
         self.validate()?;
-        let (down, up) = self.resolve_shapes(d)?;
-        crate::tensor::shape::validate_flat_shape(&down, d, self.bottleneck)?;
-        crate::tensor::shape::validate_flat_shape(&up, self.bottleneck, d)?;
-        Ok(tt_linear_num_params(&down, self.tensor_rank, self.bottleneck, true)
-            + tt_linear_num_params(&up, self.tensor_rank, d, true))
+        self.projections(d)?.num_params()
     }
 
     /// Creates an adapter for hidden size `d`.
     pub fn init<B: Backend>(&self, d: usize, device: &B::Device) -> crate::Result<LorettaAdp<B>> {
         self.validate()?;
         require_positive("hidden size", d)?;
-        let (down_shape, up_shape) = self.resolve_shapes(d)?;
-        let zero = self.init == DeltaInit::Zero;
-        Ok(LorettaAdp {
-            down: TtLinear::new(d, self.bottleneck, &down_shape, self.tensor_rank, true, false, device)?,
-            up: TtLinear::new(self.bottleneck, d, &up_shape, self.tensor_rank, true, zero, device)?,
-            activation: self.activation,
-            scaling: self.scaling,
-        })
+        let (down, up) = self.projections(d)?.init(self.init == DeltaInit::Zero, device)?;
+        Ok(LorettaAdp { down, up, activation: self.activation, scaling: self.scaling })
     }
 }
 
 impl Method for LorettaAdpConfig {
     const NAME: &'static str = "loretta-adp";
-    const FLAGS: &'static [(Flag, &'static str)] = &[
-        (Flag::Bottleneck, "bottleneck width"),
-        (Flag::TensorRank, "TT rank of the projections' trains"),
-        (Flag::TtShape, "TT shape of the down projection (up uses its reverse)"),
+    const FLAGS: &'static [FlagField] = &[
+        sets(Flag::Bottleneck, "bottleneck", "bottleneck width"),
+        sets(Flag::TensorRank, "tensor_rank", "TT rank of the projections' trains"),
+        sets(Flag::TtShape, "down_shape", "TT shape of the down projection (up uses its reverse)"),
     ];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
 
     /// None: it goes after every block's attention and feed-forward output instead.
     fn default_roles(&self) -> &'static [crate::AttentionMatrix] {
         &[]
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.bottleneck = flags.bottleneck.unwrap_or(self.bottleneck);
-        self.tensor_rank = flags.tensor_rank.unwrap_or(self.tensor_rank);
-        self.down_shape = flags.tt_shape.clone().or(self.down_shape.take());
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        self.init = init;
-        Ok(())
     }
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {

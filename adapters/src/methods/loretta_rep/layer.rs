@@ -22,14 +22,18 @@ pub struct LorettaRep<B: Backend> {
 }
 
 impl<B: Backend> LinearDelta<B> for LorettaRep<B> {
+    /// `A`'s rows and `B`'s columns.
     fn dims(&self) -> (usize, usize) {
         (self.a.d_in, self.b.d_out)
     }
 
+    /// Dropout on the input, as LoRA's.
     fn dropout(&self) -> f64 {
         self.dropout.prob
     }
 
+    /// Both trains contracted to their small matrices (`≈ k²·r·d` flops per step), the scale on
+    /// `B`.
     fn low_rank_factors(&self, _shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         (self.a.weight(), self.b.weight().mul_scalar(self.scaling))
     }

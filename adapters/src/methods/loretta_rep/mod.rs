@@ -11,11 +11,11 @@ mod layer;
 pub use layer::LorettaRep;
 
 use crate::adapter::DeltaInit;
-use crate::error::{invalid, require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, Sites};
+use crate::error::{require_dropout, require_positive, require_rank_and_alpha};
+use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, Sites, sets};
 use crate::methods::LinearAdapter;
 use crate::tensor::shape::loretta_factor_shape;
-use crate::tensor::tt_linear::{TtLinear, tt_linear_num_params};
+use crate::tensor::tt_linear::TtLinearPair;
 use burn::config::Config;
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::Backend;
@@ -49,17 +49,14 @@ pub struct LorettaRepConfig {
 impl LorettaRepConfig {
     /// Checks the scalar fields.
     pub fn validate(&self) -> crate::Result<()> {
-        require_positive("rank", self.rank)?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         require_positive("tensor_rank", self.tensor_rank)?;
-        require_finite("alpha", self.alpha)?;
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid("dropout", self.dropout, "must be in [0, 1)"));
-        }
-        Ok(())
+        require_dropout("dropout", self.dropout)
     }
 
-    /// The TT shapes of `A` and `B` for a `d_in × d_out` layer (not yet validated against it).
-    pub fn resolve_shapes(&self, d_in: usize, d_out: usize) -> crate::Result<(Vec<usize>, Vec<usize>)> {
+    /// The two trains of `A: [d_in, r]` and `B: [r, d_out]` for a `d_in × d_out` layer, with TT
+    /// shapes from the config, the published table or the planner (not yet validated).
+    pub fn factors(&self, d_in: usize, d_out: usize) -> crate::Result<TtLinearPair> {
         let a = match &self.a_shape {
             Some(s) => s.clone(),
             None => loretta_factor_shape(d_in, self.rank)?,
@@ -69,57 +66,32 @@ impl LorettaRepConfig {
             (None, Some(a)) if d_in == d_out => a.iter().rev().copied().collect(),
             _ => loretta_factor_shape(d_out, self.rank)?.into_iter().rev().collect(),
         };
-        Ok((a, b))
+        Ok(TtLinearPair { dims: (d_in, self.rank, d_out), shapes: (a, b), rank: self.tensor_rank, bias: false })
     }
 
     /// Trainable parameters for one `d_in × d_out` matrix.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> crate::Result<usize> {
         self.validate()?;
-        let (a, b) = self.resolve_shapes(d_in, d_out)?;
-        crate::tensor::shape::validate_flat_shape(&a, d_in, self.rank)?;
-        crate::tensor::shape::validate_flat_shape(&b, self.rank, d_out)?;
-        Ok(tt_linear_num_params(&a, self.tensor_rank, self.rank, false)
-            + tt_linear_num_params(&b, self.tensor_rank, d_out, false))
+        self.factors(d_in, d_out)?.num_params()
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer.
     pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<LorettaRep<B>> {
         self.validate()?;
-        let (a_shape, b_shape) = self.resolve_shapes(d_in, d_out)?;
-        let zero = self.init == DeltaInit::Zero;
-        Ok(LorettaRep {
-            a: TtLinear::new(d_in, self.rank, &a_shape, self.tensor_rank, false, false, device)?,
-            b: TtLinear::new(self.rank, d_out, &b_shape, self.tensor_rank, false, zero, device)?,
-            dropout: DropoutConfig::new(self.dropout).init(),
-            scaling: self.alpha / self.rank as f64,
-        })
+        let (a, b) = self.factors(d_in, d_out)?.init(self.init == DeltaInit::Zero, device)?;
+        let (dropout, scaling) = (DropoutConfig::new(self.dropout).init(), self.alpha / self.rank as f64);
+        Ok(LorettaRep { a, b, dropout, scaling })
     }
 }
 
 impl Method for LorettaRepConfig {
     const NAME: &'static str = "loretta-rep";
-    const FLAGS: &'static [(Flag, &'static str)] = &[
-        (Flag::Rank, "LoRA rank r"),
-        (Flag::Alpha, "scale α (update × α/r)"),
-        (Flag::TensorRank, "TT rank of the factors' trains"),
-        (Flag::TtShape, "TT shape of A (B uses its reverse)"),
+    const FLAGS: &'static [FlagField] = &[
+        sets(Flag::Rank, "rank", "LoRA rank r"),
+        sets(Flag::Alpha, "alpha", "scale α (update × α/r)"),
+        sets(Flag::TensorRank, "tensor_rank", "TT rank of the factors' trains"),
+        sets(Flag::TtShape, "a_shape", "TT shape of A (B uses its reverse)"),
     ];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.rank = flags.rank.unwrap_or(self.rank);
-        self.alpha = flags.alpha.unwrap_or(self.alpha);
-        self.tensor_rank = flags.tensor_rank.unwrap_or(self.tensor_rank);
-        self.a_shape = flags.tt_shape.clone().or(self.a_shape.take());
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        self.init = init;
-        Ok(())
-    }
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
         ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))

@@ -20,9 +20,10 @@ mod layer;
 pub use layer::{Lorta, LortaShared};
 
 use crate::adapter::DeltaInit;
-use crate::error::{AdapterError, require_finite, require_positive};
+use crate::error::{AdapterError, require_rank_and_alpha};
 use crate::method::{
-    AdapterSet, AttentionGeometry, AttentionMatrix, Flag, Method, MethodFlags, ParamReport, ParamRow, Sites, at_site,
+    AdapterSet, AttentionGeometry, AttentionMatrix, Flag, FlagField, Method, ParamReport, ParamRow, Sites, at_site,
+    sets,
 };
 use crate::methods::{LinearAdapter, SharedFactors};
 use burn::config::Config;
@@ -45,16 +46,10 @@ pub struct LortaConfig {
 }
 
 impl LortaConfig {
-    /// Checks rank and α.
-    pub fn validate(&self) -> crate::Result<()> {
-        require_positive("rank", self.rank)?;
-        require_finite("alpha", self.alpha)
-    }
-
     /// Total parameters of the one shared CP tensor: `r·(d + d_h + H + L + 4)`, plus `r·H_kv` for
     /// grouped-query models. Adapted matrices hold no parameters of their own.
     pub fn num_params(&self, geometry: &AttentionGeometry) -> crate::Result<usize> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         geometry.validate()?;
         let kv = if geometry.is_grouped() { geometry.n_kv_heads } else { 0 };
         Ok(self.rank * (geometry.d_model + geometry.head_dim() + geometry.n_heads + kv + geometry.n_layers + 4))
@@ -66,7 +61,7 @@ impl LortaConfig {
         geometry: &AttentionGeometry,
         device: &B::Device,
     ) -> crate::Result<LortaShared<B>> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         geometry.validate()?;
         let r = self.rank;
         let a_bound = 1.0 / (r as f64).sqrt();
@@ -114,26 +109,12 @@ impl LortaConfig {
 
 impl Method for LortaConfig {
     const NAME: &'static str = "lorta";
-    const FLAGS: &'static [(Flag, &'static str)] =
-        &[(Flag::Rank, "CP rank r"), (Flag::Alpha, "scale α (update × α/r)")];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
+    const FLAGS: &'static [FlagField] =
+        &[sets(Flag::Rank, "rank", "CP rank r"), sets(Flag::Alpha, "alpha", "scale α (update × α/r)")];
 
     /// q, k, v and o: the CP tensor spans all four.
     fn default_roles(&self) -> &'static [AttentionMatrix] {
         &[AttentionMatrix::Query, AttentionMatrix::Key, AttentionMatrix::Value, AttentionMatrix::Output]
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.rank = flags.rank.unwrap_or(self.rank);
-        self.alpha = flags.alpha.unwrap_or(self.alpha);
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        self.init = init;
-        Ok(())
     }
 
     /// Every site must be an attention projection shaped as the geometry says; the parameters

@@ -16,8 +16,8 @@ mod layer;
 pub use layer::{Lotr, LotrShared};
 
 use crate::adapter::DeltaInit;
-use crate::error::{AdapterError, require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, LinearSite, Method, MethodFlags, ParamReport, ParamRow, Sites};
+use crate::error::{AdapterError, require_positive, require_rank_and_alpha};
+use crate::method::{AdapterSet, Flag, FlagField, LinearSite, Method, ParamReport, ParamRow, Sites, sets};
 use crate::methods::{LinearAdapter, SharedFactors};
 use burn::config::Config;
 use burn::module::Param;
@@ -38,12 +38,6 @@ pub struct LotrConfig {
 }
 
 impl LotrConfig {
-    /// Checks rank and α.
-    pub fn validate(&self) -> crate::Result<()> {
-        require_positive("rank", self.rank)?;
-        require_finite("alpha", self.alpha)
-    }
-
     /// Parameters of one family's shared factors: `r·(d_in + d_out)`.
     pub fn shared_num_params(&self, d_in: usize, d_out: usize) -> usize {
         self.rank * (d_in + d_out)
@@ -61,7 +55,7 @@ impl LotrConfig {
         d_out: usize,
         device: &B::Device,
     ) -> crate::Result<LotrShared<B>> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         require_positive("d_in", d_in)?;
         require_positive("d_out", d_out)?;
         Ok(LotrShared {
@@ -78,7 +72,7 @@ impl LotrConfig {
         shared: &SharedFactors<B>,
         device: &B::Device,
     ) -> crate::Result<Lotr<B>> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         let factors = shared.lotr.get(family).ok_or_else(|| {
             AdapterError::State(format!(
                 "LoTR family {family} does not exist ({} families are initialised)",
@@ -115,25 +109,11 @@ fn families(linear: &[LinearSite]) -> Vec<(usize, usize)> {
 
 impl Method for LotrConfig {
     const NAME: &'static str = "lotr";
-    const FLAGS: &'static [(Flag, &'static str)] =
-        &[(Flag::Rank, "Tucker rank r"), (Flag::Alpha, "scale α (update × α/r)")];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.rank = flags.rank.unwrap_or(self.rank);
-        self.alpha = flags.alpha.unwrap_or(self.alpha);
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        self.init = init;
-        Ok(())
-    }
+    const FLAGS: &'static [FlagField] =
+        &[sets(Flag::Rank, "rank", "Tucker rank r"), sets(Flag::Alpha, "alpha", "scale α (update × α/r)")];
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         let mut report = ParamReport::per_linear_site(Self::NAME, sites.linear, |_| Ok(self.num_params()))?;
         for (i, (d_in, d_out)) in families(sites.linear).into_iter().enumerate() {
             report.rows.push(ParamRow {

@@ -17,8 +17,8 @@ mod layer;
 pub use layer::TtLora;
 
 use crate::adapter::DeltaInit;
-use crate::error::{require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, Method, MethodFlags, ParamReport, Sites};
+use crate::error::require_rank_and_alpha;
+use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, Sites, sets};
 use crate::methods::LinearAdapter;
 use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
 use crate::tensor::tt::{CoreInit, TensorTrain, tt_num_params};
@@ -54,22 +54,16 @@ impl TtLoraConfig {
         Ok((shape, split))
     }
 
-    /// Checks rank and α.
-    pub fn validate(&self) -> crate::Result<()> {
-        require_positive("rank", self.rank)?;
-        require_finite("alpha", self.alpha)
-    }
-
     /// Trainable parameters for one `d_in × d_out` matrix.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> crate::Result<usize> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         let (shape, _) = self.resolve_shape(d_in, d_out)?;
         Ok(tt_num_params(&shape, self.rank))
     }
 
     /// Creates the adapter for a `d_in × d_out` linear layer.
     pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> crate::Result<TtLora<B>> {
-        self.validate()?;
+        require_rank_and_alpha(self.rank, self.alpha)?;
         let (shape, split) = self.resolve_shape(d_in, d_out)?;
         let zero = self.init == DeltaInit::Zero;
         Ok(TtLora {
@@ -82,26 +76,11 @@ impl TtLoraConfig {
 
 impl Method for TtLoraConfig {
     const NAME: &'static str = "tt-lora";
-    const FLAGS: &'static [(Flag, &'static str)] = &[
-        (Flag::Rank, "TT rank of the inner bonds"),
-        (Flag::Alpha, "output multiplier α"),
-        (Flag::TtShape, "input factors ++ reversed output factors"),
+    const FLAGS: &'static [FlagField] = &[
+        sets(Flag::Rank, "rank", "TT rank of the inner bonds"),
+        sets(Flag::Alpha, "alpha", "output multiplier α"),
+        sets(Flag::TtShape, "tt_shape", "input factors ++ reversed output factors"),
     ];
-
-    fn default_config() -> Self {
-        Self::new()
-    }
-
-    fn apply_flags(&mut self, flags: &MethodFlags) {
-        self.rank = flags.rank.unwrap_or(self.rank);
-        self.alpha = flags.alpha.unwrap_or(self.alpha);
-        self.tt_shape = flags.tt_shape.clone().or(self.tt_shape.take());
-    }
-
-    fn set_init(&mut self, init: DeltaInit) -> crate::Result<()> {
-        self.init = init;
-        Ok(())
-    }
 
     /// The last core starts at zero with the zero initialisation.
     fn has_zero_init_factor(&self) -> bool {
