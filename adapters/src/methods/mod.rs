@@ -1,4 +1,4 @@
-//! The adapter methods, one folder each (its configuration implementing [`Method`](crate::Method)
+//! The adapter methods, one folder each (its configuration implementing [`Method`]
 //! in `mod.rs`, its layers in `layer.rs`), and the registry: one line per method.
 //!
 //! Adding a method: write `methods/<method>/`, add `pub mod <method>;` and its line below.

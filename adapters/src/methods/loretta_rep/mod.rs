@@ -1,7 +1,7 @@
 //! LoRETTA_rep (Yang et al., NAACL 2024): LoRA whose two factors are tensor trains.
 //!
 //! `Δ(x) = (α/r) · dropout(x) · A · B` with `A: [d_in, r]` and `B: [r, d_out]` each a flat TT
-//! ([`TtLinear`] without bias) of tensor rank `k` (default 5). Shapes follow LoRETTA's published
+//! ([`TtLinear`](crate::TtLinear) without bias) of tensor rank `k` (default 5). Shapes follow LoRETTA's published
 //! table (e.g. `[16,16,8,4,4]` for a 4096×8 factor) or the planner; `B` uses the reverse of the
 //! `[d_out, r]` shape. Each step rebuilds the two small factors (≈ `k²·r·d` flops) and applies
 //! them like LoRA; the dense ΔW is never formed during training.

@@ -6,7 +6,7 @@
 //! half-trains `A = left: [d_in, r]` and `B = right: [r, d_out]` (cost `r²·(d_in+d_out)`) and applies
 //! them as two thin GEMMs, exactly like LoRA; the dense ΔW is never formed during training.
 //! For very few rows (e.g. one decoded token) contracting core by core is cheaper; the forward
-//! picks the path with [`plan_tt_path`]'s cost formulas.
+//! picks the path with [`plan_tt_path`](crate::tensor::tt::plan_tt_path)'s cost formulas.
 //!
 //! Index order: LANL's reference reads the input index with the input modes reversed
 //! (`x.view(m_factors[::-1])`); we read both halves in shape order. The two differ by a fixed
