@@ -16,10 +16,10 @@ use tensor_peft_kernels::fused;
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum DeltaInit {
     /// ΔW₀ = 0: the adapted model equals the base model at step 0 (the default for every method;
-    /// for TT methods the last core of the output-side train is zero, like LoRA's `B = 0`).
+    /// for TT methods the last core of the output-side train is zero).
     Zero,
-    /// The initialisation of the official code. For LoRETTA (rep, adp) and TT-LoRA it gives
-    /// ΔW₀ ≠ 0; for LoRA, LoTR and LoRTA it is the same zero-delta initialisation.
+    /// The initialisation of the method's official code: ΔW₀ ≠ 0 for the TT methods, the same
+    /// zero-delta initialisation for the others (each method's config says which).
     Paper,
 }
 
@@ -50,7 +50,7 @@ pub trait LinearDelta<B: Backend> {
     }
 
     /// `(a, b)` with `ΔW = a · b`, `a: [d_in, k]`, `b: [k, d_out]` and the method's scaling folded
-    /// into `b` (`k` is the rank LoRA, LoTR, LoRTA and LoRETTA_rep use, the split rank for TT-LoRA).
+    /// into `b` (`k` is the method's rank; for a tensor train, the rank at its input/output cut).
     fn low_rank_factors(&self, shared: &SharedFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>);
 
     /// The update as `dropout(x)·a·b` when that is exactly what [`delta`](Self::delta) computes on

@@ -215,6 +215,9 @@ pub const fn sets(flag: Flag, field: &'static str, meaning: &'static str) -> Fla
 pub trait Method: Clone + std::fmt::Debug + Serialize + DeserializeOwned + 'static {
     /// The name on the command line and in files, e.g. `tt-lora`.
     const NAME: &'static str;
+    /// Whether the method adds residual adapters after blocks' outputs instead of updates to
+    /// linear projections (its registry line says `residual`, which the registry checks).
+    const RESIDUAL: bool = false;
     /// The flags that set this method's hyper-parameters (the others are refused). `--init` sets
     /// the field `init` where the configuration has one; without it only `--init zero` is taken.
     const FLAGS: &'static [FlagField];
@@ -346,7 +349,7 @@ impl AttentionMatrix {
     }
 }
 
-/// Attention shape of the model LoRTA adapts.
+/// Attention shape of a model (what a method indexing layers × heads × roles needs).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub struct AttentionGeometry {
     /// Number of transformer layers `L`.

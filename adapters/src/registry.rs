@@ -40,6 +40,10 @@ macro_rules! registry {
             )*
         }
 
+        // A line's kind and its method's own answer agree.
+        $($(#[$la])* const _: () = assert!(!<$lin_config as $crate::Method>::RESIDUAL, "registered as linear");)*
+        $($(#[$ra])* const _: () = assert!(<$res_config as $crate::Method>::RESIDUAL, "registered as residual");)*
+
         /// Method names accepted by [`MethodConfig::from_name`], in registry order.
         pub const METHOD_NAMES: &[&str] = &[$($(#[$aa])* <$any_config as $crate::Method>::NAME,)*];
 
@@ -71,10 +75,7 @@ macro_rules! registry {
 
             /// Whether the method inserts residual (block-output) adapters instead of linear updates.
             pub fn is_residual(&self) -> bool {
-                match self {
-                    $($(#[$la])* MethodConfig::$lin(_) => false,)*
-                    $($(#[$ra])* MethodConfig::$res(_) => true,)*
-                }
+                with_method!(self, _c: M => <M as $crate::Method>::RESIDUAL)
             }
 
             /// The flags that set the method's hyper-parameters, each with what it means here.

@@ -107,6 +107,7 @@ impl LorettaAdpConfig {
 
 impl Method for LorettaAdpConfig {
     const NAME: &'static str = "loretta-adp";
+    const RESIDUAL: bool = true;
     const FLAGS: &'static [FlagField] = &[
         sets(Flag::Bottleneck, "bottleneck", "bottleneck width"),
         sets(Flag::TensorRank, "tensor_rank", "TT rank of the projections' trains"),
