@@ -385,19 +385,14 @@ fn hf_name(name: &str) -> Option<String> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, local) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match local {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
+    let stem = local.strip_suffix(".weight")?;
+    // The projections' names come from the family's layout table; the norms are not in it.
+    let hf = match stem {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => crate::llama::LAYOUT.iter().find(|row| row.gguf == Some(stem))?.name,
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    Some(format!("model.layers.{layer}.{hf}.weight"))
 }
 
 /// Undoes llama.cpp's `permute` of Q/K rows: GGUF row `h·d_h + 2i + s` is HF row

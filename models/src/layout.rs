@@ -13,6 +13,8 @@ use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, ResidualAdapter, Resi
 pub struct Projection {
     /// HF module name inside a block (`self_attn.q_proj`, `attention.output.dense`).
     pub name: &'static str,
+    /// Its name in llama.cpp's GGUF files (`attn_q`), for families GGUF files hold.
+    pub gguf: Option<&'static str>,
     /// The attention role, for methods that index by it; `None` for feed-forward projections.
     pub role: Option<AttentionMatrix>,
     /// `(d_in, d_out)` in a model of shape `spec`.
@@ -64,14 +66,14 @@ pub fn load_projections<B: Backend, const N: usize>(
 
 /// Defines a family's block struct `$block` and its layout table `$table`, and implements
 /// [`LayoutBlock`] from the table: one row per projection, `field: "hf.name", role,
-/// |spec| (d_in, d_out);`. The block's fields are the table's projections (an `AdaptedLinear`
+/// |spec| (d_in, d_out);` (`"hf.name" / "gguf_name"` where GGUF files hold the family). The block's fields are the table's projections (an `AdaptedLinear`
 /// each), its two residual adapter slots (`attention_adapter`, `ffn_adapter`), then `$field`s.
 macro_rules! layout_table {
     (
         $(#[$block_doc:meta])*
         $block:ident { $($(#[$field_doc:meta])* $field:ident: $field_ty:ty,)* }
         $(#[$doc:meta])*
-        $table:ident { $($proj:ident: $name:literal, $role:expr, $shape:expr;)* }
+        $table:ident { $($proj:ident: $name:literal $(/ $gguf:literal)?, $role:expr, $shape:expr;)* }
     ) => {
         $(#[$block_doc])*
         #[derive(Module, Debug)]
@@ -89,7 +91,12 @@ macro_rules! layout_table {
 
         $(#[$doc])*
         pub const $table: &[$crate::layout::Projection] =
-            &[$($crate::layout::Projection { name: $name, role: $role, shape: $shape }),*];
+            &[$($crate::layout::Projection {
+                name: $name,
+                gguf: $crate::layout::optional!($($gguf)?),
+                role: $role,
+                shape: $shape,
+            }),*];
 
         impl<B: Backend> $crate::layout::LayoutBlock<B> for $block<B> {
             const LAYOUT: &'static [$crate::layout::Projection] = $table;
@@ -115,3 +122,14 @@ macro_rules! layout_table {
     };
 }
 pub(crate) use layout_table;
+
+/// `Some(x)` for `x`, `None` for nothing: an optional column of `layout_table!`.
+macro_rules! optional {
+    () => {
+        None
+    };
+    ($value:expr) => {
+        Some($value)
+    };
+}
+pub(crate) use optional;

@@ -49,13 +49,13 @@ layout_table! {
     }
     /// The adaptable projections of a [`LlamaBlock`] (HF names, `(d_in, d_out)`), in checkpoint order.
     LAYOUT {
-        q_proj: "self_attn.q_proj", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
-        k_proj: "self_attn.k_proj", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim());
-        v_proj: "self_attn.v_proj", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim());
-        o_proj: "self_attn.o_proj", Some(AttentionMatrix::Output), |s| (s.hidden, s.hidden);
-        gate_proj: "mlp.gate_proj", None, |s| (s.hidden, s.intermediate);
-        up_proj: "mlp.up_proj", None, |s| (s.hidden, s.intermediate);
-        down_proj: "mlp.down_proj", None, |s| (s.intermediate, s.hidden);
+        q_proj: "self_attn.q_proj" / "attn_q", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
+        k_proj: "self_attn.k_proj" / "attn_k", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim());
+        v_proj: "self_attn.v_proj" / "attn_v", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim());
+        o_proj: "self_attn.o_proj" / "attn_output", Some(AttentionMatrix::Output), |s| (s.hidden, s.hidden);
+        gate_proj: "mlp.gate_proj" / "ffn_gate", None, |s| (s.hidden, s.intermediate);
+        up_proj: "mlp.up_proj" / "ffn_up", None, |s| (s.hidden, s.intermediate);
+        down_proj: "mlp.down_proj" / "ffn_down", None, |s| (s.intermediate, s.hidden);
     }
 }
 
