@@ -868,3 +868,29 @@ fn committed_adapter_files_of_every_method_evaluate_as_recorded() {
         }
     }
 }
+
+/// A checkpoint whose `config.json` asks for a computation the models do not implement (here
+/// LLaMA-3's RoPE scaling) is refused naming the field, never run with that field ignored;
+/// counting its parameters still works.
+#[test]
+fn unimplemented_config_settings_are_refused_not_ignored() {
+    let dir = scratch("rope-scaling");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama-words")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let model = dir.to_str().unwrap();
+    let out = tpeft(&["generate", "--model", model, "--prompt", "w5", "--max-new-tokens", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rope_scaling") && err.contains("llama3") && err.contains("not implemented"), "{err}");
+    let params = tpeft(&["params", "--model", model]);
+    assert!(params.status.success(), "{}", String::from_utf8_lossy(&params.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -71,6 +71,87 @@ pub struct ArchSpec {
     pub rope_theta: f64,
     /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
     pub norm_eps: f64,
+    /// Settings of the checkpoint that change the computation in ways these models do not
+    /// implement (RoPE scaling, another activation, …): the models refuse to load it
+    /// ([`ArchSpec::require_implemented`]), while counting parameters is unaffected.
+    pub unimplemented: Vec<Unimplemented>,
+}
+
+/// A checkpoint setting the models do not implement: loading would compute something else than
+/// transformers does, so it is refused instead of silently ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unimplemented {
+    /// The `config.json` field or GGUF metadata key.
+    pub field: &'static str,
+    /// Its value, as written.
+    pub value: String,
+    /// What is not implemented.
+    pub reason: &'static str,
+}
+
+/// The largest size a `config.json` or GGUF field may give: far above any real model, it keeps
+/// every size product inside `usize` and the per-layer site lists small, so a file claiming
+/// billions of layers is refused instead of allocated.
+pub(crate) fn size_limit(field: &str) -> u64 {
+    if field.ends_with("num_hidden_layers") || field.ends_with("block_count") { 1 << 12 } else { 1 << 24 }
+}
+
+/// θ of the rotary embedding (`rope_theta`, or inside transformers ≥ 5's `rope_parameters`) and
+/// the `config.json` settings that change the computation in ways the models do not implement.
+fn computation_settings(
+    json: &Value,
+    path: &Path,
+    family: Family,
+    rope_theta: f64,
+) -> Result<(f64, Vec<Unimplemented>), ModelError> {
+    let mut unimplemented = Vec::new();
+    let mut refuse = |field: &'static str, value: &Value, reason: &'static str| {
+        unimplemented.push(Unimplemented { field, value: value.to_string(), reason })
+    };
+    let scaled = |v: &Value| {
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+        kind != "default"
+    };
+    let mut theta = rope_theta;
+    match family {
+        Family::Llama => {
+            if let Some(v) = json.get("rope_scaling").filter(|v| !v.is_null() && scaled(v)) {
+                refuse("rope_scaling", v, "RoPE scaling is not implemented (positions would differ from transformers)");
+            }
+            if let Some(v) = json.get("rope_parameters").filter(|v| !v.is_null()) {
+                if scaled(v) {
+                    refuse(
+                        "rope_parameters",
+                        v,
+                        "RoPE scaling is not implemented (positions would differ from transformers)",
+                    );
+                }
+                if let Some(t) = v.get("rope_theta") {
+                    theta = t.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| ModelError::Field {
+                        path: path.to_path_buf(),
+                        field: "rope_parameters.rope_theta",
+                        problem: format!("is {t}, expected a positive number"),
+                    })?;
+                }
+            }
+            if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
+                refuse("hidden_act", v, "LLaMA-family blocks compute SwiGLU with SiLU only");
+            }
+            let positions = json.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(u64::MAX);
+            if let Some(v) = json.get("sliding_window").filter(|v| v.as_u64().is_some_and(|w| w < positions)) {
+                refuse("sliding_window", v, "sliding-window attention is not implemented");
+            }
+        }
+        Family::Bert => {
+            if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("gelu")) {
+                refuse("hidden_act", v, "BERT-family blocks compute exact (erf) GELU only");
+            }
+            if let Some(v) = json.get("position_embedding_type").filter(|v| v.as_str() != Some("absolute")) {
+                refuse("position_embedding_type", v, "only absolute position embeddings are implemented");
+            }
+        }
+    }
+    Ok((theta, unimplemented))
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
@@ -93,6 +174,7 @@ impl ArchSpec {
             tie_embeddings: false,
             rope_theta: 10000.0,
             norm_eps: 1e-5,
+            unimplemented: Vec::new(),
         };
         let bert = |hidden, intermediate, layers, heads, vocab, positions, type_vocab| ArchSpec {
             family: Family::Bert,
@@ -101,6 +183,7 @@ impl ArchSpec {
             type_vocab,
             rope_theta: 0.0,
             norm_eps: 1e-12,
+            unimplemented: Vec::new(),
             ..llama(hidden, intermediate, layers, heads, heads)
         };
         Some(match name {
@@ -144,10 +227,8 @@ impl ArchSpec {
     pub fn from_config_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
         let field_err =
             |field: &'static str, problem: String| ModelError::Field { path: PathBuf::from(path), field, problem };
-        // Bounds far above any real model that keep every size product inside `usize` and the
-        // per-layer site lists small: a config claiming billions of layers is refused, not allocated.
         let count = |field: &'static str| -> Result<usize, ModelError> {
-            let max: u64 = if field == "num_hidden_layers" { 1 << 12 } else { 1 << 24 };
+            let max = size_limit(field);
             match json.get(field) {
                 None => Err(field_err(field, "is missing (expected a positive integer)".into())),
                 Some(v) => v
@@ -203,6 +284,24 @@ impl ArchSpec {
                 format!("is {kv_heads}, which does not divide num_attention_heads {heads}"),
             ));
         }
+        for field in ["attention_bias", "mlp_bias"] {
+            match json.get(field) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(v) => {
+                    return Err(field_err(field, format!("is {v}; projections with biases are not implemented")));
+                }
+            }
+        }
+        if let Some(v) = json.get("head_dim").filter(|v| !v.is_null())
+            && v.as_u64() != Some((hidden / heads) as u64)
+        {
+            let problem = format!(
+                "is {v}; heads of another width than hidden_size / num_attention_heads = {} are not implemented",
+                hidden / heads
+            );
+            return Err(field_err("head_dim", problem));
+        }
+        let (rope_theta, unimplemented) = computation_settings(json, path, family, float("rope_theta", 10000.0)?)?;
         let tie_embeddings = match json.get("tie_word_embeddings") {
             None | Some(Value::Null) => family == Family::Bert,
             Some(Value::Bool(b)) => *b,
@@ -222,12 +321,26 @@ impl ArchSpec {
             positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
             type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
             tie_embeddings,
-            rope_theta: if family == Family::Llama { float("rope_theta", 10000.0)? } else { 0.0 },
+            rope_theta: if family == Family::Llama { rope_theta } else { 0.0 },
             norm_eps: match family {
                 Family::Llama => float("rms_norm_eps", 1e-6)?,
                 Family::Bert => float("layer_norm_eps", 1e-12)?,
             },
+            unimplemented,
         })
+    }
+
+    /// Errors naming the first setting the models do not implement, if any
+    /// ([`ArchSpec::unimplemented`]).
+    pub fn require_implemented(&self) -> Result<(), ModelError> {
+        match self.unimplemented.first() {
+            None => Ok(()),
+            Some(u) => Err(ModelError::Field {
+                path: PathBuf::from(&self.source),
+                field: u.field,
+                problem: format!("is {}; {}", u.value, u.reason),
+            }),
+        }
     }
 
     /// Head width.
@@ -383,6 +496,56 @@ mod tests {
             }
             let err = ArchSpec::from_config_json(&bad, p).unwrap_err().to_string();
             assert!(err.contains(field) && err.contains("m/config.json"), "{err}");
+        }
+    }
+
+    /// Settings that change the computation are implemented or refused, never ignored: shapes the
+    /// models cannot hold are errors at once; computations they do not implement are recorded, so
+    /// that counting still works and loading refuses them.
+    #[test]
+    fn settings_the_models_do_not_implement_are_refused_naming_the_field() {
+        let p = Path::new("m/config.json");
+        let llama = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "max_position_embeddings": 8192,
+            "hidden_act": "silu", "rope_scaling": null, "attention_bias": false, "mlp_bias": false, "head_dim": 16,
+            "sliding_window": null});
+        let with = |base: &Value, field: &str, value: Value| {
+            let mut c = base.clone();
+            c[field] = value;
+            ArchSpec::from_config_json(&c, p)
+        };
+        let spec = ArchSpec::from_config_json(&llama, p).unwrap();
+        assert!(spec.unimplemented.is_empty() && spec.require_implemented().is_ok());
+        // transformers >= 5 spells θ inside `rope_parameters`; the default type is implemented.
+        let v5 = with(&llama, "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 5e5}));
+        assert_eq!(v5.unwrap().rope_theta, 5e5);
+        let llama3 = serde_json::json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        for (field, value) in [
+            ("rope_scaling", llama3.clone()),
+            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0})),
+            ("rope_parameters", serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})),
+            ("hidden_act", "gelu".into()),
+            ("sliding_window", 4096.into()),
+        ] {
+            let spec = with(&llama, field, value.clone()).unwrap();
+            assert_eq!(spec.unimplemented.len(), 1, "{field}: {value}");
+            let err = spec.require_implemented().unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("m/config.json") && err.contains(&value.to_string()), "{err}");
+        }
+        // A window as long as the context never applies.
+        assert!(with(&llama, "sliding_window", 8192.into()).unwrap().unimplemented.is_empty());
+        for (field, value) in [("attention_bias", true.into()), ("mlp_bias", true.into()), ("head_dim", 32.into())] {
+            let err = with(&llama, field, value).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("not implemented"), "{err}");
+        }
+        let bert = serde_json::json!({"model_type": "bert", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "max_position_embeddings": 64,
+            "hidden_act": "gelu", "position_embedding_type": "absolute"});
+        assert!(ArchSpec::from_config_json(&bert, p).unwrap().unimplemented.is_empty());
+        for (field, value) in [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key")] {
+            let spec = with(&bert, field, value.into()).unwrap();
+            assert!(spec.require_implemented().unwrap_err().to_string().contains(field));
         }
     }
 }

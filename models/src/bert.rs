@@ -127,6 +127,7 @@ impl<B: Backend> Bert<B> {
     /// Accepts bare encoder names (`embeddings.…`) and `bert.`/`roberta.`-prefixed ones.
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
         let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
+        spec.require_implemented()?;
         if spec.family != Family::Bert {
             return Err(ModelError::Field {
                 path: dir.join("config.json"),

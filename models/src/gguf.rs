@@ -302,9 +302,35 @@ impl Gguf {
     }
 
     fn meta_count(&self, key: &'static str) -> Result<usize, ModelError> {
-        self.meta_field(key)?.as_u64().filter(|&n| n > 0 && n <= u32::MAX as u64).map(|n| n as usize).ok_or_else(|| {
-            ModelError::Field { path: self.path.clone(), field: key, problem: "is not a positive integer".into() }
+        let max = crate::arch::size_limit(key);
+        self.meta_field(key)?.as_u64().filter(|&n| n > 0 && n <= max).map(|n| n as usize).ok_or_else(|| {
+            ModelError::Field {
+                path: self.path.clone(),
+                field: key,
+                problem: format!("is not a positive integer up to {max}"),
+            }
         })
+    }
+
+    /// The metadata that changes the computation in ways the models do not implement.
+    fn unimplemented(&self, head_dim: usize) -> Vec<crate::arch::Unimplemented> {
+        let mut unimplemented = Vec::new();
+        let mut refuse = |field: &'static str, value: &MetaValue, reason: &'static str| {
+            unimplemented.push(crate::arch::Unimplemented { field, value: format!("{value:?}"), reason });
+        };
+        if let Some(v) = self.metadata.get("llama.rope.scaling.type").filter(|v| v.as_str() != Some("none")) {
+            refuse(
+                "llama.rope.scaling.type",
+                v,
+                "RoPE scaling is not implemented (positions would differ from transformers)",
+            );
+        }
+        for key in ["llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"] {
+            if let Some(v) = self.metadata.get(key).filter(|v| v.as_u64() != Some(head_dim as u64)) {
+                refuse(key, v, "only heads of width embedding_length / head_count are implemented");
+            }
+        }
+        unimplemented
     }
 
     /// The architecture of a llama-architecture GGUF.
@@ -349,6 +375,7 @@ impl Gguf {
             tie_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
             rope_theta: float("llama.rope.freq_base", 10000.0),
             norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            unimplemented: self.unimplemented(hidden / heads),
         })
     }
 

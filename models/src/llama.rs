@@ -178,6 +178,7 @@ impl<B: Backend> Llama<B> {
     /// parameter is frozen.
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
         let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
+        spec.require_implemented()?;
         let mut weights = Weights::from_hf_dir(dir)?;
         let model = Self::from_weights(&spec, &mut weights, device)?;
         let rest = weights.remaining();
@@ -194,6 +195,7 @@ impl<B: Backend> Llama<B> {
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, ArchSpec, TextTokenizer), ModelError> {
         let gguf = Gguf::open(path)?;
         let spec = gguf.arch_spec()?;
+        spec.require_implemented()?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let mut weights = gguf.hf_weights(&spec)?;
         drop(gguf);

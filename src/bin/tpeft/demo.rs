@@ -65,6 +65,7 @@ pub fn demo_spec() -> ArchSpec {
         tie_embeddings: true,
         rope_theta: 10000.0,
         norm_eps: 1e-5,
+        unimplemented: Vec::new(),
     }
 }
 
