@@ -239,6 +239,16 @@ fn file_values<B: Backend>(param: &FileParam<'_, B>) -> (Vec<usize>, Vec<f32>) {
     }
 }
 
+/// Shape of `param` as the file stores it, without reading its values.
+fn file_shape<B: Backend>(param: &FileParam<'_, B>) -> Vec<usize> {
+    match param {
+        FileParam::Vector(p) => p.dims().to_vec(),
+        FileParam::Matrix(p) => p.dims().to_vec(),
+        FileParam::Core(p) => p.dims().to_vec(),
+        FileParam::TransposedMatrix(p) => p.dims().into_iter().rev().collect(),
+    }
+}
+
 /// `param` with the values stored as `shape` (the file's layout), keeping its id and trainability.
 fn set_param<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, shape: [usize; D], values: Vec<f32>) {
     *param = param
@@ -252,7 +262,7 @@ fn load_file_tensor<B: Backend>(
     tensor: FileTensor<'_, B>,
     tensors: &mut TensorMap,
 ) -> Result<(), ModelError> {
-    let expected = file_values(&tensor.param).0;
+    let expected = file_shape(&tensor.param);
     let (shape, values) = match tensors.remove(name) {
         Some((shape, _)) if shape != expected => {
             return Err(ModelError::AdapterFile {

@@ -96,6 +96,9 @@ pub(crate) fn size_limit(field: &str) -> u64 {
     if field.ends_with("num_hidden_layers") || field.ends_with("block_count") { 1 << 12 } else { 1 << 24 }
 }
 
+/// Why a RoPE scaling setting is refused.
+pub(crate) const NO_ROPE_SCALING: &str = "RoPE scaling is not implemented (positions would differ from transformers)";
+
 /// θ of the rotary embedding (`rope_theta`, or inside transformers ≥ 5's `rope_parameters`) and
 /// the `config.json` settings that change the computation in ways the models do not implement.
 fn computation_settings(
@@ -116,15 +119,11 @@ fn computation_settings(
     match family {
         Family::Llama => {
             if let Some(v) = json.get("rope_scaling").filter(|v| !v.is_null() && scaled(v)) {
-                refuse("rope_scaling", v, "RoPE scaling is not implemented (positions would differ from transformers)");
+                refuse("rope_scaling", v, NO_ROPE_SCALING);
             }
             if let Some(v) = json.get("rope_parameters").filter(|v| !v.is_null()) {
                 if scaled(v) {
-                    refuse(
-                        "rope_parameters",
-                        v,
-                        "RoPE scaling is not implemented (positions would differ from transformers)",
-                    );
+                    refuse("rope_parameters", v, NO_ROPE_SCALING);
                 }
                 if let Some(t) = v.get("rope_theta") {
                     theta = t.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| ModelError::Field {

@@ -319,11 +319,7 @@ impl Gguf {
             unimplemented.push(crate::arch::Unimplemented { field, value: format!("{value:?}"), reason });
         };
         if let Some(v) = self.metadata.get("llama.rope.scaling.type").filter(|v| v.as_str() != Some("none")) {
-            refuse(
-                "llama.rope.scaling.type",
-                v,
-                "RoPE scaling is not implemented (positions would differ from transformers)",
-            );
+            refuse("llama.rope.scaling.type", v, crate::arch::NO_ROPE_SCALING);
         }
         for key in ["llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"] {
             if let Some(v) = self.metadata.get(key).filter(|v| v.as_u64() != Some(head_dim as u64)) {

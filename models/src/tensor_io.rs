@@ -37,8 +37,6 @@ pub struct NamedParam {
 /// Which parameters of a module to read or load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Params {
-    /// Every float parameter.
-    All,
     /// Only the parameters that require a gradient.
     Trained,
     /// Loads: only the parameters with a stored tensor (the others keep their values); reads:

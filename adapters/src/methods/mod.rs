@@ -43,8 +43,8 @@ impl MethodConfig {
     pub fn from_flags(name: &str, flags: &crate::MethodFlags) -> crate::Result<Self> {
         let method = Self::from_name(name)?;
         let accepted = method.flags();
-        let given = crate::Flag::ALL.into_iter().filter(|f| flags.value(*f).is_some());
-        if let Some(flag) = given.clone().find(|f| !accepted.iter().any(|a| a.flag == *f)) {
+        let refused = |f: &crate::Flag| flags.value(*f).is_some() && !accepted.iter().any(|a| a.flag == *f);
+        if let Some(flag) = crate::Flag::ALL.into_iter().find(refused) {
             let takes: Vec<&str> = accepted.iter().map(|a| a.flag.cli()).collect();
             let (flag, method, takes) = (flag.cli(), method.name(), takes.join(", "));
             return Err(crate::AdapterError::NotApplicable { flag, method, takes });
