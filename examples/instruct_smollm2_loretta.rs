@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = finetune::<Autodiff<Flex>>(&config, &Default::default())?;
     println!("{} trained parameters; validation history: {:?}", report.trainable_params, report.history);
     let options = GenerateOptions {
+        base_dtype: Default::default(),
         prompt: "Hello, how are you?".into(),
         chat: true,
         max_new_tokens: 24,

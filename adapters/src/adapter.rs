@@ -87,11 +87,16 @@ pub trait LinearDelta<B: Backend> {
     }
 }
 
-/// `W ← W + delta`, outside the autodiff graph, keeping the weight's parameter id and trainability.
+/// `W ← W + delta`, outside the autodiff graph, keeping the weight's parameter id, trainability
+/// and dtype: a half-precision base weight is summed in f32 and rounded back once, as PEFT merges
+/// into a bf16 base (so an unmerge restores it only to that rounding).
 fn add_to_weight<B: Backend>(mut base: Linear<B>, delta: Tensor<B, 2>) -> Linear<B> {
     base.weight = base.weight.map(|w| {
         let trainable = w.is_require_grad();
-        (w.detach() + delta.detach()).set_require_grad(trainable)
+        let dtype = w.dtype();
+        let sum = w.detach().cast(delta.dtype()) + delta.detach();
+        let sum = if sum.dtype() == dtype { sum } else { sum.cast(dtype) };
+        sum.set_require_grad(trainable)
     });
     base
 }
@@ -171,7 +176,8 @@ impl<B: Backend> AdaptedLinear<B> {
             Some(adapter) => {
                 let (d_in, d_out) = adapter.dims();
                 if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
-                    let weight = self.base.weight.val() + adapter.delta_weight(shared);
+                    let delta = adapter.delta_weight(shared);
+                    let weight = self.base.weight.val().cast(delta.dtype()) + delta;
                     fused::linear(x, weight, bias())
                 } else if let Some(update) = adapter.low_rank_update(tokens, shared) {
                     fused::low_rank_linear(x, self.base.weight.val(), bias(), update.a, update.b, update.dropout)
@@ -195,7 +201,7 @@ impl<B: Backend> AdaptedLinear<B> {
         };
         // ΔW's norm from its factors: no d_in × d_out matrix per layer per evaluation.
         let delta = sqrt(adapter.delta_frobenius_sq(shared))?;
-        let weight = self.base.weight.val();
+        let weight = self.base.weight.val().cast(burn::tensor::DType::F32);
         let weight = sqrt((weight.clone() * weight).sum())?;
         Some(delta / weight.max(f64::MIN_POSITIVE))
     }

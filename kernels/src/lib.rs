@@ -23,6 +23,7 @@ pub mod loss;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
+pub mod widen;
 
 pub use simd::{exp, sigmoid};
 

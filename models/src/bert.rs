@@ -7,6 +7,7 @@ use crate::error::ModelError;
 use crate::fused::{self, AttentionMask, KeyPadding};
 use crate::inject::{Targets, adapter_slots, inject};
 use crate::layout::{layout_table, load_projections};
+use crate::precision::{BaseDType, embed};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -96,7 +97,7 @@ fn embedding<B: Backend>(
     d: usize,
     device: &B::Device,
 ) -> Result<Embedding<B>, ModelError> {
-    Ok(Embedding { weight: Param::from_tensor(w.take(name, [n, d], device)?) })
+    Ok(Embedding { weight: Param::from_tensor(w.take_matrix(name, [n, d], device)?) })
 }
 
 impl<B: Backend> BertLayer<B> {
@@ -126,6 +127,11 @@ impl<B: Backend> Bert<B> {
     /// Loads an HF BERT/RoBERTa directory (`config.json` + safetensors). Every parameter is frozen.
     /// Accepts bare encoder names (`embeddings.…`) and `bert.`/`roberta.`-prefixed ones.
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
+        Self::from_hf_dir_as(dir, device, BaseDType::F32)
+    }
+
+    /// [`Self::from_hf_dir`] with the frozen matrices held at `base` ([`BaseDType`]).
+    pub fn from_hf_dir_as(dir: &Path, device: &B::Device, base: BaseDType) -> Result<(Self, ArchSpec), ModelError> {
         let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
         spec.require_implemented()?;
         if spec.family != Family::Bert {
@@ -135,7 +141,7 @@ impl<B: Backend> Bert<B> {
                 problem: format!("is a {} model; expected a BERT-family encoder", spec.family.name()),
             });
         }
-        let mut w = Weights::from_hf_dir(dir)?.strip_prefixes(&["bert.", "roberta."]);
+        let mut w = Weights::from_hf_dir(dir)?.strip_prefixes(&["bert.", "roberta."]).with_base_dtype(base);
         let roberta = std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("\"roberta\""));
         let (d, eps) = (spec.hidden, spec.norm_eps);
         let mut layers = Vec::with_capacity(spec.layers);
@@ -193,9 +199,9 @@ impl<B: Backend> Bert<B> {
         let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
         let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
         let types = types.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
-        let x = self.word_embeddings.forward(ids)
-            + self.position_embeddings.forward(positions)
-            + self.token_type_embeddings.forward(types);
+        let x = embed(&self.word_embeddings, ids)
+            + embed(&self.position_embeddings, positions)
+            + embed(&self.token_type_embeddings, types);
         let mut x = norm(&self.embeddings_norm, x, self.norm_eps);
         let heads = self.layers.first().map_or(1, |l| l.n_heads);
         let mask = AttentionMask::KeyPadding(KeyPadding::new(mask, heads));
@@ -244,7 +250,10 @@ impl<B: Backend> Bert<B> {
     /// Pooler output `tanh(W·h_[CLS] + b)` (`[B, d]`), for sequence classification heads.
     pub fn pooled(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
         let [b, _, d] = hidden.dims();
-        self.pooler.as_ref().map(|p| tanh(p.forward(hidden.narrow(1, 0, 1).reshape([b, d]))))
+        self.pooler.as_ref().map(|p| {
+            let first = hidden.narrow(1, 0, 1).reshape([b, d]);
+            tanh(fused::linear(first, p.weight.val(), p.bias.as_ref().map(|b| b.val())))
+        })
     }
 
     /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are

@@ -8,9 +8,11 @@
 
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
+use crate::precision::StoredDType;
 use crate::weights::Weights;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -375,20 +377,40 @@ impl Gguf {
         })
     }
 
-    /// Every tensor dequantised and renamed to the HF layout.
-    pub fn hf_weights(&self, spec: &ArchSpec) -> Result<Weights, ModelError> {
+    /// Every tensor renamed to the HF layout, each dequantised (and its Q/K rows restored to the
+    /// rotate-half order) only when the model takes it, so that a load holds one tensor in f32 at
+    /// a time.
+    pub fn hf_weights(self: &Arc<Self>, spec: &ArchSpec) -> Result<Weights, ModelError> {
         let mut weights = Weights::default();
         let head_dim = spec.head_dim();
-        for t in &self.tensors {
+        for (index, t) in self.tensors.iter().enumerate() {
             let name =
                 hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors { count: 1, example: t.name.clone() })?;
-            let (shape, mut values) = self.dequantize_tensor(t)?;
-            if name.ends_with("self_attn.q_proj.weight") {
-                values = unpermute_rope_rows(&values, spec.heads, head_dim, shape[1]);
+            let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+            let rope_heads = if name.ends_with("self_attn.q_proj.weight") {
+                Some(spec.heads)
             } else if name.ends_with("self_attn.k_proj.weight") {
-                values = unpermute_rope_rows(&values, spec.kv_heads, head_dim, shape[1]);
-            }
-            weights.insert(name, shape, values, self.path.clone());
+                Some(spec.kv_heads)
+            } else {
+                None
+            };
+            let stored = match TYPES.iter().find(|ty| ty.0 == t.ggml_type).map(|ty| ty.1) {
+                Some("F32") => StoredDType::F32,
+                Some("F16") => StoredDType::F16,
+                Some("BF16") => StoredDType::Bf16,
+                Some(blocks) => StoredDType::Blocks(blocks),
+                None => unreachable!("every tensor's type was checked by `parse`"),
+            };
+            let gguf = Arc::clone(self);
+            let decode = Box::new(move || {
+                let t = &gguf.tensors[index];
+                let (shape, values) = gguf.dequantize_tensor(t)?;
+                Ok(match rope_heads {
+                    Some(heads) => unpermute_rope_rows(&values, heads, head_dim, shape[1]),
+                    None => values,
+                })
+            });
+            weights.insert(name, shape, stored, decode, self.path.clone());
         }
         Ok(weights)
     }

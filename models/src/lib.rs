@@ -16,6 +16,7 @@ pub mod heads;
 pub mod inject;
 pub mod layout;
 pub mod llama;
+pub mod precision;
 pub mod sampling;
 pub mod tensor_io;
 pub mod tokenizer;
@@ -27,6 +28,7 @@ pub use error::ModelError;
 pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
+pub use precision::BaseDType;
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;
 pub use weights::Weights;

@@ -8,13 +8,14 @@ use crate::fused::{self, AttentionMask, Rope};
 use crate::gguf::Gguf;
 use crate::inject::{Targets, adapter_slots, inject};
 use crate::layout::{layout_table, load_projections};
+use crate::precision::{BaseDType, StoredDType, embed};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
 use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
 
@@ -104,25 +105,36 @@ impl<B: Backend> ParamSource<B> for FromWeights<'_, B> {
         self.weights.take(&format!("{name}.weight"), [d], self.device)
     }
     fn embedding(&mut self, name: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError> {
-        self.weights.take(&format!("{name}.weight"), [vocab, d], self.device)
+        self.weights.take_matrix(&format!("{name}.weight"), [vocab, d], self.device)
     }
 }
 
 /// HF's `LlamaPreTrainedModel` init: matrices N(0, 0.02²), norm scales 1. Created directly on the
-/// device in the backend's float type, so a 7B-shaped model never passes through host memory.
+/// device, one matrix at a time, and held at `dtype`, so a 7B-shaped model never passes through
+/// host memory nor exists whole in f32.
 struct RandomInit<'a, B: Backend> {
     device: &'a B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend> RandomInit<'_, B> {
+    fn matrix(&self, shape: [usize; 2]) -> Result<Tensor<B, 2>, ModelError> {
+        crate::weights::backend_holds::<B>(self.dtype, self.device)
+            .map_err(|reason| ModelError::Weights { path: "random weights".into(), reason })?;
+        let t = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), self.device);
+        Ok(if self.dtype == t.dtype() { t } else { t.cast(self.dtype) })
+    }
 }
 
 impl<B: Backend> ParamSource<B> for RandomInit<'_, B> {
     fn projection(&mut self, _: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError> {
-        Ok(Tensor::random([d_in, d_out], Distribution::Normal(0.0, 0.02), self.device))
+        self.matrix([d_in, d_out])
     }
     fn norm(&mut self, _: &str, d: usize) -> Result<Tensor<B, 1>, ModelError> {
         Ok(Tensor::ones([d], self.device))
     }
     fn embedding(&mut self, _: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError> {
-        Ok(Tensor::random([vocab, d], Distribution::Normal(0.0, 0.02), self.device))
+        self.matrix([vocab, d])
     }
 }
 
@@ -177,9 +189,14 @@ impl<B: Backend> Llama<B> {
     /// Loads an HF model directory (`config.json` + safetensors, single or sharded). Every
     /// parameter is frozen.
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
+        Self::from_hf_dir_as(dir, device, BaseDType::F32)
+    }
+
+    /// [`Self::from_hf_dir`] with the frozen matrices held at `base` ([`BaseDType`]).
+    pub fn from_hf_dir_as(dir: &Path, device: &B::Device, base: BaseDType) -> Result<(Self, ArchSpec), ModelError> {
         let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
         spec.require_implemented()?;
-        let mut weights = Weights::from_hf_dir(dir)?;
+        let mut weights = Weights::from_hf_dir(dir)?.with_base_dtype(base);
         let model = Self::from_weights(&spec, &mut weights, device)?;
         let rest = weights.remaining();
         // HF checkpoints may carry precomputed rotary tables; nothing else may be left over.
@@ -193,11 +210,20 @@ impl<B: Backend> Llama<B> {
     /// Loads a llama-architecture GGUF file (weights dequantised to f32, Q/K rows restored to the
     /// HF rotate-half layout) together with its embedded tokenizer.
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, ArchSpec, TextTokenizer), ModelError> {
-        let gguf = Gguf::open(path)?;
+        Self::from_gguf_as(path, device, BaseDType::F32)
+    }
+
+    /// [`Self::from_gguf`] with the frozen matrices held at `base` ([`BaseDType`]).
+    pub fn from_gguf_as(
+        path: &Path,
+        device: &B::Device,
+        base: BaseDType,
+    ) -> Result<(Self, ArchSpec, TextTokenizer), ModelError> {
+        let gguf = std::sync::Arc::new(Gguf::open(path)?);
         let spec = gguf.arch_spec()?;
         spec.require_implemented()?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
-        let mut weights = gguf.hf_weights(&spec)?;
+        let mut weights = gguf.hf_weights(&spec)?.with_base_dtype(base);
         drop(gguf);
         let model = Self::from_weights(&spec, &mut weights, device)?;
         if let Some(example) = weights.remaining().first() {
@@ -247,7 +273,15 @@ impl<B: Backend> Llama<B> {
     /// norms), created on `device` in the backend's float type. For benchmarks of shapes whose
     /// real weights are out of reach (`llama2-7b`): speed does not depend on the values.
     pub fn random(spec: &ArchSpec, device: &B::Device) -> Result<Self, ModelError> {
-        Self::build(spec, &mut RandomInit { device })
+        Self::random_as(spec, device, BaseDType::F32)
+    }
+
+    /// [`Self::random`] with the matrices held at `base` (`native` means f32 here).
+    pub fn random_as(spec: &ArchSpec, device: &B::Device, base: BaseDType) -> Result<Self, ModelError> {
+        let dtype = base
+            .resolve(StoredDType::F32)
+            .map_err(|reason| ModelError::Weights { path: "random weights".into(), reason })?;
+        Self::build(spec, &mut RandomInit { device, dtype })
     }
 
     fn build(spec: &ArchSpec, src: &mut impl ParamSource<B>) -> Result<Self, ModelError> {
@@ -356,7 +390,7 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
         let total = start + t;
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = embed(&self.embed_tokens, tokens);
         let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
         let d_h = x.dims()[2] / heads;
         let rope = Rope::new(start, t, d_h, self.rope_theta, &[heads, kv_heads], &device);

@@ -88,7 +88,7 @@ pub fn write_safetensors(path: &Path, tensors: &TensorMap, metadata: &[(&str, &s
 pub fn read_safetensors(path: &Path) -> Result<TensorMap, ModelError> {
     let mut weights = Weights::default();
     weights.add_file(path)?;
-    Ok(weights.into_map())
+    weights.into_map()
 }
 
 /// Ids of the parameters that require a gradient (burn-store's snapshots do not tell).

@@ -1,42 +1,113 @@
-//! Reading HF checkpoints: `model.safetensors` or a sharded `model.safetensors.index.json`,
-//! F32/F16/BF16 converted to f32 on load.
+//! Reading HF checkpoints: `model.safetensors` or a sharded `model.safetensors.index.json`.
+//! Norm scales and biases are read as f32; the frozen matrices (projections, embeddings) at the
+//! base dtype ([`BaseDType`]), without an f32 copy of a half-precision file.
 //!
 //! Files are memory-mapped and each tensor is converted only when the model takes it, so a load
 //! never holds the checkpoint twice in anonymous memory (the mapping is file-backed page cache).
 
 use crate::error::ModelError;
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use crate::precision::{BaseDType, StoredDType};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend, bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Decodes one tensor of a file that is not a safetensors mapping (a GGUF tensor), when taken.
+pub type Decode = Box<dyn FnOnce() -> Result<Vec<f32>, ModelError> + Send>;
+
 /// Where a tensor's values are.
-#[derive(Debug)]
 enum Stored {
-    /// Already f32 (e.g. dequantised from GGUF).
-    Owned(Vec<f32>),
+    /// Values decoded when the tensor is taken (e.g. dequantised from GGUF), in the file's dtype.
+    Lazy(Decode, StoredDType),
     /// Bytes `range` of a mapped safetensors file, in `dtype`.
     Mapped { map: Arc<memmap2::Mmap>, range: std::ops::Range<usize>, dtype: Dtype },
 }
 
-impl Stored {
-    fn into_f32(self) -> Vec<f32> {
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Stored::Owned(v) => v,
-            Stored::Mapped { map, range, dtype } => {
-                let data = &map[range];
-                match dtype {
-                    Dtype::F16 => {
-                        data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                    }
-                    Dtype::BF16 => {
-                        data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                    }
-                    _ => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Stored::Lazy(_, dtype) => write!(f, "Lazy({dtype:?})"),
+            Stored::Mapped { range, dtype, .. } => write!(f, "Mapped({dtype:?}, {range:?})"),
+        }
+    }
+}
+
+/// Row-major values of one element type, for building a tensor at the base dtype.
+enum Values {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Values {
+    fn transposed(self, rows: usize, cols: usize) -> Self {
+        fn t<T: Copy + Default>(v: Vec<T>, rows: usize, cols: usize) -> Vec<T> {
+            let mut out = vec![T::default(); v.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    out[c * rows + r] = v[r * cols + c];
                 }
             }
+            out
         }
+        match self {
+            Values::F32(v) => Values::F32(t(v, rows, cols)),
+            Values::Bf16(v) => Values::Bf16(t(v, rows, cols)),
+            Values::F16(v) => Values::F16(t(v, rows, cols)),
+        }
+    }
+
+    fn into_data(self, shape: Vec<usize>) -> TensorData {
+        match self {
+            Values::F32(v) => TensorData::new(v, shape),
+            Values::Bf16(v) => TensorData::new(v, shape),
+            Values::F16(v) => TensorData::new(v, shape),
+        }
+    }
+}
+
+impl Stored {
+    fn dtype(&self) -> StoredDType {
+        match self {
+            Stored::Lazy(_, dtype) => *dtype,
+            Stored::Mapped { dtype: Dtype::F16, .. } => StoredDType::F16,
+            Stored::Mapped { dtype: Dtype::BF16, .. } => StoredDType::Bf16,
+            Stored::Mapped { .. } => StoredDType::F32,
+        }
+    }
+
+    fn into_f32(self) -> Result<Vec<f32>, ModelError> {
+        match self.into_values(DType::F32)? {
+            Values::F32(v) => Ok(v),
+            _ => unreachable!("f32 was asked for"),
+        }
+    }
+
+    /// The values as `dtype` (f32, bf16 or f16), converted straight from the stored bytes.
+    fn into_values(self, dtype: DType) -> Result<Values, ModelError> {
+        let values = match self {
+            Stored::Lazy(decode, _) => Values::F32(decode()?),
+            Stored::Mapped { map, range, dtype: stored } => {
+                let data = &map[range];
+                let halves = || data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+                match (stored, dtype) {
+                    (Dtype::BF16, DType::BF16) => return Ok(Values::Bf16(halves().map(bf16::from_bits).collect())),
+                    (Dtype::F16, DType::F16) => return Ok(Values::F16(halves().map(f16::from_bits).collect())),
+                    (Dtype::F16, _) => Values::F32(halves().map(|h| f16::from_bits(h).to_f32()).collect()),
+                    (Dtype::BF16, _) => Values::F32(halves().map(|h| bf16::from_bits(h).to_f32()).collect()),
+                    _ => Values::F32(
+                        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    ),
+                }
+            }
+        };
+        let Values::F32(v) = values else { unreachable!("decoded as f32 above") };
+        Ok(match dtype {
+            DType::BF16 => Values::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => Values::F16(v.into_iter().map(f16::from_f32).collect()),
+            _ => Values::F32(v),
+        })
     }
 }
 
@@ -44,6 +115,7 @@ impl Stored {
 #[derive(Debug, Default)]
 pub struct Weights {
     tensors: HashMap<String, (Vec<usize>, Stored, PathBuf)>,
+    base_dtype: BaseDType,
 }
 
 fn weights_error(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -118,9 +190,17 @@ impl Weights {
         Ok(())
     }
 
-    /// Adds one tensor (row-major `shape`), e.g. from a GGUF file.
-    pub fn insert(&mut self, name: String, shape: Vec<usize>, values: Vec<f32>, source: PathBuf) {
-        self.tensors.insert(name, (shape, Stored::Owned(values), source));
+    /// Adds one tensor (row-major `shape`) stored as `dtype` in `source` (e.g. a GGUF file), whose
+    /// values `decode` produces when the model takes it.
+    pub fn insert(&mut self, name: String, shape: Vec<usize>, dtype: StoredDType, decode: Decode, source: PathBuf) {
+        self.tensors.insert(name, (shape, Stored::Lazy(decode, dtype), source));
+    }
+
+    /// Holds the frozen matrices taken from now on ([`Self::take_transposed`],
+    /// [`Self::take_matrix`]) at `dtype`.
+    pub fn with_base_dtype(mut self, dtype: BaseDType) -> Self {
+        self.base_dtype = dtype;
+        self
     }
 
     /// Whether a tensor named `name` is present.
@@ -151,56 +231,79 @@ impl Weights {
         self.tensors.is_empty()
     }
 
-    /// Removes and returns tensor `name`, checking its shape.
+    /// Removes tensor `name`, checking its shape.
+    fn remove<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<(Stored, PathBuf), ModelError> {
+        let (found, stored, path) =
+            self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
+        if found != shape {
+            return Err(weights_error(&path, format!("tensor `{name}` has shape {found:?}, expected {shape:?}")));
+        }
+        Ok((stored, path))
+    }
+
+    /// The dtype the base dtype holds `stored` at, or why it cannot (on this backend).
+    fn frozen_dtype<B: Backend>(
+        &self,
+        name: &str,
+        stored: &Stored,
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<DType, ModelError> {
+        let dtype = self
+            .base_dtype
+            .resolve(stored.dtype())
+            .map_err(|reason| weights_error(path, format!("tensor `{name}`: {reason}")))?;
+        backend_holds::<B>(dtype, device).map_err(|reason| weights_error(path, reason))?;
+        Ok(dtype)
+    }
+
+    /// Removes and returns tensor `name` as f32 (norm scales, biases), checking its shape.
     pub fn take<B: Backend, const D: usize>(
         &mut self,
         name: &str,
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>, ModelError> {
-        let (found, stored, path) =
-            self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
-
-        if found != shape {
-            return Err(weights_error(&path, format!("tensor `{name}` has shape {found:?}, expected {shape:?}")));
-        }
-        Ok(Tensor::from_data(TensorData::new(stored.into_f32(), shape), device))
+        let (stored, _) = self.remove(name, shape)?;
+        Ok(Tensor::from_data(TensorData::new(stored.into_f32()?, shape), device))
     }
 
-    /// Removes and returns the 2-D tensor `name` stored as `[rows, cols]` (HF's `[out, in]`) as
-    /// Burn's `[cols, rows]` (`[in, out]`): transposed into contiguous memory, or, where the
-    /// backend's GEMMs run faster that way ([`crate::fused::weight_as_transposed_view`]), a
-    /// transposed view of the stored layout.
+    /// Removes and returns the frozen matrix `name` (an embedding table) at the base dtype.
+    pub fn take_matrix<B: Backend>(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let (stored, path) = self.remove(name, shape)?;
+        let dtype = self.frozen_dtype::<B>(name, &stored, &path, device)?;
+        held_at(Tensor::from_data(stored.into_values(dtype)?.into_data(shape.to_vec()), (device, dtype)), dtype, &path)
+    }
+
+    /// Removes and returns the frozen 2-D matrix `name` stored as `[rows, cols]` (HF's `[out, in]`)
+    /// as Burn's `[cols, rows]` (`[in, out]`) at the base dtype: transposed into contiguous memory,
+    /// or, where the backend's GEMMs run faster that way
+    /// ([`crate::fused::weight_as_transposed_view`]), a transposed view of the stored layout.
     pub fn take_transposed<B: Backend>(
         &mut self,
         name: &str,
         [rows, cols]: [usize; 2],
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        let (found, stored, path) =
-            self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into() })?;
-        if found != [rows, cols] {
-            return Err(weights_error(
-                &path,
-                format!("tensor `{name}` has shape {found:?}, expected {:?}", [rows, cols]),
-            ));
-        }
-        let values = stored.into_f32();
-        if crate::fused::weight_as_transposed_view::<B>(cols, rows) {
-            return Ok(Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device).transpose());
-        }
-        let mut transposed = vec![0.0f32; values.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                transposed[c * rows + r] = values[r * cols + c];
-            }
-        }
-        Ok(Tensor::from_data(TensorData::new(transposed, [cols, rows]), device))
+        let (stored, path) = self.remove(name, [rows, cols])?;
+        let dtype = self.frozen_dtype::<B>(name, &stored, &path, device)?;
+        let values = stored.into_values(dtype)?;
+        let tensor = if crate::fused::weight_as_transposed_view::<B>(cols, rows) {
+            Tensor::<B, 2>::from_data(values.into_data(vec![rows, cols]), (device, dtype)).transpose()
+        } else {
+            Tensor::from_data(values.transposed(rows, cols).into_data(vec![cols, rows]), (device, dtype))
+        };
+        held_at(tensor, dtype, &path)
     }
 
     /// Every remaining tensor converted to f32, by name.
-    pub fn into_map(self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-        self.tensors.into_iter().map(|(name, (shape, stored, _))| (name, (shape, stored.into_f32()))).collect()
+    pub fn into_map(self) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+        self.tensors.into_iter().map(|(name, (shape, stored, _))| Ok((name, (shape, stored.into_f32()?)))).collect()
     }
 
     /// Names of the tensors not taken yet (a checkpoint with unexpected tensors is refused).
@@ -209,4 +312,31 @@ impl Weights {
         names.sort();
         names
     }
+}
+
+/// Whether backend `B` can hold tensors of `dtype` (ndarray holds no half-precision floats); the
+/// error says what to choose instead.
+pub fn backend_holds<B: Backend>(dtype: DType, device: &B::Device) -> Result<(), String> {
+    if B::supports_dtype(device, dtype) {
+        return Ok(());
+    }
+    Err(format!(
+        "the {} backend cannot hold {dtype:?} tensors; use --base-dtype f32 or --backend flex",
+        B::name(device)
+    ))
+}
+
+/// `tensor`, or an error when the backend did not keep the dtype asked for.
+fn held_at<B: Backend>(tensor: Tensor<B, 2>, dtype: DType, path: &Path) -> Result<Tensor<B, 2>, ModelError> {
+    if tensor.dtype() == dtype {
+        return Ok(tensor);
+    }
+    Err(weights_error(
+        path,
+        format!(
+            "the {} backend cannot hold {dtype:?} tensors (it made {:?}); use another --base-dtype or --backend flex",
+            B::name(&tensor.device()),
+            tensor.dtype()
+        ),
+    ))
 }

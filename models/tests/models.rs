@@ -929,6 +929,26 @@ fn gelu_with_supplied_derivative_matches_exact_gelu() {
     assert!(diff <= 5e-7, "{diff}");
 }
 
+/// Base dtypes that cannot be held are refused when loading, naming the file and what to use:
+/// ndarray stores f32 only, quantized bases are not implemented yet.
+#[test]
+fn unsupported_base_dtypes_are_refused_with_the_reason() {
+    use tensor_peft_models::BaseDType;
+    let device = Default::default();
+    let err = Llama::<B>::from_hf_dir_as(&fixture(), &device, BaseDType::Bf16).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("cannot hold BF16"), "{err}");
+    for base in [BaseDType::Q8_0, BaseDType::Q4_0] {
+        let err = Llama::<B>::from_hf_dir_as(&fixture(), &device, base).unwrap_err().to_string();
+        assert!(err.contains(&format!("--base-dtype {base}")) && err.contains("not implemented"), "{err}");
+    }
+    let spec = ArchSpec::preset("llama2-7b").unwrap();
+    let err = Llama::<B>::random_as(&spec, &device, BaseDType::F16).err().unwrap().to_string();
+    assert!(err.contains("cannot hold F16"), "{err}");
+    // f32 and `native` of an f32 file load as before.
+    let (model, _) = Llama::<B>::from_hf_dir_as(&fixture(), &device, BaseDType::Native).unwrap();
+    assert_eq!(model.embed_tokens.weight.val().dtype(), burn::tensor::DType::F32);
+}
+
 /// The fused kernels that run on flex (`fused` module) against Burn's op chains on ndarray, the
 /// path every other backend takes: values and gradients, op by op and through a whole model.
 #[cfg(feature = "flex")]
@@ -1268,6 +1288,94 @@ mod fused_on_flex {
         for (row, expected) in got.iter().zip(reference["embeddings"].as_array().unwrap()) {
             let max_err = max_abs_diff(row, expected);
             assert!(max_err < 1e-5, "flex embedding differs from sentence-transformers by {max_err}");
+        }
+    }
+
+    /// A copy of the tiny LLaMA whose matrices are stored as `dtype` ("BF16" or "F16", rounded to
+    /// nearest even) and whose norm scales stay f32, as HF half-precision checkpoints are.
+    fn half_precision_copy(dtype: &str) -> PathBuf {
+        use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+        let dir = std::env::temp_dir().join(format!("tpeft-{dtype}-llama-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+        let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in file.tensors() {
+            let shape = view.shape().to_vec();
+            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            let (stored, data): (Dtype, Vec<u8>) = match (shape.len(), dtype) {
+                (2, "BF16") => (Dtype::BF16, values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect()),
+                (2, _) => (Dtype::F16, values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect()),
+                _ => (Dtype::F32, view.data().to_vec()),
+            };
+            out.push((name, stored, shape, data));
+        }
+        let views: Vec<(String, TensorView<'_>)> = out
+            .iter()
+            .map(|(name, dtype, shape, data)| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+            .collect();
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        dir
+    }
+
+    /// The dtypes of a model's 2-D parameters (its frozen matrices and any adapter factors).
+    fn matrix_dtypes<Bk: Backend, M: Module<Bk>>(model: &M) -> Vec<burn::tensor::DType> {
+        struct Collect(Vec<burn::tensor::DType>);
+        impl<Bk: Backend> ModuleVisitor<Bk> for Collect {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+                if D == 2 {
+                    self.0.push(p.val().dtype());
+                }
+            }
+        }
+        let mut visitor = Collect(Vec::new());
+        model.visit(&mut visitor);
+        visitor.0
+    }
+
+    /// A bf16 / f16 base (converted on load from f32, or kept from a half-precision file with
+    /// `native`) holds its matrices in that dtype, and computes exactly what an f32 model holding
+    /// the same rounded values computes: each product widens the weight to f32 (exact) and runs
+    /// the same f32 GEMM, so logits and the adapter's gradients agree to the last bit. Against
+    /// the unrounded f32 model they differ only by the rounding of the weights.
+    #[test]
+    fn half_precision_base_computes_what_an_f32_model_of_the_rounded_weights_computes() {
+        use burn::tensor::DType;
+        use tensor_peft_models::BaseDType;
+        use tensor_peft_models::adapter_file::load_adapter;
+        let device = Default::default();
+        let (ids, _, _) = expected();
+        let lora = fixture().join("../tiny-llama-peft-lora");
+        let run = |dir: &PathBuf, base: BaseDType| {
+            let (mut model, spec) = Llama::<F>::from_hf_dir_as(dir, &device, base).unwrap();
+            let frozen = matrix_dtypes(&model);
+            load_adapter(&mut model, &spec, &lora).unwrap();
+            let logits = model.forward(tokens::<F>(&ids, &device));
+            let loss = (logits.clone() * input::<F, 3>(logits.dims(), 7)).sum();
+            let grads = trainable_grads(&model, &loss.backward());
+            (frozen, logits.into_data().to_vec::<f32>().unwrap(), grads)
+        };
+        let (_, exact_logits, _) = run(&fixture(), BaseDType::F32);
+        for (name, base, dtype) in [("BF16", BaseDType::Bf16, DType::BF16), ("F16", BaseDType::F16, DType::F16)] {
+            let copy = half_precision_copy(name);
+            // The reference: an f32 model holding the rounded values.
+            let (frozen, ref_logits, ref_grads) = run(&copy, BaseDType::F32);
+            assert!(frozen.iter().all(|d| *d == DType::F32));
+            for (label, dir, base) in
+                [("converted on load", fixture(), base), ("native", copy.clone(), BaseDType::Native)]
+            {
+                let (frozen, logits, grads) = run(&dir, base);
+                assert!(frozen.len() >= 8 && frozen.iter().all(|d| *d == dtype), "{name} {label}: {frozen:?}");
+                assert_eq!(logits, ref_logits, "{name} {label}: logits");
+                assert_eq!(grads.len(), ref_grads.len());
+                for (i, (a, b)) in grads.iter().zip(&ref_grads).enumerate() {
+                    assert_eq!(a, b, "{name} {label}: adapter gradient {i}");
+                }
+            }
+            let rounding = exact_logits.iter().zip(&ref_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(rounding > 0.0 && rounding < 0.05, "{name}: rounding moved the logits by {rounding}");
+            std::fs::remove_dir_all(copy).unwrap();
         }
     }
 

@@ -8,7 +8,7 @@ use crate::optim::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tensor_peft_adapters::MethodConfig;
-use tensor_peft_models::Targets;
+use tensor_peft_models::{BaseDType, Targets};
 
 /// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,6 +16,8 @@ use tensor_peft_models::Targets;
 pub struct TrainConfig {
     /// HF model directory or `.gguf` file.
     pub model: PathBuf,
+    /// The precision the frozen base model is held at (adapters train in f32 whatever it is).
+    pub base_dtype: BaseDType,
     /// The task.
     pub task: TaskKind,
     /// Training data (JSONL/CSV/TSV), or `builtin:vader-movie-reviews` / `builtin:chatterbot`.
@@ -97,6 +99,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: PathBuf::new(),
+            base_dtype: BaseDType::F32,
             task: TaskKind::Classification,
             train: PathBuf::new(),
             valid: None,

@@ -25,6 +25,8 @@ pub struct EvalOptions {
     pub skip_bad_rows: bool,
     /// Examples per batch.
     pub batch_size: usize,
+    /// The precision the frozen base model is held at.
+    pub base_dtype: tensor_peft_models::BaseDType,
 }
 
 /// One example's prediction, for error analysis and paired comparisons between runs.
@@ -103,7 +105,7 @@ pub fn evaluate_with_predictions<B: Backend>(
         extras.into_iter().map(|(k, v)| (format!("net.{k}"), v)).collect()
     };
     let weights = adapter.join(tensor_peft_models::adapter_file::WEIGHTS_FILE);
-    let acc = match load_base::<B>(model, device)? {
+    let acc = match load_base::<B>(model, options.base_dtype, device)? {
         BaseModel::Encoder(mut bert, spec, tokenizer) => {
             let (_, extras) = load_adapter_with_extras(&mut bert, &spec, adapter)?;
             let task = EncoderTask {

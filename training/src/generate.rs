@@ -24,6 +24,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// An adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to apply.
     pub adapter: Option<std::path::PathBuf>,
+    /// The precision the frozen base model is held at.
+    pub base_dtype: tensor_peft_models::BaseDType,
 }
 
 /// `llama` with the adapter in `dir` injected, and the other tensors the adapter trained (norms
@@ -45,9 +47,9 @@ pub fn apply_adapter<B: Backend>(
 /// Loads `model` (HF directory or `.gguf`), generates, and returns the completion text.
 pub fn generate<B: Backend>(model: &Path, options: &GenerateOptions, device: &B::Device) -> Result<String, ModelError> {
     let (mut llama, spec, tokenizer) = if model.extension().is_some_and(|e| e == "gguf") {
-        Llama::<B>::from_gguf(model, device)?
+        Llama::<B>::from_gguf_as(model, device, options.base_dtype)?
     } else {
-        let (llama, spec) = Llama::<B>::from_hf_dir(model, device)?;
+        let (llama, spec) = Llama::<B>::from_hf_dir_as(model, device, options.base_dtype)?;
         (llama, spec, TextTokenizer::from_hf_dir(model)?)
     };
     if let Some(dir) = &options.adapter {

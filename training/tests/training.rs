@@ -269,7 +269,13 @@ fn lm_config(name: &str, method: &str) -> TrainConfig {
 
 /// How the tests evaluate a saved adapter: default fields, stop at a bad row.
 fn eval_options(task: TaskKind, batch_size: usize) -> tensor_peft_training::eval::EvalOptions {
-    tensor_peft_training::eval::EvalOptions { task, fields: FieldMap::default(), skip_bad_rows: false, batch_size }
+    tensor_peft_training::eval::EvalOptions {
+        task,
+        fields: FieldMap::default(),
+        skip_bad_rows: false,
+        batch_size,
+        base_dtype: Default::default(),
+    }
 }
 
 /// LoRA on the tiny LLaMA classifying the sentiment fixture by the verbalizers `w60`/`w61`.

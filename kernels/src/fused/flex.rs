@@ -502,12 +502,47 @@ pub(super) fn softmax_cross_entropy<B: Backend>(
 // ---------------------------------------------------------------------------------------------
 // Linear
 
+/// Whether a frozen weight of this dtype can go into the linear kernels: f32, or a half-precision
+/// base weight, widened per product by [`widened`].
+fn weight_dtype_runs(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// `w` with f32 storage: `w` itself when it is f32, else its whole buffer widened into a new one
+/// with the same layout (a transposed view stays one). A half-precision base keeps only its own
+/// weights: each product widens the one it needs and drops the copy after it, forward and backward.
+fn widened(w: &FlexTensor) -> FlexTensor {
+    let layout = w.layout().clone();
+    let widen = |n: usize, fill: &dyn Fn(&mut [f32])| {
+        let mut out = vec![0.0f32; n];
+        fill(&mut out);
+        FlexTensor::new(burn::tensor::Bytes::from_elems(out), layout.clone(), DType::F32)
+    };
+    match w.dtype() {
+        DType::BF16 => {
+            let src = w.storage::<burn::tensor::bf16>();
+            widen(src.len(), &|out| crate::widen::bf16_to_f32(src, out))
+        }
+        DType::F16 => {
+            let src = w.storage::<burn::tensor::f16>();
+            widen(src.len(), &|out| crate::widen::f16_to_f32(src, out))
+        }
+        _ => w.clone(),
+    }
+}
+
 /// A 2-D flex tensor as a [`View`] of its whole buffer (any non-negative strides).
 fn view(t: &FlexTensor) -> Option<View<'_>> {
     let (rows, cols, row_stride, col_stride) = t.layout().as_2d_strides()?;
     let (row_stride, col_stride) = (usize::try_from(row_stride).ok()?, usize::try_from(col_stride).ok()?);
     let data = t.storage::<f32>();
     Some(View { data, offset: t.layout().start_offset(), rows, cols, row_stride, col_stride })
+}
+
+/// Whether the kernels take `weight`: f32, or half precision when it takes no gradient (its
+/// gradient would have to be registered in its own dtype).
+fn frozen_weight_runs<B: Backend>(weight: &Tensor<B, 2>) -> bool {
+    weight.dtype() == DType::F32 || (weight_dtype_runs(weight.dtype()) && !weight.is_require_grad())
 }
 
 /// `t` back, or `Err(t)` when its flex tensor has a negative stride.
@@ -531,6 +566,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LinearState { x, weight } = ops.state;
+        let weight = widened(&weight);
         let (Some(dy), Some(w)) = (view(&grad), view(&weight)) else {
             unreachable!("both are 2-D f32 tensors with non-negative strides (checked in the forward)")
         };
@@ -558,7 +594,7 @@ pub(super) fn linear<B: Backend>(
     let [rows, d_in] = x.dims();
     let [w_in, d_out] = weight.dims();
     let bias_fits = bias.as_ref().is_none_or(|b| b.dims() == [d_out] && b.dtype() == DType::F32);
-    if !runs::<B>() || !all_f32(&[&x, &weight]) || w_in != d_in || !bias_fits {
+    if !runs::<B>() || !all_f32(&[&x]) || !frozen_weight_runs(&weight) || w_in != d_in || !bias_fits {
         return Err((x, weight, bias));
     }
     // Flipped (negative-stride) weights, which no model makes, go to Burn.
@@ -568,7 +604,8 @@ pub(super) fn linear<B: Backend>(
     };
     let forward = move |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep_x: bool| {
         let x = contiguous(x);
-        let (Some(xv), Some(wv)) = (view(&x), view(w)) else {
+        let w32 = widened(w);
+        let (Some(xv), Some(wv)) = (view(&x), view(&w32)) else {
             unreachable!("a contiguous 2-D input, and a weight with non-negative strides (checked)")
         };
         let b = b.map(contiguous);
@@ -619,6 +656,7 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LowRankLinearState { x, x_update, h, mask, weight, a, b } = ops.state;
+        let weight = widened(&weight);
         let (Some(dy), Some(w), Some(av), Some(bv), Some(hv)) =
             (view(&grad), view(&weight), view(&a), view(&b), view(&h))
         else {
@@ -674,7 +712,8 @@ pub(super) fn low_rank_linear<B: Backend>(
     let shapes_fit = w_in == d_in && a_in == d_in && b_rank == rank && b_out == d_out;
     let usable = |t: &Tensor<B, 2>| inner(t.clone()).layout().has_positive_strides();
     if !runs::<B>()
-        || !all_f32(&[&x, &weight, &a, &b])
+        || !all_f32(&[&x, &a, &b])
+        || !frozen_weight_runs(&weight)
         || !shapes_fit
         || !bias_fits
         || !(0.0..1.0).contains(&dropout)
@@ -688,7 +727,8 @@ pub(super) fn low_rank_linear<B: Backend>(
         (B::ad_enabled(&x.device()) && dropout > 0.0).then(|| (dropout_seed::<B>(&x.device()), (1.0 - dropout) as f32));
     let forward = move |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 5]| {
         let x = contiguous(x);
-        let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(w), view(a), view(b)) else {
+        let w32 = widened(w);
+        let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(&w32), view(a), view(b)) else {
             unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
         };
         let bias = bias.map(contiguous);

@@ -36,8 +36,8 @@ pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool 
     }
 }
 
-/// `x·W + b` for `x: [rows, d_in]`, `W: [d_in, d_out]` (any strides, e.g. a transposed view),
-/// as Burn's `linear`. On flex the products run on `gemm` directly into the output buffer: flex's
+/// `x·W + b` for `x: [rows, d_in]`, `W: [d_in, d_out]` (any strides, e.g. a transposed view; a
+/// frozen `W` may be bf16 or f16, see [`crate::widen`]), as Burn's `linear`. On flex the products run on `gemm` directly into the output buffer: flex's
 /// own matmul zero-fills and then copies every output. The backward computes `W`'s and `b`'s gradients only when they
 /// are tracked, and keeps `x` only then.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
@@ -46,6 +46,9 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
+    // A half-precision frozen weight (`--base-dtype bf16`) with f32 activations joins the product
+    // widened. Off the fused kernels, autodiff keeps that f32 copy until the backward pass.
+    let weight = if weight.dtype() == x.dtype() { weight } else { weight.cast(x.dtype()) };
     burn_linear(x, weight, bias)
 }
 

@@ -56,6 +56,8 @@ pub struct BenchOptions {
     pub model: Option<std::path::PathBuf>,
     /// Batch size × sequence length of the `train-step` suite.
     pub train_shape: (usize, usize),
+    /// The precision the `model` and `train-step` suites hold the frozen base at.
+    pub base_dtype: tensor_peft_models::BaseDType,
 }
 
 /// Suite names accepted by `--suite`.
@@ -412,16 +414,17 @@ fn reset_peak_rss() -> bool {
 /// weights when `path` is a preset name such as `llama2-7b` (no such file existing).
 fn load_llama<B: Backend>(
     path: &std::path::Path,
+    base: tensor_peft_models::BaseDType,
     device: &B::Device,
 ) -> Result<(tensor_peft_models::Llama<B>, tensor_peft_models::ArchSpec), String> {
     use tensor_peft_models::Llama;
     if let Some(spec) = random_preset(path) {
-        return Llama::<B>::random(&spec, device).map(|l| (l, spec)).map_err(|e| e.to_string());
+        return Llama::<B>::random_as(&spec, device, base).map(|l| (l, spec)).map_err(|e| e.to_string());
     }
     if path.extension().is_some_and(|e| e == "gguf") {
-        Llama::<B>::from_gguf(path, device).map(|(l, s, _)| (l, s)).map_err(|e| e.to_string())
+        Llama::<B>::from_gguf_as(path, device, base).map(|(l, s, _)| (l, s)).map_err(|e| e.to_string())
     } else {
-        Llama::<B>::from_hf_dir(path, device).map_err(|e| e.to_string())
+        Llama::<B>::from_hf_dir_as(path, device, base).map_err(|e| e.to_string())
     }
 }
 
@@ -448,6 +451,7 @@ fn model_label(path: &std::path::Path) -> String {
 fn bench_train_step<B: AutodiffBackend>(
     device: &B::Device,
     path: &std::path::Path,
+    base_dtype: tensor_peft_models::BaseDType,
     (batch_size, seq): (usize, usize),
     repeats: usize,
 ) -> Result<Vec<Value>, String> {
@@ -456,7 +460,7 @@ fn bench_train_step<B: AutodiffBackend>(
     use tensor_peft_training::optim::PeftOptimizer;
     use tensor_peft_training::task::{Encoded, LmTask, Target, make_batch};
 
-    let (base, spec) = load_llama::<B>(path, device)?;
+    let (base, spec) = load_llama::<B>(path, base_dtype, device)?;
     let vocab = base.embed_tokens.weight.dims()[0] as u32;
     // Deterministic ids (the same formula as scripts/bench/smollm2_peft_train_step.py), every
     // position after the first supervised.
@@ -524,7 +528,7 @@ fn bench_train_step<B: AutodiffBackend>(
         let peak = if reset { peak_rss_mib() } else { None };
         out.push(with_fields(
             json!({
-                "suite": "train-step", "model": model_label(path), "method": name,
+                "suite": "train-step", "model": model_label(path), "method": name, "base_dtype": base_dtype.name(),
                 "batch": batch_size, "seq": seq, "adapter_params": params,
                 "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
                 "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
@@ -538,9 +542,14 @@ fn bench_train_step<B: AutodiffBackend>(
 
 /// `model` suite: load time, a 1×64-token forward (tokens/s), 32 greedy tokens with the KV cache
 /// after a 16-token prompt (tokens/s), and peak RSS.
-fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: usize) -> Result<Vec<Value>, String> {
+fn bench_model<B: Backend>(
+    device: &B::Device,
+    path: &std::path::Path,
+    base_dtype: tensor_peft_models::BaseDType,
+    repeats: usize,
+) -> Result<Vec<Value>, String> {
     let start = Instant::now();
-    let llama = load_llama::<B>(path, device)?.0;
+    let llama = load_llama::<B>(path, base_dtype, device)?.0;
     let load_s = start.elapsed().as_secs_f64();
     let vocab = llama.embed_tokens.weight.dims()[0] as i64;
     let ids: Vec<i64> = (0..64).map(|i| (i * 7919 + 13) % vocab).collect();
@@ -556,7 +565,7 @@ fn bench_model<B: Backend>(device: &B::Device, path: &std::path::Path, repeats: 
     let generated = llama.generate_greedy(&prompt, 32, None).len();
     let decode_s = start.elapsed().as_secs_f64();
     Ok(vec![json!({
-        "suite": "model", "model": model_label(path), "load_s": load_s,
+        "suite": "model", "model": model_label(path), "base_dtype": base_dtype.name(), "load_s": load_s,
         "forward_1x64_ms": forward_ms, "forward_tokens_per_s": 64.0 / (forward_ms / 1e3),
         "forward_1x64_allocations": forward_allocations,
         "generate_32_tokens_s": decode_s, "generate_tokens_per_s": generated as f64 / decode_s,
@@ -591,11 +600,17 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Re
             }
             "model" => {
                 let path = options.model.as_deref().ok_or("the model suite needs --model <HF dir | file.gguf>")?;
-                records.extend(bench_model::<B::InnerBackend>(inner, path, options.repeats)?);
+                records.extend(bench_model::<B::InnerBackend>(inner, path, options.base_dtype, options.repeats)?);
             }
             "train-step" => {
                 let path = options.model.as_deref().ok_or("the train-step suite needs --model <HF dir | file.gguf>")?;
-                records.extend(bench_train_step::<B>(device, path, options.train_shape, options.repeats)?);
+                records.extend(bench_train_step::<B>(
+                    device,
+                    path,
+                    options.base_dtype,
+                    options.train_shape,
+                    options.repeats,
+                )?);
             }
             other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
         }

@@ -20,6 +20,10 @@ pub struct FinetuneArgs {
     /// HF model directory (BERT or LLaMA family) or LLaMA .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the checkpoint
+    /// stores them); q8_0/q4_0 are not implemented yet. Adapters train in f32 [default: f32].
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     /// classification, regression, causal-lm or lm-classification.
     #[arg(long)]
     pub task: Option<String>,
@@ -201,6 +205,10 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         Some(other) => return Err(usage(format!("--decay {other}: expected linear, cosine or constant"))),
     };
     let df = FieldMap::default();
+    let base_dtype = match &a.base_dtype {
+        Some(name) => name.parse().map_err(|e| usage(format!("--base-dtype: {e}")))?,
+        None => d.base_dtype,
+    };
     let model = required(&a.model, "--model")?;
     if !model.exists() {
         return Err(usage(format!("--model {}: no such file or directory", model.display())));
@@ -216,6 +224,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
     }
     Ok(TrainConfig {
         model,
+        base_dtype,
         task,
         train,
         valid: a.valid.clone(),

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use params::{count, render};
 use std::process::ExitCode;
 use tensor_peft_models::ArchSpec;
+use tensor_peft_models::BaseDType;
 
 #[derive(Parser)]
 #[command(name = "tpeft", version, about = "Tensorized parameter-efficient fine-tuning on Burn")]
@@ -98,6 +99,10 @@ enum Command {
         /// Not for causal-lm, which has no single predicted value per example.
         #[arg(long)]
         predictions: Option<std::path::PathBuf>,
+        /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
+        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        #[arg(long, default_value = "f32")]
+        base_dtype: BaseDType,
     },
     /// Fine-tune MiniLM on the VADER movie reviews with TT-LoRA and with LoRA and compare them
     /// (fetches the assets first when they are missing).
@@ -151,6 +156,10 @@ enum Command {
         /// Adapter directory (adapter_config.json + adapter_model.safetensors; PEFT LoRA too).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
+        /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
+        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        #[arg(long, default_value = "f32")]
+        base_dtype: BaseDType,
     },
     /// Fold an adapter into a LLaMA-family model and write a plain HF model directory.
     Merge {
@@ -203,6 +212,10 @@ enum Command {
         /// Float type of the benchmarked tensors: f32, or bf16 (cuda only).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// model/train-step suites: precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
+        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        #[arg(long, default_value = "f32")]
+        base_dtype: BaseDType,
     },
 }
 
@@ -266,7 +279,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             let report = count(&spec, &method, &targets)?;
             Ok(render(&spec, &method, &report))
         }
-        Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype } => {
+        Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype, base_dtype } => {
             for s in &suite {
                 if !bench::SUITES.contains(&s.as_str()) {
                     return Err(CliError::Usage(format!(
@@ -293,7 +306,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 other => return Err(CliError::Usage(format!("--dtype {other}: expected f32 or bf16"))),
             };
             let options =
-                bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape };
+                bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape, base_dtype };
             let records = if bf16 { bench_bf16(&options) } else { bench(cli.backend, &options) }
                 .map_err(CliError::Runtime)?;
             if let Some(path) = json {
@@ -301,7 +314,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(format!("backend: {:?}\n{}", cli.backend, bench::render(&records)))
         }
-        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter } => {
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter, base_dtype } => {
             if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 return Err(CliError::Usage("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
             }
@@ -316,6 +329,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 top_p,
                 seed,
                 adapter,
+                base_dtype,
             };
             let text =
                 with_backend!(cli.backend, B => tensor_peft_training::generate::<B>(&model, &options, &Default::default())
@@ -366,7 +380,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             .map_err(CliError::Runtime)?;
             Ok(finetune::render_report(&report))
         }
-        Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json, predictions } => {
+        Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json, predictions, base_dtype } => {
             let task = tensor_peft_training::TaskKind::parse(&task).map_err(|e| CliError::Usage(e.to_string()))?;
             if let Some(path) = &predictions {
                 if task == tensor_peft_training::TaskKind::CausalLm {
@@ -395,7 +409,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 score: score_field,
                 ..Default::default()
             };
-            let options = tensor_peft_training::eval::EvalOptions { task, fields, skip_bad_rows, batch_size };
+            let options = tensor_peft_training::eval::EvalOptions { task, fields, skip_bad_rows, batch_size, base_dtype };
             let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_with_predictions::<B>(&model, &adapter, &data, &options, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;

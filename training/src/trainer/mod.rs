@@ -55,7 +55,7 @@ pub fn finetune_until<B: AutodiffBackend>(
     }
     setup::prepare_output(cfg)?;
     B::seed(device, cfg.seed);
-    let base = load_base::<B>(&cfg.model, device)?;
+    let base = load_base::<B>(&cfg.model, cfg.base_dtype, device)?;
     let labels = if cfg.task.has_labels() { Some(Labels::from_examples(&train, &cfg.train)?) } else { None };
     let splits = [train, valid, test];
     match base {

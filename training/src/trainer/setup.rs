@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tensor_peft_models::adapter_file::{AdapterConfig, BaseModelIdentity};
 use tensor_peft_models::tokenizer::TextTokenizer;
-use tensor_peft_models::{ArchSpec, Bert, Family, Llama, SequenceClassifier};
+use tensor_peft_models::{ArchSpec, BaseDType, Bert, Family, Llama, SequenceClassifier};
 
 /// Loaded base model, tokenizer and architecture.
 #[allow(clippy::large_enum_variant)] // built once per run, never moved in a loop
@@ -30,10 +30,11 @@ pub enum BaseModel<B: Backend> {
     Decoder(Llama<B>, ArchSpec, TextTokenizer),
 }
 
-/// Loads a model directory (BERT or LLaMA, from `config.json`) or a LLaMA `.gguf` file.
-pub fn load_base<B: Backend>(path: &Path, device: &B::Device) -> Result<BaseModel<B>> {
+/// Loads a model directory (BERT or LLaMA, from `config.json`) or a LLaMA `.gguf` file, its
+/// frozen matrices held at `base_dtype`.
+pub fn load_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Device) -> Result<BaseModel<B>> {
     if path.extension().is_some_and(|e| e == "gguf") {
-        let (llama, spec, tok) = Llama::<B>::from_gguf(path, device)?;
+        let (llama, spec, tok) = Llama::<B>::from_gguf_as(path, device, base_dtype)?;
         return Ok(BaseModel::Decoder(llama, spec, tok));
     }
     if !path.is_dir() {
@@ -45,8 +46,8 @@ pub fn load_base<B: Backend>(path: &Path, device: &B::Device) -> Result<BaseMode
     let spec = ArchSpec::from_config_file(&path.join("config.json"))?;
     let tokenizer = TextTokenizer::from_hf_dir(path)?;
     Ok(match spec.family {
-        Family::Bert => BaseModel::Encoder(Bert::<B>::from_hf_dir(path, device)?.0, spec, tokenizer),
-        Family::Llama => BaseModel::Decoder(Llama::<B>::from_hf_dir(path, device)?.0, spec, tokenizer),
+        Family::Bert => BaseModel::Encoder(Bert::<B>::from_hf_dir_as(path, device, base_dtype)?.0, spec, tokenizer),
+        Family::Llama => BaseModel::Decoder(Llama::<B>::from_hf_dir_as(path, device, base_dtype)?.0, spec, tokenizer),
     })
 }
 

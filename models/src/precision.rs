@@ -1,0 +1,146 @@
+//! The precision the frozen base model is held at (`--base-dtype`).
+//!
+//! Adapters, their gradients, the optimizer state and the loss are always f32; only the frozen
+//! matrices (projections, embeddings, the output head) take the base dtype. Norm scales and biases
+//! stay f32: they are a rounding error of the model's size and feed every activation.
+
+use burn::nn::Embedding;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+use std::fmt;
+use std::str::FromStr;
+
+/// How the frozen base model's matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseDType {
+    /// f32 (the default: exact on every backend, and on the CPU backends the fastest, since a
+    /// half-precision weight is widened to f32 before each product).
+    #[default]
+    F32,
+    /// bfloat16: half the memory of f32, the dtype LLaMA checkpoints ship in.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+    /// GGML's Q8_0 blocks (8.5 bits a weight). Not implemented yet: refused when loading.
+    Q8_0,
+    /// GGML's Q4_0 blocks (4.5 bits a weight). Not implemented yet: refused when loading.
+    Q4_0,
+    /// What the checkpoint stores: bf16/f16 safetensors stay half precision, f32 stays f32. A GGUF
+    /// file's quantized blocks cannot be kept yet, so `native` refuses them.
+    Native,
+}
+
+/// The dtype a checkpoint stores a tensor in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDType {
+    /// f32.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// GGML quantized blocks of the named type (`Q8_0`, `Q4_0`, `Q4_1`).
+    Blocks(&'static str),
+}
+
+impl BaseDType {
+    /// Every accepted spelling, in the order the help lists them.
+    pub const NAMES: [&'static str; 6] = ["f32", "bf16", "f16", "q8_0", "q4_0", "native"];
+
+    /// The flag's spelling of this dtype.
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDType::F32 => "f32",
+            BaseDType::Bf16 => "bf16",
+            BaseDType::F16 => "f16",
+            BaseDType::Q8_0 => "q8_0",
+            BaseDType::Q4_0 => "q4_0",
+            BaseDType::Native => "native",
+        }
+    }
+
+    /// The dtype a frozen matrix stored as `stored` is held at, or why it cannot be.
+    pub fn resolve(self, stored: StoredDType) -> Result<DType, String> {
+        match (self, stored) {
+            (BaseDType::F32, _) => Ok(DType::F32),
+            (BaseDType::Bf16, _) => Ok(DType::BF16),
+            (BaseDType::F16, _) => Ok(DType::F16),
+            (BaseDType::Q8_0 | BaseDType::Q4_0, _) => Err(format!(
+                "--base-dtype {self}: quantized frozen weights are not implemented yet; use f32, bf16 or f16"
+            )),
+            (BaseDType::Native, StoredDType::F32) => Ok(DType::F32),
+            (BaseDType::Native, StoredDType::F16) => Ok(DType::F16),
+            (BaseDType::Native, StoredDType::Bf16) => Ok(DType::BF16),
+            (BaseDType::Native, StoredDType::Blocks(ty)) => Err(format!(
+                "--base-dtype native: the checkpoint stores {ty} blocks, and keeping quantized blocks is not \
+                 implemented yet; use f32, bf16 or f16"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BaseDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for BaseDType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BaseDType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for BaseDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "f32" => BaseDType::F32,
+            "bf16" => BaseDType::Bf16,
+            "f16" => BaseDType::F16,
+            "q8_0" => BaseDType::Q8_0,
+            "q4_0" => BaseDType::Q4_0,
+            "native" => BaseDType::Native,
+            other => {
+                return Err(format!("unknown base dtype `{other}`; expected one of {}", BaseDType::NAMES.join(", ")));
+            }
+        })
+    }
+}
+
+/// The rows of `table` for `ids`, as f32 whatever the table's dtype (the activations are f32).
+pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let rows = table.forward(ids);
+    if rows.dtype() == DType::F32 { rows } else { rows.cast(DType::F32) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for name in BaseDType::NAMES {
+            assert_eq!(name.parse::<BaseDType>().unwrap().name(), name);
+        }
+        let err = "fp8".parse::<BaseDType>().unwrap_err();
+        assert!(err.contains("`fp8`") && err.contains("bf16"), "{err}");
+    }
+
+    #[test]
+    fn native_keeps_half_precision_and_refuses_blocks() {
+        assert_eq!(BaseDType::Native.resolve(StoredDType::Bf16), Ok(DType::BF16));
+        assert_eq!(BaseDType::Native.resolve(StoredDType::F16), Ok(DType::F16));
+        assert_eq!(BaseDType::Bf16.resolve(StoredDType::F32), Ok(DType::BF16));
+        assert!(BaseDType::Native.resolve(StoredDType::Blocks("Q4_1")).unwrap_err().contains("Q4_1"));
+        assert!(BaseDType::Q8_0.resolve(StoredDType::F32).is_err());
+    }
+}
