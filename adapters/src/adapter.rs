@@ -4,11 +4,11 @@
 //! adapters.
 
 use crate::error::AdapterError;
+use crate::frozen::FrozenLinear;
 use crate::methods::{LinearAdapter, SharedFactors};
 use crate::tensor::{low_rank_apply, low_rank_dense, low_rank_frobenius_sq};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{Tensor, backend::Backend};
 use tensor_peft_kernels::fused;
 
@@ -75,30 +75,6 @@ pub trait LinearDelta<B: Backend> {
         let (a, b) = self.low_rank_factors(shared);
         low_rank_frobenius_sq(a, b)
     }
-
-    /// Folds ΔW into `base` (`W ← W + ΔW`) for zero-overhead inference.
-    fn merge(&self, base: Linear<B>, shared: &SharedFactors<B>) -> Linear<B> {
-        add_to_weight(base, self.delta_weight(shared))
-    }
-
-    /// Removes ΔW from a merged `base` (`W ← W − ΔW`).
-    fn unmerge(&self, base: Linear<B>, shared: &SharedFactors<B>) -> Linear<B> {
-        add_to_weight(base, self.delta_weight(shared).neg())
-    }
-}
-
-/// `W ← W + delta`, outside the autodiff graph, keeping the weight's parameter id, trainability
-/// and dtype: a half-precision base weight is summed in f32 and rounded back once, as PEFT merges
-/// into a bf16 base (so an unmerge restores it only to that rounding).
-fn add_to_weight<B: Backend>(mut base: Linear<B>, delta: Tensor<B, 2>) -> Linear<B> {
-    base.weight = base.weight.map(|w| {
-        let trainable = w.is_require_grad();
-        let dtype = w.dtype();
-        let sum = w.detach().cast(delta.dtype()) + delta.detach();
-        let sum = if sum.dtype() == dtype { sum } else { sum.cast(dtype) };
-        sum.set_require_grad(trainable)
-    });
-    base
 }
 
 /// Whether to apply an update densely (`x·(W+ΔW)`) rather than factored.
@@ -132,7 +108,7 @@ impl<B: Backend> LowRankUpdate<B> {
 #[derive(Module, Debug)]
 pub struct AdaptedLinear<B: Backend> {
     /// The pretrained layer; its parameters do not require gradients.
-    pub base: Linear<B>,
+    pub base: FrozenLinear<B>,
     /// The update, if this layer is adapted.
     pub adapter: Option<LinearAdapter<B>>,
     /// Whether ΔW is currently folded into `base`.
@@ -141,8 +117,9 @@ pub struct AdaptedLinear<B: Backend> {
 
 impl<B: Backend> AdaptedLinear<B> {
     /// Wraps `base`, freezing it. Fails if the adapter's shape does not match the layer.
-    pub fn new(base: Linear<B>, adapter: Option<LinearAdapter<B>>) -> crate::Result<Self> {
-        let [d_in, d_out] = base.weight.dims();
+    pub fn new(base: impl Into<FrozenLinear<B>>, adapter: Option<LinearAdapter<B>>) -> crate::Result<Self> {
+        let base = base.into();
+        let (d_in, d_out) = base.dims();
         if let Some(a) = &adapter
             && a.dims() != (d_in, d_out)
         {
@@ -169,20 +146,20 @@ impl<B: Backend> AdaptedLinear<B> {
         let dims = x.dims();
         let tokens = dims[..D - 1].iter().product();
         let x = x.reshape([tokens, dims[D - 1]]);
-        let bias = || self.base.bias.as_ref().map(|b| b.val());
+        let bias = || self.base.bias();
         // The frozen layer through `fused::linear`: on flex, `gemm` straight into the output.
         let y = match self.adapter.as_ref().filter(|_| !self.merged) {
-            None => fused::linear(x, self.base.weight.val(), bias()),
+            None => fused::linear(x, self.base.matrix(), bias()),
             Some(adapter) => {
                 let (d_in, d_out) = adapter.dims();
                 if prefer_dense_delta(d_in, d_out, tokens, B::ad_enabled(&x.device())) {
                     let delta = adapter.delta_weight(shared);
-                    let weight = self.base.weight.val().cast(delta.dtype()) + delta;
+                    let weight = self.base.weight_f32() + delta;
                     fused::linear(x, weight, bias())
                 } else if let Some(update) = adapter.low_rank_update(tokens, shared) {
-                    fused::low_rank_linear(x, self.base.weight.val(), bias(), update.a, update.b, update.dropout)
+                    fused::low_rank_linear(x, self.base.matrix(), bias(), update.a, update.b, update.dropout)
                 } else {
-                    fused::linear(x.clone(), self.base.weight.val(), bias()) + adapter.delta(x, shared)
+                    fused::linear(x.clone(), self.base.matrix(), bias()) + adapter.delta(x, shared)
                 }
             }
         };
@@ -201,7 +178,7 @@ impl<B: Backend> AdaptedLinear<B> {
         };
         // ΔW's norm from its factors: no d_in × d_out matrix per layer per evaluation.
         let delta = sqrt(adapter.delta_frobenius_sq(shared))?;
-        let weight = self.base.weight.val().cast(burn::tensor::DType::F32);
+        let weight = self.base.weight_f32();
         let weight = sqrt((weight.clone() * weight).sum())?;
         Some(delta / weight.max(f64::MIN_POSITIVE))
     }
@@ -213,7 +190,7 @@ impl<B: Backend> AdaptedLinear<B> {
         if self.merged {
             return Err(AdapterError::State("cannot merge: adapter is already merged".into()));
         }
-        self.base = adapter.merge(self.base, shared);
+        self.base = self.base.add_delta(adapter.delta_weight(shared))?;
         self.merged = true;
         Ok(self)
     }
@@ -225,7 +202,7 @@ impl<B: Backend> AdaptedLinear<B> {
         if !self.merged {
             return Err(AdapterError::State("cannot unmerge: adapter is not merged".into()));
         }
-        self.base = adapter.unmerge(self.base, shared);
+        self.base = self.base.add_delta(adapter.delta_weight(shared).neg())?;
         self.merged = false;
         Ok(self)
     }

@@ -37,6 +37,7 @@
 
 pub mod adapter;
 pub mod error;
+pub mod frozen;
 pub mod method;
 pub mod methods;
 mod registry;
@@ -44,6 +45,7 @@ pub mod tensor;
 
 pub use adapter::{AdaptedLinear, DeltaInit, LinearDelta, LowRankUpdate, ResidualLayer, prefer_dense_delta};
 pub use error::{AdapterError, Result};
+pub use frozen::{BlockFormat, FrozenLinear, FrozenWeight, QuantizedWeight};
 pub use method::{
     AdapterLayer, AdapterSet, AttentionGeometry, AttentionMatrix, FileParam, FileTensor, Flag, FlagField, LinearSite,
     Method, MethodFlags, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, TENSOR_NAMES_VERSION,

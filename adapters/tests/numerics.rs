@@ -384,7 +384,7 @@ fn check_merge_unmerge<B: Backend>(device: &B::Device) {
         let h: Harness<B> = randomize(build(&method, &geo, device), &mut rng, 0.5);
         let x = random_input::<B>(&mut rng, &geo, device);
         for layer in h.linear.iter().cloned() {
-            let before = values(layer.base.weight.val());
+            let before = values(layer.base.weight_f32());
             let adapted = values(layer.forward(x.clone(), &h.shared));
             let merged = layer.merge(&h.shared).unwrap();
             assert!(merged.merged);
@@ -392,7 +392,7 @@ fn check_merge_unmerge<B: Backend>(device: &B::Device) {
             assert!(rel_err(&y_merged, &adapted) < tol, "{}: merged forward differs", method.name());
             assert!(merged.clone().merge(&h.shared).is_err(), "merging twice must fail");
             let restored = merged.unmerge(&h.shared).unwrap();
-            let after = values(restored.base.weight.val());
+            let after = values(restored.base.weight_f32());
             let max_diff = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(max_diff < tol, "{}: unmerge left {max_diff}", method.name());
             assert!(restored.unmerge(&h.shared).is_err(), "unmerging an unmerged layer must fail");

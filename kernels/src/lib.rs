@@ -21,6 +21,7 @@ pub mod fused;
 pub mod gelu;
 pub mod loss;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 pub mod swiglu;
 pub mod widen;

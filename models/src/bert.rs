@@ -22,7 +22,9 @@ type Loaded<T> = Result<T, ModelError>;
 /// Token ids (or token types) `[batch, tokens]`.
 pub type TokenIds<B> = Tensor<B, 2, Int>;
 
-use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{
+    AdaptedLinear, AttentionMatrix, FrozenLinear, MethodConfig, ResidualAdapter, SharedFactors,
+};
 
 layout_table! {
     /// One encoder block (post-LN).
@@ -82,11 +84,19 @@ fn layer_norm<B: Backend>(w: &mut Weights, name: &str, d: usize, eps: f64, dev: 
     Ok(norm)
 }
 
-/// The HF linear layer `name` (weight `[d_out, d_in]`, bias) in Burn's layout.
-fn dense<B: Backend>(w: &mut Weights, name: &str, dims: (usize, usize), dev: &B::Device) -> Loaded<Linear<B>> {
+/// The HF projection `name` (weight `[d_out, d_in]`, bias) in Burn's layout, held as the base
+/// dtype says.
+fn dense<B: Backend>(w: &mut Weights, name: &str, dims: (usize, usize), dev: &B::Device) -> Loaded<FrozenLinear<B>> {
     let (d_in, d_out) = dims;
     let weight = w.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], dev)?;
     let bias = w.take::<B, 1>(&format!("{name}.bias"), [d_out], dev)?;
+    Ok(FrozenLinear { bias: Some(Param::from_tensor(bias)), ..FrozenLinear::new(weight) })
+}
+
+/// The pooler `name` (weight `[d, d]`, bias), float values whatever the base dtype.
+fn pooler<B: Backend>(w: &mut Weights, name: &str, d: usize, dev: &B::Device) -> Loaded<Linear<B>> {
+    let weight = w.take_head::<B>(&format!("{name}.weight"), [d, d], dev)?;
+    let bias = w.take::<B, 1>(&format!("{name}.bias"), [d], dev)?;
     Ok(Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) })
 }
 
@@ -167,7 +177,7 @@ impl<B: Backend> Bert<B> {
             });
         }
         let pooler =
-            if w.contains("pooler.dense.weight") { Some(dense(&mut w, "pooler.dense", (d, d), device)?) } else { None };
+            if w.contains("pooler.dense.weight") { Some(pooler(&mut w, "pooler.dense", d, device)?) } else { None };
         let model = Bert {
             word_embeddings: embedding(&mut w, "embeddings.word_embeddings.weight", spec.vocab, d, device)?,
             position_embeddings: embedding(&mut w, "embeddings.position_embeddings.weight", spec.positions, d, device)?,

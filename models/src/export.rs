@@ -27,7 +27,7 @@ impl<B: Backend> Llama<B> {
         for layer in &mut self.layers {
             for slot in layer.projections_mut() {
                 if let Some(adapter) = slot.adapter.take() {
-                    slot.base = adapter.merge(slot.base.clone(), &shared);
+                    slot.base = slot.base.clone().add_delta(adapter.delta_weight(&shared))?;
                     slot.merged = false;
                 }
             }
@@ -51,7 +51,7 @@ impl<B: Backend> Llama<B> {
                         reason: format!("{p}.{} still carries an adapter: merge first", row.name),
                     });
                 }
-                tensors.insert(format!("{p}.{}.weight", row.name), tensor_values(slot.base.weight.val().transpose()));
+                tensors.insert(format!("{p}.{}.weight", row.name), tensor_values(slot.base.weight_f32().transpose()));
             }
         }
         tensors.insert("model.norm.weight".into(), tensor_values(self.norm.gamma.val()));

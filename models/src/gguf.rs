@@ -9,10 +9,11 @@
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
 use crate::precision::StoredDType;
-use crate::weights::Weights;
+use crate::weights::{Decoded, Weights};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tensor_peft_kernels::quant::{BLOCK, BlockFormat};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,10 +165,6 @@ const TYPES: [(u32, &str, usize, usize); 6] = [
     (3, "Q4_1", 32, 20),
 ];
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
 /// Dequantises `n` elements of GGML type `ty` from `data` (which must hold exactly their blocks).
 pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
     let mut out = Vec::with_capacity(n);
@@ -175,22 +172,10 @@ pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
         0 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         1 => out.extend(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
         30 => out.extend(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        8 => {
-            for block in data.chunks_exact(34) {
-                let d = f16_at(block, 0);
-                out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
-            }
-        }
-        2 | 3 => {
-            let (header, offset_of) = if ty == 2 { (2, None) } else { (4, Some(2)) };
-            for block in data.chunks_exact(header + 16) {
-                let d = f16_at(block, 0);
-                let m = offset_of.map_or(-8.0 * d, |o| f16_at(block, o));
-                let nibbles = &block[header..];
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                out.extend(nibbles.iter().map(|&q| d * (q & 0x0F) as f32 + m));
-                out.extend(nibbles.iter().map(|&q| d * (q >> 4) as f32 + m));
-            }
+        8 | 2 | 3 => {
+            let format = BlockFormat::from_ggml_type(ty).expect("Q8_0, Q4_0 and Q4_1 are block formats");
+            out.resize(data.len() / format.block_bytes() * BLOCK, 0.0);
+            format.dequantize(data, &mut out);
         }
         other => {
             let known: Vec<_> = TYPES.iter().map(|t| t.1).collect();
@@ -394,21 +379,30 @@ impl Gguf {
             } else {
                 None
             };
-            let stored = match TYPES.iter().find(|ty| ty.0 == t.ggml_type).map(|ty| ty.1) {
-                Some("F32") => StoredDType::F32,
-                Some("F16") => StoredDType::F16,
-                Some("BF16") => StoredDType::Bf16,
-                Some(blocks) => StoredDType::Blocks(blocks),
-                None => unreachable!("every tensor's type was checked by `parse`"),
+            let format = BlockFormat::from_ggml_type(t.ggml_type);
+            let stored = match (t.ggml_type, format) {
+                (_, Some(format)) => StoredDType::Blocks(format),
+                (1, _) => StoredDType::F16,
+                (30, _) => StoredDType::Bf16,
+                _ => StoredDType::F32,
             };
             let gguf = Arc::clone(self);
-            let decode = Box::new(move || {
+            let decode = Box::new(move |blocks: bool| {
                 let t = &gguf.tensors[index];
+                if let (true, Some(format)) = (blocks, format) {
+                    // The file's own blocks; GGUF's Q/K row order is a permutation of whole rows.
+                    let (bytes, _) = gguf.tensor_bytes(t)?;
+                    let row_bytes = format.row_bytes(t.dims[0] as usize);
+                    return Ok(Decoded::Blocks(match rope_heads {
+                        Some(heads) => unpermute_rope_rows(bytes, heads, head_dim, row_bytes),
+                        None => bytes.to_vec(),
+                    }));
+                }
                 let (shape, values) = gguf.dequantize_tensor(t)?;
-                Ok(match rope_heads {
+                Ok(Decoded::Values(match rope_heads {
                     Some(heads) => unpermute_rope_rows(&values, heads, head_dim, shape[1]),
                     None => values,
-                })
+                }))
             });
             weights.insert(name, shape, stored, decode, self.path.clone());
         }
@@ -442,8 +436,8 @@ fn hf_name(name: &str) -> Option<String> {
 
 /// Undoes llama.cpp's `permute` of Q/K rows: GGUF row `h·d_h + 2i + s` is HF row
 /// `h·d_h + s·d_h/2 + i` (the converter interleaves the two rotate-half halves).
-fn unpermute_rope_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
+fn unpermute_rope_rows<T: Copy + Default>(values: &[T], heads: usize, head_dim: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); values.len()];
     let half = head_dim / 2;
     for h in 0..heads {
         for i in 0..half {

@@ -5,10 +5,11 @@
 use crate::arch::{ArchSpec, Family};
 use crate::error::ModelError;
 use crate::fused::{self, AttentionMask, Rope};
+use crate::fused::{BlockMatrix, FrozenMatrix};
 use crate::gguf::Gguf;
 use crate::inject::{Targets, adapter_slots, inject};
 use crate::layout::{layout_table, load_projections};
-use crate::precision::{BaseDType, StoredDType, embed};
+use crate::precision::{BaseDType, Held, StoredDType, embed};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -17,7 +18,9 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_adapters::{AdaptedLinear, AttentionMatrix, MethodConfig, ResidualAdapter, SharedFactors};
+use tensor_peft_adapters::{
+    AdaptedLinear, AttentionMatrix, FrozenLinear, MethodConfig, ResidualAdapter, SharedFactors,
+};
 
 /// Cached keys and values of one layer: `[B, T, H_kv, d_h]` each.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -83,8 +86,11 @@ fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
 
 /// Where [`Llama::build`] takes each parameter from: checkpoint weights or a random init.
 trait ParamSource<B: Backend> {
-    /// The HF weight `name` (`[out, in]`) of a projection, as Burn's `[in, out]`.
-    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError>;
+    /// The HF weight `name` (`[out, in]`) of a projection, as Burn's `[in, out]`, held as the base
+    /// dtype says.
+    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<FrozenMatrix<B>, ModelError>;
+    /// The untied output head `lm_head` (`[vocab, d]`), as Burn's `[d, vocab]` float values.
+    fn head(&mut self, d: usize, vocab: usize) -> Result<Tensor<B, 2>, ModelError>;
     /// The RMSNorm scale `name` (`[d]`).
     fn norm(&mut self, name: &str, d: usize) -> Result<Tensor<B, 1>, ModelError>;
     /// The token embedding table `name` (`[vocab, d]`).
@@ -98,8 +104,11 @@ struct FromWeights<'a, B: Backend> {
 }
 
 impl<B: Backend> ParamSource<B> for FromWeights<'_, B> {
-    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError> {
+    fn projection(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<FrozenMatrix<B>, ModelError> {
         self.weights.take_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], self.device)
+    }
+    fn head(&mut self, d: usize, vocab: usize) -> Result<Tensor<B, 2>, ModelError> {
+        self.weights.take_head::<B>("lm_head.weight", [vocab, d], self.device)
     }
     fn norm(&mut self, name: &str, d: usize) -> Result<Tensor<B, 1>, ModelError> {
         self.weights.take(&format!("{name}.weight"), [d], self.device)
@@ -110,38 +119,49 @@ impl<B: Backend> ParamSource<B> for FromWeights<'_, B> {
 }
 
 /// HF's `LlamaPreTrainedModel` init: matrices N(0, 0.02²), norm scales 1. Created directly on the
-/// device, one matrix at a time, and held at `dtype`, so a 7B-shaped model never passes through
-/// host memory nor exists whole in f32.
+/// device, one matrix at a time, and held as the base dtype says, so a 7B-shaped model never passes
+/// through host memory whole nor exists whole in f32.
 struct RandomInit<'a, B: Backend> {
     device: &'a B::Device,
-    dtype: DType,
+    base: BaseDType,
 }
 
 impl<B: Backend> RandomInit<'_, B> {
-    fn matrix(&self, shape: [usize; 2]) -> Result<Tensor<B, 2>, ModelError> {
-        crate::weights::backend_holds::<B>(self.dtype, self.device)
-            .map_err(|reason| ModelError::Weights { path: "random weights".into(), reason })?;
+    fn matrix(&self, shape: [usize; 2], dtype: DType) -> Result<Tensor<B, 2>, ModelError> {
+        crate::weights::backend_holds::<B>(dtype, self.device).map_err(random_error)?;
         let t = Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), self.device);
-        Ok(if self.dtype == t.dtype() { t } else { t.cast(self.dtype) })
+        Ok(if dtype == t.dtype() { t } else { t.cast(dtype) })
     }
 }
 
+fn random_error(reason: String) -> ModelError {
+    ModelError::Weights { path: "random weights".into(), reason }
+}
+
 impl<B: Backend> ParamSource<B> for RandomInit<'_, B> {
-    fn projection(&mut self, _: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>, ModelError> {
-        self.matrix([d_in, d_out])
+    fn projection(&mut self, _: &str, d_in: usize, d_out: usize) -> Result<FrozenMatrix<B>, ModelError> {
+        match self.base.projection(StoredDType::F32) {
+            Held::Values(dtype) => Ok(FrozenMatrix::Values(self.matrix([d_in, d_out], dtype)?)),
+            Held::Blocks(format) => {
+                let w = self.matrix([d_in, d_out], DType::F32)?;
+                BlockMatrix::quantize(w, format).map(FrozenMatrix::Blocks).map_err(random_error)
+            }
+        }
+    }
+    fn head(&mut self, d: usize, vocab: usize) -> Result<Tensor<B, 2>, ModelError> {
+        self.matrix([d, vocab], self.base.embedding(StoredDType::F32, B::supports_dtype(self.device, DType::BF16)))
     }
     fn norm(&mut self, _: &str, d: usize) -> Result<Tensor<B, 1>, ModelError> {
         Ok(Tensor::ones([d], self.device))
     }
     fn embedding(&mut self, _: &str, vocab: usize, d: usize) -> Result<Tensor<B, 2>, ModelError> {
-        self.matrix([vocab, d])
+        self.matrix([vocab, d], self.base.embedding(StoredDType::F32, B::supports_dtype(self.device, DType::BF16)))
     }
 }
 
 /// A frozen, not yet adapted linear layer (Burn layout `[in, out]`, no bias).
-fn frozen_linear<B: Backend>(weight: Tensor<B, 2>) -> Result<AdaptedLinear<B>, ModelError> {
-    let base = Linear { weight: Param::from_tensor(weight), bias: None };
-    Ok(AdaptedLinear::new(base, None)?)
+fn frozen_linear<B: Backend>(weight: FrozenMatrix<B>) -> Result<AdaptedLinear<B>, ModelError> {
+    Ok(AdaptedLinear::new(FrozenLinear::new(weight), None)?)
 }
 
 impl<B: Backend> LlamaBlock<B> {
@@ -278,10 +298,7 @@ impl<B: Backend> Llama<B> {
 
     /// [`Self::random`] with the matrices held at `base` (`native` means f32 here).
     pub fn random_as(spec: &ArchSpec, device: &B::Device, base: BaseDType) -> Result<Self, ModelError> {
-        let dtype = base
-            .resolve(StoredDType::F32)
-            .map_err(|reason| ModelError::Weights { path: "random weights".into(), reason })?;
-        Self::build(spec, &mut RandomInit { device, dtype })
+        Self::build(spec, &mut RandomInit { device, base })
     }
 
     fn build(spec: &ArchSpec, src: &mut impl ParamSource<B>) -> Result<Self, ModelError> {
@@ -321,7 +338,7 @@ impl<B: Backend> Llama<B> {
         let lm_head = if spec.tie_embeddings {
             None
         } else {
-            Some(Linear { weight: Param::from_tensor(src.projection("lm_head", d, v)?), bias: None })
+            Some(Linear { weight: Param::from_tensor(src.head(d, v)?), bias: None })
         };
         let model = Llama {
             embed_tokens: Embedding { weight: Param::from_tensor(embed) },

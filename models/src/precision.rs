@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 use std::fmt;
 use std::str::FromStr;
+use tensor_peft_kernels::quant::BlockFormat;
 
 /// How the frozen base model's matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,12 +22,12 @@ pub enum BaseDType {
     Bf16,
     /// IEEE half precision.
     F16,
-    /// GGML's Q8_0 blocks (8.5 bits a weight). Not implemented yet: refused when loading.
+    /// GGML's Q8_0 blocks (8.5 bits a weight) for the projections; embeddings in bf16.
     Q8_0,
-    /// GGML's Q4_0 blocks (4.5 bits a weight). Not implemented yet: refused when loading.
+    /// GGML's Q4_0 blocks (4.5 bits a weight) for the projections; embeddings in bf16.
     Q4_0,
-    /// What the checkpoint stores: bf16/f16 safetensors stay half precision, f32 stays f32. A GGUF
-    /// file's quantized blocks cannot be kept yet, so `native` refuses them.
+    /// What the checkpoint stores: bf16/f16 safetensors stay half precision, f32 stays f32, a
+    /// GGUF file's Q8_0/Q4_0/Q4_1 projections stay those blocks (embeddings in bf16).
     Native,
 }
 
@@ -39,8 +40,17 @@ pub enum StoredDType {
     F16,
     /// bfloat16.
     Bf16,
-    /// GGML quantized blocks of the named type (`Q8_0`, `Q4_0`, `Q4_1`).
-    Blocks(&'static str),
+    /// GGML quantized blocks.
+    Blocks(BlockFormat),
+}
+
+/// How a frozen matrix is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Float values of this dtype.
+    Values(DType),
+    /// GGML blocks of this format.
+    Blocks(BlockFormat),
 }
 
 impl BaseDType {
@@ -59,22 +69,26 @@ impl BaseDType {
         }
     }
 
-    /// The dtype a frozen matrix stored as `stored` is held at, or why it cannot be.
-    pub fn resolve(self, stored: StoredDType) -> Result<DType, String> {
+    /// How a projection stored as `stored` is held.
+    pub fn projection(self, stored: StoredDType) -> Held {
         match (self, stored) {
-            (BaseDType::F32, _) => Ok(DType::F32),
-            (BaseDType::Bf16, _) => Ok(DType::BF16),
-            (BaseDType::F16, _) => Ok(DType::F16),
-            (BaseDType::Q8_0 | BaseDType::Q4_0, _) => Err(format!(
-                "--base-dtype {self}: quantized frozen weights are not implemented yet; use f32, bf16 or f16"
-            )),
-            (BaseDType::Native, StoredDType::F32) => Ok(DType::F32),
-            (BaseDType::Native, StoredDType::F16) => Ok(DType::F16),
-            (BaseDType::Native, StoredDType::Bf16) => Ok(DType::BF16),
-            (BaseDType::Native, StoredDType::Blocks(ty)) => Err(format!(
-                "--base-dtype native: the checkpoint stores {ty} blocks, and keeping quantized blocks is not \
-                 implemented yet; use f32, bf16 or f16"
-            )),
+            (BaseDType::Q8_0, _) => Held::Blocks(BlockFormat::Q8_0),
+            (BaseDType::Q4_0, _) => Held::Blocks(BlockFormat::Q4_0),
+            (BaseDType::Native, StoredDType::Blocks(format)) => Held::Blocks(format),
+            _ => Held::Values(self.embedding(stored, true)),
+        }
+    }
+
+    /// The dtype an embedding table stored as `stored` is held at: as a projection, except that
+    /// tables are never blocks (a quantized base keeps its embeddings in bf16, or in f32 on a
+    /// backend without bf16, `holds_bf16` false).
+    pub fn embedding(self, stored: StoredDType, holds_bf16: bool) -> DType {
+        match (self, stored) {
+            (BaseDType::F32, _) | (BaseDType::Native, StoredDType::F32) => DType::F32,
+            (BaseDType::F16, _) | (BaseDType::Native, StoredDType::F16) => DType::F16,
+            (BaseDType::Bf16, _) | (BaseDType::Native, StoredDType::Bf16) => DType::BF16,
+            _ if holds_bf16 => DType::BF16,
+            _ => DType::F32,
         }
     }
 }
@@ -136,11 +150,17 @@ mod tests {
     }
 
     #[test]
-    fn native_keeps_half_precision_and_refuses_blocks() {
-        assert_eq!(BaseDType::Native.resolve(StoredDType::Bf16), Ok(DType::BF16));
-        assert_eq!(BaseDType::Native.resolve(StoredDType::F16), Ok(DType::F16));
-        assert_eq!(BaseDType::Bf16.resolve(StoredDType::F32), Ok(DType::BF16));
-        assert!(BaseDType::Native.resolve(StoredDType::Blocks("Q4_1")).unwrap_err().contains("Q4_1"));
-        assert!(BaseDType::Q8_0.resolve(StoredDType::F32).is_err());
+    fn native_keeps_what_the_file_stores() {
+        use BaseDType::*;
+        assert_eq!(Native.projection(StoredDType::Bf16), Held::Values(DType::BF16));
+        assert_eq!(Native.projection(StoredDType::F16), Held::Values(DType::F16));
+        assert_eq!(Native.projection(StoredDType::Blocks(BlockFormat::Q4_1)), Held::Blocks(BlockFormat::Q4_1));
+        assert_eq!(Native.embedding(StoredDType::Blocks(BlockFormat::Q4_1), true), DType::BF16);
+        assert_eq!(Native.embedding(StoredDType::Blocks(BlockFormat::Q4_1), false), DType::F32);
+        assert_eq!(Bf16.embedding(StoredDType::F32, false), DType::BF16);
+        assert_eq!(Bf16.projection(StoredDType::F32), Held::Values(DType::BF16));
+        assert_eq!(Q8_0.projection(StoredDType::Bf16), Held::Blocks(BlockFormat::Q8_0));
+        assert_eq!(Q4_0.embedding(StoredDType::F32, true), DType::BF16);
+        assert_eq!(F32.projection(StoredDType::Blocks(BlockFormat::Q8_0)), Held::Values(DType::F32));
     }
 }

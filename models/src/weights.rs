@@ -6,15 +6,27 @@
 //! never holds the checkpoint twice in anonymous memory (the mapping is file-backed page cache).
 
 use crate::error::ModelError;
-use crate::precision::{BaseDType, StoredDType};
+use crate::fused::{BlockMatrix, FrozenMatrix};
+use crate::precision::{BaseDType, Held, StoredDType};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend, bf16, f16};
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tensor_peft_kernels::quant::BLOCK;
 
-/// Decodes one tensor of a file that is not a safetensors mapping (a GGUF tensor), when taken.
-pub type Decode = Box<dyn FnOnce() -> Result<Vec<f32>, ModelError> + Send>;
+/// Decodes one tensor of a file that is not a safetensors mapping (a GGUF tensor), when taken: its
+/// values in f32, or (when asked with `true` and the file stores blocks) its blocks as they are.
+pub type Decode = Box<dyn FnOnce(bool) -> Result<Decoded, ModelError> + Send>;
+
+/// What a [`Decode`] gives.
+pub enum Decoded {
+    /// Row-major f32 values.
+    Values(Vec<f32>),
+    /// GGML blocks, row after row, in the file's format.
+    Blocks(Vec<u8>),
+}
 
 /// Where a tensor's values are.
 enum Stored {
@@ -77,6 +89,17 @@ impl Stored {
         }
     }
 
+    /// The stored blocks, when the file stores this tensor as blocks (`None`: it does not).
+    fn into_blocks(self) -> Result<Option<Vec<u8>>, ModelError> {
+        match self {
+            Stored::Lazy(decode, StoredDType::Blocks(_)) => match decode(true)? {
+                Decoded::Blocks(bytes) => Ok(Some(bytes)),
+                Decoded::Values(_) => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+
     fn into_f32(self) -> Result<Vec<f32>, ModelError> {
         match self.into_values(DType::F32)? {
             Values::F32(v) => Ok(v),
@@ -87,7 +110,10 @@ impl Stored {
     /// The values as `dtype` (f32, bf16 or f16), converted straight from the stored bytes.
     fn into_values(self, dtype: DType) -> Result<Values, ModelError> {
         let values = match self {
-            Stored::Lazy(decode, _) => Values::F32(decode()?),
+            Stored::Lazy(decode, _) => match decode(false)? {
+                Decoded::Values(v) => Values::F32(v),
+                Decoded::Blocks(_) => unreachable!("values were asked for"),
+            },
             Stored::Mapped { map, range, dtype: stored } => {
                 let data = &map[range];
                 let halves = || data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
@@ -241,22 +267,6 @@ impl Weights {
         Ok((stored, path))
     }
 
-    /// The dtype the base dtype holds `stored` at, or why it cannot (on this backend).
-    fn frozen_dtype<B: Backend>(
-        &self,
-        name: &str,
-        stored: &Stored,
-        path: &Path,
-        device: &B::Device,
-    ) -> Result<DType, ModelError> {
-        let dtype = self
-            .base_dtype
-            .resolve(stored.dtype())
-            .map_err(|reason| weights_error(path, format!("tensor `{name}`: {reason}")))?;
-        backend_holds::<B>(dtype, device).map_err(|reason| weights_error(path, reason))?;
-        Ok(dtype)
-    }
-
     /// Removes and returns tensor `name` as f32 (norm scales, biases), checking its shape.
     pub fn take<B: Backend, const D: usize>(
         &mut self,
@@ -268,7 +278,8 @@ impl Weights {
         Ok(Tensor::from_data(TensorData::new(stored.into_f32()?, shape), device))
     }
 
-    /// Removes and returns the frozen matrix `name` (an embedding table) at the base dtype.
+    /// Removes and returns the frozen matrix `name` (an embedding table) at the base dtype's
+    /// embedding precision ([`BaseDType::embedding`]).
     pub fn take_matrix<B: Backend>(
         &mut self,
         name: &str,
@@ -276,29 +287,61 @@ impl Weights {
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, ModelError> {
         let (stored, path) = self.remove(name, shape)?;
-        let dtype = self.frozen_dtype::<B>(name, &stored, &path, device)?;
+        let dtype = self.base_dtype.embedding(stored.dtype(), B::supports_dtype(device, DType::BF16));
+        backend_holds::<B>(dtype, device).map_err(|reason| weights_error(&path, reason))?;
         held_at(Tensor::from_data(stored.into_values(dtype)?.into_data(shape.to_vec()), (device, dtype)), dtype, &path)
     }
 
-    /// Removes and returns the frozen 2-D matrix `name` stored as `[rows, cols]` (HF's `[out, in]`)
-    /// as Burn's `[cols, rows]` (`[in, out]`) at the base dtype: transposed into contiguous memory,
-    /// or, where the backend's GEMMs run faster that way
-    /// ([`crate::fused::weight_as_transposed_view`]), a transposed view of the stored layout.
+    /// Removes and returns the frozen projection `name` stored as `[rows, cols]` (HF's `[out, in]`)
+    /// as Burn's `W: [cols, rows]` (`[in, out]`), held as the base dtype says
+    /// ([`BaseDType::projection`]): float values, or GGML blocks (a GGUF file's own blocks when
+    /// they are that format, else quantized here, one matrix at a time).
     pub fn take_transposed<B: Backend>(
         &mut self,
         name: &str,
-        [rows, cols]: [usize; 2],
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<FrozenMatrix<B>, ModelError> {
+        let (stored, path) = self.remove(name, shape)?;
+        match self.base_dtype.projection(stored.dtype()) {
+            Held::Values(dtype) => Ok(FrozenMatrix::Values(values_transposed(stored, shape, dtype, &path, device)?)),
+            Held::Blocks(format) => {
+                let [rows, cols] = shape;
+                let failed = |reason: String| weights_error(&path, format!("tensor `{name}`: {reason}"));
+                let bytes = if stored.dtype() == StoredDType::Blocks(format) {
+                    stored.into_blocks()?.expect("the file stores these blocks")
+                } else {
+                    if !cols.is_multiple_of(BLOCK) {
+                        return Err(failed(format!(
+                            "--base-dtype {}: its rows have {cols} weights, not a multiple of the {BLOCK}-weight block",
+                            self.base_dtype
+                        )));
+                    }
+                    let values = stored.into_f32()?;
+                    let row_bytes = format.row_bytes(cols);
+                    let mut bytes = vec![0u8; rows * row_bytes];
+                    bytes.par_chunks_mut(row_bytes).zip(values.par_chunks(cols)).for_each(|(out, row)| {
+                        format.quantize(row, out);
+                    });
+                    bytes
+                };
+                BlockMatrix::from_bytes(bytes, format, cols, rows, device).map(FrozenMatrix::Blocks).map_err(failed)
+            }
+        }
+    }
+
+    /// Removes and returns the 2-D matrix `name` stored as `[rows, cols]` as Burn's `[cols, rows]`
+    /// at the base dtype's embedding precision: for the output head and BERT's pooler, which stay
+    /// float values under a quantized base.
+    pub fn take_head<B: Backend>(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        let (stored, path) = self.remove(name, [rows, cols])?;
-        let dtype = self.frozen_dtype::<B>(name, &stored, &path, device)?;
-        let values = stored.into_values(dtype)?;
-        let tensor = if crate::fused::weight_as_transposed_view::<B>(cols, rows) {
-            Tensor::<B, 2>::from_data(values.into_data(vec![rows, cols]), (device, dtype)).transpose()
-        } else {
-            Tensor::from_data(values.transposed(rows, cols).into_data(vec![cols, rows]), (device, dtype))
-        };
-        held_at(tensor, dtype, &path)
+        let (stored, path) = self.remove(name, shape)?;
+        let dtype = self.base_dtype.embedding(stored.dtype(), B::supports_dtype(device, DType::BF16));
+        values_transposed(stored, shape, dtype, &path, device)
     }
 
     /// Every remaining tensor converted to f32, by name.
@@ -312,6 +355,26 @@ impl Weights {
         names.sort();
         names
     }
+}
+
+/// `stored` (`[rows, cols]`) as a `[cols, rows]` tensor of `dtype`: transposed into contiguous
+/// memory, or, where the backend's GEMMs run faster that way
+/// ([`crate::fused::weight_as_transposed_view`]), a transposed view of the stored layout.
+fn values_transposed<B: Backend>(
+    stored: Stored,
+    [rows, cols]: [usize; 2],
+    dtype: DType,
+    path: &Path,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>, ModelError> {
+    backend_holds::<B>(dtype, device).map_err(|reason| weights_error(path, reason))?;
+    let values = stored.into_values(dtype)?;
+    let tensor = if crate::fused::weight_as_transposed_view::<B>(cols, rows) {
+        Tensor::<B, 2>::from_data(values.into_data(vec![rows, cols]), (device, dtype)).transpose()
+    } else {
+        Tensor::from_data(values.transposed(rows, cols).into_data(vec![cols, rows]), (device, dtype))
+    };
+    held_at(tensor, dtype, path)
 }
 
 /// Whether backend `B` can hold tensors of `dtype` (ndarray holds no half-precision floats); the

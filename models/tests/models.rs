@@ -164,9 +164,9 @@ fn random_init_has_the_architecture_and_hf_init_statistics() {
     <B as Backend>::seed(&device, 7);
     let model = Llama::<B>::random(&spec, &device).unwrap();
     assert_eq!(model.num_params(), spec.base_num_params());
-    assert_eq!(model.layers[0].k_proj.base.weight.dims(), [64, 32], "grouped K/V: 2 heads of 16");
+    assert_eq!(model.layers[0].k_proj.base.dims(), (64, 32), "grouped K/V: 2 heads of 16");
     // HF's LlamaPreTrainedModel init: N(0, 0.02^2) matrices, unit norm scales.
-    let q = values(model.layers[1].q_proj.base.weight.val());
+    let q = values(model.layers[1].q_proj.base.weight_f32());
     let mean = q.iter().sum::<f64>() / q.len() as f64;
     let std = (q.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
     assert!(mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3, "q_proj mean {mean}, std {std}");
@@ -177,7 +177,7 @@ fn random_init_has_the_architecture_and_hf_init_statistics() {
     // The same seed gives the same weights.
     <B as Backend>::seed(&device, 7);
     let again = Llama::<B>::random(&spec, &device).unwrap();
-    assert_eq!(values(again.layers[1].q_proj.base.weight.val()), q);
+    assert_eq!(values(again.layers[1].q_proj.base.weight_f32()), q);
     let bert = Llama::<B>::random(&ArchSpec::preset("minilm-l6").unwrap(), &device).unwrap_err();
     assert!(bert.to_string().contains("not a LLaMA-family decoder"), "{bert}");
 }
@@ -206,7 +206,7 @@ fn update_ratios_are_the_norm_of_delta_w_over_the_frozen_weight() {
     let Some(LinearAdapter::Lora(lora)) = q.adapter.as_mut() else { panic!("LoRA expected") };
     let b_vals: Vec<f32> = (0..2 * 32).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
     lora.b = Param::from_tensor(Tensor::from_data(TensorData::new(b_vals.clone(), [2, 32]), &device));
-    let (a, w, scale) = (values(lora.a.val()), values(q.base.weight.val()), lora.scaling);
+    let (a, w, scale) = (values(lora.a.val()), values(q.base.weight_f32()), lora.scaling);
     let mut delta_sq = 0.0;
     for i in 0..32 {
         for j in 0..32 {
@@ -930,23 +930,99 @@ fn gelu_with_supplied_derivative_matches_exact_gelu() {
 }
 
 /// Base dtypes that cannot be held are refused when loading, naming the file and what to use:
-/// ndarray stores f32 only, quantized bases are not implemented yet.
+/// ndarray stores no half-precision floats, blocks need rows of whole blocks.
 #[test]
 fn unsupported_base_dtypes_are_refused_with_the_reason() {
     use tensor_peft_models::BaseDType;
     let device = Default::default();
     let err = Llama::<B>::from_hf_dir_as(&fixture(), &device, BaseDType::Bf16).unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("cannot hold BF16"), "{err}");
-    for base in [BaseDType::Q8_0, BaseDType::Q4_0] {
-        let err = Llama::<B>::from_hf_dir_as(&fixture(), &device, base).unwrap_err().to_string();
-        assert!(err.contains(&format!("--base-dtype {base}")) && err.contains("not implemented"), "{err}");
-    }
     let spec = ArchSpec::preset("llama2-7b").unwrap();
     let err = Llama::<B>::random_as(&spec, &device, BaseDType::F16).err().unwrap().to_string();
     assert!(err.contains("cannot hold F16"), "{err}");
+    // A row of 48 weights is not whole 32-weight blocks.
+    let mut spec = ArchSpec::preset("llama2-7b").unwrap();
+    (spec.layers, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads, spec.vocab) = (1, 48, 64, 4, 4, 16);
+    let err = Llama::<B>::random_as(&spec, &device, BaseDType::Q4_0).err().unwrap().to_string();
+    assert!(err.contains("Q4_0") && err.contains("48"), "{err}");
     // f32 and `native` of an f32 file load as before.
     let (model, _) = Llama::<B>::from_hf_dir_as(&fixture(), &device, BaseDType::Native).unwrap();
     assert_eq!(model.embed_tokens.weight.val().dtype(), burn::tensor::DType::F32);
+}
+
+/// A quantized base (`q8_0`, `q4_0`) holds every projection as blocks and computes what an f32
+/// model holding the dequantized weights computes: logits, and the gradients of a LoRA adapter on
+/// it. On ndarray the blocks are dequantized on the host for each product (the op chain's path), on
+/// flex inside the fused kernels (`fused_on_flex` checks that path against this one).
+#[test]
+fn quantized_base_computes_what_an_f32_model_of_its_dequantized_weights_computes() {
+    quantized_base_matches_its_dequantization::<AB>();
+}
+
+/// The largest absolute difference between two equally long value lists.
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn quantized_base_matches_its_dequantization<Bk: AutodiffBackend>() {
+    use tensor_peft_adapters::FrozenLinear;
+    use tensor_peft_models::BaseDType;
+    use tensor_peft_models::adapter_file::load_adapter;
+    use tensor_peft_models::fused::FrozenMatrix;
+    use tensor_peft_models::layout::LayoutBlock;
+    let device = Default::default();
+    let (ids, _, _) = expected();
+    let lora = fixture().join("../tiny-llama-peft-lora");
+    let run = |model: Llama<Bk>, spec: &ArchSpec| {
+        let mut model = model;
+        load_adapter(&mut model, spec, &lora).unwrap();
+        let logits = model.forward(tokens::<Bk>(&ids, &device));
+        let weights: Vec<f32> =
+            (0..logits.shape().num_elements()).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let weights = Tensor::<Bk, 3>::from_data(TensorData::new(weights, logits.dims()), &device);
+        let grads = (logits.clone() * weights).sum().backward();
+        let mut grad_values = Vec::new();
+        for layer in &model.layers {
+            for p in layer.projections() {
+                if let Some(tensor_peft_adapters::LinearAdapter::Lora(l)) = &p.adapter {
+                    grad_values.push(values(l.a.val().grad(&grads).unwrap()));
+                    grad_values.push(values(l.b.val().grad(&grads).unwrap()));
+                }
+            }
+        }
+        (values(logits), grad_values)
+    };
+    let (exact, spec) = Llama::<Bk>::from_hf_dir(&fixture(), &device).unwrap();
+    let (exact_logits, _) = run(exact, &spec);
+    for (base, format) in [(BaseDType::Q8_0, "Q8_0"), (BaseDType::Q4_0, "Q4_0")] {
+        let (quantized, spec) = Llama::<Bk>::from_hf_dir_as(&fixture(), &device, base).unwrap();
+        let storages: Vec<String> =
+            quantized.layers.iter().flat_map(|l| l.projections()).map(|p| p.base.storage()).collect();
+        assert!(storages.len() == 14 && storages.iter().all(|s| s == format), "{storages:?}");
+        // The reference: the same model with every projection replaced by its f32 dequantization.
+        let mut reference = quantized.clone();
+        for layer in &mut reference.layers {
+            for p in layer.projections_mut() {
+                p.base = FrozenLinear::new(FrozenMatrix::Values(p.base.weight_f32()));
+            }
+        }
+        let (logits, grads) = run(quantized, &spec);
+        let (ref_logits, ref_grads) = run(reference, &spec);
+        let err = max_diff(&logits, &ref_logits);
+        assert!(err < 1e-5, "{format}: logits differ from the dequantized f32 model's by {err}");
+        assert_eq!(grads.len(), ref_grads.len());
+        assert!(grads.len() >= 4);
+        for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
+            let scale = r.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+            let err = max_diff(g, r) / scale;
+            assert!(err < 1e-5, "{format}: adapter gradient {i} differs by {err} (relative)");
+        }
+        // Against the unquantized model the logits move only by the quantization error.
+        let moved = max_diff(&logits, &exact_logits);
+        let scale = exact_logits.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(moved > 0.0 && moved < scale, "{format}: quantization moved the logits by {moved} (scale {scale})");
+    }
 }
 
 /// The fused kernels that run on flex (`fused` module) against Burn's op chains on ndarray, the
@@ -1377,6 +1453,39 @@ mod fused_on_flex {
             assert!(rounding > 0.0 && rounding < 0.05, "{name}: rounding moved the logits by {rounding}");
             std::fs::remove_dir_all(copy).unwrap();
         }
+    }
+
+    /// The quantized base on flex's fused kernels (blocks dequantized inside the op, forward and
+    /// backward) against its f32 dequantization, as on ndarray.
+    #[test]
+    fn quantized_base_on_flex_matches_its_dequantization() {
+        super::quantized_base_matches_its_dequantization::<F>();
+    }
+
+    /// `native` keeps a GGUF file's own Q4_1 blocks (no requantization) and computes what the
+    /// f32-dequantized load of the same file computes.
+    #[test]
+    fn native_gguf_keeps_its_blocks() {
+        use tensor_peft_models::BaseDType;
+        let Some(path) = super::smollm2() else { return };
+        let device = Default::default();
+        let (native, spec, _) = Llama::<Flex>::from_gguf_as(&path, &device, BaseDType::Native).unwrap();
+        use tensor_peft_models::layout::LayoutBlock;
+        let storages: Vec<String> =
+            native.layers.iter().flat_map(|l| l.projections()).map(|p| p.base.storage()).collect();
+        assert!(storages.iter().all(|s| s == "Q4_1" || s == "Q8_0"), "{storages:?}");
+        assert_eq!(native.embed_tokens.weight.val().dtype(), burn::tensor::DType::BF16);
+        let (f32_model, _, _) = Llama::<Flex>::from_gguf(&path, &device).unwrap();
+        let ids = vec![vec![1i64, 504, 3458, 314, 2545, 30, 1351, 253]];
+        let (a, b) = (
+            values(native.forward(tokens::<Flex>(&ids, &device))),
+            values(f32_model.forward(tokens::<Flex>(&ids, &device))),
+        );
+        // Only the bf16 rounding of the embedding table (which is also the tied output head: a
+        // relative 2⁻⁹ on logits of magnitude ~20) separates them.
+        let err = super::max_diff(&a, &b);
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(err < 0.02 * scale && spec.layers == 30, "native vs f32 logits differ by {err} (scale {scale})");
     }
 
     /// Gradients of every trainable parameter of `model`, in visiting order.

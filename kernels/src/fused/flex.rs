@@ -26,7 +26,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
 
-use super::AttentionMask;
+use super::{AttentionMask, BlockMatrix, FrozenMatrix};
+use crate::quant::BlockFormat;
 
 type AdFlex = Autodiff<Flex>;
 type AdTensor = FloatTensor<AdFlex>;
@@ -550,14 +551,52 @@ fn strides_usable<B: Backend>(t: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B,
     if inner(t.clone()).layout().has_positive_strides() { Ok(t) } else { Err(t) }
 }
 
+/// A frozen weight as the linear kernels keep it for the backward pass: never an f32 copy of a
+/// half-precision or quantized weight, only the weight as the model holds it (reference-counted).
+#[derive(Debug, Clone)]
+enum Frozen {
+    /// `W: [d_in, d_out]`, f32 or half precision, any non-negative strides.
+    Values(FlexTensor),
+    /// GGML blocks of `Wᵀ: [d_out, d_in]`, row after row (U8 `[d_out, row_bytes]`).
+    Blocks { bytes: FlexTensor, format: BlockFormat, d_in: usize, d_out: usize },
+}
+
+impl Frozen {
+    /// `W` as f32 `[d_in, d_out]`: the tensor itself when it is f32, else a widened or dequantized
+    /// copy that the caller drops after its product.
+    fn f32(&self) -> FlexTensor {
+        match self {
+            Frozen::Values(w) => widened(w),
+            Frozen::Blocks { bytes, format, d_in, d_out } => {
+                let mut out = vec![0.0f32; d_in * d_out];
+                format.dequantize_rows(bytes.storage::<u8>(), *d_in, &mut out);
+                owned(out, &[*d_out, *d_in]).transpose(0, 1)
+            }
+        }
+    }
+}
+
+/// The flex tensor holding `m`'s bytes, when they are a contiguous U8 `[d_out, row_bytes]` tensor.
+fn block_bytes<B: Backend>(m: &BlockMatrix<B>) -> Option<FlexTensor> {
+    let bytes: FlexTensor = same(m.bytes.clone().into_primitive());
+    let fits = bytes.dtype() == DType::U8
+        && bytes.is_contiguous()
+        && bytes.layout().shape().to_vec() == [m.d_out, m.format.row_bytes(m.d_in)];
+    fits.then_some(bytes)
+}
+
+/// The linear ops' backward: which inputs the op has (the frozen weight is an input only when it
+/// is a float tensor; blocks are never tracked) decides the parents' positions.
 #[derive(Debug)]
-struct LinearBackward;
+struct LinearBackward {
+    weight_input: bool,
+}
 
 /// What the linear backward keeps: `x` (only when the weight's gradient is needed) and `W`.
 #[derive(Debug, Clone)]
 struct LinearState {
     x: Option<FlexTensor>,
-    weight: FlexTensor,
+    weight: Frozen,
 }
 
 impl<const N: usize> Backward<Flex, N> for LinearBackward {
@@ -566,11 +605,13 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LinearState { x, weight } = ops.state;
-        let weight = widened(&weight);
+        let weight = weight.f32();
         let (Some(dy), Some(w)) = (view(&grad), view(&weight)) else {
             unreachable!("both are 2-D f32 tensors with non-negative strides (checked in the forward)")
         };
-        let [node_x, node_w, node_b] = [0, 1, 2].map(|i| ops.parents.get(i).cloned().flatten());
+        let parent = |i: usize| ops.parents.get(i).cloned().flatten();
+        let w_at = usize::from(self.weight_input);
+        let (node_x, node_w, node_b) = (parent(0), if self.weight_input { parent(1) } else { None }, parent(1 + w_at));
         if let Some(node) = node_x {
             // dX = dY·Wᵀ
             grads.register::<Flex>(node.id, owned(product(dy, w.t(), None), &[dy.rows, w.rows]));
@@ -585,39 +626,66 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     }
 }
 
+/// `x·W + b` with `W` the f32 `[d_in, d_out]` view `w`; the state keeps `frozen`.
+fn linear_forward(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    frozen: Frozen,
+    b: Option<&FlexTensor>,
+    keep_x: bool,
+) -> (FlexTensor, LinearState) {
+    let x = contiguous(x);
+    let (Some(xv), Some(wv)) = (view(&x), view(w)) else {
+        unreachable!("a contiguous 2-D input, and a weight with non-negative strides (checked)")
+    };
+    let b = b.map(contiguous);
+    let out = owned(product(xv, wv, b.as_ref().map(values)), &[xv.rows, wv.cols]);
+    (out, LinearState { x: keep_x.then(|| x.clone()), weight: frozen })
+}
+
 #[allow(clippy::type_complexity)]
 pub(super) fn linear<B: Backend>(
     x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    weight: FrozenMatrix<B>,
     bias: Option<Tensor<B, 1>>,
-) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>)> {
-    let [rows, d_in] = x.dims();
-    let [w_in, d_out] = weight.dims();
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, FrozenMatrix<B>, Option<Tensor<B, 1>>)> {
+    let [_, d_in] = x.dims();
+    let (w_in, d_out) = weight.dims();
     let bias_fits = bias.as_ref().is_none_or(|b| b.dims() == [d_out] && b.dtype() == DType::F32);
-    if !runs::<B>() || !all_f32(&[&x]) || !frozen_weight_runs(&weight) || w_in != d_in || !bias_fits {
+    if !runs::<B>() || !all_f32(&[&x]) || w_in != d_in || !bias_fits {
         return Err((x, weight, bias));
     }
-    // Flipped (negative-stride) weights, which no model makes, go to Burn.
-    let weight = match strides_usable(weight) {
-        Ok(weight) => weight,
-        Err(weight) => return Err((x, weight, bias)),
-    };
-    let forward = move |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep_x: bool| {
-        let x = contiguous(x);
-        let w32 = widened(w);
-        let (Some(xv), Some(wv)) = (view(&x), view(&w32)) else {
-            unreachable!("a contiguous 2-D input, and a weight with non-negative strides (checked)")
-        };
-        let b = b.map(contiguous);
-        let out = owned(product(xv, wv, b.as_ref().map(values)), &[rows, d_out]);
-        (out, LinearState { x: keep_x.then(|| x.clone()), weight: w.clone() })
+    let weight = match weight {
+        FrozenMatrix::Values(w) if frozen_weight_runs(&w) => match strides_usable(w) {
+            Ok(w) => w,
+            // Flipped (negative-stride) weights, which no model makes, go to Burn.
+            Err(w) => return Err((x, FrozenMatrix::Values(w), bias)),
+        },
+        FrozenMatrix::Blocks(m) => {
+            let Some(bytes) = block_bytes(&m) else { return Err((x, FrozenMatrix::Blocks(m), bias)) };
+            let frozen = Frozen::Blocks { bytes, format: m.format, d_in, d_out };
+            let forward = move |x: &FlexTensor, b: Option<&FlexTensor>| {
+                let w = frozen.f32();
+                linear_forward(x, &w, frozen.clone(), b, false)
+            };
+            let backward = LinearBackward { weight_input: false };
+            return Ok(match bias {
+                Some(bias) => run([x, bias.reshape([1, d_out])], backward, |[x, b], _| forward(x, Some(b))),
+                None => run([x], backward, |[x], _| forward(x, None)),
+            });
+        }
+        other => return Err((x, other, bias)),
     };
     // The weight is used as it is laid out (a transposed view stays one).
+    let forward = |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep_x: bool| {
+        linear_forward(x, &widened(w), Frozen::Values(w.clone()), b, keep_x)
+    };
+    let backward = LinearBackward { weight_input: true };
     Ok(match bias {
-        Some(bias) => run_strided([x, weight, bias.reshape([1, d_out])], LinearBackward, |[x, w, b], tracked| {
+        Some(bias) => run_strided([x, weight, bias.reshape([1, d_out])], backward, |[x, w, b], tracked| {
             forward(x, w, Some(b), tracked[1])
         }),
-        None => run_strided([x, weight], LinearBackward, |[x, w], tracked| forward(x, w, None, tracked[1])),
+        None => run_strided([x, weight], backward, |[x, w], tracked| forward(x, w, None, tracked[1])),
     })
 }
 
@@ -625,7 +693,9 @@ pub(super) fn linear<B: Backend>(
 // Linear with a low-rank update
 
 #[derive(Debug)]
-struct LowRankLinearBackward;
+struct LowRankLinearBackward {
+    weight_input: bool,
+}
 
 /// What the backward keeps: `x` (when `W`'s gradient is needed), the update's input (`x`, or `x`
 /// with the dropout mask applied; when `a`'s gradient is needed), `h`, the mask's seed and keep
@@ -636,7 +706,7 @@ struct LowRankLinearState {
     x_update: Option<FlexTensor>,
     h: FlexTensor,
     mask: Option<(u64, f32)>,
-    weight: FlexTensor,
+    weight: Frozen,
     a: FlexTensor,
     b: FlexTensor,
 }
@@ -656,14 +726,17 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LowRankLinearState { x, x_update, h, mask, weight, a, b } = ops.state;
-        let weight = widened(&weight);
+        let weight = weight.f32();
         let (Some(dy), Some(w), Some(av), Some(bv), Some(hv)) =
             (view(&grad), view(&weight), view(&a), view(&b), view(&h))
         else {
             unreachable!("2-D f32 tensors with non-negative strides (checked in the forward)")
         };
-        let [node_x, node_w, node_a, node_b, node_bias] =
-            [0, 1, 2, 3, 4].map(|i| ops.parents.get(i).cloned().flatten());
+        let parent = |i: usize| ops.parents.get(i).cloned().flatten();
+        let w_at = usize::from(self.weight_input);
+        let node_x = parent(0);
+        let node_w = if self.weight_input { parent(1) } else { None };
+        let [node_a, node_b, node_bias] = [1, 2, 3].map(|i| parent(i + w_at));
         // dH = dY·bᵀ, the gradient at the rank-k bottleneck, for dX and da.
         let dh = (node_x.is_some() || node_a.is_some()).then(|| product(dy, bv.t(), None));
         let dh_view = dh.as_deref().map(|d| View::rows(d, 0, dy.rows, bv.rows, bv.rows));
@@ -695,75 +768,119 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
 }
 
 /// The inputs of [`low_rank_linear`], handed back when flex cannot run them.
-type LowRankLinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>, Tensor<B, 2>, Tensor<B, 2>);
+type LowRankLinearInputs<B> = (Tensor<B, 2>, FrozenMatrix<B>, Option<Tensor<B, 1>>, Tensor<B, 2>, Tensor<B, 2>);
+
+/// Which of the low-rank op's inputs autodiff tracks: `x`, `W` (false for blocks), `a`, `b`.
+struct LowRankTracked {
+    weight: bool,
+    a: bool,
+}
+
+/// The low-rank op's forward on contiguous `x`, the f32 weight view `w` and the factors.
+#[allow(clippy::too_many_arguments)]
+fn low_rank_forward(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    frozen: Frozen,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    mask: Option<(u64, f32)>,
+    tracked: LowRankTracked,
+) -> (FlexTensor, LowRankLinearState) {
+    let x = contiguous(x);
+    let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(w), view(a), view(b)) else {
+        unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
+    };
+    let (rows, d_in, rank) = (xv.rows, xv.cols, av.cols);
+    let bias = bias.map(contiguous);
+    // The update's input: `x`, or `x · mask / keep`.
+    let x_update = mask.map(|(seed, keep)| {
+        let mut masked = vec![0.0f32; rows * d_in];
+        dropout_kernel(values(&x), seed, keep, &mut masked);
+        owned(masked, &[rows, d_in])
+    });
+    let uv = x_update.as_ref().and_then(view).unwrap_or(xv);
+    // H = X_update·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
+    let h = product(uv, av, None);
+    let mut y = product(xv, wv, bias.as_ref().map(values));
+    add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
+    let state = LowRankLinearState {
+        x: tracked.weight.then(|| x.clone()),
+        x_update: tracked.a.then(|| x_update.unwrap_or_else(|| x.clone())),
+        h: owned(h, &[rows, rank]),
+        mask,
+        weight: frozen,
+        a: a.clone(),
+        b: b.clone(),
+    };
+    (owned(y, &[rows, wv.cols]), state)
+}
 
 pub(super) fn low_rank_linear<B: Backend>(
     x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    weight: FrozenMatrix<B>,
     bias: Option<Tensor<B, 1>>,
     a: Tensor<B, 2>,
     b: Tensor<B, 2>,
     dropout: f64,
 ) -> Result<Tensor<B, 2>, LowRankLinearInputs<B>> {
     let [rows, d_in] = x.dims();
-    let [w_in, d_out] = weight.dims();
+    let (w_in, d_out) = weight.dims();
     let ([a_in, rank], [b_rank, b_out]) = (a.dims(), b.dims());
     let bias_fits = bias.as_ref().is_none_or(|b| b.dims() == [d_out] && b.dtype() == DType::F32);
     let shapes_fit = w_in == d_in && a_in == d_in && b_rank == rank && b_out == d_out;
     let usable = |t: &Tensor<B, 2>| inner(t.clone()).layout().has_positive_strides();
+    let weight_runs = |weight: &FrozenMatrix<B>| match weight {
+        FrozenMatrix::Values(w) => frozen_weight_runs(w) && usable(w),
+        FrozenMatrix::Blocks(m) => block_bytes(m).is_some(),
+    };
     if !runs::<B>()
         || !all_f32(&[&x, &a, &b])
-        || !frozen_weight_runs(&weight)
+        || !weight_runs(&weight)
         || !shapes_fit
         || !bias_fits
         || !(0.0..1.0).contains(&dropout)
         || rows * d_in > u32::MAX as usize
-        || ![&weight, &a, &b].into_iter().all(usable)
+        || ![&a, &b].into_iter().all(usable)
     {
         return Err((x, weight, bias, a, b));
     }
     // As `fused::dropout`: a mask only under autodiff, its seed drawn from the backend's generator.
     let mask =
         (B::ad_enabled(&x.device()) && dropout > 0.0).then(|| (dropout_seed::<B>(&x.device()), (1.0 - dropout) as f32));
-    let forward = move |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 5]| {
-        let x = contiguous(x);
-        let w32 = widened(w);
-        let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(&w32), view(a), view(b)) else {
-            unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
-        };
-        let bias = bias.map(contiguous);
-        // The update's input: `x`, or `x · mask / keep`.
-        let x_update = mask.map(|(seed, keep)| {
-            let mut masked = vec![0.0f32; rows * d_in];
-            dropout_kernel(values(&x), seed, keep, &mut masked);
-            owned(masked, &[rows, d_in])
-        });
-        let uv = x_update.as_ref().and_then(view).unwrap_or(xv);
-        // H = X_update·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
-        let h = product(uv, av, None);
-        let mut y = product(xv, wv, bias.as_ref().map(values));
-        add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
-        let state = LowRankLinearState {
-            x: tracked[1].then(|| x.clone()),
-            x_update: tracked[2].then(|| x_update.unwrap_or_else(|| x.clone())),
-            h: owned(h, &[rows, rank]),
-            mask,
-            weight: w.clone(),
-            a: a.clone(),
-            b: b.clone(),
-        };
-        (owned(y, &[rows, d_out]), state)
-    };
-    Ok(match bias {
-        Some(bias) => run_strided(
-            [x, weight, a, b, bias.reshape([1, d_out])],
-            LowRankLinearBackward,
-            |[x, w, a, b, bias], tracked| forward([x, w, a, b], Some(bias), tracked),
-        ),
-        None => run_strided([x, weight, a, b], LowRankLinearBackward, |[x, w, a, b], tracked| {
-            forward([x, w, a, b], None, [tracked[0], tracked[1], tracked[2], tracked[3], false])
-        }),
-    })
+    let bias = bias.map(|bias| bias.reshape([1, d_out]));
+    match weight {
+        FrozenMatrix::Values(weight) => {
+            let forward = |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 4]| {
+                let tracked = LowRankTracked { weight: tracked[1], a: tracked[2] };
+                low_rank_forward(x, &widened(w), Frozen::Values(w.clone()), a, b, bias, mask, tracked)
+            };
+            let backward = LowRankLinearBackward { weight_input: true };
+            Ok(match bias {
+                Some(bias) => run_strided([x, weight, a, b, bias], backward, |[x, w, a, b, bias], t| {
+                    forward([x, w, a, b], Some(bias), [t[0], t[1], t[2], t[3]])
+                }),
+                None => run_strided([x, weight, a, b], backward, |inputs, t| forward(inputs, None, t)),
+            })
+        }
+        FrozenMatrix::Blocks(m) => {
+            let bytes = block_bytes(&m).expect("checked above");
+            let frozen = Frozen::Blocks { bytes, format: m.format, d_in, d_out };
+            let forward = move |[x, a, b]: [&FlexTensor; 3], bias: Option<&FlexTensor>, tracked: [bool; 3]| {
+                let w = frozen.f32();
+                let tracked = LowRankTracked { weight: false, a: tracked[1] };
+                low_rank_forward(x, &w, frozen.clone(), a, b, bias, mask, tracked)
+            };
+            let backward = LowRankLinearBackward { weight_input: false };
+            Ok(match bias {
+                Some(bias) => run_strided([x, a, b, bias], backward, |[x, a, b, bias], t| {
+                    forward([x, a, b], Some(bias), [t[0], t[1], t[2]])
+                }),
+                None => run_strided([x, a, b], backward, |inputs, t| forward(inputs, None, t)),
+            })
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ use burn::tensor::module::linear as burn_linear;
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
+use crate::quant::{BLOCK, BlockFormat};
+
 /// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
 /// transposed view of it instead of being transposed into contiguous memory: on flex when
 /// `d_out > d_in`. Flex's GEMM packs a column-major right operand slowly when its reduction
@@ -36,18 +38,139 @@ pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool 
     }
 }
 
+/// A frozen layer's weight `W: [d_in, d_out]` as the linear ops take it: float values, or GGML
+/// blocks.
+#[derive(Debug, Clone)]
+pub enum FrozenMatrix<B: Backend> {
+    /// f32, or bf16/f16 for a half-precision base (widened per product, see [`crate::widen`]).
+    Values(Tensor<B, 2>),
+    /// Quantized blocks (dequantized per product).
+    Blocks(BlockMatrix<B>),
+}
+
+impl<B: Backend> From<Tensor<B, 2>> for FrozenMatrix<B> {
+    fn from(w: Tensor<B, 2>) -> Self {
+        FrozenMatrix::Values(w)
+    }
+}
+
+impl<B: Backend> From<BlockMatrix<B>> for FrozenMatrix<B> {
+    fn from(m: BlockMatrix<B>) -> Self {
+        FrozenMatrix::Blocks(m)
+    }
+}
+
+impl<B: Backend> FrozenMatrix<B> {
+    /// `(d_in, d_out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            FrozenMatrix::Values(w) => (w.dims()[0], w.dims()[1]),
+            FrozenMatrix::Blocks(m) => (m.d_in, m.d_out),
+        }
+    }
+
+    /// `W` as a float tensor: the values, or the blocks dequantized to f32.
+    pub fn values(self) -> Tensor<B, 2> {
+        match self {
+            FrozenMatrix::Values(w) => w,
+            FrozenMatrix::Blocks(m) => m.dequantize(),
+        }
+    }
+}
+
+/// A frozen `W: [d_in, d_out]` held as GGML blocks of `Wᵀ` (HF's `[d_out, d_in]` layout, whose
+/// rows run along `d_in`, as GGUF files store them): the bytes of each output row, a U8 tensor
+/// `[d_out, row_bytes]`, so the weight takes its quantized size on the device.
+#[derive(Debug, Clone)]
+pub struct BlockMatrix<B: Backend> {
+    /// `[d_out, format.row_bytes(d_in)]` bytes (U8).
+    pub bytes: Tensor<B, 2, Int>,
+    /// The block format.
+    pub format: BlockFormat,
+    /// Input width (a multiple of the block size).
+    pub d_in: usize,
+    /// Output width.
+    pub d_out: usize,
+}
+
+impl<B: Backend> BlockMatrix<B> {
+    /// Blocks from GGML bytes of `Wᵀ` (`[d_out, d_in]`, row after row); errors when the sizes do
+    /// not fit or the backend holds no U8 tensors.
+    pub fn from_bytes(
+        bytes: Vec<u8>,
+        format: BlockFormat,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        if !d_in.is_multiple_of(BLOCK) {
+            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
+        }
+        let row_bytes = format.row_bytes(d_in);
+        if bytes.len() != d_out * row_bytes {
+            return Err(format!(
+                "{} bytes for a {d_out}×{d_in} {} matrix (expected {})",
+                bytes.len(),
+                format.name(),
+                d_out * row_bytes
+            ));
+        }
+        if !B::supports_dtype(device, DType::U8) {
+            return Err(format!("the {} backend cannot hold quantized blocks (U8 tensors)", B::name(device)));
+        }
+        let bytes = Tensor::from_data(TensorData::new(bytes, [d_out, row_bytes]), (device, DType::U8));
+        Ok(Self { bytes, format, d_in, d_out })
+    }
+
+    /// Quantizes `w: [d_in, d_out]` (any float dtype) into blocks along `d_in`, on the host.
+    pub fn quantize(w: Tensor<B, 2>, format: BlockFormat) -> Result<Self, String> {
+        let [d_in, d_out] = w.dims();
+        if !d_in.is_multiple_of(BLOCK) {
+            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
+        }
+        let device = w.device();
+        // HF's `[d_out, d_in]` rows, so each block runs along `d_in`.
+        let rows = w.transpose().into_data().convert::<f32>();
+        let rows = rows.as_slice::<f32>().map_err(|e| format!("{e:?}"))?;
+        let row_bytes = format.row_bytes(d_in);
+        let mut bytes = vec![0u8; d_out * row_bytes];
+        for (row, out) in rows.chunks_exact(d_in).zip(bytes.chunks_exact_mut(row_bytes)) {
+            format.quantize(row, out);
+        }
+        Self::from_bytes(bytes, format, d_in, d_out, &device)
+    }
+
+    /// `W: [d_in, d_out]` dequantized to f32 (through the host: for merging, norms and the
+    /// backends without the fused kernels).
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        let data = self.bytes.to_data().convert::<u8>();
+        let bytes = data.as_slice::<u8>().expect("converted to u8");
+        let mut out = vec![0.0f32; self.d_in * self.d_out];
+        self.format.dequantize_rows(bytes, self.d_in, &mut out);
+        Tensor::<B, 2>::from_data(TensorData::new(out, [self.d_out, self.d_in]), &self.bytes.device()).transpose()
+    }
+}
+
 /// `x·W + b` for `x: [rows, d_in]`, `W: [d_in, d_out]` (any strides, e.g. a transposed view; a
-/// frozen `W` may be bf16 or f16, see [`crate::widen`]), as Burn's `linear`. On flex the products run on `gemm` directly into the output buffer: flex's
-/// own matmul zero-fills and then copies every output. The backward computes `W`'s and `b`'s gradients only when they
-/// are tracked, and keeps `x` only then.
-pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+/// frozen `W` may be bf16, f16 or quantized blocks, see [`FrozenMatrix`]), as Burn's `linear`. On
+/// flex the products run on `gemm` directly into the output buffer: flex's own matmul zero-fills
+/// and then copies every output. The backward computes `W`'s and `b`'s gradients only when they
+/// are tracked, and keeps `x` only then; a half-precision or quantized `W` is widened to f32 for
+/// each product, forward and backward, and the graph keeps only `W` as the model holds it.
+pub fn linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: impl Into<FrozenMatrix<B>>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let weight = weight.into();
     #[cfg(feature = "flex")]
     let (x, weight, bias) = match flex::linear(x, weight, bias) {
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
-    // A half-precision frozen weight (`--base-dtype bf16`) with f32 activations joins the product
-    // widened. Off the fused kernels, autodiff keeps that f32 copy until the backward pass.
+    // Off the fused kernels a half-precision or quantized weight joins the product as an f32 copy,
+    // which autodiff keeps until the backward pass.
+    let weight = weight.values();
     let weight = if weight.dtype() == x.dtype() { weight } else { weight.cast(x.dtype()) };
     burn_linear(x, weight, bias)
 }
@@ -61,12 +184,13 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
 /// is [`linear`] plus the update through [`dropout`] and [`linear`].
 pub fn low_rank_linear<B: Backend>(
     x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    weight: impl Into<FrozenMatrix<B>>,
     bias: Option<Tensor<B, 1>>,
     a: Tensor<B, 2>,
     b_lr: Tensor<B, 2>,
     dropout_prob: f64,
 ) -> Tensor<B, 2> {
+    let weight = weight.into();
     #[cfg(feature = "flex")]
     let (x, weight, bias, a, b_lr) = match flex::low_rank_linear(x, weight, bias, a, b_lr, dropout_prob) {
         Ok(out) => return out,

@@ -232,7 +232,7 @@ fn bench_linear<B: AutodiffBackend>(
                 Box::new(move || {
                     step(linear(
                         x.clone(),
-                        layer.base.weight.val() + update.delta_weight(shared),
+                        layer.base.weight_f32() + update.delta_weight(shared),
                         layer.base.bias.as_ref().map(|b| b.val()),
                     ))
                 }),
@@ -266,7 +266,7 @@ fn bench_linear<B: AutodiffBackend>(
             let y1 = layer.forward(x.clone(), shared);
             let y2 = linear(
                 x.clone(),
-                layer.base.weight.val() + update.delta_weight(shared),
+                layer.base.weight_f32() + update.delta_weight(shared),
                 layer.base.bias.as_ref().map(|b| b.val()),
             );
             let g1 = x.grad(&(y1.clone() * g.clone()).sum().backward()).map(values).unwrap_or_default();
@@ -296,8 +296,26 @@ fn bench_linear<B: AutodiffBackend>(
 
 /// The frozen layer as `AdaptedLinear` runs it (`fused::linear`: on flex, `gemm` straight into the
 /// output), so that "base" and the adapted variants share one base path.
-fn frozen<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+fn frozen<B: Backend>(layer: &impl FrozenLayer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let (weight, bias) = layer.parts();
+    linear(x, weight, bias)
+}
+
+/// A frozen layer's weight and bias: a plain `Linear`, or an adapted layer's base.
+trait FrozenLayer<B: Backend> {
+    fn parts(&self) -> (tensor_peft_models::fused::FrozenMatrix<B>, Option<Tensor<B, 1>>);
+}
+
+impl<B: Backend> FrozenLayer<B> for Linear<B> {
+    fn parts(&self) -> (tensor_peft_models::fused::FrozenMatrix<B>, Option<Tensor<B, 1>>) {
+        (self.weight.val().into(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+impl<B: Backend> FrozenLayer<B> for tensor_peft_adapters::FrozenLinear<B> {
+    fn parts(&self) -> (tensor_peft_models::fused::FrozenMatrix<B>, Option<Tensor<B, 1>>) {
+        (self.matrix(), self.bias())
+    }
 }
 
 enum Adapter<B: Backend> {

@@ -20,8 +20,9 @@ pub struct FinetuneArgs {
     /// HF model directory (BERT or LLaMA family) or LLaMA .gguf file.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the checkpoint
-    /// stores them); q8_0/q4_0 are not implemented yet. Adapters train in f32 [default: f32].
+    /// Precision of the frozen base model's matrices: f32, bf16, f16, q8_0, q4_0
+    /// (GGML blocks; embeddings in bf16) or native (as the checkpoint stores them). Adapters train
+    /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
     /// classification, regression, causal-lm or lm-classification.

@@ -99,8 +99,9 @@ enum Command {
         /// Not for causal-lm, which has no single predicted value per example.
         #[arg(long)]
         predictions: Option<std::path::PathBuf>,
-        /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
-        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        /// Precision of the frozen base model's matrices: f32, bf16, f16, q8_0,
+        /// q4_0 (GGML blocks; embeddings in bf16) or native (as the checkpoint stores them).
+        /// Adapters stay f32.
         #[arg(long, default_value = "f32")]
         base_dtype: BaseDType,
     },
@@ -156,8 +157,9 @@ enum Command {
         /// Adapter directory (adapter_config.json + adapter_model.safetensors; PEFT LoRA too).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
-        /// Precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
-        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        /// Precision of the frozen base model's matrices: f32, bf16, f16, q8_0,
+        /// q4_0 (GGML blocks; embeddings in bf16) or native (as the checkpoint stores them).
+        /// Adapters stay f32.
         #[arg(long, default_value = "f32")]
         base_dtype: BaseDType,
     },
@@ -212,8 +214,9 @@ enum Command {
         /// Float type of the benchmarked tensors: f32, or bf16 (cuda only).
         #[arg(long, default_value = "f32")]
         dtype: String,
-        /// model/train-step suites: precision of the frozen base model's matrices: f32, bf16, f16 or native (as the
-        /// checkpoint stores them); q8_0/q4_0 are not implemented yet. Adapters stay f32.
+        /// model/train-step suites: precision of the frozen base model's matrices: f32, bf16, f16, q8_0,
+        /// q4_0 (GGML blocks; embeddings in bf16) or native (as the checkpoint stores them).
+        /// Adapters stay f32.
         #[arg(long, default_value = "f32")]
         base_dtype: BaseDType,
     },
