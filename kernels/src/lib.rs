@@ -24,7 +24,6 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod swiglu;
-pub mod widen;
 
 pub use simd::{exp, sigmoid};
 

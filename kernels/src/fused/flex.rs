@@ -8,6 +8,8 @@
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::attention::{AttentionShape, Mask, attention_backward, attention_forward};
 use crate::dropout::{dropout as dropout_kernel, dropout_add};
 use crate::gelu::{gelu_backward, gelu_forward};
@@ -504,32 +506,9 @@ pub(super) fn softmax_cross_entropy<B: Backend>(
 // Linear
 
 /// Whether a frozen weight of this dtype can go into the linear kernels: f32, or a half-precision
-/// base weight, widened per product by [`widened`].
+/// base weight, widened per product panel by panel ([`Frozen::panel`]).
 fn weight_dtype_runs(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
-
-/// `w` with f32 storage: `w` itself when it is f32, else its whole buffer widened into a new one
-/// with the same layout (a transposed view stays one). A half-precision base keeps only its own
-/// weights: each product widens the one it needs and drops the copy after it, forward and backward.
-fn widened(w: &FlexTensor) -> FlexTensor {
-    let layout = w.layout().clone();
-    let widen = |n: usize, fill: &dyn Fn(&mut [f32])| {
-        let mut out = vec![0.0f32; n];
-        fill(&mut out);
-        FlexTensor::new(burn::tensor::Bytes::from_elems(out), layout.clone(), DType::F32)
-    };
-    match w.dtype() {
-        DType::BF16 => {
-            let src = w.storage::<burn::tensor::bf16>();
-            widen(src.len(), &|out| crate::widen::bf16_to_f32(src, out))
-        }
-        DType::F16 => {
-            let src = w.storage::<burn::tensor::f16>();
-            widen(src.len(), &|out| crate::widen::f16_to_f32(src, out))
-        }
-        _ => w.clone(),
-    }
 }
 
 /// A 2-D flex tensor as a [`View`] of its whole buffer (any non-negative strides).
@@ -561,18 +540,135 @@ enum Frozen {
     Blocks { bytes: FlexTensor, format: BlockFormat, d_in: usize, d_out: usize },
 }
 
+/// Elements of the f32 panel a half-precision or quantized weight is widened into per product: the
+/// products run over column panels of `W`, so the transient f32 copy is at most this large (16 MB)
+/// whatever the layer (a 32,000-token output head included), not a whole layer.
+const PANEL_ELEMENTS: usize = 1 << 22;
+
+/// Columns `j0..j1` of `W` (`[d_in, d_out]`) widened to f32, and the layout they were written in.
+struct Panel {
+    data: Vec<f32>,
+    d_in: usize,
+    cols: usize,
+    /// `data` is `[cols, d_in]` (the panel transposed) rather than `[d_in, cols]`.
+    transposed: bool,
+}
+
+impl Panel {
+    fn view(&self) -> View<'_> {
+        if self.transposed {
+            View::rows(&self.data, 0, self.cols, self.d_in, self.d_in).t()
+        } else {
+            View::rows(&self.data, 0, self.d_in, self.cols, self.cols)
+        }
+    }
+}
+
+/// Widens `n` elements of `src` (bf16 or f16), starting at `start` with `stride`, into `out`.
+fn widen_strided(src: &FlexTensor, start: usize, stride: usize, out: &mut [f32]) {
+    match src.dtype() {
+        DType::BF16 => {
+            let s = src.storage::<burn::tensor::bf16>();
+            out.iter_mut().enumerate().for_each(|(i, o)| *o = s[start + i * stride].to_f32());
+        }
+        DType::F16 => {
+            let s = src.storage::<burn::tensor::f16>();
+            out.iter_mut().enumerate().for_each(|(i, o)| *o = s[start + i * stride].to_f32());
+        }
+        _ => {
+            let s = src.storage::<f32>();
+            out.iter_mut().enumerate().for_each(|(i, o)| *o = s[start + i * stride]);
+        }
+    }
+}
+
 impl Frozen {
-    /// `W` as f32 `[d_in, d_out]`: the tensor itself when it is f32, else a widened or dequantized
-    /// copy that the caller drops after its product.
-    fn f32(&self) -> FlexTensor {
+    /// `(d_in, d_out)`.
+    fn dims(&self) -> (usize, usize) {
         match self {
-            Frozen::Values(w) => widened(w),
-            Frozen::Blocks { bytes, format, d_in, d_out } => {
-                let mut out = vec![0.0f32; d_in * d_out];
-                format.dequantize_rows(bytes.storage::<u8>(), *d_in, &mut out);
-                owned(out, &[*d_out, *d_in]).transpose(0, 1)
+            Frozen::Values(w) => (w.layout().shape()[0], w.layout().shape()[1]),
+            Frozen::Blocks { d_in, d_out, .. } => (*d_in, *d_out),
+        }
+    }
+
+    /// `W` itself when it is f32 and usable as is (no copy needed).
+    fn as_f32(&self) -> Option<&FlexTensor> {
+        match self {
+            Frozen::Values(w) if w.dtype() == DType::F32 => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Columns per panel.
+    fn panel_cols(&self) -> usize {
+        let (d_in, d_out) = self.dims();
+        (PANEL_ELEMENTS / d_in.max(1)).max(256).min(d_out.max(1))
+    }
+
+    /// Columns `j0..j1` of `W` in f32.
+    fn panel(&self, j0: usize, j1: usize) -> Panel {
+        let (d_in, _) = self.dims();
+        let cols = j1 - j0;
+        match self {
+            Frozen::Blocks { bytes, format, .. } => {
+                // Rows `j0..j1` of the stored `Wᵀ`.
+                let row_bytes = format.row_bytes(d_in);
+                let mut data = vec![0.0f32; cols * d_in];
+                format.dequantize_rows(&bytes.storage::<u8>()[j0 * row_bytes..j1 * row_bytes], d_in, &mut data);
+                Panel { data, d_in, cols, transposed: true }
+            }
+            Frozen::Values(w) => {
+                let (_, _, rs, cs) = w.layout().as_2d_strides().expect("a 2-D weight (checked)");
+                let (rs, cs, offset) = (rs as usize, cs as usize, w.layout().start_offset());
+                let mut data = vec![0.0f32; cols * d_in];
+                if rs == 1 && cs != 1 {
+                    // A transposed view of `[d_out, d_in]` rows: each column of `W` is contiguous.
+                    data.par_chunks_mut(d_in).enumerate().for_each(|(c, out)| {
+                        widen_strided(w, offset + (j0 + c) * cs, 1, out);
+                    });
+                    Panel { data, d_in, cols, transposed: true }
+                } else {
+                    data.par_chunks_mut(cols).enumerate().for_each(|(r, out)| {
+                        widen_strided(w, offset + r * rs + j0 * cs, cs, out);
+                    });
+                    Panel { data, d_in, cols, transposed: false }
+                }
             }
         }
+    }
+
+    /// `x·W (+ row)` into a new `[x.rows, d_out]` buffer, panel by panel unless `W` is f32.
+    fn product(&self, x: View, row: Option<&[f32]>) -> Vec<f32> {
+        if let Some(w) = self.as_f32() {
+            return product(x, view(w).expect("a 2-D f32 weight with non-negative strides (checked)"), row);
+        }
+        let (_, d_out) = self.dims();
+        let step = self.panel_cols();
+        let mut y = vec![0.0f32; x.rows * d_out];
+        for j0 in (0..d_out).step_by(step) {
+            let j1 = (j0 + step).min(d_out);
+            let panel = self.panel(j0, j1);
+            let part = product(x, panel.view(), row.map(|r| &r[j0..j1]));
+            y.par_chunks_mut(d_out).zip(part.par_chunks(j1 - j0)).for_each(|(y, p)| y[j0..j1].copy_from_slice(p));
+        }
+        y
+    }
+
+    /// `dX = dY·Wᵀ` into a new `[dy.rows, d_in]` buffer, panel by panel unless `W` is f32.
+    fn product_t(&self, dy: View) -> Vec<f32> {
+        if let Some(w) = self.as_f32() {
+            return product(dy, view(w).expect("a 2-D f32 weight with non-negative strides (checked)").t(), None);
+        }
+        let (d_in, d_out) = self.dims();
+        let step = self.panel_cols();
+        let mut dx = vec![0.0f32; dy.rows * d_in];
+        for j0 in (0..d_out).step_by(step) {
+            let j1 = (j0 + step).min(d_out);
+            let panel = self.panel(j0, j1);
+            let dy_cols = View { offset: dy.offset + j0 * dy.col_stride, cols: j1 - j0, ..dy };
+            add_product(&mut dx, dy_cols, panel.view().t());
+        }
+        dx
     }
 }
 
@@ -605,16 +701,14 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LinearState { x, weight } = ops.state;
-        let weight = weight.f32();
-        let (Some(dy), Some(w)) = (view(&grad), view(&weight)) else {
-            unreachable!("both are 2-D f32 tensors with non-negative strides (checked in the forward)")
-        };
+        let Some(dy) = view(&grad) else { unreachable!("a 2-D f32 gradient") };
+        let (d_in, _) = weight.dims();
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
         let w_at = usize::from(self.weight_input);
         let (node_x, node_w, node_b) = (parent(0), if self.weight_input { parent(1) } else { None }, parent(1 + w_at));
         if let Some(node) = node_x {
             // dX = dY·Wᵀ
-            grads.register::<Flex>(node.id, owned(product(dy, w.t(), None), &[dy.rows, w.rows]));
+            grads.register::<Flex>(node.id, owned(weight.product_t(dy), &[dy.rows, d_in]));
         }
         if let (Some(node), Some(x)) = (node_w, x.as_ref().and_then(view)) {
             // dW = Xᵀ·dY
@@ -626,20 +720,12 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     }
 }
 
-/// `x·W + b` with `W` the f32 `[d_in, d_out]` view `w`; the state keeps `frozen`.
-fn linear_forward(
-    x: &FlexTensor,
-    w: &FlexTensor,
-    frozen: Frozen,
-    b: Option<&FlexTensor>,
-    keep_x: bool,
-) -> (FlexTensor, LinearState) {
+/// `x·W + b`; the state keeps `W` as `frozen` holds it.
+fn linear_forward(x: &FlexTensor, frozen: Frozen, b: Option<&FlexTensor>, keep_x: bool) -> (FlexTensor, LinearState) {
     let x = contiguous(x);
-    let (Some(xv), Some(wv)) = (view(&x), view(w)) else {
-        unreachable!("a contiguous 2-D input, and a weight with non-negative strides (checked)")
-    };
+    let Some(xv) = view(&x) else { unreachable!("a contiguous 2-D input") };
     let b = b.map(contiguous);
-    let out = owned(product(xv, wv, b.as_ref().map(values)), &[xv.rows, wv.cols]);
+    let out = owned(frozen.product(xv, b.as_ref().map(values)), &[xv.rows, frozen.dims().1]);
     (out, LinearState { x: keep_x.then(|| x.clone()), weight: frozen })
 }
 
@@ -664,10 +750,7 @@ pub(super) fn linear<B: Backend>(
         FrozenMatrix::Blocks(m) => {
             let Some(bytes) = block_bytes(&m) else { return Err((x, FrozenMatrix::Blocks(m), bias)) };
             let frozen = Frozen::Blocks { bytes, format: m.format, d_in, d_out };
-            let forward = move |x: &FlexTensor, b: Option<&FlexTensor>| {
-                let w = frozen.f32();
-                linear_forward(x, &w, frozen.clone(), b, false)
-            };
+            let forward = move |x: &FlexTensor, b: Option<&FlexTensor>| linear_forward(x, frozen, b, false);
             let backward = LinearBackward { weight_input: false };
             return Ok(match bias {
                 Some(bias) => run([x, bias.reshape([1, d_out])], backward, |[x, b], _| forward(x, Some(b))),
@@ -678,7 +761,7 @@ pub(super) fn linear<B: Backend>(
     };
     // The weight is used as it is laid out (a transposed view stays one).
     let forward = |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep_x: bool| {
-        linear_forward(x, &widened(w), Frozen::Values(w.clone()), b, keep_x)
+        linear_forward(x, Frozen::Values(w.clone()), b, keep_x)
     };
     let backward = LinearBackward { weight_input: true };
     Ok(match bias {
@@ -726,10 +809,7 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let LowRankLinearState { x, x_update, h, mask, weight, a, b } = ops.state;
-        let weight = weight.f32();
-        let (Some(dy), Some(w), Some(av), Some(bv), Some(hv)) =
-            (view(&grad), view(&weight), view(&a), view(&b), view(&h))
-        else {
+        let (Some(dy), Some(av), Some(bv), Some(hv)) = (view(&grad), view(&a), view(&b), view(&h)) else {
             unreachable!("2-D f32 tensors with non-negative strides (checked in the forward)")
         };
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
@@ -742,12 +822,12 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
         let dh_view = dh.as_deref().map(|d| View::rows(d, 0, dy.rows, bv.rows, bv.rows));
         if let (Some(node), Some(dh)) = (node_x, dh_view) {
             // dX = dY·Wᵀ + dH·aᵀ (through the mask, when there is one), added into one buffer.
-            let mut dx = product(dy, w.t(), None);
+            let mut dx = weight.product_t(dy);
             match mask {
                 None => add_product(&mut dx, dh, av.t()),
                 Some((seed, keep)) => dropout_add(&product(dh, av.t(), None), seed, keep, &mut dx),
             }
-            grads.register::<Flex>(node.id, owned(dx, &[dy.rows, w.rows]));
+            grads.register::<Flex>(node.id, owned(dx, &[dy.rows, weight.dims().0]));
         }
         if let (Some(node), Some(x)) = (node_w, x.as_ref().and_then(view)) {
             // dW = Xᵀ·dY
@@ -780,7 +860,6 @@ struct LowRankTracked {
 #[allow(clippy::too_many_arguments)]
 fn low_rank_forward(
     x: &FlexTensor,
-    w: &FlexTensor,
     frozen: Frozen,
     a: &FlexTensor,
     b: &FlexTensor,
@@ -789,7 +868,7 @@ fn low_rank_forward(
     tracked: LowRankTracked,
 ) -> (FlexTensor, LowRankLinearState) {
     let x = contiguous(x);
-    let (Some(xv), Some(wv), Some(av), Some(bv)) = (view(&x), view(w), view(a), view(b)) else {
+    let (Some(xv), Some(av), Some(bv)) = (view(&x), view(a), view(b)) else {
         unreachable!("a contiguous 2-D input and 2-D matrices with non-negative strides (checked)")
     };
     let (rows, d_in, rank) = (xv.rows, xv.cols, av.cols);
@@ -803,7 +882,8 @@ fn low_rank_forward(
     let uv = x_update.as_ref().and_then(view).unwrap_or(xv);
     // H = X_update·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
     let h = product(uv, av, None);
-    let mut y = product(xv, wv, bias.as_ref().map(values));
+    let mut y = frozen.product(xv, bias.as_ref().map(values));
+    let d_out = frozen.dims().1;
     add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
     let state = LowRankLinearState {
         x: tracked.weight.then(|| x.clone()),
@@ -814,7 +894,7 @@ fn low_rank_forward(
         a: a.clone(),
         b: b.clone(),
     };
-    (owned(y, &[rows, wv.cols]), state)
+    (owned(y, &[rows, d_out]), state)
 }
 
 pub(super) fn low_rank_linear<B: Backend>(
@@ -854,7 +934,7 @@ pub(super) fn low_rank_linear<B: Backend>(
         FrozenMatrix::Values(weight) => {
             let forward = |[x, w, a, b]: [&FlexTensor; 4], bias: Option<&FlexTensor>, tracked: [bool; 4]| {
                 let tracked = LowRankTracked { weight: tracked[1], a: tracked[2] };
-                low_rank_forward(x, &widened(w), Frozen::Values(w.clone()), a, b, bias, mask, tracked)
+                low_rank_forward(x, Frozen::Values(w.clone()), a, b, bias, mask, tracked)
             };
             let backward = LowRankLinearBackward { weight_input: true };
             Ok(match bias {
@@ -868,9 +948,8 @@ pub(super) fn low_rank_linear<B: Backend>(
             let bytes = block_bytes(&m).expect("checked above");
             let frozen = Frozen::Blocks { bytes, format: m.format, d_in, d_out };
             let forward = move |[x, a, b]: [&FlexTensor; 3], bias: Option<&FlexTensor>, tracked: [bool; 3]| {
-                let w = frozen.f32();
                 let tracked = LowRankTracked { weight: false, a: tracked[1] };
-                low_rank_forward(x, &w, frozen.clone(), a, b, bias, mask, tracked)
+                low_rank_forward(x, frozen, a, b, bias, mask, tracked)
             };
             let backward = LowRankLinearBackward { weight_input: false };
             Ok(match bias {

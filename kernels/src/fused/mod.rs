@@ -42,7 +42,7 @@ pub fn weight_as_transposed_view<B: Backend>(d_in: usize, d_out: usize) -> bool 
 /// blocks.
 #[derive(Debug, Clone)]
 pub enum FrozenMatrix<B: Backend> {
-    /// f32, or bf16/f16 for a half-precision base (widened per product, see [`crate::widen`]).
+    /// f32, or bf16/f16 for a half-precision base (widened per product, a column panel at a time).
     Values(Tensor<B, 2>),
     /// Quantized blocks (dequantized per product).
     Blocks(BlockMatrix<B>),
