@@ -559,14 +559,25 @@ fn finetune_reads_a_toml_config_and_flags_override_it() {
 
 #[test]
 fn a_killed_finetune_resumes_to_the_same_adapter() {
-    let reference_dir = scratch("kill-reference");
+    killed_finetune_resumes_to_the_same_adapter("f32");
+}
+
+/// With a quantized base too: `train_config.json` records `base_dtype`, so `--resume` reloads the
+/// base in the same blocks.
+#[test]
+fn a_killed_finetune_on_a_quantized_base_resumes_to_the_same_adapter() {
+    killed_finetune_resumes_to_the_same_adapter("q8_0");
+}
+
+fn killed_finetune_resumes_to_the_same_adapter(base_dtype: &str) {
+    let reference_dir = scratch(&format!("kill-reference-{base_dtype}"));
     // ndarray: the deterministic CPU backend (bit-identical results are claimed there).
-    let deterministic = ["--save-every-steps", "1", "--backend", "ndarray"];
+    let deterministic = ["--save-every-steps", "1", "--backend", "ndarray", "--base-dtype", base_dtype];
     let out = run_args(&lm_finetune_args(&reference_dir, &deterministic));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reference = std::fs::read(reference_dir.join("last/adapter_model.safetensors")).unwrap();
     // Kill with SIGKILL as soon as a checkpoint at step >= k exists, for a few k, then resume.
-    let dir = scratch("kill");
+    let dir = scratch(&format!("kill-{base_dtype}"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tpeft"))
         .args(lm_finetune_args(&dir, &deterministic))
         .stdout(std::process::Stdio::null())
@@ -618,6 +629,63 @@ fn a_killed_finetune_resumes_to_the_same_adapter() {
     assert!(kills >= 2, "the run finished before it could be killed ({kills} kills)");
     let resumed = std::fs::read(dir.join("last/adapter_model.safetensors")).unwrap();
     assert!(resumed == reference, "after {kills} kills the adapter differs from an uninterrupted run");
+    let config = std::fs::read_to_string(dir.join("train_config.json")).unwrap();
+    assert!(config.contains(&format!("\"base_dtype\": \"{base_dtype}\"")), "{config}");
+}
+
+/// `--base-dtype`: a quantized or half-precision base trains an f32 adapter of the same format,
+/// which evaluates on any base dtype; what cannot be held is refused before anything is written.
+#[test]
+fn base_dtypes_train_the_same_adapter_format_and_refuse_what_cannot_be_held() {
+    let dir = scratch("base-q4");
+    let out = run_args(&lm_finetune_args(&dir, &["--base-dtype", "q4_0", "--epochs", "1"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loss_on = |base: &str| {
+        let (model, data, adapter) =
+            (fixture("tiny-llama-words"), fixture("lm-copy-valid.jsonl"), dir.to_str().unwrap());
+        let out = tpeft(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            adapter,
+            "--task",
+            "causal-lm",
+            "--data",
+            &data,
+            "--json",
+            "--base-dtype",
+            base,
+        ]);
+        assert!(out.status.success(), "{base}: {}", String::from_utf8_lossy(&out.stderr));
+        let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        metrics["loss"].as_f64().unwrap()
+    };
+    // The run's own validation loss is reproduced on the base it trained on, and the same adapter
+    // file loads on an f32 and a bf16 base (close, not equal: the base's weights differ).
+    let trained = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let valid: f64 =
+        trained.lines().rfind(|l| l.contains(",valid,")).unwrap().split(',').nth(3).unwrap().parse().unwrap();
+    assert!((loss_on("q4_0") - valid).abs() < 1e-4, "{} vs {valid}", loss_on("q4_0"));
+    for base in ["f32", "bf16", "native"] {
+        assert!((loss_on(base) - valid).abs() < 0.5, "{base}: {} vs {valid}", loss_on(base));
+    }
+    // Refusals: an unknown dtype (usage, exit 2), a dtype the backend cannot hold (exit 1); no
+    // output directory either way.
+    for (extra, code, message) in [
+        (vec!["--base-dtype", "fp8"], 2, "unknown base dtype `fp8`"),
+        (vec!["--base-dtype", "bf16", "--backend", "ndarray"], 1, "cannot hold BF16"),
+    ] {
+        let refused = scratch("base-refused");
+        let out = run_args(&lm_finetune_args(&refused, &extra));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {stderr}");
+        assert!(stderr.contains(message) && stderr.lines().count() == 1, "{extra:?}: {stderr}");
+        assert!(!refused.join("adapter_model.safetensors").exists());
+    }
+    let generated =
+        tpeft(&["generate", "--model", &fixture("tiny-llama-words"), "--prompt", "w1", "--base-dtype", "int8"]);
+    assert_eq!(generated.status.code(), Some(2));
 }
 
 #[test]

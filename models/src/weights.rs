@@ -11,7 +11,7 @@ use crate::precision::{BaseDType, Held, StoredDType};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend, bf16, f16};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tensor_peft_kernels::quant::BLOCK;
@@ -345,7 +345,7 @@ impl Weights {
     }
 
     /// Every remaining tensor converted to f32, by name.
-    pub fn into_map(self) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+    pub fn into_map(self) -> Result<crate::tensor_io::TensorMap, ModelError> {
         self.tensors.into_iter().map(|(name, (shape, stored, _))| Ok((name, (shape, stored.into_f32()?)))).collect()
     }
 

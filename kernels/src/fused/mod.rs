@@ -20,6 +20,7 @@ use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, Tenso
 use std::sync::Arc;
 
 use crate::quant::{BLOCK, BlockFormat};
+use rayon::prelude::*;
 
 /// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
 /// transposed view of it instead of being transposed into contiguous memory: on flex when
@@ -134,9 +135,7 @@ impl<B: Backend> BlockMatrix<B> {
         let rows = rows.as_slice::<f32>().map_err(|e| format!("{e:?}"))?;
         let row_bytes = format.row_bytes(d_in);
         let mut bytes = vec![0u8; d_out * row_bytes];
-        for (row, out) in rows.chunks_exact(d_in).zip(bytes.chunks_exact_mut(row_bytes)) {
-            format.quantize(row, out);
-        }
+        bytes.par_chunks_mut(row_bytes).zip(rows.par_chunks(d_in)).for_each(|(out, row)| format.quantize(row, out));
         Self::from_bytes(bytes, format, d_in, d_out, &device)
     }
 
