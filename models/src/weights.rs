@@ -331,17 +331,15 @@ impl Weights {
     }
 
     /// Removes and returns the 2-D matrix `name` stored as `[rows, cols]` as Burn's `[cols, rows]`
-    /// at the base dtype's embedding precision: for the output head and BERT's pooler, which stay
-    /// float values under a quantized base.
+    /// (a transposed view) at the base dtype's embedding precision: for the output head and BERT's
+    /// pooler, which stay float values under a quantized base.
     pub fn take_head<B: Backend>(
         &mut self,
         name: &str,
         shape: [usize; 2],
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        let (stored, path) = self.remove(name, shape)?;
-        let dtype = self.base_dtype.embedding(stored.dtype(), B::supports_dtype(device, DType::BF16));
-        values_transposed(stored, shape, dtype, &path, device)
+        Ok(self.take_matrix::<B>(name, shape, device)?.transpose())
     }
 
     /// Every remaining tensor converted to f32, by name.

@@ -22,22 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def peak_rss_mib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from peft_step import peak_rss_mib, reset_peak_rss, token_ids, train_step
 
 
 def main():
@@ -59,19 +44,12 @@ def main():
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = token_ids(batch, seq, config.vocab_size)
+    run_step, trainable = train_step(model, ids)
     params = sum(p.numel() for p in trainable)
-    vocab = config.vocab_size
-    ids = torch.tensor([[((row * seq + i) * 7919 + 13) % vocab for i in range(seq)] for row in range(batch)])
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, eps=1e-8)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(run_step().detach())
 
     times = []
     for k in range(repeats + 1):

@@ -19,6 +19,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from peft_step import token_ids, train_step
+
 BATCH, SEQ = 4, 512
 
 
@@ -35,20 +37,11 @@ def run(attn, repeats):
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = token_ids(BATCH, SEQ, config.vocab_size, device="cuda")
+    step, trainable = train_step(model, ids)
     params = sum(p.numel() for p in trainable)
     adapter_dtype = str(trainable[0].dtype)
     vocab = config.vocab_size
-    ids = torch.tensor([[((row * SEQ + i) * 7919 + 13) % vocab for i in range(SEQ)] for row in range(BATCH)], device="cuda")
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, eps=1e-8)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
     for _ in range(2):
         step()

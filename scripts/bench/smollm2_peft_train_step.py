@@ -19,25 +19,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from peft_step import peak_rss_mib, reset_peak_rss, token_ids, train_step
+
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "smollm2")
 BATCH, SEQ = 4, 64
-
-
-def peak_rss_mib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main():
@@ -51,19 +36,9 @@ def main():
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.train()
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    vocab = model.config.vocab_size
-    ids = torch.tensor([[((row * SEQ + i) * 7919 + 13) % vocab for i in range(SEQ)] for row in range(BATCH)])
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01, eps=1e-8
-    )
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    ids = token_ids(BATCH, SEQ, model.config.vocab_size)
+    step, trainable = train_step(model, ids)
+    params = sum(p.numel() for p in trainable)
 
     times = []
     for k in range(repeats + 1):
