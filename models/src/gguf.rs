@@ -88,8 +88,27 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, MetaValue>,
     /// The tensor table.
     pub tensors: Vec<TensorInfo>,
-    bytes: Vec<u8>,
+    bytes: FileBytes,
     data_start: usize,
+}
+
+/// A GGUF file's bytes: memory-mapped from disk (file-backed pages, returned to the OS when the
+/// `Gguf` is dropped, so a load never holds the file in anonymous memory), or owned (in tests).
+#[derive(Debug)]
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(map) => map,
+            FileBytes::Owned(bytes) => bytes,
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -191,12 +210,20 @@ pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
 impl Gguf {
     /// Reads and parses a GGUF file.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        Self::parse(bytes, path)
+        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only; a file modified by another process while it is being
+        // loaded is outside what the loader supports (as for safetensors checkpoints).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::parse_bytes(FileBytes::Mapped(map), path)
     }
 
     /// Parses GGUF bytes; `path` names the file in errors.
     pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self, ModelError> {
+        Self::parse_bytes(FileBytes::Owned(bytes), path)
+    }
+
+    fn parse_bytes(bytes: FileBytes, path: &Path) -> Result<Self, ModelError> {
         let err = |reason: String| ModelError::Weights {
             path: path.to_path_buf(),
             reason: format!("invalid GGUF: {reason}"),
