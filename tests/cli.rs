@@ -962,3 +962,46 @@ fn unimplemented_config_settings_are_refused_not_ignored() {
     assert!(params.status.success(), "{}", String::from_utf8_lossy(&params.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `tpeft plan` estimates without loading (a 70B preset plans in no time), and `finetune` refuses
+/// a run whose estimate exceeds the machine's memory before it loads anything, unless `--force`.
+#[test]
+fn plan_estimates_without_loading_and_finetune_refuses_what_does_not_fit() {
+    let out =
+        tpeft(&["plan", "--model", "llama2-70b", "--base-dtype", "q4_0", "--batch-size", "1", "--max-len", "512"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap();
+    let mib: u64 = last.strip_prefix("estimated peak memory: ").unwrap().strip_suffix(" MiB").unwrap().parse().unwrap();
+    // 68.98 B weights: mostly 4.5-bit blocks, so between 35 and 60 GiB.
+    assert!((35 << 10..60 << 10).contains(&mib), "{stdout}");
+    assert!(stdout.contains("frozen projections (q4_0)") && stdout.contains("activations"), "{stdout}");
+    let bad = tpeft(&["plan", "--model", "llama2-7b", "--base-dtype", "fp8"]);
+    assert_eq!(bad.status.code(), Some(2));
+    // A 70B-shaped config without weights: refused by the plan (exit 2, nothing written) before any
+    // load; with --force the load itself fails on the missing weights (exit 1).
+    let dir = scratch("plan-70b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = std::fs::read_to_string(fixture("tiny-llama-words/config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 32", "\"hidden_size\": 8192")
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 28672")
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 80")
+        .replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 64")
+        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 8");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture(&format!("tiny-llama-words/{file}")), dir.join(file)).unwrap();
+    }
+    let output = scratch("plan-70b-run");
+    let mut args = lm_finetune_args(&output, &[]);
+    args[2] = dir.to_str().unwrap().to_string();
+    let refused = run_args(&args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs an estimated") && stderr.contains("--force"), "{stderr}");
+    assert!(!output.exists(), "nothing is written");
+    args.push("--force".into());
+    let forced = run_args(&args);
+    assert_eq!(forced.status.code(), Some(1), "{}", String::from_utf8_lossy(&forced.stderr));
+}

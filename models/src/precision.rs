@@ -130,6 +130,32 @@ impl FromStr for BaseDType {
     }
 }
 
+/// How the checkpoint at `model` (an HF directory or a GGUF file; anything else, such as a preset,
+/// counts as f32) stores its projections: `config.json`'s `torch_dtype` (or transformers ≥ 5's
+/// `dtype`), or the GGML type of a GGUF file's first attention query. For planning `native`.
+pub fn stored_projections(model: &std::path::Path) -> Result<StoredDType, crate::ModelError> {
+    if model.extension().is_some_and(|e| e == "gguf") && model.is_file() {
+        let gguf = crate::gguf::Gguf::open(model)?;
+        let ty = gguf.tensors.iter().find(|t| t.name.ends_with("attn_q.weight")).map(|t| t.ggml_type);
+        return Ok(match ty {
+            Some(1) => StoredDType::F16,
+            Some(30) => StoredDType::Bf16,
+            Some(ty) => BlockFormat::from_ggml_type(ty).map_or(StoredDType::F32, StoredDType::Blocks),
+            None => StoredDType::F32,
+        });
+    }
+    let config = if model.is_dir() { model.join("config.json") } else { model.to_path_buf() };
+    let Ok(text) = std::fs::read_to_string(&config) else { return Ok(StoredDType::F32) };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| crate::ModelError::Json { path: config.clone(), reason: e.to_string() })?;
+    let dtype = json.get("torch_dtype").or_else(|| json.get("dtype")).and_then(|v| v.as_str());
+    Ok(match dtype {
+        Some("bfloat16") => StoredDType::Bf16,
+        Some("float16") => StoredDType::F16,
+        _ => StoredDType::F32,
+    })
+}
+
 /// The rows of `table` for `ids`, as f32 whatever the table's dtype (the activations are f32).
 pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let rows = table.forward(ids);

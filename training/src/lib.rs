@@ -15,6 +15,7 @@ pub mod loader;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod strategy;
 pub mod task;

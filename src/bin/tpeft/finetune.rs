@@ -155,6 +155,11 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(default)]
     pub overwrite: bool,
+    /// Start even when `tpeft plan`'s estimate of the run's peak memory exceeds the memory
+    /// available on this machine.
+    #[arg(long)]
+    #[serde(default)]
+    pub force: bool,
     /// Continue the run in this output directory (its options are read from train_config.json).
     #[arg(long)]
     #[serde(skip)]

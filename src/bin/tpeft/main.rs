@@ -10,6 +10,7 @@ mod embed;
 mod finetune;
 mod merge;
 mod params;
+mod plan;
 
 use backend::BackendKind;
 use clap::{Parser, Subcommand};
@@ -46,6 +47,32 @@ enum Command {
         /// A regular expression that must match whole module names (PEFT's string targets).
         #[arg(long)]
         target_regex: Option<String>,
+    },
+    /// Estimate a fine-tuning run's peak memory without loading the model: frozen weights at the
+    /// base dtype, adapter and optimizer state, activations, loss workspace. Ends with
+    /// `estimated peak memory: N MiB`.
+    Plan {
+        /// Preset (llama2-7b, …), HF model directory, config.json or .gguf file.
+        #[arg(long)]
+        model: String,
+        /// The adapter method and its hyper-parameters.
+        #[command(flatten)]
+        adapter: params::MethodArgs,
+        /// Comma-separated target modules (exact name or suffix, PEFT style).
+        #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
+        targets: Option<Vec<String>>,
+        /// A regular expression that must match whole module names (PEFT's string targets).
+        #[arg(long)]
+        target_regex: Option<String>,
+        /// Precision of the frozen base: f32, bf16, f16, q8_0, q4_0 or native.
+        #[arg(long, default_value = "f32")]
+        base_dtype: BaseDType,
+        /// Examples per micro-batch.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Tokens per example.
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
     },
     /// Fine-tune a model with an adapter (see docs/cli.md); writes an adapter directory.
     Finetune(Box<finetune::FinetuneArgs>),
@@ -282,6 +309,30 @@ fn run(cli: Cli) -> Result<String, CliError> {
             let report = count(&spec, &method, &targets)?;
             Ok(render(&spec, &method, &report))
         }
+        Command::Plan { model, adapter, targets, target_regex, base_dtype, batch_size, max_len } => {
+            if batch_size == 0 || max_len == 0 {
+                return Err(CliError::Usage("--batch-size and --max-len must be at least 1".into()));
+            }
+            let method = adapter.config("lora")?;
+            let targets = match (targets, target_regex) {
+                (Some(names), _) => tensor_peft_models::Targets::Names(names),
+                (None, Some(pattern)) => tensor_peft_models::Targets::Regex(pattern),
+                (None, None) => tensor_peft_models::Targets::Default,
+            };
+            let run = plan::RunShape { model: &model, method: &method, targets: &targets, base_dtype, batch_size, max_len, lm: None };
+            let (spec, estimate) = plan::estimate(&run)?;
+            let available = tensor_peft_training::plan::available_memory()
+                .map_or("unknown".into(), |b| format!("{} MiB", params::thousands((b >> 20) as usize)));
+            Ok(format!(
+                "model: {} ({}, {} layers, d={}); method: {}; base dtype: {base_dtype}; batch {batch_size} x {max_len} tokens\navailable memory on this machine: {available}\n\n{}",
+                spec.source,
+                spec.family.name(),
+                spec.layers,
+                spec.hidden,
+                method.name(),
+                estimate.render()
+            ))
+        }
         Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype, base_dtype } => {
             for s in &suite {
                 if !bench::SUITES.contains(&s.as_str()) {
@@ -378,6 +429,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Finetune(args) => {
             let config = finetune::train_config(&args)?;
+            plan::check_fits(&config, args.force)?;
             let report = with_backend!(cli.backend, B => tensor_peft_training::finetune::<burn::backend::Autodiff<B>>(&config, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
