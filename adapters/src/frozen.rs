@@ -113,20 +113,6 @@ impl<B: Backend> FrozenLinear<B> {
         }
     }
 
-    /// The layer with its weight quantized to `format` (an error names the width when it is not a
-    /// multiple of the block size).
-    pub fn quantize(self, format: BlockFormat) -> Result<Self, String> {
-        let w = match self.weight {
-            FrozenWeight::Values(w) => w.val(),
-            FrozenWeight::Blocks(q) if q.format == format => {
-                return Ok(Self { weight: FrozenWeight::Blocks(q), bias: self.bias });
-            }
-            blocks => FrozenLinear { weight: blocks, bias: None }.weight_f32(),
-        };
-        let m = BlockMatrix::quantize(w, format)?;
-        Ok(Self { weight: FrozenWeight::Blocks(m.into()), bias: self.bias })
-    }
-
     /// `W ← W + delta`, outside the autodiff graph, keeping the weight's parameter id, trainability
     /// and dtype: a half-precision weight is summed in f32 and rounded back once, as PEFT merges
     /// into a bf16 base (so an unmerge restores it only to that rounding). Quantized blocks are

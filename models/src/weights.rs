@@ -9,12 +9,10 @@ use crate::error::ModelError;
 use crate::fused::{BlockMatrix, FrozenMatrix};
 use crate::precision::{BaseDType, Held, StoredDType};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend, bf16, f16};
-use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tensor_peft_kernels::quant::BLOCK;
 
 /// Decodes one tensor of a file that is not a safetensors mapping (a GGUF tensor), when taken: its
 /// values in f32, or (when asked with `true` and the file stores blocks) its blocks as they are.
@@ -308,24 +306,13 @@ impl Weights {
             Held::Blocks(format) => {
                 let [rows, cols] = shape;
                 let failed = |reason: String| weights_error(&path, format!("tensor `{name}`: {reason}"));
-                let bytes = if stored.dtype() == StoredDType::Blocks(format) {
-                    stored.into_blocks()?.expect("the file stores these blocks")
+                let matrix = if stored.dtype() == StoredDType::Blocks(format) {
+                    let bytes = stored.into_blocks()?.expect("the file stores these blocks");
+                    BlockMatrix::from_bytes(bytes, format, cols, rows, device)
                 } else {
-                    if !cols.is_multiple_of(BLOCK) {
-                        return Err(failed(format!(
-                            "--base-dtype {}: its rows have {cols} weights, not a multiple of the {BLOCK}-weight block",
-                            self.base_dtype
-                        )));
-                    }
-                    let values = stored.into_f32()?;
-                    let row_bytes = format.row_bytes(cols);
-                    let mut bytes = vec![0u8; rows * row_bytes];
-                    bytes.par_chunks_mut(row_bytes).zip(values.par_chunks(cols)).for_each(|(out, row)| {
-                        format.quantize(row, out);
-                    });
-                    bytes
+                    BlockMatrix::quantize_rows(&stored.into_f32()?, format, cols, rows, device)
                 };
-                BlockMatrix::from_bytes(bytes, format, cols, rows, device).map(FrozenMatrix::Blocks).map_err(failed)
+                matrix.map(FrozenMatrix::Blocks).map_err(failed)
             }
         }
     }

@@ -14,7 +14,6 @@ Usage: python scripts/bench/llama7b_peft_train_step_cpu.py [BxT] [repeats] [thre
 """
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -22,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_step import peak_rss_mib, reset_peak_rss, token_ids, train_step
+from peft_step import peak_rss_mib, time_steps, token_ids, train_step
 
 
 def main():
@@ -51,22 +50,14 @@ def main():
     def step():
         return float(run_step().detach())
 
-    times = []
-    for k in range(repeats + 1):
-        start = time.perf_counter()
-        loss = step()
-        if k > 0:
-            times.append(time.perf_counter() - start)
-    reset = reset_peak_rss()
-    step()
-    step_ms = statistics.median(times) * 1e3
+    loss, step_ms, times, step_peak = time_steps(step, repeats)
     print(json.dumps({
         "suite": "train-step", "stack": f"torch {torch.__version__} + transformers + peft",
         "threads": torch.get_num_threads(), "model": "llama2-7b (random weights)", "base_dtype": "bf16",
         "adapter_dtype": str(trainable[0].dtype), "method": "lora r=8", "batch": batch, "seq": seq,
-        "adapter_params": params, "build_s": build_s, "step_ms": step_ms, "step_ms_all": [t * 1e3 for t in times],
+        "adapter_params": params, "build_s": build_s, "step_ms": step_ms, "step_ms_all": times,
         "tokens_per_s": batch * seq / (step_ms / 1e3), "loss": loss,
-        "peak_rss_mib": peak_rss_mib() if reset else None, "process_peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": step_peak, "process_peak_rss_mib": peak_rss_mib(),
     }), flush=True)
 
 

@@ -1,6 +1,9 @@
 """What the transformers + PEFT sides of `tpeft bench --suite train-step` share: the step the Rust
 suite times (forward, causal-LM loss on every next token, backward, global-norm clipping at 1.0,
 AdamW with lr 1e-4, weight decay 0.01, eps 1e-8) and the peak-RSS counter it reads."""
+import statistics
+import time
+
 import torch
 
 
@@ -44,3 +47,18 @@ def train_step(model, ids):
         return loss
 
     return step, trainable
+
+
+def time_steps(step, repeats):
+    """Runs `step` once to warm up, then `repeats` timed times, then once more with the peak-RSS
+    counter reset before it (as the Rust suite measures). Returns the last timed step's result,
+    the median and all step times in ms, and that step's peak RSS (None where it cannot be reset)."""
+    times, result = [], None
+    for k in range(repeats + 1):
+        start = time.perf_counter()
+        result = step()
+        if k > 0:
+            times.append((time.perf_counter() - start) * 1e3)
+    reset = reset_peak_rss()
+    step()
+    return result, statistics.median(times), times, peak_rss_mib() if reset else None

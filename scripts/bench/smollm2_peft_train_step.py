@@ -11,15 +11,13 @@ Usage: python scripts/bench/smollm2_peft_train_step.py [threads] [repeats]
 """
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_step import peak_rss_mib, reset_peak_rss, token_ids, train_step
+from peft_step import peak_rss_mib, time_steps, token_ids, train_step
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "smollm2")
 BATCH, SEQ = 4, 64
@@ -40,21 +38,13 @@ def main():
     step, trainable = train_step(model, ids)
     params = sum(p.numel() for p in trainable)
 
-    times = []
-    for k in range(repeats + 1):
-        start = time.perf_counter()
-        step()
-        if k > 0:
-            times.append(time.perf_counter() - start)
-    reset = reset_peak_rss()
-    step()
-    step_ms = statistics.median(times) * 1e3
+    _, step_ms, _, step_peak = time_steps(step, repeats)
     print(json.dumps({
         "suite": "train-step", "stack": f"torch {torch.__version__} + peft", "threads": torch.get_num_threads(),
         "method": "lora r=8", "batch": BATCH, "seq": SEQ, "adapter_params": params,
         "step_ms": step_ms, "tokens_per_s": BATCH * SEQ / (step_ms / 1e3),
-        "peak_rss_mib": peak_rss_mib() if reset else None,
-        "process_peak_rss_mib": None if reset else peak_rss_mib(),
+        "peak_rss_mib": step_peak,
+        "process_peak_rss_mib": None if step_peak is not None else peak_rss_mib(),
     }))
 
 

@@ -505,12 +505,6 @@ pub(super) fn softmax_cross_entropy<B: Backend>(
 // ---------------------------------------------------------------------------------------------
 // Linear
 
-/// Whether a frozen weight of this dtype can go into the linear kernels: f32, or a half-precision
-/// base weight, widened per product panel by panel ([`Frozen::panel`]).
-fn weight_dtype_runs(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
-
 /// A 2-D flex tensor as a [`View`] of its whole buffer (any non-negative strides).
 fn view(t: &FlexTensor) -> Option<View<'_>> {
     let (rows, cols, row_stride, col_stride) = t.layout().as_2d_strides()?;
@@ -519,10 +513,15 @@ fn view(t: &FlexTensor) -> Option<View<'_>> {
     Some(View { data, offset: t.layout().start_offset(), rows, cols, row_stride, col_stride })
 }
 
-/// Whether the kernels take `weight`: f32, or half precision when it takes no gradient (its
-/// gradient would have to be registered in its own dtype).
+/// Whether the kernels take `weight`: f32, or half precision (widened a panel at a time,
+/// [`Frozen::panel`]) when it takes no gradient (its gradient would have to be registered in its
+/// own dtype).
 fn frozen_weight_runs<B: Backend>(weight: &Tensor<B, 2>) -> bool {
-    weight.dtype() == DType::F32 || (weight_dtype_runs(weight.dtype()) && !weight.is_require_grad())
+    match weight.dtype() {
+        DType::F32 => true,
+        DType::BF16 | DType::F16 => !weight.is_require_grad(),
+        _ => false,
+    }
 }
 
 /// `t` back, or `Err(t)` when its flex tensor has a negative stride.

@@ -126,17 +126,28 @@ impl<B: Backend> BlockMatrix<B> {
     /// Quantizes `w: [d_in, d_out]` (any float dtype) into blocks along `d_in`, on the host.
     pub fn quantize(w: Tensor<B, 2>, format: BlockFormat) -> Result<Self, String> {
         let [d_in, d_out] = w.dims();
-        if !d_in.is_multiple_of(BLOCK) {
-            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
-        }
         let device = w.device();
         // HF's `[d_out, d_in]` rows, so each block runs along `d_in`.
         let rows = w.transpose().into_data().convert::<f32>();
         let rows = rows.as_slice::<f32>().map_err(|e| format!("{e:?}"))?;
+        Self::quantize_rows(rows, format, d_in, d_out, &device)
+    }
+
+    /// Quantizes the `d_out` rows of `d_in` weights in `rows` (`Wᵀ`, row-major, on the host).
+    pub fn quantize_rows(
+        rows: &[f32],
+        format: BlockFormat,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        if !d_in.is_multiple_of(BLOCK) {
+            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
+        }
         let row_bytes = format.row_bytes(d_in);
         let mut bytes = vec![0u8; d_out * row_bytes];
         bytes.par_chunks_mut(row_bytes).zip(rows.par_chunks(d_in)).for_each(|(out, row)| format.quantize(row, out));
-        Self::from_bytes(bytes, format, d_in, d_out, &device)
+        Self::from_bytes(bytes, format, d_in, d_out, device)
     }
 
     /// `W: [d_in, d_out]` dequantized to f32 (through the host: for merging, norms and the
