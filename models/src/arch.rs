@@ -6,6 +6,7 @@ use crate::layout::{Projection, residual_name};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tensor_peft_adapters::{AttentionGeometry, AttentionMatrix, LinearSite, ResidualPosition, ResidualSite};
+use tensor_peft_kernels::rope::{RopeConfig, RopeScaling};
 
 /// Model family: which module names and block layout apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +68,11 @@ pub struct ArchSpec {
     pub type_vocab: usize,
     /// Whether `lm_head` shares the embedding matrix (LLaMA family).
     pub tie_embeddings: bool,
-    /// Rotary embedding base θ (LLaMA family).
-    pub rope_theta: f64,
+    /// Width of one attention head: `hidden / heads` unless the checkpoint says otherwise
+    /// (`head_dim`, a GGUF file's `rope.dimension_count`).
+    pub head_dim: usize,
+    /// Rotary embedding: base θ and scaling (LLaMA family; unused by BERT).
+    pub rope: RopeConfig,
     /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
     pub norm_eps: f64,
     /// Settings of the checkpoint that change the computation in ways these models do not
@@ -96,43 +100,180 @@ pub(crate) fn size_limit(field: &str) -> u64 {
     if field.ends_with("num_hidden_layers") || field.ends_with("block_count") { 1 << 12 } else { 1 << 24 }
 }
 
-/// Why a RoPE scaling setting is refused.
-pub(crate) const NO_ROPE_SCALING: &str = "RoPE scaling is not implemented (positions would differ from transformers)";
+/// The RoPE settings as transformers reads them: the scaling dict is `rope_scaling` (the ≤ 4
+/// spelling, which wins) or `rope_parameters` (≥ 5); θ is the dict's `rope_theta`, else the
+/// top-level one, else 10000. A `rope_type` not implemented here is recorded in `unimplemented`;
+/// a malformed value of an implemented one is an error.
+fn rope_config(
+    json: &Value,
+    path: &Path,
+    unimplemented: &mut Vec<Unimplemented>,
+) -> Result<RopeConfig, ModelError> {
+    let (field, params) = match json.get("rope_scaling").filter(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
+        Some(v) => ("rope_scaling", v),
+        None => ("rope_parameters", json.get("rope_parameters").unwrap_or(&Value::Null)),
+    };
+    let err = |problem: String| ModelError::Field { path: path.to_path_buf(), field, problem };
+    let params = match params {
+        Value::Null => &serde_json::Map::new(),
+        Value::Object(o) => o,
+        v => return Err(err(format!("is {v}, expected an object"))),
+    };
+    let number = |key: &str, v: &Value| {
+        v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| err(format!("`{key}` is {v}, expected a positive number")))
+    };
+    let top_theta = match json.get("rope_theta") {
+        None | Some(Value::Null) => 10000.0,
+        Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| ModelError::Field {
+            path: path.to_path_buf(),
+            field: "rope_theta",
+            problem: format!("is {v}, expected a positive number"),
+        })?,
+    };
+    let theta = match params.get("rope_theta").filter(|v| !v.is_null()) {
+        Some(v) => number("rope_theta", v)?,
+        None => top_theta,
+    };
+    let kind = match params.get("rope_type").or_else(|| params.get("type")).unwrap_or(&Value::Null) {
+        Value::Null => "default",
+        Value::String(s) => s.as_str(),
+        v => return Err(err(format!("`rope_type` is {v}, expected a string"))),
+    };
+    // The keys each implemented type reads; any other key would be ignored, so it is refused.
+    let keys: &[&str] = match kind {
+        "default" => &[],
+        "linear" | "dynamic" => &["factor"],
+        "yarn" => &["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"],
+        "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+        _ => {
+            unimplemented.push(Unimplemented {
+                field,
+                value: Value::Object(params.clone()).to_string(),
+                reason: "this RoPE type is not implemented (implemented: default, linear, dynamic, yarn, llama3)",
+            });
+            return Ok(RopeConfig { theta, scaling: RopeScaling::None });
+        }
+    };
+    if let Some(key) = params.keys().find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !keys.contains(&k.as_str())) {
+        if key == "partial_rotary_factor" && params[key].as_f64() == Some(1.0) {
+            // Rotating the whole head is what the models do.
+        } else {
+            return Err(err(format!("has `{key}` = {}, which the \"{kind}\" RoPE type here does not implement", params[key])));
+        }
+    }
+    let get = |key: &str| params.get(key).filter(|v| !v.is_null());
+    let required = |key: &str| match get(key) {
+        Some(v) => number(key, v),
+        None => Err(err(format!("has no `{key}`, which the \"{kind}\" RoPE type requires"))),
+    };
+    let optional = |key: &str, default: f64| get(key).map_or(Ok(default), |v| number(key, v));
+    let positions = |key: &'static str, v: &Value| {
+        v.as_u64().filter(|&n| n > 0 && n <= 1 << 32).map(|n| n as usize).ok_or_else(|| ModelError::Field {
+            path: path.to_path_buf(),
+            field: key,
+            problem: format!("is {v}, expected a positive integer"),
+        })
+    };
+    let max_positions = match json.get("max_position_embeddings").filter(|v| !v.is_null()) {
+        Some(v) => positions("max_position_embeddings", v)?,
+        // transformers' LlamaConfig default.
+        None => 2048,
+    };
+    // transformers prefers a top-level `original_max_position_embeddings`, then the dict's, then
+    // `max_position_embeddings`.
+    let original = || match json.get("original_max_position_embeddings").filter(|v| !v.is_null()) {
+        Some(v) => positions("original_max_position_embeddings", v),
+        None => get("original_max_position_embeddings")
+            .map_or(Ok(max_positions), |v| positions("original_max_position_embeddings", v)),
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: required("factor")? },
+        "dynamic" => RopeScaling::Dynamic { factor: required("factor")?, max_positions },
+        "yarn" => {
+            let original_max_positions = original()?;
+            let factor = match get("factor") {
+                Some(v) => number("factor", v)?,
+                None => max_positions as f64 / original_max_positions as f64,
+            };
+            let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let attention_factor = match (get("attention_factor"), get("mscale"), get("mscale_all_dim")) {
+                (Some(v), _, _) => number("attention_factor", v)?,
+                (None, Some(m), Some(all)) if m.as_f64() != Some(0.0) && all.as_f64() != Some(0.0) => {
+                    mscale(number("mscale", m)?) / mscale(number("mscale_all_dim", all)?)
+                }
+                _ => mscale(1.0),
+            };
+            let truncate = match get("truncate") {
+                None => true,
+                Some(v) => v.as_bool().ok_or_else(|| err(format!("`truncate` is {v}, expected true or false")))?,
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_positions,
+                beta_fast: optional("beta_fast", 32.0)?,
+                beta_slow: optional("beta_slow", 1.0)?,
+                attention_factor,
+                truncate,
+            }
+        }
+        _ => RopeScaling::Llama3 {
+            factor: required("factor")?,
+            low_freq_factor: required("low_freq_factor")?,
+            high_freq_factor: required("high_freq_factor")?,
+            original_max_positions: original()?,
+        },
+    };
+    Ok(RopeConfig { theta, scaling })
+}
 
-/// θ of the rotary embedding (`rope_theta`, or inside transformers ≥ 5's `rope_parameters`) and
-/// the `config.json` settings that change the computation in ways the models do not implement.
+/// The `config.json` fields that describe `rope` to transformers (`rope_scaling`, and
+/// `max_position_embeddings` where the scaling reads it); an error for a GGUF file's per-frequency
+/// factors, which no transformers RoPE type expresses.
+pub fn rope_config_json(rope: &RopeConfig) -> Result<Vec<(&'static str, Value)>, String> {
+    use serde_json::json;
+    Ok(match &rope.scaling {
+        RopeScaling::None => Vec::new(),
+        RopeScaling::Linear { factor } => vec![("rope_scaling", json!({"rope_type": "linear", "factor": factor}))],
+        RopeScaling::Dynamic { factor, max_positions } => vec![
+            ("rope_scaling", json!({"rope_type": "dynamic", "factor": factor})),
+            ("max_position_embeddings", json!(max_positions)),
+        ],
+        RopeScaling::Yarn { factor, original_max_positions, beta_fast, beta_slow, attention_factor, truncate } => {
+            vec![(
+                "rope_scaling",
+                json!({"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_max_positions,
+                    "beta_fast": beta_fast, "beta_slow": beta_slow, "attention_factor": attention_factor,
+                    "truncate": truncate}),
+            )]
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => vec![(
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_positions}),
+        )],
+        RopeScaling::FrequencyFactors(_) => {
+            return Err("the GGUF file's `rope_freqs` per-frequency RoPE factors have no transformers config \
+                        equivalent, so the model cannot be exported as an HF directory"
+                .into());
+        }
+    })
+}
+
+/// The rotary embedding and the `config.json` settings that change the computation in ways the
+/// models do not implement.
 fn computation_settings(
     json: &Value,
     path: &Path,
     family: Family,
-    rope_theta: f64,
-) -> Result<(f64, Vec<Unimplemented>), ModelError> {
+) -> Result<(RopeConfig, Vec<Unimplemented>), ModelError> {
     let mut unimplemented = Vec::new();
+    let mut rope = RopeConfig::default();
     let mut refuse = |field: &'static str, value: &Value, reason: &'static str| {
         unimplemented.push(Unimplemented { field, value: value.to_string(), reason })
     };
-    let scaled = |v: &Value| {
-        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
-        kind != "default"
-    };
-    let mut theta = rope_theta;
     match family {
         Family::Llama => {
-            if let Some(v) = json.get("rope_scaling").filter(|v| !v.is_null() && scaled(v)) {
-                refuse("rope_scaling", v, NO_ROPE_SCALING);
-            }
-            if let Some(v) = json.get("rope_parameters").filter(|v| !v.is_null()) {
-                if scaled(v) {
-                    refuse("rope_parameters", v, NO_ROPE_SCALING);
-                }
-                if let Some(t) = v.get("rope_theta") {
-                    theta = t.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| ModelError::Field {
-                        path: path.to_path_buf(),
-                        field: "rope_parameters.rope_theta",
-                        problem: format!("is {t}, expected a positive number"),
-                    })?;
-                }
-            }
             if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
                 refuse("hidden_act", v, "LLaMA-family blocks compute SwiGLU with SiLU only");
             }
@@ -140,6 +281,7 @@ fn computation_settings(
             if let Some(v) = json.get("sliding_window").filter(|v| v.as_u64().is_some_and(|w| w < positions)) {
                 refuse("sliding_window", v, "sliding-window attention is not implemented");
             }
+            rope = rope_config(json, path, &mut unimplemented)?;
         }
         Family::Bert => {
             if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("gelu")) {
@@ -150,7 +292,7 @@ fn computation_settings(
             }
         }
     }
-    Ok((theta, unimplemented))
+    Ok((rope, unimplemented))
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
@@ -171,7 +313,8 @@ impl ArchSpec {
             positions: 0,
             type_vocab: 0,
             tie_embeddings: false,
-            rope_theta: 10000.0,
+            head_dim: hidden / heads,
+            rope: RopeConfig::default(),
             norm_eps: 1e-5,
             unimplemented: Vec::new(),
         };
@@ -180,7 +323,6 @@ impl ArchSpec {
             vocab,
             positions,
             type_vocab,
-            rope_theta: 0.0,
             norm_eps: 1e-12,
             unimplemented: Vec::new(),
             ..llama(hidden, intermediate, layers, heads, heads)
@@ -271,7 +413,8 @@ impl ArchSpec {
         let hidden = count("hidden_size")?;
         let heads = count("num_attention_heads")?;
         let kv_heads = optional("num_key_value_heads", heads)?;
-        if hidden % heads != 0 {
+        let explicit_head_dim = family == Family::Llama && json.get("head_dim").is_some_and(|v| !v.is_null());
+        if hidden % heads != 0 && !explicit_head_dim {
             return Err(field_err(
                 "num_attention_heads",
                 format!("is {heads}, which does not divide hidden_size {hidden}"),
@@ -291,16 +434,14 @@ impl ArchSpec {
                 }
             }
         }
-        if let Some(v) = json.get("head_dim").filter(|v| !v.is_null())
-            && v.as_u64() != Some((hidden / heads) as u64)
-        {
-            let problem = format!(
-                "is {v}; heads of another width than hidden_size / num_attention_heads = {} are not implemented",
-                hidden / heads
-            );
-            return Err(field_err("head_dim", problem));
+        let head_dim = match family {
+            Family::Llama => optional("head_dim", hidden / heads)?,
+            Family::Bert => hidden / heads,
+        };
+        if head_dim % 2 != 0 {
+            return Err(field_err("head_dim", format!("is {head_dim}; rotary heads need an even width")));
         }
-        let (rope_theta, unimplemented) = computation_settings(json, path, family, float("rope_theta", 10000.0)?)?;
+        let (rope, unimplemented) = computation_settings(json, path, family)?;
         let tie_embeddings = match json.get("tie_word_embeddings") {
             None | Some(Value::Null) => family == Family::Bert,
             Some(Value::Bool(b)) => *b,
@@ -320,7 +461,8 @@ impl ArchSpec {
             positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
             type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
             tie_embeddings,
-            rope_theta: if family == Family::Llama { rope_theta } else { 0.0 },
+            head_dim,
+            rope,
             norm_eps: match family {
                 Family::Llama => float("rms_norm_eps", 1e-6)?,
                 Family::Bert => float("layer_norm_eps", 1e-12)?,
@@ -340,11 +482,6 @@ impl ArchSpec {
                 problem: format!("is {}; {}", u.value, u.reason),
             }),
         }
-    }
-
-    /// Head width.
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
     }
 
     /// The attention geometry LoRTA and the counters use.
@@ -477,7 +614,7 @@ mod tests {
         let ok = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
         let spec = ArchSpec::from_config_json(&ok, p).unwrap();
-        assert_eq!((spec.kv_heads, spec.head_dim()), (2, 16));
+        assert_eq!((spec.kv_heads, spec.head_dim), (2, 16));
         for (field, value) in [
             ("hidden_size", Value::Null),
             ("num_attention_heads", 3.into()),
@@ -515,15 +652,20 @@ mod tests {
         };
         let spec = ArchSpec::from_config_json(&llama, p).unwrap();
         assert!(spec.unimplemented.is_empty() && spec.require_implemented().is_ok());
-        // transformers >= 5 spells θ inside `rope_parameters`; the default type is implemented.
+        // transformers >= 5 spells θ inside `rope_parameters`; the ≤ 4 `rope_scaling` spelling wins.
         let v5 = with(&llama, "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 5e5}));
-        assert_eq!(v5.unwrap().rope_theta, 5e5);
+        assert_eq!(v5.unwrap().rope, RopeConfig { theta: 5e5, scaling: RopeScaling::None });
         let llama3 = serde_json::json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut both = llama.clone();
+        both["rope_scaling"] = llama3.clone();
+        both["rope_parameters"] = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+        let spec = ArchSpec::from_config_json(&both, p).unwrap();
+        assert!(matches!(spec.rope.scaling, RopeScaling::Llama3 { original_max_positions: 8192, .. }));
+        // Types not implemented are recorded (counting works, loading refuses).
         for (field, value) in [
-            ("rope_scaling", llama3.clone()),
-            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0})),
-            ("rope_parameters", serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})),
+            ("rope_scaling", serde_json::json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})),
+            ("rope_parameters", serde_json::json!({"rope_type": "proportional", "rope_theta": 1e4})),
             ("hidden_act", "gelu".into()),
             ("sliding_window", 4096.into()),
         ] {
@@ -532,12 +674,28 @@ mod tests {
             let err = spec.require_implemented().unwrap_err().to_string();
             assert!(err.contains(field) && err.contains("m/config.json") && err.contains(&value.to_string()), "{err}");
         }
+        // Malformed settings of implemented types are errors naming the key.
+        for (value, named) in [
+            (serde_json::json!({"rope_type": "linear"}), "`factor`"),
+            (serde_json::json!({"rope_type": "linear", "factor": "2"}), "`factor`"),
+            (serde_json::json!({"rope_type": "dynamic", "factor": 2.0, "low_freq_factor": 1.0}), "`low_freq_factor`"),
+            (serde_json::json!({"rope_type": "default", "partial_rotary_factor": 0.5}), "`partial_rotary_factor`"),
+            (serde_json::json!({"rope_type": "yarn", "factor": 2.0, "truncate": 1}), "`truncate`"),
+            (serde_json::json!({"rope_type": 3}), "`rope_type`"),
+        ] {
+            let err = with(&llama, "rope_scaling", value).unwrap_err().to_string();
+            assert!(err.contains("rope_scaling") && err.contains(named), "{err}");
+        }
         // A window as long as the context never applies.
         assert!(with(&llama, "sliding_window", 8192.into()).unwrap().unimplemented.is_empty());
-        for (field, value) in [("attention_bias", true.into()), ("mlp_bias", true.into()), ("head_dim", 32.into())] {
+        for (field, value) in [("attention_bias", true.into()), ("mlp_bias", true.into())] {
             let err = with(&llama, field, value).unwrap_err().to_string();
             assert!(err.contains(field) && err.contains("not implemented"), "{err}");
         }
+        // An explicit head width wider than hidden_size / heads is read; an odd one refused.
+        let wide = with(&llama, "head_dim", 32.into()).unwrap();
+        assert_eq!((wide.head_dim, wide.linear_sites()[0].d_out), (32, 128));
+        assert!(with(&llama, "head_dim", 7.into()).unwrap_err().to_string().contains("head_dim"));
         let bert = serde_json::json!({"model_type": "bert", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "max_position_embeddings": 64,
             "hidden_act": "gelu", "position_embedding_type": "absolute"});

@@ -37,6 +37,28 @@ impl<B: Backend> Llama<B> {
 
     /// Writes `dir/config.json` and `dir/model.safetensors` (HF names and `[out, in]` layout, F32).
     pub fn save_hf(&self, spec: &ArchSpec, dir: &Path) -> Result<(), ModelError> {
+        // The config first: a model it cannot describe is refused before anything is written.
+        let mut config = serde_json::json!({
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab,
+            "rope_theta": spec.rope.theta,
+            "rms_norm_eps": spec.norm_eps,
+            "tie_word_embeddings": spec.tie_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        let fields = crate::arch::rope_config_json(&spec.rope)
+            .map_err(|reason| ModelError::Weights { path: dir.to_path_buf(), reason })?;
+        for (key, value) in fields {
+            config[key] = value;
+        }
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
         let mut tensors = TensorMap::new();
         tensors.insert("model.embed_tokens.weight".into(), tensor_values(self.embed_tokens.weight.val()));
@@ -59,21 +81,6 @@ impl<B: Backend> Llama<B> {
             tensors.insert("lm_head.weight".into(), tensor_values(head.weight.val().transpose()));
         }
         write_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
-        let config = serde_json::json!({
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": spec.hidden,
-            "intermediate_size": spec.intermediate,
-            "num_hidden_layers": spec.layers,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": spec.kv_heads,
-            "vocab_size": spec.vocab,
-            "rope_theta": spec.rope_theta,
-            "rms_norm_eps": spec.norm_eps,
-            "tie_word_embeddings": spec.tie_embeddings,
-            "hidden_act": "silu",
-            "torch_dtype": "float32",
-        });
         write_atomically(&dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes())
     }
 }

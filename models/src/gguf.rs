@@ -6,7 +6,7 @@
 //! Untrusted input: every length is checked against the bytes that remain before anything is
 //! allocated, so a corrupt file gives an error, never a panic or a huge allocation.
 
-use crate::arch::{ArchSpec, Family};
+use crate::arch::{ArchSpec, Family, Unimplemented};
 use crate::error::ModelError;
 use crate::precision::StoredDType;
 use crate::weights::{Decoded, Weights};
@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tensor_peft_kernels::quant::{BLOCK, BlockFormat};
+use tensor_peft_kernels::rope::{RopeConfig, RopeScaling};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -326,21 +327,125 @@ impl Gguf {
         })
     }
 
-    /// The metadata that changes the computation in ways the models do not implement.
-    fn unimplemented(&self, head_dim: usize) -> Vec<crate::arch::Unimplemented> {
-        let mut unimplemented = Vec::new();
-        let mut refuse = |field: &'static str, value: &MetaValue, reason: &'static str| {
-            unimplemented.push(crate::arch::Unimplemented { field, value: format!("{value:?}"), reason });
+    /// The rotary embedding as llama.cpp computes it from the metadata (`rope.freq_base`,
+    /// `rope.scaling.*`) and the `rope_freqs` tensor (per-frequency divisors: how converted
+    /// LLaMA-3.1/3.2 files carry their `llama3` scaling). A scaling llama.cpp defines but these
+    /// models do not implement is recorded in `unimplemented`.
+    fn rope_config(&self, head_dim: usize, unimplemented: &mut Vec<Unimplemented>) -> Result<RopeConfig, ModelError> {
+        let field_err = |field: &'static str, problem: String| ModelError::Field { path: self.path.clone(), field, problem };
+        let number = |key: &'static str| -> Result<Option<f64>, ModelError> {
+            match self.metadata.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .map(Some)
+                    .ok_or_else(|| field_err(key, format!("is {v:?}, expected a positive number"))),
+            }
         };
-        if let Some(v) = self.metadata.get("llama.rope.scaling.type").filter(|v| v.as_str() != Some("none")) {
-            refuse("llama.rope.scaling.type", v, crate::arch::NO_ROPE_SCALING);
+        let theta = number("llama.rope.freq_base")?.unwrap_or(10000.0);
+        const KNOWN: [&str; 6] = ["type", "factor", "original_context_length", "finetuned", "yarn_beta_fast", "yarn_beta_slow"];
+        if let Some((key, v)) = self.metadata.iter().find(|(k, _)| {
+            k.strip_prefix("llama.rope.scaling.").is_some_and(|rest| !KNOWN.contains(&rest))
+        }) {
+            return Err(ModelError::Weights {
+                path: self.path.clone(),
+                reason: format!("metadata `{key}` = {v:?} is a RoPE scaling setting these models do not implement"),
+            });
         }
-        for key in ["llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"] {
+        let kind = match self.metadata.get("llama.rope.scaling.type") {
+            None => "none",
+            Some(v) => v.as_str().ok_or_else(|| field_err("llama.rope.scaling.type", format!("is {v:?}, expected a string")))?,
+        };
+        let factor = || {
+            number("llama.rope.scaling.factor")?
+                .ok_or_else(|| field_err("llama.rope.scaling.factor", format!("is missing; scaling type \"{kind}\" needs it")))
+        };
+        let mut scaling = match kind {
+            "none" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "yarn" => {
+                let factor = factor()?;
+                let original = self
+                    .metadata
+                    .get("llama.rope.scaling.original_context_length")
+                    .and_then(MetaValue::as_u64)
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| field_err("llama.rope.scaling.original_context_length", "is missing or not a positive integer".into()))?;
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_positions: original as usize,
+                    beta_fast: number("llama.rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                    beta_slow: number("llama.rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                    attention_factor: if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 },
+                    truncate: true,
+                }
+            }
+            _ => {
+                let value = self.metadata["llama.rope.scaling.type"].clone();
+                unimplemented.push(Unimplemented {
+                    field: "llama.rope.scaling.type",
+                    value: format!("{value:?}"),
+                    reason: "this RoPE scaling is not implemented (implemented: none, linear, yarn, and rope_freqs)",
+                });
+                RopeScaling::None
+            }
+        };
+        if let Some(t) = self.tensors.iter().find(|t| t.name == "rope_freqs.weight") {
+            let (_, factors) = self.dequantize_tensor(t)?;
+            if factors.len() != head_dim / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(ModelError::Weights {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor `rope_freqs.weight`: expected {} positive factors (head width {head_dim} / 2), found {} values",
+                        head_dim / 2,
+                        factors.len()
+                    ),
+                });
+            }
+            if scaling != RopeScaling::None {
+                return Err(ModelError::Weights {
+                    path: self.path.clone(),
+                    reason: format!("has both a `rope_freqs` tensor and RoPE scaling type \"{kind}\"; expected one"),
+                });
+            }
+            scaling = RopeScaling::FrequencyFactors(factors.iter().map(|&f| f as f64).collect());
+        }
+        Ok(RopeConfig { theta, scaling })
+    }
+
+    /// The head width: `rope.dimension_count` (transformers reads it as `head_dim`), which the
+    /// key and value lengths must equal, else `embedding_length / head_count`.
+    fn head_dim(&self, hidden: usize, heads: usize) -> Result<usize, ModelError> {
+        let explicit = match self.metadata.get("llama.rope.dimension_count") {
+            Some(_) => Some(self.meta_count("llama.rope.dimension_count")?),
+            None => None,
+        };
+        if explicit.is_none() && hidden % heads != 0 {
+            return Err(ModelError::Field {
+                path: self.path.clone(),
+                field: "llama.attention.head_count",
+                problem: format!("{heads} heads do not tile the width {hidden}"),
+            });
+        }
+        let head_dim = explicit.unwrap_or(hidden / heads);
+        for key in ["llama.attention.key_length", "llama.attention.value_length"] {
             if let Some(v) = self.metadata.get(key).filter(|v| v.as_u64() != Some(head_dim as u64)) {
-                refuse(key, v, "only heads of width embedding_length / head_count are implemented");
+                return Err(ModelError::Field {
+                    path: self.path.clone(),
+                    field: key,
+                    problem: format!("is {v:?}; heads whose keys/values differ from the rotary width {head_dim} are not implemented"),
+                });
             }
         }
-        unimplemented
+        if head_dim % 2 != 0 {
+            return Err(ModelError::Field {
+                path: self.path.clone(),
+                field: "llama.rope.dimension_count",
+                problem: format!("is {head_dim}; rotary heads need an even width"),
+            });
+        }
+        Ok(head_dim)
     }
 
     /// The architecture of a llama-architecture GGUF.
@@ -359,18 +464,21 @@ impl Gguf {
             Some(_) => self.meta_count("llama.attention.head_count_kv")?,
             None => heads,
         };
-        if hidden % heads != 0 || heads % kv_heads != 0 {
+        if heads % kv_heads != 0 {
             return Err(ModelError::Field {
                 path: self.path.clone(),
-                field: "llama.attention.head_count",
-                problem: format!("{heads} heads / {kv_heads} kv heads do not tile the width {hidden}"),
+                field: "llama.attention.head_count_kv",
+                problem: format!("{kv_heads} kv heads do not divide {heads} heads"),
             });
         }
+        let head_dim = self.head_dim(hidden, heads)?;
         let vocab = match self.metadata.get("llama.vocab_size") {
             Some(_) => self.meta_count("llama.vocab_size")?,
             None => self.meta_field("tokenizer.ggml.tokens")?.as_array().map_or(0, |a| a.len()),
         };
         let float = |key: &str, default: f64| self.metadata.get(key).and_then(MetaValue::as_f64).unwrap_or(default);
+        let mut unimplemented = Vec::new();
+        let rope = self.rope_config(head_dim, &mut unimplemented)?;
         Ok(ArchSpec {
             family: Family::Llama,
             source: self.path.display().to_string(),
@@ -383,9 +491,10 @@ impl Gguf {
             positions: 0,
             type_vocab: 0,
             tie_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
-            rope_theta: float("llama.rope.freq_base", 10000.0),
+            head_dim,
+            rope,
             norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
-            unimplemented: self.unimplemented(hidden / heads),
+            unimplemented,
         })
     }
 
@@ -394,8 +503,12 @@ impl Gguf {
     /// a time.
     pub fn hf_weights(self: &Arc<Self>, spec: &ArchSpec) -> Result<Weights, ModelError> {
         let mut weights = Weights::default();
-        let head_dim = spec.head_dim();
+        let head_dim = spec.head_dim;
         for (index, t) in self.tensors.iter().enumerate() {
+            if t.name == "rope_freqs.weight" {
+                // Read into the architecture's RoPE frequencies, not a weight.
+                continue;
+            }
             let name =
                 hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors { count: 1, example: t.name.clone() })?;
             let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();

@@ -18,6 +18,7 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
+use tensor_peft_kernels::rope::RopeConfig;
 use tensor_peft_adapters::{
     AdaptedLinear, AttentionMatrix, FrozenLinear, MethodConfig, ResidualAdapter, SharedFactors,
 };
@@ -53,10 +54,10 @@ layout_table! {
     }
     /// The adaptable projections of a [`LlamaBlock`] (HF names, `(d_in, d_out)`), in checkpoint order.
     LAYOUT {
-        q_proj: "self_attn.q_proj" / "attn_q", Some(AttentionMatrix::Query), |s| (s.hidden, s.hidden);
-        k_proj: "self_attn.k_proj" / "attn_k", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim());
-        v_proj: "self_attn.v_proj" / "attn_v", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim());
-        o_proj: "self_attn.o_proj" / "attn_output", Some(AttentionMatrix::Output), |s| (s.hidden, s.hidden);
+        q_proj: "self_attn.q_proj" / "attn_q", Some(AttentionMatrix::Query), |s| (s.hidden, s.heads * s.head_dim);
+        k_proj: "self_attn.k_proj" / "attn_k", Some(AttentionMatrix::Key), |s| (s.hidden, s.kv_heads * s.head_dim);
+        v_proj: "self_attn.v_proj" / "attn_v", Some(AttentionMatrix::Value), |s| (s.hidden, s.kv_heads * s.head_dim);
+        o_proj: "self_attn.o_proj" / "attn_output", Some(AttentionMatrix::Output), |s| (s.heads * s.head_dim, s.hidden);
         gate_proj: "mlp.gate_proj" / "ffn_gate", None, |s| (s.hidden, s.intermediate);
         up_proj: "mlp.up_proj" / "ffn_up", None, |s| (s.hidden, s.intermediate);
         down_proj: "mlp.down_proj" / "ffn_down", None, |s| (s.intermediate, s.hidden);
@@ -76,8 +77,11 @@ pub struct Llama<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     /// Factors shared by adapters across layers (LoTR, LoRTA), held once.
     pub shared: SharedFactors<B>,
-    /// Rotary base θ.
-    pub rope_theta: f64,
+    /// Rotary embedding: base θ and scaling.
+    #[module(skip)]
+    pub rope: RopeConfig,
+    /// Width of one attention head.
+    pub head_dim: usize,
 }
 
 fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
@@ -172,9 +176,9 @@ impl<B: Backend> LlamaBlock<B> {
         cache: Option<&mut LayerCache<B>>,
         shared: &SharedFactors<B>,
     ) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
+        let [b, t, _] = x.dims();
         let (h, kv) = (self.n_heads, self.n_kv_heads);
-        let d_h = d / h;
+        let d_h = rope.head_dim();
         let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| fused::rms_norm(x, n.gamma.val(), n.epsilon);
         let hs = norm(&self.input_layernorm, x.clone());
         // Heads stay in the projections' `[B, T, H, d_h]` layout throughout.
@@ -346,7 +350,8 @@ impl<B: Backend> Llama<B> {
             norm: rms_norm(src.norm("model.norm", d)?, spec.norm_eps),
             lm_head,
             shared: SharedFactors::empty(),
-            rope_theta: spec.rope_theta,
+            rope: spec.rope.clone(),
+            head_dim: spec.head_dim,
         };
         Ok(model.no_grad())
     }
@@ -409,8 +414,7 @@ impl<B: Backend> Llama<B> {
         let total = start + t;
         let mut x = embed(&self.embed_tokens, tokens);
         let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
-        let d_h = x.dims()[2] / heads;
-        let rope = Rope::new(start, t, d_h, self.rope_theta, &[heads, kv_heads], &device);
+        let rope = Rope::new(start, t, self.head_dim, &self.rope, &[heads, kv_heads], &device);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, layer_cache, &self.shared);

@@ -1640,3 +1640,195 @@ fn zero_init_factors_are_named_by_each_method() {
     let mut lotr = base.adapt(&spec, &MethodConfig::from_name("lotr").unwrap(), &Targets::Default).unwrap();
     assert!(found(&mut lotr).is_empty());
 }
+
+/// transformers' logits of the tiny LLaMA under each RoPE setting, and its rotary frequencies
+/// (`scripts/fixtures/tiny_llama_rope.py`).
+fn rope_expected() -> serde_json::Value {
+    let path = fixture().join("../tiny-llama-rope/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Largest |a − b| between our `[1, T, V]` logits and the recorded `[T][V]` ones.
+fn logits_diff(got: Tensor<B, 3>, expected: &serde_json::Value) -> f64 {
+    let got = values(got);
+    let reference: Vec<f64> = expected.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), reference.len());
+    got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+}
+
+/// Every RoPE type (default with θ inside `rope_parameters`, linear, dynamic NTK past
+/// `max_position_embeddings`, YaRN with defaults and with every option, llama3) and an explicit
+/// `head_dim` give transformers' logits. Tolerance 1e-4: f32 throughout, the recorded logits are
+/// rounded to 1e-5, and the angles are computed in f64 here and in f32 by transformers.
+#[test]
+fn rope_scaling_and_head_dim_match_transformers() {
+    let device = Default::default();
+    let expected = rope_expected();
+    let ids: Vec<i64> = expected["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let input = tokens::<B>(std::slice::from_ref(&ids), &device);
+    let dir = std::env::temp_dir().join(format!("tpeft-rope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let weights = fixture().join("..").join(case["weights"].as_str().unwrap()).join("model.safetensors");
+        std::fs::copy(weights, dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), case["config"].to_string()).unwrap();
+        let (model, spec) = Llama::<B>::from_hf_dir(&dir, &device).unwrap();
+        // The frequencies transformers' rotary module holds after the same forward.
+        let (inv_freq, scale) = spec.rope.frequencies(spec.head_dim, ids.len());
+        let reference: Vec<f64> = case["inv_freq"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(inv_freq.len(), reference.len(), "{name}");
+        for (a, b) in inv_freq.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{name}: inverse frequency {a} vs transformers' {b}");
+        }
+        assert!((scale - case["attention_scaling"].as_f64().unwrap()).abs() < 1e-9, "{name}: scale {scale}");
+        let diff = logits_diff(model.forward(input.clone()), &case["logits"]);
+        assert!(diff < 1e-4, "{name}: logits differ from transformers' by {diff}");
+        // An exported model says the same to transformers (and to this loader).
+        let export = dir.join("export");
+        model.save_hf(&spec, &export).unwrap();
+        let (_, again) = Llama::<B>::from_hf_dir(&export, &device).unwrap();
+        assert_eq!((&again.rope, again.head_dim), (&spec.rope, spec.head_dim), "{name}");
+    }
+    // Scaling changes the logits: the check above would catch a scaling ignored.
+    let cases = expected["cases"].as_array().unwrap();
+    let plain = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap().0.forward(input);
+    assert!(logits_diff(plain, &cases.iter().find(|c| c["name"] == "llama3").unwrap()["logits"]) > 1e-2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A GGUF file of the tiny LLaMA with the given RoPE metadata and optional `rope_freqs` tensor,
+/// written as llama.cpp's converter writes one (Q/K rows permuted, shapes reversed).
+fn tiny_llama_gguf(rope_meta: &[(&str, u32, Vec<u8>)], rope_freqs: Option<&[f32]>) -> Vec<u8> {
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    let get = |k: &str| config[k].as_u64().unwrap() as u32;
+    let (d, heads, kv) = (get("hidden_size"), get("num_attention_heads"), get("num_key_value_heads"));
+    let head_dim = (d / heads) as usize;
+    let u32v = |v: u32| v.to_le_bytes().to_vec();
+    let f32v = |v: f32| v.to_le_bytes().to_vec();
+    let arch = [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat();
+    let mut meta = vec![
+        ("general.architecture", 8, arch),
+        ("llama.block_count", 4, u32v(get("num_hidden_layers"))),
+        ("llama.embedding_length", 4, u32v(d)),
+        ("llama.feed_forward_length", 4, u32v(get("intermediate_size"))),
+        ("llama.attention.head_count", 4, u32v(heads)),
+        ("llama.attention.head_count_kv", 4, u32v(kv)),
+        ("llama.vocab_size", 4, u32v(get("vocab_size"))),
+        ("llama.rope.dimension_count", 4, u32v(head_dim as u32)),
+        ("llama.rope.freq_base", 6, f32v(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", 6, f32v(1e-5)),
+    ];
+    meta.extend(rope_meta.iter().cloned());
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<u64> = view.shape().iter().rev().map(|&n| n as u64).collect();
+        let mut data = view.data().to_vec();
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(heads as usize)
+        } else if name.ends_with("k_proj.weight") {
+            Some(kv as usize)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            // llama.cpp's `permute`: HF row h·d_h + s·d_h/2 + i becomes GGUF row h·d_h + 2i + s.
+            let row = view.shape()[1] * 4;
+            let mut permuted = data.clone();
+            for h in 0..heads {
+                for i in 0..head_dim / 2 {
+                    for s in 0..2 {
+                        let (src, dst) = (h * head_dim + s * head_dim / 2 + i, h * head_dim + 2 * i + s);
+                        permuted[dst * row..(dst + 1) * row].copy_from_slice(&data[src * row..(src + 1) * row]);
+                    }
+                }
+            }
+            data = permuted;
+        }
+        let gguf_name = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            other => {
+                let rest = other.strip_prefix("model.layers.").unwrap();
+                let (layer, local) = rest.split_once('.').unwrap();
+                let stem = match local.strip_suffix(".weight").unwrap() {
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "ffn_norm",
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    x => panic!("{x}"),
+                };
+                format!("blk.{layer}.{stem}.weight")
+            }
+        };
+        tensors.push((gguf_name, shape, 0u32, data));
+    }
+    if let Some(f) = rope_freqs {
+        tensors.push(("rope_freqs.weight".into(), vec![f.len() as u64], 0, f.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
+        tensors.iter().map(|(n, s, t, d)| (n.as_str(), s.clone(), *t, d.clone())).collect();
+    gguf_bytes(&meta, &tensors)
+}
+
+/// GGUF RoPE metadata as llama.cpp reads it gives transformers' logits for the same scaling: a
+/// `rope_freqs` tensor written by llama.cpp's converter for `llama3`, `rope.scaling.type` linear
+/// and yarn. Unknown scaling types and keys are refused, naming them.
+#[test]
+fn gguf_rope_scaling_matches_transformers() {
+    use std::sync::Arc;
+    use tensor_peft_models::gguf::Gguf;
+    let device = Default::default();
+    let expected = rope_expected();
+    let ids: Vec<i64> = expected["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let input = tokens::<B>(std::slice::from_ref(&ids), &device);
+    let case = |name: &str| expected["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    let string = |s: &str| [(s.len() as u64).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat();
+    let f32v = |v: f32| v.to_le_bytes().to_vec();
+    let load = |bytes: Vec<u8>| -> Result<Llama<B>, ModelError> {
+        let gguf = Arc::new(Gguf::parse(bytes, "rope.gguf".as_ref())?);
+        let spec = gguf.arch_spec()?;
+        spec.require_implemented()?;
+        Llama::from_weights(&spec, &mut gguf.hf_weights(&spec)?, &device)
+    };
+    let freqs: Vec<f32> =
+        expected["llama3_rope_freqs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let linear = [("llama.rope.scaling.type", 8, string("linear")), ("llama.rope.scaling.factor", 6, f32v(2.0))];
+    let yarn = [
+        ("llama.rope.scaling.type", 8, string("yarn")),
+        ("llama.rope.scaling.factor", 6, f32v(4.0)),
+        ("llama.rope.scaling.original_context_length", 4, 64u32.to_le_bytes().to_vec()),
+    ];
+    for (name, bytes) in [
+        ("llama3", tiny_llama_gguf(&[], Some(&freqs))),
+        ("linear", tiny_llama_gguf(&linear, None)),
+        ("yarn", tiny_llama_gguf(&yarn, None)),
+    ] {
+        let model = load(bytes).unwrap();
+        // f32 rope_freqs factors: 1e-4 still holds.
+        let diff = logits_diff(model.forward(input.clone()), &case(name)["logits"]);
+        assert!(diff < 1e-4, "GGUF {name}: logits differ from transformers' by {diff}");
+    }
+    let refused = [
+        (vec![("llama.rope.scaling.type", 8, string("longrope"))], "longrope"),
+        (vec![("llama.rope.scaling.yarn_log_multiplier", 6, f32v(0.1))], "yarn_log_multiplier"),
+        (linear[..1].to_vec(), "llama.rope.scaling.factor"),
+    ];
+    for (meta, named) in refused {
+        let err = load(tiny_llama_gguf(&meta, None)).err().expect("refused").to_string();
+        assert!(err.contains(named) && err.contains("rope.gguf"), "{err}");
+    }
+    let err = load(tiny_llama_gguf(&linear, Some(&freqs))).err().expect("refused").to_string();
+    assert!(err.contains("rope_freqs"), "{err}");
+    let err = load(tiny_llama_gguf(&[], Some(&freqs[..2]))).err().expect("refused").to_string();
+    assert!(err.contains("rope_freqs") && err.contains("expected 4"), "{err}");
+}

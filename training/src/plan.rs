@@ -113,7 +113,7 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
     // Per token and block, what the backward keeps (f32): the block's inputs and normed inputs,
     // the attention's queries, keys and values, its probabilities (one row of `max_len` per head)
     // and the MLP's gate and up outputs.
-    let kv_width = (spec.kv_heads * spec.head_dim()) as u64;
+    let kv_width = (spec.kv_heads * spec.head_dim) as u64;
     let (heads, intermediate, len) = (spec.heads as u64, spec.intermediate as u64, request.max_len as u64);
     let per_token = match spec.family {
         Family::Llama => 4 * d + 2 * kv_width + 2 * intermediate + heads * len,

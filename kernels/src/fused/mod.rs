@@ -19,6 +19,7 @@ use burn::tensor::module::linear as burn_linear;
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
+use crate::rope::RopeConfig;
 use crate::quant::{BLOCK, BlockFormat};
 use rayon::prelude::*;
 
@@ -257,7 +258,6 @@ pub struct Rope<B: Backend> {
     // Read by the flex kernel only.
     #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     seq: usize,
-    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     head_dim: usize,
     /// `cos`, `sin` of the `[seq, head_dim/2]` angles, for the fused kernel.
     cos: Arc<[f32]>,
@@ -269,24 +269,25 @@ pub struct Rope<B: Backend> {
 }
 
 impl<B: Backend> Rope<B> {
-    /// Tables for `seq` positions from `start`, head size `head_dim`, base `theta`, for
+    /// Tables for `seq` positions from `start`, head size `head_dim`, frequencies from `config`
+    /// (as transformers computes them for a forward over positions `0..start + seq`), for
     /// projections with any of `head_counts` heads.
     pub fn new(
         start: usize,
         seq: usize,
         head_dim: usize,
-        theta: f64,
+        config: &RopeConfig,
         head_counts: &[usize],
         device: &B::Device,
     ) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|j| theta.powf(-((2 * j) as f64) / head_dim as f64)).collect();
+        let (inv_freq, scale) = config.frequencies(head_dim, start + seq);
         let (mut cos, mut sin) = (Vec::with_capacity(seq * half), Vec::with_capacity(seq * half));
         for pos in start..start + seq {
             for f in &inv_freq {
                 let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * scale) as f32);
+                sin.push((angle.sin() * scale) as f32);
             }
         }
         let (cos, sin): (Arc<[f32]>, Arc<[f32]>) = (cos.into(), sin.into());
@@ -309,6 +310,11 @@ impl<B: Backend> Rope<B> {
     /// Position of the first row of the tables.
     pub fn start(&self) -> usize {
         self.start
+    }
+
+    /// Width of the heads the tables rotate.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x: [B, seq, heads, head_dim]`, heads one of the counts

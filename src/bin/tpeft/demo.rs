@@ -12,7 +12,7 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use tensor_peft_adapters::{AdaptedLinear, LinearDelta, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors};
-use tensor_peft_models::{ArchSpec, Family};
+use tensor_peft_models::{ArchSpec, Family, RopeConfig};
 
 /// The adapted stack: shared factors once, then every adapted site.
 #[derive(Module, Debug)]
@@ -63,7 +63,8 @@ pub fn demo_spec() -> ArchSpec {
         positions: 0,
         type_vocab: 0,
         tie_embeddings: true,
-        rope_theta: 10000.0,
+        head_dim: 16,
+        rope: RopeConfig::default(),
         norm_eps: 1e-5,
         unimplemented: Vec::new(),
     }
