@@ -34,10 +34,13 @@ pub enum Mask<'a> {
     /// Every key.
     None,
     /// Causal: query `i` sits at position `offset + i` and sees keys `0..=offset + i` (a KV cache
-    /// holds `offset` earlier positions).
+    /// holds `offset` earlier positions), or with a sliding `window` only the last `window` of them
+    /// (Mistral).
     Causal {
         /// Cached positions before the first query.
         offset: usize,
+        /// How many keys, ending at its own position, a query sees; `None`: all earlier keys.
+        window: Option<usize>,
     },
     /// `[batch, kv_len]`, `true` where the key is padding and must not be attended to.
     KeyPadding(&'a [bool]),
@@ -48,8 +51,17 @@ impl Mask<'_> {
     #[inline(always)]
     fn end(&self, i: usize, kv_len: usize) -> usize {
         match *self {
-            Mask::Causal { offset } => (offset + i + 1).min(kv_len),
+            Mask::Causal { offset, .. } => (offset + i + 1).min(kv_len),
             _ => kv_len,
+        }
+    }
+
+    /// Keys before the returned index are outside query `i`'s sliding window.
+    #[inline(always)]
+    fn begin(&self, i: usize) -> usize {
+        match *self {
+            Mask::Causal { offset, window: Some(window) } => (offset + i + 1).saturating_sub(window),
+            _ => 0,
         }
     }
 }
@@ -112,6 +124,8 @@ multiversion! {
         for (i, row) in p.chunks_exact_mut(s.kv_len).enumerate() {
             let end = mask.end(i, s.kv_len);
             row[end..].fill(0.0);
+            // −∞ scores come out as zero probabilities, so the backward needs no window of its own.
+            row[..mask.begin(i).min(end)].fill(f32::NEG_INFINITY);
             let scores = &mut row[..end];
             let any_key = match mask {
                 Mask::KeyPadding(pad) => {

@@ -130,9 +130,8 @@ impl RopeConfig {
     /// (only dynamic scaling depends on it), and the factor cos and sin are multiplied by.
     pub fn frequencies(&self, head_dim: usize, positions: usize) -> (Vec<f64>, f64) {
         let dim = head_dim as f64;
-        let plain = |theta: f64| -> Vec<f64> {
-            (0..head_dim / 2).map(|j| theta.powf(-((2 * j) as f64) / dim)).collect()
-        };
+        let plain =
+            |theta: f64| -> Vec<f64> { (0..head_dim / 2).map(|j| theta.powf(-((2 * j) as f64) / dim)).collect() };
         match &self.scaling {
             RopeScaling::None => (plain(self.theta), 1.0),
             RopeScaling::Linear { factor } => (plain(self.theta).into_iter().map(|f| f / factor).collect(), 1.0),

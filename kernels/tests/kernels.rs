@@ -101,7 +101,7 @@ fn attention_propagates_nan_scores() {
     let q = [f32::NAN, 0.0, 0.0, f32::NAN, 1.0, 1.0];
     let kv = [0.5f32; 6];
     let (mut out, mut probs) = ([0.0; 6], [0.0; 4]);
-    attention_forward(&q, &kv, &kv, s, Mask::Causal { offset: 0 }, 1.0, &mut out, &mut probs);
+    attention_forward(&q, &kv, &kv, s, Mask::Causal { offset: 0, window: None }, 1.0, &mut out, &mut probs);
     assert!(out.iter().all(|o| o.is_nan()), "a NaN query must give NaN outputs, not zeros: {out:?}");
 }
 

@@ -73,6 +73,9 @@ pub struct ArchSpec {
     pub head_dim: usize,
     /// Rotary embedding: base θ and scaling (LLaMA family; unused by BERT).
     pub rope: RopeConfig,
+    /// Mistral's sliding attention window: a query sees only the last this-many positions
+    /// (itself included). `None`: every earlier position.
+    pub sliding_window: Option<usize>,
     /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
     pub norm_eps: f64,
     /// Settings of the checkpoint that change the computation in ways these models do not
@@ -104,11 +107,7 @@ pub(crate) fn size_limit(field: &str) -> u64 {
 /// spelling, which wins) or `rope_parameters` (≥ 5); θ is the dict's `rope_theta`, else the
 /// top-level one, else 10000. A `rope_type` not implemented here is recorded in `unimplemented`;
 /// a malformed value of an implemented one is an error.
-fn rope_config(
-    json: &Value,
-    path: &Path,
-    unimplemented: &mut Vec<Unimplemented>,
-) -> Result<RopeConfig, ModelError> {
+fn rope_config(json: &Value, path: &Path, unimplemented: &mut Vec<Unimplemented>) -> Result<RopeConfig, ModelError> {
     let (field, params) = match json.get("rope_scaling").filter(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
         Some(v) => ("rope_scaling", v),
         None => ("rope_parameters", json.get("rope_parameters").unwrap_or(&Value::Null)),
@@ -120,7 +119,9 @@ fn rope_config(
         v => return Err(err(format!("is {v}, expected an object"))),
     };
     let number = |key: &str, v: &Value| {
-        v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| err(format!("`{key}` is {v}, expected a positive number")))
+        v.as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| err(format!("`{key}` is {v}, expected a positive number")))
     };
     let top_theta = match json.get("rope_theta") {
         None | Some(Value::Null) => 10000.0,
@@ -143,7 +144,16 @@ fn rope_config(
     let keys: &[&str] = match kind {
         "default" => &[],
         "linear" | "dynamic" => &["factor"],
-        "yarn" => &["factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"],
+        "yarn" => &[
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "attention_factor",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        ],
         "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
         _ => {
             unimplemented.push(Unimplemented {
@@ -154,11 +164,17 @@ fn rope_config(
             return Ok(RopeConfig { theta, scaling: RopeScaling::None });
         }
     };
-    if let Some(key) = params.keys().find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !keys.contains(&k.as_str())) {
+    if let Some(key) = params
+        .keys()
+        .find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !keys.contains(&k.as_str()))
+    {
         if key == "partial_rotary_factor" && params[key].as_f64() == Some(1.0) {
             // Rotating the whole head is what the models do.
         } else {
-            return Err(err(format!("has `{key}` = {}, which the \"{kind}\" RoPE type here does not implement", params[key])));
+            return Err(err(format!(
+                "has `{key}` = {}, which the \"{kind}\" RoPE type here does not implement",
+                params[key]
+            )));
         }
     }
     let get = |key: &str| params.get(key).filter(|v| !v.is_null());
@@ -176,7 +192,8 @@ fn rope_config(
     };
     let max_positions = match json.get("max_position_embeddings").filter(|v| !v.is_null()) {
         Some(v) => positions("max_position_embeddings", v)?,
-        // transformers' LlamaConfig default.
+        // transformers' defaults.
+        None if json.get("model_type").and_then(Value::as_str) == Some("mistral") => 131072,
         None => 2048,
     };
     // transformers prefers a top-level `original_max_position_embeddings`, then the dict's, then
@@ -277,10 +294,6 @@ fn computation_settings(
             if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
                 refuse("hidden_act", v, "LLaMA-family blocks compute SwiGLU with SiLU only");
             }
-            let positions = json.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(u64::MAX);
-            if let Some(v) = json.get("sliding_window").filter(|v| v.as_u64().is_some_and(|w| w < positions)) {
-                refuse("sliding_window", v, "sliding-window attention is not implemented");
-            }
             rope = rope_config(json, path, &mut unimplemented)?;
         }
         Family::Bert => {
@@ -296,7 +309,17 @@ fn computation_settings(
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
-pub const PRESETS: [&str; 6] = ["llama2-7b", "llama2-13b", "llama2-70b", "roberta-base", "bert-base", "minilm-l6"];
+pub const PRESETS: [&str; 9] = [
+    "llama2-7b",
+    "llama2-13b",
+    "llama2-70b",
+    "llama3-8b",
+    "llama3.2-1b",
+    "mistral-7b",
+    "roberta-base",
+    "bert-base",
+    "minilm-l6",
+];
 
 impl ArchSpec {
     /// A preset with the published HF `config.json` values.
@@ -315,6 +338,7 @@ impl ArchSpec {
             tie_embeddings: false,
             head_dim: hidden / heads,
             rope: RopeConfig::default(),
+            sliding_window: None,
             norm_eps: 1e-5,
             unimplemented: Vec::new(),
         };
@@ -331,6 +355,29 @@ impl ArchSpec {
             "llama2-7b" => llama(4096, 11008, 32, 32, 32),
             "llama2-13b" => llama(5120, 13824, 40, 40, 40),
             "llama2-70b" => llama(8192, 28672, 80, 64, 8),
+            // Meta-Llama-3-8B: 128K vocabulary, θ = 500000, 8K context without scaling.
+            "llama3-8b" => ArchSpec {
+                vocab: 128256,
+                rope: RopeConfig { theta: 500000.0, scaling: RopeScaling::None },
+                ..llama(4096, 14336, 32, 32, 8)
+            },
+            // Llama-3.2-1B: tied head, llama3 RoPE scaling for its 128K context.
+            "llama3.2-1b" => ArchSpec {
+                vocab: 128256,
+                tie_embeddings: true,
+                rope: RopeConfig {
+                    theta: 500000.0,
+                    scaling: RopeScaling::Llama3 {
+                        factor: 32.0,
+                        low_freq_factor: 1.0,
+                        high_freq_factor: 4.0,
+                        original_max_positions: 8192,
+                    },
+                },
+                ..llama(2048, 8192, 16, 32, 8)
+            },
+            // Mistral-7B-v0.1: GQA and a 4096-position sliding window.
+            "mistral-7b" => ArchSpec { sliding_window: Some(4096), ..llama(4096, 14336, 32, 32, 8) },
             "roberta-base" => bert(768, 3072, 12, 12, 50265, 514, 1),
             "bert-base" => bert(768, 3072, 12, 12, 30522, 512, 2),
             "minilm-l6" => bert(384, 1536, 6, 12, 30522, 512, 2),
@@ -442,6 +489,18 @@ impl ArchSpec {
             return Err(field_err("head_dim", format!("is {head_dim}; rotary heads need an even width")));
         }
         let (rope, unimplemented) = computation_settings(json, path, family)?;
+        // transformers' LlamaConfig has no window (a `sliding_window` there is never read);
+        // MistralConfig defaults it to 4096 when absent, and null turns it off.
+        let sliding_window = match (model_type, json.get("sliding_window")) {
+            ("mistral", None) => Some(4096),
+            ("mistral", Some(Value::Null)) => None,
+            ("mistral", Some(v)) => {
+                Some(v.as_u64().filter(|&w| w > 0).map(|w| w.min(usize::MAX as u64) as usize).ok_or_else(|| {
+                    field_err("sliding_window", format!("is {v}, expected a positive integer or null"))
+                })?)
+            }
+            _ => None,
+        };
         let tie_embeddings = match json.get("tie_word_embeddings") {
             None | Some(Value::Null) => family == Family::Bert,
             Some(Value::Bool(b)) => *b,
@@ -463,6 +522,7 @@ impl ArchSpec {
             tie_embeddings,
             head_dim,
             rope,
+            sliding_window,
             norm_eps: match family {
                 Family::Llama => float("rms_norm_eps", 1e-6)?,
                 Family::Bert => float("layer_norm_eps", 1e-12)?,
@@ -590,6 +650,10 @@ mod tests {
         assert_eq!(ArchSpec::preset("llama2-7b").unwrap().base_num_params(), 6_738_415_616);
         assert_eq!(ArchSpec::preset("llama2-13b").unwrap().base_num_params(), 13_015_864_320);
         assert_eq!(ArchSpec::preset("llama2-70b").unwrap().base_num_params(), 68_976_648_192);
+        // transformers' models built from the same configs (on the meta device) count these.
+        assert_eq!(ArchSpec::preset("llama3-8b").unwrap().base_num_params(), 8_030_261_248);
+        assert_eq!(ArchSpec::preset("llama3.2-1b").unwrap().base_num_params(), 1_235_814_400);
+        assert_eq!(ArchSpec::preset("mistral-7b").unwrap().base_num_params(), 7_241_732_096);
         assert_eq!(ArchSpec::preset("roberta-base").unwrap().base_num_params(), 124_645_632);
         assert_eq!(ArchSpec::preset("bert-base").unwrap().base_num_params(), 109_482_240);
         assert_eq!(ArchSpec::preset("minilm-l6").unwrap().base_num_params(), 22_713_216);
@@ -667,7 +731,6 @@ mod tests {
             ("rope_scaling", serde_json::json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})),
             ("rope_parameters", serde_json::json!({"rope_type": "proportional", "rope_theta": 1e4})),
             ("hidden_act", "gelu".into()),
-            ("sliding_window", 4096.into()),
         ] {
             let spec = with(&llama, field, value.clone()).unwrap();
             assert_eq!(spec.unimplemented.len(), 1, "{field}: {value}");
@@ -686,8 +749,16 @@ mod tests {
             let err = with(&llama, "rope_scaling", value).unwrap_err().to_string();
             assert!(err.contains("rope_scaling") && err.contains(named), "{err}");
         }
-        // A window as long as the context never applies.
-        assert!(with(&llama, "sliding_window", 8192.into()).unwrap().unimplemented.is_empty());
+        // transformers' LLaMA never reads a window; its Mistral defaults one to 4096.
+        assert_eq!(with(&llama, "sliding_window", 4096.into()).unwrap().sliding_window, None);
+        let mistral = with(&llama, "model_type", "mistral".into()).unwrap();
+        assert_eq!(mistral.sliding_window, None, "the base config says null");
+        let mut no_key = llama.clone();
+        no_key["model_type"] = "mistral".into();
+        no_key.as_object_mut().unwrap().remove("sliding_window");
+        assert_eq!(ArchSpec::from_config_json(&no_key, p).unwrap().sliding_window, Some(4096));
+        no_key["sliding_window"] = "wide".into();
+        assert!(ArchSpec::from_config_json(&no_key, p).unwrap_err().to_string().contains("sliding_window"));
         for (field, value) in [("attention_bias", true.into()), ("mlp_bias", true.into())] {
             let err = with(&llama, field, value).unwrap_err().to_string();
             assert!(err.contains(field) && err.contains("not implemented"), "{err}");

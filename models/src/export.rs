@@ -59,6 +59,12 @@ impl<B: Backend> Llama<B> {
         for (key, value) in fields {
             config[key] = value;
         }
+        if let Some(window) = spec.sliding_window {
+            // Only transformers' Mistral reads a window.
+            config["model_type"] = "mistral".into();
+            config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+            config["sliding_window"] = window.into();
+        }
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
         let mut tensors = TensorMap::new();
         tensors.insert("model.embed_tokens.weight".into(), tensor_values(self.embed_tokens.weight.val()));

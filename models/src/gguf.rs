@@ -332,7 +332,8 @@ impl Gguf {
     /// LLaMA-3.1/3.2 files carry their `llama3` scaling). A scaling llama.cpp defines but these
     /// models do not implement is recorded in `unimplemented`.
     fn rope_config(&self, head_dim: usize, unimplemented: &mut Vec<Unimplemented>) -> Result<RopeConfig, ModelError> {
-        let field_err = |field: &'static str, problem: String| ModelError::Field { path: self.path.clone(), field, problem };
+        let field_err =
+            |field: &'static str, problem: String| ModelError::Field { path: self.path.clone(), field, problem };
         let number = |key: &'static str| -> Result<Option<f64>, ModelError> {
             match self.metadata.get(key) {
                 None => Ok(None),
@@ -344,10 +345,13 @@ impl Gguf {
             }
         };
         let theta = number("llama.rope.freq_base")?.unwrap_or(10000.0);
-        const KNOWN: [&str; 6] = ["type", "factor", "original_context_length", "finetuned", "yarn_beta_fast", "yarn_beta_slow"];
-        if let Some((key, v)) = self.metadata.iter().find(|(k, _)| {
-            k.strip_prefix("llama.rope.scaling.").is_some_and(|rest| !KNOWN.contains(&rest))
-        }) {
+        const KNOWN: [&str; 6] =
+            ["type", "factor", "original_context_length", "finetuned", "yarn_beta_fast", "yarn_beta_slow"];
+        if let Some((key, v)) = self
+            .metadata
+            .iter()
+            .find(|(k, _)| k.strip_prefix("llama.rope.scaling.").is_some_and(|rest| !KNOWN.contains(&rest)))
+        {
             return Err(ModelError::Weights {
                 path: self.path.clone(),
                 reason: format!("metadata `{key}` = {v:?} is a RoPE scaling setting these models do not implement"),
@@ -355,11 +359,14 @@ impl Gguf {
         }
         let kind = match self.metadata.get("llama.rope.scaling.type") {
             None => "none",
-            Some(v) => v.as_str().ok_or_else(|| field_err("llama.rope.scaling.type", format!("is {v:?}, expected a string")))?,
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| field_err("llama.rope.scaling.type", format!("is {v:?}, expected a string")))?,
         };
         let factor = || {
-            number("llama.rope.scaling.factor")?
-                .ok_or_else(|| field_err("llama.rope.scaling.factor", format!("is missing; scaling type \"{kind}\" needs it")))
+            number("llama.rope.scaling.factor")?.ok_or_else(|| {
+                field_err("llama.rope.scaling.factor", format!("is missing; scaling type \"{kind}\" needs it"))
+            })
         };
         let mut scaling = match kind {
             "none" => RopeScaling::None,
@@ -371,7 +378,12 @@ impl Gguf {
                     .get("llama.rope.scaling.original_context_length")
                     .and_then(MetaValue::as_u64)
                     .filter(|&n| n > 0)
-                    .ok_or_else(|| field_err("llama.rope.scaling.original_context_length", "is missing or not a positive integer".into()))?;
+                    .ok_or_else(|| {
+                        field_err(
+                            "llama.rope.scaling.original_context_length",
+                            "is missing or not a positive integer".into(),
+                        )
+                    })?;
                 RopeScaling::Yarn {
                     factor,
                     original_max_positions: original as usize,
@@ -434,7 +446,9 @@ impl Gguf {
                 return Err(ModelError::Field {
                     path: self.path.clone(),
                     field: key,
-                    problem: format!("is {v:?}; heads whose keys/values differ from the rotary width {head_dim} are not implemented"),
+                    problem: format!(
+                        "is {v:?}; heads whose keys/values differ from the rotary width {head_dim} are not implemented"
+                    ),
                 });
             }
         }
@@ -493,6 +507,7 @@ impl Gguf {
             tie_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
             head_dim,
             rope,
+            sliding_window: None,
             norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
             unimplemented,
         })

@@ -29,8 +29,8 @@ pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
 pub use precision::BaseDType;
-/// A LLaMA-family model's rotary embedding (base θ and scaling), from `tensor-peft-kernels`.
-pub use tensor_peft_kernels::rope::{RopeConfig, RopeScaling};
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;
+/// A LLaMA-family model's rotary embedding (base θ and scaling), from `tensor-peft-kernels`.
+pub use tensor_peft_kernels::rope::{RopeConfig, RopeScaling};
 pub use weights::Weights;

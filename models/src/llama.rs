@@ -18,10 +18,10 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use std::path::Path;
-use tensor_peft_kernels::rope::RopeConfig;
 use tensor_peft_adapters::{
     AdaptedLinear, AttentionMatrix, FrozenLinear, MethodConfig, ResidualAdapter, SharedFactors,
 };
+use tensor_peft_kernels::rope::RopeConfig;
 
 /// Cached keys and values of one layer: `[B, T, H_kv, d_h]` each.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -82,6 +82,9 @@ pub struct Llama<B: Backend> {
     pub rope: RopeConfig,
     /// Width of one attention head.
     pub head_dim: usize,
+    /// Sliding attention window (Mistral), if any.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
@@ -173,6 +176,7 @@ impl<B: Backend> LlamaBlock<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut LayerCache<B>>,
         shared: &SharedFactors<B>,
     ) -> Tensor<B, 3> {
@@ -193,7 +197,7 @@ impl<B: Backend> LlamaBlock<B> {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let attn = fused::attention(q, k, v, &AttentionMask::Causal { offset: rope.start() }).reshape([b, t, h * d_h]);
+        let attn = fused::attention(q, k, v, mask).reshape([b, t, h * d_h]);
         let mut attn_out = self.o_proj.forward(attn, shared);
         if let Some(adapter) = &self.attention_adapter {
             attn_out = adapter.forward(attn_out);
@@ -352,6 +356,7 @@ impl<B: Backend> Llama<B> {
             shared: SharedFactors::empty(),
             rope: spec.rope.clone(),
             head_dim: spec.head_dim,
+            sliding_window: spec.sliding_window,
         };
         Ok(model.no_grad())
     }
@@ -415,9 +420,10 @@ impl<B: Backend> Llama<B> {
         let mut x = embed(&self.embed_tokens, tokens);
         let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
         let rope = Rope::new(start, t, self.head_dim, &self.rope, &[heads, kv_heads], &device);
+        let mask = AttentionMask::Causal { offset: start, window: self.sliding_window };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, layer_cache, &self.shared);
+            x = layer.forward(x, &rope, &mask, layer_cache, &self.shared);
         }
         if let Some(c) = cache {
             c.len = total;

@@ -1032,6 +1032,7 @@ mod fused_on_flex {
     use super::*;
     use burn::backend::Flex;
     use tensor_peft_models::fused::{self, AttentionMask, KeyPadding, Rope};
+    use tensor_peft_models::{RopeConfig, RopeScaling};
 
     type F = Autodiff<Flex>;
     type N = Autodiff<NdArray>;
@@ -1106,9 +1107,21 @@ mod fused_on_flex {
         let norm = |x: &[Tensor<F, 3>]| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5);
         let norm_n = |x: &[Tensor<N, 3>]| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5);
         compare("rms_norm", &[[2, 5, 29], [1, 1, 29]], |x| norm(&x), |x| norm_n(&x));
-        for (start, heads) in [(0, 3), (4, 2)] {
-            let rope_f = Rope::<F>::new(start, 5, 8, 10_000.0, &[heads], &Default::default());
-            let rope_n = Rope::<N>::new(start, 5, 8, 10_000.0, &[heads], &Default::default());
+        // YaRN scales cos and sin, so the rotation is not orthogonal there: its backward too.
+        let yarn = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_positions: 64,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: 1.2,
+                truncate: true,
+            },
+        };
+        for (start, heads, rope) in [(0, 3, RopeConfig::default()), (4, 2, yarn)] {
+            let rope_f = Rope::<F>::new(start, 5, 8, &rope, &[heads], &Default::default());
+            let rope_n = Rope::<N>::new(start, 5, 8, &rope, &[heads], &Default::default());
             compare(
                 &format!("rope from {start}"),
                 &[[2, 5, heads, 8]],
@@ -1122,14 +1135,19 @@ mod fused_on_flex {
     fn attention_matches_the_op_chain_with_grouped_heads_and_a_cache_offset() {
         // (heads, kv heads, queries, keys): grouped-query with two cached positions; plain
         // multi-head self-attention; one query against a cache (decoding).
-        for (heads, kv, t_q, t_k) in [(6, 2, 5, 7), (4, 4, 9, 9), (4, 2, 1, 6)] {
+        // The last two: a sliding window of 3 keys (Mistral), with a cache and without.
+        for (heads, kv, t_q, t_k, window) in
+            [(6, 2, 5, 7, None), (4, 4, 9, 9, None), (4, 2, 1, 6, None), (4, 2, 5, 7, Some(3)), (4, 4, 9, 9, Some(3))]
+        {
             let offset = t_k - t_q;
             let shapes = [[2, t_q, heads, 8], [2, t_k, kv, 8], [2, t_k, kv, 8]];
+            let mask_f = AttentionMask::Causal { offset, window };
+            let mask_n = AttentionMask::Causal { offset, window };
             compare(
-                &format!("causal attention {heads}/{kv} heads, {t_q} queries, {t_k} keys"),
+                &format!("causal attention {heads}/{kv} heads, {t_q} queries, {t_k} keys, window {window:?}"),
                 &shapes,
-                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &AttentionMask::Causal { offset }),
-                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &AttentionMask::Causal { offset }),
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_f),
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_n),
             );
         }
     }
@@ -1651,14 +1669,20 @@ fn rope_expected() -> serde_json::Value {
 /// Largest |a − b| between our `[1, T, V]` logits and the recorded `[T][V]` ones.
 fn logits_diff(got: Tensor<B, 3>, expected: &serde_json::Value) -> f64 {
     let got = values(got);
-    let reference: Vec<f64> = expected.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).map(|v| v.as_f64().unwrap()).collect();
+    let reference: Vec<f64> = expected
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert_eq!(got.len(), reference.len());
     got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
 }
 
 /// Every RoPE type (default with θ inside `rope_parameters`, linear, dynamic NTK past
-/// `max_position_embeddings`, YaRN with defaults and with every option, llama3) and an explicit
-/// `head_dim` give transformers' logits. Tolerance 1e-4: f32 throughout, the recorded logits are
+/// `max_position_embeddings`, YaRN with defaults and with every option, llama3), an explicit
+/// `head_dim` and Mistral's sliding window give transformers' logits, and survive an export. Tolerance 1e-4: f32 throughout, the recorded logits are
 /// rounded to 1e-5, and the angles are computed in f64 here and in f32 by transformers.
 #[test]
 fn rope_scaling_and_head_dim_match_transformers() {
@@ -1688,7 +1712,19 @@ fn rope_scaling_and_head_dim_match_transformers() {
         let export = dir.join("export");
         model.save_hf(&spec, &export).unwrap();
         let (_, again) = Llama::<B>::from_hf_dir(&export, &device).unwrap();
-        assert_eq!((&again.rope, again.head_dim), (&spec.rope, spec.head_dim), "{name}");
+        assert_eq!(
+            (&again.rope, again.head_dim, again.sliding_window),
+            (&spec.rope, spec.head_dim, spec.sliding_window)
+        );
+        if spec.sliding_window.is_some() {
+            // Decoding with a KV cache masks the window as the full forward does.
+            let mut cache = tensor_peft_models::llama::KvCache::default();
+            let _ = model.forward_cached(input.clone().narrow(1, 0, 10), &mut cache);
+            let cached = model.forward_cached(input.clone().narrow(1, 10, ids.len() - 10), &mut cache);
+            let full = model.forward(input.clone()).narrow(1, 10, ids.len() - 10);
+            let diff = values(cached).iter().zip(values(full)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(diff < 1e-5, "{name}: cached decoding differs by {diff}");
+        }
     }
     // Scaling changes the logits: the check above would catch a scaling ignored.
     let cases = expected["cases"].as_array().unwrap();
@@ -1773,7 +1809,12 @@ fn tiny_llama_gguf(rope_meta: &[(&str, u32, Vec<u8>)], rope_freqs: Option<&[f32]
         tensors.push((gguf_name, shape, 0u32, data));
     }
     if let Some(f) = rope_freqs {
-        tensors.push(("rope_freqs.weight".into(), vec![f.len() as u64], 0, f.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        tensors.push((
+            "rope_freqs.weight".into(),
+            vec![f.len() as u64],
+            0,
+            f.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
     }
     let tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
         tensors.iter().map(|(n, s, t, d)| (n.as_str(), s.clone(), *t, d.clone())).collect();

@@ -279,21 +279,21 @@ struct AttentionBackward;
 /// The kernel's mask, owned so that the backward can keep it.
 #[derive(Debug, Clone)]
 enum KernelMask {
-    Causal(usize),
+    Causal(usize, Option<usize>),
     KeyPadding(Arc<[bool]>),
 }
 
 impl KernelMask {
     fn new<B: Backend>(mask: &AttentionMask<B>) -> Self {
         match mask {
-            AttentionMask::Causal { offset } => Self::Causal(*offset),
+            AttentionMask::Causal { offset, window } => Self::Causal(*offset, *window),
             AttentionMask::KeyPadding(padding) => Self::KeyPadding(padding.padded.clone()),
         }
     }
 
     fn get(&self) -> Mask<'_> {
         match self {
-            Self::Causal(offset) => Mask::Causal { offset: *offset },
+            Self::Causal(offset, window) => Mask::Causal { offset: *offset, window: *window },
             Self::KeyPadding(padded) => Mask::KeyPadding(padded),
         }
     }
@@ -355,7 +355,7 @@ pub(super) fn attention<B: Backend>(
     let [kb, kv_len, kv_heads, kd] = k.dims();
     let mask = KernelMask::new(mask);
     let mask_fits = match &mask {
-        KernelMask::Causal(_) => true,
+        KernelMask::Causal(..) => true,
         KernelMask::KeyPadding(padded) => padded.len() == batch * kv_len,
     };
     let fits = kb == batch

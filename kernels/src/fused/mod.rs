@@ -19,8 +19,8 @@ use burn::tensor::module::linear as burn_linear;
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
-use crate::rope::RopeConfig;
 use crate::quant::{BLOCK, BlockFormat};
+use crate::rope::RopeConfig;
 use rayon::prelude::*;
 
 /// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
@@ -364,10 +364,13 @@ fn repeat_per_head<B: Backend>(
 #[derive(Debug, Clone)]
 pub enum AttentionMask<B: Backend> {
     /// Causal: query `i` sits at position `offset + i` and sees keys `0..=offset + i` (a KV cache
-    /// holds the `offset` earlier positions).
+    /// holds the `offset` earlier positions), or with a sliding `window` only the last `window` of
+    /// them (Mistral).
     Causal {
         /// Cached positions before the first query.
         offset: usize,
+        /// How many keys, ending at its own position, a query sees; `None`: all earlier keys.
+        window: Option<usize>,
     },
     /// Every query sees every key that is not padding.
     KeyPadding(KeyPadding<B>),
@@ -428,8 +431,13 @@ pub fn attention<B: Backend>(
     };
     let scores = q.swap_dims(1, 2).matmul(repeat(k).swap_dims(2, 3)).div_scalar((d_h as f64).sqrt());
     let scores = match mask {
-        AttentionMask::Causal { offset } => {
-            let hidden: Vec<bool> = (0..t_q * t_k).map(|n| n % t_k > offset + n / t_k).collect();
+        AttentionMask::Causal { offset, window } => {
+            let hidden: Vec<bool> = (0..t_q * t_k)
+                .map(|n| {
+                    let (query, key) = (offset + n / t_k, n % t_k);
+                    key > query || window.is_some_and(|w| key + w <= query)
+                })
+                .collect();
             let hidden = Tensor::<B, 2, Bool>::from_data(TensorData::new(hidden, [t_q, t_k]), &device);
             scores.mask_fill(hidden.unsqueeze::<4>(), f32::NEG_INFINITY)
         }

@@ -65,6 +65,7 @@ pub fn demo_spec() -> ArchSpec {
         tie_embeddings: true,
         head_dim: 16,
         rope: RopeConfig::default(),
+        sliding_window: None,
         norm_eps: 1e-5,
         unimplemented: Vec::new(),
     }

@@ -34,8 +34,8 @@ struct Cli {
 enum Command {
     /// Count trainable parameters of a method on a model (PEFT's print_trainable_parameters).
     Params {
-        /// Preset (llama2-7b, llama2-13b, llama2-70b, roberta-base, bert-base, minilm-l6), HF model
-        /// directory, or config.json.
+        /// Preset (llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3.2-1b, mistral-7b,
+        /// roberta-base, bert-base, minilm-l6), HF model directory, config.json, or .gguf file.
         #[arg(long)]
         model: String,
         /// The adapter method and its hyper-parameters.
@@ -232,7 +232,7 @@ enum Command {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
         /// LLaMA-family model for the `model` and `train-step` suites: HF directory, .gguf, or a
-        /// preset (llama2-7b, llama2-13b, llama2-70b) for that shape with random weights.
+        /// LLaMA-family preset (llama2-7b, llama3-8b, mistral-7b, …) for that shape with random weights.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
         /// Batch size × sequence length of the `train-step` suite, e.g. 4x512.
