@@ -1005,3 +1005,59 @@ fn plan_estimates_without_loading_and_finetune_refuses_what_does_not_fit() {
     let forced = run_args(&args);
     assert_eq!(forced.status.code(), Some(1), "{}", String::from_utf8_lossy(&forced.stderr));
 }
+
+/// A DeBERTa-v3-style encoder (disentangled attention, no absolute positions) fine-tunes for
+/// sequence classification through the CLI, and its adapter evaluates.
+#[test]
+fn deberta_fine_tunes_for_classification_and_evaluates() {
+    let out_dir = scratch("deberta");
+    let model = fixture("tiny-deberta/v3");
+    let (train, valid) = (fixture("lm-sentiment-train.jsonl"), fixture("lm-sentiment-valid.jsonl"));
+    let out = tpeft(&[
+        "finetune",
+        "--model",
+        &model,
+        "--task",
+        "classification",
+        "--train",
+        &train,
+        "--valid",
+        &valid,
+        "--method",
+        "tt-lora",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--max-len",
+        "16",
+        "--seed",
+        "3",
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("best valid"), "{stdout}");
+    // The adapter's tensors carry DeBERTa's module names.
+    let weights = std::fs::read(out_dir.join("last/adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&weights[..weights.len().min(8192)]).to_string();
+    assert!(header.contains("attention.self.query_proj") && header.contains("attention.self.value_proj"), "{header}");
+    let adapter = out_dir.join("last");
+    let eval = tpeft(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--task",
+        "classification",
+        "--data",
+        &valid,
+    ]);
+    let text = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    assert!(text.lines().any(|l| l.starts_with("accuracy: ")), "{text}");
+}

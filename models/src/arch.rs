@@ -15,6 +15,9 @@ pub enum Family {
     Llama,
     /// BERT/RoBERTa encoder (post-LN blocks, biases, pooler).
     Bert,
+    /// DeBERTa-v2/v3 encoder: BERT's blocks with disentangled (content/relative-position)
+    /// attention ([`DisentangledAttention`]) and a GELU context pooler.
+    Deberta,
 }
 
 impl Family {
@@ -23,7 +26,13 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Bert => "bert",
+            Family::Deberta => "deberta-v2",
         }
+    }
+
+    /// Whether the family is an encoder (classification and regression heads).
+    pub fn is_encoder(&self) -> bool {
+        matches!(self, Family::Bert | Family::Deberta)
     }
 
     /// The family's layout table: the adaptable projections of one block.
@@ -31,6 +40,7 @@ impl Family {
         match self {
             Family::Llama => crate::llama::LAYOUT,
             Family::Bert => crate::bert::LAYOUT,
+            Family::Deberta => crate::deberta::LAYOUT,
         }
     }
 
@@ -38,7 +48,7 @@ impl Family {
     pub fn block_path(&self, layer: usize) -> String {
         match self {
             Family::Llama => format!("model.layers.{layer}"),
-            Family::Bert => format!("encoder.layer.{layer}"),
+            Family::Bert | Family::Deberta => format!("encoder.layer.{layer}"),
         }
     }
 }
@@ -76,12 +86,35 @@ pub struct ArchSpec {
     /// Mistral's sliding attention window: a query sees only the last this-many positions
     /// (itself included). `None`: every earlier position.
     pub sliding_window: Option<usize>,
+    /// DeBERTa's relative-position attention (`None` for the other families, and for a DeBERTa
+    /// config with `relative_attention` off).
+    pub relative: Option<DisentangledAttention>,
     /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
     pub norm_eps: f64,
     /// Settings of the checkpoint that change the computation in ways these models do not
     /// implement (RoPE scaling, another activation, …): the models refuse to load it
     /// ([`ArchSpec::require_implemented`]), while counting parameters is unaffected.
     pub unimplemented: Vec<Unimplemented>,
+}
+
+/// DeBERTa's disentangled attention: content-to-position (`c2p`) and position-to-content (`p2c`)
+/// scores from learned relative-position embeddings, as transformers' `DebertaV2` computes them
+/// with `share_att_key` (the positions go through the layer's own query/key projections).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisentangledAttention {
+    /// Relative distances `−span..span` have embeddings (`2·span` rows): `position_buckets`
+    /// when bucketed, else `max_relative_positions`.
+    pub span: usize,
+    /// `position_buckets`: distances past half of them are log-bucketed up to `max_relative`.
+    pub buckets: Option<usize>,
+    /// `max_relative_positions` (`max_position_embeddings` when not set).
+    pub max_relative: usize,
+    /// Content-to-position scores (`"c2p"` in `pos_att_type`).
+    pub c2p: bool,
+    /// Position-to-content scores (`"p2c"`).
+    pub p2c: bool,
+    /// Whether the relative embeddings pass a LayerNorm (`norm_rel_ebd` has `layer_norm`).
+    pub norm_embeddings: bool,
 }
 
 /// A checkpoint setting the models do not implement: loading would compute something else than
@@ -277,6 +310,103 @@ pub fn rope_config_json(rope: &RopeConfig) -> Result<Vec<(&'static str, Value)>,
     })
 }
 
+/// A DeBERTa-v2 `config.json`'s absolute positions, token types and disentangled attention, read
+/// with `DebertaV2Config`'s defaults; settings these models do not implement go to `unimplemented`.
+fn deberta_settings(
+    json: &Value,
+    path: &Path,
+    hidden: usize,
+    heads: usize,
+    unimplemented: &mut Vec<Unimplemented>,
+) -> Result<(usize, usize, Option<DisentangledAttention>), ModelError> {
+    let field_err =
+        |field: &'static str, problem: String| ModelError::Field { path: path.to_path_buf(), field, problem };
+    let get = |field: &str| json.get(field).filter(|v| !v.is_null());
+    let integer = |field: &'static str, default: i64| -> Result<i64, ModelError> {
+        get(field).map_or(Ok(default), |v| {
+            v.as_i64()
+                .filter(|n| (-1..=1 << 24).contains(n))
+                .ok_or_else(|| field_err(field, format!("is {v}, expected an integer (-1 for none)")))
+        })
+    };
+    let flag = |field: &'static str, default: bool| -> Result<bool, ModelError> {
+        get(field).map_or(Ok(default), |v| {
+            v.as_bool().ok_or_else(|| field_err(field, format!("is {v}, expected true or false")))
+        })
+    };
+    let mut refuse = |field: &'static str, value: &Value, reason: &'static str| {
+        unimplemented.push(Unimplemented { field, value: value.to_string(), reason })
+    };
+    let max_positions = integer("max_position_embeddings", 512)?.max(0) as usize;
+    let positions = if flag("position_biased_input", true)? { max_positions } else { 0 };
+    let type_vocab = integer("type_vocab_size", 0)?.max(0) as usize;
+    for (field, expected) in
+        [("embedding_size", hidden), ("pooler_hidden_size", hidden), ("attention_head_size", hidden / heads)]
+    {
+        if let Some(v) = get(field).filter(|v| v.as_u64() != Some(expected as u64)) {
+            refuse(field, v, "only the default width (hidden_size, or hidden_size / heads for a head) is implemented");
+        }
+    }
+    if let Some(v) = get("conv_kernel_size").filter(|v| v.as_u64() != Some(0)) {
+        refuse("conv_kernel_size", v, "DeBERTa-v2's convolution after the first layer is not implemented");
+    }
+    if let Some(v) = get("pooler_hidden_act").filter(|v| v.as_str() != Some("gelu")) {
+        refuse("pooler_hidden_act", v, "the context pooler computes exact (erf) GELU only");
+    }
+    if !flag("relative_attention", false)? {
+        return Ok((positions, type_vocab, None));
+    }
+    let kinds: Vec<String> = match get("pos_att_type") {
+        None => Vec::new(),
+        Some(Value::String(s)) => s.to_lowercase().split('|').map(|k| k.trim().to_string()).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|k| k.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| field_err("pos_att_type", format!("is {a:?}, expected strings")))?,
+        Some(v) => return Err(field_err("pos_att_type", format!("is {v}, expected e.g. \"p2c|c2p\""))),
+    };
+    if let Some(v) = get("pos_att_type").filter(|_| kinds.iter().any(|k| k != "c2p" && k != "p2c")) {
+        refuse("pos_att_type", v, "only the c2p and p2c relative attention terms are implemented");
+    }
+    let (c2p, p2c) = (kinds.iter().any(|k| k == "c2p"), kinds.iter().any(|k| k == "p2c"));
+    if (c2p || p2c) && !flag("share_att_key", false)? {
+        let value = get("share_att_key").cloned().unwrap_or(Value::Bool(false));
+        refuse("share_att_key", &value, "separate positional key/query projections are not implemented");
+    }
+    let max_relative = match integer("max_relative_positions", -1)? {
+        n if n < 1 => max_positions,
+        n => n as usize,
+    };
+    let buckets = match integer("position_buckets", -1)? {
+        n if n > 0 => Some(n as usize),
+        _ => None,
+    };
+    let norm_rel = get("norm_rel_ebd").map_or(Ok("none".to_string()), |v| {
+        v.as_str().map(str::to_lowercase).ok_or_else(|| field_err("norm_rel_ebd", format!("is {v}, expected a string")))
+    })?;
+    let norm_kinds: Vec<&str> = norm_rel.split('|').map(str::trim).collect();
+    if let Some(v) = get("norm_rel_ebd").filter(|_| norm_kinds.iter().any(|k| *k != "none" && *k != "layer_norm")) {
+        refuse("norm_rel_ebd", v, "only `layer_norm` (or none) is implemented for the relative embeddings");
+    }
+    let span = buckets.unwrap_or(max_relative);
+    if span == 0 || buckets.is_some_and(|b| b < 2 || max_relative < 2) {
+        return Err(field_err(
+            "position_buckets",
+            format!("{buckets:?} buckets over {max_relative} positions cannot be bucketed"),
+        ));
+    }
+    let relative = DisentangledAttention {
+        span,
+        buckets,
+        max_relative,
+        c2p,
+        p2c,
+        norm_embeddings: norm_kinds.contains(&"layer_norm"),
+    };
+    Ok((positions, type_vocab, Some(relative)))
+}
+
 /// The rotary embedding and the `config.json` settings that change the computation in ways the
 /// models do not implement.
 fn computation_settings(
@@ -296,7 +426,7 @@ fn computation_settings(
             }
             rope = rope_config(json, path, &mut unimplemented)?;
         }
-        Family::Bert => {
+        Family::Bert | Family::Deberta => {
             if let Some(v) = json.get("hidden_act").filter(|v| v.as_str() != Some("gelu")) {
                 refuse("hidden_act", v, "BERT-family blocks compute exact (erf) GELU only");
             }
@@ -309,7 +439,7 @@ fn computation_settings(
 }
 
 /// Preset names accepted by [`ArchSpec::preset`].
-pub const PRESETS: [&str; 9] = [
+pub const PRESETS: [&str; 10] = [
     "llama2-7b",
     "llama2-13b",
     "llama2-70b",
@@ -319,6 +449,7 @@ pub const PRESETS: [&str; 9] = [
     "roberta-base",
     "bert-base",
     "minilm-l6",
+    "deberta-v3-base",
 ];
 
 impl ArchSpec {
@@ -339,6 +470,7 @@ impl ArchSpec {
             head_dim: hidden / heads,
             rope: RopeConfig::default(),
             sliding_window: None,
+            relative: None,
             norm_eps: 1e-5,
             unimplemented: Vec::new(),
         };
@@ -381,6 +513,20 @@ impl ArchSpec {
             "roberta-base" => bert(768, 3072, 12, 12, 50265, 514, 1),
             "bert-base" => bert(768, 3072, 12, 12, 30522, 512, 2),
             "minilm-l6" => bert(384, 1536, 6, 12, 30522, 512, 2),
+            // microsoft/deberta-v3-base: relative positions only (256 log buckets over 512).
+            "deberta-v3-base" => ArchSpec {
+                family: Family::Deberta,
+                norm_eps: 1e-7,
+                relative: Some(DisentangledAttention {
+                    span: 256,
+                    buckets: Some(256),
+                    max_relative: 512,
+                    c2p: true,
+                    p2c: true,
+                    norm_embeddings: true,
+                }),
+                ..bert(768, 3072, 12, 12, 128100, 0, 0)
+            },
             _ => return None,
         })
     }
@@ -450,10 +596,11 @@ impl ArchSpec {
         let family = match model_type {
             "llama" | "mistral" => Family::Llama,
             "bert" | "roberta" | "xlm-roberta" => Family::Bert,
+            "deberta-v2" => Family::Deberta,
             other => {
                 return Err(field_err(
                     "model_type",
-                    format!("is \"{other}\", expected one of llama, mistral, bert, roberta, xlm-roberta"),
+                    format!("is \"{other}\", expected one of llama, mistral, bert, roberta, xlm-roberta, deberta-v2"),
                 ));
             }
         };
@@ -483,12 +630,17 @@ impl ArchSpec {
         }
         let head_dim = match family {
             Family::Llama => optional("head_dim", hidden / heads)?,
-            Family::Bert => hidden / heads,
+            Family::Bert | Family::Deberta => hidden / heads,
         };
         if head_dim % 2 != 0 {
             return Err(field_err("head_dim", format!("is {head_dim}; rotary heads need an even width")));
         }
-        let (rope, unimplemented) = computation_settings(json, path, family)?;
+        let (rope, mut unimplemented) = computation_settings(json, path, family)?;
+        let (positions, type_vocab, relative) = match family {
+            Family::Llama => (0, 0, None),
+            Family::Bert => (count("max_position_embeddings")?, optional("type_vocab_size", 2)?, None),
+            Family::Deberta => deberta_settings(json, path, hidden, heads, &mut unimplemented)?,
+        };
         // transformers' LlamaConfig has no window (a `sliding_window` there is never read);
         // MistralConfig defaults it to 4096 when absent, and null turns it off.
         let sliding_window = match (model_type, json.get("sliding_window")) {
@@ -502,7 +654,7 @@ impl ArchSpec {
             _ => None,
         };
         let tie_embeddings = match json.get("tie_word_embeddings") {
-            None | Some(Value::Null) => family == Family::Bert,
+            None | Some(Value::Null) => family.is_encoder(),
             Some(Value::Bool(b)) => *b,
             Some(v) => {
                 return Err(field_err("tie_word_embeddings", format!("is {v}, expected true or false")));
@@ -517,15 +669,18 @@ impl ArchSpec {
             heads,
             kv_heads,
             vocab: count("vocab_size")?,
-            positions: if family == Family::Bert { count("max_position_embeddings")? } else { 0 },
-            type_vocab: if family == Family::Bert { optional("type_vocab_size", 2)? } else { 0 },
+            positions,
+            type_vocab,
             tie_embeddings,
             head_dim,
             rope,
             sliding_window,
+            relative,
             norm_eps: match family {
                 Family::Llama => float("rms_norm_eps", 1e-6)?,
                 Family::Bert => float("layer_norm_eps", 1e-12)?,
+                // DebertaV2Config's default.
+                Family::Deberta => float("layer_norm_eps", 1e-7)?,
             },
             unimplemented,
         })
@@ -628,12 +783,18 @@ impl ArchSpec {
                 let embeddings = self.vocab * d * if self.tie_embeddings { 1 } else { 2 };
                 embeddings + linear + self.layers * 2 * d + d
             }
-            Family::Bert => {
+            Family::Bert | Family::Deberta => {
                 let biases: usize = self.linear_sites().iter().map(|s| s.d_out).sum();
                 let embeddings = (self.vocab + self.positions + self.type_vocab) * d + 2 * d;
                 let layer_norms = self.layers * 2 * 2 * d;
-                let pooler = d * d + d;
-                embeddings + linear + biases + layer_norms + pooler
+                // BertModel has a pooler; DebertaV2Model has the relative embeddings instead (its
+                // context pooler belongs to the classification model).
+                let extra = match &self.relative {
+                    None if self.family == Family::Deberta => 0,
+                    None => d * d + d,
+                    Some(r) => 2 * r.span * d + if r.norm_embeddings { 2 * d } else { 0 },
+                };
+                embeddings + linear + biases + layer_norms + extra
             }
         }
     }
@@ -654,6 +815,7 @@ mod tests {
         assert_eq!(ArchSpec::preset("llama3-8b").unwrap().base_num_params(), 8_030_261_248);
         assert_eq!(ArchSpec::preset("llama3.2-1b").unwrap().base_num_params(), 1_235_814_400);
         assert_eq!(ArchSpec::preset("mistral-7b").unwrap().base_num_params(), 7_241_732_096);
+        assert_eq!(ArchSpec::preset("deberta-v3-base").unwrap().base_num_params(), 183_831_552);
         assert_eq!(ArchSpec::preset("roberta-base").unwrap().base_num_params(), 124_645_632);
         assert_eq!(ArchSpec::preset("bert-base").unwrap().base_num_params(), 109_482_240);
         assert_eq!(ArchSpec::preset("minilm-l6").unwrap().base_num_params(), 22_713_216);
@@ -767,6 +929,32 @@ mod tests {
         let wide = with(&llama, "head_dim", 32.into()).unwrap();
         assert_eq!((wide.head_dim, wide.linear_sites()[0].d_out), (32, 128));
         assert!(with(&llama, "head_dim", 7.into()).unwrap_err().to_string().contains("head_dim"));
+        // DeBERTa-v2 settings outside what is implemented are recorded; malformed ones are errors.
+        let deberta = serde_json::json!({"model_type": "deberta-v2", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "relative_attention": true,
+            "pos_att_type": "p2c|c2p", "share_att_key": true, "position_buckets": 256, "norm_rel_ebd": "layer_norm",
+            "position_biased_input": false, "type_vocab_size": 0});
+        let spec = ArchSpec::from_config_json(&deberta, p).unwrap();
+        assert!(spec.unimplemented.is_empty(), "{:?}", spec.unimplemented);
+        assert_eq!((spec.positions, spec.type_vocab, spec.relative.as_ref().unwrap().span), (0, 0, 256));
+        for (field, value) in [
+            ("conv_kernel_size", 3.into()),
+            ("share_att_key", false.into()),
+            ("pos_att_type", serde_json::json!(["c2p", "p2p"])),
+            ("embedding_size", 32.into()),
+            ("pooler_hidden_act", "tanh".into()),
+            ("norm_rel_ebd", "layer_norm|scale".into()),
+            ("hidden_act", "gelu_new".into()),
+        ] {
+            let spec = with(&deberta, field, value.clone()).unwrap();
+            let err = spec.require_implemented().unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("m/config.json"), "{field}: {err}");
+        }
+        for (field, value) in
+            [("position_buckets", 1.into()), ("pos_att_type", 3.into()), ("relative_attention", "yes".into())]
+        {
+            assert!(with(&deberta, field, value).unwrap_err().to_string().contains(field));
+        }
         let bert = serde_json::json!({"model_type": "bert", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "max_position_embeddings": 64,
             "hidden_act": "gelu", "position_embedding_type": "absolute"});

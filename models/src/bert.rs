@@ -1,8 +1,10 @@
 //! BERT/RoBERTa-family encoder (learned absolute positions, token types, post-LN blocks, exact
 //! GELU) whose projections are [`AdaptedLinear`]s, with mean-pooled L2-normalised sentence
-//! embeddings (what sentence-transformers gives for models such as all-MiniLM-L6-v2).
+//! embeddings (what sentence-transformers gives for models such as all-MiniLM-L6-v2). DeBERTa-v2/v3
+//! are the same blocks with disentangled attention ([`crate::deberta`]) and a GELU context pooler.
 
 use crate::arch::{ArchSpec, Family};
+use crate::deberta::{RelativeContext, RelativeEmbeddings};
 use crate::error::ModelError;
 use crate::fused::{self, AttentionMask, KeyPadding};
 use crate::inject::{Targets, adapter_slots, inject};
@@ -52,16 +54,21 @@ layout_table! {
 pub struct Bert<B: Backend> {
     /// Token embeddings.
     pub word_embeddings: Embedding<B>,
-    /// Absolute position embeddings.
-    pub position_embeddings: Embedding<B>,
-    /// Token-type embeddings.
-    pub token_type_embeddings: Embedding<B>,
+    /// Absolute position embeddings (none in DeBERTa-v3, whose positions are relative).
+    pub position_embeddings: Option<Embedding<B>>,
+    /// Token-type embeddings (none when `type_vocab_size` is 0).
+    pub token_type_embeddings: Option<Embedding<B>>,
+    /// DeBERTa's relative-position embeddings, for disentangled attention.
+    pub relative: Option<RelativeEmbeddings<B>>,
     /// Embedding LayerNorm.
     pub embeddings_norm: LayerNorm<B>,
     /// Encoder blocks.
     pub layers: Vec<BertLayer<B>>,
-    /// Pooler (`tanh(W·h_[CLS])`), when the checkpoint has one.
+    /// Pooler (`tanh(W·h_[CLS])`, DeBERTa: `gelu(W·h_[CLS])`), when the checkpoint has one.
     pub pooler: Option<Linear<B>>,
+    /// The pooler's activation: GELU for DeBERTa's context pooler, else tanh.
+    #[module(skip)]
+    pub pooler_gelu: bool,
     /// Factors shared by adapters across layers (LoTR, LoRTA), held once.
     pub shared: SharedFactors<B>,
     /// Position offset (2 for RoBERTa, whose positions start after the padding index).
@@ -110,16 +117,36 @@ fn embedding<B: Backend>(
     Ok(Embedding { weight: Param::from_tensor(w.take_matrix(name, [n, d], device)?) })
 }
 
+/// How a block's attention sees positions and padding.
+enum Attention<'a, B: Backend> {
+    /// Plain scaled dot-product attention with a padding mask (positions were added to the input).
+    Absolute(&'a AttentionMask<B>),
+    /// DeBERTa's disentangled attention, with the additive `[B, 1, 1, T]` padding bias.
+    Disentangled(&'a RelativeContext<B>, Tensor<B, 4>),
+}
+
 impl<B: Backend> BertLayer<B> {
-    fn forward(&self, x: Tensor<B, 3>, mask: &AttentionMask<B>, eps: f64, shared: &SharedFactors<B>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, attention: &Attention<B>, eps: f64, shared: &SharedFactors<B>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let h = self.n_heads;
-        // Heads stay in the projections' `[B, T, H, d_h]` layout.
-        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d / h]);
-        let q = heads(self.query.forward(x.clone(), shared));
-        let k = heads(self.key.forward(x.clone(), shared));
-        let v = heads(self.value.forward(x.clone(), shared));
-        let attn = fused::attention(q, k, v, mask).reshape([b, t, d]);
+        let attn = match attention {
+            Attention::Absolute(mask) => {
+                // Heads stay in the projections' `[B, T, H, d_h]` layout.
+                let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d / h]);
+                let q = heads(self.query.forward(x.clone(), shared));
+                let k = heads(self.key.forward(x.clone(), shared));
+                let v = heads(self.value.forward(x.clone(), shared));
+                fused::attention(q, k, v, mask).reshape([b, t, d])
+            }
+            Attention::Disentangled(context, bias) => crate::deberta::attention(
+                [&self.query, &self.key, &self.value],
+                x.clone(),
+                h,
+                context,
+                bias.clone(),
+                shared,
+            ),
+        };
         let mut attn_out = self.attention_output.forward(attn, shared);
         if let Some(adapter) = &self.attention_adapter {
             attn_out = adapter.forward(attn_out);
@@ -134,8 +161,9 @@ impl<B: Backend> BertLayer<B> {
 }
 
 impl<B: Backend> Bert<B> {
-    /// Loads an HF BERT/RoBERTa directory (`config.json` + safetensors). Every parameter is frozen.
-    /// Accepts bare encoder names (`embeddings.…`) and `bert.`/`roberta.`-prefixed ones.
+    /// Loads an HF BERT/RoBERTa/DeBERTa-v2 directory (`config.json` + safetensors). Every parameter
+    /// is frozen. Accepts bare encoder names (`embeddings.…`) and `bert.`/`roberta.`/`deberta.`
+    /// prefixed ones; DeBERTa's masked-LM pretraining heads are not loaded.
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<(Self, ArchSpec), ModelError> {
         Self::from_hf_dir_as(dir, device, BaseDType::F32)
     }
@@ -144,14 +172,17 @@ impl<B: Backend> Bert<B> {
     pub fn from_hf_dir_as(dir: &Path, device: &B::Device, base: BaseDType) -> Result<(Self, ArchSpec), ModelError> {
         let spec = ArchSpec::from_config_file(&dir.join("config.json"))?;
         spec.require_implemented()?;
-        if spec.family != Family::Bert {
+        if !spec.family.is_encoder() {
             return Err(ModelError::Field {
                 path: dir.join("config.json"),
                 field: "model_type",
                 problem: format!("is a {} model; expected a BERT-family encoder", spec.family.name()),
             });
         }
-        let mut w = Weights::from_hf_dir(dir)?.strip_prefixes(&["bert.", "roberta."]).with_base_dtype(base);
+        let mut w = Weights::from_hf_dir(dir)?
+            .strip_prefixes(&["bert.", "roberta.", "deberta."])
+            .discard_prefixes(&["lm_predictions.", "mask_predictions."])
+            .with_base_dtype(base);
         let roberta = std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("\"roberta\""));
         let (d, eps) = (spec.hidden, spec.norm_eps);
         let mut layers = Vec::with_capacity(spec.layers);
@@ -178,19 +209,36 @@ impl<B: Backend> Bert<B> {
         }
         let pooler =
             if w.contains("pooler.dense.weight") { Some(pooler(&mut w, "pooler.dense", d, device)?) } else { None };
+        let mut optional_embedding = |name: &str, n: usize| match n {
+            0 => Ok(None),
+            n => embedding(&mut w, name, n, d, device).map(Some),
+        };
+        let position_embeddings = optional_embedding("embeddings.position_embeddings.weight", spec.positions)?;
+        let token_type_embeddings = optional_embedding("embeddings.token_type_embeddings.weight", spec.type_vocab)?;
+        let relative = match &spec.relative {
+            None => None,
+            Some(settings) => Some(RelativeEmbeddings {
+                weight: Param::from_tensor(w.take::<B, 2>(
+                    "encoder.rel_embeddings.weight",
+                    [2 * settings.span, d],
+                    device,
+                )?),
+                norm: match settings.norm_embeddings {
+                    true => Some(layer_norm(&mut w, "encoder.LayerNorm", d, eps, device)?),
+                    false => None,
+                },
+                settings: settings.clone(),
+            }),
+        };
         let model = Bert {
             word_embeddings: embedding(&mut w, "embeddings.word_embeddings.weight", spec.vocab, d, device)?,
-            position_embeddings: embedding(&mut w, "embeddings.position_embeddings.weight", spec.positions, d, device)?,
-            token_type_embeddings: embedding(
-                &mut w,
-                "embeddings.token_type_embeddings.weight",
-                spec.type_vocab,
-                d,
-                device,
-            )?,
+            position_embeddings,
+            token_type_embeddings,
+            relative,
             embeddings_norm: layer_norm(&mut w, "embeddings.LayerNorm", d, eps, device)?,
             layers,
             pooler,
+            pooler_gelu: spec.family == Family::Deberta,
             shared: SharedFactors::empty(),
             position_offset: if roberta { 2 } else { 0 },
             norm_eps: eps,
@@ -203,20 +251,38 @@ impl<B: Backend> Bert<B> {
 
     /// Hidden states `[B, T, d]` for token ids `[B, T]`, token types `[B, T]` (0 = first sentence,
     /// 1 = second of a pair; `None`: all 0) and `mask` `[B, T]` (1 = token, 0 = padding).
+    /// A model without token types ignores `types`, as transformers does.
     pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let device = ids.device();
-        let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
-        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
-        let types = types.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
-        let x = embed(&self.word_embeddings, ids)
-            + embed(&self.position_embeddings, positions)
-            + embed(&self.token_type_embeddings, types);
+        let mut x = embed(&self.word_embeddings, ids);
+        if let Some(position_embeddings) = &self.position_embeddings {
+            let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
+            let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
+            x = x + embed(position_embeddings, positions);
+        }
+        if let Some(token_type_embeddings) = &self.token_type_embeddings {
+            let types = types.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
+            x = x + embed(token_type_embeddings, types);
+        }
         let mut x = norm(&self.embeddings_norm, x, self.norm_eps);
         let heads = self.layers.first().map_or(1, |l| l.n_heads);
-        let mask = AttentionMask::KeyPadding(KeyPadding::new(mask, heads));
+        let (padding, context);
+        let attention = match &self.relative {
+            None => {
+                padding = AttentionMask::KeyPadding(KeyPadding::new(mask, heads));
+                Attention::Absolute(&padding)
+            }
+            Some(relative) => {
+                // DeBERTa zeroes the padded positions' embeddings too.
+                x = x * mask.clone().reshape([b, t, 1]);
+                context = relative.context(b, t, heads, self.norm_eps);
+                let bias = (mask.ones_like() - mask).mul_scalar(-1e9).reshape([b, 1, 1, t]);
+                Attention::Disentangled(&context, bias)
+            }
+        };
         for layer in &self.layers {
-            x = layer.forward(x, &mask, self.norm_eps, &self.shared);
+            x = layer.forward(x, &attention, self.norm_eps, &self.shared);
         }
         x
     }
@@ -238,7 +304,8 @@ impl<B: Backend> Bert<B> {
         let device = self.word_embeddings.weight.device();
         let encoded = texts.iter().map(|t| tokenizer.encode_with_specials(t)).collect::<Result<Vec<_>, _>>()?;
         let t = encoded.iter().map(Vec::len).max().unwrap_or(0);
-        let max_len = self.position_embeddings.weight.dims()[0] - self.position_offset;
+        let max_len =
+            self.position_embeddings.as_ref().map_or(usize::MAX, |p| p.weight.dims()[0] - self.position_offset);
         if t > max_len {
             return Err(ModelError::TooLong { tokens: t, limit: max_len });
         }
@@ -257,12 +324,14 @@ impl<B: Backend> Bert<B> {
         Ok(values.chunks(d).map(<[f32]>::to_vec).collect())
     }
 
-    /// Pooler output `tanh(W·h_[CLS] + b)` (`[B, d]`), for sequence classification heads.
+    /// Pooler output `tanh(W·h_[CLS] + b)` (DeBERTa: `gelu(…)`) (`[B, d]`), for sequence
+    /// classification heads.
     pub fn pooled(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
         let [b, _, d] = hidden.dims();
         self.pooler.as_ref().map(|p| {
             let first = hidden.narrow(1, 0, 1).reshape([b, d]);
-            tanh(fused::linear(first, p.weight.val(), p.bias.as_ref().map(|b| b.val())))
+            let dense = fused::linear(first, p.weight.val(), p.bias.as_ref().map(|b| b.val()));
+            if self.pooler_gelu { fused::gelu(dense) } else { tanh(dense) }
         })
     }
 

@@ -433,7 +433,7 @@ impl Gguf {
             Some(_) => Some(self.meta_count("llama.rope.dimension_count")?),
             None => None,
         };
-        if explicit.is_none() && hidden % heads != 0 {
+        if explicit.is_none() && !hidden.is_multiple_of(heads) {
             return Err(ModelError::Field {
                 path: self.path.clone(),
                 field: "llama.attention.head_count",
@@ -508,6 +508,7 @@ impl Gguf {
             head_dim,
             rope,
             sliding_window: None,
+            relative: None,
             norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
             unimplemented,
         })

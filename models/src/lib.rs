@@ -2,13 +2,14 @@
 //! Models for tensor-peft: architecture descriptions ([`arch::ArchSpec`]: presets, `config.json`,
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
 //! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
-//! ([`llama::Llama`]) and the BERT encoder ([`bert::Bert`]), whose projections accept any adapter
-//! method by module name. Each family lists its projections once, in a layout table ([`layout`]);
+//! ([`llama::Llama`]) and the BERT-family encoder ([`bert::Bert`]; DeBERTa's disentangled
+//! attention in [`deberta`]), whose projections accept any adapter method by module name. Each family lists its projections once, in a layout table ([`layout`]);
 //! named tensors are read and written in one place ([`tensor_io`]).
 
 pub mod adapter_file;
 pub mod arch;
 pub mod bert;
+pub mod deberta;
 pub mod error;
 pub mod export;
 pub mod gguf;

@@ -245,6 +245,13 @@ impl Weights {
         self
     }
 
+    /// Drops the tensors whose names start with one of `prefixes`: parts of a checkpoint the
+    /// models deliberately do not load (e.g. DeBERTa's masked-LM pretraining heads).
+    pub fn discard_prefixes(mut self, prefixes: &[&str]) -> Self {
+        self.tensors.retain(|name, _| !prefixes.iter().any(|p| name.starts_with(p)));
+        self
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()

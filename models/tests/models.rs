@@ -1337,6 +1337,37 @@ mod fused_on_flex {
         );
     }
 
+    /// DeBERTa's disentangled attention (gathers, broadcast relative projections) on flex: the
+    /// hidden states and every LayerNorm gradient (all of which flow back through it) as on ndarray.
+    #[test]
+    fn deberta_on_flex_matches_ndarray_with_gradients() {
+        use tensor_peft_models::Bert;
+        let dir = fixture().join("../tiny-deberta/v3");
+        let on_flex = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
+        let on_ndarray = Bert::<N>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
+        let ids = [vec![1, 7, 19, 33, 2, 60], vec![1, 5, 9, 2, 0, 0]];
+        let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 6]);
+        let out_f = on_flex.forward(
+            tokens::<F>(&ids, &Default::default()),
+            None,
+            Tensor::from_data(mask.clone(), &Default::default()),
+        );
+        let out_n = on_ndarray.forward(
+            tokens::<N>(&ids, &Default::default()),
+            None,
+            Tensor::from_data(mask, &Default::default()),
+        );
+        assert_close("tiny DeBERTa hidden states", &floats(out_f.clone()), &floats(out_n.clone()), 1e-5);
+        let g_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 3)).sum().backward();
+        let g_n = (out_n.clone() * input::<N, 3>(out_n.dims(), 3)).sum().backward();
+        let (g_f, g_n) = (trainable_grads(&on_flex, &g_f), trainable_grads(&on_ndarray, &g_n));
+        assert!(g_f.len() >= 10, "LayerNorm scales and biases are trainable ({} tensors)", g_f.len());
+        assert_eq!(g_f.len(), g_n.len());
+        for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
+            assert_close(&format!("DeBERTa gradient {i}"), a, b, 1e-4);
+        }
+    }
+
     #[test]
     fn bert_on_flex_matches_sentence_transformers_and_ndarray_gradients() {
         use tensor_peft_models::Bert;
@@ -1865,11 +1896,102 @@ fn gguf_rope_scaling_matches_transformers() {
         (linear[..1].to_vec(), "llama.rope.scaling.factor"),
     ];
     for (meta, named) in refused {
-        let err = load(tiny_llama_gguf(&meta, None)).err().expect("refused").to_string();
+        let err = load(tiny_llama_gguf(&meta, None)).expect_err("refused").to_string();
         assert!(err.contains(named) && err.contains("rope.gguf"), "{err}");
     }
-    let err = load(tiny_llama_gguf(&linear, Some(&freqs))).err().expect("refused").to_string();
+    let err = load(tiny_llama_gguf(&linear, Some(&freqs))).expect_err("refused").to_string();
     assert!(err.contains("rope_freqs"), "{err}");
-    let err = load(tiny_llama_gguf(&[], Some(&freqs[..2]))).err().expect("refused").to_string();
+    let err = load(tiny_llama_gguf(&[], Some(&freqs[..2]))).expect_err("refused").to_string();
     assert!(err.contains("rope_freqs") && err.contains("expected 4"), "{err}");
+}
+
+/// transformers' outputs of the tiny DeBERTa-v2 classifiers (`scripts/fixtures/tiny_deberta.py`).
+fn deberta_expected() -> serde_json::Value {
+    let path = fixture().join("../tiny-deberta/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// DeBERTa-v2/v3 (disentangled c2p/p2c attention, log-bucketed and clamped relative positions,
+/// normed relative embeddings, with and without absolute positions and token types, GELU context
+/// pooler) gives transformers' hidden states, pooled outputs and classifier logits on a padded
+/// batch, within 1e-4 (f32 throughout; the fixture is rounded to 1e-6). Its parameter count is
+/// transformers' `DebertaV2Model`'s, and LoRA lands on `query_proj`/`value_proj` without changing
+/// the outputs.
+#[test]
+fn deberta_matches_transformers() {
+    use burn::module::Param;
+    use tensor_peft_models::{Bert, SequenceClassifier};
+    let device = Default::default();
+    let expected = deberta_expected();
+    let ints = |key: &str| -> Vec<Vec<i64>> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect())
+            .collect()
+    };
+    let (ids, types, mask) = (ints("ids"), ints("token_types"), ints("attention_mask"));
+    let (b, t) = (ids.len(), ids[0].len());
+    let mask_f: Vec<f32> = mask.iter().flatten().map(|&m| m as f32).collect();
+    let mask_t = Tensor::<B, 2>::from_data(TensorData::new(mask_f, [b, t]), &device);
+    let close = |got: Vec<f64>, reference: &serde_json::Value, what: &str| {
+        let reference: Vec<f64> = reference
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), reference.len(), "{what}");
+        let diff = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-4, "{what} differs from transformers' by {diff}");
+    };
+    for case in expected["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let dir = fixture().join("../tiny-deberta").join(name);
+        let (encoder, spec) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
+        let floats = |key: &str| -> Vec<f32> {
+            let v = &case[key];
+            let rows = v.as_array().unwrap();
+            match rows[0].as_array() {
+                Some(_) => rows
+                    .iter()
+                    .flat_map(|r| r.as_array().unwrap().clone())
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+                None => rows.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            }
+        };
+        let (weight, bias) = (floats("classifier_weight"), floats("classifier_bias"));
+        assert_eq!(spec.base_num_params() as u64, case["base_num_params"].as_u64().unwrap(), "{name}");
+        let types_t = case["uses_token_types"].as_bool().unwrap().then(|| tokens::<B>(&types, &device));
+        let hidden = encoder.forward(tokens::<B>(&ids, &device), types_t.clone(), mask_t.clone());
+        let d = hidden.dims()[2];
+        let rows = values(hidden.clone());
+        let unpadded: Vec<f64> =
+            (0..b * t).filter(|&r| mask[r / t][r % t] == 1).flat_map(|r| rows[r * d..(r + 1) * d].to_vec()).collect();
+        close(unpadded, &case["hidden_unpadded"], &format!("{name}: hidden states"));
+        close(values(encoder.pooled(hidden).unwrap()), &case["pooled"], &format!("{name}: pooled output"));
+        let mut classifier = SequenceClassifier::new(encoder, 3);
+        let n = bias.len();
+        let head_weight = Tensor::<B, 2>::from_data(TensorData::new(weight, [n, d]), &device).transpose();
+        classifier.head.weight = Param::from_tensor(head_weight);
+        classifier.head.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [n]), &device)));
+        let logits = classifier.forward(tokens::<B>(&ids, &device), types_t.clone(), mask_t.clone());
+        close(values(logits.clone()), &case["logits"], &format!("{name}: logits"));
+        // LoRA's default targets are the query and value projections; B = 0 leaves the logits.
+        let lora = MethodConfig::from_flags("lora", &Default::default()).unwrap();
+        let encoder = classifier.encoder.adapt(&spec, &lora, &Targets::Default).unwrap();
+        let adapted = encoder.layers[0].query.adapter.is_some() && encoder.layers[0].value.adapter.is_some();
+        assert!(adapted && encoder.layers[0].key.adapter.is_none(), "{name}: LoRA not on query_proj/value_proj");
+        classifier.encoder = encoder;
+        let again = classifier.forward(tokens::<B>(&ids, &device), types_t, mask_t.clone());
+        close(values(again), &case["logits"], &format!("{name}: logits with a fresh LoRA"));
+    }
+    // The sites carry DeBERTa's module names (PEFT's target names).
+    let spec = ArchSpec::from_config_file(&fixture().join("../tiny-deberta/v3/config.json")).unwrap();
+    let names: Vec<String> = spec.linear_sites().into_iter().take(3).map(|s| s.name).collect();
+    assert_eq!(names[0], "encoder.layer.0.attention.self.query_proj");
+    assert_eq!(names[2], "encoder.layer.0.attention.self.value_proj");
 }

@@ -107,6 +107,10 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
     let embeddings: u64 = match spec.family {
         Family::Llama => vocab * d * if spec.tie_embeddings { 1 } else { 2 },
         Family::Bert => (vocab + spec.positions as u64 + spec.type_vocab as u64) * d + d * d,
+        Family::Deberta => {
+            let relative = spec.relative.as_ref().map_or(0, |r| 2 * r.span as u64);
+            (vocab + spec.positions as u64 + spec.type_vocab as u64 + relative) * d
+        }
     };
     let other = spec.base_num_params() as u64 - projections - embeddings;
     let tokens = (request.batch_size * request.max_len) as u64;
@@ -118,6 +122,8 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
     let per_token = match spec.family {
         Family::Llama => 4 * d + 2 * kv_width + 2 * intermediate + heads * len,
         Family::Bert => 6 * d + 2 * intermediate + heads * len,
+        // Disentangled attention also keeps the c2p and p2c scores, gathered and not.
+        Family::Deberta => 6 * d + 2 * intermediate + 5 * heads * len,
     };
     let mut rows = vec![
         PlanRow {

@@ -66,6 +66,7 @@ pub fn demo_spec() -> ArchSpec {
         head_dim: 16,
         rope: RopeConfig::default(),
         sliding_window: None,
+        relative: None,
         norm_eps: 1e-5,
         unimplemented: Vec::new(),
     }

@@ -46,7 +46,9 @@ pub fn load_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Dev
     let spec = ArchSpec::from_config_file(&path.join("config.json"))?;
     let tokenizer = TextTokenizer::from_hf_dir(path)?;
     Ok(match spec.family {
-        Family::Bert => BaseModel::Encoder(Bert::<B>::from_hf_dir_as(path, device, base_dtype)?.0, spec, tokenizer),
+        Family::Bert | Family::Deberta => {
+            BaseModel::Encoder(Bert::<B>::from_hf_dir_as(path, device, base_dtype)?.0, spec, tokenizer)
+        }
         Family::Llama => BaseModel::Decoder(Llama::<B>::from_hf_dir_as(path, device, base_dtype)?.0, spec, tokenizer),
     })
 }
@@ -68,7 +70,7 @@ fn wrong_family(task: TaskKind, spec: &ArchSpec) -> TrainError {
 pub(crate) fn check_model_family(cfg: &TrainConfig) -> Result<()> {
     if cfg.model.extension().is_none_or(|e| e != "gguf") && cfg.model.is_dir() {
         let spec = ArchSpec::from_config_file(&cfg.model.join("config.json"))?;
-        if encoder_task_kind(cfg.task) != (spec.family == Family::Bert) {
+        if encoder_task_kind(cfg.task) != spec.family.is_encoder() {
             return Err(wrong_family(cfg.task, &spec));
         }
     } else if encoder_task_kind(cfg.task) {
