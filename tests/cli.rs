@@ -1061,3 +1061,48 @@ fn deberta_fine_tunes_for_classification_and_evaluates() {
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     assert!(text.lines().any(|l| l.starts_with("accuracy: ")), "{text}");
 }
+
+/// `--eval-every-steps` evaluates between epoch ends and keeps the best step's adapter, without
+/// changing the training itself.
+#[test]
+fn eval_every_steps_adds_evaluations_without_changing_training() {
+    let (plain, every) = (scratch("eval-steps-plain"), scratch("eval-steps-every"));
+    for (dir, extra) in [(&plain, vec!["--epochs", "2"]), (&every, vec!["--epochs", "2", "--eval-every-steps", "5"])] {
+        let out = run_args(&lm_finetune_args(dir, &extra));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The same steps: the last adapters are byte for byte the same.
+    let last = |dir: &std::path::Path| std::fs::read(dir.join("last/adapter_model.safetensors")).unwrap();
+    assert_eq!(last(&plain), last(&every));
+    // 48 examples in batches of 4: 12 steps an epoch; validation at 5, 10, 12, 15, 20, 24.
+    let csv = std::fs::read_to_string(every.join("metrics.csv")).unwrap();
+    let valid_steps: Vec<usize> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1] == "valid").then(|| f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(valid_steps, [5, 10, 12, 15, 20, 24], "{csv}");
+    // The report names the best evaluation's step, and the kept adapter is that evaluation's.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(every.join("train_report.json")).unwrap()).unwrap();
+    let best_step = report["best"][3].as_u64().unwrap() as usize;
+    assert!(valid_steps.contains(&best_step), "{report}");
+    let best_loss = report["best"][1].as_f64().unwrap();
+    let eval = tpeft(&[
+        "eval",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        every.to_str().unwrap(),
+        "--task",
+        "causal-lm",
+        "--data",
+        &fixture("lm-copy-valid.jsonl"),
+    ]);
+    let text = String::from_utf8_lossy(&eval.stdout).to_string();
+    let loss: f64 = text.lines().find_map(|l| l.strip_prefix("loss: ")).unwrap().trim().parse().unwrap();
+    assert!((loss - best_loss).abs() < 1e-4, "best adapter evaluates to {loss}, recorded {best_loss}");
+}

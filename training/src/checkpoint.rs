@@ -106,7 +106,7 @@ pub struct TrainerState {
     pub history: Vec<EpochRecord>,
     /// Best validation value of the selection metric so far, with its epoch and step.
     pub best: Option<(f64, usize, usize)>,
-    /// Epochs without improvement (early stopping).
+    /// Evaluations (epoch ends, and `eval_every_steps` ones) without improvement (early stopping).
     pub epochs_without_improvement: usize,
     /// Train-split statistics of the unfinished epoch, so a resumed epoch reports the same metrics.
     pub partial_train: Option<crate::metrics::Accumulator>,

@@ -77,10 +77,14 @@ pub struct TrainConfig {
     /// Validation metric that picks the best epoch (`accuracy`, `f1`, `mcc`, `pearson`,
     /// `spearman`, `loss`, `perplexity`); default by task.
     pub metric_for_best: Option<String>,
-    /// Stop after this many epochs without improvement of `metric_for_best`.
+    /// Stop after this many evaluations (epoch ends, and every `eval_every_steps` steps) without
+    /// improvement of `metric_for_best`.
     pub early_stopping_patience: Option<usize>,
     /// Also write a checkpoint every this many optimizer steps (0 = only at epoch ends).
     pub save_every_steps: usize,
+    /// Also evaluate on the validation split every this many optimizer steps (0 = only at epoch
+    /// ends); the best evaluation's adapter is the one kept, whatever step it came at.
+    pub eval_every_steps: usize,
     /// Label words of `lm-classification`, in label order (e.g. `["terrible", "great"]`).
     pub verbalizers: Vec<String>,
     /// Prompt of `lm-classification`; `{text}` / `{text_pair}` are replaced.
@@ -130,6 +134,7 @@ impl Default for TrainConfig {
             metric_for_best: None,
             early_stopping_patience: None,
             save_every_steps: 0,
+            eval_every_steps: 0,
             verbalizers: Vec::new(),
             template: "{text} It was".into(),
             output: PathBuf::new(),
@@ -169,6 +174,7 @@ pub(crate) fn fingerprint(cfg: &TrainConfig) -> String {
     c.max_steps = None;
     c.early_stopping_patience = None;
     c.save_every_steps = 0;
+    c.eval_every_steps = 0;
     c.output = PathBuf::new();
     let json = serde_json::to_string(&c).expect("serialisable");
     format!("{:016x}", json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))

@@ -225,6 +225,39 @@ where
                 );
                 processor.process_train(LearnerEvent::ProcessedItem(item));
                 if stepped && !epoch_end {
+                    if cfg.eval_every_steps > 0 && state.step.is_multiple_of(cfg.eval_every_steps) {
+                        let model = learner.model().valid();
+                        let mut acc = Accumulator::default();
+                        for batch in dataloader_valid.iter() {
+                            acc.add(&model.step(batch).stats);
+                        }
+                        let record = EpochRecord {
+                            epoch,
+                            split: "valid".into(),
+                            step: state.step,
+                            metrics: acc.metrics(self.n_classes, lm),
+                        };
+                        if self.quiet {
+                            print_record(&record);
+                        }
+                        let value = record.metrics.get(&metric_for_best).copied().unwrap_or(f64::NAN);
+                        state.history.push(record);
+                        if let Err(e) = self.consider_best(&mut state, value, epoch, &learner.model(), &better) {
+                            outcome.error = Some(e);
+                            break 'epochs;
+                        }
+                        if let Err(e) = write_history(&cfg.output, &state.history) {
+                            outcome.error = Some(e);
+                            break 'epochs;
+                        }
+                        if let Some(p) = cfg.early_stopping_patience
+                            && state.epochs_without_improvement >= p
+                        {
+                            outcome.stop_reason =
+                                format!("early stopping: no {metric_for_best} improvement in {p} evaluations");
+                            break 'epochs;
+                        }
+                    }
                     if cfg.save_every_steps > 0 && state.step.is_multiple_of(cfg.save_every_steps) {
                         state.epoch = epoch;
                         state.batches_done = batches_done;
@@ -302,16 +335,9 @@ where
             let value = valid_record.metrics.get(&metric_for_best).copied().unwrap_or(f64::NAN);
             state.history.push(train_record);
             state.history.push(valid_record);
-            let improved = value.is_finite() && state.best.is_none_or(|(b, _, _)| better(value, b));
-            if improved {
-                state.best = Some((value, epoch, state.step));
-                state.epochs_without_improvement = 0;
-                if let Err(e) = self.save_adapter(&learner.model(), true) {
-                    outcome.error = Some(e);
-                    break;
-                }
-            } else {
-                state.epochs_without_improvement += 1;
+            if let Err(e) = self.consider_best(&mut state, value, epoch, &learner.model(), &better) {
+                outcome.error = Some(e);
+                break;
             }
             // A --max-steps stop inside an epoch keeps the data position, so that a resumed run
             // with a larger limit continues where this one stopped.
@@ -333,7 +359,8 @@ where
             if let Some(p) = cfg.early_stopping_patience
                 && state.epochs_without_improvement >= p
             {
-                outcome.stop_reason = format!("early stopping: no {metric_for_best} improvement in {p} epochs");
+                let what = if cfg.eval_every_steps > 0 { "evaluations" } else { "epochs" };
+                outcome.stop_reason = format!("early stopping: no {metric_for_best} improvement in {p} {what}");
                 break;
             }
         }
@@ -359,6 +386,26 @@ where
 {
     fn train_batches<O>(&self, loader: &Arc<dyn DataLoader<B, O>>) -> usize {
         loader.num_items().div_ceil(self.cfg.batch_size)
+    }
+
+    /// Records an evaluation's `value` of the selection metric: a new best (strictly better, finite)
+    /// saves `model`'s adapter as the best; anything else counts towards early stopping.
+    fn consider_best(
+        &self,
+        state: &mut TrainerState,
+        value: f64,
+        epoch: usize,
+        model: &M,
+        better: &impl Fn(f64, f64) -> bool,
+    ) -> Result<()> {
+        if value.is_finite() && state.best.is_none_or(|(b, _, _)| better(value, b)) {
+            state.best = Some((value, epoch, state.step));
+            state.epochs_without_improvement = 0;
+            self.save_adapter(model, true)
+        } else {
+            state.epochs_without_improvement += 1;
+            Ok(())
+        }
     }
 
     /// Writes the adapter of `model`: the best so far into the output directory (and kept for the

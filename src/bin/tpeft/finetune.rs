@@ -132,12 +132,17 @@ pub struct FinetuneArgs {
     /// Validation metric that picks the best epoch (default: accuracy / pearson / loss).
     #[arg(long)]
     pub metric_for_best: Option<String>,
-    /// Stop after this many epochs without improvement.
+    /// Stop after this many evaluations without improvement (each epoch end, and each
+    /// --eval-every-steps evaluation).
     #[arg(long)]
     pub early_stopping_patience: Option<usize>,
     /// Also checkpoint every this many optimizer steps [default: 0 = at epoch ends].
     #[arg(long)]
     pub save_every_steps: Option<usize>,
+    /// Also evaluate on the validation split every this many optimizer steps, keeping the best
+    /// step's adapter [default: 0 = at epoch ends].
+    #[arg(long)]
+    pub eval_every_steps: Option<usize>,
     /// lm-classification: one word per label, in label order (e.g. terrible,great).
     #[arg(long, value_delimiter = ',')]
     pub verbalizers: Option<Vec<String>>,
@@ -273,6 +278,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         metric_for_best: a.metric_for_best.clone(),
         early_stopping_patience: a.early_stopping_patience,
         save_every_steps: a.save_every_steps.unwrap_or(d.save_every_steps),
+        eval_every_steps: a.eval_every_steps.unwrap_or(d.eval_every_steps),
         verbalizers: a.verbalizers.clone().unwrap_or_default(),
         template: a.template.clone().unwrap_or(d.template),
         output: required(&a.output, "--output")?,
@@ -296,6 +302,7 @@ fn resume_config(dir: &Path, a: &FinetuneArgs) -> Result<TrainConfig, CliError> 
     cfg.max_steps = a.max_steps.or(cfg.max_steps);
     cfg.early_stopping_patience = a.early_stopping_patience.or(cfg.early_stopping_patience);
     cfg.save_every_steps = a.save_every_steps.unwrap_or(cfg.save_every_steps);
+    cfg.eval_every_steps = a.eval_every_steps.unwrap_or(cfg.eval_every_steps);
     Ok(cfg)
 }
 
