@@ -195,7 +195,8 @@ fn demo_trains_every_method_on_the_cpu_backend() {
         let (before, after, err): (f64, f64, f64) =
             (cols[2].parse().unwrap(), cols[3].parse().unwrap(), cols[4].parse().unwrap());
         assert!(after < before, "{method} did not learn: {line}");
-        assert!(err < 1e-5, "{method}: factored forward differs from x·ΔW: {line}");
+        // Zero would mean nothing was compared (every method has a factored path to check).
+        assert!(err > 0.0 && err < 1e-5, "{method}: factored forward vs its dense reconstruction: {line}");
     }
 }
 

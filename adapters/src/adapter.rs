@@ -215,6 +215,10 @@ pub trait ResidualLayer<B: Backend> {
     /// `h + f(h)` for `h: [..., d]`.
     fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D>;
 
+    /// The same map with every tensor-format factor reconstructed densely by another contraction
+    /// than the forward's: the reference `tpeft selfcheck` compares [`ResidualLayer::forward`] with.
+    fn dense_reference<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D>;
+
     /// Folds the adapter into the base weights, or says why it cannot be.
     fn merge(&self) -> crate::Result<()>;
 }

@@ -212,6 +212,11 @@ macro_rules! registry {
                 match self { $($(#[$ra])* ResidualAdapter::$res(a) => $crate::ResidualLayer::forward(a, h),)* }
             }
 
+            /// [`crate::ResidualLayer::dense_reference`]: the map from dense reconstructions.
+            pub fn dense_reference<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+                match self { $($(#[$ra])* ResidualAdapter::$res(a) => $crate::ResidualLayer::dense_reference(a, h),)* }
+            }
+
             /// Whether the adapter can be folded into a base weight.
             pub fn merge_supported(&self) -> bool {
                 self.merge().is_ok()

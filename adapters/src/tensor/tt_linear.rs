@@ -93,6 +93,12 @@ impl<B: Backend> TtLinear<B> {
         self.tt.to_matrix(self.d_in, self.d_out)
     }
 
+    /// The dense weight contracted right to left: the same matrix as [`TtLinear::weight`] by the
+    /// other contraction order, an independent reference for it.
+    pub fn weight_right_to_left(&self) -> Tensor<B, 2> {
+        crate::tensor::tt::contract_right(&self.tt.core_values()).reshape([self.d_in, self.d_out])
+    }
+
     /// `x · W + b` for `x: [..., d_in]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         linear(x, self.weight(), self.bias.as_ref().map(|b| b.val()))

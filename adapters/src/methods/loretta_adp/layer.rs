@@ -29,6 +29,15 @@ impl<B: Backend> ResidualLayer<B> for LorettaAdp<B> {
         h + self.up.forward_scaled(z, self.scaling)
     }
 
+    /// The projections' weights contracted right to left (the forward contracts left to right).
+    fn dense_reference<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        let dense = |p: &crate::tensor::tt_linear::TtLinear<B>, x: Tensor<B, D>| {
+            burn::tensor::module::linear(x, p.weight_right_to_left(), p.bias.as_ref().map(|b| b.val()))
+        };
+        let z = self.activation.forward(dense(&self.down, h.clone()));
+        h + dense(&self.up, z).mul_scalar(self.scaling)
+    }
+
     fn merge(&self) -> crate::Result<()> {
         Err(AdapterError::Unsupported {
             method: "loretta-adp",
