@@ -88,8 +88,8 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         ),
         (&["bench", "--dtype", "bf16"], "--dtype bf16 needs --backend cuda"),
         (
-            &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "32,256,128,16"],
-            "no leading factors multiply to d_in",
+            &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "16,16,16,16,16"],
+            "the factors multiply to 1048576, expected 16777216",
         ),
         (
             &["params", "--model", "llama2-7b", "--method", "tt-lora", "--tt-shape", "16,0,16"],

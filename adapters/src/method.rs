@@ -62,12 +62,14 @@ pub struct ParamRow {
     pub shape: String,
     /// Trainable parameters attributed to this row.
     pub params: usize,
+    /// How the adapter computes its update there, where a method has a choice (empty otherwise).
+    pub note: String,
 }
 
 impl ParamRow {
     /// The row of a linear site holding `params` parameters.
     pub fn linear(site: &LinearSite, params: usize) -> Self {
-        Self { module: site.name.clone(), shape: format!("{}x{}", site.d_in, site.d_out), params }
+        Self { module: site.name.clone(), shape: format!("{}x{}", site.d_in, site.d_out), params, note: String::new() }
     }
 }
 

@@ -44,7 +44,7 @@ pub fn checked_product(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
 }
 
-fn shape_error(shape: &[usize], rows: usize, cols: usize, reason: impl Into<String>) -> AdapterError {
+pub(crate) fn shape_error(shape: &[usize], rows: usize, cols: usize, reason: impl Into<String>) -> AdapterError {
     AdapterError::InvalidTtShape { shape: shape.to_vec(), rows, cols, reason: reason.into() }
 }
 

@@ -125,7 +125,9 @@ pub fn render(spec: &ArchSpec, method: &MethodConfig, report: &ParamReport) -> S
     let width = report.rows.iter().map(|r| r.module.len()).max().unwrap_or(6).max(6);
     out.push_str(&format!("{:<width$}  {:>14}  {:>12}\n", "module", "shape", "trainable"));
     for row in &report.rows {
-        out.push_str(&format!("{:<width$}  {:>14}  {:>12}\n", row.module, row.shape, thousands(row.params)));
+        let line = format!("{:<width$}  {:>14}  {:>12}  {}", row.module, row.shape, thousands(row.params), row.note);
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out.push('\n');
     out.push_str(&summary_line(report.total(), spec.base_num_params()));

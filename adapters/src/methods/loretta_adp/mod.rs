@@ -122,7 +122,7 @@ impl Method for LorettaAdpConfig {
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
         let rows = sites.residual.iter().map(|s| {
             let params = self.num_params(s.hidden).map_err(at_site(Self::NAME, &s.name))?;
-            Ok(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params })
+            Ok(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params, note: String::new() })
         });
         Ok(ParamReport { rows: rows.collect::<crate::Result<_>>()? })
     }

@@ -142,6 +142,7 @@ impl Method for LortaConfig {
             module: "shared: lorta CP factors (A, B, C_L, C_H, C_M)".into(),
             shape: format!("L={} H={} d={}", geometry.n_layers, geometry.n_heads, geometry.d_model),
             params: self.num_params(geometry)?,
+            note: String::new(),
         });
         Ok(ParamReport { rows })
     }

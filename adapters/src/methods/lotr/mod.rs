@@ -120,6 +120,7 @@ impl Method for LotrConfig {
                 module: format!("shared: lotr family {i} (A, B)"),
                 shape: format!("{d_in}x{d_out}"),
                 params: self.shared_num_params(d_in, d_out),
+                note: String::new(),
             });
         }
         Ok(report)

@@ -20,7 +20,7 @@ use crate::adapter::DeltaInit;
 use crate::error::require_rank_and_alpha;
 use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, Sites, sets};
 use crate::methods::LinearAdapter;
-use crate::tensor::shape::{plan_tt_lora_shape, validate_split_shape};
+use crate::tensor::shape::{plan_tt_lora_shape, shape_error, validate_flat_shape, validate_split_shape};
 use crate::tensor::tt::{CoreInit, TensorTrain, tt_num_params};
 use burn::config::Config;
 use burn::tensor::backend::Backend;
@@ -43,15 +43,29 @@ pub struct TtLoraConfig {
 }
 
 impl TtLoraConfig {
-    /// The shape used for a `d_in × d_out` layer (explicit or planned), validated; returns it with
-    /// the number of input cores.
-    pub fn resolve_shape(&self, d_in: usize, d_out: usize) -> crate::Result<(Vec<usize>, usize)> {
+    /// The shape used for a `d_in × d_out` layer (explicit or planned), validated (its product must
+    /// be `d_in·d_out`); returns it with the number of input cores, `None` when no leading factors
+    /// multiply to `d_in` (the paper's `[64,16,9,64]` for 768×768: ΔW is then reconstructed).
+    pub fn resolve_shape(&self, d_in: usize, d_out: usize) -> crate::Result<(Vec<usize>, Option<usize>)> {
         let shape = match &self.tt_shape {
             Some(shape) => shape.clone(),
             None => plan_tt_lora_shape(d_in, d_out)?,
         };
-        let split = validate_split_shape(&shape, d_in, d_out)?;
-        Ok((shape, split))
+        validate_flat_shape(&shape, d_in, d_out)?;
+        if shape.len() < 2 {
+            // One core is the dense ΔW itself.
+            return Err(shape_error(&shape, d_in, d_out, "needs at least two factors"));
+        }
+        Ok((shape.clone(), validate_split_shape(&shape, d_in, d_out).ok()))
+    }
+
+    /// How the update is computed for a `d_in × d_out` layer: from the two half-trains (or core by
+    /// core for few rows), or by reconstructing ΔW when the shape has no input/output cut.
+    pub fn path_note(&self, d_in: usize, d_out: usize) -> crate::Result<&'static str> {
+        Ok(match self.resolve_shape(d_in, d_out)?.1 {
+            Some(_) => "half-trains",
+            None => "dense ΔW (no input/output cut)",
+        })
     }
 
     /// Trainable parameters for one `d_in × d_out` matrix.
@@ -69,6 +83,8 @@ impl TtLoraConfig {
         Ok(TtLora {
             tt: TensorTrain::new(&shape, self.rank, CoreInit::UnitFrobenius, zero, device),
             split,
+            d_in,
+            d_out,
             alpha: self.alpha,
         })
     }
@@ -88,7 +104,11 @@ impl Method for TtLoraConfig {
     }
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
-        ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))
+        let mut report = ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))?;
+        for (row, site) in report.rows.iter_mut().zip(sites.linear) {
+            row.note = self.path_note(site.d_in, site.d_out)?.to_string();
+        }
+        Ok(report)
     }
 
     fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
