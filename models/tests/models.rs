@@ -1581,6 +1581,43 @@ mod fused_on_flex {
         }
     }
 
+    /// Every format a GGUF file may hand `native` that the random-init test does not cover (the
+    /// K-quants, Q5_0, Q5_1, Q8_1) as a frozen base on flex: the fused linear (blocks dequantized a
+    /// column panel of rows at a time inside the op) against Burn's op chain on ndarray holding the
+    /// blocks' dequantized values, output and input gradient. Tolerance 1e-5 of the largest value:
+    /// the two GEMMs add the 512 products of each output in different orders.
+    #[test]
+    fn gguf_block_formats_on_flex_match_their_dequantization() {
+        use tensor_peft_models::fused::{BlockMatrix, FrozenMatrix};
+        let device = Default::default();
+        let mut rng = super::Rng(11);
+        let (rows, d_in, d_out) = (6, 512, 40);
+        let formats: [(BlockFormat, &[usize]); 8] = [
+            (BlockFormat::Q2_K, &[80, 82]),
+            (BlockFormat::Q3_K, &[108]),
+            (BlockFormat::Q4_K, &[0, 2]),
+            (BlockFormat::Q5_K, &[0, 2]),
+            (BlockFormat::Q6_K, &[208]),
+            (BlockFormat::Q5_0, &[0]),
+            (BlockFormat::Q5_1, &[0, 2]),
+            (BlockFormat::Q8_1, &[0, 2]),
+        ];
+        for (format, halves) in formats {
+            let bytes = super::random_blocks(&mut rng, format, d_out * d_in / format.block_len(), halves);
+            let m = BlockMatrix::<F>::from_bytes(bytes, format, d_in, d_out, &device).unwrap();
+            let w = Tensor::<N, 2>::from_data(m.dequantize().into_data(), &Default::default());
+            let x_f = input::<F, 2>([rows, d_in], 1).require_grad();
+            let x_n = input::<N, 2>([rows, d_in], 1).require_grad();
+            let y_f = fused::linear(x_f.clone(), FrozenMatrix::Blocks(m), None);
+            let y_n = fused::linear(x_n.clone(), w, None);
+            let name = format.name();
+            assert_close(&format!("{name}: output"), &floats(y_f.clone()), &floats(y_n.clone()), 1e-5);
+            let (g_f, g_n) = (y_f.sum().backward(), y_n.sum().backward());
+            let (dx_f, dx_n) = (floats(x_f.grad(&g_f).unwrap()), floats(x_n.grad(&g_n).unwrap()));
+            assert_close(&format!("{name}: dX"), &dx_f, &dx_n, 1e-5);
+        }
+    }
+
     /// The quantized base on flex's fused kernels (blocks dequantized inside the op, forward and
     /// backward) against its f32 dequantization, as on ndarray.
     #[test]
