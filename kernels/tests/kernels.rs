@@ -128,3 +128,71 @@ fn softmax_cross_entropy_matches_float64() {
     }
     assert!((loss - exact).abs() <= 1e-5 * exact.abs(), "loss {loss} vs {exact}");
 }
+
+/// `s` as bytes (two hex digits a byte).
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+/// Every GGML block format against gguf-py, block by block (`tests/fixtures/gguf-quants.json`,
+/// written by `scripts/fixtures/gguf_quants.py`): the dequantized values bit for bit (both compute
+/// llama.cpp's f32 operations in its order, without fused multiply-adds, so no tolerance is
+/// needed), also as rows of several blocks; and for the formats quantized here (Q8_0, Q4_0, Q4_1)
+/// the bytes gguf-py writes for the same inputs. Q8_1's reference is ggml's 36-byte layout computed
+/// in numpy (gguf-py has no Q8_1 dequantizer).
+#[test]
+fn gguf_blocks_dequantize_as_gguf_py() {
+    use tensor_peft_kernels::quant::BlockFormat;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gguf-quants.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let fixture = fixture.as_object().unwrap();
+    assert_eq!(fixture.len(), BlockFormat::ALL.len());
+    for format in BlockFormat::ALL {
+        let blocks = fixture[format.name()].as_array().unwrap();
+        let (mut all_bytes, mut all_values) = (Vec::new(), Vec::new());
+        for (i, block) in blocks.iter().enumerate() {
+            let bytes = hex(block["bytes"].as_str().unwrap());
+            let expected: Vec<u32> = hex(block["values"].as_str().unwrap())
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!((bytes.len(), expected.len()), (format.block_bytes(), format.block_len()), "{format:?}");
+            let mut got = vec![f32::NAN; format.block_len()];
+            format.dequantize(&bytes, &mut got);
+            for (j, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(g.to_bits(), *e, "{format:?} block {i} weight {j}: {g} vs {}", f32::from_bits(*e));
+            }
+            if let Some(input) = block.get("input") {
+                let x: Vec<f32> = hex(input.as_str().unwrap())
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let mut ours = vec![0u8; format.block_bytes()];
+                match format.quantize(&x, &mut ours) {
+                    Ok(()) => assert_eq!(ours, bytes, "{format:?} block {i}: quantized bytes"),
+                    Err(e) => assert!(!format.can_quantize() && e.contains(format.name()), "{e}"),
+                }
+            }
+            all_bytes.extend(bytes);
+            all_values.extend(expected);
+        }
+        // The same blocks as rows of two blocks each (the frozen base's path).
+        let rows = blocks.len() / 2;
+        let cols = 2 * format.block_len();
+        let mut got = vec![f32::NAN; rows * cols];
+        format.dequantize_rows(&all_bytes[..rows * format.row_bytes(cols)], cols, &mut got);
+        assert!(got.iter().zip(&all_values).all(|(g, e)| g.to_bits() == *e), "{format:?} rows");
+    }
+    // Only the formats `--base-dtype` asks for are quantized; the others say so.
+    for format in BlockFormat::ALL {
+        let mut out = vec![0u8; format.row_bytes(256)];
+        let result = format.quantize(&[0.5; 256], &mut out);
+        assert_eq!(result.is_ok(), format.can_quantize(), "{format:?}");
+        assert_eq!(format.can_quantize(), matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4_1));
+        assert_eq!(BlockFormat::from_ggml_type(format.ggml_type()), Some(format));
+        assert_eq!(format.check_row(format.block_len() * 3), Ok(()));
+    }
+    let err = BlockFormat::Q4_K.check_row(576).unwrap_err();
+    assert!(err.contains("Q4_K") && err.contains("256") && err.contains("576"), "{err}");
+    assert_eq!(BlockFormat::from_ggml_type(15), None, "Q8_K is not read");
+}

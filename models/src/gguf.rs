@@ -1,7 +1,12 @@
-//! A small, bounds-checked GGUF (v2/v3) reader: metadata, tensor table, and dequantisation of
-//! F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors to f32. Maps the llama architecture's metadata to an
-//! [`ArchSpec`] and its tensors to HF names ([`Weights`]), undoing the Q/K row permutation that
-//! llama.cpp's converter applies for its adjacent-pair RoPE.
+//! A small, bounds-checked GGUF (v2/v3) reader: metadata, tensor table, and dequantisation to f32
+//! of F32, F16 and BF16 tensors and of GGML's block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (32
+//! weights a block) and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256 weights a super-block),
+//! exactly as llama.cpp reads them ([`BlockFormat`]); the other types (Q8_K, the IQ and ternary
+//! types, MXFP4) are refused by name, and a block tensor's rows must be whole blocks. Maps the
+//! llama architecture's metadata to an [`ArchSpec`] and its tensors to HF names ([`Weights`]),
+//! undoing the Q/K row permutation that llama.cpp's converter applies for its adjacent-pair RoPE
+//! (a permutation of whole rows, so `--base-dtype native` applies it to the rows' blocks as they
+//! are).
 //!
 //! Untrusted input: every length is checked against the bytes that remain before anything is
 //! allocated, so a corrupt file gives an error, never a panic or a huge allocation.
@@ -13,7 +18,7 @@ use crate::weights::{Decoded, Weights};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tensor_peft_kernels::quant::{BLOCK, BlockFormat};
+use tensor_peft_kernels::quant::BlockFormat;
 use tensor_peft_kernels::rope::{RopeConfig, RopeScaling};
 
 /// A metadata value.
@@ -175,15 +180,24 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// GGML types this reader dequantises: `(id, name, elements per block, bytes per block)`.
-const TYPES: [(u32, &str, usize, usize); 6] = [
-    (0, "F32", 1, 4),
-    (1, "F16", 1, 2),
-    (30, "BF16", 1, 2),
-    (8, "Q8_0", 32, 34),
-    (2, "Q4_0", 32, 18),
-    (3, "Q4_1", 32, 20),
-];
+/// The float GGML types this reader reads: `(id, name, bytes per element)`. The block types are
+/// [`BlockFormat`]'s.
+const FLOAT_TYPES: [(u32, &str, usize); 3] = [(0, "F32", 4), (1, "F16", 2), (30, "BF16", 2)];
+
+/// `(name, elements per block, bytes per block)` of GGML type `ty`, when this reader reads it.
+fn geometry(ty: u32) -> Option<(&'static str, usize, usize)> {
+    FLOAT_TYPES
+        .iter()
+        .find(|t| t.0 == ty)
+        .map(|t| (t.1, 1, t.2))
+        .or_else(|| BlockFormat::from_ggml_type(ty).map(|f| (f.name(), f.block_len(), f.block_bytes())))
+}
+
+/// The error for a GGML type this reader does not read, listing those it does.
+fn unsupported(ty: u32) -> String {
+    let known: Vec<_> = FLOAT_TYPES.iter().map(|t| t.1).chain(BlockFormat::ALL.iter().map(|f| f.name())).collect();
+    format!("unsupported GGML tensor type {ty} (supported: {})", known.join(", "))
+}
 
 /// Dequantises `n` elements of GGML type `ty` from `data` (which must hold exactly their blocks).
 pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
@@ -192,14 +206,10 @@ pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
         0 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         1 => out.extend(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
         30 => out.extend(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        8 | 2 | 3 => {
-            let format = BlockFormat::from_ggml_type(ty).expect("Q8_0, Q4_0 and Q4_1 are block formats");
-            out.resize(data.len() / format.block_bytes() * BLOCK, 0.0);
+        _ => {
+            let format = BlockFormat::from_ggml_type(ty).ok_or_else(|| unsupported(ty))?;
+            out.resize(data.len() / format.block_bytes() * format.block_len(), 0.0);
             format.dequantize(data, &mut out);
-        }
-        other => {
-            let known: Vec<_> = TYPES.iter().map(|t| t.1).collect();
-            return Err(format!("unsupported GGML tensor type {other} (supported: {})", known.join(", ")));
         }
     }
     if out.len() != n {
@@ -275,18 +285,19 @@ impl Gguf {
             path: self.path.clone(),
             reason: format!("tensor `{}`: {reason}", t.name),
         };
-        let (_, type_name, block, block_bytes) = *TYPES
-            .iter()
-            .find(|ty| ty.0 == t.ggml_type)
-            .ok_or_else(|| err(dequantize(t.ggml_type, &[], 0).unwrap_err()))?;
+        let (type_name, block, block_bytes) = geometry(t.ggml_type).ok_or_else(|| err(unsupported(t.ggml_type)))?;
         let n = t
             .dims
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|&n| n <= 1 << 36)
             .ok_or_else(|| err("too many elements".into()))? as usize;
-        if !n.is_multiple_of(block) {
-            return Err(err(format!("{n} elements is not a multiple of the {type_name} block size {block}")));
+        // Blocks run along rows (the first, fastest-varying dimension): each row is whole blocks.
+        let width = t.dims.first().copied().unwrap_or(1);
+        if !width.is_multiple_of(block as u64) {
+            return Err(err(format!(
+                "rows of {width} weights are not whole {type_name} blocks (the block size is {block})"
+            )));
         }
         let size = n / block * block_bytes;
         let start = (self.data_start as u64).checked_add(t.offset).filter(|s| *s <= self.bytes.len() as u64);

@@ -27,7 +27,8 @@ pub enum BaseDType {
     /// GGML's Q4_0 blocks (4.5 bits a weight) for the projections; embeddings in bf16.
     Q4_0,
     /// What the checkpoint stores: bf16/f16 safetensors stay half precision, f32 stays f32, a
-    /// GGUF file's Q8_0/Q4_0/Q4_1 projections stay those blocks (embeddings in bf16).
+    /// GGUF file's block-quantized projections (any [`BlockFormat`]: Q4_0 … Q8_1 and the K-quants
+    /// Q2_K … Q6_K) stay those blocks, each tensor in its own format (embeddings in bf16).
     Native,
 }
 
@@ -181,6 +182,7 @@ mod tests {
         assert_eq!(Native.projection(StoredDType::Bf16), Held::Values(DType::BF16));
         assert_eq!(Native.projection(StoredDType::F16), Held::Values(DType::F16));
         assert_eq!(Native.projection(StoredDType::Blocks(BlockFormat::Q4_1)), Held::Blocks(BlockFormat::Q4_1));
+        assert_eq!(Native.projection(StoredDType::Blocks(BlockFormat::Q4_K)), Held::Blocks(BlockFormat::Q4_K));
         assert_eq!(Native.embedding(StoredDType::Blocks(BlockFormat::Q4_1), true), DType::BF16);
         assert_eq!(Native.embedding(StoredDType::Blocks(BlockFormat::Q4_1), false), DType::F32);
         assert_eq!(Bf16.embedding(StoredDType::F32, false), DType::BF16);

@@ -7,6 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::PathBuf;
 use tensor_peft_adapters::{METHOD_NAMES, MethodConfig};
+use tensor_peft_kernels::quant::BlockFormat;
 use tensor_peft_models::{ArchSpec, Llama, ModelError, Targets};
 
 type B = NdArray;
@@ -504,10 +505,107 @@ fn gguf_dequantisation_and_corrupt_files() {
             }
         }
     }
-    // An unsupported quantisation type is named.
-    let k_quant = gguf_bytes(&[], &[("w", vec![256], 12, vec![0; 144])]);
-    let err = Gguf::parse(k_quant, "k.gguf".as_ref()).unwrap_err().to_string();
-    assert!(err.contains("unsupported GGML tensor type 12") && err.contains("Q4_1"), "{err}");
+    // An unsupported quantisation type (Q8_K, ggml's dot-product type) is named with those read.
+    let q8_k = gguf_bytes(&[], &[("w", vec![256], 15, vec![0; 292])]);
+    let err = Gguf::parse(q8_k, "k.gguf".as_ref()).unwrap_err().to_string();
+    assert!(err.contains("unsupported GGML tensor type 15") && err.contains("Q4_1") && err.contains("Q6_K"), "{err}");
+    // Rows that are not whole blocks (two rows of 128 weights: 256 weights, one Q4_K block's
+    // worth) are refused naming the tensor and the block size; so is a truncated K-quant tensor.
+    let split = gguf_bytes(&[], &[("half_rows", vec![128, 2], 12, vec![0; 144])]);
+    let err = Gguf::parse(split, "rows.gguf".as_ref()).unwrap_err().to_string();
+    assert!(err.contains("`half_rows`") && err.contains("128") && err.contains("Q4_K") && err.contains("256"), "{err}");
+    let mut short = gguf_bytes(&[], &[("short", vec![256, 2], 14, vec![1; 2 * 210])]);
+    short.truncate(short.len() - 32);
+    let err = Gguf::parse(short, "short.gguf".as_ref()).unwrap_err().to_string();
+    assert!(err.contains("`short`") && err.contains("outside the file"), "{err}");
+}
+
+/// `n` random GGML blocks of `format` whose f16 fields (at `halves`, byte offsets in a block) hold
+/// finite scales of a real model's size; the other bytes (codes, packed sub-block scales) random.
+fn random_blocks(rng: &mut Rng, format: BlockFormat, n: usize, halves: &[usize]) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..n * format.block_bytes()).map(|_| rng.next() as u8).collect();
+    for block in bytes.chunks_exact_mut(format.block_bytes()) {
+        for &at in halves {
+            let scale = half::f16::from_f32((1 + rng.below(100)) as f32 * 2e-4);
+            block[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// A one-layer llama GGUF whose attention holds K-quant and Q5_0 blocks (256-wide rows): q_proj
+/// Q4_K, k_proj Q5_0, v_proj Q6_K, o_proj Q5_K, and metadata for two heads of 128. Also returns
+/// each tensor's bytes.
+fn k_quant_gguf(rng: &mut Rng) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let u32s = |v: u32| v.to_le_bytes().to_vec();
+    let arch = [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat();
+    let meta = [
+        ("general.architecture", 8, arch),
+        ("llama.attention.head_count", 4, u32s(2)),
+        ("llama.embedding_length", 4, u32s(256)),
+        ("llama.feed_forward_length", 4, u32s(512)),
+        ("llama.block_count", 4, u32s(1)),
+        ("llama.vocab_size", 4, u32s(8)),
+    ];
+    let rows = 256;
+    let tensors = [
+        ("blk.0.attn_q.weight", vec![256, rows as u64], 12, random_blocks(rng, BlockFormat::Q4_K, rows, &[0, 2])),
+        ("blk.0.attn_k.weight", vec![256, rows as u64], 6, random_blocks(rng, BlockFormat::Q5_0, 8 * rows, &[0])),
+        ("blk.0.attn_v.weight", vec![256, rows as u64], 14, random_blocks(rng, BlockFormat::Q6_K, rows, &[208])),
+        ("blk.0.attn_output.weight", vec![256, rows as u64], 13, random_blocks(rng, BlockFormat::Q5_K, rows, &[0, 2])),
+    ];
+    (gguf_bytes(&meta, &tensors), tensors.into_iter().map(|t| t.3).collect())
+}
+
+/// A GGUF file of K-quant (and Q5_0) projections loads through [`Gguf`] and [`Weights`]: f32
+/// loads are the blocks' dequantization (the Q/K rows restored from llama.cpp's RoPE permutation,
+/// the others as stored), and `native` keeps each tensor's own blocks, whose dequantization gives
+/// exactly the same values (the permutation moves whole rows of blocks).
+#[test]
+fn gguf_k_quant_tensors_load_and_native_keeps_their_blocks() {
+    use std::sync::Arc;
+    use tensor_peft_models::BaseDType;
+    use tensor_peft_models::fused::FrozenMatrix;
+    use tensor_peft_models::gguf::{Gguf, dequantize};
+    let (bytes, data) = k_quant_gguf(&mut Rng(24));
+    let gguf = Arc::new(Gguf::parse(bytes, "k.gguf".as_ref()).unwrap());
+    let spec = gguf.arch_spec().unwrap();
+    let device = Default::default();
+    let (head_dim, n) = (128, 256);
+    let cases = [
+        ("q_proj", "blk.0.attn_q.weight", BlockFormat::Q4_K, true),
+        ("k_proj", "blk.0.attn_k.weight", BlockFormat::Q5_0, true),
+        ("v_proj", "blk.0.attn_v.weight", BlockFormat::Q6_K, false),
+        ("o_proj", "blk.0.attn_output.weight", BlockFormat::Q5_K, false),
+    ];
+    let mut f32_weights = gguf.hf_weights(&spec).unwrap().with_base_dtype(BaseDType::F32);
+    let mut native_weights = gguf.hf_weights(&spec).unwrap().with_base_dtype(BaseDType::Native);
+    for ((proj, gguf_name, format, permuted), data) in cases.into_iter().zip(data) {
+        let name = format!("model.layers.0.self_attn.{proj}.weight");
+        let t = gguf.tensors.iter().find(|t| t.name == gguf_name).unwrap();
+        let (_, file_values) = gguf.dequantize_tensor(t).unwrap();
+        // The independent route: the tensor's bytes dequantized as one run of blocks, then HF row
+        // h·d_h + s·d_h/2 + i taken from GGUF row h·d_h + 2i + s for q and k.
+        assert_eq!(dequantize(format.ggml_type(), &data, n * n).unwrap(), file_values, "{proj}");
+        let hf_row = |r: usize| {
+            let (h, j) = (r / head_dim, r % head_dim);
+            let src = if permuted { h * head_dim + 2 * (j % (head_dim / 2)) + j / (head_dim / 2) } else { r };
+            &file_values[src * n..(src + 1) * n]
+        };
+        let FrozenMatrix::Values(w) = f32_weights.take_transposed::<B>(&name, [n, n], &device).unwrap() else {
+            panic!("{proj}: f32 base holds values")
+        };
+        let w: Vec<f32> = w.transpose().into_data().convert::<f32>().to_vec().unwrap();
+        for r in 0..n {
+            assert_eq!(&w[r * n..(r + 1) * n], hf_row(r), "{proj} row {r}");
+        }
+        let FrozenMatrix::Blocks(m) = native_weights.take_transposed::<B>(&name, [n, n], &device).unwrap() else {
+            panic!("{proj}: native base keeps blocks")
+        };
+        assert_eq!((m.format, m.d_in, m.d_out), (format, n, n));
+        let native: Vec<f32> = m.dequantize().transpose().into_data().convert::<f32>().to_vec().unwrap();
+        assert_eq!(native, w, "{proj}: native blocks dequantize to the f32 load");
+    }
 }
 
 #[test]
@@ -858,6 +956,34 @@ fn parsers_of_untrusted_input_never_panic() {
         let s: String = (0..rng.below(24)).map(|_| alphabet[rng.below(alphabet.len())] as char).collect();
         let result = std::panic::catch_unwind(|| tensor_peft_adapters::tensor::shape::parse_shape(&s).map(|v| v.len()));
         assert!(result.is_ok(), "shape case {i} panicked: {s:?}");
+        executions += 1;
+    }
+    // GGUF with K-quant and Q5_0 tensors: truncations and byte flips, parsed and every tensor
+    // dequantized (through the llama mapping when the metadata still parses).
+    let (original, _) = k_quant_gguf(&mut rng);
+    for i in 0..300 {
+        let mut bytes = original.clone();
+        if i % 2 == 0 {
+            bytes.truncate(rng.below(original.len()));
+        } else {
+            for _ in 0..1 + rng.below(8) {
+                // Mostly the header and tensor table (the first KiB), where a flip changes the layout.
+                let span = if rng.below(4) == 0 { bytes.len() } else { 1024 };
+                let k = rng.below(span);
+                bytes[k] = rng.next() as u8;
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            let Ok(g) = tensor_peft_models::gguf::Gguf::parse(bytes, "fuzz.gguf".as_ref()) else { return };
+            for t in &g.tensors {
+                let _ = g.dequantize_tensor(t);
+            }
+            let g = std::sync::Arc::new(g);
+            if let Ok(spec) = g.arch_spec() {
+                let _ = g.hf_weights(&spec);
+            }
+        });
+        assert!(result.is_ok(), "GGUF case {i} panicked");
         executions += 1;
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -1501,6 +1627,43 @@ mod fused_on_flex {
             let rounding = exact_logits.iter().zip(&ref_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(rounding > 0.0 && rounding < 0.05, "{name}: rounding moved the logits by {rounding}");
             std::fs::remove_dir_all(copy).unwrap();
+        }
+    }
+
+    /// Every format a GGUF file may hand `native` that the random-init test does not cover (the
+    /// K-quants, Q5_0, Q5_1, Q8_1) as a frozen base on flex: the fused linear (blocks dequantized a
+    /// column panel of rows at a time inside the op) against Burn's op chain on ndarray holding the
+    /// blocks' dequantized values, output and input gradient. Tolerance 1e-5 of the largest value:
+    /// the two GEMMs add the 512 products of each output in different orders.
+    #[test]
+    fn gguf_block_formats_on_flex_match_their_dequantization() {
+        use tensor_peft_models::fused::{BlockMatrix, FrozenMatrix};
+        let device = Default::default();
+        let mut rng = super::Rng(11);
+        let (rows, d_in, d_out) = (6, 512, 40);
+        let formats: [(BlockFormat, &[usize]); 8] = [
+            (BlockFormat::Q2_K, &[80, 82]),
+            (BlockFormat::Q3_K, &[108]),
+            (BlockFormat::Q4_K, &[0, 2]),
+            (BlockFormat::Q5_K, &[0, 2]),
+            (BlockFormat::Q6_K, &[208]),
+            (BlockFormat::Q5_0, &[0]),
+            (BlockFormat::Q5_1, &[0, 2]),
+            (BlockFormat::Q8_1, &[0, 2]),
+        ];
+        for (format, halves) in formats {
+            let bytes = super::random_blocks(&mut rng, format, d_out * d_in / format.block_len(), halves);
+            let m = BlockMatrix::<F>::from_bytes(bytes, format, d_in, d_out, &device).unwrap();
+            let w = Tensor::<N, 2>::from_data(m.dequantize().into_data(), &Default::default());
+            let x_f = input::<F, 2>([rows, d_in], 1).require_grad();
+            let x_n = input::<N, 2>([rows, d_in], 1).require_grad();
+            let y_f = fused::linear(x_f.clone(), FrozenMatrix::Blocks(m), None);
+            let y_n = fused::linear(x_n.clone(), w, None);
+            let name = format.name();
+            assert_close(&format!("{name}: output"), &floats(y_f.clone()), &floats(y_n.clone()), 1e-5);
+            let (g_f, g_n) = (y_f.sum().backward(), y_n.sum().backward());
+            let (dx_f, dx_n) = (floats(x_f.grad(&g_f).unwrap()), floats(x_n.grad(&g_n).unwrap()));
+            assert_close(&format!("{name}: dX"), &dx_f, &dx_n, 1e-5);
         }
     }
 

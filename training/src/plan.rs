@@ -81,7 +81,7 @@ pub struct PlanRequest<'a> {
 fn weight_bytes(held: Held, weights: u64) -> u64 {
     match held {
         Held::Values(dtype) => weights * dtype.size() as u64,
-        Held::Blocks(format) => weights / 32 * format.block_bytes() as u64,
+        Held::Blocks(format) => weights / format.block_len() as u64 * format.block_bytes() as u64,
     }
 }
 
@@ -92,13 +92,19 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
     let held = request.base.projection(request.stored);
     let embedding_dtype = request.base.embedding(request.stored, true);
     let sites = spec.linear_sites();
-    if let (Held::Blocks(format), Some(site)) = (held, sites.iter().find(|s| !s.d_in.is_multiple_of(32))) {
+    // Only blocks quantized here can fail to fit the rows: `native` keeps a GGUF file's own blocks,
+    // which the reader has checked, and a file may store other sites in other formats (llama.cpp
+    // falls back from a K-quant to a 32-weight format where rows are not whole 256-weight blocks).
+    let quantized_here = request.base != BaseDType::Native;
+    if let (true, Held::Blocks(format)) = (quantized_here, held)
+        && let Some(site) = sites.iter().find(|s| !s.d_in.is_multiple_of(format.block_len()))
+    {
         return Err(format!(
             "--base-dtype {}: {} has rows of {} weights, not whole {}-weight {} blocks",
             request.base,
             site.name,
             site.d_in,
-            32,
+            format.block_len(),
             format.name()
         ));
     }
@@ -208,5 +214,11 @@ mod tests {
         odd.intermediate = 11000;
         let err = plan(&request(&odd, BaseDType::Q4_0)).unwrap_err();
         assert!(err.contains("down_proj") && err.contains("11000"), "{err}");
+        // `native` of a Q4_K file: 144 bytes a 256-weight super-block, and no refusal of rows
+        // that a file would store in another format (the reader has checked its own blocks).
+        let q4_k = StoredDType::Blocks(tensor_peft_adapters::BlockFormat::Q4_K);
+        let native = plan(&PlanRequest { stored: q4_k, ..request(&spec, BaseDType::Native) }).unwrap();
+        assert_eq!(native.rows[0].bytes, projections / 256 * 144);
+        assert!(plan(&PlanRequest { stored: q4_k, ..request(&odd, BaseDType::Native) }).is_ok());
     }
 }

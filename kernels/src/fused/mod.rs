@@ -19,7 +19,7 @@ use burn::tensor::module::linear as burn_linear;
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
-use crate::quant::{BLOCK, BlockFormat};
+use crate::quant::BlockFormat;
 use crate::rope::RopeConfig;
 use rayon::prelude::*;
 
@@ -89,7 +89,7 @@ pub struct BlockMatrix<B: Backend> {
     pub bytes: Tensor<B, 2, Int>,
     /// The block format.
     pub format: BlockFormat,
-    /// Input width (a multiple of the block size).
+    /// Input width (a multiple of the format's block size, [`BlockFormat::block_len`]).
     pub d_in: usize,
     /// Output width.
     pub d_out: usize,
@@ -105,9 +105,7 @@ impl<B: Backend> BlockMatrix<B> {
         d_out: usize,
         device: &B::Device,
     ) -> Result<Self, String> {
-        if !d_in.is_multiple_of(BLOCK) {
-            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
-        }
+        format.check_row(d_in)?;
         let row_bytes = format.row_bytes(d_in);
         if bytes.len() != d_out * row_bytes {
             return Err(format!(
@@ -134,7 +132,8 @@ impl<B: Backend> BlockMatrix<B> {
         Self::quantize_rows(rows, format, d_in, d_out, &device)
     }
 
-    /// Quantizes the `d_out` rows of `d_in` weights in `rows` (`Wᵀ`, row-major, on the host).
+    /// Quantizes the `d_out` rows of `d_in` weights in `rows` (`Wᵀ`, row-major, on the host); an
+    /// error for a format that is only read ([`BlockFormat::can_quantize`]).
     pub fn quantize_rows(
         rows: &[f32],
         format: BlockFormat,
@@ -142,12 +141,17 @@ impl<B: Backend> BlockMatrix<B> {
         d_out: usize,
         device: &B::Device,
     ) -> Result<Self, String> {
-        if !d_in.is_multiple_of(BLOCK) {
-            return Err(format!("{} needs rows of a multiple of {BLOCK} weights; this one has {d_in}", format.name()));
+        format.check_row(d_in)?;
+        // Refused before the allocation (and also for an empty matrix).
+        if !format.can_quantize() {
+            return Err(format!("{} blocks can be loaded from a GGUF file but not quantized here", format.name()));
         }
         let row_bytes = format.row_bytes(d_in);
         let mut bytes = vec![0u8; d_out * row_bytes];
-        bytes.par_chunks_mut(row_bytes).zip(rows.par_chunks(d_in)).for_each(|(out, row)| format.quantize(row, out));
+        bytes
+            .par_chunks_mut(row_bytes)
+            .zip(rows.par_chunks(d_in))
+            .try_for_each(|(out, row)| format.quantize(row, out))?;
         Self::from_bytes(bytes, format, d_in, d_out, device)
     }
 
