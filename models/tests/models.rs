@@ -322,6 +322,201 @@ fn smollm2_gguf_matches_transformers() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The tiny tokenizer-only GGUF files of `scripts/fixtures/gguf_tokenizers.py` and what
+/// transformers' GGUF loader gives for them.
+fn gguf_tokenizers() -> (PathBuf, serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf-tokenizers");
+    let expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (dir, expected)
+}
+
+/// Asserts `tokenizer` gives transformers' ids (`tokenizer(text)["input_ids"]`) and decoding for
+/// every text of the fixture.
+fn assert_tokenizes_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    texts: &serde_json::Value,
+    expected: &serde_json::Value,
+    what: &str,
+) {
+    for (text, want) in texts.as_array().unwrap().iter().zip(expected.as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        let ids = tokenizer.encode_with_specials(text).unwrap();
+        assert_eq!(ids, u32s(&want["ids"]), "{what}: ids of {text:?}");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), want["decoded"].as_str().unwrap(), "{what}: decoding of {text:?}");
+        // `encode` is the same with the BOS but never the EOS.
+        let mut plain = ids.clone();
+        if tokenizer.add_eos {
+            assert_eq!(plain.pop(), tokenizer.eos);
+        }
+        assert_eq!(tokenizer.encode(text).unwrap(), plain, "{what}: encode of {text:?}");
+    }
+}
+
+fn assert_special_tokens_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    expected: &serde_json::Value,
+    vocab: usize,
+) {
+    let special = &expected["special"];
+    let ids = tokenizer.encode_with_specials(special["text"].as_str().unwrap()).unwrap();
+    assert_eq!(ids, u32s(&special["ids"]));
+    assert_eq!(tokenizer.decode(&ids).unwrap(), special["decoded"].as_str().unwrap());
+    let every: Vec<u32> = (0..vocab as u32).collect();
+    assert_eq!(tokenizer.decode(&every).unwrap(), expected["every_id_decoded"].as_str().unwrap());
+}
+
+#[test]
+fn gguf_sentencepiece_tokenizer_matches_transformers() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let mut gguf = Gguf::open(&dir.join("spm.gguf")).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    // No add_bos_token in the file: a SentencePiece vocabulary then gets a BOS.
+    assert!(tokenizer.add_bos && !tokenizer.add_eos);
+    assert_eq!((tokenizer.bos, tokenizer.eos), (Some(1), Some(2)));
+    assert_eq!(tokenizer.id_to_token(3).as_deref(), Some("<0x00>"));
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["spm"]["file"], "spm.gguf");
+    let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
+    assert_special_tokens_like_transformers(&tokenizer, &expected["spm"], vocab);
+    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
+    let out = std::env::temp_dir().join(format!("tpeft-spm-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    tokenizer.save_hf(&out).unwrap();
+    let reread = TextTokenizer::from_hf_dir(&out).unwrap();
+    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["spm"]["file"], "spm tokenizer.json");
+    std::fs::remove_dir_all(&out).unwrap();
+    // The file's own add_bos_token / add_eos_token.
+    gguf.metadata.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(false));
+    gguf.metadata.insert("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(true));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    assert!(!tokenizer.add_bos && tokenizer.add_eos);
+    let want = &expected["spm"]["no_bos_with_eos"];
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], want, "spm.gguf without BOS, with EOS");
+}
+
+#[test]
+fn gguf_byte_level_tokenizers_match_transformers_for_each_pre() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let mut gguf = Gguf::open(&dir.join("bpe.gguf")).unwrap();
+    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("llama-bpe".into()));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    assert!(tokenizer.add_bos && !tokenizer.add_eos);
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["bpe"]["file"], "bpe.gguf");
+    let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
+    assert_special_tokens_like_transformers(&tokenizer, &expected["bpe"], vocab);
+    // Every split transformers' GGUF loader knows, and GPT-2's, on the same vocabulary.
+    let splits = expected["bpe"]["pre"].as_object().unwrap();
+    assert!(splits.len() >= 24, "{} pre values", splits.len());
+    for (pre, want) in splits {
+        gguf.metadata.insert("tokenizer.ggml.pre".into(), MetaValue::Str(pre.clone()));
+        let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+        assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], want, &format!("pre = {pre}"));
+    }
+}
+
+#[test]
+fn gguf_tokenizer_refusals_name_the_file_key_and_value() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, _) = gguf_tokenizers();
+    let spm = Gguf::open(&dir.join("spm.gguf")).unwrap();
+    let bpe = Gguf::open(&dir.join("bpe.gguf")).unwrap();
+    let refused =
+        |base: &Gguf, change: &dyn Fn(&mut std::collections::BTreeMap<String, MetaValue>), needles: &[&str]| {
+            let mut gguf = Gguf::open(&base.path).unwrap();
+            change(&mut gguf.metadata);
+            let err = TextTokenizer::from_gguf(&gguf).expect_err("refused").to_string();
+            assert!(err.contains(gguf.path.file_name().unwrap().to_str().unwrap()), "{err}");
+            for needle in needles {
+                assert!(err.contains(needle), "{err:?} does not name {needle:?}");
+            }
+        };
+    let set = |key: &'static str, value: MetaValue| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            m.insert(key.into(), value.clone());
+        }
+    };
+    let remove = |key: &'static str| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            m.remove(key);
+        }
+    };
+    // What is not implemented.
+    refused(&spm, &set("tokenizer.ggml.model", MetaValue::Str("t5".into())), &["tokenizer.ggml.model", "\"t5\""]);
+    refused(
+        &bpe,
+        &set("tokenizer.ggml.pre", MetaValue::Str("starcoder".into())),
+        &["tokenizer.ggml.pre", "\"starcoder\""],
+    );
+    refused(&bpe, &remove("tokenizer.ggml.pre"), &["tokenizer.ggml.pre", "missing"]);
+    refused(
+        &spm,
+        &set("tokenizer.ggml.pre", MetaValue::Str("llama-bpe".into())),
+        &["tokenizer.ggml.pre", "\"llama-bpe\""],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false)),
+        &["tokenizer.ggml.add_space_prefix"],
+    );
+    refused(
+        &spm,
+        &set("general.architecture", MetaValue::Str("gemma2".into())),
+        &["general.architecture", "\"gemma2\""],
+    );
+    // Malformed metadata.
+    refused(&spm, &remove("tokenizer.ggml.scores"), &["tokenizer.ggml.scores", "missing"]);
+    refused(&spm, &remove("tokenizer.ggml.model"), &["tokenizer.ggml.model", "missing"]);
+    refused(&bpe, &remove("tokenizer.ggml.merges"), &["tokenizer.ggml.merges", "missing"]);
+    refused(&bpe, &remove("tokenizer.ggml.tokens"), &["tokenizer.ggml.tokens", "missing"]);
+    let edit_array = |key: &'static str, f: fn(&mut Vec<MetaValue>)| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            let Some(MetaValue::Array(a)) = m.get_mut(key) else { panic!("{key}") };
+            f(a);
+        }
+    };
+    refused(&spm, &edit_array("tokenizer.ggml.scores", |a| drop(a.pop())), &["tokenizer.ggml.scores", "entries"]);
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.token_type", |a| a.push(MetaValue::Int(1))),
+        &["tokenizer.ggml.token_type"],
+    );
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.scores", |a| a[7] = MetaValue::Str("x".into())),
+        &["tokenizer.ggml.scores", "entry 7"],
+    );
+    // A byte token renamed: byte fallback would lose that byte.
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.tokens", |a| a[3 + 0x41] = MetaValue::Str("A?".into())),
+        &["tokenizer.ggml.tokens", "<0x41>"],
+    );
+    refused(
+        &bpe,
+        &edit_array("tokenizer.ggml.merges", |a| a[0] = MetaValue::Str("nospace".into())),
+        &["tokenizer.ggml.merges", "nospace"],
+    );
+    refused(
+        &bpe,
+        &edit_array("tokenizer.ggml.merges", |a| a[0] = MetaValue::Str("zz qq".into())),
+        &["tokenizer.ggml.merges"],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.bos_token_id", MetaValue::Uint(1 << 20)),
+        &["tokenizer.ggml.bos_token_id", "1048576"],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.add_bos_token", MetaValue::Str("yes".into())),
+        &["tokenizer.ggml.add_bos_token"],
+    );
+}
+
 fn minilm() -> Option<PathBuf> {
     let root = std::env::var_os("TENSOR_PEFT_ASSETS")
         .map(PathBuf::from)
