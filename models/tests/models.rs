@@ -517,6 +517,33 @@ fn gguf_tokenizer_refusals_name_the_file_key_and_value() {
     );
 }
 
+/// SmolLM2's `pre = "smollm"` is not in transformers' GGUF table (it falls back to GPT-2's split);
+/// tensor-peft keeps SmolLM2's own split (single digits first, as its `tokenizer.json` and
+/// llama.cpp do). Both give transformers' ids on the multilingual texts; they differ only where
+/// whitespace runs before a digit, and there the ids are SmolLM2's own.
+#[test]
+fn smollm2_gguf_tokenizer_on_the_multilingual_texts() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let Some(path) = smollm2() else { return };
+    let gguf = Gguf::open(&path).unwrap();
+    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("smollm".into()));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    let (_, expected) = gguf_tokenizers();
+    let smollm2 = &expected["smollm2"];
+    for (text, want) in expected["texts"].as_array().unwrap().iter().zip(smollm2["transformers"].as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        assert_eq!(tokenizer.encode_with_specials(text).unwrap(), u32s(want), "ids of {text:?}");
+        assert_eq!(tokenizer.decode(&u32s(want)).unwrap(), text);
+    }
+    let texts = smollm2["divergent_texts"].as_array().unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let ids = tokenizer.encode(text.as_str().unwrap()).unwrap();
+        assert_eq!(ids, u32s(&smollm2["divergent_own"][i]), "ids of {text}");
+        assert_ne!(ids, u32s(&smollm2["divergent_transformers"][i]), "ids of {text}");
+    }
+}
+
 fn minilm() -> Option<PathBuf> {
     let root = std::env::var_os("TENSOR_PEFT_ASSETS")
         .map(PathBuf::from)
