@@ -136,31 +136,32 @@ impl<'a> Meta<'a> {
         }
     }
 
+    /// An array whose entries are each `what` (`("strings", "a string")`: plural, singular).
     fn array<T>(
         &self,
         key: &str,
-        what: &str,
+        what: (&str, &str),
         convert: impl Fn(&MetaValue) -> Option<T>,
     ) -> Result<Option<Vec<T>>, ModelError> {
         let Some(value) = self.get(key) else { return Ok(None) };
-        let items = value.as_array().ok_or_else(|| self.err(key, format!("is not an array of {what}")))?;
+        let items = value.as_array().ok_or_else(|| self.err(key, format!("is not an array of {}", what.0)))?;
         items
             .iter()
             .enumerate()
-            .map(|(i, v)| convert(v).ok_or_else(|| self.err(key, format!("entry {i} is not {what}"))))
+            .map(|(i, v)| convert(v).ok_or_else(|| self.err(key, format!("entry {i} is not {}", what.1))))
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
 
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ModelError> {
-        self.array(key, "strings", |v| v.as_str().map(str::to_string))
+        self.array(key, ("strings", "a string"), |v| v.as_str().map(str::to_string))
     }
 
     /// An array with one entry per token.
     fn per_token<T>(
         &self,
         key: &str,
-        what: &str,
+        what: (&str, &str),
         n_tokens: usize,
         convert: impl Fn(&MetaValue) -> Option<T>,
     ) -> Result<Option<Vec<T>>, ModelError> {
@@ -203,30 +204,27 @@ pub(super) fn rebuild(gguf: &Gguf) -> Result<Rebuilt, ModelError> {
     let meta = Meta { gguf };
     let model_key = "tokenizer.ggml.model";
     let model = meta.string(model_key)?.ok_or_else(|| meta.err(model_key, "is missing"))?;
+    if !matches!(model, "llama" | "gpt2") {
+        return Err(meta.err(
+            model_key,
+            format!(
+                "is {model:?}; only \"llama\" (SentencePiece) and \"gpt2\" (byte-level BPE) vocabularies are supported"
+            ),
+        ));
+    }
     let tokens_key = "tokenizer.ggml.tokens";
     let tokens = meta.strings(tokens_key)?.ok_or_else(|| meta.err(tokens_key, "is missing"))?;
     let n = tokens.len();
-    let types = meta.per_token("tokenizer.ggml.token_type", "integers", n, MetaValue::as_u64)?.unwrap_or_default();
+    let types = meta
+        .per_token("tokenizer.ggml.token_type", ("integers", "a non-negative integer"), n, MetaValue::as_u64)?
+        .unwrap_or_default();
     let bos = meta.token_id("tokenizer.ggml.bos_token_id", n)?;
     let eos = meta.token_id("tokenizer.ggml.eos_token_id", n)?;
     let unk = meta.token_id("tokenizer.ggml.unknown_token_id", n)?;
     let pad = meta.token_id("tokenizer.ggml.padding_token_id", n)?;
-    let (mut inner, vocab_tokens, byte_level) = match model {
-        "llama" => (sentencepiece(&meta, &tokens)?, tokens.clone(), false),
-        "gpt2" => {
-            let (tokenizer, respelled) = byte_level(&meta, &tokens)?;
-            (tokenizer, respelled, true)
-        }
-        other => {
-            return Err(meta.err(
-                model_key,
-                format!(
-                    "is {other:?}; only \"llama\" (SentencePiece) and \"gpt2\" (byte-level BPE) vocabularies are \
-                     supported"
-                ),
-            ));
-        }
-    };
+    let byte_level = model == "gpt2";
+    let (mut inner, vocab_tokens) =
+        if byte_level { byte_level_bpe(&meta, &tokens)? } else { (sentencepiece(&meta, &tokens)?, tokens.clone()) };
 
     // Control tokens are matched whole and special. In a byte-level vocabulary one spelled outside
     // the byte alphabet is a llama.cpp mislabel that transformers skips; so do we.
@@ -346,7 +344,7 @@ fn sentencepiece(meta: &Meta, tokens: &[String]) -> Result<Tokenizer, ModelError
         None => {
             let key = "tokenizer.ggml.scores";
             let scores = meta
-                .per_token(key, "numbers", tokens.len(), MetaValue::as_f64)?
+                .per_token(key, ("numbers", "a number"), tokens.len(), MetaValue::as_f64)?
                 .ok_or_else(|| meta.err(key, "is missing (and there are no tokenizer.ggml.merges to use instead)"))?;
             merges_from_scores(tokens, &scores)
         }
@@ -419,7 +417,7 @@ fn byte_alphabet() -> [char; 256] {
 
 /// transformers' `byte_level_tokenizer` (its `GPT2Tokenizer`) with the split of
 /// [`byte_level_pre_tokenizer`]; also the vocabulary as the model sees it (respelled).
-fn byte_level(meta: &Meta, tokens: &[String]) -> Result<(Tokenizer, Vec<String>), ModelError> {
+fn byte_level_bpe(meta: &Meta, tokens: &[String]) -> Result<(Tokenizer, Vec<String>), ModelError> {
     let pre = byte_level_pre_tokenizer(meta)?;
     let alphabet = byte_alphabet();
     let spelled: HashSet<char> = alphabet.into_iter().collect();
