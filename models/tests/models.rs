@@ -365,6 +365,28 @@ fn assert_special_tokens_like_transformers(
     assert_eq!(tokenizer.decode(&every).unwrap(), expected["every_id_decoded"].as_str().unwrap());
 }
 
+/// Our rebuilt pipeline (normalizer, pre-tokenizer, model options, post-processor, decoder,
+/// added tokens) is transformers', component for component, except the GPT-2 default
+/// `<|endoftext|>` that transformers' byte-level rebuild registers even when the vocabulary lacks
+/// it (as an id past the model's vocabulary); we leave that one out.
+fn assert_pipeline_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    expected: &serde_json::Value,
+    vocab: usize,
+) {
+    let mut ours: serde_json::Value = serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap();
+    let model = ours["model"].as_object_mut().unwrap();
+    model.remove("vocab");
+    model.remove("merges");
+    let mut want = expected["pipeline"].clone();
+    let added = want["added_tokens"].as_array_mut().unwrap();
+    let past: Vec<serde_json::Value> =
+        added.iter().filter(|t| t["id"].as_u64().unwrap() >= vocab as u64).map(|t| t["content"].clone()).collect();
+    added.retain(|t| t["id"].as_u64().unwrap() < vocab as u64);
+    assert!(past.iter().all(|c| c == "<|endoftext|>"), "{past:?}");
+    assert_eq!(ours, want);
+}
+
 #[test]
 fn gguf_sentencepiece_tokenizer_matches_transformers() {
     use tensor_peft_models::gguf::{Gguf, MetaValue};
@@ -379,6 +401,7 @@ fn gguf_sentencepiece_tokenizer_matches_transformers() {
     assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["spm"]["file"], "spm.gguf");
     let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
     assert_special_tokens_like_transformers(&tokenizer, &expected["spm"], vocab);
+    assert_pipeline_like_transformers(&tokenizer, &expected["spm"], vocab);
     // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
     let out = std::env::temp_dir().join(format!("tpeft-spm-tok-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
@@ -407,6 +430,14 @@ fn gguf_byte_level_tokenizers_match_transformers_for_each_pre() {
     assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["bpe"]["file"], "bpe.gguf");
     let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
     assert_special_tokens_like_transformers(&tokenizer, &expected["bpe"], vocab);
+    assert_pipeline_like_transformers(&tokenizer, &expected["bpe"], vocab);
+    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
+    let out = std::env::temp_dir().join(format!("tpeft-bpe-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    tokenizer.save_hf(&out).unwrap();
+    let reread = TextTokenizer::from_hf_dir(&out).unwrap();
+    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["bpe"]["file"], "bpe tokenizer.json");
+    std::fs::remove_dir_all(&out).unwrap();
     // Every split transformers' GGUF loader knows, and GPT-2's, on the same vocabulary.
     let splits = expected["bpe"]["pre"].as_object().unwrap();
     assert!(splits.len() >= 24, "{} pre values", splits.len());
