@@ -18,6 +18,12 @@
 //! exactly (another tokenizer model, an unknown `pre`, SentencePiece without a space prefix, a
 //! SentencePiece vocabulary of an architecture transformers rebuilds differently) is refused
 //! with an error naming the file, the key and the value.
+//!
+//! Where transformers is itself wrong for the model, this follows the model instead: `pre =
+//! "smollm"` keeps SmolLM's own split (transformers falls back to GPT-2's, which differs where
+//! whitespace runs before a digit); GPT-2's default `<|endoftext|>`, which transformers registers
+//! as a new id past a byte-level vocabulary that lacks it, is not added; a SentencePiece vocabulary
+//! missing a `<0xNN>` byte token is refused (byte fallback would drop that byte).
 
 use crate::error::ModelError;
 use crate::gguf::{Gguf, MetaValue};
