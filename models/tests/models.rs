@@ -1117,6 +1117,60 @@ fn parsers_of_untrusted_input_never_panic() {
     println!("fuzz executions: {executions}");
 }
 
+/// Fuzzing the GGUF tokenizer rebuild: random junk in, removal of, and truncation or corruption
+/// of entries of the `tokenizer.*` metadata of both fixtures; every case is an `Err` or a
+/// tokenizer that encodes and decodes, never a panic.
+#[test]
+fn gguf_tokenizer_metadata_never_panics() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let text = expected["texts"][0].as_str().unwrap().to_string() + " <s><|begin_of_text|>😀";
+    let mut rng = Rng(24);
+    let junk = |rng: &mut Rng| match rng.below(9) {
+        0 => MetaValue::Str(String::new()),
+        1 => MetaValue::Str(["llama", "gpt2", "llama-bpe", "smollm", "<s>", "a b"][rng.below(6)].into()),
+        2 => MetaValue::Uint(rng.next() % 700),
+        3 => MetaValue::Int(-(rng.below(3) as i64)),
+        4 => MetaValue::Bool(rng.below(2) == 0),
+        5 => MetaValue::Float(f64::NAN),
+        6 => MetaValue::Array(vec![]),
+        7 => MetaValue::Array(vec![MetaValue::Str(String::new()), MetaValue::Str(" ".into())]),
+        _ => MetaValue::Array(vec![MetaValue::Int(3); 4]),
+    };
+    let (mut executions, mut accepted) = (0, 0);
+    for name in ["spm.gguf", "bpe.gguf"] {
+        let mut gguf = Gguf::open(&dir.join(name)).unwrap();
+        let original = gguf.metadata.clone();
+        let keys: Vec<String> = original.keys().filter(|k| k.starts_with("tokenizer.")).cloned().collect();
+        for i in 0..400 {
+            gguf.metadata = original.clone();
+            for _ in 0..1 + rng.below(2) {
+                let key = &keys[rng.below(keys.len())];
+                match (rng.below(4), gguf.metadata.get_mut(key)) {
+                    (0, _) => drop(gguf.metadata.remove(key)),
+                    (1, Some(MetaValue::Array(a))) => a.truncate(rng.below(a.len() + 1)),
+                    (2, Some(MetaValue::Array(a))) if !a.is_empty() => {
+                        let k = rng.below(a.len());
+                        a[k] = junk(&mut rng);
+                    }
+                    _ => drop(gguf.metadata.insert(key.clone(), junk(&mut rng))),
+                }
+            }
+            let gguf = std::panic::AssertUnwindSafe(&gguf);
+            let result = std::panic::catch_unwind(|| {
+                let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+                let ids = tokenizer.encode_with_specials(&text)?;
+                tokenizer.decode(&ids).map(|_| ())
+            });
+            assert!(result.is_ok(), "{name} case {i} panicked");
+            accepted += usize::from(matches!(result, Ok(Ok(()))));
+            executions += 1;
+        }
+    }
+    println!("tokenizer metadata fuzz executions: {executions} ({accepted} still load)");
+}
+
 /// Our GELU against Burn's (exact erf GELU) and a float64 reference on a grid over [−8, 8]: the
 /// value to 5e-7 of both, the gradient to 1e-6 of `Φ(x) + x·φ(x)` in float64 (Φ integrated from
 /// φ by Simpson's rule), with and without autodiff.
