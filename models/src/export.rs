@@ -102,6 +102,7 @@ impl TextTokenizer {
             "bos_token": self.bos.and_then(|i| self.id_to_token(i)),
             "eos_token": self.eos.and_then(|i| self.id_to_token(i)),
             "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
         });
         write_atomically(
             &dir.join("tokenizer_config.json"),

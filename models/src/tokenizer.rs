@@ -1,16 +1,15 @@
-//! Text tokenizers: HF `tokenizer.json` files, or the byte-level BPE embedded in GGUF metadata
-//! rebuilt as a `tokenizers` tokenizer; chat templates rendered with minijinja.
+//! Text tokenizers: HF `tokenizer.json` files, or the tokenizer embedded in a GGUF file's metadata
+//! rebuilt as a `tokenizers` tokenizer exactly as transformers' GGUF loader rebuilds it
+//! (SentencePiece `llama` vocabularies with byte fallback, byte-level `gpt2` ones with the split
+//! `tokenizer.ggml.pre` names; see `gguf_vocab`); chat templates rendered with minijinja.
+
+mod gguf_vocab;
 
 use crate::error::ModelError;
 use crate::gguf::{Gguf, MetaValue};
 use serde::Serialize;
 use std::path::Path;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 /// One chat message.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -31,6 +30,9 @@ pub struct TextTokenizer {
     pub eos: Option<u32>,
     /// Whether a BOS token is prepended when encoding.
     pub add_bos: bool,
+    /// Whether the model's own post-processing appends an EOS token
+    /// ([`Self::encode_with_specials`]; [`Self::encode`] never does: callers end sequences).
+    pub add_eos: bool,
     /// The Jinja chat template, if the model ships one.
     pub chat_template: Option<String>,
     bos_text: String,
@@ -42,58 +44,22 @@ fn tok_err(path: &Path, reason: impl std::fmt::Display) -> ModelError {
 }
 
 impl TextTokenizer {
-    /// Rebuilds the GGUF's embedded tokenizer (`tokenizer.ggml.model = gpt2`, byte-level BPE).
+    /// Rebuilds the GGUF's embedded tokenizer as transformers does (`AutoTokenizer.from_pretrained(dir,
+    /// gguf_file=...)` gives the same ids): `tokenizer.ggml.model` `llama` (SentencePiece) or
+    /// `gpt2` (byte-level BPE, with a supported `tokenizer.ggml.pre`). Anything else, and malformed
+    /// metadata, is an error naming the file and the key.
     pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
-        let path = gguf.path.as_path();
-        let meta = |k: &str| gguf.metadata.get(k);
-        let model = meta("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
-        if model != "gpt2" {
-            return Err(tok_err(
-                path,
-                format!("tokenizer.ggml.model is \"{model}\"; only byte-level BPE (gpt2) is supported"),
-            ));
-        }
-        let strings = |k: &str| -> Result<Vec<String>, ModelError> {
-            meta(k)
-                .and_then(MetaValue::as_array)
-                .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| tok_err(path, format!("{k} is missing or not an array of strings")))
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| tok_err(path, "a merge is not of the form `a b`"))?;
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err(path, e))?;
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) are matched whole, never split by BPE.
-        let types = meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array).unwrap_or(&[]);
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.as_u64() == Some(3))
-            .filter_map(|(i, _)| tokens.get(i).map(|s| AddedToken::from(s.clone(), true)))
-            .collect();
-        inner.add_special_tokens(specials).map_err(|e| tok_err(path, e))?;
-        let id = |k: &str| meta(k).and_then(MetaValue::as_u64).map(|v| v as u32);
-        let bos = id("tokenizer.ggml.bos_token_id");
-        let eos = id("tokenizer.ggml.eos_token_id");
-        let text_of = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
+        let rebuilt = gguf_vocab::rebuild(gguf)?;
+        let text_of = |i: Option<u32>| i.and_then(|i| rebuilt.tokens.get(i as usize)).cloned().unwrap_or_default();
         Ok(TextTokenizer {
-            bos_text: text_of(bos),
-            eos_text: text_of(eos),
-            inner,
-            bos,
-            eos,
-            add_bos: matches!(meta("tokenizer.ggml.add_bos_token"), Some(MetaValue::Bool(true))),
-            chat_template: meta("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string),
+            bos_text: text_of(rebuilt.bos),
+            eos_text: text_of(rebuilt.eos),
+            inner: rebuilt.inner,
+            bos: rebuilt.bos,
+            eos: rebuilt.eos,
+            add_bos: rebuilt.add_bos,
+            add_eos: rebuilt.add_eos,
+            chat_template: gguf.metadata.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string),
         })
     }
 
@@ -108,6 +74,7 @@ impl TextTokenizer {
             bos: None,
             eos: None,
             add_bos: false,
+            add_eos: false,
             chat_template: None,
             bos_text: String::new(),
             eos_text: String::new(),
@@ -139,6 +106,7 @@ impl TextTokenizer {
                 tok.eos_text = eos;
             }
             tok.add_bos = json.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
+            tok.add_eos = json.get("add_eos_token").and_then(|b| b.as_bool()).unwrap_or(false);
         }
         Ok(tok)
     }
@@ -155,7 +123,9 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Token ids of `text` with the tokenizer's own post-processing (e.g. BERT's `[CLS] … [SEP]`).
+    /// Token ids of `text` with the tokenizer's own post-processing (e.g. BERT's `[CLS] … [SEP]`; a
+    /// GGUF tokenizer's BOS / EOS as its `add_bos_token` / `add_eos_token` say): what transformers'
+    /// `tokenizer(text)["input_ids"]` gives.
     pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self.inner.encode(text, true).map_err(|e| tok_err(Path::new("<text>"), e))?;
         Ok(encoding.get_ids().to_vec())

@@ -323,6 +323,259 @@ fn smollm2_gguf_matches_transformers() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The tiny tokenizer-only GGUF files of `scripts/fixtures/gguf_tokenizers.py` and what
+/// transformers' GGUF loader gives for them.
+fn gguf_tokenizers() -> (PathBuf, serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf-tokenizers");
+    let expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (dir, expected)
+}
+
+/// Asserts `tokenizer` gives transformers' ids (`tokenizer(text)["input_ids"]`) and decoding for
+/// every text of the fixture.
+fn assert_tokenizes_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    texts: &serde_json::Value,
+    expected: &serde_json::Value,
+    what: &str,
+) {
+    for (text, want) in texts.as_array().unwrap().iter().zip(expected.as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        let ids = tokenizer.encode_with_specials(text).unwrap();
+        assert_eq!(ids, u32s(&want["ids"]), "{what}: ids of {text:?}");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), want["decoded"].as_str().unwrap(), "{what}: decoding of {text:?}");
+        // `encode` is the same with the BOS but never the EOS.
+        let mut plain = ids.clone();
+        if tokenizer.add_eos {
+            assert_eq!(plain.pop(), tokenizer.eos);
+        }
+        assert_eq!(tokenizer.encode(text).unwrap(), plain, "{what}: encode of {text:?}");
+    }
+}
+
+fn assert_special_tokens_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    expected: &serde_json::Value,
+    vocab: usize,
+) {
+    let special = &expected["special"];
+    let ids = tokenizer.encode_with_specials(special["text"].as_str().unwrap()).unwrap();
+    assert_eq!(ids, u32s(&special["ids"]));
+    assert_eq!(tokenizer.decode(&ids).unwrap(), special["decoded"].as_str().unwrap());
+    let every: Vec<u32> = (0..vocab as u32).collect();
+    assert_eq!(tokenizer.decode(&every).unwrap(), expected["every_id_decoded"].as_str().unwrap());
+}
+
+/// Our rebuilt pipeline (normalizer, pre-tokenizer, model options, post-processor, decoder,
+/// added tokens) is transformers', component for component, except the GPT-2 default
+/// `<|endoftext|>` that transformers' byte-level rebuild registers even when the vocabulary lacks
+/// it (as an id past the model's vocabulary); we leave that one out.
+fn assert_pipeline_like_transformers(
+    tokenizer: &tensor_peft_models::tokenizer::TextTokenizer,
+    expected: &serde_json::Value,
+    vocab: usize,
+) {
+    let mut ours: serde_json::Value = serde_json::from_str(&tokenizer.to_json().unwrap()).unwrap();
+    let model = ours["model"].as_object_mut().unwrap();
+    model.remove("vocab");
+    model.remove("merges");
+    let mut want = expected["pipeline"].clone();
+    let added = want["added_tokens"].as_array_mut().unwrap();
+    let past: Vec<serde_json::Value> =
+        added.iter().filter(|t| t["id"].as_u64().unwrap() >= vocab as u64).map(|t| t["content"].clone()).collect();
+    added.retain(|t| t["id"].as_u64().unwrap() < vocab as u64);
+    assert!(past.iter().all(|c| c == "<|endoftext|>"), "{past:?}");
+    assert_eq!(ours, want);
+}
+
+#[test]
+fn gguf_sentencepiece_tokenizer_matches_transformers() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let mut gguf = Gguf::open(&dir.join("spm.gguf")).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    // No add_bos_token in the file: a SentencePiece vocabulary then gets a BOS.
+    assert!(tokenizer.add_bos && !tokenizer.add_eos);
+    assert_eq!((tokenizer.bos, tokenizer.eos), (Some(1), Some(2)));
+    assert_eq!(tokenizer.id_to_token(3).as_deref(), Some("<0x00>"));
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["spm"]["file"], "spm.gguf");
+    let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
+    assert_special_tokens_like_transformers(&tokenizer, &expected["spm"], vocab);
+    assert_pipeline_like_transformers(&tokenizer, &expected["spm"], vocab);
+    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
+    let out = std::env::temp_dir().join(format!("tpeft-spm-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    tokenizer.save_hf(&out).unwrap();
+    let reread = TextTokenizer::from_hf_dir(&out).unwrap();
+    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["spm"]["file"], "spm tokenizer.json");
+    std::fs::remove_dir_all(&out).unwrap();
+    // The file's own add_bos_token / add_eos_token.
+    gguf.metadata.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(false));
+    gguf.metadata.insert("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(true));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    assert!(!tokenizer.add_bos && tokenizer.add_eos);
+    let want = &expected["spm"]["no_bos_with_eos"];
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], want, "spm.gguf without BOS, with EOS");
+}
+
+#[test]
+fn gguf_byte_level_tokenizers_match_transformers_for_each_pre() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let mut gguf = Gguf::open(&dir.join("bpe.gguf")).unwrap();
+    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("llama-bpe".into()));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    assert!(tokenizer.add_bos && !tokenizer.add_eos);
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["bpe"]["file"], "bpe.gguf");
+    let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
+    assert_special_tokens_like_transformers(&tokenizer, &expected["bpe"], vocab);
+    assert_pipeline_like_transformers(&tokenizer, &expected["bpe"], vocab);
+    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
+    let out = std::env::temp_dir().join(format!("tpeft-bpe-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    tokenizer.save_hf(&out).unwrap();
+    let reread = TextTokenizer::from_hf_dir(&out).unwrap();
+    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["bpe"]["file"], "bpe tokenizer.json");
+    std::fs::remove_dir_all(&out).unwrap();
+    // Every split transformers' GGUF loader knows, and GPT-2's, on the same vocabulary.
+    let splits = expected["bpe"]["pre"].as_object().unwrap();
+    assert!(splits.len() >= 24, "{} pre values", splits.len());
+    for (pre, want) in splits {
+        gguf.metadata.insert("tokenizer.ggml.pre".into(), MetaValue::Str(pre.clone()));
+        let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+        assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], want, &format!("pre = {pre}"));
+    }
+}
+
+#[test]
+fn gguf_tokenizer_refusals_name_the_file_key_and_value() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, _) = gguf_tokenizers();
+    let spm = Gguf::open(&dir.join("spm.gguf")).unwrap();
+    let bpe = Gguf::open(&dir.join("bpe.gguf")).unwrap();
+    let refused =
+        |base: &Gguf, change: &dyn Fn(&mut std::collections::BTreeMap<String, MetaValue>), needles: &[&str]| {
+            let mut gguf = Gguf::open(&base.path).unwrap();
+            change(&mut gguf.metadata);
+            let err = TextTokenizer::from_gguf(&gguf).expect_err("refused").to_string();
+            assert!(err.contains(gguf.path.file_name().unwrap().to_str().unwrap()), "{err}");
+            for needle in needles {
+                assert!(err.contains(needle), "{err:?} does not name {needle:?}");
+            }
+        };
+    let set = |key: &'static str, value: MetaValue| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            m.insert(key.into(), value.clone());
+        }
+    };
+    let remove = |key: &'static str| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            m.remove(key);
+        }
+    };
+    // What is not implemented.
+    refused(&spm, &set("tokenizer.ggml.model", MetaValue::Str("t5".into())), &["tokenizer.ggml.model", "\"t5\""]);
+    refused(
+        &bpe,
+        &set("tokenizer.ggml.pre", MetaValue::Str("starcoder".into())),
+        &["tokenizer.ggml.pre", "\"starcoder\""],
+    );
+    refused(&bpe, &remove("tokenizer.ggml.pre"), &["tokenizer.ggml.pre", "missing"]);
+    refused(
+        &spm,
+        &set("tokenizer.ggml.pre", MetaValue::Str("llama-bpe".into())),
+        &["tokenizer.ggml.pre", "\"llama-bpe\""],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false)),
+        &["tokenizer.ggml.add_space_prefix"],
+    );
+    refused(
+        &spm,
+        &set("general.architecture", MetaValue::Str("gemma2".into())),
+        &["general.architecture", "\"gemma2\""],
+    );
+    // Malformed metadata.
+    refused(&spm, &remove("tokenizer.ggml.scores"), &["tokenizer.ggml.scores", "missing"]);
+    refused(&spm, &remove("tokenizer.ggml.model"), &["tokenizer.ggml.model", "missing"]);
+    refused(&bpe, &remove("tokenizer.ggml.merges"), &["tokenizer.ggml.merges", "missing"]);
+    refused(&bpe, &remove("tokenizer.ggml.tokens"), &["tokenizer.ggml.tokens", "missing"]);
+    let edit_array = |key: &'static str, f: fn(&mut Vec<MetaValue>)| {
+        move |m: &mut std::collections::BTreeMap<String, MetaValue>| {
+            let Some(MetaValue::Array(a)) = m.get_mut(key) else { panic!("{key}") };
+            f(a);
+        }
+    };
+    refused(&spm, &edit_array("tokenizer.ggml.scores", |a| drop(a.pop())), &["tokenizer.ggml.scores", "entries"]);
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.token_type", |a| a.push(MetaValue::Int(1))),
+        &["tokenizer.ggml.token_type"],
+    );
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.scores", |a| a[7] = MetaValue::Str("x".into())),
+        &["tokenizer.ggml.scores", "entry 7"],
+    );
+    // A byte token renamed: byte fallback would lose that byte.
+    refused(
+        &spm,
+        &edit_array("tokenizer.ggml.tokens", |a| a[3 + 0x41] = MetaValue::Str("A?".into())),
+        &["tokenizer.ggml.tokens", "<0x41>"],
+    );
+    refused(
+        &bpe,
+        &edit_array("tokenizer.ggml.merges", |a| a[0] = MetaValue::Str("nospace".into())),
+        &["tokenizer.ggml.merges", "nospace"],
+    );
+    refused(
+        &bpe,
+        &edit_array("tokenizer.ggml.merges", |a| a[0] = MetaValue::Str("zz qq".into())),
+        &["tokenizer.ggml.merges"],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.bos_token_id", MetaValue::Uint(1 << 20)),
+        &["tokenizer.ggml.bos_token_id", "1048576"],
+    );
+    refused(
+        &spm,
+        &set("tokenizer.ggml.add_bos_token", MetaValue::Str("yes".into())),
+        &["tokenizer.ggml.add_bos_token"],
+    );
+}
+
+/// SmolLM2's `pre = "smollm"` is not in transformers' GGUF table (it falls back to GPT-2's split);
+/// tensor-peft keeps SmolLM2's own split (single digits first, as its `tokenizer.json` and
+/// llama.cpp do). Both give transformers' ids on the multilingual texts; they differ only where
+/// whitespace runs before a digit, and there the ids are SmolLM2's own.
+#[test]
+fn smollm2_gguf_tokenizer_on_the_multilingual_texts() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let Some(path) = smollm2() else { return };
+    let gguf = Gguf::open(&path).unwrap();
+    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("smollm".into()));
+    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    let (_, expected) = gguf_tokenizers();
+    let smollm2 = &expected["smollm2"];
+    for (text, want) in expected["texts"].as_array().unwrap().iter().zip(smollm2["transformers"].as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        assert_eq!(tokenizer.encode_with_specials(text).unwrap(), u32s(want), "ids of {text:?}");
+        assert_eq!(tokenizer.decode(&u32s(want)).unwrap(), text);
+    }
+    let texts = smollm2["divergent_texts"].as_array().unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let ids = tokenizer.encode(text.as_str().unwrap()).unwrap();
+        assert_eq!(ids, u32s(&smollm2["divergent_own"][i]), "ids of {text}");
+        assert_ne!(ids, u32s(&smollm2["divergent_transformers"][i]), "ids of {text}");
+    }
+}
+
 fn minilm() -> Option<PathBuf> {
     let root = std::env::var_os("TENSOR_PEFT_ASSETS")
         .map(PathBuf::from)
@@ -988,6 +1241,60 @@ fn parsers_of_untrusted_input_never_panic() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!("fuzz executions: {executions}");
+}
+
+/// Fuzzing the GGUF tokenizer rebuild: random junk in, removal of, and truncation or corruption
+/// of entries of the `tokenizer.*` metadata of both fixtures; every case is an `Err` or a
+/// tokenizer that encodes and decodes, never a panic.
+#[test]
+fn gguf_tokenizer_metadata_never_panics() {
+    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let text = expected["texts"][0].as_str().unwrap().to_string() + " <s><|begin_of_text|>😀";
+    let mut rng = Rng(24);
+    let junk = |rng: &mut Rng| match rng.below(9) {
+        0 => MetaValue::Str(String::new()),
+        1 => MetaValue::Str(["llama", "gpt2", "llama-bpe", "smollm", "<s>", "a b"][rng.below(6)].into()),
+        2 => MetaValue::Uint(rng.next() % 700),
+        3 => MetaValue::Int(-(rng.below(3) as i64)),
+        4 => MetaValue::Bool(rng.below(2) == 0),
+        5 => MetaValue::Float(f64::NAN),
+        6 => MetaValue::Array(vec![]),
+        7 => MetaValue::Array(vec![MetaValue::Str(String::new()), MetaValue::Str(" ".into())]),
+        _ => MetaValue::Array(vec![MetaValue::Int(3); 4]),
+    };
+    let (mut executions, mut accepted) = (0, 0);
+    for name in ["spm.gguf", "bpe.gguf"] {
+        let mut gguf = Gguf::open(&dir.join(name)).unwrap();
+        let original = gguf.metadata.clone();
+        let keys: Vec<String> = original.keys().filter(|k| k.starts_with("tokenizer.")).cloned().collect();
+        for i in 0..400 {
+            gguf.metadata = original.clone();
+            for _ in 0..1 + rng.below(2) {
+                let key = &keys[rng.below(keys.len())];
+                match (rng.below(4), gguf.metadata.get_mut(key)) {
+                    (0, _) => drop(gguf.metadata.remove(key)),
+                    (1, Some(MetaValue::Array(a))) => a.truncate(rng.below(a.len() + 1)),
+                    (2, Some(MetaValue::Array(a))) if !a.is_empty() => {
+                        let k = rng.below(a.len());
+                        a[k] = junk(&mut rng);
+                    }
+                    _ => drop(gguf.metadata.insert(key.clone(), junk(&mut rng))),
+                }
+            }
+            let gguf = std::panic::AssertUnwindSafe(&gguf);
+            let result = std::panic::catch_unwind(|| {
+                let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+                let ids = tokenizer.encode_with_specials(&text)?;
+                tokenizer.decode(&ids).map(|_| ())
+            });
+            assert!(result.is_ok(), "{name} case {i} panicked");
+            accepted += usize::from(matches!(result, Ok(Ok(()))));
+            executions += 1;
+        }
+    }
+    println!("tokenizer metadata fuzz executions: {executions} ({accepted} still load)");
 }
 
 /// Our GELU against Burn's (exact erf GELU) and a float64 reference on a grid over [−8, 8]: the
