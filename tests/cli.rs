@@ -951,16 +951,25 @@ fn unimplemented_config_settings_are_refused_not_ignored() {
     }
     let config_path = dir.join("config.json");
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
-    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let mut write = |scaling: serde_json::Value| {
+        config["rope_scaling"] = scaling;
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    };
     let model = dir.to_str().unwrap();
-    let out = tpeft(&["generate", "--model", model, "--prompt", "w5", "--max-new-tokens", "1"]);
+    let generate = || tpeft(&["generate", "--model", model, "--prompt", "w5", "--max-new-tokens", "1"]);
+    // A RoPE type that is not implemented is refused by name; `params` still counts the model.
+    write(serde_json::json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}));
+    let out = generate();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("rope_scaling") && err.contains("llama3") && err.contains("not implemented"), "{err}");
+    assert!(err.contains("rope_scaling") && err.contains("longrope") && err.contains("not implemented"), "{err}");
     let params = tpeft(&["params", "--model", model]);
     assert!(params.status.success(), "{}", String::from_utf8_lossy(&params.stderr));
+    // llama3 scaling is implemented.
+    write(serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}));
+    let out = generate();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

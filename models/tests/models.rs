@@ -162,6 +162,7 @@ fn random_init_has_the_architecture_and_hf_init_statistics() {
     let device = Default::default();
     let mut spec = ArchSpec::preset("llama2-7b").unwrap();
     (spec.hidden, spec.intermediate, spec.layers, spec.heads, spec.kv_heads, spec.vocab) = (64, 96, 2, 4, 2, 50);
+    spec.head_dim = 16;
     <B as Backend>::seed(&device, 7);
     let model = Llama::<B>::random(&spec, &device).unwrap();
     assert_eq!(model.num_params(), spec.base_num_params());
@@ -390,26 +391,14 @@ fn assert_pipeline_like_transformers(
 
 #[test]
 fn gguf_sentencepiece_tokenizer_matches_transformers() {
-    use tensor_peft_models::gguf::{Gguf, MetaValue};
+    use tensor_peft_models::gguf::MetaValue;
     use tensor_peft_models::tokenizer::TextTokenizer;
     let (dir, expected) = gguf_tokenizers();
-    let mut gguf = Gguf::open(&dir.join("spm.gguf")).unwrap();
-    let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
+    let (mut gguf, tokenizer) = gguf_tokenizer_like_transformers(&dir, "spm", &expected);
     // No add_bos_token in the file: a SentencePiece vocabulary then gets a BOS.
     assert!(tokenizer.add_bos && !tokenizer.add_eos);
     assert_eq!((tokenizer.bos, tokenizer.eos), (Some(1), Some(2)));
     assert_eq!(tokenizer.id_to_token(3).as_deref(), Some("<0x00>"));
-    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["spm"]["file"], "spm.gguf");
-    let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
-    assert_special_tokens_like_transformers(&tokenizer, &expected["spm"], vocab);
-    assert_pipeline_like_transformers(&tokenizer, &expected["spm"], vocab);
-    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
-    let out = std::env::temp_dir().join(format!("tpeft-spm-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&out).unwrap();
-    tokenizer.save_hf(&out).unwrap();
-    let reread = TextTokenizer::from_hf_dir(&out).unwrap();
-    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["spm"]["file"], "spm tokenizer.json");
-    std::fs::remove_dir_all(&out).unwrap();
     // The file's own add_bos_token / add_eos_token.
     gguf.metadata.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(false));
     gguf.metadata.insert("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(true));
@@ -419,26 +408,44 @@ fn gguf_sentencepiece_tokenizer_matches_transformers() {
     assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], want, "spm.gguf without BOS, with EOS");
 }
 
-#[test]
-fn gguf_byte_level_tokenizers_match_transformers_for_each_pre() {
-    use tensor_peft_models::gguf::{Gguf, MetaValue};
+/// The tokenizer of fixture `{kind}.gguf`: ids, special tokens and pipeline as transformers', also
+/// after a round trip through `tokenizer.json` (what `tpeft merge` ships).
+fn gguf_tokenizer_like_transformers(
+    dir: &std::path::Path,
+    kind: &str,
+    expected: &serde_json::Value,
+) -> (tensor_peft_models::gguf::Gguf, tensor_peft_models::tokenizer::TextTokenizer) {
+    use tensor_peft_models::gguf::Gguf;
     use tensor_peft_models::tokenizer::TextTokenizer;
-    let (dir, expected) = gguf_tokenizers();
-    let mut gguf = Gguf::open(&dir.join("bpe.gguf")).unwrap();
-    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("llama-bpe".into()));
+    let file = format!("{kind}.gguf");
+    let gguf = Gguf::open(&dir.join(&file)).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&gguf).unwrap();
-    assert!(tokenizer.add_bos && !tokenizer.add_eos);
-    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected["bpe"]["file"], "bpe.gguf");
+    assert_tokenizes_like_transformers(&tokenizer, &expected["texts"], &expected[kind]["file"], &file);
     let vocab = gguf.metadata["tokenizer.ggml.tokens"].as_array().unwrap().len();
-    assert_special_tokens_like_transformers(&tokenizer, &expected["bpe"], vocab);
-    assert_pipeline_like_transformers(&tokenizer, &expected["bpe"], vocab);
-    // Written as tokenizer.json (what `tpeft merge` ships), it reads back the same.
-    let out = std::env::temp_dir().join(format!("tpeft-bpe-tok-{}", std::process::id()));
+    assert_special_tokens_like_transformers(&tokenizer, &expected[kind], vocab);
+    assert_pipeline_like_transformers(&tokenizer, &expected[kind], vocab);
+    let out = std::env::temp_dir().join(format!("tpeft-{kind}-tok-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
     tokenizer.save_hf(&out).unwrap();
     let reread = TextTokenizer::from_hf_dir(&out).unwrap();
-    assert_tokenizes_like_transformers(&reread, &expected["texts"], &expected["bpe"]["file"], "bpe tokenizer.json");
+    assert_tokenizes_like_transformers(
+        &reread,
+        &expected["texts"],
+        &expected[kind]["file"],
+        &format!("{kind} tokenizer.json"),
+    );
     std::fs::remove_dir_all(&out).unwrap();
+    (gguf, tokenizer)
+}
+
+#[test]
+fn gguf_byte_level_tokenizers_match_transformers_for_each_pre() {
+    use tensor_peft_models::gguf::MetaValue;
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    let (dir, expected) = gguf_tokenizers();
+    let (mut gguf, tokenizer) = gguf_tokenizer_like_transformers(&dir, "bpe", &expected);
+    assert_eq!(gguf.metadata["tokenizer.ggml.pre"], MetaValue::Str("llama-bpe".into()));
+    assert!(tokenizer.add_bos && !tokenizer.add_eos);
     // Every split transformers' GGUF loader knows, and GPT-2's, on the same vocabulary.
     let splits = expected["bpe"]["pre"].as_object().unwrap();
     assert!(splits.len() >= 24, "{} pre values", splits.len());
@@ -1376,6 +1383,7 @@ fn unsupported_base_dtypes_are_refused_with_the_reason() {
     // A row of 48 weights is not whole 32-weight blocks.
     let mut spec = ArchSpec::preset("llama2-7b").unwrap();
     (spec.layers, spec.hidden, spec.intermediate, spec.heads, spec.kv_heads, spec.vocab) = (1, 48, 64, 4, 4, 16);
+    spec.head_dim = 12;
     let err = Llama::<B>::random_as(&spec, &device, BaseDType::Q4_0).err().unwrap().to_string();
     assert!(err.contains("Q4_0") && err.contains("48"), "{err}");
     // f32 and `native` of an f32 file load as before.
