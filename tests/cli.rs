@@ -1116,3 +1116,38 @@ fn eval_every_steps_adds_evaluations_without_changing_training() {
     let loss: f64 = text.lines().find_map(|l| l.strip_prefix("loss: ")).unwrap().trim().parse().unwrap();
     assert!((loss - best_loss).abs() < 1e-4, "best adapter evaluates to {loss}, recorded {best_loss}");
 }
+
+/// `--tt-shape NAME=…` gives modules of different sizes their own TT-LoRA shapes (GQA q and v);
+/// an entry that names no adapted module, a second bare shape, or a method without per-module
+/// shapes is refused.
+#[test]
+fn tt_lora_takes_a_shape_per_module() {
+    // LLaMA-2-70B: q 8192×8192, v 8192×1024. Per layer 2,560 + 1,760 at rank 5.
+    let q = "q_proj=16,16,32,32,16,16";
+    let v = "v_proj=16,16,32,8,8,16";
+    let base = ["params", "--model", "llama2-70b", "--method", "tt-lora", "--rank", "5"];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    assert_eq!(trainable(&with(&base, &["--tt-shape", q, "--tt-shape", v])), "345,600");
+    let joined = format!("{q};{v}");
+    assert_eq!(trainable(&with(&base, &["--tt-shape", &joined])), "345,600");
+    // A bare shape still applies to every target not named (here q); unnamed targets without one
+    // get planned shapes.
+    assert_eq!(trainable(&with(&base, &["--tt-shape", "16,16,32,32,16,16", "--tt-shape", v])), "345,600");
+    for (extra, message) in [
+        // A bare shape for every target does not fit v.
+        (vec!["--tt-shape", "16,16,32,32,16,16"], "the factors multiply to 67108864, expected 8388608"),
+        (vec!["--tt-shape", q, "--tt-shape", v, "--tt-shape", "k_proj=16,16,32,8,8,16"], "k_proj"),
+        (vec!["--tt-shape", "16,16,32,32,16,16", "--tt-shape", "16,16,32,32,16,16"], "already given"),
+        (vec!["--tt-shape", "=16,16"], "with a module name"),
+    ] {
+        let out = tpeft(&with(&base, &extra));
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{extra:?}: {err}");
+    }
+    let out = tpeft(&["params", "--model", "llama2-70b", "--method", "loretta-rep", "--tt-shape", q]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tt-shape NAME=… does not apply to loretta-rep"));
+}

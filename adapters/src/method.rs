@@ -143,13 +143,16 @@ pub enum Flag {
     TensorRank,
     /// `--tt-shape`.
     TtShape,
+    /// `--tt-shape NAME=a,b,…`: a shape for the modules `NAME` names.
+    TtModuleShape,
     /// `--bottleneck`.
     Bottleneck,
 }
 
 impl Flag {
     /// Every flag, in help order.
-    pub const ALL: [Flag; 5] = [Flag::Rank, Flag::Alpha, Flag::TensorRank, Flag::TtShape, Flag::Bottleneck];
+    pub const ALL: [Flag; 6] =
+        [Flag::Rank, Flag::Alpha, Flag::TensorRank, Flag::TtShape, Flag::TtModuleShape, Flag::Bottleneck];
 
     /// The flag as typed, e.g. `--tensor-rank`.
     pub fn cli(self) -> &'static str {
@@ -158,6 +161,7 @@ impl Flag {
             Flag::Alpha => "--alpha",
             Flag::TensorRank => "--tensor-rank",
             Flag::TtShape => "--tt-shape",
+            Flag::TtModuleShape => "--tt-shape NAME=…",
             Flag::Bottleneck => "--bottleneck",
         }
     }
@@ -174,6 +178,8 @@ pub struct MethodFlags {
     pub tensor_rank: Option<usize>,
     /// `--tt-shape`, parsed.
     pub tt_shape: Option<Vec<usize>>,
+    /// `--tt-shape NAME=a,b,…` entries, parsed, in the order given.
+    pub tt_module_shapes: Vec<(String, Vec<usize>)>,
     /// `--bottleneck`.
     pub bottleneck: Option<usize>,
     /// `--init`.
@@ -188,6 +194,9 @@ impl MethodFlags {
             Flag::Alpha => self.alpha.map(Into::into),
             Flag::TensorRank => self.tensor_rank.map(Into::into),
             Flag::TtShape => self.tt_shape.clone().map(Into::into),
+            Flag::TtModuleShape => {
+                (!self.tt_module_shapes.is_empty()).then(|| serde_json::json!(self.tt_module_shapes))
+            }
             Flag::Bottleneck => self.bottleneck.map(Into::into),
         }
     }

@@ -923,6 +923,7 @@ fn the_registry_names_flags_and_serialises_every_method() {
         alpha: (flag == Flag::Alpha).then_some(0.5),
         tensor_rank: (flag == Flag::TensorRank).then_some(2),
         tt_shape: (flag == Flag::TtShape).then(|| vec![2, 3]),
+        tt_module_shapes: if flag == Flag::TtModuleShape { vec![("q_proj".into(), vec![2, 3])] } else { Vec::new() },
         bottleneck: (flag == Flag::Bottleneck).then_some(3),
         init: None,
     };

@@ -23,9 +23,11 @@ pub struct MethodArgs {
     /// TT rank of a factor's trains.
     #[arg(long, help = flag_help(Flag::TensorRank))]
     pub tensor_rank: Option<usize>,
-    /// TT shape.
+    /// TT shape: one for every target, and/or `NAME=shape` for the modules NAME names (repeat the
+    /// flag, or separate entries with `;` in one value, as TOML files must).
     #[arg(long, help = flag_help(Flag::TtShape))]
-    pub tt_shape: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub tt_shape: Vec<String>,
     /// Bottleneck width.
     #[arg(long, help = flag_help(Flag::Bottleneck))]
     pub bottleneck: Option<usize>,
@@ -46,16 +48,63 @@ impl MethodArgs {
             Some("paper") => Some(DeltaInit::Paper),
             Some(other) => return Err(CliError::Usage(format!("--init {other}: expected zero or paper"))),
         };
+        let (tt_shape, tt_module_shapes) = parse_tt_shapes(&self.tt_shape).map_err(CliError::Usage)?;
         let flags = MethodFlags {
             rank: self.rank,
             alpha: self.alpha,
             tensor_rank: self.tensor_rank,
-            tt_shape: self.tt_shape.as_deref().map(parse_shape).transpose().map_err(|e| usage(&e))?,
+            tt_shape,
+            tt_module_shapes,
             bottleneck: self.bottleneck,
             init,
         };
         MethodConfig::from_flags(self.method.as_deref().unwrap_or(default), &flags).map_err(|e| usage(&e))
     }
+}
+
+/// `--tt-shape` values: at most one bare shape (every target) and `NAME=shape` entries, each value
+/// possibly holding several entries separated by `;`.
+fn parse_tt_shapes(values: &[String]) -> Result<(Option<Vec<usize>>, Vec<(String, Vec<usize>)>), String> {
+    let mut bare = None;
+    let mut per_module = Vec::new();
+    let separated = values.iter().any(|v| v.contains(';'));
+    for entry in values.iter().flat_map(|v| v.split(';')).map(str::trim) {
+        if entry.is_empty() && separated {
+            // A trailing or doubled `;`.
+            continue;
+        }
+        match entry.split_once('=') {
+            Some((name, shape)) => {
+                let name = name.trim();
+                if name.is_empty() {
+                    return Err(format!("--tt-shape {entry}: expected NAME=a,b,… with a module name"));
+                }
+                let shape = parse_shape(shape).map_err(|e| format!("--tt-shape {name}=…: {e}"))?;
+                per_module.push((name.to_string(), shape));
+            }
+            None if bare.is_some() => {
+                return Err(format!(
+                    "--tt-shape {entry}: a shape for every target was already given; name the module (NAME=a,b,…)"
+                ));
+            }
+            None => bare = Some(parse_shape(entry).map_err(|e| e.to_string())?),
+        }
+    }
+    Ok((bare, per_module))
+}
+
+/// A TOML value that is one string or a list of them (`tt_shape`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `--method`'s help: the registered methods.
@@ -73,7 +122,11 @@ pub fn flag_help(flag: Flag) -> String {
             Some(format!("{name}: {}", taken.meaning))
         })
         .collect();
-    let what = if flag == Flag::TtShape { "Comma-separated, e.g. 16,24,24,16. " } else { "" };
+    let what = if flag == Flag::TtShape {
+        "Comma-separated, e.g. 16,24,24,16; NAME=a,b,… (repeatable) gives the modules NAME names their own shape. "
+    } else {
+        ""
+    };
     format!("{what}{}", meanings.join("; "))
 }
 

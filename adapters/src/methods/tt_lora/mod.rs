@@ -18,6 +18,7 @@ pub use layer::TtLora;
 
 use crate::adapter::DeltaInit;
 use crate::error::require_rank_and_alpha;
+use crate::method::LinearSite;
 use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, Sites, sets};
 use crate::methods::LinearAdapter;
 use crate::tensor::shape::{plan_tt_lora_shape, shape_error, validate_flat_shape, validate_split_shape};
@@ -36,6 +37,11 @@ pub struct TtLoraConfig {
     pub alpha: f64,
     /// Explicit `input_factors ++ reversed(output_factors)`; planned from the layer size when `None`.
     pub tt_shape: Option<Vec<usize>>,
+    /// Shapes for particular modules, `(name, shape)`: a module whose HF name is `name` or ends
+    /// with `.name` takes that shape instead of `tt_shape` (the first entry that matches wins).
+    /// Needed where targets differ in size, e.g. q and v of a GQA model. (An `Option`, so that
+    /// files written before it existed still read.)
+    pub tt_module_shapes: Option<Vec<(String, Vec<usize>)>>,
     /// `Zero` (default): last core zero, ΔW₀ = 0. `Paper`: LANL's `direct_init`, every core uniform
     /// with unit Frobenius norm, ΔW₀ ≠ 0.
     #[config(default = "DeltaInit::Zero")]
@@ -68,6 +74,26 @@ impl TtLoraConfig {
         })
     }
 
+    /// The configuration for `site`: its module's entry of `tt_module_shapes` as the shape, if any.
+    pub fn for_site(&self, site: &LinearSite) -> Self {
+        match self.tt_module_shapes.iter().flatten().find(|(name, _)| names(&site.name, name)) {
+            Some((_, shape)) => Self { tt_shape: Some(shape.clone()), ..self.clone() },
+            None => self.clone(),
+        }
+    }
+
+    /// Refuses a `tt_module_shapes` entry that names none of `sites` (it would be ignored).
+    fn check_module_shapes(&self, sites: &[LinearSite]) -> crate::Result<()> {
+        match self.tt_module_shapes.iter().flatten().find(|(name, _)| !sites.iter().any(|s| names(&s.name, name))) {
+            Some((name, _)) => Err(crate::error::invalid(
+                "--tt-shape NAME=…",
+                name,
+                "names none of the adapted modules (give a module name or its suffix, e.g. q_proj)",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Trainable parameters for one `d_in × d_out` matrix.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> crate::Result<usize> {
         require_rank_and_alpha(self.rank, self.alpha)?;
@@ -96,6 +122,7 @@ impl Method for TtLoraConfig {
         sets(Flag::Rank, "rank", "TT rank of the inner bonds"),
         sets(Flag::Alpha, "alpha", "output multiplier α"),
         sets(Flag::TtShape, "tt_shape", "input factors ++ reversed output factors"),
+        sets(Flag::TtModuleShape, "tt_module_shapes", "the shape of the modules NAME names (repeat per module)"),
     ];
 
     /// The last core starts at zero with the zero initialisation.
@@ -104,14 +131,24 @@ impl Method for TtLoraConfig {
     }
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
-        let mut report = ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.num_params(s.d_in, s.d_out))?;
+        self.check_module_shapes(sites.linear)?;
+        let mut report =
+            ParamReport::per_linear_site(Self::NAME, sites.linear, |s| self.for_site(s).num_params(s.d_in, s.d_out))?;
         for (row, site) in report.rows.iter_mut().zip(sites.linear) {
-            row.note = self.path_note(site.d_in, site.d_out)?.to_string();
+            row.note = self.for_site(site).path_note(site.d_in, site.d_out)?.to_string();
         }
         Ok(report)
     }
 
     fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
-        AdapterSet::per_linear_site(sites.linear, |s| Ok(LinearAdapter::TtLora(self.init(s.d_in, s.d_out, device)?)))
+        self.check_module_shapes(sites.linear)?;
+        AdapterSet::per_linear_site(sites.linear, |s| {
+            Ok(LinearAdapter::TtLora(self.for_site(s).init(s.d_in, s.d_out, device)?))
+        })
     }
+}
+
+/// Whether module `module` is named by `name`: equal, or a `.`-suffix (PEFT's target semantics).
+fn names(module: &str, name: &str) -> bool {
+    module == name || module.strip_suffix(name).is_some_and(|rest| rest.ends_with('.'))
 }
