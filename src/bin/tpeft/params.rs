@@ -62,9 +62,12 @@ impl MethodArgs {
     }
 }
 
+/// A module name and its TT shape.
+type ModuleShape = (String, Vec<usize>);
+
 /// `--tt-shape` values: at most one bare shape (every target) and `NAME=shape` entries, each value
 /// possibly holding several entries separated by `;`.
-fn parse_tt_shapes(values: &[String]) -> Result<(Option<Vec<usize>>, Vec<(String, Vec<usize>)>), String> {
+fn parse_tt_shapes(values: &[String]) -> Result<(Option<Vec<usize>>, Vec<ModuleShape>), String> {
     let mut bare = None;
     let mut per_module = Vec::new();
     let separated = values.iter().any(|v| v.contains(';'));
