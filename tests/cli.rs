@@ -1014,6 +1014,21 @@ fn plan_estimates_without_loading_and_finetune_refuses_what_does_not_fit() {
     args.push("--force".into());
     let forced = run_args(&args);
     assert_eq!(forced.status.code(), Some(1), "{}", String::from_utf8_lossy(&forced.stderr));
+    // `compare` checks every run of the sweep before the first starts.
+    let sweep_out = scratch("plan-70b-sweep");
+    let sweep = dir.join("sweep.toml");
+    let toml = format!(
+        "output = \"{}\"\n[base]\nmodel = \"{}\"\ntask = \"causal-lm\"\ntrain = \"{}\"\nmax_len = 32\n[[variant]]\nmethod = \"lora\"\n",
+        sweep_out.display(),
+        dir.display(),
+        fixture("lm-copy-train.jsonl")
+    );
+    std::fs::write(&sweep, toml).unwrap();
+    let refused = tpeft(&["compare", "--config", sweep.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lora") && stderr.contains("needs an estimated"), "{stderr}");
+    assert!(!sweep_out.exists(), "nothing is written");
 }
 
 /// A DeBERTa-v3-style encoder (disentangled attention, no absolute positions) fine-tunes for

@@ -239,6 +239,14 @@ fn train<B: AutodiffBackend>(p: &Planned, dir: &Path, epochs: usize) -> Result<(
 /// Runs the sweep and writes the results; returns the Markdown table.
 pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Result<String, CliError> {
     let (sweep, planned) = plan(path)?;
+    // Every run must fit before the first one starts (`force = true` in a table goes on anyway).
+    for p in &planned {
+        let config = train_config(&FinetuneArgs { output: Some(sweep.output.join("runs").join(&p.name)), ..p.args.clone() })?;
+        crate::plan::check_fits(&config, p.args.force).map_err(|e| match e {
+            CliError::Usage(reason) => CliError::Usage(format!("{}: {reason}", p.name)),
+            other => other,
+        })?;
+    }
     let probe =
         train_config(&FinetuneArgs { output: Some(sweep.output.join("runs/probe")), ..planned[0].args.clone() })?;
     let metric = sweep.metric.clone().or(probe.metric_for_best.clone()).unwrap_or_else(|| {
