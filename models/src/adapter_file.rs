@@ -338,7 +338,8 @@ pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
         }
     };
     each_site(model, spec, |site, slot| {
-        let prefix = format!("base_model.model.{site}");
+        // PEFT's names: the site inside the task model's base-model attribute (`bert.…`).
+        let prefix = format!("base_model.model.{}{site}", spec.base_prefix);
         match slot {
             Slot::Linear(slot) => store(&prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors()),
             Slot::Residual(adapter) => store(&prefix, adapter.file_tensors()),
@@ -351,12 +352,25 @@ pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
     }
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     tensor_io::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
-    let json =
-        serde_json::to_vec_pretty(&config.to_json()).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
+    let mut json = config.to_json();
+    let heads: Vec<&str> = HEAD_MODULES
+        .iter()
+        .copied()
+        .filter(|head| extras.iter().any(|(name, ..)| name.starts_with(&format!("{head}."))))
+        .collect();
+    if !heads.is_empty() {
+        // PEFT loads these modules whole (and drops trained tensors of modules not listed).
+        json["modules_to_save"] = serde_json::json!(heads);
+    }
+    let json = serde_json::to_vec_pretty(&json).map_err(|e| ModelError::AdapterFile { reason: e.to_string() })?;
     write_atomically(&dir.join(CONFIG_FILE), &json)
 }
 
 pub use crate::tensor_io::write_atomically;
+
+/// Task heads written as PEFT's `modules_to_save`, under the names transformers' task models give
+/// them (`BertForSequenceClassification.classifier`, `LlamaForSequenceClassification.score`).
+pub const HEAD_MODULES: [&str; 2] = ["classifier", "score"];
 
 /// Reads `<dir>/adapter_config.json`.
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, ModelError> {
@@ -409,6 +423,18 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
         });
     }
     let mut tensors = tensor_io::read_safetensors(&dir.join(WEIGHTS_FILE))?;
+    if !spec.base_prefix.is_empty() {
+        // PEFT's names hold the sites inside the task model's base attribute; files written before
+        // tensor-peft did the same do not.
+        let inside = format!("base_model.model.{}", spec.base_prefix);
+        tensors = tensors
+            .into_iter()
+            .map(|(name, v)| match name.strip_prefix(&inside) {
+                Some(rest) => (format!("base_model.model.{rest}"), v),
+                None => (name, v),
+            })
+            .collect();
+    }
     inject(model, spec, &config.method, &config.targets())?;
     let mut load = |prefix: &str, layer: Vec<FileTensor<'_, B>>| {
         layer.into_iter().try_for_each(|t| load_file_tensor(&format!("{prefix}.{}", t.name), t, &mut tensors))

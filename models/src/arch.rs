@@ -89,6 +89,10 @@ pub struct ArchSpec {
     /// DeBERTa's relative-position attention (`None` for the other families, and for a DeBERTa
     /// config with `relative_attention` off).
     pub relative: Option<DisentangledAttention>,
+    /// Where transformers' task models hold this base model, as a module-name prefix
+    /// (`BertForSequenceClassification.bert` → `bert.`; `roberta.`, `deberta.`): PEFT names adapter
+    /// tensors of encoders with it. Empty for the LLaMA family, whose names start with `model.`.
+    pub base_prefix: &'static str,
     /// Epsilon of the RMSNorm (LLaMA) or LayerNorm (BERT) layers.
     pub norm_eps: f64,
     /// Settings of the checkpoint that change the computation in ways these models do not
@@ -471,11 +475,13 @@ impl ArchSpec {
             rope: RopeConfig::default(),
             sliding_window: None,
             relative: None,
+            base_prefix: "",
             norm_eps: 1e-5,
             unimplemented: Vec::new(),
         };
         let bert = |hidden, intermediate, layers, heads, vocab, positions, type_vocab| ArchSpec {
             family: Family::Bert,
+            base_prefix: if name == "roberta-base" { "roberta." } else { "bert." },
             vocab,
             positions,
             type_vocab,
@@ -516,6 +522,7 @@ impl ArchSpec {
             // microsoft/deberta-v3-base: relative positions only (256 log buckets over 512).
             "deberta-v3-base" => ArchSpec {
                 family: Family::Deberta,
+                base_prefix: "deberta.",
                 norm_eps: 1e-7,
                 relative: Some(DisentangledAttention {
                     span: 256,
@@ -676,6 +683,12 @@ impl ArchSpec {
             rope,
             sliding_window,
             relative,
+            base_prefix: match model_type {
+                "bert" => "bert.",
+                "roberta" | "xlm-roberta" => "roberta.",
+                "deberta-v2" => "deberta.",
+                _ => "",
+            },
             norm_eps: match family {
                 Family::Llama => float("rms_norm_eps", 1e-6)?,
                 Family::Bert => float("layer_norm_eps", 1e-12)?,

@@ -520,6 +520,7 @@ impl Gguf {
             rope,
             sliding_window: None,
             relative: None,
+            base_prefix: "",
             norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
             unimplemented,
         })

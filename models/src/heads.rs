@@ -99,3 +99,42 @@ impl<B: Backend> SequenceClassifier<B> {
         self.head.forward(pooled)
     }
 }
+
+/// transformers' name of a sequence-classification head (`BertForSequenceClassification.classifier`,
+/// `DebertaV2ForSequenceClassification.classifier`), under which adapter files hold it as PEFT's
+/// `modules_to_save`.
+pub const HF_HEAD: &str = "classifier";
+
+/// `[rows, cols]` row-major values as `[cols, rows]`.
+fn transposed(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let [rows, cols] = [shape[0], shape[1]];
+    let out = (0..cols).flat_map(|c| (0..rows).map(move |r| values[r * cols + c])).collect();
+    (vec![cols, rows], out)
+}
+
+/// A [`SequenceClassifier`]'s trained head tensor as transformers names and lays it out:
+/// `head.weight` (`[d, n]`, Burn's layout) becomes `classifier.weight` (`[n, d]`) and `head.bias`
+/// `classifier.bias`; any other tensor is returned unchanged.
+pub fn head_to_hf(name: &str, shape: &[usize], values: &[f32]) -> (String, Vec<usize>, Vec<f32>) {
+    match name {
+        "head.weight" if shape.len() == 2 => {
+            let (shape, values) = transposed(shape, values);
+            (format!("{HF_HEAD}.weight"), shape, values)
+        }
+        "head.bias" => (format!("{HF_HEAD}.bias"), shape.to_vec(), values.to_vec()),
+        _ => (name.to_string(), shape.to_vec(), values.to_vec()),
+    }
+}
+
+/// The inverse of [`head_to_hf`] (files written before the head was named `classifier` hold
+/// `head.*`, which passes unchanged).
+pub fn head_from_hf(name: &str, shape: &[usize], values: &[f32]) -> (String, Vec<usize>, Vec<f32>) {
+    match name.strip_prefix(HF_HEAD) {
+        Some(".weight") if shape.len() == 2 => {
+            let (shape, values) = transposed(shape, values);
+            ("head.weight".into(), shape, values)
+        }
+        Some(".bias") => ("head.bias".into(), shape.to_vec(), values.to_vec()),
+        _ => (name.to_string(), shape.to_vec(), values.to_vec()),
+    }
+}

@@ -2473,3 +2473,65 @@ fn deberta_matches_transformers() {
     assert_eq!(names[0], "encoder.layer.0.attention.self.query_proj");
     assert_eq!(names[2], "encoder.layer.0.attention.self.value_proj");
 }
+
+/// Adapters written by `tpeft finetune` give in transformers + PEFT (`PeftModel.from_pretrained`)
+/// the logits they give here, within 1e-4: a LoRA on the tiny DeBERTa classifier, whose trained
+/// head PEFT loads as `modules_to_save` (`classifier`), and a LoRA on the tiny LLaMA (fixture and
+/// script: `scripts/fixtures/tpeft_adapters_in_peft.sh`).
+#[test]
+fn peft_reads_adapters_written_by_tpeft() {
+    use burn::module::Param;
+    use tensor_peft_models::adapter_file::{load_adapter, load_adapter_with_extras};
+    use tensor_peft_models::heads::head_from_hf;
+    use tensor_peft_models::{Bert, SequenceClassifier};
+    let device = Default::default();
+    let dir = fixture().join("../tpeft-adapters-in-peft");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ints = |v: &serde_json::Value| -> Vec<Vec<i64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+            .collect()
+    };
+    let close = |got: Vec<f64>, reference: &serde_json::Value, what: &str| {
+        fn flat(v: &serde_json::Value, out: &mut Vec<f64>) {
+            match v.as_array() {
+                Some(a) => a.iter().for_each(|x| flat(x, out)),
+                None => out.push(v.as_f64().unwrap()),
+            }
+        }
+        let mut reference_flat = Vec::new();
+        flat(reference, &mut reference_flat);
+        assert_eq!(got.len(), reference_flat.len(), "{what}");
+        let diff = got.iter().zip(&reference_flat).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-4, "{what}: differs from transformers + PEFT by {diff}");
+    };
+    // The classifier: LoRA on query_proj/value_proj under `deberta.`, the head as `classifier`.
+    let adapter = dir.join("deberta-classifier");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["modules_to_save"], serde_json::json!(["classifier"]));
+    let (mut encoder, spec) = Bert::<B>::from_hf_dir(&fixture().join("../tiny-deberta/v3"), &device).unwrap();
+    let (_, extras) = load_adapter_with_extras(&mut encoder, &spec, &adapter).unwrap();
+    let head = |name: &str| {
+        let (shape, values) = &extras[name];
+        head_from_hf(name, shape, values)
+    };
+    let ((_, w_shape, w), (_, _, b)) = (head("classifier.weight"), head("classifier.bias"));
+    let mut classifier = SequenceClassifier::new(encoder, b.len());
+    classifier.head.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, w_shape), &device));
+    classifier.head.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.clone(), [b.len()]), &device)));
+    let case = &expected["deberta_classifier"];
+    let (ids, mask) = (ints(&case["ids"]), ints(&case["attention_mask"]));
+    let mask: Vec<f32> = mask.iter().flatten().map(|&m| m as f32).collect();
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [ids.len(), ids[0].len()]), &device);
+    let logits = classifier.forward(tokens::<B>(&ids, &device), None, mask);
+    close(values(logits), &case["logits"], "DeBERTa classifier logits");
+    // The causal LM.
+    let (mut llama, spec) = Llama::<B>::from_hf_dir(&fixture().join("../tiny-llama-words"), &device).unwrap();
+    load_adapter(&mut llama, &spec, &dir.join("llama-causal-lm")).unwrap();
+    let case = &expected["llama_causal_lm"];
+    close(values(llama.forward(tokens::<B>(&ints(&case["ids"]), &device))), &case["logits"], "LLaMA logits");
+}

@@ -108,6 +108,13 @@ pub fn evaluate_with_predictions<B: Backend>(
     let acc = match load_base::<B>(model, options.base_dtype, device)? {
         BaseModel::Encoder(mut bert, spec, tokenizer) => {
             let (_, extras) = load_adapter_with_extras(&mut bert, &spec, adapter)?;
+            let extras = extras
+                .into_iter()
+                .map(|(name, (shape, values))| {
+                    let (name, shape, values) = tensor_peft_models::heads::head_from_hf(&name, &shape, &values);
+                    (name, (shape, values))
+                })
+                .collect();
             let task = EncoderTask {
                 net: SequenceClassifier::new(bert, info.n_outputs),
                 regression: options.task == TaskKind::Regression,

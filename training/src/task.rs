@@ -16,6 +16,7 @@ use burn::train::metric::Adaptor;
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use std::path::Path;
 use tensor_peft_models::adapter_file::{AdapterConfig, save_adapter_with_extras};
+use tensor_peft_models::heads::head_to_hf;
 use tensor_peft_models::tokenizer::{ChatMessage, TextTokenizer};
 use tensor_peft_models::{AdapterSlots, ArchSpec, Bert, Llama, SequenceClassifier};
 
@@ -467,6 +468,13 @@ impl<B: AutodiffBackend> TaskModel<B> for EncoderTask<B> {
     type Adapted = Bert<B>;
     fn adapted(&self) -> &Bert<B> {
         &self.net.encoder
+    }
+
+    /// The head is written as transformers' `classifier` (PEFT's `modules_to_save`).
+    fn write_adapter(&self, spec: &ArchSpec, config: &AdapterConfig, dir: &Path) -> Result<()> {
+        let extras: Vec<_> = extras(self).iter().map(|(name, shape, values)| head_to_hf(name, shape, values)).collect();
+        save_adapter_with_extras(&mut self.adapted().clone(), spec, config, dir, &extras)?;
+        Ok(())
     }
 }
 

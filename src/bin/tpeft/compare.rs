@@ -241,7 +241,8 @@ pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Resu
     let (sweep, planned) = plan(path)?;
     // Every run must fit before the first one starts (`force = true` in a table goes on anyway).
     for p in &planned {
-        let config = train_config(&FinetuneArgs { output: Some(sweep.output.join("runs").join(&p.name)), ..p.args.clone() })?;
+        let config =
+            train_config(&FinetuneArgs { output: Some(sweep.output.join("runs").join(&p.name)), ..p.args.clone() })?;
         crate::plan::check_fits(&config, p.args.force).map_err(|e| match e {
             CliError::Usage(reason) => CliError::Usage(format!("{}: {reason}", p.name)),
             other => other,

@@ -68,6 +68,7 @@ pub fn demo_spec() -> ArchSpec {
         rope: RopeConfig::default(),
         sliding_window: None,
         relative: None,
+        base_prefix: "",
         norm_eps: 1e-5,
         unimplemented: Vec::new(),
     }
