@@ -1166,3 +1166,35 @@ fn tt_lora_takes_a_shape_per_module() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tt-shape NAME=… does not apply to loretta-rep"));
 }
+
+/// `--init-from` starts a run from a saved adapter (sequential multi-task learning): before its
+/// first step it scores what the saved adapter scored; another method or targets are refused.
+#[test]
+fn init_from_warm_starts_from_a_saved_adapter() {
+    let (first, second, wrong) = (scratch("init-first"), scratch("init-second"), scratch("init-wrong"));
+    let out = run_args(&lm_finetune_args(&first, &["--epochs", "1"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = first.join("last");
+    let args =
+        lm_finetune_args(&second, &["--epochs", "1", "--init-from", saved.to_str().unwrap(), "--eval-before-training"]);
+    let out = run_args(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let valid_losses = |dir: &std::path::Path| -> Vec<f64> {
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let loss = header.iter().position(|h| *h == "loss").unwrap();
+        csv.lines()
+            .skip(1)
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f[1] == "valid")
+            .map(|f| f[loss].parse().unwrap())
+            .collect()
+    };
+    let (before, after) = (valid_losses(&first), valid_losses(&second));
+    assert!((after[0] - before.last().unwrap()).abs() < 1e-6, "warm start scores {} vs saved {:?}", after[0], before);
+    let out =
+        run_args(&lm_finetune_args(&wrong, &["--epochs", "1", "--rank", "2", "--init-from", saved.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("init-from") && err.contains("same method flags"), "{err}");
+}

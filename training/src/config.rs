@@ -97,6 +97,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Evaluate the validation split before the first step (recorded as epoch 0).
     pub eval_before_training: bool,
+    /// Start the adapter from the one saved in this directory (same method and targets) instead of
+    /// its initialisation: sequential multi-task learning. The task head starts fresh.
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -141,6 +144,7 @@ impl Default for TrainConfig {
             overwrite: false,
             resume: false,
             eval_before_training: false,
+            init_from: None,
         }
     }
 }

@@ -156,6 +156,10 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(default)]
     pub eval_before_training: bool,
+    /// Start from the adapter saved in this directory (same method and targets; the task head
+    /// starts fresh): sequential multi-task learning.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Replace a run already in the output directory.
     #[arg(long)]
     #[serde(default)]
@@ -285,6 +289,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         overwrite: a.overwrite,
         resume: false,
         eval_before_training: a.eval_before_training,
+        init_from: a.init_from.clone(),
     })
 }
 

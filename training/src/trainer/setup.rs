@@ -17,9 +17,11 @@ use burn::train::{InferenceStep, SupervisedTraining, TrainingStrategy};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use tensor_peft_models::adapter_file::{AdapterConfig, BaseModelIdentity};
+use tensor_peft_models::adapter_file::{
+    AdapterConfig, BaseModelIdentity, load_adapter_with_extras, read_adapter_config,
+};
 use tensor_peft_models::tokenizer::TextTokenizer;
-use tensor_peft_models::{ArchSpec, BaseDType, Bert, Family, Llama, SequenceClassifier};
+use tensor_peft_models::{AdapterSlots, ArchSpec, BaseDType, Bert, Family, Llama, SequenceClassifier};
 
 /// Loaded base model, tokenizer and architecture.
 #[allow(clippy::large_enum_variant)] // built once per run, never moved in a loop
@@ -195,6 +197,37 @@ pub(crate) struct Prepared<M> {
     pub(crate) pad: u32,
 }
 
+/// `model` with `cfg.method`'s adapters at `cfg`'s targets: freshly initialised, or with
+/// `--init-from`'s values (refused unless that adapter has the same method and targets).
+fn adapt<B: Backend, M: AdapterSlots<B>>(mut model: M, spec: &ArchSpec, cfg: &TrainConfig) -> Result<M> {
+    let Some(dir) = &cfg.init_from else {
+        tensor_peft_models::inject(&mut model, spec, &cfg.method, &targets_of(cfg))?;
+        return Ok(model);
+    };
+    let option_err = |reason: String| TrainError::Option { option: "init-from", reason };
+    let saved = read_adapter_config(dir)?;
+    let json = |m: &tensor_peft_adapters::MethodConfig| serde_json::to_string(m).expect("serialisable");
+    if json(&saved.method) != json(&cfg.method) || saved.targets() != targets_of(cfg) {
+        return Err(option_err(format!(
+            "{} holds {} at {:?}, but this run asks for {} at {:?}; give the same method flags and targets",
+            dir.display(),
+            json(&saved.method),
+            saved.targets(),
+            json(&cfg.method),
+            targets_of(cfg)
+        )));
+    }
+    let (_, extras) = load_adapter_with_extras(&mut model, spec, dir)?;
+    if !extras.is_empty() {
+        let names: Vec<&String> = extras.keys().take(3).collect();
+        eprintln!(
+            "note: --init-from {}: starts from its adapter only; its other trained tensors ({names:?}…) are not used",
+            dir.display()
+        );
+    }
+    Ok(model)
+}
+
 /// A BERT-family classifier or regressor with `cfg.method`'s adapters.
 pub(crate) fn encoder_task<B: Backend>(
     cfg: &TrainConfig,
@@ -206,7 +239,7 @@ pub(crate) fn encoder_task<B: Backend>(
     if !encoder_task_kind(cfg.task) {
         return Err(wrong_family(cfg.task, &spec));
     }
-    let mut bert = bert.adapt(&spec, &cfg.method, &targets_of(cfg))?;
+    let mut bert = adapt(bert, &spec, cfg)?;
     if cfg.train_norms {
         bert = bert.train_norms();
     }
@@ -243,7 +276,7 @@ pub(crate) fn lm_task<B: Backend>(
             reason: format!("{} exceeds the model's context of {} tokens", cfg.max_len, spec.positions),
         });
     }
-    let mut llama = llama.adapt(&spec, &cfg.method, &targets_of(cfg))?;
+    let mut llama = adapt(llama, &spec, cfg)?;
     if cfg.train_norms {
         llama = llama.train_norms();
     }
