@@ -1085,6 +1085,25 @@ fn deberta_fine_tunes_for_classification_and_evaluates() {
     let text = String::from_utf8_lossy(&eval.stdout).to_string();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     assert!(text.lines().any(|l| l.starts_with("accuracy: ")), "{text}");
+    // A model with learned absolute positions (64 here) refuses a longer --max-len up front.
+    let too_long = tpeft(&[
+        "finetune",
+        "--model",
+        &fixture("tiny-deberta/v2-absolute"),
+        "--task",
+        "classification",
+        "--train",
+        &train,
+        "--method",
+        "lora",
+        "--max-len",
+        "100",
+        "--output",
+        scratch("deberta-too-long").to_str().unwrap(),
+    ]);
+    assert_eq!(too_long.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&too_long.stderr);
+    assert!(err.contains("max-len") && err.contains("context of 64 positions"), "{err}");
 }
 
 /// `--eval-every-steps` evaluates between epoch ends and keeps the best step's adapter, without

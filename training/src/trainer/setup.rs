@@ -239,6 +239,16 @@ pub(crate) fn encoder_task<B: Backend>(
     if !encoder_task_kind(cfg.task) {
         return Err(wrong_family(cfg.task, &spec));
     }
+    // Learned absolute positions end the context (relative-only models such as DeBERTa-v3 have none).
+    if let Some(table) = &bert.position_embeddings {
+        let context = table.weight.dims()[0].saturating_sub(bert.position_offset);
+        if cfg.max_len > context {
+            return Err(TrainError::Option {
+                option: "max-len",
+                reason: format!("{} exceeds the model's context of {context} positions", cfg.max_len),
+            });
+        }
+    }
     let mut bert = adapt(bert, &spec, cfg)?;
     if cfg.train_norms {
         bert = bert.train_norms();
