@@ -1217,3 +1217,20 @@ fn init_from_warm_starts_from_a_saved_adapter() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("init-from") && err.contains("same method flags"), "{err}");
 }
+
+/// `params --train-norms` counts what `finetune --train-norms` trains, and reproduces the LoRETTA
+/// paper's LLaMA-2-7B LoRETTA_rep figure (0.51M: tensor rank 8 on q,v plus every RMSNorm).
+#[test]
+fn params_count_trained_norms_as_finetune_trains_them() {
+    let rep = ["params", "--model", "llama2-7b", "--method", "loretta-rep", "--tensor-rank", "8", "--train-norms"];
+    assert_eq!(trainable(&rep), "516,096");
+    let model = fixture("tiny-llama-words");
+    let counted = trainable(&["params", "--model", &model, "--method", "tt-lora", "--train-norms"]);
+    let out_dir = scratch("train-norms");
+    let out = run_args(&lm_finetune_args(&out_dir, &["--epochs", "1", "--train-norms"]));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("trainable params: ")).unwrap_or_else(|| panic!("{stdout}"));
+    let trained = line.trim_start_matches("trainable params: ").split_whitespace().next().unwrap().replace(',', "");
+    assert_eq!(trained, counted.replace(',', ""), "{line}");
+}

@@ -717,6 +717,16 @@ impl ArchSpec {
         AttentionGeometry::new(self.layers, self.hidden, self.heads, self.kv_heads)
     }
 
+    /// Parameters of the normalisation layers that `--train-norms` (LoRETTA's extra trainables)
+    /// makes trainable: every RMSNorm scale of a LLaMA-family model (two per block and the final
+    /// one), every LayerNorm scale and bias of an encoder (the embeddings' and two per block).
+    pub fn norm_params(&self) -> usize {
+        match self.family {
+            Family::Llama => (2 * self.layers + 1) * self.hidden,
+            Family::Bert | Family::Deberta => (2 * self.layers + 1) * 2 * self.hidden,
+        }
+    }
+
     /// Every linear projection of every block, in checkpoint order, with HF module names.
     pub fn linear_sites(&self) -> Vec<LinearSite> {
         (0..self.layers)

@@ -47,6 +47,10 @@ enum Command {
         /// A regular expression that must match whole module names (PEFT's string targets).
         #[arg(long)]
         target_regex: Option<String>,
+        /// Also count the normalisation layers `finetune --train-norms` trains (LoRETTA's extra
+        /// trainables).
+        #[arg(long)]
+        train_norms: bool,
     },
     /// Estimate a fine-tuning run's peak memory without loading the model: frozen weights at the
     /// base dtype, adapter and optimizer state, activations, loss workspace. Ends with
@@ -295,7 +299,7 @@ macro_rules! with_backend {
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
     match cli.command {
-        Command::Params { model, adapter, targets, target_regex } => {
+        Command::Params { model, adapter, targets, target_regex, train_norms } => {
             let method = adapter.config("lora")?;
             let spec = ArchSpec::from_model_arg(&model).map_err(|e| match e {
                 tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
@@ -306,8 +310,17 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 (None, Some(pattern)) => tensor_peft_models::Targets::Regex(pattern),
                 (None, None) => tensor_peft_models::Targets::Default,
             };
-            let report = count(&spec, &method, &targets)?;
-            Ok(render(&spec, &method, &report))
+            let mut report = count(&spec, &method, &targets)?;
+            let trained_base = if train_norms { spec.norm_params() } else { 0 };
+            if train_norms {
+                report.rows.push(tensor_peft_adapters::ParamRow {
+                    module: "norms (--train-norms)".into(),
+                    shape: format!("{} layers", spec.layers),
+                    params: spec.norm_params(),
+                    note: String::new(),
+                });
+            }
+            Ok(render(&spec, &method, &report, trained_base))
         }
         Command::Plan { model, adapter, targets, target_regex, base_dtype, batch_size, max_len } => {
             if batch_size == 0 || max_len == 0 {

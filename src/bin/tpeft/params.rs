@@ -165,7 +165,9 @@ pub fn summary_line(trainable: usize, base: usize) -> String {
 }
 
 /// The whole report: model line, per-module table, summary line.
-pub fn render(spec: &ArchSpec, method: &MethodConfig, report: &ParamReport) -> String {
+/// `trained_base` of the report's rows are base-model parameters made trainable (norms), which the
+/// summary's total counts once.
+pub fn render(spec: &ArchSpec, method: &MethodConfig, report: &ParamReport, trained_base: usize) -> String {
     let mut out = format!(
         "model: {} ({}, {} layers, d={}, {} heads, {} kv heads, {} base params)\nmethod: {} {}\n\n",
         spec.source,
@@ -186,7 +188,7 @@ pub fn render(spec: &ArchSpec, method: &MethodConfig, report: &ParamReport) -> S
         out.push('\n');
     }
     out.push('\n');
-    out.push_str(&summary_line(report.total(), spec.base_num_params()));
+    out.push_str(&summary_line(report.total(), spec.base_num_params() - trained_base));
     out.push('\n');
     out
 }
