@@ -1234,3 +1234,82 @@ fn params_count_trained_norms_as_finetune_trains_them() {
     let trained = line.trim_start_matches("trainable params: ").split_whitespace().next().unwrap().replace(',', "");
     assert_eq!(trained, counted.replace(',', ""), "{line}");
 }
+
+/// `--head tt`, LoRETTA's tensorized classification head: a fresh TT layer replaces the pooler. It
+/// trains, is saved with the adapter, and the saved adapter evaluates to the recorded best loss;
+/// other tasks and unknown heads are refused.
+#[test]
+fn tt_head_trains_saves_and_evaluates() {
+    let out_dir = scratch("tt-head");
+    let model = fixture("tiny-deberta/v3");
+    let (train, valid) = (fixture("lm-sentiment-train.jsonl"), fixture("lm-sentiment-valid.jsonl"));
+    let args = |head: &str, output: &std::path::Path| -> Vec<String> {
+        [
+            "finetune",
+            "--model",
+            &model,
+            "--task",
+            "classification",
+            "--train",
+            &train,
+            "--valid",
+            &valid,
+            "--method",
+            "loretta-rep",
+            "--head",
+            head,
+            "--metric-for-best",
+            "loss",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--max-len",
+            "16",
+            "--seed",
+            "3",
+            "--output",
+            output.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let out = run_args(&args("tt", &out_dir));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let weights = std::fs::read(out_dir.join("adapter_model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&weights[..weights.len().min(8192)]).to_string();
+    assert!(header.contains("tt_pooler.tt.cores.0") && header.contains("classifier.weight"), "{header}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("train_report.json")).unwrap()).unwrap();
+    let best = report["best"][1].as_f64().unwrap();
+    let eval = tpeft(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--task",
+        "classification",
+        "--data",
+        &valid,
+    ]);
+    let text = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let loss: f64 = text.lines().find_map(|l| l.strip_prefix("loss: ")).unwrap().trim().parse().unwrap();
+    assert!((loss - best).abs() < 1e-4, "the saved TT head evaluates to {loss}, recorded {best}");
+    // The TT head is a different model from the linear one.
+    let linear_dir = scratch("linear-head");
+    assert!(run_args(&args("linear", &linear_dir)).status.success());
+    let linear: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(linear_dir.join("train_report.json")).unwrap()).unwrap();
+    assert_ne!(linear["best"][1].as_f64().unwrap(), best);
+    let mut bad = args("nope", &scratch("bad-head"));
+    assert_eq!(run_args(&bad).status.code(), Some(2));
+    bad = lm_finetune_args(&scratch("lm-tt-head"), &["--head", "tt"]);
+    let out = run_args(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--head applies to classification"));
+}

@@ -7,7 +7,11 @@ use crate::llama::Llama;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig, RmsNorm};
 use burn::tensor::Tensor;
+use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
+use tensor_peft_adapters::tensor::shape::plan_flat_shape;
+use tensor_peft_adapters::tensor::tt_linear::TtLinear;
+use tensor_peft_kernels::fused;
 
 fn trainable<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>) {
     *p = p.clone().map(|t| t.set_require_grad(true));
@@ -55,15 +59,21 @@ impl<B: Backend> Bert<B> {
 /// 0.5 points lower over three seeds (`docs/results/vader-seeds/README.md`).
 pub const HEAD_INIT_STD: f64 = 0.02;
 
+/// TT rank of [`SequenceClassifier::with_tt_pooler`]'s layer (LoRETTA's default tensor rank).
+pub const TT_POOLER_RANK: usize = 5;
+
 /// A BERT-family encoder with a trainable head: `n_outputs` logits for classification, or one
 /// score for regression (`n_outputs = 1`). Uses the pooler (`tanh(W·h_[CLS])`) when the checkpoint
-/// has one, else mean pooling over the attention mask.
+/// has one, else mean pooling over the attention mask; with a TT pooler ([`Self::with_tt_pooler`],
+/// LoRETTA's tensorized head) `act(TT(h_[CLS]))` replaces both.
 #[derive(Module, Debug)]
 pub struct SequenceClassifier<B: Backend> {
     /// The (adapted) encoder.
     pub encoder: Bert<B>,
     /// The trainable output layer `[d, n_outputs]`.
     pub head: Linear<B>,
+    /// A trainable `d × d` tensor-train layer in place of the checkpoint's pooler, if any.
+    pub tt_pooler: Option<TtLinear<B>>,
 }
 
 impl<B: Backend> SequenceClassifier<B> {
@@ -81,13 +91,31 @@ impl<B: Backend> SequenceClassifier<B> {
             t.zeros_like().set_require_grad(trainable)
         };
         let head = Linear { bias: head.bias.map(|b| b.map(zero)), ..head };
-        Self { encoder, head }
+        Self { encoder, head, tt_pooler: None }
+    }
+
+    /// LoRETTA's tensorized classification head: a fresh trainable `d × d` tensor-train layer of TT
+    /// rank [`TT_POOLER_RANK`] (LoRETTA's initialisation, flat shape planned for `d × d`) replaces the
+    /// checkpoint's pooler, as the official code replaces RoBERTa's `classifier.dense` and DeBERTa's
+    /// `pooler.dense`; the family's pooler activation follows it (tanh, GELU for DeBERTa).
+    pub fn with_tt_pooler(self) -> Result<Self, crate::error::ModelError> {
+        let device = self.encoder.word_embeddings.weight.device();
+        let d = self.encoder.word_embeddings.weight.dims()[1];
+        let shape = plan_flat_shape(d, d)?;
+        let tt = TtLinear::new(d, d, &shape, TT_POOLER_RANK, true, false, &device)?;
+        Ok(Self { tt_pooler: Some(tt), ..self })
     }
 
     /// Logits (or scores) `[B, n_outputs]` for ids `[B, T]`, token types `[B, T]` (sentence
     /// pairs; `None`: all 0) and attention mask `[B, T]`.
     pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
         let hidden = self.encoder.forward(ids, types, mask.clone());
+        if let Some(tt) = &self.tt_pooler {
+            let [b, _, d] = hidden.dims();
+            let dense = tt.forward(hidden.narrow(1, 0, 1).reshape([b, d]));
+            let pooled = if self.encoder.pooler_gelu { fused::gelu(dense) } else { tanh(dense) };
+            return self.head.forward(pooled);
+        }
         let pooled = match self.encoder.pooled(hidden.clone()) {
             Some(p) => p,
             None => {

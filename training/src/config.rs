@@ -44,6 +44,8 @@ pub struct TrainConfig {
     pub target_regex: Option<String>,
     /// Also train the normalisation layers (LoRETTA does).
     pub train_norms: bool,
+    /// The encoder tasks' head: a linear layer on the pooled output, or LoRETTA's tensorized head.
+    pub head: HeadKind,
     /// Epochs.
     pub epochs: usize,
     /// Stop after this many optimizer steps.
@@ -120,6 +122,7 @@ impl Default for TrainConfig {
             target_modules: None,
             target_regex: None,
             train_norms: false,
+            head: HeadKind::Linear,
             epochs: 3,
             max_steps: None,
             batch_size: 16,
@@ -149,6 +152,29 @@ impl Default for TrainConfig {
     }
 }
 
+/// The head of an encoder task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadKind {
+    /// A linear layer on the checkpoint's pooler (or on mean pooling without one).
+    #[default]
+    Linear,
+    /// LoRETTA's tensorized head: a fresh trainable TT layer in place of the pooler, then the
+    /// linear layer ([`tensor_peft_models::SequenceClassifier::with_tt_pooler`]).
+    Tt,
+}
+
+impl HeadKind {
+    /// From its command-line name (`linear`, `tt`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "linear" => Ok(Self::Linear),
+            "tt" => Ok(Self::Tt),
+            other => Err(TrainError::Option { option: "head", reason: format!("`{other}`: expected linear or tt") }),
+        }
+    }
+}
+
 /// The task description saved in `adapter_config.json` (`tensor_peft.task`): what evaluation and
 /// serving need besides the adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +193,9 @@ pub struct TaskInfo {
     pub max_len: usize,
     /// PEFT's `task_type`.
     pub peft_task_type: String,
+    /// The head (encoder tasks); absent in files written before it existed: linear.
+    #[serde(default)]
+    pub head: HeadKind,
 }
 
 /// Options that must not change when resuming (everything that shapes the computation).

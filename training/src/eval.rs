@@ -115,10 +115,11 @@ pub fn evaluate_with_predictions<B: Backend>(
                     (name, (shape, values))
                 })
                 .collect();
-            let task = EncoderTask {
-                net: SequenceClassifier::new(bert, info.n_outputs),
-                regression: options.task == TaskKind::Regression,
-            };
+            let mut net = SequenceClassifier::new(bert, info.n_outputs);
+            if info.head == crate::config::HeadKind::Tt {
+                net = net.with_tt_pooler()?;
+            }
+            let task = EncoderTask { net, regression: options.task == TaskKind::Regression };
             let task = assign_params(task, prefixed(extras), &weights)?;
             let encoder = Encoder {
                 tokenizer: &tokenizer,

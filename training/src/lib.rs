@@ -21,7 +21,7 @@ pub mod strategy;
 pub mod task;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{HeadKind, TrainConfig};
 pub use data::TaskKind;
 pub use error::{Result, TrainError};
 pub use generate::{GenerateOptions, generate};

@@ -85,6 +85,10 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(default)]
     pub train_norms: bool,
+    /// Head of classification and regression: linear (on the checkpoint's pooler) or tt
+    /// (LoRETTA's tensorized head: a fresh TT layer replaces the pooler) [default: linear].
+    #[arg(long)]
+    pub head: Option<String>,
     /// Epochs [default: 3].
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -261,6 +265,10 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         target_modules: a.targets.clone(),
         target_regex: a.target_regex.clone(),
         train_norms: a.train_norms,
+        head: match &a.head {
+            Some(name) => tensor_peft_training::HeadKind::parse(name).map_err(|e| CliError::Usage(e.to_string()))?,
+            None => d.head,
+        },
         epochs: a.epochs.unwrap_or(d.epochs),
         max_steps: a.max_steps,
         batch_size: a.batch_size.unwrap_or(d.batch_size),

@@ -2,7 +2,7 @@
 //! its parameter groups, the output directory, and burn-train's `SupervisedTraining`.
 
 use crate::checkpoint;
-use crate::config::{TaskInfo, TrainConfig, targets_of};
+use crate::config::{HeadKind, TaskInfo, TrainConfig, targets_of};
 use crate::data::{self, Example, Labels, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::loader::TaskLoader;
@@ -254,8 +254,11 @@ pub(crate) fn encoder_task<B: Backend>(
         bert = bert.train_norms();
     }
     let n_outputs = labels.as_ref().map_or(1, Labels::len);
-    let model =
-        EncoderTask { net: SequenceClassifier::new(bert, n_outputs), regression: cfg.task == TaskKind::Regression };
+    let mut net = SequenceClassifier::new(bert, n_outputs);
+    if cfg.head == HeadKind::Tt {
+        net = net.with_tt_pooler()?;
+    }
+    let model = EncoderTask { net, regression: cfg.task == TaskKind::Regression };
     let info = TaskInfo {
         task: cfg.task,
         labels: labels.as_ref().map(|l| l.names.clone()),
@@ -264,6 +267,7 @@ pub(crate) fn encoder_task<B: Backend>(
         template: String::new(),
         max_len: cfg.max_len,
         peft_task_type: "SEQ_CLS".into(),
+        head: cfg.head,
     };
     let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
@@ -279,6 +283,15 @@ pub(crate) fn lm_task<B: Backend>(
 ) -> Result<Prepared<LmTask<B>>> {
     if encoder_task_kind(cfg.task) {
         return Err(wrong_family(cfg.task, &spec));
+    }
+    if cfg.head != HeadKind::Linear {
+        return Err(TrainError::Option {
+            option: "head",
+            reason: format!(
+                "task {} has no classification head; --head applies to classification and regression",
+                cfg.task.name()
+            ),
+        });
     }
     if spec.positions > 0 && cfg.max_len > spec.positions {
         return Err(TrainError::Option {
@@ -316,6 +329,7 @@ pub(crate) fn lm_task<B: Backend>(
         template: cfg.template.clone(),
         max_len: cfg.max_len,
         peft_task_type: "CAUSAL_LM".into(),
+        head: HeadKind::Linear,
     };
     let pad = tokenizer.eos.unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
