@@ -381,6 +381,26 @@ fn run_args(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tpeft")).args(args).output().expect("run tpeft")
 }
 
+/// The output of a successful `tpeft eval` of `adapter` on `model` over `data`.
+fn eval_output(model: &str, adapter: &std::path::Path, task: &str, data: &str) -> String {
+    let adapter = adapter.to_str().unwrap();
+    let out = tpeft(&["eval", "--model", model, "--adapter", adapter, "--task", task, "--data", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The value of the `name: value` line of `eval`'s output.
+fn metric(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name}: ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{text}")).trim().parse().unwrap()
+}
+
+/// The header of an adapter directory's safetensors file (tensor names and shapes), as text.
+fn adapter_header(dir: &std::path::Path) -> String {
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    String::from_utf8_lossy(&weights[..weights.len().min(8192)]).to_string()
+}
+
 #[test]
 fn finetune_eval_and_generate_with_the_trained_adapter() {
     let out_dir = scratch("finetune");
@@ -1067,24 +1087,10 @@ fn deberta_fine_tunes_for_classification_and_evaluates() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("best valid"), "{stdout}");
     // The adapter's tensors carry DeBERTa's module names.
-    let weights = std::fs::read(out_dir.join("last/adapter_model.safetensors")).unwrap();
-    let header = String::from_utf8_lossy(&weights[..weights.len().min(8192)]).to_string();
+    let header = adapter_header(&out_dir.join("last"));
     assert!(header.contains("attention.self.query_proj") && header.contains("attention.self.value_proj"), "{header}");
-    let adapter = out_dir.join("last");
-    let eval = tpeft(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--task",
-        "classification",
-        "--data",
-        &valid,
-    ]);
-    let text = String::from_utf8_lossy(&eval.stdout).to_string();
-    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
-    assert!(text.lines().any(|l| l.starts_with("accuracy: ")), "{text}");
+    let text = eval_output(&model, &out_dir.join("last"), "classification", &valid);
+    assert!((0.0..=1.0).contains(&metric(&text, "accuracy")), "{text}");
     // A model with learned absolute positions (64 here) refuses a longer --max-len up front.
     let too_long = tpeft(&[
         "finetune",
@@ -1135,19 +1141,8 @@ fn eval_every_steps_adds_evaluations_without_changing_training() {
     let best_step = report["best"][3].as_u64().unwrap() as usize;
     assert!(valid_steps.contains(&best_step), "{report}");
     let best_loss = report["best"][1].as_f64().unwrap();
-    let eval = tpeft(&[
-        "eval",
-        "--model",
-        &fixture("tiny-llama-words"),
-        "--adapter",
-        every.to_str().unwrap(),
-        "--task",
-        "causal-lm",
-        "--data",
-        &fixture("lm-copy-valid.jsonl"),
-    ]);
-    let text = String::from_utf8_lossy(&eval.stdout).to_string();
-    let loss: f64 = text.lines().find_map(|l| l.strip_prefix("loss: ")).unwrap().trim().parse().unwrap();
+    let text = eval_output(&fixture("tiny-llama-words"), &every, "causal-lm", &fixture("lm-copy-valid.jsonl"));
+    let loss = metric(&text, "loss");
     assert!((loss - best_loss).abs() < 1e-4, "best adapter evaluates to {loss}, recorded {best_loss}");
 }
 
@@ -1279,26 +1274,12 @@ fn tt_head_trains_saves_and_evaluates() {
     };
     let out = run_args(&args("tt", &out_dir));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let weights = std::fs::read(out_dir.join("adapter_model.safetensors")).unwrap();
-    let header = String::from_utf8_lossy(&weights[..weights.len().min(8192)]).to_string();
+    let header = adapter_header(&out_dir);
     assert!(header.contains("tt_pooler.tt.cores.0") && header.contains("classifier.weight"), "{header}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("train_report.json")).unwrap()).unwrap();
     let best = report["best"][1].as_f64().unwrap();
-    let eval = tpeft(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        out_dir.to_str().unwrap(),
-        "--task",
-        "classification",
-        "--data",
-        &valid,
-    ]);
-    let text = String::from_utf8_lossy(&eval.stdout).to_string();
-    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
-    let loss: f64 = text.lines().find_map(|l| l.strip_prefix("loss: ")).unwrap().trim().parse().unwrap();
+    let loss = metric(&eval_output(&model, &out_dir, "classification", &valid), "loss");
     assert!((loss - best).abs() < 1e-4, "the saved TT head evaluates to {loss}, recorded {best}");
     // The TT head is a different model from the linear one.
     let linear_dir = scratch("linear-head");

@@ -2175,18 +2175,17 @@ fn rope_expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The numbers of a (nested) JSON array, flattened in order.
+fn json_floats(v: &serde_json::Value) -> Vec<f64> {
+    match v.as_array() {
+        Some(items) => items.iter().flat_map(json_floats).collect(),
+        None => vec![v.as_f64().unwrap()],
+    }
+}
+
 /// Largest |a − b| between our `[1, T, V]` logits and the recorded `[T][V]` ones.
 fn logits_diff(got: Tensor<B, 3>, expected: &serde_json::Value) -> f64 {
-    let got = values(got);
-    let reference: Vec<f64> = expected
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().clone())
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    assert_eq!(got.len(), reference.len());
-    got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    max_diff(&values(got), &json_floats(expected))
 }
 
 /// Every RoPE type (default with θ inside `rope_parameters`, linear, dynamic NTK past
@@ -2414,33 +2413,14 @@ fn deberta_matches_transformers() {
     let mask_f: Vec<f32> = mask.iter().flatten().map(|&m| m as f32).collect();
     let mask_t = Tensor::<B, 2>::from_data(TensorData::new(mask_f, [b, t]), &device);
     let close = |got: Vec<f64>, reference: &serde_json::Value, what: &str| {
-        let reference: Vec<f64> = reference
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap().clone())
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        assert_eq!(got.len(), reference.len(), "{what}");
-        let diff = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let diff = max_diff(&got, &json_floats(reference));
         assert!(diff < 1e-4, "{what} differs from transformers' by {diff}");
     };
     for case in expected["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let dir = fixture().join("../tiny-deberta").join(name);
         let (encoder, spec) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
-        let floats = |key: &str| -> Vec<f32> {
-            let v = &case[key];
-            let rows = v.as_array().unwrap();
-            match rows[0].as_array() {
-                Some(_) => rows
-                    .iter()
-                    .flat_map(|r| r.as_array().unwrap().clone())
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-                None => rows.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
-            }
-        };
+        let floats = |key: &str| -> Vec<f32> { json_floats(&case[key]).into_iter().map(|x| x as f32).collect() };
         let (weight, bias) = (floats("classifier_weight"), floats("classifier_bias"));
         assert_eq!(spec.base_num_params() as u64, case["base_num_params"].as_u64().unwrap(), "{name}");
         let types_t = case["uses_token_types"].as_bool().unwrap().then(|| tokens::<B>(&types, &device));
@@ -2496,16 +2476,7 @@ fn peft_reads_adapters_written_by_tpeft() {
             .collect()
     };
     let close = |got: Vec<f64>, reference: &serde_json::Value, what: &str| {
-        fn flat(v: &serde_json::Value, out: &mut Vec<f64>) {
-            match v.as_array() {
-                Some(a) => a.iter().for_each(|x| flat(x, out)),
-                None => out.push(v.as_f64().unwrap()),
-            }
-        }
-        let mut reference_flat = Vec::new();
-        flat(reference, &mut reference_flat);
-        assert_eq!(got.len(), reference_flat.len(), "{what}");
-        let diff = got.iter().zip(&reference_flat).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let diff = max_diff(&got, &json_floats(reference));
         assert!(diff < 1e-4, "{what}: differs from transformers + PEFT by {diff}");
     };
     // The classifier: LoRA on query_proj/value_proj under `deberta.`, the head as `classifier`.

@@ -165,16 +165,7 @@ where
         let mut resume_skip = if state.epoch_finished { 0 } else { state.batches_done };
         let mut partial = state.partial_train.take();
         if cfg.eval_before_training && state.step == 0 && state.history.is_empty() {
-            let model = learner.model().valid();
-            let mut acc = Accumulator::default();
-            for batch in dataloader_valid.iter() {
-                acc.add(&model.step(batch).stats);
-            }
-            let record =
-                EpochRecord { epoch: 0, split: "valid".into(), step: 0, metrics: acc.metrics(self.n_classes, lm) };
-            if self.quiet {
-                print_record(&record);
-            }
+            let record = self.validate(&learner.model(), &dataloader_valid, 0, 0, lm);
             state.history.push(record);
         }
         'epochs: for epoch in started_epoch..=cfg.epochs {
@@ -226,20 +217,7 @@ where
                 processor.process_train(LearnerEvent::ProcessedItem(item));
                 if stepped && !epoch_end {
                     if cfg.eval_every_steps > 0 && state.step.is_multiple_of(cfg.eval_every_steps) {
-                        let model = learner.model().valid();
-                        let mut acc = Accumulator::default();
-                        for batch in dataloader_valid.iter() {
-                            acc.add(&model.step(batch).stats);
-                        }
-                        let record = EpochRecord {
-                            epoch,
-                            split: "valid".into(),
-                            step: state.step,
-                            metrics: acc.metrics(self.n_classes, lm),
-                        };
-                        if self.quiet {
-                            print_record(&record);
-                        }
+                        let record = self.validate(&learner.model(), &dataloader_valid, epoch, state.step, lm);
                         let value = record.metrics.get(&metric_for_best).copied().unwrap_or(f64::NAN);
                         state.history.push(record);
                         if let Err(e) = self.consider_best(&mut state, value, epoch, &learner.model(), &better) {
@@ -386,6 +364,28 @@ where
 {
     fn train_batches<O>(&self, loader: &Arc<dyn DataLoader<B, O>>) -> usize {
         loader.num_items().div_ceil(self.cfg.batch_size)
+    }
+
+    /// A validation pass outside the epoch loop's own (before training, every `eval_every_steps`):
+    /// the record of `model` on the validation split, printed when quiet.
+    fn validate(
+        &self,
+        model: &M,
+        loader: &ValidLoader<Marker<B, M>>,
+        epoch: usize,
+        step: usize,
+        lm: bool,
+    ) -> EpochRecord {
+        let model = model.valid();
+        let mut acc = Accumulator::default();
+        for batch in loader.iter() {
+            acc.add(&model.step(batch).stats);
+        }
+        let record = EpochRecord { epoch, split: "valid".into(), step, metrics: acc.metrics(self.n_classes, lm) };
+        if self.quiet {
+            print_record(&record);
+        }
+        record
     }
 
     /// Records an evaluation's `value` of the selection metric: a new best (strictly better, finite)
