@@ -22,7 +22,7 @@ fn train<B: AutodiffBackend>(name: &str) -> Result<(), Box<dyn std::error::Error
         method: MethodConfig::from_name("tt-lora")?,
         epochs: 2,
         batch_size: 8,
-        lr: 5e-2,
+        lr: Some(5e-2),
         max_len: 32,
         output: format!("runs/example-backend-{name}").into(),
         overwrite: true,

@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         method,
         epochs: 1,
         batch_size: 32,
-        lr: 5e-3,
+        lr: Some(5e-3),
         head_lr: Some(1e-3),
         max_len: 64,
         seed: 1234,

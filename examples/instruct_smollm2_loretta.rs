@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // 20 optimizer steps, well inside the first epoch.
         max_steps: Some(20),
         batch_size: 4,
-        lr: 2e-3,
+        lr: Some(2e-3),
         max_len: 96,
         seed: 7,
         ..TrainConfig::default()

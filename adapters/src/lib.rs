@@ -48,9 +48,10 @@ pub use error::{AdapterError, Result};
 pub use frozen::{BlockFormat, FrozenLinear, FrozenWeight, QuantizedWeight};
 pub use method::{
     AdapterLayer, AdapterSet, AttentionGeometry, AttentionMatrix, FileParam, FileTensor, Flag, FlagField, LinearSite,
-    Method, MethodFlags, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, TENSOR_NAMES_VERSION,
+    Method, MethodFlags, ParamReport, ParamRow, RecommendedTraining, ResidualPosition, ResidualSite, Sites,
+    TENSOR_NAMES_VERSION,
 };
-pub use methods::loretta_adp::Activation;
+pub use methods::loretta_adp::{Activation, AdpPlacement};
 pub use methods::{
     LinearAdapter, Lora, LoraConfig, LorettaAdp, LorettaAdpConfig, LorettaRep, LorettaRepConfig, Lorta, LortaConfig,
     LortaShared, Lotr, LotrConfig, LotrShared, METHOD_NAMES, MethodConfig, ResidualAdapter, SharedFactors, TtLora,

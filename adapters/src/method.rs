@@ -51,6 +51,12 @@ pub enum ResidualPosition {
     Attention,
     /// After the feed-forward output projection.
     FeedForward,
+    /// Before a gated feed-forward's gate projection, which then reads `h + f(h)` (LLaMA's
+    /// `gate_proj`; LoRETTA's official placement).
+    GateInput,
+    /// Before a gated feed-forward's up projection, which then reads `h + f(h)` (LLaMA's
+    /// `up_proj`).
+    UpInput,
 }
 
 /// One row of a parameter report.
@@ -132,6 +138,23 @@ impl<B: Backend> AdapterSet<B> {
     }
 }
 
+/// How a method trains best when the user sets no learning rate: its recommended settings,
+/// chosen on the training and validation splits of the README's tasks and printed when a run
+/// starts with them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecommendedTraining {
+    /// Peak learning rate of the adapter.
+    pub lr: f64,
+    /// LoRA+ ratio for the factor that starts at zero (`None`: off).
+    pub loraplus_lr_ratio: Option<f64>,
+}
+
+impl RecommendedTraining {
+    /// Peak learning rate of a fresh task head under the recommended settings, whatever the
+    /// method: the head is a plain dense layer.
+    pub const HEAD_LR: f64 = 1e-3;
+}
+
 /// A hyper-parameter flag of the command line (and key of `--config` files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flag {
@@ -147,12 +170,21 @@ pub enum Flag {
     TtModuleShape,
     /// `--bottleneck`.
     Bottleneck,
+    /// `--placement`.
+    Placement,
 }
 
 impl Flag {
     /// Every flag, in help order.
-    pub const ALL: [Flag; 6] =
-        [Flag::Rank, Flag::Alpha, Flag::TensorRank, Flag::TtShape, Flag::TtModuleShape, Flag::Bottleneck];
+    pub const ALL: [Flag; 7] = [
+        Flag::Rank,
+        Flag::Alpha,
+        Flag::TensorRank,
+        Flag::TtShape,
+        Flag::TtModuleShape,
+        Flag::Bottleneck,
+        Flag::Placement,
+    ];
 
     /// The flag as typed, e.g. `--tensor-rank`.
     pub fn cli(self) -> &'static str {
@@ -163,6 +195,7 @@ impl Flag {
             Flag::TtShape => "--tt-shape",
             Flag::TtModuleShape => "--tt-shape NAME=…",
             Flag::Bottleneck => "--bottleneck",
+            Flag::Placement => "--placement",
         }
     }
 }
@@ -182,6 +215,8 @@ pub struct MethodFlags {
     pub tt_module_shapes: Vec<(String, Vec<usize>)>,
     /// `--bottleneck`.
     pub bottleneck: Option<usize>,
+    /// `--placement`, as typed (the method's configuration parses it).
+    pub placement: Option<String>,
     /// `--init`.
     pub init: Option<DeltaInit>,
 }
@@ -198,6 +233,7 @@ impl MethodFlags {
                 (!self.tt_module_shapes.is_empty()).then(|| serde_json::json!(self.tt_module_shapes))
             }
             Flag::Bottleneck => self.bottleneck.map(Into::into),
+            Flag::Placement => self.placement.clone().map(Into::into),
         }
     }
 }
@@ -242,6 +278,12 @@ pub trait Method: Clone + std::fmt::Debug + Serialize + DeserializeOwned + 'stat
     /// then name it in [`AdapterLayer::zero_init_factors`].
     fn has_zero_init_factor(&self) -> bool {
         false
+    }
+
+    /// The settings this method trains best with when the user gives no learning rate (by
+    /// default LoRA's: lr 1e-3, no LoRA+).
+    fn recommended_training(&self) -> RecommendedTraining {
+        RecommendedTraining { lr: 1e-3, loraplus_lr_ratio: None }
     }
 
     /// HF PEFT's `peft_type` written to `adapter_config.json`.

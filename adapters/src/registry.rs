@@ -98,6 +98,11 @@ macro_rules! registry {
                 with_method!(self, c: M => c.has_zero_init_factor())
             }
 
+            /// See [`Method::recommended_training`]($crate::Method::recommended_training).
+            pub fn recommended_training(&self) -> $crate::RecommendedTraining {
+                with_method!(self, c: M => c.recommended_training())
+            }
+
             /// See [`Method::peft_type`]($crate::Method::peft_type).
             pub fn peft_type(&self) -> String {
                 with_method!(self, c: M => c.peft_type())

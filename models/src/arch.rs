@@ -44,6 +44,14 @@ impl Family {
         }
     }
 
+    /// The positions in a block where the family's forward applies a residual adapter.
+    pub fn residual_positions(&self) -> &'static [ResidualPosition] {
+        match self {
+            Family::Llama => crate::llama::RESIDUAL_POSITIONS,
+            Family::Bert | Family::Deberta => crate::bert::RESIDUAL_POSITIONS,
+        }
+    }
+
     /// The HF path of block `layer` (`model.layers.3`, `encoder.layer.3`).
     pub fn block_path(&self, layer: usize) -> String {
         match self {
@@ -740,11 +748,12 @@ impl ArchSpec {
             .collect()
     }
 
-    /// Houlsby positions: after every block's attention output and feed-forward output.
+    /// Every position of every block where the family's forward applies a residual adapter
+    /// ([`Family::residual_positions`]); a method picks its own among them.
     pub fn residual_sites(&self) -> Vec<ResidualSite> {
         (0..self.layers)
             .flat_map(|layer| {
-                [ResidualPosition::Attention, ResidualPosition::FeedForward].map(|position| ResidualSite {
+                self.family.residual_positions().iter().map(move |&position| ResidualSite {
                     name: format!("{}.{}", self.family.block_path(layer), residual_name(position)),
                     layer,
                     position,

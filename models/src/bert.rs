@@ -47,6 +47,11 @@ layout_table! {
         intermediate: "intermediate.dense", None, |s| (s.hidden, s.intermediate);
         output: "output.dense", None, |s| (s.intermediate, s.hidden);
     }
+    /// Where a [`BertLayer`] applies residual adapters.
+    RESIDUAL_POSITIONS {
+        attention_adapter: Attention;
+        ffn_adapter: FeedForward;
+    }
 }
 
 /// A BERT-family encoder.

@@ -68,7 +68,7 @@ pub trait AdapterSlots<B: Backend> {
 
     /// The residual adapter slot at `site`.
     fn residual_slot(&mut self, site: &ResidualSite) -> Option<&mut Option<ResidualAdapter<B>>> {
-        Some(self.blocks_mut().get_mut(site.layer)?.residual_mut(site.position))
+        self.blocks_mut().get_mut(site.layer)?.residual_mut(site.position)
     }
 }
 

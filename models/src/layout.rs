@@ -30,8 +30,8 @@ pub trait LayoutBlock<B: Backend> {
     fn projections(&self) -> Vec<&AdaptedLinear<B>>;
     /// The block's projections, mutably, in [`LayoutBlock::LAYOUT`] order.
     fn projections_mut(&mut self) -> Vec<&mut AdaptedLinear<B>>;
-    /// The residual adapter slot at `position`.
-    fn residual_mut(&mut self, position: ResidualPosition) -> &mut Option<ResidualAdapter<B>>;
+    /// The residual adapter slot at `position` (`None` where the family has no such position).
+    fn residual_mut(&mut self, position: ResidualPosition) -> Option<&mut Option<ResidualAdapter<B>>>;
     /// Whether the block carries a residual adapter.
     fn has_residual(&self) -> bool;
 }
@@ -41,6 +41,8 @@ pub fn residual_name(position: ResidualPosition) -> &'static str {
     match position {
         ResidualPosition::Attention => "attention_adapter",
         ResidualPosition::FeedForward => "ffn_adapter",
+        ResidualPosition::GateInput => "gate_input_adapter",
+        ResidualPosition::UpInput => "up_input_adapter",
     }
 }
 
@@ -64,16 +66,20 @@ pub fn load_projections<B: Backend, const N: usize>(
     Ok(built.try_into().unwrap_or_else(|_| panic!("a {} block has {rows} projections, not {N}", spec.family.name())))
 }
 
-/// Defines a family's block struct `$block` and its layout table `$table`, and implements
-/// [`LayoutBlock`] from the table: one row per projection, `field: "hf.name", role,
-/// |spec| (d_in, d_out);` (`"hf.name" / "gguf_name"` where GGUF files hold the family). The block's fields are the table's projections (an `AdaptedLinear`
-/// each), its two residual adapter slots (`attention_adapter`, `ffn_adapter`), then `$field`s.
+/// Defines a family's block struct `$block`, its layout table `$table` and its residual positions
+/// `$positions`, and implements [`LayoutBlock`] from them: one row per projection, `field:
+/// "hf.name", role, |spec| (d_in, d_out);` (`"hf.name" / "gguf_name"` where GGUF files hold the
+/// family), and one `slot: Position;` per residual adapter position the block's forward applies.
+/// The block's fields are the table's projections (an `AdaptedLinear` each), its residual adapter
+/// slots, then `$field`s.
 macro_rules! layout_table {
     (
         $(#[$block_doc:meta])*
         $block:ident { $($(#[$field_doc:meta])* $field:ident: $field_ty:ty,)* }
         $(#[$doc:meta])*
         $table:ident { $($proj:ident: $name:literal $(/ $gguf:literal)?, $role:expr, $shape:expr;)* }
+        $(#[$positions_doc:meta])*
+        $positions:ident { $($slot:ident: $position:ident;)* }
     ) => {
         $(#[$block_doc])*
         #[derive(Module, Debug)]
@@ -82,10 +88,13 @@ macro_rules! layout_table {
                 #[doc = concat!("`", $name, "`, a row of [`", stringify!($table), "`].")]
                 pub $proj: AdaptedLinear<B>,
             )*
-            /// Residual adapter after the attention output projection (Houlsby), if any.
-            pub attention_adapter: Option<ResidualAdapter<B>>,
-            /// Residual adapter after the feed-forward output projection, if any.
-            pub ffn_adapter: Option<ResidualAdapter<B>>,
+            $(
+                #[doc = concat!(
+                    "Residual adapter at [`ResidualPosition::", stringify!($position),
+                    "`](tensor_peft_adapters::ResidualPosition::", stringify!($position), "), if any."
+                )]
+                pub $slot: Option<ResidualAdapter<B>>,
+            )*
             $($(#[$field_doc])* pub $field: $field_ty,)*
         }
 
@@ -98,6 +107,10 @@ macro_rules! layout_table {
                 shape: $shape,
             }),*];
 
+        $(#[$positions_doc])*
+        pub const $positions: &[tensor_peft_adapters::ResidualPosition] =
+            &[$(tensor_peft_adapters::ResidualPosition::$position),*];
+
         impl<B: Backend> $crate::layout::LayoutBlock<B> for $block<B> {
             const LAYOUT: &'static [$crate::layout::Projection] = $table;
             fn projections(&self) -> Vec<&AdaptedLinear<B>> {
@@ -109,14 +122,15 @@ macro_rules! layout_table {
             fn residual_mut(
                 &mut self,
                 position: tensor_peft_adapters::ResidualPosition,
-            ) -> &mut Option<ResidualAdapter<B>> {
+            ) -> Option<&mut Option<ResidualAdapter<B>>> {
                 match position {
-                    tensor_peft_adapters::ResidualPosition::Attention => &mut self.attention_adapter,
-                    tensor_peft_adapters::ResidualPosition::FeedForward => &mut self.ffn_adapter,
+                    $(tensor_peft_adapters::ResidualPosition::$position => Some(&mut self.$slot),)*
+                    #[allow(unreachable_patterns)]
+                    _ => None,
                 }
             }
             fn has_residual(&self) -> bool {
-                self.attention_adapter.is_some() || self.ffn_adapter.is_some()
+                false $(|| self.$slot.is_some())*
             }
         }
     };

@@ -62,6 +62,13 @@ layout_table! {
         up_proj: "mlp.up_proj" / "ffn_up", None, |s| (s.hidden, s.intermediate);
         down_proj: "mlp.down_proj" / "ffn_down", None, |s| (s.intermediate, s.hidden);
     }
+    /// Where a [`LlamaBlock`] applies residual adapters.
+    RESIDUAL_POSITIONS {
+        attention_adapter: Attention;
+        gate_input_adapter: GateInput;
+        up_input_adapter: UpInput;
+        ffn_adapter: FeedForward;
+    }
 }
 
 /// A LLaMA causal language model.
@@ -204,7 +211,13 @@ impl<B: Backend> LlamaBlock<B> {
         }
         let x = x + attn_out;
         let hs = norm(&self.post_attention_layernorm, x.clone());
-        let gated = fused::swiglu(self.gate_proj.forward(hs.clone(), shared), self.up_proj.forward(hs, shared));
+        let input = |adapter: &Option<ResidualAdapter<B>>, hs: Tensor<B, 3>| match adapter {
+            Some(adapter) => adapter.forward(hs),
+            None => hs,
+        };
+        let gate = self.gate_proj.forward(input(&self.gate_input_adapter, hs.clone()), shared);
+        let up = self.up_proj.forward(input(&self.up_input_adapter, hs), shared);
+        let gated = fused::swiglu(gate, up);
         let mut mlp_out = self.down_proj.forward(gated, shared);
         if let Some(adapter) = &self.ffn_adapter {
             mlp_out = adapter.forward(mlp_out);
@@ -333,6 +346,8 @@ impl<B: Backend> Llama<B> {
                 v_proj,
                 o_proj,
                 attention_adapter: None,
+                gate_input_adapter: None,
+                up_input_adapter: None,
                 post_attention_layernorm,
                 gate_proj,
                 up_proj,

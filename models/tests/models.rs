@@ -2506,3 +2506,76 @@ fn peft_reads_adapters_written_by_tpeft() {
     let case = &expected["llama_causal_lm"];
     close(values(llama.forward(tokens::<B>(&ints(&case["ids"]), &device))), &case["logits"], "LLaMA logits");
 }
+
+/// LoRETTA_adp sits where the official code puts it: on LLaMA an input adapter before `gate_proj`
+/// and `up_proj` and an output adapter after `down_proj` (three per block: LLaMA-2-7B at tensor
+/// rank 8 trains 921,600 parameters), on BERT after the attention and feed-forward outputs; the
+/// `houlsby` placement puts two per block everywhere. An input adapter changes what its
+/// projection reads: with a linear bottleneck, `f(h) = h·M + c`, so `gate_proj(h + f(h))` is a
+/// plain projection of weight `(I + M)·W` and bias `c·W`, which the reference model holds instead.
+#[test]
+fn loretta_adp_goes_where_the_official_code_puts_it() {
+    use tensor_peft_adapters::{
+        Activation, AdaptedLinear, AdpPlacement, DeltaInit, FrozenLinear, FrozenWeight, LorettaAdpConfig,
+        ResidualAdapter,
+    };
+    let count = |preset: &str, placement| {
+        let spec = ArchSpec::preset(preset).unwrap();
+        let method =
+            MethodConfig::LorettaAdp(LorettaAdpConfig::new().with_tensor_rank(8).with_placement(Some(placement)));
+        let report = method.count(&spec.geometry(), &[], &spec.residual_sites()).unwrap();
+        let names: Vec<String> = report.rows.iter().take(3).map(|r| r.module.clone()).collect();
+        (report.rows.len(), report.total(), names)
+    };
+    let (adapters, params, names) = count("llama2-7b", AdpPlacement::Official);
+    assert_eq!((adapters, params), (96, 921_600));
+    let block = ["gate_input_adapter", "up_input_adapter", "ffn_adapter"].map(|n| format!("model.layers.0.{n}"));
+    assert_eq!(names, block);
+    assert_eq!(count("llama2-7b", AdpPlacement::Houlsby).0, 64);
+    assert_eq!(count("llama2-7b", AdpPlacement::Houlsby).1, 614_400);
+    let (adapters, _, names) = count("minilm-l6", AdpPlacement::Official);
+    assert_eq!(
+        (adapters, &names[..2]),
+        (12, &["encoder.layer.0.attention_adapter".into(), "encoder.layer.0.ffn_adapter".into()][..])
+    );
+
+    // The forward: the adapted model against a reference that folds each input adapter into its
+    // projection (the output adapters stay in both).
+    let device = Default::default();
+    let (base, spec) = Llama::<B>::from_hf_dir(&fixture(), &device).unwrap();
+    let (ids, _, _) = expected();
+    let x = tokens::<B>(&ids, &device);
+    let cfg = LorettaAdpConfig::new()
+        .with_bottleneck(4)
+        .with_tensor_rank(2)
+        .with_activation(Activation::Identity)
+        .with_scaling(0.7)
+        .with_init(DeltaInit::Paper);
+    let adapted = base.adapt(&spec, &MethodConfig::LorettaAdp(cfg), &Targets::Default).unwrap();
+    let mut reference = adapted.clone();
+    let d = spec.hidden;
+    let fold = |adapter: Option<ResidualAdapter<B>>, projection: &AdaptedLinear<B>| {
+        let adapter = adapter.expect("an input adapter in every block");
+        let f = |h: Tensor<B, 2>| adapter.forward(h.clone()) - h;
+        let c = f(Tensor::zeros([1, d], &device));
+        let m = f(Tensor::eye(d, &device)) - c.clone();
+        let w = projection.base.weight_f32();
+        let weight = (Tensor::eye(d, &device) + m).matmul(w.clone());
+        let bias = c.matmul(w).reshape([-1]);
+        let base = FrozenLinear {
+            weight: FrozenWeight::Values(Param::from_tensor(weight)),
+            bias: Some(Param::from_tensor(bias)),
+        };
+        AdaptedLinear::new(base, None).unwrap()
+    };
+    for layer in &mut reference.layers {
+        layer.gate_proj = fold(layer.gate_input_adapter.take(), &layer.gate_proj);
+        layer.up_proj = fold(layer.up_input_adapter.take(), &layer.up_proj);
+        assert!(layer.attention_adapter.is_none() && layer.ffn_adapter.is_some());
+    }
+    let (got, want) = (values(adapted.forward(x.clone())), values(reference.forward(x.clone())));
+    let base_logits = values(Llama::<B>::from_hf_dir(&fixture(), &device).unwrap().0.forward(x));
+    let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+    assert!(diff(&got, &base_logits) > 1e-3, "the adapters change the logits");
+    assert!(diff(&got, &want) < 1e-4, "input adapters act on the projections' input: {}", diff(&got, &want));
+}

@@ -7,7 +7,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use tensor_peft_adapters::MethodConfig;
+use tensor_peft_adapters::{MethodConfig, RecommendedTraining};
 use tensor_peft_models::{BaseDType, Targets};
 
 /// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
@@ -54,8 +54,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accumulation: usize,
-    /// Peak learning rate of the adapters.
-    pub lr: f64,
+    /// Peak learning rate of the adapters. `None`: the method's recommended settings
+    /// ([`RecommendedTraining`]: its learning rate and LoRA+ ratio, and the head at
+    /// [`RecommendedTraining::HEAD_LR`] unless `head_lr` is set); see
+    /// [`TrainConfig::with_recommended_settings`].
+    pub lr: Option<f64>,
     /// Peak learning rate of the task head (default: `lr`).
     pub head_lr: Option<f64>,
     /// LoRA+ (PEFT's `loraplus_lr_ratio`): the factor that starts at zero (LoRA's `B`, TT-LoRA's
@@ -127,7 +130,7 @@ impl Default for TrainConfig {
             max_steps: None,
             batch_size: 16,
             grad_accumulation: 1,
-            lr: 1e-3,
+            lr: None,
             head_lr: None,
             loraplus_lr_ratio: None,
             weight_decay: 0.01,
@@ -149,6 +152,42 @@ impl Default for TrainConfig {
             eval_before_training: false,
             init_from: None,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The run with its method's recommended settings where no learning rate is set (`lr` is
+    /// `None`): the method's learning rate and LoRA+ ratio, and the head at
+    /// [`RecommendedTraining::HEAD_LR`] unless `head_lr` is given; with them, the line that says
+    /// so. A run with `lr` set is returned as it is: the settings are then the user's.
+    pub fn with_recommended_settings(mut self) -> (Self, Option<String>) {
+        if self.lr.is_some() {
+            return (self, None);
+        }
+        let recommended = self.method.recommended_training();
+        self.lr = Some(recommended.lr);
+        // LoRA+ needs a factor that starts at zero (not there with `--init paper`).
+        if self.loraplus_lr_ratio.is_none() && self.method.has_zero_init_factor() {
+            self.loraplus_lr_ratio = recommended.loraplus_lr_ratio;
+        }
+        let head = matches!(self.task, TaskKind::Classification | TaskKind::Regression) && self.head_lr.is_none();
+        if head {
+            self.head_lr = Some(RecommendedTraining::HEAD_LR);
+        }
+        let mut note = format!("{}'s recommended settings: lr {}", self.method.name(), recommended.lr);
+        if let Some(ratio) = self.loraplus_lr_ratio {
+            note += &format!(", LoRA+ ratio {ratio}");
+        }
+        if head {
+            note += &format!(", head lr {}", RecommendedTraining::HEAD_LR);
+        }
+        note += " (give --lr to choose your own)";
+        (self, Some(note))
+    }
+
+    /// The adapters' peak learning rate: `lr`, or the method's recommended one.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr.unwrap_or_else(|| self.method.recommended_training().lr)
     }
 }
 
@@ -228,7 +267,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     if cfg.max_steps == Some(0) {
         return bad("max-steps", "must be at least 1");
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) || cfg.head_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
+    if cfg.lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) || cfg.head_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) {
         return bad("lr", "learning rates must be positive numbers");
     }
     if let Some(ratio) = cfg.loraplus_lr_ratio {

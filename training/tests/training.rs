@@ -258,7 +258,7 @@ fn lm_config(name: &str, method: &str) -> TrainConfig {
         method: MethodConfig::from_name(method).unwrap(),
         epochs: 4,
         batch_size: 8,
-        lr: 5e-2,
+        lr: Some(5e-2),
         max_len: 32,
         seed: 5,
         output: scratch(name),
@@ -346,7 +346,7 @@ fn causal_lm_loss_falls_and_the_adapter_reloads() {
 #[test]
 fn prompt_based_classification_learns_the_verbalizer() {
     let _serial = serial();
-    let cfg = TrainConfig { epochs: 6, lr: 2e-2, ..lm_classification_config("lm-cls") };
+    let cfg = TrainConfig { epochs: 6, lr: Some(2e-2), ..lm_classification_config("lm-cls") };
     let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
     let best = report.best.clone().unwrap();
     assert_eq!(best.0, "accuracy");
@@ -395,7 +395,7 @@ fn resume_from_a_step_checkpoint_is_bit_identical() {
     assert_eq!(history(&full.output), history(&part.output), "metric histories differ");
 
     // Another run's checkpoint is refused.
-    let other = TrainConfig { lr: 5e-3, resume: true, overwrite: false, ..part.clone() };
+    let other = TrainConfig { lr: Some(5e-3), resume: true, overwrite: false, ..part.clone() };
     let err = finetune::<AB>(&other, &Default::default()).unwrap_err();
     assert!(matches!(err, TrainError::Checkpoint { .. }) && err.to_string().contains("other data"), "{err}");
 }
@@ -410,7 +410,7 @@ fn minilm_config(model: PathBuf, task: TaskKind, train: PathBuf, method: &str, n
         train,
         method,
         batch_size: 8,
-        lr: 5e-3,
+        lr: Some(5e-3),
         output: scratch(name),
         overwrite: true,
         ..TrainConfig::default()
@@ -538,7 +538,7 @@ fn gradient_accumulation_equals_a_larger_batch_and_early_stopping_stops() {
     // last prompt position, so 2 × 4 accumulated examples equal one batch of 8. Three steps: Adam
     // turns float noise in near-zero gradients into lr-sized steps, so long runs drift apart.
     let base = TrainConfig { epochs: 2, max_grad_norm: None, ..lm_classification_config("accum-a") };
-    let short = TrainConfig { max_steps: Some(3), warmup_ratio: 0.0, lr: 1e-2, ..base.clone() };
+    let short = TrainConfig { max_steps: Some(3), warmup_ratio: 0.0, lr: Some(1e-2), ..base.clone() };
     let big = TrainConfig { batch_size: 8, ..short.clone() };
     let accumulated = TrainConfig { batch_size: 4, grad_accumulation: 2, output: scratch("accum-b"), ..short };
     finetune::<AB>(&big, &Default::default()).unwrap();
@@ -557,7 +557,7 @@ fn gradient_accumulation_equals_a_larger_batch_and_early_stopping_stops() {
     }
     // Accuracy reaches 1.0 and cannot improve: patience 1 stops the run early.
     let patient =
-        TrainConfig { epochs: 30, lr: 2e-2, early_stopping_patience: Some(1), output: scratch("early"), ..base };
+        TrainConfig { epochs: 30, lr: Some(2e-2), early_stopping_patience: Some(1), output: scratch("early"), ..base };
     let report = finetune::<AB>(&patient, &Default::default()).unwrap();
     assert!(report.stop_reason.starts_with("early stopping"), "{}", report.stop_reason);
     let epochs = report.history.iter().map(|h| h.epoch).max().unwrap();
@@ -587,7 +587,7 @@ fn one_step_config(name: &str, method: &str, ratio: Option<f64>) -> TrainConfig 
         weight_decay: 0.0,
         max_grad_norm: None,
         warmup_ratio: 0.0,
-        lr: 1e-2,
+        lr: Some(1e-2),
         loraplus_lr_ratio: ratio,
         ..lm_config(name, method)
     }

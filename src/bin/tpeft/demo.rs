@@ -264,7 +264,7 @@ pub fn vader<B: AutodiffBackend>(
     let runs = [("tt-lora", tt_lora, 5e-3, Some(4.0)), ("lora", lora, 2e-3, None)];
     let mut rows = Vec::new();
     for (name, method, lr, loraplus_lr_ratio) in runs {
-        let config = TrainConfig { method, lr, loraplus_lr_ratio, output: output.join(name), ..base.clone() };
+        let config = TrainConfig { method, lr: Some(lr), loraplus_lr_ratio, output: output.join(name), ..base.clone() };
         let report = tensor_peft_training::finetune::<B>(&config, device).map_err(|e| e.to_string())?;
         rows.push((name, report));
     }

@@ -101,14 +101,15 @@ pub struct FinetuneArgs {
     /// Batches per optimizer step [default: 1].
     #[arg(long)]
     pub grad_accumulation: Option<usize>,
-    /// Peak learning rate of the adapters [default: 1e-3].
+    /// Peak learning rate of the adapters [default: the method's recommended settings, printed when
+    /// the run starts: its learning rate and LoRA+ ratio, the head at 1e-3].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Peak learning rate of the task head [default: --lr].
+    /// Peak learning rate of the task head [default: --lr, or 1e-3 without --lr].
     #[arg(long)]
     pub head_lr: Option<f64>,
     /// LoRA+: the factor that starts at zero (e.g. LoRA's B) trains at this multiple of --lr, as
-    /// PEFT's loraplus_lr_ratio [default: off].
+    /// PEFT's loraplus_lr_ratio [default: off, or the method's recommended ratio without --lr].
     #[arg(long)]
     pub loraplus_lr_ratio: Option<f64>,
     /// AdamW weight decay [default: 0.01].
@@ -273,7 +274,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         max_steps: a.max_steps,
         batch_size: a.batch_size.unwrap_or(d.batch_size),
         grad_accumulation: a.grad_accumulation.unwrap_or(d.grad_accumulation),
-        lr: a.lr.unwrap_or(d.lr),
+        lr: a.lr.or(d.lr),
         head_lr: a.head_lr,
         loraplus_lr_ratio: a.loraplus_lr_ratio,
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),

@@ -31,6 +31,9 @@ pub struct MethodArgs {
     /// Bottleneck width.
     #[arg(long, help = flag_help(Flag::Bottleneck))]
     pub bottleneck: Option<usize>,
+    /// Where residual adapters go.
+    #[arg(long, help = flag_help(Flag::Placement))]
+    pub placement: Option<String>,
     /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
     /// for the TT methods).
     #[arg(long)]
@@ -56,6 +59,7 @@ impl MethodArgs {
             tt_shape,
             tt_module_shapes,
             bottleneck: self.bottleneck,
+            placement: self.placement.clone(),
             init,
         };
         MethodConfig::from_flags(self.method.as_deref().unwrap_or(default), &flags).map_err(|e| usage(&e))

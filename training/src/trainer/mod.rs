@@ -48,6 +48,11 @@ pub fn finetune_until<B: AutodiffBackend>(
     stop: StopAt,
 ) -> Result<FinetuneReport> {
     validate(cfg)?;
+    let (cfg, recommended) = cfg.clone().with_recommended_settings();
+    let cfg = &cfg;
+    if let Some(note) = recommended {
+        eprintln!("{note}");
+    }
     setup::check_model_family(cfg)?;
     let (train, valid, test, notes) = load_splits(cfg)?;
     for note in notes {

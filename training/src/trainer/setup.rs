@@ -395,7 +395,7 @@ where
     let optimizer = PeftOptimizer::<M, B>::new(
         cfg.weight_decay,
         head_ids,
-        cfg.head_lr.map_or(1.0, |h| h / cfg.lr),
+        cfg.head_lr.map_or(1.0, |h| h / cfg.peak_lr()),
         cfg.max_grad_norm,
     );
     match cfg.loraplus_lr_ratio {
@@ -414,7 +414,7 @@ pub(crate) fn total_steps(cfg: &TrainConfig, train_items: usize) -> usize {
 /// Linear warmup to `lr`, then `cfg.decay`, positioned at optimizer step `step`.
 pub(crate) fn schedule(cfg: &TrainConfig, total_steps: usize, step: usize) -> WarmupSchedule {
     WarmupSchedule {
-        peak: cfg.lr,
+        peak: cfg.peak_lr(),
         warmup: (cfg.warmup_ratio * total_steps as f64).ceil() as usize,
         total: total_steps,
         decay: cfg.decay,

@@ -1,6 +1,8 @@
 //! LoRETTA_adp (Yang et al., NAACL 2024): a bottleneck adapter `h + s·up(act(down(h)))` whose
-//! down (`d → b`) and up (`b → d`) projections are tensor-train layers with biases, placed after
-//! the attention output and after the feed-forward output of every block (Houlsby placement).
+//! down (`d → b`) and up (`b → d`) projections are tensor-train layers with biases, placed where
+//! the official code places them ([`AdpPlacement`]): on LLaMA before `gate_proj` and `up_proj` and
+//! after `down_proj` (three per block), on BERT-family encoders after the attention output and
+//! the feed-forward output (two per block).
 //!
 //! The adapter is **nonlinear, so it cannot be merged** into a base weight: it has no
 //! `delta_weight`, and [`crate::ResidualAdapter::merge_supported`] says so.
@@ -11,7 +13,9 @@ pub use layer::LorettaAdp;
 
 use crate::adapter::DeltaInit;
 use crate::error::{require_finite, require_positive};
-use crate::method::{AdapterSet, Flag, FlagField, Method, ParamReport, ParamRow, Sites, at_site, sets};
+use crate::method::{
+    AdapterSet, Flag, FlagField, Method, ParamReport, ParamRow, ResidualPosition, ResidualSite, Sites, at_site, sets,
+};
 use crate::methods::{ResidualAdapter, SharedFactors};
 use crate::tensor::shape::loretta_factor_shape;
 use crate::tensor::tt_linear::TtLinearPair;
@@ -46,6 +50,37 @@ impl Activation {
     }
 }
 
+/// Where LoRETTA_adp's adapters go in each block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdpPlacement {
+    /// As the official code places them: the input adapter (`W·(h + f(h))`) before a gated
+    /// feed-forward's gate and up projections and the output adapter after its down projection
+    /// (three per LLaMA block); after the attention output and the feed-forward output on models
+    /// without a gated feed-forward (the official `.*\.output\.dense` targets on BERT).
+    #[default]
+    Official,
+    /// After the attention output and after the feed-forward output of every block (Houlsby et
+    /// al.; two per block on every model).
+    Houlsby,
+}
+
+impl AdpPlacement {
+    /// Placement names as typed (`--placement`).
+    pub const NAMES: [&'static str; 2] = ["official", "houlsby"];
+
+    /// The sites of `available` (every position a model offers) this placement uses.
+    pub fn select<'a>(&self, available: &'a [ResidualSite]) -> Vec<&'a ResidualSite> {
+        use ResidualPosition::*;
+        let gated = available.iter().any(|s| matches!(s.position, GateInput | UpInput));
+        let keep: &[ResidualPosition] = match self {
+            AdpPlacement::Official if gated => &[GateInput, UpInput, FeedForward],
+            AdpPlacement::Official | AdpPlacement::Houlsby => &[Attention, FeedForward],
+        };
+        available.iter().filter(|s| keep.contains(&s.position)).collect()
+    }
+}
+
 /// Hyper-parameters of a LoRETTA_adp adapter.
 #[derive(Config, Debug)]
 pub struct LorettaAdpConfig {
@@ -69,6 +104,10 @@ pub struct LorettaAdpConfig {
     /// unchanged at step 0. `Paper`: Gaussian cores and uniform biases as in the official code.
     #[config(default = "DeltaInit::Zero")]
     pub init: DeltaInit,
+    /// Which block positions get an adapter. `None` only in adapter files written before
+    /// placements could be chosen, which used [`AdpPlacement::Houlsby`].
+    #[config(default = "Some(AdpPlacement::Official)")]
+    pub placement: Option<AdpPlacement>,
 }
 
 impl LorettaAdpConfig {
@@ -88,6 +127,11 @@ impl LorettaAdpConfig {
         };
         let up = self.up_shape.clone().unwrap_or_else(|| down.iter().rev().copied().collect());
         Ok(TtLinearPair { dims: (d, self.bottleneck, d), shapes: (down, up), rank: self.tensor_rank, bias: true })
+    }
+
+    /// Where the adapters go (see [`LorettaAdpConfig::placement`]).
+    pub fn placement(&self) -> AdpPlacement {
+        self.placement.unwrap_or(AdpPlacement::Houlsby)
     }
 
     /// Trainable parameters of one adapter on hidden size `d` (cores and both biases).
@@ -112,15 +156,16 @@ impl Method for LorettaAdpConfig {
         sets(Flag::Bottleneck, "bottleneck", "bottleneck width"),
         sets(Flag::TensorRank, "tensor_rank", "TT rank of the projections' trains"),
         sets(Flag::TtShape, "down_shape", "TT shape of the down projection (up uses its reverse)"),
+        sets(Flag::Placement, "placement", "official (LLaMA: before gate/up, after down) or houlsby"),
     ];
 
-    /// None: it goes after every block's attention and feed-forward output instead.
+    /// None: it goes at the block positions its [`AdpPlacement`] names instead.
     fn default_roles(&self) -> &'static [crate::AttentionMatrix] {
         &[]
     }
 
     fn count(&self, sites: &Sites) -> crate::Result<ParamReport> {
-        let rows = sites.residual.iter().map(|s| {
+        let rows = self.placement().select(sites.residual).into_iter().map(|s| {
             let params = self.num_params(s.hidden).map_err(at_site(Self::NAME, &s.name))?;
             Ok(ParamRow { module: s.name.clone(), shape: format!("{}", s.hidden), params, note: String::new() })
         });
@@ -128,9 +173,7 @@ impl Method for LorettaAdpConfig {
     }
 
     fn build<B: Backend>(&self, sites: &Sites, device: &B::Device) -> crate::Result<AdapterSet<B>> {
-        let residual = sites
-            .residual
-            .iter()
+        let residual = (self.placement().select(sites.residual).into_iter())
             .map(|s| Ok((s.clone(), ResidualAdapter::LorettaAdp(self.init(s.hidden, device)?))))
             .collect::<crate::Result<_>>()?;
         Ok(AdapterSet { shared: SharedFactors::empty(), linear: Vec::new(), residual })
