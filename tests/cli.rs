@@ -1294,3 +1294,120 @@ fn tt_head_trains_saves_and_evaluates() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--head applies to classification"));
 }
+
+#[test]
+fn multiple_choice_and_generation_train_and_evaluate_from_the_command_line() {
+    let dir = scratch("mc-gen");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    // Multiple choice from a --config file, with the choices under another key.
+    let rows: String = (0..12)
+        .map(|i| {
+            let label = i % 2;
+            let mut options = vec![format!(" w{} w{}", 20 + i, 30 + i)];
+            options.insert(label, " w60 w61".into());
+            serde_json::json!({"text": format!("w{} w{}", 10 + i, 40 - i), "options": options, "label": label})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(path("mc.jsonl"), &rows).unwrap();
+    std::fs::write(
+        path("mc.toml"),
+        format!(
+            "model = \"{}\"\ntask = \"lm-multiple-choice\"\ntrain = \"{}\"\nvalid = \"{}\"\nchoices_field = \"options\"\nmethod = \"lora\"\nepochs = 1\nbatch_size = 4\nmax_len = 16\n",
+            fixture("tiny-llama-words"),
+            path("mc.jsonl"),
+            path("mc.jsonl")
+        ),
+    )
+    .unwrap();
+    let out = tpeft(&["finetune", "--config", &path("mc.toml"), "--output", &path("mc-run")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("best valid accuracy:"), "{stdout}");
+    let model = fixture("tiny-llama-words");
+    let eval = |task: &str, data: &str, adapter: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", &model, "--adapter", adapter, "--task", task, "--data", data];
+        args.extend_from_slice(extra);
+        tpeft(&args)
+    };
+    let (mc, mc_run, predictions) = (path("mc.jsonl"), path("mc-run"), path("mc-pred.jsonl"));
+    let out = eval(
+        "lm-multiple-choice",
+        &mc,
+        &mc_run,
+        &["--choices-field", "options", "--json", "--predictions", &predictions],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["accuracy", "accuracy_norm", "accuracy_per_token", "loss"] {
+        assert!(metrics[key].is_number(), "{metrics}");
+    }
+    let lines = std::fs::read_to_string(&predictions).unwrap();
+    let second: serde_json::Value = serde_json::from_str(lines.lines().nth(1).unwrap()).unwrap();
+    assert_eq!((second["line"].as_u64(), second["expected"].as_u64()), (Some(2), Some(1)), "{second}");
+    // Without the key mapping the rows are refused, naming file, line and field (a runtime error).
+    let out = eval("lm-multiple-choice", &mc, &mc_run, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("mc.jsonl:1:") && err.contains("missing field `choices`") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // Generation from flags, the answers under another key; eval's --max-new-tokens wins.
+    let rows: String = (0..12)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("w{} w{}", 10 + i, 40 - i), "golds": ["w60 w61"]}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(path("gen.jsonl"), &rows).unwrap();
+    let (generation, gen_run) = (path("gen.jsonl"), path("gen-run"));
+    let args = lm_finetune_args(
+        std::path::Path::new(&gen_run),
+        &[
+            "--task",
+            "lm-generation",
+            "--train",
+            &generation,
+            "--valid",
+            &generation,
+            "--answers-field",
+            "golds",
+            "--max-new-tokens",
+            "4",
+            "--epochs",
+            "1",
+        ],
+    );
+    let out = run_args(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("best valid f1:"));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("gen-run/train_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["max_new_tokens"], 4);
+    let predictions = path("gen-pred.jsonl");
+    let out = eval(
+        "lm-generation",
+        &generation,
+        &gen_run,
+        &["--answers-field", "golds", "--max-new-tokens", "1", "--predictions", &predictions],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("exact_match: ") && text.contains("f1: "), "{text}");
+    for line in std::fs::read_to_string(&predictions).unwrap().lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p["expected"], serde_json::json!(["w60 w61"]));
+        assert!(p["predicted"].as_str().unwrap().split_whitespace().count() <= 1, "{p}");
+    }
+    // An encoder model cannot do these tasks.
+    let args = lm_finetune_args(
+        &dir.join("deberta"),
+        &["--model", &fixture("tiny-deberta/v3"), "--task", "lm-generation", "--train", &generation],
+    );
+    let out = run_args(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lm-generation needs a causal LM"), "{err}");
+}

@@ -80,7 +80,8 @@ pub struct TrainConfig {
     /// seed studies on one split (HF `TrainingArguments.data_seed` plays the same role).
     pub split_seed: Option<u64>,
     /// Validation metric that picks the best epoch (`accuracy`, `f1`, `mcc`, `pearson`,
-    /// `spearman`, `loss`, `perplexity`); default by task.
+    /// `spearman`, `loss`, `perplexity`, `accuracy_norm`, `accuracy_per_token`, `exact_match`);
+    /// default by task.
     pub metric_for_best: Option<String>,
     /// Stop after this many evaluations (epoch ends, and every `eval_every_steps` steps) without
     /// improvement of `metric_for_best`.
@@ -94,6 +95,8 @@ pub struct TrainConfig {
     pub verbalizers: Vec<String>,
     /// Prompt of `lm-classification`; `{text}` / `{text_pair}` are replaced.
     pub template: String,
+    /// Longest greedy answer of `lm-generation` when evaluating, in tokens.
+    pub max_new_tokens: usize,
     /// Output directory.
     pub output: PathBuf,
     /// Replace an output directory that already holds a run.
@@ -146,6 +149,7 @@ impl Default for TrainConfig {
             eval_every_steps: 0,
             verbalizers: Vec::new(),
             template: "{text} It was".into(),
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             output: PathBuf::new(),
             overwrite: false,
             resume: false,
@@ -189,6 +193,13 @@ impl TrainConfig {
     pub fn peak_lr(&self) -> f64 {
         self.lr.unwrap_or_else(|| self.method.recommended_training().lr)
     }
+}
+
+/// The default of [`TrainConfig::max_new_tokens`].
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+
+fn default_max_new_tokens() -> usize {
+    DEFAULT_MAX_NEW_TOKENS
 }
 
 /// The head of an encoder task.
@@ -235,6 +246,9 @@ pub struct TaskInfo {
     /// The head (encoder tasks); absent in files written before it existed: linear.
     #[serde(default)]
     pub head: HeadKind,
+    /// Longest greedy answer (lm-generation); absent in files written before it existed: 32.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
 }
 
 /// Options that must not change when resuming (everything that shapes the computation).
@@ -311,11 +325,16 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
             "lm-classification needs one label word per class, e.g. --verbalizers terrible,great",
         );
     }
+    if cfg.task == TaskKind::LmGeneration && cfg.max_new_tokens == 0 {
+        return bad("max-new-tokens", "must be at least 1");
+    }
     if let Some(m) = &cfg.metric_for_best {
         let ok: &[&str] = match cfg.task {
             TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
             TaskKind::Regression => &["loss", "pearson", "spearman"],
             TaskKind::CausalLm => &["loss", "perplexity"],
+            TaskKind::LmMultipleChoice => &["loss", "accuracy", "accuracy_norm", "accuracy_per_token"],
+            TaskKind::LmGeneration => &["loss", "exact_match", "f1"],
         };
         if !ok.contains(&m.as_str()) {
             return Err(TrainError::Option {
@@ -335,10 +354,12 @@ pub(crate) fn targets_of(cfg: &TrainConfig) -> Targets {
     }
 }
 
-pub(crate) fn default_metric(task: TaskKind) -> &'static str {
+/// The validation metric that picks the best epoch of `task` when `--metric-for-best` is not given.
+pub fn default_metric(task: TaskKind) -> &'static str {
     match task {
-        TaskKind::Classification | TaskKind::LmClassification => "accuracy",
+        TaskKind::Classification | TaskKind::LmClassification | TaskKind::LmMultipleChoice => "accuracy",
         TaskKind::Regression => "pearson",
         TaskKind::CausalLm => "loss",
+        TaskKind::LmGeneration => "f1",
     }
 }

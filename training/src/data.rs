@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tensor_peft_models::tokenizer::ChatMessage;
 
-/// The four fine-tuning tasks.
+/// The fine-tuning tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskKind {
@@ -22,10 +22,17 @@ pub enum TaskKind {
     CausalLm,
     /// Prompt-based classification with a causal LM: the label whose verbalizer word scores highest.
     LmClassification,
+    /// Multiple choice with a causal LM (COPA, ReCoRD style): trained with the LM loss on the
+    /// correct choice, evaluated by the log-likelihood of each choice after the prompt.
+    LmMultipleChoice,
+    /// Question answering by generation with a causal LM (SQuAD, DROP style): trained with the LM
+    /// loss on the answer, evaluated by greedy decoding, exact match and token F1.
+    LmGeneration,
 }
 
 /// Task names as written on the command line.
-pub const TASK_NAMES: [&str; 4] = ["classification", "regression", "causal-lm", "lm-classification"];
+pub const TASK_NAMES: [&str; 6] =
+    ["classification", "regression", "causal-lm", "lm-classification", "lm-multiple-choice", "lm-generation"];
 
 impl TaskKind {
     /// Parses a task name.
@@ -35,6 +42,8 @@ impl TaskKind {
             "regression" => Self::Regression,
             "causal-lm" => Self::CausalLm,
             "lm-classification" => Self::LmClassification,
+            "lm-multiple-choice" => Self::LmMultipleChoice,
+            "lm-generation" => Self::LmGeneration,
             other => {
                 return Err(TrainError::Option {
                     option: "task",
@@ -51,6 +60,8 @@ impl TaskKind {
             Self::Regression => "regression",
             Self::CausalLm => "causal-lm",
             Self::LmClassification => "lm-classification",
+            Self::LmMultipleChoice => "lm-multiple-choice",
+            Self::LmGeneration => "lm-generation",
         }
     }
 
@@ -78,6 +89,11 @@ pub struct FieldMap {
     pub completion: String,
     /// A chat: a list of `{"role", "content"}` objects.
     pub messages: String,
+    /// The candidate continuations of a multiple-choice example (a list of strings).
+    pub choices: String,
+    /// The gold answers of a generation example (a string, a list of strings, or SQuAD's
+    /// `{"text": [...]}`).
+    pub answers: String,
 }
 
 impl Default for FieldMap {
@@ -90,6 +106,8 @@ impl Default for FieldMap {
             prompt: "prompt".into(),
             completion: "completion".into(),
             messages: "messages".into(),
+            choices: "choices".into(),
+            answers: "answers".into(),
         }
     }
 }
@@ -140,6 +158,22 @@ pub enum Content {
     },
     /// A conversation; the model learns the assistant turns.
     Chat(Vec<ChatMessage>),
+    /// A prompt, its candidate continuations and the index of the correct one.
+    MultipleChoice {
+        /// Text the choices follow.
+        prompt: String,
+        /// The candidate continuations, appended to the prompt as written.
+        choices: Vec<String>,
+        /// 0-based index of the correct choice.
+        label: usize,
+    },
+    /// A prompt and the answers a generation may match (the first one is trained).
+    Question {
+        /// Text the answer follows.
+        prompt: String,
+        /// Gold answers, at least one.
+        answers: Vec<String>,
+    },
 }
 
 /// One example and where it came from.
@@ -181,9 +215,105 @@ fn flag_of(key: &str) -> &str {
     }
 }
 
+/// The prompt of a multiple-choice or generation row: `fields.prompt`, else `fields.text`.
+fn prompt_field(row: &Row, fields: &FieldMap, origin: &Origin) -> Result<String> {
+    let key =
+        if row.contains_key(&fields.prompt) || !row.contains_key(&fields.text) { &fields.prompt } else { &fields.text };
+    let prompt = text_field(row, key, origin, true)?.unwrap_or_default();
+    if prompt.is_empty() {
+        return Err(origin.error(format!("field `{key}` is empty: the first scored token needs a prompt before it")));
+    }
+    Ok(prompt)
+}
+
+/// A multiple-choice row: the prompt, a list of at least two string choices, an integer label
+/// that indexes them.
+fn multiple_choice_row(row: &Row, fields: &FieldMap, origin: &Origin) -> Result<Content> {
+    let prompt = prompt_field(row, fields, origin)?;
+    let key = &fields.choices;
+    let choices: Vec<String> = match row.get(key) {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                serde_json::Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                other => Err(origin.error(format!("`{key}[{i}]` must be a non-empty string, found {other}"))),
+            })
+            .collect::<Result<_>>()?,
+        None | Some(serde_json::Value::Null) => {
+            return Err(origin.error(format!("missing field `{key}` (use --choices-field to map another key)")));
+        }
+        Some(other) => return Err(origin.error(format!("field `{key}` must be a list of strings, found {other}"))),
+    };
+    if choices.len() < 2 {
+        return Err(origin.error(format!("field `{key}` has {} choice(s); at least two are needed", choices.len())));
+    }
+    let label = match row.get(&fields.label) {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
+        None | Some(serde_json::Value::Null) => {
+            return Err(
+                origin.error(format!("missing field `{}` (use --label-field to map another key)", fields.label))
+            );
+        }
+        Some(_) => None,
+    };
+    match label {
+        Some(l) if (l as usize) < choices.len() => Ok(Content::MultipleChoice { prompt, choices, label: l as usize }),
+        _ => Err(origin.error(format!(
+            "field `{}` must be the 0-based index of the correct choice (0 to {}), found {}",
+            fields.label,
+            choices.len() - 1,
+            row.get(&fields.label).map_or("nothing".to_string(), |v| v.to_string())
+        ))),
+    }
+}
+
+/// A generation row: the prompt and its gold answers (`fields.answers`, else `answer`).
+fn question_row(row: &Row, fields: &FieldMap, origin: &Origin) -> Result<Content> {
+    let prompt = prompt_field(row, fields, origin)?;
+    let key = if row.contains_key(&fields.answers) || !row.contains_key("answer") {
+        fields.answers.as_str()
+    } else {
+        "answer"
+    };
+    let strings = |items: &[serde_json::Value], at: &str| -> Result<Vec<String>> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                other => Err(origin.error(format!("`{at}[{i}]` must be a string, found {other}"))),
+            })
+            .collect()
+    };
+    let answers = match row.get(key) {
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(items)) => strings(items, key)?,
+        // SQuAD's own layout: {"text": [...], "answer_start": [...]}.
+        Some(serde_json::Value::Object(o)) if o.get("text").is_some_and(|t| t.is_array()) => {
+            strings(o["text"].as_array().expect("checked"), &format!("{key}.text"))?
+        }
+        None | Some(serde_json::Value::Null) => {
+            return Err(origin.error(format!("missing field `{key}` (use --answers-field to map another key)")));
+        }
+        Some(other) => {
+            return Err(origin.error(format!(
+                "field `{key}` must be a string, a list of strings or {{\"text\": [strings]}}, found {other}"
+            )));
+        }
+    };
+    if answers.is_empty() || answers[0].trim().is_empty() {
+        return Err(origin.error(format!("field `{key}` has no (non-empty first) answer to learn")));
+    }
+    Ok(Content::Question { prompt, answers })
+}
+
 /// Parses one row into the example `task` needs.
 fn parse_row(task: TaskKind, fields: &FieldMap, row: &Row, origin: Origin) -> Result<Example> {
     let content = match task {
+        TaskKind::LmMultipleChoice => multiple_choice_row(row, fields, &origin)?,
+        TaskKind::LmGeneration => question_row(row, fields, &origin)?,
         TaskKind::Classification | TaskKind::LmClassification => {
             let text = text_field(row, &fields.text, &origin, true)?.unwrap_or_default();
             let text_pair = text_field(row, &fields.text_pair, &origin, false)?;

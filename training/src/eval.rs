@@ -5,7 +5,7 @@ use crate::checkpoint::assign_params;
 use crate::data::{self, Example, FieldMap, Labels, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::metrics::Accumulator;
-use crate::task::{Encoder, EncoderTask, LmTask, verbalizer_ids};
+use crate::task::{Decoding, Encoder, EncoderTask, LmTask, verbalizer_ids};
 use crate::trainer::{BaseModel, TaskInfo, evaluate_items, load_base};
 use burn::tensor::backend::Backend;
 use serde::Serialize;
@@ -27,6 +27,8 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// The precision the frozen base model is held at.
     pub base_dtype: tensor_peft_models::BaseDType,
+    /// Longest greedy answer of `lm-generation` (default: the one the adapter was trained with).
+    pub max_new_tokens: Option<usize>,
 }
 
 /// One example's prediction, for error analysis and paired comparisons between runs.
@@ -50,6 +52,12 @@ pub enum Target {
     Label(String),
     /// A regression score.
     Score(f32),
+    /// A choice, by its 0-based index (lm-multiple-choice).
+    Choice(usize),
+    /// The gold answers (lm-generation).
+    Answers(Vec<String>),
+    /// A generated answer (lm-generation).
+    Text(String),
 }
 
 /// The result of [`evaluate_with_predictions`].
@@ -57,8 +65,10 @@ pub enum Target {
 pub struct Evaluation {
     /// The task's metrics over the whole data (as [`evaluate`] returns them).
     pub metrics: BTreeMap<String, f64>,
-    /// One entry per example in data order; empty for `causal-lm`, whose examples have no single
-    /// predicted value (its metrics are the loss and perplexity over completion tokens).
+    /// One entry per example in data order (for `lm-multiple-choice` the choice of the highest
+    /// summed log-likelihood, for `lm-generation` the decoded answer); empty for `causal-lm`,
+    /// whose examples have no single predicted value (its metrics are the loss and perplexity over
+    /// completion tokens).
     pub predictions: Vec<Prediction>,
 }
 
@@ -101,6 +111,9 @@ pub fn evaluate_with_predictions<B: Backend>(
     let labels = info.labels.clone().map(|names| Labels { names });
     let n_classes = labels.as_ref().map_or(0, Labels::len);
     let lm = options.task == TaskKind::CausalLm;
+    if options.max_new_tokens == Some(0) {
+        return Err(TrainError::Option { option: "max-new-tokens", reason: "must be at least 1".into() });
+    }
     let prefixed = |extras: tensor_peft_models::adapter_file::TensorMap| -> BTreeMap<_, _> {
         extras.into_iter().map(|(k, v)| (format!("net.{k}"), v)).collect()
     };
@@ -128,6 +141,7 @@ pub fn evaluate_with_predictions<B: Backend>(
                 labels: labels.as_ref(),
                 template: "",
                 eos: None,
+                training: false,
             };
             let (items, _) = encoder.encode_all(&examples)?;
             let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
@@ -140,7 +154,11 @@ pub fn evaluate_with_predictions<B: Backend>(
             } else {
                 Vec::new()
             };
-            let task = assign_params(LmTask { net: llama, verbalizer }, prefixed(extras), &weights)?;
+            let decoding = (options.task == TaskKind::LmGeneration).then(|| Decoding {
+                tokenizer: std::sync::Arc::new(tokenizer.clone()),
+                max_new_tokens: options.max_new_tokens.unwrap_or(info.max_new_tokens),
+            });
+            let task = assign_params(LmTask { net: llama, verbalizer, decoding }, prefixed(extras), &weights)?;
             let encoder = Encoder {
                 tokenizer: &tokenizer,
                 task: options.task,
@@ -148,6 +166,7 @@ pub fn evaluate_with_predictions<B: Backend>(
                 labels: labels.as_ref(),
                 template: &info.template,
                 eos: tokenizer.eos,
+                training: false,
             };
             let (items, _) = encoder.encode_all(&examples)?;
             evaluate_items(&task, &items, options.batch_size, tokenizer.eos.unwrap_or(0), device)
@@ -158,13 +177,22 @@ pub fn evaluate_with_predictions<B: Backend>(
     Ok(Evaluation { metrics, predictions })
 }
 
-/// Pairs the accumulated per-example outputs with the examples they came from. Label and score
-/// tasks never drop an example while encoding, so outputs and examples align one to one.
+/// Pairs the accumulated per-example outputs with the examples they came from. Label, score,
+/// multiple-choice and generation tasks never drop an example while encoding for evaluation, so
+/// outputs and examples align one to one.
 fn predictions(acc: &Accumulator, examples: &[Example], labels: Option<&Labels>) -> Result<Vec<Prediction>> {
     let name = |i: usize| -> Target {
         Target::Label(labels.and_then(|l| l.names.get(i)).cloned().unwrap_or_else(|| i.to_string()))
     };
-    let pairs: Vec<(Target, Target)> = if acc.labels().is_empty() {
+    let pairs: Vec<(Target, Target)> = if !acc.choices().is_empty() {
+        acc.choices().iter().map(|c| (Target::Choice(c.label), Target::Choice(c.by_sum))).collect()
+    } else if !acc.generations().is_empty() {
+        let answers = examples.iter().map(|e| match &e.content {
+            data::Content::Question { answers, .. } => answers.clone(),
+            _ => Vec::new(),
+        });
+        answers.zip(acc.generations()).map(|(a, g)| (Target::Answers(a), Target::Text(g.text.clone()))).collect()
+    } else if acc.labels().is_empty() {
         acc.scores().iter().zip(acc.predicted_scores()).map(|(&e, &p)| (Target::Score(e), Target::Score(p))).collect()
     } else {
         acc.labels().iter().zip(acc.predicted()).map(|(&e, &p)| (name(e), name(p))).collect()

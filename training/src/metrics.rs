@@ -25,6 +25,121 @@ pub struct StepStats {
     pub scores: Vec<f32>,
     /// Non-padding input tokens processed.
     pub tokens: usize,
+    /// Multiple-choice examples scored (`lm-multiple-choice` evaluation).
+    pub choices: Vec<ChoiceOutcome>,
+    /// Generations scored against their gold answers (`lm-generation` evaluation).
+    pub generations: Vec<GenerationOutcome>,
+}
+
+/// One multiple-choice example scored by the log-likelihood of each choice after the prompt: the
+/// gold index and the choice each normalisation picks (ties go to the first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceOutcome {
+    /// 0-based index of the correct choice.
+    pub label: usize,
+    /// Highest sum of the choice tokens' log-probabilities (lm-eval-harness's `acc`).
+    pub by_sum: usize,
+    /// Highest sum per character of the choice (lm-eval-harness's `acc_norm`).
+    pub by_chars: usize,
+    /// Highest mean log-probability per choice token (MeZO's and LoRETTA's default scoring).
+    pub by_tokens: usize,
+    /// Each choice's summed token log-probabilities.
+    pub log_likelihoods: Vec<f64>,
+}
+
+impl ChoiceOutcome {
+    /// The outcome of choices whose summed log-probabilities are `sums`, `chars` characters and
+    /// `tokens` tokens long.
+    pub fn from_scores(label: usize, sums: &[f64], chars: &[usize], tokens: &[usize]) -> Self {
+        let best = |score: &dyn Fn(usize) -> f64| {
+            (0..sums.len()).fold(0, |best, i| if score(i) > score(best) { i } else { best })
+        };
+        Self {
+            label,
+            by_sum: best(&|i| sums[i]),
+            by_chars: best(&|i| sums[i] / chars[i].max(1) as f64),
+            by_tokens: best(&|i| sums[i] / tokens[i].max(1) as f64),
+            log_likelihoods: sums.to_vec(),
+        }
+    }
+}
+
+/// One generation and its SQuAD scores against the best-matching gold answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationOutcome {
+    /// The decoded text (up to the first newline, trimmed).
+    pub text: String,
+    /// 1 when it equals a gold answer after [`normalize_answer`], else 0.
+    pub exact_match: f64,
+    /// The best [`token_f1`] over the gold answers.
+    pub f1: f64,
+}
+
+impl GenerationOutcome {
+    /// Scores `text` against `answers` (the maximum over them, as the SQuAD script does).
+    pub fn score(text: String, answers: &[String]) -> Self {
+        let exact_match = answers.iter().map(|a| exact_match(&text, a)).fold(0.0, f64::max);
+        let f1 = answers.iter().map(|a| token_f1(&text, a)).fold(0.0, f64::max);
+        Self { text, exact_match, f1 }
+    }
+}
+
+/// SQuAD's answer normalisation: lower case, ASCII punctuation removed, the articles `a`, `an`,
+/// `the` removed as words, whitespace collapsed to single spaces.
+pub fn normalize_answer(s: &str) -> String {
+    let lower: String = s.to_lowercase().chars().filter(|c| !c.is_ascii_punctuation()).collect();
+    // Python's `re.sub(r"\b(a|an|the)\b", " ", text)`: articles as whole runs of word characters.
+    let mut out = String::with_capacity(lower.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if matches!(word.as_str(), "a" | "an" | "the") {
+            out.push(' ');
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in lower.chars() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// 1 when `prediction` and `gold` are equal after [`normalize_answer`], else 0.
+pub fn exact_match(prediction: &str, gold: &str) -> f64 {
+    f64::from(u8::from(normalize_answer(prediction) == normalize_answer(gold)))
+}
+
+/// SQuAD's token F1: the harmonic mean of precision and recall of the normalised words shared
+/// (as multisets) by `prediction` and `gold`; 0 when they share none (also when both are empty).
+pub fn token_f1(prediction: &str, gold: &str) -> f64 {
+    let (p, g) = (normalize_answer(prediction), normalize_answer(gold));
+    let (p, g): (Vec<&str>, Vec<&str>) = (p.split_whitespace().collect(), g.split_whitespace().collect());
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for w in &g {
+        *counts.entry(w).or_insert(0) += 1;
+    }
+    let mut same = 0usize;
+    for w in &p {
+        if let Some(c) = counts.get_mut(w)
+            && *c > 0
+        {
+            *c -= 1;
+            same += 1;
+        }
+    }
+    if same == 0 {
+        return 0.0;
+    }
+    let precision = same as f64 / p.len() as f64;
+    let recall = same as f64 / g.len() as f64;
+    2.0 * precision * recall / (precision + recall)
 }
 
 /// Accumulates [`StepStats`] over an epoch or a whole evaluation.
@@ -38,6 +153,10 @@ pub struct Accumulator {
     scores: Vec<f32>,
     /// Tokens seen.
     pub tokens: usize,
+    #[serde(default)]
+    choices: Vec<ChoiceOutcome>,
+    #[serde(default)]
+    generations: Vec<GenerationOutcome>,
 }
 
 impl Accumulator {
@@ -50,6 +169,18 @@ impl Accumulator {
         self.predicted_scores.extend_from_slice(&s.predicted_scores);
         self.scores.extend_from_slice(&s.scores);
         self.tokens += s.tokens;
+        self.choices.extend_from_slice(&s.choices);
+        self.generations.extend_from_slice(&s.generations);
+    }
+
+    /// Multiple-choice outcomes per example, in the order added.
+    pub fn choices(&self) -> &[ChoiceOutcome] {
+        &self.choices
+    }
+
+    /// Generation outcomes per example, in the order added.
+    pub fn generations(&self) -> &[GenerationOutcome] {
+        &self.generations
     }
 
     /// Predicted class per example, in the order added.
@@ -78,7 +209,9 @@ impl Accumulator {
     }
 
     /// Every metric that applies to what was accumulated (`loss`, and `accuracy`, `f1`, `mcc` for
-    /// labels, `pearson`, `spearman` for scores, `perplexity` for LM losses when `lm`).
+    /// labels, `pearson`, `spearman` for scores, `perplexity` for LM losses when `lm`,
+    /// `accuracy`, `accuracy_norm`, `accuracy_per_token` for multiple choice, `exact_match`, `f1`
+    /// for generations).
     pub fn metrics(&self, n_classes: usize, lm: bool) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
         out.insert("loss".into(), self.loss());
@@ -93,6 +226,20 @@ impl Accumulator {
         if !self.scores.is_empty() {
             out.insert("pearson".into(), pearson(&self.predicted_scores, &self.scores));
             out.insert("spearman".into(), spearman(&self.predicted_scores, &self.scores));
+        }
+        if !self.choices.is_empty() {
+            let n = self.choices.len() as f64;
+            let rate = |pick: fn(&ChoiceOutcome) -> usize| {
+                self.choices.iter().filter(|c| pick(c) == c.label).count() as f64 / n
+            };
+            out.insert("accuracy".into(), rate(|c| c.by_sum));
+            out.insert("accuracy_norm".into(), rate(|c| c.by_chars));
+            out.insert("accuracy_per_token".into(), rate(|c| c.by_tokens));
+        }
+        if !self.generations.is_empty() {
+            let n = self.generations.len() as f64;
+            out.insert("exact_match".into(), self.generations.iter().map(|g| g.exact_match).sum::<f64>() / n);
+            out.insert("f1".into(), self.generations.iter().map(|g| g.f1).sum::<f64>() / n);
         }
         out
     }

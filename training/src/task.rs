@@ -1,13 +1,18 @@
 //! Tasks as burn-train models: examples are tokenised once ([`Encoded`]), padded per batch
 //! ([`Batch`]), and run through [`EncoderTask`] (BERT family + head: classification, regression)
 //! or [`LmTask`] (LLaMA: causal LM with the loss on completion tokens, prompt-based classification
-//! by verbalizer words). Both implement burn-train's `TrainStep` / `InferenceStep` and report
+//! by verbalizer words, multiple choice by the log-likelihood of each choice, generation scored by
+//! exact match and F1). Both implement burn-train's `TrainStep` / `InferenceStep` and report
 //! host-side [`StepStats`] to the metrics.
+//!
+//! Multiple choice and generation train as causal LM on the correct continuation (MeZO's
+//! `--train_as_classification False`, which LoRETTA's code inherits for COPA, ReCoRD, SQuAD and
+//! DROP); only their validation and test examples are encoded for scoring ([`Encoder::training`]).
 
 use crate::data::{Content, Example, Labels, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::loss::linear_cross_entropy;
-use crate::metrics::StepStats;
+use crate::metrics::{ChoiceOutcome, GenerationOutcome, StepStats};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -15,6 +20,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::metric::Adaptor;
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use std::path::Path;
+use std::sync::Arc;
 use tensor_peft_models::adapter_file::{AdapterConfig, save_adapter_with_extras};
 use tensor_peft_models::heads::head_to_hf;
 use tensor_peft_models::tokenizer::{ChatMessage, TextTokenizer};
@@ -31,6 +37,25 @@ pub enum Target {
     Completion {
         /// Index in `ids` of the first supervised token.
         from: usize,
+    },
+    /// Multiple choice (evaluation): one sequence per choice, the prompt followed by the choice.
+    /// `Encoded::ids` is the correct choice's sequence.
+    Choices {
+        /// 0-based index of the correct choice.
+        label: usize,
+        /// Each choice's token ids (prompt, cut from the left when it does not fit, then the
+        /// choice) and the index of its first choice token.
+        rows: Vec<(Vec<u32>, usize)>,
+        /// Each choice's length in characters (for lm-eval-harness's `acc_norm`).
+        chars: Vec<usize>,
+    },
+    /// Generation (evaluation): `ids` are the prompt, the first answer and EOS, supervised from
+    /// `from` (the LM loss); greedy decoding continues `ids[..from]`.
+    Generation {
+        /// Index in `ids` of the first answer token.
+        from: usize,
+        /// The gold answers.
+        answers: Vec<String>,
     },
 }
 
@@ -59,6 +84,9 @@ pub struct Encoder<'a> {
     pub template: &'a str,
     /// End-of-sequence token appended to completions.
     pub eos: Option<u32>,
+    /// Encoding the training split: multiple-choice and generation examples become completions
+    /// of their correct choice or first answer (scoring needs neither).
+    pub training: bool,
 }
 
 /// Counts of what [`Encoder::encode_all`] truncated or dropped.
@@ -173,10 +201,91 @@ impl Encoder<'_> {
                 }
                 self.finish_lm(ids, prompt_ids.len(), report)
             }
+            (TaskKind::LmMultipleChoice, Content::MultipleChoice { prompt, choices, label }) => {
+                let prompt_ids = self.prompt_tokens(prompt, e)?;
+                let continuations: Vec<Vec<u32>> = choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let ids = self.continuation(c, e)?;
+                        if ids.is_empty() {
+                            return Err(e.origin.error(format!("choice {i} ({c:?}) is no tokens")));
+                        }
+                        Ok(ids)
+                    })
+                    .collect::<Result<_>>()?;
+                if self.training {
+                    // The LM loss on the correct choice alone, without an end-of-sequence token.
+                    let mut ids = prompt_ids.clone();
+                    ids.extend_from_slice(&continuations[*label]);
+                    return self.finish_lm(ids, prompt_ids.len(), report);
+                }
+                let mut cut = false;
+                let rows: Vec<(Vec<u32>, usize)> =
+                    continuations.iter().map(|c| self.fit_for_scoring(&prompt_ids, c, &mut cut)).collect();
+                report.truncated += usize::from(cut);
+                let chars = choices.iter().map(|c| c.chars().count()).collect();
+                let ids = rows[*label].0.clone();
+                let types = vec![0; ids.len()];
+                Ok(Some(Encoded { ids, types, target: Target::Choices { label: *label, rows, chars } }))
+            }
+            (TaskKind::LmGeneration, Content::Question { prompt, answers }) => {
+                let prompt_ids = self.prompt_tokens(prompt, e)?;
+                let mut answer = self.continuation(&answers[0], e)?;
+                answer.extend(self.eos);
+                if self.training {
+                    let mut ids = prompt_ids.clone();
+                    ids.extend_from_slice(&answer);
+                    return self.finish_lm(ids, prompt_ids.len(), report);
+                }
+                let mut cut = false;
+                let (ids, from) = self.fit_for_scoring(&prompt_ids, &answer, &mut cut);
+                report.truncated += usize::from(cut);
+                let types = vec![0; ids.len()];
+                Ok(Some(Encoded { ids, types, target: Target::Generation { from, answers: answers.clone() } }))
+            }
+            (_, Content::MultipleChoice { .. }) => Err(mismatch("a multiple-choice question")),
+            (_, Content::Question { .. }) => Err(mismatch("a question with answers")),
             (_, Content::Labelled { .. }) => Err(mismatch("a labelled text")),
             (_, Content::Scored { .. }) => Err(mismatch("a scored text")),
             (_, Content::Completion { .. }) => Err(mismatch("a prompt/completion pair")),
             (_, Content::Chat(_)) => Err(mismatch("a conversation")),
+        }
+    }
+
+    /// The prompt's tokens; a prompt of no tokens cannot precede a scored token.
+    fn prompt_tokens(&self, prompt: &str, e: &Example) -> Result<Vec<u32>> {
+        let ids = self.tokens(prompt, e)?;
+        if ids.is_empty() {
+            return Err(e.origin.error("the prompt is no tokens"));
+        }
+        Ok(ids)
+    }
+
+    /// A continuation tokenised on its own, without the BOS the tokenizer may prepend.
+    fn continuation(&self, text: &str, e: &Example) -> Result<Vec<u32>> {
+        let mut ids = self.tokens(text, e)?;
+        if self.tokenizer.add_bos && !ids.is_empty() {
+            ids.remove(0);
+        }
+        Ok(ids)
+    }
+
+    /// `prompt` + `continuation` in at most `max_len` tokens, and the index of the first
+    /// continuation token: the prompt is cut from the left when needed (as lm-eval-harness does),
+    /// and only a continuation longer than the whole length is cut itself. Sets `cut` when
+    /// anything was cut.
+    fn fit_for_scoring(&self, prompt: &[u32], continuation: &[u32], cut: &mut bool) -> (Vec<u32>, usize) {
+        let total = prompt.len() + continuation.len();
+        if total <= self.max_len {
+            return ([prompt, continuation].concat(), prompt.len());
+        }
+        *cut = true;
+        if continuation.len() < self.max_len {
+            let keep = self.max_len - continuation.len();
+            ([&prompt[prompt.len() - keep..], continuation].concat(), keep)
+        } else {
+            ([&prompt[prompt.len() - 1..], &continuation[..self.max_len - 1]].concat(), 1)
         }
     }
 
@@ -213,10 +322,34 @@ pub struct Batch<B: Backend> {
     pub last: Tensor<B, 1, Int>,
     /// Non-padding tokens.
     pub tokens: usize,
+    /// Multiple choice: the rows are the examples' choices, not the examples.
+    pub choices: Option<ChoiceBatch<B>>,
+    /// Generation: each example's prompt ids and gold answers (empty for other batches).
+    pub generation: Vec<(Vec<u32>, Vec<String>)>,
 }
 
-/// Pads `items` into a batch on `device`.
+/// How the rows of a multiple-choice batch (one per choice, each example's choices in turn) map
+/// to its examples. The batch's `next_tokens` weight every choice token of every row.
+#[derive(Debug, Clone)]
+pub struct ChoiceBatch<B: Backend> {
+    /// 1 for each row that is its example's correct choice, 0 for the others `[R]`.
+    pub correct: Tensor<B, 1>,
+    /// Per example: its first row, its number of choices and the index of the correct one.
+    pub examples: Vec<(usize, usize, usize)>,
+    /// Per row: the choice's length in characters.
+    pub chars: Vec<usize>,
+    /// Per row: the choice's scored tokens.
+    pub row_tokens: Vec<usize>,
+    /// Scored tokens of the correct rows (the loss's units).
+    pub correct_tokens: usize,
+}
+
+/// Pads `items` into a batch on `device`. Multiple-choice items (evaluation) give one row per
+/// choice; they are not mixed with other items.
 pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) -> Batch<B> {
+    if items.iter().any(|e| matches!(e.target, Target::Choices { .. })) {
+        return choice_batch(items, pad, device);
+    }
     let b = items.len();
     let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
     let mut ids = vec![pad as i64; b * t];
@@ -237,25 +370,26 @@ pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) 
         items.iter().filter_map(|e| if let Target::Class(c) = e.target { Some(c) } else { None }).collect();
     let scores: Vec<f32> =
         items.iter().filter_map(|e| if let Target::Score(s) = e.target { Some(s) } else { None }).collect();
-    let next_tokens = items.iter().any(|e| matches!(e.target, Target::Completion { .. })).then(|| {
-        let mut targets = vec![0i64; b * t];
-        let mut weights = vec![0f32; b * t];
-        let mut count = 0;
-        for (row, e) in items.iter().enumerate() {
-            if let Target::Completion { from } = e.target {
-                for pos in from.saturating_sub(1)..e.ids.len().saturating_sub(1) {
-                    targets[row * t + pos] = e.ids[pos + 1] as i64;
-                    weights[row * t + pos] = 1.0;
-                    count += 1;
+    let next_tokens =
+        items.iter().any(|e| matches!(e.target, Target::Completion { .. } | Target::Generation { .. })).then(|| {
+            let mut targets = vec![0i64; b * t];
+            let mut weights = vec![0f32; b * t];
+            let mut count = 0;
+            for (row, e) in items.iter().enumerate() {
+                if let Target::Completion { from } | Target::Generation { from, .. } = e.target {
+                    for pos in from.saturating_sub(1)..e.ids.len().saturating_sub(1) {
+                        targets[row * t + pos] = e.ids[pos + 1] as i64;
+                        weights[row * t + pos] = 1.0;
+                        count += 1;
+                    }
                 }
             }
-        }
-        (
-            Tensor::from_data(TensorData::new(targets, [b, t]), device),
-            Tensor::from_data(TensorData::new(weights, [b, t]), device),
-            count,
-        )
-    });
+            (
+                Tensor::from_data(TensorData::new(targets, [b, t]), device),
+                Tensor::from_data(TensorData::new(weights, [b, t]), device),
+                count,
+            )
+        });
     Batch {
         ids: Tensor::from_data(TensorData::new(ids, [b, t]), device),
         types: Tensor::from_data(TensorData::new(types, [b, t]), device),
@@ -268,6 +402,83 @@ pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) 
         next_tokens,
         last: Tensor::from_data(TensorData::new(last, [b]), device),
         tokens,
+        choices: None,
+        generation: items
+            .iter()
+            .filter_map(|e| match &e.target {
+                Target::Generation { from, answers } => Some((e.ids[..*from].to_vec(), answers.clone())),
+                _ => None,
+            })
+            .collect(),
+    }
+}
+
+/// The batch of multiple-choice items: every choice of every item is a row, its choice tokens
+/// weighted in `next_tokens`.
+fn choice_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) -> Batch<B> {
+    let mut rows: Vec<(&[u32], usize)> = Vec::new();
+    let mut correct = Vec::new();
+    let mut examples = Vec::with_capacity(items.len());
+    let mut all_chars = Vec::new();
+    for e in items {
+        if let Target::Choices { label, rows: choices, chars } = &e.target {
+            examples.push((rows.len(), choices.len(), *label));
+            for (k, (ids, from)) in choices.iter().enumerate() {
+                rows.push((ids, *from));
+                correct.push(if k == *label { 1.0f32 } else { 0.0 });
+            }
+            all_chars.extend_from_slice(chars);
+        }
+    }
+    let r = rows.len();
+    let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1).max(1);
+    let mut ids = vec![pad as i64; r * t];
+    let mut mask = vec![0f32; r * t];
+    let mut targets = vec![0i64; r * t];
+    let mut weights = vec![0f32; r * t];
+    let mut last = Vec::with_capacity(r);
+    let mut row_tokens = Vec::with_capacity(r);
+    let (mut tokens, mut count, mut correct_tokens) = (0, 0, 0);
+    for (row, (seq, from)) in rows.iter().enumerate() {
+        for (k, &id) in seq.iter().enumerate() {
+            ids[row * t + k] = id as i64;
+            mask[row * t + k] = 1.0;
+        }
+        // Position p predicts seq[p + 1]: the choice tokens seq[from..] are predicted at from - 1 on.
+        let scored = from.saturating_sub(1)..seq.len().saturating_sub(1);
+        for pos in scored.clone() {
+            targets[row * t + pos] = seq[pos + 1] as i64;
+            weights[row * t + pos] = 1.0;
+        }
+        row_tokens.push(scored.len());
+        count += scored.len();
+        if correct[row] > 0.0 {
+            correct_tokens += scored.len();
+        }
+        last.push(seq.len().saturating_sub(1) as i64);
+        tokens += seq.len();
+    }
+    Batch {
+        ids: Tensor::from_data(TensorData::new(ids, [r, t]), device),
+        types: Tensor::zeros([r, t], device),
+        mask: Tensor::from_data(TensorData::new(mask, [r, t]), device),
+        classes: None,
+        scores: None,
+        next_tokens: Some((
+            Tensor::from_data(TensorData::new(targets, [r, t]), device),
+            Tensor::from_data(TensorData::new(weights, [r, t]), device),
+            count,
+        )),
+        last: Tensor::from_data(TensorData::new(last, [r]), device),
+        tokens,
+        choices: Some(ChoiceBatch {
+            correct: Tensor::from_data(TensorData::new(correct, [r]), device),
+            examples,
+            chars: all_chars,
+            row_tokens,
+            correct_tokens,
+        }),
+        generation: Vec::new(),
     }
 }
 
@@ -351,20 +562,47 @@ impl<B: Backend> EncoderTask<B> {
     }
 }
 
+/// What decoding the answers of `lm-generation` needs besides the model.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    /// Turns the generated ids into text.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Upper bound on generated tokens per answer.
+    pub max_new_tokens: usize,
+}
+
 /// A causal LM trained on completions (`verbalizer` empty) or as a prompt-based classifier: the
-/// logits of the `verbalizer` tokens after the prompt are the class scores.
+/// logits of the `verbalizer` tokens after the prompt are the class scores. Multiple-choice
+/// batches are scored by each choice's log-likelihood; generation batches are also decoded
+/// greedily when `decoding` is set.
 #[derive(Module, Debug)]
 pub struct LmTask<B: Backend> {
     /// The (adapted) model.
     pub net: Llama<B>,
     /// Token id of each class's word (lm-classification), empty for causal LM.
     pub verbalizer: Vec<usize>,
+    /// Greedy decoding of generation batches (lm-generation); `None` scores the loss only.
+    pub decoding: Option<Decoding>,
 }
 
 impl<B: Backend> LmTask<B> {
     /// Loss and statistics of a batch.
-    pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+    pub fn run(&self, mut batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
         let mut stats = StepStats { tokens: batch.tokens, ..Default::default() };
+        if let Some(choices) = batch.choices.take() {
+            let (loss, outcomes) = self.score_choices(batch, choices);
+            stats.units = outcomes.1;
+            stats.choices = outcomes.0;
+            stats.loss = scalar(&loss);
+            return (loss, stats);
+        }
+        if let Some(decoding) = &self.decoding {
+            stats.generations = batch
+                .generation
+                .iter()
+                .map(|(prompt, answers)| GenerationOutcome::score(self.decode(decoding, prompt), answers))
+                .collect();
+        }
         let loss = if self.verbalizer.is_empty() {
             let (targets, weights, count) = batch.next_tokens.expect("causal-LM batches carry targets");
             let hidden = self.net.hidden(batch.ids);
@@ -397,6 +635,49 @@ impl<B: Backend> LmTask<B> {
         };
         stats.loss = scalar(&loss);
         (loss, stats)
+    }
+}
+
+impl<B: Backend> LmTask<B> {
+    /// The LM loss on the correct choices (mean per token) and each example's outcome, with the
+    /// loss's units: the sum of the log-probabilities of each row's choice tokens, from one
+    /// forward pass over all rows.
+    fn score_choices(&self, batch: Batch<B>, choices: ChoiceBatch<B>) -> (Tensor<B, 1>, (Vec<ChoiceOutcome>, usize)) {
+        let (targets, weights, _) = batch.next_tokens.expect("multiple-choice batches carry targets");
+        let logits = self.net.forward(batch.ids);
+        let [r, t, _] = logits.dims();
+        let picked = log_softmax(logits, 2).gather(2, targets.reshape([r, t, 1])).reshape([r, t]);
+        let sums = (picked * weights).sum_dim(1).reshape([r]);
+        let units = choices.correct_tokens;
+        let loss = (sums.clone() * choices.correct).sum().neg().div_scalar(units.max(1) as f64).reshape([1]);
+        let sums: Vec<f64> = sums.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
+        let outcomes = choices
+            .examples
+            .iter()
+            .filter(|(first, n, _)| first + n <= sums.len())
+            .map(|&(first, n, label)| {
+                let rows = first..first + n;
+                ChoiceOutcome::from_scores(
+                    label,
+                    &sums[rows.clone()],
+                    &choices.chars[rows.clone()],
+                    &choices.row_tokens[rows],
+                )
+            })
+            .collect();
+        (loss, (outcomes, units))
+    }
+
+    /// Greedy decoding after `prompt` up to `max_new_tokens` or the end-of-sequence token; the
+    /// text up to its first newline (MeZO's stop string for SQuAD and DROP), trimmed.
+    fn decode(&self, decoding: &Decoding, prompt: &[u32]) -> String {
+        let eos = decoding.tokenizer.eos;
+        let mut out = self.net.generate_greedy(prompt, decoding.max_new_tokens, eos);
+        if out.last().copied() == eos {
+            out.pop();
+        }
+        let text = decoding.tokenizer.decode(&out).unwrap_or_default();
+        text.split('\n').next().unwrap_or_default().trim().to_string()
     }
 }
 

@@ -3,7 +3,8 @@
 //! global-norm clipping against torch's formula, and end-to-end fine-tuning of a tiny LLaMA
 //! (causal LM and prompt-based classification: loss falls, the adapter reloads and evaluates to the
 //! recorded validation metrics, resuming from a step checkpoint is bit-identical) and of MiniLM
-//! (classification and pair regression, when the assets are present).
+//! (classification and pair regression, when the assets are present); multiple choice and
+//! generation: SQuAD's EM/F1, choice scores against a plain forward, end-to-end runs, bad rows.
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
@@ -275,6 +276,7 @@ fn eval_options(task: TaskKind, batch_size: usize) -> tensor_peft_training::eval
         skip_bad_rows: false,
         batch_size,
         base_dtype: Default::default(),
+        max_new_tokens: None,
     }
 }
 
@@ -775,4 +777,335 @@ fn a_toy_method_added_through_the_registry_alone_trains_saves_and_reloads() {
     assert!((metrics["loss"] - best).abs() < 1e-4, "eval {} vs best {best}", metrics["loss"]);
     let config = tensor_peft_models::adapter_file::read_adapter_config(&cfg.output).unwrap();
     assert_eq!((config.method.name(), config.peft_type.as_str()), ("toy", "TOY"));
+}
+
+#[test]
+fn squad_exact_match_and_f1_match_hand_computed_values() {
+    use tensor_peft_training::metrics::{GenerationOutcome, exact_match, normalize_answer, token_f1};
+    // Lower case, ASCII punctuation out, articles out as whole words only, whitespace collapsed.
+    assert_eq!(normalize_answer("  The Cat,  sat!\tAn apple; a banana. "), "cat sat apple banana");
+    assert_eq!(normalize_answer("Theory of an anthem"), "theory of anthem");
+    assert_eq!(normalize_answer("the—end"), "—end");
+    assert_eq!(exact_match("The Eiffel Tower.", "eiffel tower"), 1.0);
+    assert_eq!(exact_match("Eiffel Towers", "eiffel tower"), 0.0);
+    // pred {cat, sat, on, mat}, gold {cat, on, mat}: 3 shared, P = 3/4, R = 1, F1 = 6/7.
+    assert!((token_f1("the cat sat on the mat", "a cat on a mat") - 6.0 / 7.0).abs() < 1e-12);
+    // Repeated words count as a multiset: pred {a1 x, x}… gold {x}: 1 shared, P = 1/2, R = 1.
+    assert!((token_f1("x x", "x") - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(token_f1("nothing shared", "else"), 0.0);
+    assert_eq!(token_f1("the", "a"), 0.0, "both empty after normalisation: SQuAD v1.1 gives 0");
+    // The best of several gold answers, for each metric separately.
+    let g = GenerationOutcome::score("Denver Broncos".into(), &["Broncos".into(), "the Denver Broncos!".into()]);
+    assert_eq!((g.exact_match, g.f1), (1.0, 1.0));
+    let g = GenerationOutcome::score("in Paris France".into(), &["Paris".into(), "Lyon France".into()]);
+    // "Paris": P = 1/3, R = 1 → 0.5; "Lyon France": P = 1/3, R = 1/2 → 0.4.
+    assert_eq!(g.exact_match, 0.0);
+    assert!((g.f1 - 0.5).abs() < 1e-12, "{}", g.f1);
+}
+
+#[test]
+fn choice_outcomes_follow_each_normalisation() {
+    use tensor_peft_training::metrics::{Accumulator, ChoiceOutcome, StepStats};
+    // Sums -6, -4, -5; 12, 2, 10 characters; 3, 1, 5 tokens.
+    // sum: -4 (choice 1); per char: -0.5, -2, -0.5 → first max is choice 0; per token: -2, -4, -1 → 2.
+    let c = ChoiceOutcome::from_scores(2, &[-6.0, -4.0, -5.0], &[12, 2, 10], &[3, 1, 5]);
+    assert_eq!((c.by_sum, c.by_chars, c.by_tokens), (1, 0, 2));
+    let mut acc = Accumulator::default();
+    let d = ChoiceOutcome::from_scores(0, &[-1.0, -2.0], &[1, 1], &[1, 1]);
+    acc.add(&StepStats { loss: 2.0, units: 4, choices: vec![c, d], ..Default::default() });
+    let m = acc.metrics(0, false);
+    assert_eq!((m["accuracy"], m["accuracy_norm"], m["accuracy_per_token"]), (0.5, 0.5, 1.0));
+    assert_eq!(m["loss"], 2.0);
+    assert!(!m.contains_key("f1") && !m.contains_key("mcc"), "{m:?}");
+}
+
+/// `{"prompt", "choices", "label"}` rows from the copy fixture's prompts: the distractors add 12
+/// to every word (and 14 for every other row, which has three choices); the correct choice adds
+/// 10 when `copy`, else it is always ` w60 w61` (what this tiny model learns within seconds).
+fn write_choice_file(source: &str, path: &Path, copy: bool) {
+    let text = std::fs::read_to_string(fixtures().join(source)).unwrap();
+    let shift = |s: &str, by: u32| -> String {
+        let words: Vec<String> =
+            s.split_whitespace().map(|w| format!("w{}", w[1..].parse::<u32>().unwrap() + by)).collect();
+        format!(" {}", words.join(" "))
+    };
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let prompt = row["prompt"].as_str().unwrap();
+        let mut choices = vec![shift(prompt, 12)];
+        if i % 2 == 0 {
+            choices.push(shift(prompt, 14));
+        }
+        let label = i % (choices.len() + 1);
+        choices.insert(label, if copy { shift(prompt, 10) } else { " w60 w61".into() });
+        out.push_str(&serde_json::json!({"prompt": prompt, "choices": choices, "label": label}).to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// `{"prompt", "answers"}` rows from the copy fixture's prompts: the answer `w60 w61` (one this
+/// tiny model learns within seconds), then a wrong one.
+fn write_answer_file(source: &str, path: &Path) {
+    let text = std::fs::read_to_string(fixtures().join(source)).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let answers = ["w60 w61", "w2 w3"];
+        out.push_str(&serde_json::json!({"prompt": row["prompt"], "answers": answers}).to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn multiple_choice_scores_are_the_choice_tokens_log_likelihoods_of_a_plain_forward() {
+    use tensor_peft_models::Llama;
+    use tensor_peft_models::tokenizer::TextTokenizer;
+    use tensor_peft_training::task::{Encoder, LmTask, Target, make_batch};
+    let dir = scratch("mc-scores");
+    let path = dir.join("mc.jsonl");
+    write_choice_file("lm-copy-valid.jsonl", &path, true);
+    let model_dir = fixtures().join("tiny-llama-words");
+    let device = Default::default();
+    let (net, _) = Llama::<B>::from_hf_dir(&model_dir, &device).unwrap();
+    let tokenizer = TextTokenizer::from_hf_dir(&model_dir).unwrap();
+    let examples = data::read_file(&path, TaskKind::LmMultipleChoice, &FieldMap::default(), false).unwrap().examples;
+    let examples = &examples[..5];
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        task: TaskKind::LmMultipleChoice,
+        max_len: 32,
+        labels: None,
+        template: "",
+        eos: tokenizer.eos,
+        training: false,
+    };
+    let (items, report) = encoder.encode_all(examples).unwrap();
+    assert_eq!((items.len(), report.truncated), (5, 0));
+    // Five examples of 3, 2, 3, 2, 3 choices of different lengths: one padded batch of 13 rows.
+    let task = LmTask { net: net.clone(), verbalizer: Vec::new(), decoding: None };
+    let refs: Vec<_> = items.iter().collect();
+    let (loss, stats) = task.run(make_batch::<B>(&refs, 0, &device));
+    assert_eq!(stats.choices.len(), 5);
+    let (mut correct_sum, mut correct_tokens) = (0.0, 0);
+    for (e, outcome) in examples.iter().zip(&stats.choices) {
+        let data::Content::MultipleChoice { prompt, choices, label } = &e.content else { panic!() };
+        assert_eq!(outcome.label, *label);
+        for (k, choice) in choices.iter().enumerate() {
+            // The independent score: one unpadded sequence, log-softmax in f64 on the host.
+            let p = tokenizer.encode(prompt).unwrap();
+            let c = tokenizer.encode(choice).unwrap();
+            let ids: Vec<i64> = p.iter().chain(&c).map(|&t| t as i64).collect();
+            let n = ids.len();
+            let logits = net.forward(Tensor::from_data(TensorData::new(ids.clone(), [1, n]), &device));
+            let v = logits.dims()[2];
+            let logits = logits.into_data().to_vec::<f32>().unwrap();
+            let mut expected = 0.0f64;
+            for pos in p.len() - 1..n - 1 {
+                let row = &logits[pos * v..(pos + 1) * v];
+                let max = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                expected += row[ids[pos + 1] as usize] as f64 - lse;
+            }
+            let got = outcome.log_likelihoods[k];
+            assert!((got - expected).abs() < 1e-4 * expected.abs().max(1.0), "choice {k}: {got} vs {expected}");
+            if k == *label {
+                correct_sum += expected;
+                correct_tokens += c.len();
+            }
+        }
+        let best = (0..choices.len())
+            .fold(0, |b, k| if outcome.log_likelihoods[k] > outcome.log_likelihoods[b] { k } else { b });
+        assert_eq!(outcome.by_sum, best);
+    }
+    // The loss is the mean negative log-likelihood of the correct choices' tokens.
+    let loss = loss.into_data().to_vec::<f32>().unwrap()[0] as f64;
+    assert_eq!(stats.units, correct_tokens);
+    assert!(
+        (loss + correct_sum / correct_tokens as f64).abs() < 1e-4,
+        "{loss} vs {}",
+        -correct_sum / correct_tokens as f64
+    );
+    // Training encodes the correct choice as a completion (no end-of-sequence token).
+    let train = Encoder { training: true, ..encoder };
+    let (items, _) = train.encode_all(&examples[..1]).unwrap();
+    let data::Content::MultipleChoice { prompt, choices, label } = &examples[0].content else { panic!() };
+    let p = tokenizer.encode(prompt).unwrap();
+    assert_eq!(items[0].ids, [p.clone(), tokenizer.encode(&choices[*label]).unwrap()].concat());
+    assert_eq!(items[0].target, Target::Completion { from: p.len() });
+    // A prompt too long for --max-len is cut from the left; the choice stays whole.
+    let short = Encoder { max_len: 6, training: false, ..train };
+    let (items, report) = short.encode_all(&examples[1..2]).unwrap();
+    assert_eq!(report.truncated, 1);
+    let data::Content::MultipleChoice { prompt, choices, .. } = &examples[1].content else { panic!() };
+    let p = tokenizer.encode(prompt).unwrap();
+    let Target::Choices { rows, .. } = &items[0].target else { panic!() };
+    for ((ids, from), choice) in rows.iter().zip(choices) {
+        let c = tokenizer.encode(choice).unwrap();
+        assert!(ids.len() == 6 && ids[*from..] == c[..] && ids[..*from] == p[p.len() - *from..], "{ids:?}");
+    }
+}
+
+#[test]
+fn multiple_choice_and_generation_finetune_then_evaluate_to_the_recorded_best() {
+    let _serial = serial();
+    let dir = scratch("mc-gen-data");
+    let (mc_train, mc_valid) = (dir.join("mc-train.jsonl"), dir.join("mc-valid.jsonl"));
+    write_choice_file("lm-copy-train.jsonl", &mc_train, false);
+    write_choice_file("lm-copy-valid.jsonl", &mc_valid, false);
+    let cfg = TrainConfig {
+        task: TaskKind::LmMultipleChoice,
+        train: mc_train,
+        valid: Some(mc_valid.clone()),
+        eval_before_training: true,
+        ..lm_config("mc", "lora")
+    };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let valid: Vec<_> = report.history.iter().filter(|h| h.split == "valid").collect();
+    let train: Vec<_> = report.history.iter().filter(|h| h.split == "train").collect();
+    eprintln!("multiple choice: {:?}", valid.iter().map(|h| &h.metrics).collect::<Vec<_>>());
+    assert!(train.iter().all(|h| !h.metrics.contains_key("accuracy")), "training measures the loss only");
+    assert_eq!(report.best.as_ref().unwrap().0, "accuracy");
+    let (first, last) = (&valid[0].metrics, &valid[valid.len() - 1].metrics);
+    assert!(last["loss"] < first["loss"] - 0.3, "{first:?} → {last:?}");
+    assert!(last["accuracy"] >= 0.9 && last["accuracy"] > first["accuracy"], "{first:?} → {last:?}");
+    let options = eval_options(TaskKind::LmMultipleChoice, 3);
+    let evaluation = tensor_peft_training::eval::evaluate_with_predictions::<B>(
+        &cfg.model,
+        &cfg.output,
+        &mc_valid,
+        &options,
+        &Default::default(),
+    )
+    .unwrap();
+    let best = report.best.as_ref().unwrap();
+    let best_record = valid.iter().find(|h| h.step == best.3).unwrap();
+    for key in ["loss", "accuracy", "accuracy_norm", "accuracy_per_token"] {
+        assert!((evaluation.metrics[key] - best_record.metrics[key]).abs() < 1e-4, "{key}: {:?}", evaluation.metrics);
+    }
+    assert_eq!(evaluation.predictions.len(), 16);
+    assert_eq!(evaluation.predictions[1].expected, Target::Choice(1));
+    assert!(matches!(evaluation.predictions[1].predicted, Target::Choice(0..=1)));
+
+    let (gen_train, gen_valid) = (dir.join("gen-train.jsonl"), dir.join("gen-valid.jsonl"));
+    write_answer_file("lm-copy-train.jsonl", &gen_train);
+    write_answer_file("lm-copy-valid.jsonl", &gen_valid);
+    let cfg = TrainConfig {
+        task: TaskKind::LmGeneration,
+        train: gen_train,
+        valid: Some(gen_valid.clone()),
+        max_new_tokens: 6,
+        eval_before_training: true,
+        ..lm_config("gen", "lora")
+    };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let valid: Vec<_> = report.history.iter().filter(|h| h.split == "valid").collect();
+    eprintln!("generation: {:?}", valid.iter().map(|h| &h.metrics).collect::<Vec<_>>());
+    assert_eq!(report.best.as_ref().unwrap().0, "f1");
+    let (first, last) = (&valid[0].metrics, &valid[valid.len() - 1].metrics);
+    assert!(last["loss"] < first["loss"] - 0.3 && last["f1"] > first["f1"] + 0.3, "{first:?} → {last:?}");
+    assert!(last["exact_match"] > first["exact_match"], "{first:?} → {last:?}");
+    let evaluation = tensor_peft_training::eval::evaluate_with_predictions::<B>(
+        &cfg.model,
+        &cfg.output,
+        &gen_valid,
+        &eval_options(TaskKind::LmGeneration, 5),
+        &Default::default(),
+    )
+    .unwrap();
+    let best = report.best.as_ref().unwrap();
+    let best_record = valid.iter().find(|h| h.step == best.3).unwrap();
+    for key in ["loss", "exact_match", "f1"] {
+        assert!((evaluation.metrics[key] - best_record.metrics[key]).abs() < 1e-4, "{key}: {:?}", evaluation.metrics);
+    }
+    let Target::Answers(answers) = &evaluation.predictions[0].expected else { panic!() };
+    assert_eq!(answers[1], "w2 w3");
+    let Target::Text(text) = &evaluation.predictions[0].predicted else { panic!() };
+    assert!(text.split_whitespace().count() <= 6, "{text}");
+    // A shorter decoding limit than the adapter's applies at evaluation.
+    let one =
+        tensor_peft_training::eval::EvalOptions { max_new_tokens: Some(1), ..eval_options(TaskKind::LmGeneration, 5) };
+    let evaluation = tensor_peft_training::eval::evaluate_with_predictions::<B>(
+        &cfg.model,
+        &cfg.output,
+        &gen_valid,
+        &one,
+        &Default::default(),
+    )
+    .unwrap();
+    for p in &evaluation.predictions {
+        let Target::Text(text) = &p.predicted else { panic!() };
+        assert!(text.split_whitespace().count() <= 1, "{text}");
+    }
+}
+
+#[test]
+fn multiple_choice_and_generation_rows_are_refused_with_file_line_and_field() {
+    let dir = scratch("mc-rows");
+    let path = dir.join("rows.jsonl");
+    let fields = FieldMap::default();
+    // A good first row, then the bad one.
+    let refused = |task: TaskKind, row: &str| -> String {
+        let good = match task {
+            TaskKind::LmGeneration => r#"{"prompt": "p", "answers": ["a"]}"#,
+            _ => r#"{"prompt": "p", "choices": ["a", "b"], "label": 0}"#,
+        };
+        std::fs::write(&path, format!("{good}\n{row}\n")).unwrap();
+        data::read_file(&path, task, &fields, false).unwrap_err().to_string()
+    };
+    let mc = TaskKind::LmMultipleChoice;
+    for (row, words) in [
+        (r#"{"prompt": "p", "label": 0}"#, &["missing field `choices`", "--choices-field"][..]),
+        (r#"{"prompt": "p", "choices": "a b", "label": 0}"#, &["field `choices` must be a list of strings"]),
+        (r#"{"prompt": "p", "choices": ["a"], "label": 0}"#, &["at least two"]),
+        (r#"{"prompt": "p", "choices": ["a", 3], "label": 0}"#, &["`choices[1]` must be a non-empty string"]),
+        (r#"{"prompt": "p", "choices": ["a", "b"]}"#, &["missing field `label`"]),
+        (r#"{"prompt": "p", "choices": ["a", "b"], "label": 2}"#, &["field `label`", "(0 to 1)", "found 2"]),
+        (r#"{"prompt": "p", "choices": ["a", "b"], "label": -1}"#, &["field `label`", "found -1"]),
+        (r#"{"prompt": "p", "choices": ["a", "b"], "label": "b"}"#, &["field `label`", "0-based index"]),
+        (r#"{"choices": ["a", "b"], "label": 0}"#, &["missing field `prompt`"]),
+        (r#"{"prompt": "", "choices": ["a", "b"], "label": 0}"#, &["field `prompt` is empty"]),
+    ] {
+        let err = refused(mc, row);
+        assert!(err.contains("rows.jsonl:2:") && words.iter().all(|w| err.contains(w)), "{row}: {err}");
+    }
+    let generation = TaskKind::LmGeneration;
+    for (row, words) in [
+        (r#"{"prompt": "p"}"#, &["missing field `answers`", "--answers-field"][..]),
+        (r#"{"prompt": "p", "answers": [1]}"#, &["`answers[0]` must be a string"]),
+        (r#"{"prompt": "p", "answers": []}"#, &["field `answers` has no"]),
+        (r#"{"prompt": "p", "answers": {"start": 3}}"#, &["field `answers` must be a string, a list"]),
+        (r#"{"answers": ["a"]}"#, &["missing field `prompt`"]),
+    ] {
+        let err = refused(generation, row);
+        assert!(err.contains("rows.jsonl:2:") && words.iter().all(|w| err.contains(w)), "{row}: {err}");
+    }
+    // Accepted spellings: `text` for the prompt, a single `answer`, SQuAD's {"text": [...]}.
+    std::fs::write(
+        &path,
+        "{\"text\": \"p\", \"answer\": \"x\"}\n{\"prompt\": \"q\", \"answers\": {\"text\": [\"y\", \"z\"], \"answer_start\": [0, 4]}}\n",
+    )
+    .unwrap();
+    let rows = data::read_file(&path, generation, &fields, false).unwrap().examples;
+    assert_eq!(rows[0].content, data::Content::Question { prompt: "p".into(), answers: vec!["x".into()] });
+    assert_eq!(rows[1].content, data::Content::Question { prompt: "q".into(), answers: vec!["y".into(), "z".into()] });
+    // A row of another task is refused by the encoder, naming its line.
+    let copy = fixtures().join("lm-copy-valid.jsonl");
+    let err = data::read_file(&copy, mc, &fields, false).unwrap_err().to_string();
+    assert!(err.contains("lm-copy-valid.jsonl:1:") && err.contains("missing field `choices`"), "{err}");
+    // These tasks need a causal LM.
+    let cfg = TrainConfig {
+        model: fixtures().join("tiny-deberta/v3"),
+        task: mc,
+        train: path.clone(),
+        output: dir.join("out"),
+        ..TrainConfig::default()
+    };
+    let err = finetune::<AB>(&cfg, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("lm-multiple-choice needs a causal LM"), "{err}");
+    let bad = TrainConfig { task: generation, max_new_tokens: 0, model: fixtures().join("tiny-llama-words"), ..cfg };
+    let err = finetune::<AB>(&bad, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("max-new-tokens") && err.contains("at least 1"), "{err}");
 }

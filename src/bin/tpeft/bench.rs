@@ -500,7 +500,7 @@ fn bench_train_step<B: AutodiffBackend>(
         // The frozen base is shared between the two adapted models (tensors are reference-counted).
         let net = base.clone().adapt(&spec, &method, &targets).map_err(|e| e.to_string())?;
         let params = tensor_peft_training::checkpoint::trainable_count(&net);
-        runs.push((name, params, Some(LmTask { net, verbalizer: Vec::new() })));
+        runs.push((name, params, Some(LmTask { net, verbalizer: Vec::new(), decoding: None })));
     }
     drop(base);
     type Task<B> = LmTask<B>;

@@ -250,14 +250,11 @@ pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Resu
     }
     let probe =
         train_config(&FinetuneArgs { output: Some(sweep.output.join("runs/probe")), ..planned[0].args.clone() })?;
-    let metric = sweep.metric.clone().or(probe.metric_for_best.clone()).unwrap_or_else(|| {
-        match probe.task {
-            tensor_peft_training::TaskKind::Regression => "pearson",
-            tensor_peft_training::TaskKind::CausalLm => "loss",
-            _ => "accuracy",
-        }
-        .to_string()
-    });
+    let metric = sweep
+        .metric
+        .clone()
+        .or(probe.metric_for_best.clone())
+        .unwrap_or_else(|| tensor_peft_training::config::default_metric(probe.task).to_string());
     let max_epochs = probe.epochs;
     std::fs::create_dir_all(sweep.output.join("runs"))
         .map_err(|e| CliError::Runtime(format!("{}: {e}", sweep.output.display())))?;

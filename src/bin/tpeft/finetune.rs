@@ -25,7 +25,8 @@ pub struct FinetuneArgs {
     /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
-    /// classification, regression, causal-lm or lm-classification.
+    /// classification, regression, causal-lm, lm-classification, lm-multiple-choice or
+    /// lm-generation.
     #[arg(long)]
     pub task: Option<String>,
     /// Training data (.jsonl, .csv, .tsv) or builtin:vader-movie-reviews / builtin:chatterbot.
@@ -67,6 +68,12 @@ pub struct FinetuneArgs {
     /// Key of the chat messages [default: messages].
     #[arg(long)]
     pub messages_field: Option<String>,
+    /// Key of the candidate continuations of lm-multiple-choice [default: choices].
+    #[arg(long)]
+    pub choices_field: Option<String>,
+    /// Key of the gold answers of lm-generation [default: answers, else answer].
+    #[arg(long)]
+    pub answers_field: Option<String>,
     /// Report malformed rows and go on instead of stopping.
     #[arg(long)]
     #[serde(default)]
@@ -154,6 +161,9 @@ pub struct FinetuneArgs {
     /// lm-classification prompt; {text} and {text_pair} are replaced [default: "{text} It was"].
     #[arg(long)]
     pub template: Option<String>,
+    /// lm-generation: longest greedy answer when evaluating, in tokens [default: 32].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// Output directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -260,6 +270,8 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
             prompt: a.prompt_field.clone().unwrap_or(df.prompt),
             completion: a.completion_field.clone().unwrap_or(df.completion),
             messages: a.messages_field.clone().unwrap_or(df.messages),
+            choices: a.choices_field.clone().unwrap_or(df.choices),
+            answers: a.answers_field.clone().unwrap_or(df.answers),
         },
         skip_bad_rows: a.skip_bad_rows,
         method,
@@ -294,6 +306,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         eval_every_steps: a.eval_every_steps.unwrap_or(d.eval_every_steps),
         verbalizers: a.verbalizers.clone().unwrap_or_default(),
         template: a.template.clone().unwrap_or(d.template),
+        max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
         output: required(&a.output, "--output")?,
         overwrite: a.overwrite,
         resume: false,

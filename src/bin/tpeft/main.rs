@@ -98,7 +98,8 @@ enum Command {
         /// Adapter directory written by `tpeft finetune`.
         #[arg(long)]
         adapter: std::path::PathBuf,
-        /// classification, regression, causal-lm or lm-classification.
+        /// classification, regression, causal-lm, lm-classification, lm-multiple-choice or
+        /// lm-generation.
         #[arg(long)]
         task: String,
         /// Data file (.jsonl, .csv, .tsv) or builtin:<name>.
@@ -119,6 +120,21 @@ enum Command {
         /// Column/key of the score.
         #[arg(long, default_value = "score")]
         score_field: String,
+        /// Column/key of the prompt (causal-lm, lm-multiple-choice, lm-generation).
+        #[arg(long, default_value = "prompt")]
+        prompt_field: String,
+        /// Column/key of the completion (causal-lm).
+        #[arg(long, default_value = "completion")]
+        completion_field: String,
+        /// Key of the candidate continuations (lm-multiple-choice).
+        #[arg(long, default_value = "choices")]
+        choices_field: String,
+        /// Key of the gold answers (lm-generation; else `answer`).
+        #[arg(long, default_value = "answers")]
+        answers_field: String,
+        /// lm-generation: longest greedy answer, in tokens [default: the adapter's, from training].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
         /// Skip malformed rows.
         #[arg(long)]
         skip_bad_rows: bool,
@@ -126,7 +142,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Also write every example's prediction to this JSONL file, one object per example:
-        /// `{"index", "line", "expected", "predicted"}` (labels by name, or regression scores).
+        /// `{"index", "line", "expected", "predicted"}` (labels by name, regression scores, choice
+        /// indices, or the gold answers and the generated text).
         /// Not for causal-lm, which has no single predicted value per example.
         #[arg(long)]
         predictions: Option<std::path::PathBuf>,
@@ -448,7 +465,26 @@ fn run(cli: Cli) -> Result<String, CliError> {
             .map_err(CliError::Runtime)?;
             Ok(finetune::render_report(&report))
         }
-        Command::Eval { model, adapter, task, data, batch_size, text_field, text_pair_field, label_field, score_field, skip_bad_rows, json, predictions, base_dtype } => {
+        Command::Eval {
+            model,
+            adapter,
+            task,
+            data,
+            batch_size,
+            text_field,
+            text_pair_field,
+            label_field,
+            score_field,
+            prompt_field,
+            completion_field,
+            choices_field,
+            answers_field,
+            max_new_tokens,
+            skip_bad_rows,
+            json,
+            predictions,
+            base_dtype,
+        } => {
             let task = tensor_peft_training::TaskKind::parse(&task).map_err(|e| CliError::Usage(e.to_string()))?;
             if let Some(path) = &predictions {
                 if task == tensor_peft_training::TaskKind::CausalLm {
@@ -475,9 +511,20 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 text_pair: text_pair_field,
                 label: label_field,
                 score: score_field,
+                prompt: prompt_field,
+                completion: completion_field,
+                choices: choices_field,
+                answers: answers_field,
                 ..Default::default()
             };
-            let options = tensor_peft_training::eval::EvalOptions { task, fields, skip_bad_rows, batch_size, base_dtype };
+            let options = tensor_peft_training::eval::EvalOptions {
+                task,
+                fields,
+                skip_bad_rows,
+                batch_size,
+                base_dtype,
+                max_new_tokens,
+            };
             let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_with_predictions::<B>(&model, &adapter, &data, &options, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;

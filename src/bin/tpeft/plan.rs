@@ -66,7 +66,10 @@ pub fn check_fits(config: &TrainConfig, force: bool) -> Result<(), CliError> {
         base_dtype: config.base_dtype,
         batch_size: config.batch_size,
         max_len: config.max_len,
-        lm: Some(matches!(config.task, TaskKind::CausalLm | TaskKind::LmClassification)),
+        lm: Some(matches!(
+            config.task,
+            TaskKind::CausalLm | TaskKind::LmClassification | TaskKind::LmMultipleChoice | TaskKind::LmGeneration
+        )),
     };
     let (_, estimate) = estimate(&run)?;
     if force || estimate.total() <= available {

@@ -9,7 +9,7 @@ use crate::loader::TaskLoader;
 use crate::metrics::DashboardMetric;
 use crate::optim::{PeftOptimizer, WarmupSchedule};
 use crate::strategy::{NullLogger, PeftStrategy, QuietRenderer};
-use crate::task::{Batch, Encoded, Encoder, EncoderTask, LmTask, TaskModel, TaskOutput, verbalizer_ids};
+use crate::task::{Batch, Decoding, Encoded, Encoder, EncoderTask, LmTask, TaskModel, TaskOutput, verbalizer_ids};
 use burn::module::ParamId;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::train::metric::LearningRateMetric;
@@ -268,6 +268,7 @@ pub(crate) fn encoder_task<B: Backend>(
         max_len: cfg.max_len,
         peft_task_type: "SEQ_CLS".into(),
         head: cfg.head,
+        max_new_tokens: cfg.max_new_tokens,
     };
     let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
@@ -320,7 +321,9 @@ pub(crate) fn lm_task<B: Backend>(
     } else {
         Vec::new()
     };
-    let model = LmTask { net: llama, verbalizer };
+    let decoding = (cfg.task == TaskKind::LmGeneration)
+        .then(|| Decoding { tokenizer: Arc::new(tokenizer.clone()), max_new_tokens: cfg.max_new_tokens });
+    let model = LmTask { net: llama, verbalizer, decoding };
     let info = TaskInfo {
         task: cfg.task,
         labels: label_names,
@@ -330,6 +333,7 @@ pub(crate) fn lm_task<B: Backend>(
         max_len: cfg.max_len,
         peft_task_type: "CAUSAL_LM".into(),
         head: HeadKind::Linear,
+        max_new_tokens: cfg.max_new_tokens,
     };
     let pad = tokenizer.eos.unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
@@ -349,6 +353,7 @@ pub(crate) fn encode_splits(
         labels,
         template: &cfg.template,
         eos: tokenizer.eos,
+        training: true,
     };
     let (train_items, report) = encoder.encode_all(&train)?;
     if report.truncated > 0 || report.dropped > 0 {
@@ -360,6 +365,7 @@ pub(crate) fn encode_splits(
     if train_items.is_empty() {
         return Err(TrainError::Data { path: cfg.train.clone(), reason: "no training example fits --max-len".into() });
     }
+    let encoder = Encoder { training: false, ..encoder };
     let (valid_items, _) = encoder.encode_all(&valid)?;
     let (test_items, _) = encoder.encode_all(&test)?;
     Ok([train_items, valid_items, test_items])
@@ -451,11 +457,21 @@ where
         }
         TaskKind::Regression => &[("loss", "Loss"), ("pearson", "Pearson"), ("spearman", "Spearman")],
         TaskKind::CausalLm => &[("loss", "Loss"), ("perplexity", "Perplexity")],
+        TaskKind::LmMultipleChoice => &[
+            ("loss", "Loss"),
+            ("accuracy", "Accuracy"),
+            ("accuracy_norm", "Accuracy (per char)"),
+            ("accuracy_per_token", "Accuracy (per token)"),
+        ],
+        TaskKind::LmGeneration => &[("loss", "Loss"), ("exact_match", "Exact match"), ("f1", "F1")],
     };
+    // Multiple choice and generation train on completions: only the loss is measured in training.
+    let scored_in_training = !matches!(cfg.task, TaskKind::LmMultipleChoice | TaskKind::LmGeneration);
     for (key, label) in shown {
-        training = training
-            .metric_train_numeric(DashboardMetric::new(key, label, n_classes, lm))
-            .metric_valid_numeric(DashboardMetric::new(key, label, n_classes, lm));
+        if scored_in_training || *key == "loss" {
+            training = training.metric_train_numeric(DashboardMetric::new(key, label, n_classes, lm));
+        }
+        training = training.metric_valid_numeric(DashboardMetric::new(key, label, n_classes, lm));
     }
     if quiet {
         training = training.renderer(QuietRenderer);
