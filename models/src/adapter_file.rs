@@ -455,7 +455,7 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
 
 /// Reads the adapter stored in `dir` for a model of shape `spec` without a model: its config, its
 /// adapters as a detached [`AdapterSet`] (on `device`; place them with
-/// [`put_adapters`](crate::adapter_set::put_adapters)), and the tensors that are not adapter
+/// [`put_adapters`]), and the tensors that are not adapter
 /// factors (as [`load_adapter_with_extras`] returns them). Refuses an adapter trained on a base
 /// model of other shapes before reading any tensor.
 pub fn read_adapter<B: Backend>(

@@ -502,7 +502,7 @@ pub fn combine_adapters<B: Backend>(
     if sites.is_empty() {
         return Err(error("the adapters adapt no projection: nothing to combine"));
     }
-    let factors: Vec<(Tensor<B, 2>, Tensor<B, 2>)> = match combination {
+    let factors: Vec<Factors<B>> = match combination {
         Combination::Cat => sites
             .iter()
             .map(|site| {
@@ -572,6 +572,9 @@ pub fn combine_adapters<B: Backend>(
     Ok((config, set))
 }
 
+/// A site's update as factors `(a, b)`, `ΔW = a·b`.
+type Factors<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
 /// The adapter `set` holds at `site`, if any.
 fn adapter_at<'s, B: Backend>(set: &'s AdapterSet<B>, site: &LinearSite) -> Option<&'s LinearAdapter<B>> {
     set.linear.iter().find(|(s, _)| s.name == site.name).map(|(_, adapter)| adapter)
@@ -582,7 +585,7 @@ fn adapter_at<'s, B: Backend>(set: &'s AdapterSet<B>, site: &LinearSite) -> Opti
 fn linear_combination<B: Backend>(
     parts: &[WeightedAdapter<'_, B>],
     sites: &[LinearSite],
-) -> Result<Vec<(Tensor<B, 2>, Tensor<B, 2>)>, ModelError> {
+) -> Result<Vec<Factors<B>>, ModelError> {
     let mut ranks = Vec::new();
     for part in parts {
         match &part.config.method {
@@ -606,7 +609,7 @@ fn linear_combination<B: Backend>(
     }
     let mut factors = Vec::new();
     for site in sites {
-        let mut sum: Option<(Tensor<B, 2>, Tensor<B, 2>)> = None;
+        let mut sum: Option<Factors<B>> = None;
         for part in parts {
             let Some(LinearAdapter::Lora(lora)) = adapter_at(part.set, site) else {
                 continue;
