@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
-        adapter: Some(report.output.join("last")),
+        adapters: tensor_peft::training::AdapterSelection::single(&report.output.join("last")),
     };
     println!("{}", generate::<Flex>(&model, &options, &Default::default())?);
     Ok(())

@@ -1411,3 +1411,142 @@ fn multiple_choice_and_generation_train_and_evaluate_from_the_command_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("lm-generation needs a causal LM"), "{err}");
 }
+
+/// `tpeft eval` and `generate` with several adapters on one base, and `tpeft combine`, on the
+/// committed adapter files of the tiny word-level LLaMA.
+#[test]
+fn several_adapters_switch_disable_and_combine() {
+    let (model, data) = (fixture("tiny-llama-words"), fixture("lm-copy-valid.jsonl"));
+    let files = fixture("adapter-files");
+    let (lora, tt) = (format!("lora={files}/lora"), format!("tt={files}/tt-lora"));
+    let loss = |extra: &[&str]| {
+        let args = [&["eval", "--model", &model, "--task", "causal-lm", "--data", &data, "--json"][..], extra].concat();
+        let out = tpeft(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["loss"].as_f64().unwrap()
+    };
+    let recorded = |method: &str| {
+        let text = std::fs::read_to_string(format!("{files}/{method}/expected.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["loss"].as_f64().unwrap()
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs();
+    // The first adapter is applied unless --active-adapter names another; each evaluates as alone.
+    assert!(close(loss(&["--adapter", &lora, "--adapter", &tt]), recorded("lora")));
+    assert!(close(loss(&["--adapter", &lora, "--adapter", &tt, "--active-adapter", "tt"]), recorded("tt-lora")));
+    // Disabled: the base model, whichever adapter is active.
+    let base = loss(&["--adapter", &lora, "--adapter", &tt, "--disable-adapters"]);
+    let base_tt = loss(&["--adapter", &lora, "--adapter", &tt, "--active-adapter", "tt", "--disable-adapters"]);
+    assert_eq!(base, base_tt);
+    assert!(!close(base, recorded("lora")) && !close(base, recorded("tt-lora")));
+
+    // combine: weights 1 and 0 reproduce the first adapter; the file is PEFT's LoRA format.
+    let out_dir = scratch("combined");
+    let combine = |extra: &[&str]| {
+        let args = [
+            &[
+                "combine",
+                "--model",
+                &model,
+                "--adapter",
+                &lora,
+                "--adapter",
+                &tt,
+                "--output",
+                out_dir.to_str().unwrap(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        tpeft(&args)
+    };
+    let out = combine(&["--weights", "1,0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(summary.contains("rank 13 at 4 modules"), "{summary}"); // LoRA 8 + TT-LoRA's cut rank 5
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()),
+        (Some("LORA"), Some(13), Some(13.0))
+    );
+    let combined = format!("mix={}", out_dir.display());
+    assert!(close(loss(&["--adapter", &combined]), recorded("lora")));
+    // An existing output is refused without --overwrite and replaced whole with it; a negative
+    // weight subtracts.
+    let out = combine(&["--weights", "0.5,0.5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+    let out = combine(&["--weights", "-0.5,1.5", "--overwrite"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mixed = loss(&["--adapter", &combined]);
+    assert!(mixed.is_finite() && !close(mixed, recorded("lora")) && !close(mixed, recorded("tt-lora")));
+    let leftovers: Vec<_> = std::fs::read_dir(out_dir.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".{}.", out_dir.file_name().unwrap().to_string_lossy()))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "temporary directories left: {leftovers:?}");
+    // generate takes the same flags.
+    let generate = |extra: &[&str]| {
+        let args =
+            [&["generate", "--model", &model, "--prompt", "w13 w16 w10 w46", "--max-new-tokens", "4"][..], extra]
+                .concat();
+        let out = tpeft(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(generate(&["--adapter", &lora, "--adapter", &tt, "--disable-adapters"]), generate(&[]));
+    assert_eq!(
+        generate(&["--adapter", &lora, "--adapter", &tt, "--active-adapter", "tt"]),
+        generate(&["--adapter", &format!("{files}/tt-lora")])
+    );
+
+    // Refusals: exit 2 for the command line, 1 for adapters that cannot be combined.
+    let refused = |args: &[&str], code: i32, needle: &str| {
+        let out = tpeft(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    let eval = ["eval", "--model", &model, "--task", "causal-lm", "--data", &data];
+    refused(&[&eval[..], &["--adapter", &lora, "--active-adapter", "nope"]].concat(), 2, "no adapter called `nope`");
+    refused(&[&eval[..], &["--adapter", &lora, "--adapter", &lora]].concat(), 2, "two adapters are called `lora`");
+    refused(&[&eval[..], &["--adapter", &lora, "--adapter", &format!("{files}/tt-lora")]].concat(), 2, "NAME=DIR");
+    refused(&["generate", "--model", &model, "--prompt", "w1", "--disable-adapters"], 2, "need at least one --adapter");
+    let out = out_dir.to_str().unwrap();
+    let combine_args =
+        ["combine", "--model", &model, "--adapter", &lora, "--adapter", &tt, "--output", out, "--overwrite"];
+    refused(&[&combine_args[..], &["--weights", "0.5"]].concat(), 2, "1 weights for 2 adapters");
+    refused(
+        &[&combine_args[..], &["--weights", "1,1", "--combination", "svd"]].concat(),
+        2,
+        "unknown combination `svd`",
+    );
+    refused(&[&combine_args[..], &["--weights", "1,1", "--combination", "linear"]].concat(), 1, "`tt` is tt-lora");
+    let adp = format!("adp={files}/loretta-adp");
+    let args = [
+        "combine",
+        "--model",
+        &model,
+        "--adapter",
+        &lora,
+        "--adapter",
+        &adp,
+        "--weights",
+        "1,1",
+        "--output",
+        out,
+        "--overwrite",
+    ];
+    refused(&args, 1, "nonlinear");
+    let args =
+        ["combine", "--model", "llama2-7b", "--adapter", &lora, "--weights", "1", "--output", out, "--overwrite"];
+    refused(&args, 1, "trained on a base model");
+    assert!(close(loss(&["--adapter", &combined]), mixed), "a refused combine leaves the output as it was");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}

@@ -8,16 +8,19 @@
 //! Loading rebuilds the adapters from the config and then replaces every parameter by name, after
 //! checking that the base model matches; files are written to temporary names and renamed.
 
+use crate::adapter_set::put_adapters;
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
-use crate::inject::{AdapterSlots, Targets, inject};
+use crate::inject::{AdapterSlots, Targets};
 use crate::tensor_io;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tensor_peft_adapters::{AdapterError, AdapterLayer, FileParam, FileTensor, MethodConfig, TENSOR_NAMES_VERSION};
+use tensor_peft_adapters::{
+    AdapterError, AdapterLayer, AdapterSet, FileParam, FileTensor, MethodConfig, TENSOR_NAMES_VERSION,
+};
 
 /// Name of the config file in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -329,24 +332,59 @@ pub fn save_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
     extras: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<(), ModelError> {
     let mut tensors = TensorMap::new();
-    for (name, shape, values) in extras {
-        tensors.insert(format!("base_model.model.{name}"), (shape.clone(), values.clone()));
-    }
-    let mut store = |prefix: &str, layer: Vec<FileTensor<'_, B>>| {
-        for tensor in layer {
-            tensors.insert(format!("{prefix}.{}", tensor.name), file_values(&tensor.param));
-        }
-    };
     each_site(model, spec, |site, slot| {
         // PEFT's names: the site inside the task model's base-model attribute (`bert.…`).
         let prefix = format!("base_model.model.{}{site}", spec.base_prefix);
         match slot {
-            Slot::Linear(slot) => store(&prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors()),
-            Slot::Residual(adapter) => store(&prefix, adapter.file_tensors()),
+            Slot::Linear(slot) => {
+                store(&mut tensors, &prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors())
+            }
+            Slot::Residual(adapter) => store(&mut tensors, &prefix, adapter.file_tensors()),
         }
         Ok(())
     })?;
-    store("base_model.model.shared", model.shared_mut().file_tensors());
+    store(&mut tensors, "base_model.model.shared", model.shared_mut().file_tensors());
+    write_adapter_files(tensors, config, dir, extras)
+}
+
+/// Writes `<dir>/adapter_config.json` and `<dir>/adapter_model.safetensors` for a detached set of
+/// adapters ([`crate::adapter_set::take_adapters`], or a combination of several:
+/// [`crate::adapter_set::combine_adapters`]) of a model of shape `spec`: the same files
+/// [`save_adapter`] writes for a model carrying them.
+pub fn save_adapter_set<B: Backend>(
+    set: &mut AdapterSet<B>,
+    spec: &ArchSpec,
+    config: &AdapterConfig,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    let mut tensors = TensorMap::new();
+    for (site, adapter) in &mut set.linear {
+        store(&mut tensors, &format!("base_model.model.{}{}", spec.base_prefix, site.name), adapter.file_tensors());
+    }
+    for (site, adapter) in &mut set.residual {
+        store(&mut tensors, &format!("base_model.model.{}{}", spec.base_prefix, site.name), adapter.file_tensors());
+    }
+    store(&mut tensors, "base_model.model.shared", set.shared.file_tensors());
+    write_adapter_files(tensors, config, dir, &[])
+}
+
+/// Adds `layer`'s tensors to `tensors` under `<prefix>.<name>`, in the file's layout.
+fn store<B: Backend>(tensors: &mut TensorMap, prefix: &str, layer: Vec<FileTensor<'_, B>>) {
+    for tensor in layer {
+        tensors.insert(format!("{prefix}.{}", tensor.name), file_values(&tensor.param));
+    }
+}
+
+/// Writes the weights file (adapter `tensors` and `extras`) and then the config into `dir`.
+fn write_adapter_files(
+    mut tensors: TensorMap,
+    config: &AdapterConfig,
+    dir: &Path,
+    extras: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<(), ModelError> {
+    for (name, shape, values) in extras {
+        tensors.insert(format!("base_model.model.{name}"), (shape.clone(), values.clone()));
+    }
     if tensors.is_empty() {
         return Err(ModelError::AdapterFile { reason: "the model carries no adapter to save".into() });
     }
@@ -410,6 +448,21 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
     spec: &ArchSpec,
     dir: &Path,
 ) -> Result<(AdapterConfig, TensorMap), ModelError> {
+    let (config, set, extras) = read_adapter::<B>(spec, dir, &model.device())?;
+    put_adapters(model, set)?;
+    Ok((config, extras))
+}
+
+/// Reads the adapter stored in `dir` for a model of shape `spec` without a model: its config, its
+/// adapters as a detached [`AdapterSet`] (on `device`; place them with
+/// [`put_adapters`]), and the tensors that are not adapter
+/// factors (as [`load_adapter_with_extras`] returns them). Refuses an adapter trained on a base
+/// model of other shapes before reading any tensor.
+pub fn read_adapter<B: Backend>(
+    spec: &ArchSpec,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(AdapterConfig, AdapterSet<B>, TensorMap), ModelError> {
     let config = read_adapter_config(dir)?;
     let actual = BaseModelIdentity::of(spec);
     if config.base_model.as_ref().is_some_and(|b| *b != actual) {
@@ -435,21 +488,22 @@ pub fn load_adapter_with_extras<B: Backend, M: AdapterSlots<B>>(
             })
             .collect();
     }
-    inject(model, spec, &config.method, &config.targets())?;
+    let linear_sites = config.targets().resolve(spec, &config.method)?;
+    let residual_sites = if config.method.is_residual() { spec.residual_sites() } else { Vec::new() };
+    let mut set = config.method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, device)?;
     let mut load = |prefix: &str, layer: Vec<FileTensor<'_, B>>| {
         layer.into_iter().try_for_each(|t| load_file_tensor(&format!("{prefix}.{}", t.name), t, &mut tensors))
     };
-    each_site(model, spec, |site, slot| {
-        let prefix = format!("base_model.model.{site}");
-        match slot {
-            Slot::Linear(slot) => load(&prefix, slot.adapter.as_mut().expect("checked by each_site").file_tensors()),
-            Slot::Residual(adapter) => load(&prefix, adapter.file_tensors()),
-        }
-    })?;
-    load("base_model.model.shared", model.shared_mut().file_tensors())?;
+    for (site, adapter) in &mut set.linear {
+        load(&format!("base_model.model.{}", site.name), adapter.file_tensors())?;
+    }
+    for (site, adapter) in &mut set.residual {
+        load(&format!("base_model.model.{}", site.name), adapter.file_tensors())?;
+    }
+    load("base_model.model.shared", set.shared.file_tensors())?;
     let extras = tensors
         .into_iter()
         .map(|(name, v)| (name.strip_prefix("base_model.model.").map(str::to_string).unwrap_or(name), v))
         .collect();
-    Ok((config, extras))
+    Ok((config, set, extras))
 }

@@ -71,6 +71,13 @@ pub enum ModelError {
         /// What is wrong.
         reason: String,
     },
+    /// Several adapters on one model: an unknown or repeated name, a merged adapter to switch
+    /// away from, adapters that cannot be combined (the message names them and says why).
+    #[error("{reason}")]
+    AdapterSet {
+        /// What is wrong.
+        reason: String,
+    },
     /// Building or placing adapters failed.
     #[error(transparent)]
     Adapter(#[from] tensor_peft_adapters::AdapterError),

@@ -123,7 +123,8 @@ pub fn zero_init_factors<B: Backend, M: AdapterSlots<B>>(model: &mut M, spec: &A
     ids
 }
 
-/// Injects `method` at `targets` into `model` (described by `spec`). Refuses a model that already
+/// Injects `method` at `targets` into `model` (described by `spec`): builds its adapters and puts
+/// them in place ([`put_adapters`](crate::adapter_set::put_adapters)). Refuses a model that already
 /// carries an adapter at any chosen site.
 pub fn inject<B: Backend, M: AdapterSlots<B>>(
     model: &mut M,
@@ -134,22 +135,5 @@ pub fn inject<B: Backend, M: AdapterSlots<B>>(
     let linear_sites = targets.resolve(spec, method)?;
     let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
     let set = method.build::<B>(&spec.geometry(), &linear_sites, &residual_sites, &model.device())?;
-    let missing = |name: &str| AdapterError::State(format!("the model has no slot for {name}"));
-    let occupied = |name: &str| AdapterError::State(format!("{name} already carries an adapter"));
-    for (site, adapter) in set.linear {
-        let slot = model.linear_slot(&site).ok_or_else(|| missing(&site.name))?;
-        if slot.adapter.is_some() {
-            return Err(occupied(&site.name).into());
-        }
-        *slot = AdaptedLinear::new(slot.base.clone(), Some(adapter))?;
-    }
-    for (site, adapter) in set.residual {
-        let slot = model.residual_slot(&site).ok_or_else(|| missing(&site.name))?;
-        if slot.is_some() {
-            return Err(occupied(&site.name).into());
-        }
-        *slot = Some(adapter);
-    }
-    *model.shared_mut() = set.shared;
-    Ok(())
+    crate::adapter_set::put_adapters(model, set)
 }

@@ -7,6 +7,7 @@
 //! named tensors are read and written in one place ([`tensor_io`]).
 
 pub mod adapter_file;
+pub mod adapter_set;
 pub mod arch;
 pub mod bert;
 pub mod deberta;
@@ -23,6 +24,7 @@ pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adapter_set::{Combination, MultiAdapterModel, put_adapters, take_adapters};
 pub use arch::{ArchSpec, Family};
 pub use bert::Bert;
 pub use error::ModelError;

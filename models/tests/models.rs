@@ -2579,3 +2579,301 @@ fn loretta_adp_goes_where_the_official_code_puts_it() {
     assert!(diff(&got, &base_logits) > 1e-3, "the adapters change the logits");
     assert!(diff(&got, &want) < 1e-4, "input adapters act on the projections' input: {}", diff(&got, &want));
 }
+
+/// The tiny word-level LLaMA, the committed adapters of every method trained on it
+/// (`tests/fixtures/adapter-files/<method>`), and two token sequences.
+fn words_llama_and_input() -> (Llama<B>, ArchSpec, PathBuf, Tensor<B, 2, Int>) {
+    let device = Default::default();
+    let (base, spec) = Llama::<B>::from_hf_dir(&fixture().join("../tiny-llama-words"), &device).unwrap();
+    let x = tokens::<B>(&[vec![1, 12, 30, 7, 2, 44, 5], vec![3, 9, 41, 0, 17, 8, 63]], &device);
+    (base, spec, fixture().join("../adapter-files"), x)
+}
+
+#[test]
+fn several_adapters_switch_and_disable_on_one_base() {
+    use tensor_peft_models::adapter_file::load_adapter;
+    use tensor_peft_models::adapter_set::carries_adapters;
+    use tensor_peft_models::{MultiAdapterModel, put_adapters, take_adapters};
+    let (base, spec, files, x) = words_llama_and_input();
+    let logits = |m: &Llama<B>| values(m.forward(x.clone()));
+    let base_logits = logits(&base);
+    let names = ["lora", "tt-lora", "lotr", "loretta-adp", "lorta"];
+    let alone: Vec<Vec<f64>> = names
+        .iter()
+        .map(|name| {
+            let mut model = base.clone();
+            load_adapter(&mut model, &spec, &files.join(name)).unwrap();
+            let got = logits(&model);
+            assert!(max_diff(&got, &base_logits) > 1e-4, "{name}: the trained adapter must change the logits");
+            got
+        })
+        .collect();
+    let mut multi = MultiAdapterModel::new(base.clone(), spec.clone()).unwrap();
+    for name in names {
+        multi.load_adapter(&files.join(name), name).unwrap();
+    }
+    // The first adapter is active, as with PeftModel.from_pretrained; switching gives each
+    // adapter's own logits, bit for bit, back and forth (shared factors and residual slots too).
+    assert_eq!((multi.active_adapter(), multi.adapter_names()), (Some("lora"), names.to_vec()));
+    assert_eq!(logits(multi.model()), alone[0]);
+    for i in [3, 1, 4, 2, 0, 3, 2] {
+        multi.set_adapter(names[i]).unwrap();
+        assert_eq!(multi.active_adapter(), Some(names[i]));
+        assert_eq!(logits(multi.model()), alone[i], "{} after switching", names[i]);
+    }
+    // Disabled: exactly the base model, for one pass or until enabled again.
+    let during = multi.with_adapters_disabled(|m| logits(m)).unwrap();
+    assert_eq!(during, base_logits);
+    assert_eq!(logits(multi.model()), alone[2], "the scoped pass re-enables the active adapter");
+    multi.disable_adapters().unwrap();
+    assert!(!multi.adapters_enabled() && !carries_adapters(multi.model_mut(), &spec));
+    assert_eq!(logits(multi.model()), base_logits);
+    multi.enable_adapters().unwrap();
+    assert_eq!(logits(multi.model()), alone[2]);
+    // Refusals name what is wrong and change nothing.
+    let err = multi.set_adapter("nope").unwrap_err().to_string();
+    assert!(err.contains("no adapter called `nope`") && err.contains("lora, tt-lora, lotr"), "{err}");
+    let err = multi.load_adapter(&files.join("lora"), "lotr").unwrap_err().to_string();
+    assert!(err.contains("already an adapter called `lotr`"), "{err}");
+    let other = std::env::temp_dir().join(format!("tpeft-other-base-{}", std::process::id()));
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(files.join("lora/adapter_model.safetensors"), other.join("adapter_model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(files.join("lora/adapter_config.json")).unwrap();
+    std::fs::write(other.join("adapter_config.json"), config.replace("\"hidden\": 32", "\"hidden\": 48")).unwrap();
+    let err = multi.load_adapter(&other, "other").unwrap_err().to_string();
+    assert!(err.contains("adapter `other`") && err.contains("trained on a base model"), "{err}");
+    std::fs::remove_dir_all(&other).unwrap();
+    assert_eq!(logits(multi.model()), alone[2]);
+    // Deleting the active adapter leaves the base model.
+    multi.set_adapter("lora").unwrap();
+    multi.delete_adapter("lora").unwrap();
+    assert_eq!((multi.active_adapter(), logits(multi.model())), (None, base_logits.clone()));
+    multi.set_adapter("lorta").unwrap();
+    assert_eq!(logits(&multi.into_model()), alone[4]);
+    // A merged adapter cannot be switched away from until it is unmerged (on a holder of its own:
+    // W + ΔW − ΔW is W only up to rounding).
+    let mut multi = MultiAdapterModel::new(base.clone(), spec.clone()).unwrap();
+    multi.load_adapter(&files.join("tt-lora"), "tt-lora").unwrap();
+    multi.load_adapter(&files.join("lora"), "lora").unwrap();
+    let merge = |multi: &mut MultiAdapterModel<B, Llama<B>>, undo: bool| {
+        let shared = multi.model().shared.clone();
+        let slot = &mut multi.model_mut().layers[0].q_proj;
+        *slot = if undo { slot.clone().unmerge(&shared) } else { slot.clone().merge(&shared) }.unwrap();
+    };
+    merge(&mut multi, false);
+    let err = multi.set_adapter("lora").unwrap_err().to_string();
+    assert!(err.contains("merged") && err.contains("unmerge"), "{err}");
+    assert!(multi.disable_adapters().is_err());
+    assert_eq!(multi.active_adapter(), Some("tt-lora"));
+    merge(&mut multi, true);
+    multi.set_adapter("lora").unwrap();
+    assert!(max_diff(&logits(multi.model()), &alone[0]) < 1e-5);
+    // The generic pieces under the holder: take and put back.
+    let mut model = base.clone();
+    load_adapter(&mut model, &spec, &files.join("lotr")).unwrap();
+    let set = take_adapters(&mut model, &spec).unwrap();
+    assert_eq!(logits(&model), base_logits);
+    put_adapters(&mut model, set).unwrap();
+    assert_eq!(logits(&model), alone[2]);
+    let device = Default::default();
+    let (_, again, _) =
+        tensor_peft_models::adapter_file::read_adapter::<B>(&spec, &files.join("lora"), &device).unwrap();
+    let err = put_adapters(&mut model, again).unwrap_err().to_string();
+    assert!(err.contains("already carries an adapter"), "{err}");
+    assert!(MultiAdapterModel::new(model, spec).is_err(), "a model with adapters is refused");
+}
+
+/// `ΔW` of every adapted site of `model`, by site name.
+fn site_deltas(model: &mut Llama<B>, spec: &ArchSpec) -> std::collections::BTreeMap<String, Vec<f64>> {
+    use tensor_peft_adapters::LinearDelta;
+    use tensor_peft_models::AdapterSlots;
+    let shared = model.shared.clone();
+    spec.linear_sites()
+        .into_iter()
+        .filter_map(|site| {
+            let adapter = model.linear_slot(&site)?.adapter.as_ref()?;
+            Some((site.name.clone(), values(adapter.delta_weight(&shared))))
+        })
+        .collect()
+}
+
+#[test]
+fn weighted_combinations_of_adapters_are_their_weighted_updates() {
+    use tensor_peft_adapters::LinearAdapter;
+    use tensor_peft_models::adapter_file::{load_adapter, read_adapter, save_adapter};
+    use tensor_peft_models::adapter_set::{WeightedAdapter, combine_adapters};
+    use tensor_peft_models::{AdapterSlots, Combination, MultiAdapterModel};
+    let (base, spec, files, x) = words_llama_and_input();
+    let device = Default::default();
+    let logits = |m: &Llama<B>| values(m.forward(x.clone()));
+    // LoRA and TT-LoRA at q, v; LoTR's shared factors; LoRTA at q, k, v, o: the union of sites.
+    let parts = [("lora", 0.7), ("tt-lora", -0.3), ("lotr", 0.5), ("lorta", 1.2)];
+    let mut multi = MultiAdapterModel::new(base.clone(), spec.clone()).unwrap();
+    let mut expected = std::collections::BTreeMap::<String, Vec<f64>>::new();
+    for (name, weight) in parts {
+        multi.load_adapter(&files.join(name), name).unwrap();
+        let mut alone = base.clone();
+        load_adapter(&mut alone, &spec, &files.join(name)).unwrap();
+        for (site, delta) in site_deltas(&mut alone, &spec) {
+            let sum = expected.entry(site).or_insert_with(|| vec![0.0; delta.len()]);
+            sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += weight * d);
+        }
+    }
+    multi.add_weighted_adapter(&parts, "mix", Combination::Cat).unwrap();
+    assert_eq!(multi.active_adapter(), Some("lora"), "the combination does not become active");
+    multi.set_adapter("mix").unwrap();
+    let config = multi.adapter("mix").unwrap().config.clone();
+    let got = site_deltas(multi.model_mut(), &spec);
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    assert_eq!(got.len(), 2 * 4, "q, k, v, o of both layers");
+    for (site, delta) in &got {
+        let diff = max_diff(delta, &expected[site]);
+        assert!(diff < 1e-5, "{site}: combined ΔW differs from Σ wᵢ·ΔWᵢ by {diff}");
+    }
+    // One rank for every site: LoRA 8 + TT-LoRA's cut rank 5 + LoTR 8 at q, v; LoRTA's 8; scale 1.
+    let tensor_peft_adapters::MethodConfig::Lora(lora) = &config.method else { panic!("not LoRA: {config:?}") };
+    assert_eq!((lora.rank, lora.alpha, lora.scaling()), (29, 29.0, 1.0));
+    // The model with the combination computes the base model with W + Σ wᵢ·ΔWᵢ.
+    let mut dense = base.clone();
+    for site in spec.linear_sites() {
+        if let Some(delta) = expected.get(&site.name) {
+            let delta: Vec<f32> = delta.iter().map(|&v| v as f32).collect();
+            let delta = Tensor::<B, 2>::from_data(TensorData::new(delta, [site.d_in, site.d_out]), &device);
+            let slot = dense.linear_slot(&site).unwrap();
+            slot.base = slot.base.clone().add_delta(delta).unwrap();
+        }
+    }
+    let mixed = logits(multi.model());
+    let diff = max_diff(&mixed, &logits(&dense));
+    assert!(diff < 1e-4, "logits with the combination differ from the merged weighted sum by {diff}");
+    // Its file (PEFT's LoRA format, r = lora_alpha) reproduces it exactly.
+    let dir = std::env::temp_dir().join(format!("tpeft-combined-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    save_adapter(multi.model_mut(), &spec, &config, &dir).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((json["r"].as_u64(), json["lora_alpha"].as_f64()), (Some(29), Some(29.0)));
+    let mut reloaded = base.clone();
+    load_adapter(&mut reloaded, &spec, &dir).unwrap();
+    assert_eq!(logits(&reloaded), mixed);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // PEFT's linear combination of two LoRA adapters of one rank: A = Σ ±√|w·s|·Aᵢ, B = Σ √|w·s|·Bᵢ.
+    let (lora_config, mut second, _) = read_adapter::<B>(&spec, &files.join("lora"), &device).unwrap();
+    for (_, adapter) in &mut second.linear {
+        let LinearAdapter::Lora(l) = adapter else { unreachable!() };
+        let dims = l.b.dims();
+        l.b = burn::module::Param::from_tensor(Tensor::random(dims, burn::tensor::Distribution::Default, &device));
+    }
+    multi.add_adapter("second", lora_config, second).unwrap();
+    multi.add_weighted_adapter(&[("lora", 0.6), ("second", -0.25)], "linear", Combination::Linear).unwrap();
+    let (first, second) = (read_lora(&mut multi, "lora"), read_lora(&mut multi, "second"));
+    multi.set_adapter("linear").unwrap();
+    let got = site_deltas(multi.model_mut(), &spec);
+    assert_eq!(got.len(), 4);
+    for (site, delta) in got {
+        let ((a1, b1, s1), (a2, b2, s2)) = (&first[&site], &second[&site]);
+        let (w1, w2) = (0.6 * s1, -0.25 * s2);
+        let a = a1.clone().mul_scalar(w1.sqrt()) + a2.clone().mul_scalar(-(-w2).sqrt());
+        let b = b1.clone().mul_scalar(w1.sqrt()) + b2.clone().mul_scalar((-w2).sqrt());
+        let diff = max_diff(&delta, &values(a.matmul(b)));
+        assert!(diff < 1e-5, "{site}: linear combination differs from PEFT's formula by {diff}");
+    }
+
+    // Refusals.
+    let refused = |multi: &mut MultiAdapterModel<B, Llama<B>>, parts: &[(&str, f64)], how: Combination| {
+        multi.add_weighted_adapter(parts, "refused", how).unwrap_err().to_string()
+    };
+    multi.load_adapter(&files.join("loretta-adp"), "adp").unwrap();
+    let err = refused(&mut multi, &[("lora", 0.5), ("adp", 0.5)], Combination::Cat);
+    assert!(err.contains("`adp` is loretta-adp") && err.contains("nonlinear"), "{err}");
+    let err = refused(&mut multi, &[("lora", 0.5), ("tt-lora", 0.5)], Combination::Linear);
+    assert!(err.contains("`tt-lora` is tt-lora") && err.contains("cat"), "{err}");
+    multi.load_adapter(&fixture().join("../tpeft-adapters-in-peft/llama-causal-lm"), "r4").unwrap();
+    let err = refused(&mut multi, &[("lora", 0.5), ("r4", 0.5)], Combination::Linear);
+    assert!(err.contains("one rank") && err.contains("`r4` r=4"), "{err}");
+    let err = refused(&mut multi, &[("lora", f64::NAN)], Combination::Cat);
+    assert!(err.contains("finite"), "{err}");
+    let err = refused(&mut multi, &[], Combination::Cat);
+    assert!(err.contains("nothing to combine"), "{err}");
+    let err = refused(&mut multi, &[("lora", 1.0), ("missing", 1.0)], Combination::Cat);
+    assert!(err.contains("no adapter called `missing`"), "{err}");
+    let err = multi.add_weighted_adapter(&[("lora", 1.0)], "lotr", Combination::Cat).unwrap_err().to_string();
+    assert!(err.contains("already an adapter called `lotr`"), "{err}");
+    assert!(Combination::parse("svd").unwrap_err().to_string().contains("cat or linear"));
+    // Adapters of a model of other shapes: refused by site and shape.
+    let (mut config, set, _) = read_adapter::<B>(&spec, &files.join("lora"), &device).unwrap();
+    config.base_model = None;
+    let mut wider = spec.clone();
+    wider.hidden = 48;
+    let part = WeightedAdapter { name: "lora", config: &config, set: &set, weight: 1.0 };
+    let err = combine_adapters(&wider, &[part], Combination::Cat).unwrap_err().to_string();
+    assert!(err.contains("as a 32x32 matrix, but in this model it is 48x"), "{err}");
+    assert!(multi.add_adapter("wide", config, set).is_ok(), "same shapes");
+}
+
+/// Every site's LoRA factors `(A, B, scale)` of the adapter `name`.
+fn read_lora(
+    multi: &mut tensor_peft_models::MultiAdapterModel<B, Llama<B>>,
+    name: &str,
+) -> std::collections::BTreeMap<String, (Tensor<B, 2>, Tensor<B, 2>, f64)> {
+    use tensor_peft_adapters::LinearAdapter;
+    use tensor_peft_models::AdapterSlots;
+    let spec = multi.spec().clone();
+    multi.set_adapter(name).unwrap();
+    let model = multi.model_mut();
+    spec.linear_sites()
+        .into_iter()
+        .filter_map(|site| match model.linear_slot(&site)?.adapter.as_ref()? {
+            LinearAdapter::Lora(l) => Some((site.name.clone(), (l.a.val(), l.b.val(), l.scaling))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn peft_add_weighted_adapter_cat_equals_ours() {
+    use tensor_peft_models::adapter_file::{load_adapter, read_adapter};
+    use tensor_peft_models::adapter_set::{WeightedAdapter, combine_adapters};
+    use tensor_peft_models::{Combination, put_adapters};
+    let (base, spec, _, _) = words_llama_and_input();
+    let device = Default::default();
+    let dir = fixture().join("../peft-weighted-adapter");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let root = fixture().join("../../..");
+    let read: Vec<_> = expected["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|path| read_adapter::<B>(&spec, &root.join(path.as_str().unwrap()), &device).unwrap())
+        .collect();
+    let weights = json_floats(&expected["weights"]);
+    let parts: Vec<_> = read
+        .iter()
+        .zip(["a", "b"])
+        .zip(&weights)
+        .map(|(((config, set, _), name), &weight)| WeightedAdapter { name, config, set, weight })
+        .collect();
+    let (_, ours) = combine_adapters(&spec, &parts, Combination::Cat).unwrap();
+    let mut model = base.clone();
+    put_adapters(&mut model, ours).unwrap();
+    let mut peft = base.clone();
+    let config = load_adapter(&mut peft, &spec, &dir.join("cat")).unwrap();
+    assert_eq!(config.peft_type, "LORA");
+    let (ours, theirs) = (site_deltas(&mut model, &spec), site_deltas(&mut peft, &spec));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (site, delta) in &ours {
+        let diff = max_diff(delta, &theirs[site]);
+        assert!(diff < 1e-6, "{site}: our cat combination differs from PEFT's by {diff}");
+    }
+    let ids: Vec<Vec<i64>> = expected["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect())
+        .collect();
+    let x = tokens::<B>(&ids, &device);
+    let diff = max_diff(&values(model.forward(x)), &json_floats(&expected["logits"]));
+    assert!(diff < 1e-4, "logits with our combination differ from transformers + PEFT's by {diff}");
+}

@@ -5,6 +5,7 @@ use crate::checkpoint::assign_params;
 use crate::data::{self, Example, FieldMap, Labels, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::metrics::Accumulator;
+use crate::multi_adapter::{AdapterSelection, load_selection};
 use crate::task::{Decoding, Encoder, EncoderTask, LmTask, verbalizer_ids};
 use crate::trainer::{BaseModel, TaskInfo, evaluate_items, load_base};
 use burn::tensor::backend::Backend;
@@ -12,7 +13,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tensor_peft_models::SequenceClassifier;
-use tensor_peft_models::adapter_file::{load_adapter_with_extras, read_adapter_config};
+use tensor_peft_models::adapter_file::{HEAD_MODULES, read_adapter_config};
 
 /// What to evaluate.
 #[derive(Debug, Clone)]
@@ -91,6 +92,21 @@ pub fn evaluate_with_predictions<B: Backend>(
     options: &EvalOptions,
     device: &B::Device,
 ) -> Result<Evaluation> {
+    evaluate_selection::<B>(model, &AdapterSelection::single(adapter), data_path, options, device)
+}
+
+/// [`evaluate_with_predictions`] with several adapters loaded on the base model (`tpeft eval
+/// --adapter a=dir --adapter b=dir --active-adapter b`): the active one is evaluated, or, with
+/// `selection.disabled`, the base model (keeping the active adapter's task head, which the base
+/// model lacks). The task, labels and prompt come from the active adapter's configuration.
+pub fn evaluate_selection<B: Backend>(
+    model: &Path,
+    selection: &AdapterSelection,
+    data_path: &Path,
+    options: &EvalOptions,
+    device: &B::Device,
+) -> Result<Evaluation> {
+    let (_, adapter) = selection.active()?;
     let config = read_adapter_config(adapter)?;
     let info: TaskInfo =
         config.task.clone().and_then(|t| serde_json::from_value(t).ok()).ok_or_else(|| TrainError::Checkpoint {
@@ -119,10 +135,11 @@ pub fn evaluate_with_predictions<B: Backend>(
     };
     let weights = adapter.join(tensor_peft_models::adapter_file::WEIGHTS_FILE);
     let acc = match load_base::<B>(model, options.base_dtype, device)? {
-        BaseModel::Encoder(mut bert, spec, tokenizer) => {
-            let (_, extras) = load_adapter_with_extras(&mut bert, &spec, adapter)?;
+        BaseModel::Encoder(bert, spec, tokenizer) => {
+            let (bert, _, extras) = load_selection(bert, &spec, selection)?;
             let extras = extras
                 .into_iter()
+                .filter(|(name, _)| !selection.disabled || is_task_head(name))
                 .map(|(name, (shape, values))| {
                     let (name, shape, values) = tensor_peft_models::heads::head_from_hf(&name, &shape, &values);
                     (name, (shape, values))
@@ -147,8 +164,11 @@ pub fn evaluate_with_predictions<B: Backend>(
             let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
             evaluate_items(&task, &items, options.batch_size, pad, device)
         }
-        BaseModel::Decoder(mut llama, spec, tokenizer) => {
-            let (_, extras) = load_adapter_with_extras(&mut llama, &spec, adapter)?;
+        BaseModel::Decoder(llama, spec, tokenizer) => {
+            let (llama, _, mut extras) = load_selection(llama, &spec, selection)?;
+            if selection.disabled {
+                extras.clear(); // trained norms belong to the adapter, not to the base model
+            }
             let verbalizer = if options.task == TaskKind::LmClassification {
                 verbalizer_ids(&tokenizer, &info.verbalizers)?
             } else {
@@ -175,6 +195,13 @@ pub fn evaluate_with_predictions<B: Backend>(
     let metrics = acc.metrics(n_classes, lm);
     let predictions = if lm { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
     Ok(Evaluation { metrics, predictions })
+}
+
+/// Whether the extra tensor `name` of an adapter file belongs to a task head (transformers'
+/// `classifier`, the `head` of older files, the TT pooler) rather than to the base model (norms).
+fn is_task_head(name: &str) -> bool {
+    let module = name.split('.').next().unwrap_or_default();
+    HEAD_MODULES.contains(&module) || module == "head" || module == "tt_pooler"
 }
 
 /// Pairs the accumulated per-example outputs with the examples they came from. Label, score,

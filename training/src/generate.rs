@@ -22,8 +22,9 @@ pub struct GenerateOptions {
     pub top_p: f64,
     /// Sampling seed.
     pub seed: u64,
-    /// An adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to apply.
-    pub adapter: Option<std::path::PathBuf>,
+    /// The adapter directories (`adapter_config.json` + `adapter_model.safetensors`) to load,
+    /// and which to apply (none: the base model).
+    pub adapters: crate::multi_adapter::AdapterSelection,
     /// The precision the frozen base model is held at.
     pub base_dtype: tensor_peft_models::BaseDType,
 }
@@ -36,6 +37,15 @@ pub fn apply_adapter<B: Backend>(
     dir: &std::path::Path,
 ) -> Result<Llama<B>, ModelError> {
     let (_, extras) = tensor_peft_models::adapter_file::load_adapter_with_extras(&mut llama, spec, dir)?;
+    assign_extras(llama, extras, dir)
+}
+
+/// `llama` with the trained tensors `extras` of the adapter in `dir` (norms) put in place.
+fn assign_extras<B: Backend>(
+    llama: Llama<B>,
+    extras: tensor_peft_models::adapter_file::TensorMap,
+    dir: &Path,
+) -> Result<Llama<B>, ModelError> {
     if extras.is_empty() {
         return Ok(llama);
     }
@@ -52,8 +62,13 @@ pub fn generate<B: Backend>(model: &Path, options: &GenerateOptions, device: &B:
         let (llama, spec) = Llama::<B>::from_hf_dir_as(model, device, options.base_dtype)?;
         (llama, spec, TextTokenizer::from_hf_dir(model)?)
     };
-    if let Some(dir) = &options.adapter {
-        llama = apply_adapter(llama, &spec, dir)?;
+    if !options.adapters.is_empty() {
+        let (adapted, _, extras) = crate::multi_adapter::load_selection(llama, &spec, &options.adapters)?;
+        llama = adapted;
+        if !options.adapters.disabled {
+            let (_, dir) = options.adapters.active()?;
+            llama = assign_extras(llama, extras, dir)?;
+        }
     }
     let text = if options.chat {
         let message = ChatMessage { role: "user".into(), content: options.prompt.clone() };

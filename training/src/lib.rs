@@ -3,7 +3,8 @@
 //! metrics ([`metrics`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
 //! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
-//! ([`eval`]), text generation with a saved adapter ([`mod@generate`]) and training curves ([`plot`]).
+//! ([`eval`]), text generation with a saved adapter ([`mod@generate`]), several adapters on one base
+//! and their weighted combinations ([`multi_adapter`]) and training curves ([`plot`]).
 
 pub mod checkpoint;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod generate;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
+pub mod multi_adapter;
 pub mod optim;
 pub mod plan;
 pub mod plot;
@@ -25,4 +27,5 @@ pub use config::{HeadKind, TrainConfig};
 pub use data::TaskKind;
 pub use error::{Result, TrainError};
 pub use generate::{GenerateOptions, generate};
+pub use multi_adapter::AdapterSelection;
 pub use trainer::{FinetuneReport, finetune};

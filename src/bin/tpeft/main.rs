@@ -95,9 +95,17 @@ enum Command {
         /// The base model (HF directory or .gguf).
         #[arg(long)]
         model: std::path::PathBuf,
-        /// Adapter directory written by `tpeft finetune`.
+        /// Adapter directory written by `tpeft finetune`, or NAME=DIR; repeat to load several
+        /// on one base (the first is applied unless --active-adapter names another).
+        #[arg(long, required = true)]
+        adapter: Vec<String>,
+        /// The adapter to evaluate, by NAME (default: the first).
         #[arg(long)]
-        adapter: std::path::PathBuf,
+        active_adapter: Option<String>,
+        /// Evaluate the base model: the adapters are loaded but none is applied (the active
+        /// adapter's task head is kept).
+        #[arg(long)]
+        disable_adapters: bool,
         /// classification, regression, causal-lm, lm-classification, lm-multiple-choice or
         /// lm-generation.
         #[arg(long)]
@@ -202,9 +210,17 @@ enum Command {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Adapter directory (adapter_config.json + adapter_model.safetensors; PEFT LoRA too).
+        /// Adapter directory (adapter_config.json + adapter_model.safetensors; PEFT LoRA too), or
+        /// NAME=DIR; repeat to load several on one base (the first is applied unless
+        /// --active-adapter names another).
         #[arg(long)]
-        adapter: Option<std::path::PathBuf>,
+        adapter: Vec<String>,
+        /// The adapter to apply, by NAME (default: the first).
+        #[arg(long)]
+        active_adapter: Option<String>,
+        /// Generate with the base model: the adapters are loaded but none is applied.
+        #[arg(long)]
+        disable_adapters: bool,
         /// Precision of the frozen base model's matrices: f32, bf16, f16, q8_0,
         /// q4_0 (GGML blocks; embeddings in bf16) or native (as the checkpoint stores them).
         /// Adapters stay f32.
@@ -223,6 +239,30 @@ enum Command {
         #[arg(long)]
         output: std::path::PathBuf,
         /// Replace a model already in the output directory.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Write a weighted combination of adapters as one LoRA adapter (PEFT's
+    /// add_weighted_adapter): `cat` is exactly ΔW = Σ wᵢ·ΔWᵢ for any linear methods, mixed too;
+    /// `linear` is PEFT's weighted sum of LoRA factors (LoRA adapters of one rank only).
+    Combine {
+        /// The base model the adapters were trained on: preset, HF directory, config.json or
+        /// .gguf (only its shapes are read).
+        #[arg(long)]
+        model: String,
+        /// NAME=DIR (or a bare DIR) of an adapter to combine; repeat for each.
+        #[arg(long, required = true)]
+        adapter: Vec<String>,
+        /// One weight per adapter, comma-separated, in --adapter order (negative subtracts).
+        #[arg(long, value_delimiter = ',', required = true, allow_hyphen_values = true)]
+        weights: Vec<f64>,
+        /// cat (exact, rank Σ rᵢ) or linear (PEFT's, LoRA of one rank).
+        #[arg(long, default_value = "cat")]
+        combination: String,
+        /// The adapter directory to write.
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Replace what the output directory holds.
         #[arg(long)]
         overwrite: bool,
     },
@@ -398,7 +438,8 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(format!("backend: {:?}\n{}", cli.backend, bench::render(&records)))
         }
-        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter, base_dtype } => {
+        Command::Generate { model, prompt, chat, max_new_tokens, temperature, top_p, seed, adapter, active_adapter, disable_adapters, base_dtype } => {
+            let adapters = adapter_selection(adapter, active_adapter, disable_adapters)?;
             if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 return Err(CliError::Usage("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
             }
@@ -412,7 +453,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 temperature,
                 top_p,
                 seed,
-                adapter,
+                adapters,
                 base_dtype,
             };
             let text =
@@ -432,6 +473,36 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 )));
             }
             let summary = with_backend!(cli.backend, B => merge::run::<B>(&model, &adapter, &output, &Default::default())
+                .map_err(|e| e.to_string()))
+            .map_err(CliError::Runtime)?;
+            Ok(format!("{summary}\n"))
+        }
+        Command::Combine { model, adapter, weights, combination, output, overwrite } => {
+            let adapters = adapter_selection(adapter, None, false)?.adapters;
+            if weights.len() != adapters.len() {
+                return Err(CliError::Usage(format!(
+                    "--weights: {} weights for {} adapters; give one weight per --adapter",
+                    weights.len(),
+                    adapters.len()
+                )));
+            }
+            if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+                return Err(CliError::Usage(format!("--weights: {w} is not a finite number")));
+            }
+            let combination = tensor_peft_models::Combination::parse(&combination)
+                .map_err(|e| CliError::Usage(format!("--combination: {e}")))?;
+            if !overwrite && std::fs::read_dir(&output).is_ok_and(|mut entries| entries.next().is_some()) {
+                return Err(CliError::Usage(format!(
+                    "--output {} is not empty; pass --overwrite to replace it",
+                    output.display()
+                )));
+            }
+            ArchSpec::from_model_arg(&model).map_err(|e| match e {
+                tensor_peft_models::ModelError::UnknownModel(_) => CliError::Usage(e.to_string()),
+                other => CliError::Runtime(other.to_string()),
+            })?;
+            let options = tensor_peft_training::multi_adapter::CombineOptions { adapters, weights, combination, output, overwrite };
+            let summary = with_backend!(cli.backend, B => tensor_peft_training::multi_adapter::combine::<B>(&model, &options, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{summary}\n"))
@@ -468,6 +539,8 @@ fn run(cli: Cli) -> Result<String, CliError> {
         Command::Eval {
             model,
             adapter,
+            active_adapter,
+            disable_adapters,
             task,
             data,
             batch_size,
@@ -485,6 +558,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             predictions,
             base_dtype,
         } => {
+            let adapters = adapter_selection(adapter, active_adapter, disable_adapters)?;
             let task = tensor_peft_training::TaskKind::parse(&task).map_err(|e| CliError::Usage(e.to_string()))?;
             if let Some(path) = &predictions {
                 if task == tensor_peft_training::TaskKind::CausalLm {
@@ -499,9 +573,6 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             if !model.exists() {
                 return Err(CliError::Usage(format!("--model {}: no such file or directory", model.display())));
-            }
-            if !adapter.join("adapter_config.json").is_file() {
-                return Err(CliError::Usage(format!("--adapter {}: no adapter_config.json there", adapter.display())));
             }
             if batch_size == 0 {
                 return Err(CliError::Usage("--batch-size must be at least 1".into()));
@@ -525,7 +596,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 base_dtype,
                 max_new_tokens,
             };
-            let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_with_predictions::<B>(&model, &adapter, &data, &options, &Default::default())
+            let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_selection::<B>(&model, &adapters, &data, &options, &Default::default())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             if let Some(path) = &predictions {
@@ -570,6 +641,42 @@ fn bench_bf16(options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, S
         let _ = options;
         Err("the cuda backend is not compiled in".into())
     }
+}
+
+/// `--adapter` values (`NAME=DIR`, or a bare `DIR` named `default` as in PEFT), `--active-adapter`
+/// and `--disable-adapters`: usage errors for a directory without `adapter_config.json`, repeated
+/// names, an unknown active name, and the last two flags without an adapter.
+fn adapter_selection(
+    values: Vec<String>,
+    active: Option<String>,
+    disabled: bool,
+) -> Result<tensor_peft_training::AdapterSelection, CliError> {
+    if values.is_empty() && (active.is_some() || disabled) {
+        return Err(CliError::Usage("--active-adapter and --disable-adapters need at least one --adapter".into()));
+    }
+    let bare = values.len() == 1;
+    let mut adapters = Vec::new();
+    for value in values {
+        // An existing directory is a bare DIR even if its name holds `=`.
+        let (name, dir) = match value.split_once('=') {
+            Some((name, dir)) if !std::path::Path::new(&value).exists() && !name.is_empty() && !dir.is_empty() => {
+                (name.to_string(), std::path::PathBuf::from(dir))
+            }
+            _ if bare => ("default".to_string(), std::path::PathBuf::from(&value)),
+            _ => {
+                return Err(CliError::Usage(format!("--adapter {value}: name each of several adapters as NAME=DIR")));
+            }
+        };
+        if !dir.join("adapter_config.json").is_file() {
+            return Err(CliError::Usage(format!("--adapter {}: no adapter_config.json there", dir.display())));
+        }
+        adapters.push((name, dir));
+    }
+    let selection = tensor_peft_training::AdapterSelection { adapters, active, disabled };
+    if !selection.is_empty() {
+        selection.active().map_err(|e| CliError::Usage(format!("--adapter / --active-adapter: {e}")))?;
+    }
+    Ok(selection)
 }
 
 /// `--train-shape BxT` (e.g. `4x512`): two positive integers.
