@@ -19,6 +19,7 @@ pub mod layout;
 pub mod llama;
 pub mod precision;
 pub mod sampling;
+pub mod strip;
 pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
@@ -30,6 +31,7 @@ pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
 pub use precision::BaseDType;
+pub use strip::strip_adapters;
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;
 /// A LLaMA-family model's rotary embedding (base θ and scaling), from `tensor-peft-kernels`.

@@ -91,6 +91,8 @@ pub struct TrainConfig {
     pub verbalizers: Vec<String>,
     /// Prompt of `lm-classification`; `{text}` / `{text_pair}` are replaced.
     pub template: String,
+    /// β of the DPO loss (`dpo`): how strongly the trained model is held to the reference.
+    pub dpo_beta: f64,
     /// Output directory.
     pub output: PathBuf,
     /// Replace an output directory that already holds a run.
@@ -143,6 +145,7 @@ impl Default for TrainConfig {
             eval_every_steps: 0,
             verbalizers: Vec::new(),
             template: "{text} It was".into(),
+            dpo_beta: crate::dpo::DEFAULT_BETA,
             output: PathBuf::new(),
             overwrite: false,
             resume: false,
@@ -196,6 +199,9 @@ pub struct TaskInfo {
     /// The head (encoder tasks); absent in files written before it existed: linear.
     #[serde(default)]
     pub head: HeadKind,
+    /// β of the DPO loss the adapter was trained with (`dpo`), which `eval` uses too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo_beta: Option<f64>,
 }
 
 /// Options that must not change when resuming (everything that shapes the computation).
@@ -272,11 +278,15 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
             "lm-classification needs one label word per class, e.g. --verbalizers terrible,great",
         );
     }
+    if !(cfg.dpo_beta.is_finite() && cfg.dpo_beta > 0.0) {
+        return bad("dpo-beta", "must be a positive number");
+    }
     if let Some(m) = &cfg.metric_for_best {
         let ok: &[&str] = match cfg.task {
             TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
             TaskKind::Regression => &["loss", "pearson", "spearman"],
             TaskKind::CausalLm => &["loss", "perplexity"],
+            TaskKind::Dpo => &["loss", "rewards/accuracies", "rewards/margins"],
         };
         if !ok.contains(&m.as_str()) {
             return Err(TrainError::Option {
@@ -300,6 +310,6 @@ pub(crate) fn default_metric(task: TaskKind) -> &'static str {
     match task {
         TaskKind::Classification | TaskKind::LmClassification => "accuracy",
         TaskKind::Regression => "pearson",
-        TaskKind::CausalLm => "loss",
+        TaskKind::CausalLm | TaskKind::Dpo => "loss",
     }
 }

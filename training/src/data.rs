@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tensor_peft_models::tokenizer::ChatMessage;
 
-/// The four fine-tuning tasks.
+/// The fine-tuning tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskKind {
@@ -22,10 +22,13 @@ pub enum TaskKind {
     CausalLm,
     /// Prompt-based classification with a causal LM: the label whose verbalizer word scores highest.
     LmClassification,
+    /// Direct preference optimisation of a causal LM on `prompt` / `chosen` / `rejected` rows,
+    /// against the base model without adapters ([`crate::dpo`]).
+    Dpo,
 }
 
 /// Task names as written on the command line.
-pub const TASK_NAMES: [&str; 4] = ["classification", "regression", "causal-lm", "lm-classification"];
+pub const TASK_NAMES: [&str; 5] = ["classification", "regression", "causal-lm", "lm-classification", "dpo"];
 
 impl TaskKind {
     /// Parses a task name.
@@ -35,6 +38,7 @@ impl TaskKind {
             "regression" => Self::Regression,
             "causal-lm" => Self::CausalLm,
             "lm-classification" => Self::LmClassification,
+            "dpo" => Self::Dpo,
             other => {
                 return Err(TrainError::Option {
                     option: "task",
@@ -51,6 +55,7 @@ impl TaskKind {
             Self::Regression => "regression",
             Self::CausalLm => "causal-lm",
             Self::LmClassification => "lm-classification",
+            Self::Dpo => "dpo",
         }
     }
 
@@ -78,6 +83,10 @@ pub struct FieldMap {
     pub completion: String,
     /// A chat: a list of `{"role", "content"}` objects.
     pub messages: String,
+    /// The preferred response of a DPO row.
+    pub chosen: String,
+    /// The dispreferred response of a DPO row.
+    pub rejected: String,
 }
 
 impl Default for FieldMap {
@@ -90,6 +99,8 @@ impl Default for FieldMap {
             prompt: "prompt".into(),
             completion: "completion".into(),
             messages: "messages".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
         }
     }
 }
@@ -140,6 +151,15 @@ pub enum Content {
     },
     /// A conversation; the model learns the assistant turns.
     Chat(Vec<ChatMessage>),
+    /// A prompt with a preferred and a dispreferred response (DPO).
+    Preference {
+        /// Text both responses follow.
+        prompt: String,
+        /// The preferred response.
+        chosen: String,
+        /// The dispreferred response.
+        rejected: String,
+    },
 }
 
 /// One example and where it came from.
@@ -260,6 +280,17 @@ fn parse_row(task: TaskKind, fields: &FieldMap, row: &Row, origin: Origin) -> Re
                 Content::Completion { prompt, completion }
             }
         },
+        TaskKind::Dpo => {
+            let prompt = text_field(row, &fields.prompt, &origin, true)?.unwrap_or_default();
+            let chosen = text_field(row, &fields.chosen, &origin, true)?.unwrap_or_default();
+            let rejected = text_field(row, &fields.rejected, &origin, true)?.unwrap_or_default();
+            for (key, value) in [(&fields.chosen, &chosen), (&fields.rejected, &rejected)] {
+                if value.trim().is_empty() {
+                    return Err(origin.error(format!("field `{key}` is empty")));
+                }
+            }
+            Content::Preference { prompt, chosen, rejected }
+        }
     };
     Ok(Example { content, origin })
 }

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::assign_params;
 use crate::data::{self, Example, FieldMap, Labels, TaskKind};
+use crate::dpo::{DpoTask, fill_reference};
 use crate::error::{Result, TrainError};
 use crate::metrics::Accumulator;
 use crate::task::{Encoder, EncoderTask, LmTask, verbalizer_ids};
@@ -57,8 +58,8 @@ pub enum Target {
 pub struct Evaluation {
     /// The task's metrics over the whole data (as [`evaluate`] returns them).
     pub metrics: BTreeMap<String, f64>,
-    /// One entry per example in data order; empty for `causal-lm`, whose examples have no single
-    /// predicted value (its metrics are the loss and perplexity over completion tokens).
+    /// One entry per example in data order; empty for `causal-lm` and `dpo`, whose examples have
+    /// no single predicted value (their metrics are losses, perplexity and rewards).
     pub predictions: Vec<Prediction>,
 }
 
@@ -133,6 +134,25 @@ pub fn evaluate_with_predictions<B: Backend>(
             let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
             evaluate_items(&task, &items, options.batch_size, pad, device)
         }
+        BaseModel::Decoder(mut llama, spec, tokenizer) if options.task == TaskKind::Dpo => {
+            // The reference is the base as loaded: neither the adapter nor trained norms.
+            let base = llama.clone();
+            let (_, extras) = load_adapter_with_extras(&mut llama, &spec, adapter)?;
+            let beta = info.dpo_beta.unwrap_or(crate::dpo::DEFAULT_BETA);
+            let task = assign_params(DpoTask { net: llama, beta }, prefixed(extras), &weights)?;
+            let encoder = Encoder {
+                tokenizer: &tokenizer,
+                task: options.task,
+                max_len: info.max_len,
+                labels: None,
+                template: "",
+                eos: tokenizer.eos,
+            };
+            let (mut items, _) = encoder.encode_all(&examples)?;
+            let pad = tokenizer.eos.unwrap_or(0);
+            fill_reference(&base, &mut items, options.batch_size, pad, device)?;
+            evaluate_items(&task, &items, options.batch_size, pad, device)
+        }
         BaseModel::Decoder(mut llama, spec, tokenizer) => {
             let (_, extras) = load_adapter_with_extras(&mut llama, &spec, adapter)?;
             let verbalizer = if options.task == TaskKind::LmClassification {
@@ -154,7 +174,8 @@ pub fn evaluate_with_predictions<B: Backend>(
         }
     };
     let metrics = acc.metrics(n_classes, lm);
-    let predictions = if lm { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
+    let predictions =
+        if lm || options.task == TaskKind::Dpo { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
     Ok(Evaluation { metrics, predictions })
 }
 

@@ -25,6 +25,21 @@ pub struct StepStats {
     pub scores: Vec<f32>,
     /// Non-padding input tokens processed.
     pub tokens: usize,
+    /// DPO: each pair's rewards and log-probabilities.
+    pub pairs: Vec<PairOutcome>,
+}
+
+/// What DPO measured on one preference pair (TRL's `DPOTrainer` logs the same quantities).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairOutcome {
+    /// The implicit reward of the chosen response, `β·(log π(chosen) − log π_ref(chosen))`.
+    pub reward_chosen: f64,
+    /// The implicit reward of the rejected response.
+    pub reward_rejected: f64,
+    /// `log π(chosen | prompt)` under the trained model, summed over the response tokens.
+    pub logp_chosen: f64,
+    /// `log π(rejected | prompt)` under the trained model.
+    pub logp_rejected: f64,
 }
 
 /// Accumulates [`StepStats`] over an epoch or a whole evaluation.
@@ -38,6 +53,9 @@ pub struct Accumulator {
     scores: Vec<f32>,
     /// Tokens seen.
     pub tokens: usize,
+    /// DPO pairs seen (absent in checkpoints written before DPO existed).
+    #[serde(default)]
+    pairs: Vec<PairOutcome>,
 }
 
 impl Accumulator {
@@ -50,6 +68,7 @@ impl Accumulator {
         self.predicted_scores.extend_from_slice(&s.predicted_scores);
         self.scores.extend_from_slice(&s.scores);
         self.tokens += s.tokens;
+        self.pairs.extend_from_slice(&s.pairs);
     }
 
     /// Predicted class per example, in the order added.
@@ -77,8 +96,15 @@ impl Accumulator {
         if self.units == 0 { f64::NAN } else { self.loss_sum / self.units as f64 }
     }
 
+    /// DPO pairs, in the order added.
+    pub fn pairs(&self) -> &[PairOutcome] {
+        &self.pairs
+    }
+
     /// Every metric that applies to what was accumulated (`loss`, and `accuracy`, `f1`, `mcc` for
-    /// labels, `pearson`, `spearman` for scores, `perplexity` for LM losses when `lm`).
+    /// labels, `pearson`, `spearman` for scores, `perplexity` for LM losses when `lm`, and for DPO
+    /// pairs TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+    /// `logps/chosen`, `logps/rejected`; see [`preference_metrics`]).
     pub fn metrics(&self, n_classes: usize, lm: bool) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
         out.insert("loss".into(), self.loss());
@@ -94,8 +120,28 @@ impl Accumulator {
             out.insert("pearson".into(), pearson(&self.predicted_scores, &self.scores));
             out.insert("spearman".into(), spearman(&self.predicted_scores, &self.scores));
         }
+        out.extend(preference_metrics(&self.pairs));
         out
     }
+}
+
+/// The DPO metrics of `pairs`, named and computed as TRL's `DPOTrainer` logs them (means over the
+/// pairs): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (the fraction of pairs whose
+/// chosen reward is strictly larger), `rewards/margins` (chosen − rejected reward),
+/// `logps/chosen`, `logps/rejected`. Empty when there are no pairs.
+pub fn preference_metrics(pairs: &[PairOutcome]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if pairs.is_empty() {
+        return out;
+    }
+    let mean = |f: &dyn Fn(&PairOutcome) -> f64| pairs.iter().map(f).sum::<f64>() / pairs.len() as f64;
+    out.insert("rewards/chosen".into(), mean(&|p| p.reward_chosen));
+    out.insert("rewards/rejected".into(), mean(&|p| p.reward_rejected));
+    out.insert("rewards/accuracies".into(), mean(&|p| f64::from(u8::from(p.reward_chosen > p.reward_rejected))));
+    out.insert("rewards/margins".into(), mean(&|p| p.reward_chosen - p.reward_rejected));
+    out.insert("logps/chosen".into(), mean(&|p| p.logp_chosen));
+    out.insert("logps/rejected".into(), mean(&|p| p.logp_rejected));
+    out
 }
 
 /// Fraction of `predicted` equal to `labels`.
@@ -192,7 +238,7 @@ pub fn spearman(x: &[f32], y: &[f32]) -> f64 {
 
 /// Whether larger values of `metric` are better.
 pub fn higher_is_better(metric: &str) -> bool {
-    !matches!(metric, "loss" | "perplexity")
+    !matches!(metric, "loss" | "perplexity" | "rewards/rejected")
 }
 
 /// One row of the metrics history (`metrics.csv` / `metrics.json`).

@@ -32,6 +32,9 @@ pub enum Target {
         /// Index in `ids` of the first supervised token.
         from: usize,
     },
+    /// A DPO pair: `ids` is the prompt followed by the chosen response, positions `>= from` of
+    /// `ids` and of `rejected` are scored.
+    Preference(Box<crate::dpo::Pair>),
 }
 
 /// A tokenised example.
@@ -173,10 +176,34 @@ impl Encoder<'_> {
                 }
                 self.finish_lm(ids, prompt_ids.len(), report)
             }
+            (TaskKind::Dpo, Content::Preference { prompt, chosen, rejected }) => {
+                let prompt_ids = self.tokens(prompt, e)?;
+                let response = |text: &str| -> Result<Vec<u32>> {
+                    let mut ids = self.tokens(text, e)?;
+                    // Responses are tokenised on their own, as completions are: drop a BOS.
+                    if self.tokenizer.add_bos && !ids.is_empty() {
+                        ids.remove(0);
+                    }
+                    ids.extend(self.eos);
+                    Ok(ids)
+                };
+                let pair = crate::dpo::encode_pair(
+                    prompt_ids,
+                    response(chosen)?,
+                    response(rejected)?,
+                    self.tokenizer.add_bos,
+                    self.max_len,
+                );
+                if pair.1 {
+                    report.truncated += 1;
+                }
+                Ok(Some(pair.0))
+            }
             (_, Content::Labelled { .. }) => Err(mismatch("a labelled text")),
             (_, Content::Scored { .. }) => Err(mismatch("a scored text")),
             (_, Content::Completion { .. }) => Err(mismatch("a prompt/completion pair")),
             (_, Content::Chat(_)) => Err(mismatch("a conversation")),
+            (_, Content::Preference { .. }) => Err(mismatch("a preference pair")),
         }
     }
 
@@ -213,10 +240,16 @@ pub struct Batch<B: Backend> {
     pub last: Tensor<B, 1, Int>,
     /// Non-padding tokens.
     pub tokens: usize,
+    /// DPO: what is scored in each sequence and the reference log-probabilities; `ids` then holds
+    /// the `n` chosen sequences followed by the `n` rejected ones (`[2n, T]`).
+    pub pairs: Option<crate::dpo::PairBatch<B>>,
 }
 
-/// Pads `items` into a batch on `device`.
+/// Pads `items` into a batch on `device` (DPO pairs: see [`crate::dpo::make_pair_batch`]).
 pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) -> Batch<B> {
+    if items.first().is_some_and(|e| matches!(e.target, Target::Preference(_))) {
+        return crate::dpo::make_pair_batch(items, pad, device);
+    }
     let b = items.len();
     let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
     let mut ids = vec![pad as i64; b * t];
@@ -268,6 +301,7 @@ pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) 
         next_tokens,
         last: Tensor::from_data(TensorData::new(last, [b]), device),
         tokens,
+        pairs: None,
     }
 }
 
@@ -291,7 +325,7 @@ fn argmax_rows<B: Backend>(logits: &Tensor<B, 2>, c: usize) -> Vec<usize> {
         .collect()
 }
 
-fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
     t.clone().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN)
 }
 
@@ -400,6 +434,8 @@ impl<B: Backend> LmTask<B> {
     }
 }
 
+/// Implements burn-train's `TrainStep` / `InferenceStep` for a task model with a
+/// `run(&self, Batch<B>) -> (loss, StepStats)` method.
 macro_rules! steps {
     ($task:ident) => {
         impl<B: AutodiffBackend> TrainStep for $task<B> {
@@ -420,6 +456,7 @@ macro_rules! steps {
         }
     };
 }
+pub(crate) use steps;
 steps!(EncoderTask);
 steps!(LmTask);
 
@@ -461,6 +498,15 @@ where
     /// ([`tensor_peft_models::update_ratios`]).
     fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {
         tensor_peft_models::update_ratios(&mut self.adapted().clone(), spec)
+    }
+
+    /// Fills in what the task's loss takes from the base model, once, before training starts
+    /// (and before a resumed run restores its checkpoint), `batch_size` items at a time, padding
+    /// with `pad`: DPO's reference log-probabilities ([`crate::dpo::fill_reference`]). Nothing
+    /// for the other tasks.
+    fn prepare_items(&self, items: &mut [Encoded], batch_size: usize, pad: u32, device: &B::Device) -> Result<()> {
+        let _ = (items, batch_size, pad, device);
+        Ok(())
     }
 }
 

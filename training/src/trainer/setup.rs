@@ -4,6 +4,7 @@
 use crate::checkpoint;
 use crate::config::{HeadKind, TaskInfo, TrainConfig, targets_of};
 use crate::data::{self, Example, Labels, TaskKind};
+use crate::dpo::DpoTask;
 use crate::error::{Result, TrainError};
 use crate::loader::TaskLoader;
 use crate::metrics::DashboardMetric;
@@ -268,6 +269,7 @@ pub(crate) fn encoder_task<B: Backend>(
         max_len: cfg.max_len,
         peft_task_type: "SEQ_CLS".into(),
         head: cfg.head,
+        dpo_beta: None,
     };
     let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
@@ -330,8 +332,22 @@ pub(crate) fn lm_task<B: Backend>(
         max_len: cfg.max_len,
         peft_task_type: "CAUSAL_LM".into(),
         head: HeadKind::Linear,
+        dpo_beta: None,
     };
     let pad = tokenizer.eos.unwrap_or(0);
+    Ok(Prepared { model, spec, tokenizer, labels, info, pad })
+}
+
+/// A LLaMA-family causal LM with `cfg.method`'s adapters, trained with DPO (β = `cfg.dpo_beta`).
+pub(crate) fn dpo_task<B: Backend>(
+    cfg: &TrainConfig,
+    llama: Llama<B>,
+    spec: ArchSpec,
+    tokenizer: TextTokenizer,
+) -> Result<Prepared<DpoTask<B>>> {
+    let Prepared { model, spec, tokenizer, labels, info, pad } = lm_task(cfg, llama, spec, tokenizer, None)?;
+    let model = DpoTask { net: model.net, beta: cfg.dpo_beta };
+    let info = TaskInfo { dpo_beta: Some(cfg.dpo_beta), ..info };
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
 }
 
@@ -451,6 +467,9 @@ where
         }
         TaskKind::Regression => &[("loss", "Loss"), ("pearson", "Pearson"), ("spearman", "Spearman")],
         TaskKind::CausalLm => &[("loss", "Loss"), ("perplexity", "Perplexity")],
+        TaskKind::Dpo => {
+            &[("loss", "Loss"), ("rewards/accuracies", "Reward accuracy"), ("rewards/margins", "Reward margin")]
+        }
     };
     for (key, label) in shown {
         training = training
