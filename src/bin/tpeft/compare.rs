@@ -253,7 +253,7 @@ pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Resu
     let metric = sweep.metric.clone().or(probe.metric_for_best.clone()).unwrap_or_else(|| {
         match probe.task {
             tensor_peft_training::TaskKind::Regression => "pearson",
-            tensor_peft_training::TaskKind::CausalLm => "loss",
+            tensor_peft_training::TaskKind::CausalLm | tensor_peft_training::TaskKind::Dpo => "loss",
             _ => "accuracy",
         }
         .to_string()

@@ -25,7 +25,7 @@ pub struct FinetuneArgs {
     /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
-    /// classification, regression, causal-lm or lm-classification.
+    /// classification, regression, causal-lm, lm-classification or dpo.
     #[arg(long)]
     pub task: Option<String>,
     /// Training data (.jsonl, .csv, .tsv) or builtin:vader-movie-reviews / builtin:chatterbot.
@@ -67,6 +67,12 @@ pub struct FinetuneArgs {
     /// Key of the chat messages [default: messages].
     #[arg(long)]
     pub messages_field: Option<String>,
+    /// dpo: column/key of the preferred response [default: chosen].
+    #[arg(long)]
+    pub chosen_field: Option<String>,
+    /// dpo: column/key of the dispreferred response [default: rejected].
+    #[arg(long)]
+    pub rejected_field: Option<String>,
     /// Report malformed rows and go on instead of stopping.
     #[arg(long)]
     #[serde(default)]
@@ -153,6 +159,10 @@ pub struct FinetuneArgs {
     /// lm-classification prompt; {text} and {text_pair} are replaced [default: "{text} It was"].
     #[arg(long)]
     pub template: Option<String>,
+    /// dpo: β of the loss, how strongly the model is held to the reference (the base without
+    /// adapters) [default: 0.1, as TRL].
+    #[arg(long)]
+    pub dpo_beta: Option<f64>,
     /// Output directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -259,6 +269,8 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
             prompt: a.prompt_field.clone().unwrap_or(df.prompt),
             completion: a.completion_field.clone().unwrap_or(df.completion),
             messages: a.messages_field.clone().unwrap_or(df.messages),
+            chosen: a.chosen_field.clone().unwrap_or(df.chosen),
+            rejected: a.rejected_field.clone().unwrap_or(df.rejected),
         },
         skip_bad_rows: a.skip_bad_rows,
         method,
@@ -293,6 +305,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         eval_every_steps: a.eval_every_steps.unwrap_or(d.eval_every_steps),
         verbalizers: a.verbalizers.clone().unwrap_or_default(),
         template: a.template.clone().unwrap_or(d.template),
+        dpo_beta: a.dpo_beta.unwrap_or(d.dpo_beta),
         output: required(&a.output, "--output")?,
         overwrite: a.overwrite,
         resume: false,

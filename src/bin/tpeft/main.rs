@@ -98,7 +98,7 @@ enum Command {
         /// Adapter directory written by `tpeft finetune`.
         #[arg(long)]
         adapter: std::path::PathBuf,
-        /// classification, regression, causal-lm or lm-classification.
+        /// classification, regression, causal-lm, lm-classification or dpo.
         #[arg(long)]
         task: String,
         /// Data file (.jsonl, .csv, .tsv) or builtin:<name>.
@@ -454,6 +454,11 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 if task == tensor_peft_training::TaskKind::CausalLm {
                     return Err(CliError::Usage(
                         "--predictions: causal-lm has no single predicted value per example (its metrics are loss and perplexity)".into(),
+                    ));
+                }
+                if task == tensor_peft_training::TaskKind::Dpo {
+                    return Err(CliError::Usage(
+                        "--predictions: dpo has no single predicted value per example (its metrics are the loss and the rewards)".into(),
                     ));
                 }
                 let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
