@@ -1550,3 +1550,66 @@ fn several_adapters_switch_disable_and_combine() {
     assert!(close(loss(&["--adapter", &combined]), mixed), "a refused combine leaves the output as it was");
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
+
+#[test]
+fn finetune_and_eval_take_dpo_pairs() {
+    let dir = scratch("dpo");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Pairs from the copy task: the row's completion is chosen, the next row's rejected.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(fixture("lm-copy-train.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pairs: String = (0..rows.len())
+        .map(|i| {
+            let rejected = &rows[(i + 1) % rows.len()]["completion"];
+            let row =
+                serde_json::json!({"prompt": rows[i]["prompt"], "better": rows[i]["completion"], "rejected": rejected});
+            format!("{row}\n")
+        })
+        .collect();
+    let data = dir.join("pairs.jsonl");
+    std::fs::write(&data, pairs).unwrap();
+    let data = data.to_str().unwrap();
+    let out_dir = dir.join("out");
+    let mut args =
+        lm_finetune_args(&out_dir, &["--task", "dpo", "--train", data, "--epochs", "1", "--dpo-beta", "0.5"]);
+    args.retain(|a| a != "--valid");
+    args.retain(|a| !a.ends_with("lm-copy-valid.jsonl"));
+    // The chosen key is mapped; without the mapping the row is refused naming file, line and field.
+    let refused = run_args(&args);
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("pairs.jsonl:1:") && err.contains("missing field `chosen`"), "{err}");
+    args.extend(["--chosen-field".to_string(), "better".to_string()]);
+    let out = run_args(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rewards/accuracies=") && stdout.contains("best valid loss"), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["tensor_peft"]["task"]["dpo_beta"], 0.5, "{config}");
+    // eval reads the mapped file only with default keys: write one.
+    let plain = dir.join("plain.jsonl");
+    std::fs::write(&plain, std::fs::read_to_string(data).unwrap().replace("\"better\"", "\"chosen\"")).unwrap();
+    let text = eval_output(&fixture("tiny-llama-words"), &out_dir, "dpo", plain.to_str().unwrap());
+    assert!(metric(&text, "loss").is_finite() && (0.0..=1.0).contains(&metric(&text, "rewards/accuracies")), "{text}");
+    let predictions = dir.join("p.jsonl");
+    let adapter = out_dir.to_str().unwrap();
+    let refused = tpeft(&[
+        "eval",
+        "--model",
+        &fixture("tiny-llama-words"),
+        "--adapter",
+        adapter,
+        "--task",
+        "dpo",
+        "--data",
+        plain.to_str().unwrap(),
+        "--predictions",
+        predictions.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("dpo has no single predicted value"));
+}

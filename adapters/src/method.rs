@@ -59,6 +59,16 @@ pub enum ResidualPosition {
     UpInput,
 }
 
+impl ResidualPosition {
+    /// Every position, in block order.
+    pub const ALL: [ResidualPosition; 4] = [
+        ResidualPosition::Attention,
+        ResidualPosition::GateInput,
+        ResidualPosition::UpInput,
+        ResidualPosition::FeedForward,
+    ];
+}
+
 /// One row of a parameter report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamRow {

@@ -15,6 +15,7 @@ use crate::adapter_file::{AdapterConfig, BaseModelIdentity, TensorMap, read_adap
 use crate::arch::ArchSpec;
 use crate::error::ModelError;
 use crate::inject::AdapterSlots;
+use crate::layout::LayoutBlock;
 use burn::module::{Module, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::Tensor;
@@ -22,6 +23,7 @@ use burn::tensor::backend::Backend;
 use std::path::Path;
 use tensor_peft_adapters::{
     AdaptedLinear, AdapterError, AdapterSet, LinearAdapter, LinearDelta, LinearSite, Lora, LoraConfig, MethodConfig,
+    ResidualPosition, SharedFactors,
 };
 
 fn error(reason: impl Into<String>) -> ModelError {
@@ -626,4 +628,32 @@ fn linear_combination<B: Backend>(
         factors.push(sum.expect("every site has an adapter"));
     }
     Ok(factors)
+}
+
+/// Removes every linear adapter, residual adapter and shared factor from `model` without a
+/// description of its sites (what [`take_adapters`] needs), so that it computes what the base model
+/// computes (a DPO run's reference policy, on a clone that shares the frozen weights) (trained norms or heads, which are not adapters, stay).
+/// Returns how many adapters were removed.
+///
+/// Refuses a model whose update is merged into a base weight: removing the adapter would leave
+/// ΔW folded into the weight (unmerge it first).
+pub fn strip_adapters<B: Backend, M: AdapterSlots<B>>(model: &mut M) -> Result<usize, ModelError> {
+    let mut removed = 0;
+    for (layer, block) in model.blocks_mut().iter_mut().enumerate() {
+        for (projection, slot) in block.projections_mut().into_iter().enumerate() {
+            if slot.merged {
+                let name = M::Block::LAYOUT.get(projection).map_or("a projection", |p| p.name);
+                return Err(AdapterError::State(format!(
+                    "layer {layer} {name}: the adapter is merged into the base weight; unmerge it before removing it"
+                ))
+                .into());
+            }
+            removed += usize::from(slot.adapter.take().is_some());
+        }
+        for position in ResidualPosition::ALL {
+            removed += usize::from(block.residual_mut(position).and_then(Option::take).is_some());
+        }
+    }
+    *model.shared_mut() = SharedFactors::empty();
+    Ok(removed)
 }

@@ -24,7 +24,7 @@ pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
 
-pub use adapter_set::{Combination, MultiAdapterModel, put_adapters, take_adapters};
+pub use adapter_set::{Combination, MultiAdapterModel, put_adapters, strip_adapters, take_adapters};
 pub use arch::{ArchSpec, Family};
 pub use bert::Bert;
 pub use error::ModelError;
@@ -32,6 +32,7 @@ pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
 pub use precision::BaseDType;
+
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;
 /// A LLaMA-family model's rotary embedding (base θ and scaling), from `tensor-peft-kernels`.

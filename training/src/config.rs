@@ -97,6 +97,8 @@ pub struct TrainConfig {
     pub template: String,
     /// Longest greedy answer of `lm-generation` when evaluating, in tokens.
     pub max_new_tokens: usize,
+    /// β of the DPO loss (`dpo`): how strongly the trained model is held to the reference.
+    pub dpo_beta: f64,
     /// Output directory.
     pub output: PathBuf,
     /// Replace an output directory that already holds a run.
@@ -150,6 +152,7 @@ impl Default for TrainConfig {
             verbalizers: Vec::new(),
             template: "{text} It was".into(),
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            dpo_beta: crate::dpo::DEFAULT_BETA,
             output: PathBuf::new(),
             overwrite: false,
             resume: false,
@@ -249,6 +252,9 @@ pub struct TaskInfo {
     /// Longest greedy answer (lm-generation); absent in files written before it existed: 32.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
+    /// β of the DPO loss the adapter was trained with (`dpo`), which `eval` uses too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo_beta: Option<f64>,
 }
 
 /// Options that must not change when resuming (everything that shapes the computation).
@@ -328,6 +334,9 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     if cfg.task == TaskKind::LmGeneration && cfg.max_new_tokens == 0 {
         return bad("max-new-tokens", "must be at least 1");
     }
+    if !(cfg.dpo_beta.is_finite() && cfg.dpo_beta > 0.0) {
+        return bad("dpo-beta", "must be a positive number");
+    }
     if let Some(m) = &cfg.metric_for_best {
         let ok: &[&str] = match cfg.task {
             TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
@@ -335,6 +344,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
             TaskKind::CausalLm => &["loss", "perplexity"],
             TaskKind::LmMultipleChoice => &["loss", "accuracy", "accuracy_norm", "accuracy_per_token"],
             TaskKind::LmGeneration => &["loss", "exact_match", "f1"],
+            TaskKind::Dpo => &["loss", "rewards/accuracies", "rewards/margins"],
         };
         if !ok.contains(&m.as_str()) {
             return Err(TrainError::Option {
@@ -359,7 +369,7 @@ pub fn default_metric(task: TaskKind) -> &'static str {
     match task {
         TaskKind::Classification | TaskKind::LmClassification | TaskKind::LmMultipleChoice => "accuracy",
         TaskKind::Regression => "pearson",
-        TaskKind::CausalLm => "loss",
+        TaskKind::CausalLm | TaskKind::Dpo => "loss",
         TaskKind::LmGeneration => "f1",
     }
 }

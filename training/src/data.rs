@@ -28,11 +28,14 @@ pub enum TaskKind {
     /// Question answering by generation with a causal LM (SQuAD, DROP style): trained with the LM
     /// loss on the answer, evaluated by greedy decoding, exact match and token F1.
     LmGeneration,
+    /// Direct preference optimisation of a causal LM on `prompt` / `chosen` / `rejected` rows,
+    /// against the base model without adapters ([`crate::dpo`]).
+    Dpo,
 }
 
 /// Task names as written on the command line.
-pub const TASK_NAMES: [&str; 6] =
-    ["classification", "regression", "causal-lm", "lm-classification", "lm-multiple-choice", "lm-generation"];
+pub const TASK_NAMES: [&str; 7] =
+    ["classification", "regression", "causal-lm", "lm-classification", "lm-multiple-choice", "lm-generation", "dpo"];
 
 impl TaskKind {
     /// Parses a task name.
@@ -44,6 +47,7 @@ impl TaskKind {
             "lm-classification" => Self::LmClassification,
             "lm-multiple-choice" => Self::LmMultipleChoice,
             "lm-generation" => Self::LmGeneration,
+            "dpo" => Self::Dpo,
             other => {
                 return Err(TrainError::Option {
                     option: "task",
@@ -62,6 +66,7 @@ impl TaskKind {
             Self::LmClassification => "lm-classification",
             Self::LmMultipleChoice => "lm-multiple-choice",
             Self::LmGeneration => "lm-generation",
+            Self::Dpo => "dpo",
         }
     }
 
@@ -94,6 +99,10 @@ pub struct FieldMap {
     /// The gold answers of a generation example (a string, a list of strings, or SQuAD's
     /// `{"text": [...]}`).
     pub answers: String,
+    /// The preferred response of a DPO row.
+    pub chosen: String,
+    /// The dispreferred response of a DPO row.
+    pub rejected: String,
 }
 
 impl Default for FieldMap {
@@ -108,6 +117,8 @@ impl Default for FieldMap {
             messages: "messages".into(),
             choices: "choices".into(),
             answers: "answers".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
         }
     }
 }
@@ -173,6 +184,15 @@ pub enum Content {
         prompt: String,
         /// Gold answers, at least one.
         answers: Vec<String>,
+    },
+    /// A prompt with a preferred and a dispreferred response (DPO).
+    Preference {
+        /// Text both responses follow.
+        prompt: String,
+        /// The preferred response.
+        chosen: String,
+        /// The dispreferred response.
+        rejected: String,
     },
 }
 
@@ -390,6 +410,17 @@ fn parse_row(task: TaskKind, fields: &FieldMap, row: &Row, origin: Origin) -> Re
                 Content::Completion { prompt, completion }
             }
         },
+        TaskKind::Dpo => {
+            let prompt = text_field(row, &fields.prompt, &origin, true)?.unwrap_or_default();
+            let chosen = text_field(row, &fields.chosen, &origin, true)?.unwrap_or_default();
+            let rejected = text_field(row, &fields.rejected, &origin, true)?.unwrap_or_default();
+            for (key, value) in [(&fields.chosen, &chosen), (&fields.rejected, &rejected)] {
+                if value.trim().is_empty() {
+                    return Err(origin.error(format!("field `{key}` is empty")));
+                }
+            }
+            Content::Preference { prompt, chosen, rejected }
+        }
     };
     Ok(Example { content, origin })
 }

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::assign_params;
 use crate::data::{self, Example, FieldMap, Labels, TaskKind};
+use crate::dpo::{DpoTask, fill_reference};
 use crate::error::{Result, TrainError};
 use crate::metrics::Accumulator;
 use crate::multi_adapter::{AdapterSelection, load_selection};
@@ -67,9 +68,9 @@ pub struct Evaluation {
     /// The task's metrics over the whole data (as [`evaluate`] returns them).
     pub metrics: BTreeMap<String, f64>,
     /// One entry per example in data order (for `lm-multiple-choice` the choice of the highest
-    /// summed log-likelihood, for `lm-generation` the decoded answer); empty for `causal-lm`,
-    /// whose examples have no single predicted value (its metrics are the loss and perplexity over
-    /// completion tokens).
+    /// summed log-likelihood, for `lm-generation` the decoded answer); empty for `causal-lm` and
+    /// `dpo`, whose examples have no single predicted value (their metrics are losses,
+    /// perplexity and rewards).
     pub predictions: Vec<Prediction>,
 }
 
@@ -164,6 +165,29 @@ pub fn evaluate_selection<B: Backend>(
             let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
             evaluate_items(&task, &items, options.batch_size, pad, device)
         }
+        BaseModel::Decoder(llama, spec, tokenizer) if options.task == TaskKind::Dpo => {
+            // The reference is the base as loaded: neither the adapter nor trained norms.
+            let base = llama.clone();
+            let (llama, _, mut extras) = load_selection(llama, &spec, selection)?;
+            if selection.disabled {
+                extras.clear(); // trained norms belong to the adapter, not to the base model
+            }
+            let beta = info.dpo_beta.unwrap_or(crate::dpo::DEFAULT_BETA);
+            let task = assign_params(DpoTask { net: llama, beta }, prefixed(extras), &weights)?;
+            let encoder = Encoder {
+                tokenizer: &tokenizer,
+                task: options.task,
+                max_len: info.max_len,
+                labels: None,
+                template: "",
+                eos: tokenizer.eos,
+                training: false,
+            };
+            let (mut items, _) = encoder.encode_all(&examples)?;
+            let pad = tokenizer.eos.unwrap_or(0);
+            fill_reference(&base, &mut items, options.batch_size, pad, device)?;
+            evaluate_items(&task, &items, options.batch_size, pad, device)
+        }
         BaseModel::Decoder(llama, spec, tokenizer) => {
             let (llama, _, mut extras) = load_selection(llama, &spec, selection)?;
             if selection.disabled {
@@ -193,7 +217,8 @@ pub fn evaluate_selection<B: Backend>(
         }
     };
     let metrics = acc.metrics(n_classes, lm);
-    let predictions = if lm { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
+    let predictions =
+        if lm || options.task == TaskKind::Dpo { Vec::new() } else { predictions(&acc, &examples, labels.as_ref())? };
     Ok(Evaluation { metrics, predictions })
 }
 

@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
 //! Fine-tuning with tensor-peft adapters on burn-train: tasks ([`task`]), data ([`data`]),
-//! metrics ([`metrics`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
+//! metrics ([`metrics`]), preference optimisation ([`dpo`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
 //! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
 //! ([`eval`]), text generation with a saved adapter ([`mod@generate`]), several adapters on one base
@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -29,6 +29,21 @@ pub struct StepStats {
     pub choices: Vec<ChoiceOutcome>,
     /// Generations scored against their gold answers (`lm-generation` evaluation).
     pub generations: Vec<GenerationOutcome>,
+    /// DPO: each pair's rewards and log-probabilities.
+    pub pairs: Vec<PairOutcome>,
+}
+
+/// What DPO measured on one preference pair (TRL's `DPOTrainer` logs the same quantities).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairOutcome {
+    /// The implicit reward of the chosen response, `β·(log π(chosen) − log π_ref(chosen))`.
+    pub reward_chosen: f64,
+    /// The implicit reward of the rejected response.
+    pub reward_rejected: f64,
+    /// `log π(chosen | prompt)` under the trained model, summed over the response tokens.
+    pub logp_chosen: f64,
+    /// `log π(rejected | prompt)` under the trained model.
+    pub logp_rejected: f64,
 }
 
 /// One multiple-choice example scored by the log-likelihood of each choice after the prompt: the
@@ -157,6 +172,9 @@ pub struct Accumulator {
     choices: Vec<ChoiceOutcome>,
     #[serde(default)]
     generations: Vec<GenerationOutcome>,
+    /// DPO pairs seen (absent in checkpoints written before DPO existed).
+    #[serde(default)]
+    pairs: Vec<PairOutcome>,
 }
 
 impl Accumulator {
@@ -171,11 +189,17 @@ impl Accumulator {
         self.tokens += s.tokens;
         self.choices.extend_from_slice(&s.choices);
         self.generations.extend_from_slice(&s.generations);
+        self.pairs.extend_from_slice(&s.pairs);
     }
 
     /// Multiple-choice outcomes per example, in the order added.
     pub fn choices(&self) -> &[ChoiceOutcome] {
         &self.choices
+    }
+
+    /// DPO pairs, in the order added.
+    pub fn pairs(&self) -> &[PairOutcome] {
+        &self.pairs
     }
 
     /// Generation outcomes per example, in the order added.
@@ -241,8 +265,28 @@ impl Accumulator {
             out.insert("exact_match".into(), self.generations.iter().map(|g| g.exact_match).sum::<f64>() / n);
             out.insert("f1".into(), self.generations.iter().map(|g| g.f1).sum::<f64>() / n);
         }
+        out.extend(preference_metrics(&self.pairs));
         out
     }
+}
+
+/// The DPO metrics of `pairs`, named and computed as TRL's `DPOTrainer` logs them (means over the
+/// pairs): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (the fraction of pairs whose
+/// chosen reward is strictly larger), `rewards/margins` (chosen − rejected reward),
+/// `logps/chosen`, `logps/rejected`. Empty when there are no pairs.
+pub fn preference_metrics(pairs: &[PairOutcome]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if pairs.is_empty() {
+        return out;
+    }
+    let mean = |f: &dyn Fn(&PairOutcome) -> f64| pairs.iter().map(f).sum::<f64>() / pairs.len() as f64;
+    out.insert("rewards/chosen".into(), mean(&|p| p.reward_chosen));
+    out.insert("rewards/rejected".into(), mean(&|p| p.reward_rejected));
+    out.insert("rewards/accuracies".into(), mean(&|p| f64::from(u8::from(p.reward_chosen > p.reward_rejected))));
+    out.insert("rewards/margins".into(), mean(&|p| p.reward_chosen - p.reward_rejected));
+    out.insert("logps/chosen".into(), mean(&|p| p.logp_chosen));
+    out.insert("logps/rejected".into(), mean(&|p| p.logp_rejected));
+    out
 }
 
 /// Fraction of `predicted` equal to `labels`.

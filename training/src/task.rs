@@ -57,6 +57,9 @@ pub enum Target {
         /// The gold answers.
         answers: Vec<String>,
     },
+    /// A DPO pair: `ids` is the prompt followed by the chosen response, positions `>= from` of
+    /// `ids` and of `rejected` are scored.
+    Preference(Box<crate::dpo::Pair>),
 }
 
 /// A tokenised example.
@@ -249,7 +252,31 @@ impl Encoder<'_> {
             (_, Content::Labelled { .. }) => Err(mismatch("a labelled text")),
             (_, Content::Scored { .. }) => Err(mismatch("a scored text")),
             (_, Content::Completion { .. }) => Err(mismatch("a prompt/completion pair")),
+            (TaskKind::Dpo, Content::Preference { prompt, chosen, rejected }) => {
+                let prompt_ids = self.tokens(prompt, e)?;
+                let response = |text: &str| -> Result<Vec<u32>> {
+                    let mut ids = self.tokens(text, e)?;
+                    // Responses are tokenised on their own, as completions are: drop a BOS.
+                    if self.tokenizer.add_bos && !ids.is_empty() {
+                        ids.remove(0);
+                    }
+                    ids.extend(self.eos);
+                    Ok(ids)
+                };
+                let pair = crate::dpo::encode_pair(
+                    prompt_ids,
+                    response(chosen)?,
+                    response(rejected)?,
+                    self.tokenizer.add_bos,
+                    self.max_len,
+                );
+                if pair.1 {
+                    report.truncated += 1;
+                }
+                Ok(Some(pair.0))
+            }
             (_, Content::Chat(_)) => Err(mismatch("a conversation")),
+            (_, Content::Preference { .. }) => Err(mismatch("a preference pair")),
         }
     }
 
@@ -326,6 +353,9 @@ pub struct Batch<B: Backend> {
     pub choices: Option<ChoiceBatch<B>>,
     /// Generation: each example's prompt ids and gold answers (empty for other batches).
     pub generation: Vec<(Vec<u32>, Vec<String>)>,
+    /// DPO: what is scored in each sequence and the reference log-probabilities; `ids` then holds
+    /// the `n` chosen sequences followed by the `n` rejected ones (`[2n, T]`).
+    pub pairs: Option<crate::dpo::PairBatch<B>>,
 }
 
 /// How the rows of a multiple-choice batch (one per choice, each example's choices in turn) map
@@ -347,6 +377,9 @@ pub struct ChoiceBatch<B: Backend> {
 /// Pads `items` into a batch on `device`. Multiple-choice items (evaluation) give one row per
 /// choice; they are not mixed with other items.
 pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) -> Batch<B> {
+    if items.first().is_some_and(|e| matches!(e.target, Target::Preference(_))) {
+        return crate::dpo::make_pair_batch(items, pad, device);
+    }
     if items.iter().any(|e| matches!(e.target, Target::Choices { .. })) {
         return choice_batch(items, pad, device);
     }
@@ -403,6 +436,7 @@ pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) 
         last: Tensor::from_data(TensorData::new(last, [b]), device),
         tokens,
         choices: None,
+        pairs: None,
         generation: items
             .iter()
             .filter_map(|e| match &e.target {
@@ -479,6 +513,7 @@ fn choice_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) ->
             correct_tokens,
         }),
         generation: Vec::new(),
+        pairs: None,
     }
 }
 
@@ -502,7 +537,7 @@ fn argmax_rows<B: Backend>(logits: &Tensor<B, 2>, c: usize) -> Vec<usize> {
         .collect()
 }
 
-fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
     t.clone().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN)
 }
 
@@ -681,6 +716,8 @@ impl<B: Backend> LmTask<B> {
     }
 }
 
+/// Implements burn-train's `TrainStep` / `InferenceStep` for a task model with a
+/// `run(&self, Batch<B>) -> (loss, StepStats)` method.
 macro_rules! steps {
     ($task:ident) => {
         impl<B: AutodiffBackend> TrainStep for $task<B> {
@@ -701,6 +738,7 @@ macro_rules! steps {
         }
     };
 }
+pub(crate) use steps;
 steps!(EncoderTask);
 steps!(LmTask);
 
@@ -742,6 +780,15 @@ where
     /// ([`tensor_peft_models::update_ratios`]).
     fn update_ratios(&self, spec: &ArchSpec) -> Vec<(String, f64)> {
         tensor_peft_models::update_ratios(&mut self.adapted().clone(), spec)
+    }
+
+    /// Fills in what the task's loss takes from the base model, once, before training starts
+    /// (and before a resumed run restores its checkpoint), `batch_size` items at a time, padding
+    /// with `pad`: DPO's reference log-probabilities ([`crate::dpo::fill_reference`]). Nothing
+    /// for the other tasks.
+    fn prepare_items(&self, items: &mut [Encoded], batch_size: usize, pad: u32, device: &B::Device) -> Result<()> {
+        let _ = (items, batch_size, pad, device);
+        Ok(())
     }
 }
 

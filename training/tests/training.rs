@@ -1109,3 +1109,252 @@ fn multiple_choice_and_generation_rows_are_refused_with_file_line_and_field() {
     let err = finetune::<AB>(&bad, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("max-new-tokens") && err.contains("at least 1"), "{err}");
 }
+
+/// A DPO file from the copy fixture: each prompt's own completion is chosen, the next row's is
+/// rejected.
+fn dpo_file(dir: &Path, name: &str, fixture: &str) -> PathBuf {
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(fixtures().join(fixture))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text: String = (0..rows.len())
+        .map(|i| {
+            let row = serde_json::json!({
+                "prompt": rows[i]["prompt"],
+                "chosen": rows[i]["completion"],
+                "rejected": rows[(i + 1) % rows.len()]["completion"],
+            });
+            format!("{row}\n")
+        })
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `log p(response | prompt)` by a plain forward of `prompt ++ response` (no padding, no batch)
+/// and a log-softmax over the full logits.
+fn response_log_prob(model: &tensor_peft_models::Llama<B>, prompt: &[u32], response: &[u32]) -> f64 {
+    let ids: Vec<i64> = prompt.iter().chain(response).map(|&t| t as i64).collect();
+    let len = ids.len();
+    let logits = model.forward(Tensor::from_data(TensorData::new(ids.clone(), [1, len]), &Default::default()));
+    let vocab = logits.dims()[2];
+    let logp = burn::tensor::activation::log_softmax(logits, 2).into_data().to_vec::<f32>().unwrap();
+    (prompt.len().max(1)..len).map(|k| logp[(k - 1) * vocab + ids[k] as usize] as f64).sum()
+}
+
+/// TT-LoRA with the official initialisation: ΔW ≠ 0 before any training.
+fn paper_tt_lora() -> MethodConfig {
+    let flags =
+        tensor_peft_adapters::MethodFlags { init: Some(tensor_peft_adapters::DeltaInit::Paper), ..Default::default() };
+    MethodConfig::from_flags("tt-lora", &flags).unwrap()
+}
+
+#[test]
+fn dpo_loss_rewards_and_reference_match_a_hand_computation() {
+    use tensor_peft_training::dpo::{DpoTask, fill_reference};
+    use tensor_peft_training::task::{Encoder, Target, make_batch};
+    let _serial = serial();
+    let device = Default::default();
+    let dir = fixtures().join("tiny-llama-words");
+    let tokenizer = tensor_peft_models::tokenizer::TextTokenizer::from_hf_dir(&dir).unwrap();
+    let (base, spec) = tensor_peft_models::Llama::<B>::from_hf_dir(&dir, &device).unwrap();
+    <B as burn::tensor::backend::Backend>::seed(&device, 3);
+    // A non-zero adapter: the policy differs from the base from the start.
+    let policy = base.clone().adapt(&spec, &paper_tt_lora(), &Default::default()).unwrap();
+    let rows = [
+        ("w19 w35 w13", "w29 w45 w23", "w7 w8"),
+        ("w44", "w54 w26 w3 w9", "w12"),
+        ("w47 w13 w42 w40 w41", "w57", "w57 w23 w52"),
+    ];
+    let examples: Vec<data::Example> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (p, c, r))| data::Example {
+            content: data::Content::Preference {
+                prompt: p.to_string(),
+                chosen: c.to_string(),
+                rejected: r.to_string(),
+            },
+            origin: data::Origin { path: "pairs.jsonl".into(), line: i + 1 },
+        })
+        .collect();
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        task: TaskKind::Dpo,
+        max_len: 32,
+        labels: None,
+        template: "",
+        eos: tokenizer.eos,
+        training: true,
+    };
+    let (mut items, report) = encoder.encode_all(&examples).unwrap();
+    assert_eq!((items.len(), report.truncated), (3, 0));
+    let pad = tokenizer.eos.unwrap_or(0);
+    // The reference is taken from the adapted model: its adapters must be left out.
+    fill_reference(&policy, &mut items, 2, pad, &device).unwrap();
+
+    let tokens = |text: &str, response: bool| -> Vec<u32> {
+        let mut ids = tokenizer.encode(text).unwrap();
+        if response {
+            if tokenizer.add_bos {
+                ids.remove(0);
+            }
+            ids.extend(tokenizer.eos);
+        }
+        ids
+    };
+    let beta = 0.5;
+    let mut expected_loss = 0.0;
+    let mut expected = Vec::new();
+    for ((p, c, r), item) in rows.iter().zip(&items) {
+        let (p, c, r) = (tokens(p, false), tokens(c, true), tokens(r, true));
+        assert_eq!(item.ids, [p.clone(), c.clone()].concat());
+        let Target::Preference(pair) = &item.target else { panic!("not a pair") };
+        assert_eq!(pair.rejected, [p.clone(), r.clone()].concat());
+        let (ref_c, ref_r) = (response_log_prob(&base, &p, &c), response_log_prob(&base, &p, &r));
+        let reference = pair.reference.unwrap();
+        assert!((reference[0] - ref_c).abs() < 1e-4 && (reference[1] - ref_r).abs() < 1e-4, "{reference:?}");
+        let (pi_c, pi_r) = (response_log_prob(&policy, &p, &c), response_log_prob(&policy, &p, &r));
+        assert!((pi_c - ref_c).abs() > 1e-3, "the adapter does not change the policy: {pi_c} vs {ref_c}");
+        let (reward_c, reward_r) = (beta * (pi_c - ref_c), beta * (pi_r - ref_r));
+        expected_loss += (1.0 + (-(reward_c - reward_r)).exp()).ln() / rows.len() as f64;
+        expected.push((reward_c, reward_r, pi_c, pi_r));
+    }
+
+    let task = DpoTask { net: policy, beta };
+    let refs: Vec<_> = items.iter().collect();
+    let (loss, stats) = task.run(make_batch::<B>(&refs, pad, &device));
+    let value = loss.into_data().to_vec::<f32>().unwrap()[0] as f64;
+    assert!(
+        (value - expected_loss).abs() < 1e-5 && (stats.loss - expected_loss).abs() < 1e-5,
+        "{value} vs {expected_loss}"
+    );
+    assert_eq!(stats.units, 3);
+    for (got, want) in stats.pairs.iter().zip(&expected) {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-4;
+        assert!(close(got.reward_chosen, want.0) && close(got.reward_rejected, want.1), "{got:?} vs {want:?}");
+        assert!(close(got.logp_chosen, want.2) && close(got.logp_rejected, want.3), "{got:?} vs {want:?}");
+    }
+    let metrics = tensor_peft_training::metrics::preference_metrics(&stats.pairs);
+    let n = expected.len() as f64;
+    let wins = expected.iter().filter(|e| e.0 > e.1).count() as f64;
+    let margin = expected.iter().map(|e| e.0 - e.1).sum::<f64>() / n;
+    assert_eq!(metrics["rewards/accuracies"], wins / n);
+    assert!((metrics["rewards/margins"] - margin).abs() < 1e-4, "{metrics:?}");
+    assert!((metrics["rewards/chosen"] - expected.iter().map(|e| e.0).sum::<f64>() / n).abs() < 1e-4);
+}
+
+#[test]
+fn dpo_truncates_the_prompt_start_then_the_responses() {
+    use tensor_peft_training::dpo::encode_pair;
+    use tensor_peft_training::task::Target;
+    // max_len 8: the prompt keeps BOS and its last 3 tokens (8 / 2 = 4 in all), the responses the
+    // 4 tokens left.
+    let (e, cut) = encode_pair((0..10).collect(), vec![20, 21, 22, 23, 24, 25], vec![30, 31], true, 8);
+    assert!(cut);
+    assert_eq!(e.ids, [0, 7, 8, 9, 20, 21, 22, 23]);
+    let Target::Preference(pair) = &e.target else { panic!("not a pair") };
+    assert_eq!((pair.rejected.as_slice(), pair.from), ([0, 7, 8, 9, 30, 31].as_slice(), 4));
+    // What fits is left alone.
+    let (e, cut) = encode_pair(vec![1, 2], vec![3], vec![4, 5], false, 8);
+    assert!(!cut && e.ids == [1, 2, 3]);
+}
+
+#[test]
+fn dpo_rows_missing_a_field_and_encoder_models_are_refused() {
+    let _serial = serial();
+    let dir = scratch("dpo-rows");
+    let path = dir.join("pairs.jsonl");
+    let fields = FieldMap::default();
+    let read = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        data::read_file(&path, TaskKind::Dpo, &fields, false).map(|d| d.examples.len())
+    };
+    assert_eq!(read("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n").unwrap(), 1);
+    let err =
+        read("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("pairs.jsonl:2:") && err.contains("missing field `rejected`"), "{err}");
+    assert!(err.contains("--rejected-field"), "{err}");
+    let err = read("{\"chosen\": \"b\", \"rejected\": \"c\"}\n").unwrap_err().to_string();
+    assert!(err.contains("pairs.jsonl:1:") && err.contains("missing field `prompt`"), "{err}");
+    let err = read("{\"prompt\": \"a\", \"chosen\": \" \", \"rejected\": \"c\"}\n").unwrap_err().to_string();
+    assert!(err.contains(":1:") && err.contains("field `chosen` is empty"), "{err}");
+    let err = read("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": 3}\n").unwrap_err().to_string();
+    assert!(err.contains("field `rejected` must be a string"), "{err}");
+    // A DPO run on an encoder is refused before any data is read.
+    let cfg = TrainConfig {
+        model: fixtures().join("tiny-deberta/v3"),
+        task: TaskKind::Dpo,
+        train: path.clone(),
+        output: dir.join("out"),
+        ..TrainConfig::default()
+    };
+    let err = finetune::<AB>(&cfg, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("task dpo needs a causal LM (LLaMA family)"), "{err}");
+    let bad_beta = TrainConfig { model: fixtures().join("tiny-llama-words"), dpo_beta: 0.0, ..cfg };
+    let err = finetune::<AB>(&bad_beta, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("dpo-beta"), "{err}");
+}
+
+fn dpo_config(name: &str, method: MethodConfig) -> TrainConfig {
+    let base = lm_config(name, "lora");
+    let dir = base.output.clone();
+    TrainConfig {
+        task: TaskKind::Dpo,
+        train: dpo_file(&dir, "train.jsonl", "lm-copy-train.jsonl"),
+        valid: Some(dpo_file(&dir, "valid.jsonl", "lm-copy-valid.jsonl")),
+        method,
+        epochs: 3,
+        dpo_beta: 0.5,
+        eval_before_training: true,
+        output: dir.join("out"),
+        ..base
+    }
+}
+
+#[test]
+fn dpo_finetune_raises_reward_accuracy_and_eval_reproduces_it() {
+    let _serial = serial();
+    let cfg = dpo_config("dpo-lora", MethodConfig::from_name("lora").unwrap());
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let valid: Vec<&std::collections::BTreeMap<String, f64>> =
+        report.history.iter().filter(|h| h.split == "valid").map(|h| &h.metrics).collect();
+    assert_eq!(valid.len(), 4);
+    // ΔW = 0 before training: the policy is the reference, every reward 0, the loss ln 2.
+    assert!((valid[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-4, "{:?}", valid[0]);
+    assert!(valid[0]["rewards/margins"].abs() < 1e-4, "{:?}", valid[0]);
+    // The training pairs are learnt; on this random tiny model the held-out ones less so (the
+    // best validation epoch is the first), which is what best-by-loss selection is for.
+    let train: Vec<&std::collections::BTreeMap<String, f64>> =
+        report.history.iter().filter(|h| h.split == "train").map(|h| &h.metrics).collect();
+    assert!(train[2]["loss"] < 0.3 && train[2]["rewards/accuracies"] > 0.9, "{train:?}");
+    assert_eq!(report.best.as_ref().unwrap().0, "loss");
+    let best_record = valid.iter().min_by(|a, b| a["loss"].total_cmp(&b["loss"])).unwrap();
+    assert!(best_record["loss"] < std::f64::consts::LN_2 - 0.05, "validation loss did not fall: {valid:?}");
+    assert!(best_record["rewards/accuracies"] > 0.6 && best_record["rewards/margins"] > 0.0, "{valid:?}");
+    // The saved best adapter evaluates to the best recorded validation loss and its rewards.
+    let options = eval_options(TaskKind::Dpo, 8);
+    let valid_file = cfg.valid.as_ref().unwrap();
+    let metrics =
+        tensor_peft_training::eval::evaluate::<B>(&cfg.model, &cfg.output, valid_file, &options, &Default::default())
+            .unwrap();
+    let (_, best, _, step) = report.best.clone().unwrap();
+    assert!((metrics["loss"] - best).abs() < 1e-4, "eval {} vs best {best}", metrics["loss"]);
+    let recorded = valid.iter().find(|m| m["loss"] == best).unwrap();
+    assert!((metrics["rewards/accuracies"] - recorded["rewards/accuracies"]).abs() < 1e-9, "{metrics:?} at {step}");
+}
+
+#[test]
+fn dpo_reference_is_the_base_even_when_the_adapter_starts_non_zero() {
+    let _serial = serial();
+    let cfg = TrainConfig { epochs: 1, ..dpo_config("dpo-paper", paper_tt_lora()) };
+    let report = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let before = &report.history.iter().find(|h| h.split == "valid").unwrap().metrics;
+    // Had the reference been the initialised adapter, every reward would be 0 and the loss ln 2.
+    assert!(before["rewards/chosen"].abs() > 1e-3 && before["rewards/rejected"].abs() > 1e-3, "{before:?}");
+    assert!((before["loss"] - std::f64::consts::LN_2).abs() > 1e-4, "{before:?}");
+}

@@ -25,8 +25,8 @@ pub struct FinetuneArgs {
     /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
-    /// classification, regression, causal-lm, lm-classification, lm-multiple-choice or
-    /// lm-generation.
+    /// classification, regression, causal-lm, lm-classification, lm-multiple-choice,
+    /// lm-generation or dpo.
     #[arg(long)]
     pub task: Option<String>,
     /// Training data (.jsonl, .csv, .tsv) or builtin:vader-movie-reviews / builtin:chatterbot.
@@ -74,6 +74,12 @@ pub struct FinetuneArgs {
     /// Key of the gold answers of lm-generation [default: answers, else answer].
     #[arg(long)]
     pub answers_field: Option<String>,
+    /// dpo: column/key of the preferred response [default: chosen].
+    #[arg(long)]
+    pub chosen_field: Option<String>,
+    /// dpo: column/key of the dispreferred response [default: rejected].
+    #[arg(long)]
+    pub rejected_field: Option<String>,
     /// Report malformed rows and go on instead of stopping.
     #[arg(long)]
     #[serde(default)]
@@ -164,6 +170,10 @@ pub struct FinetuneArgs {
     /// lm-generation: longest greedy answer when evaluating, in tokens [default: 32].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// dpo: β of the loss, how strongly the model is held to the reference (the base without
+    /// adapters) [default: 0.1, as TRL].
+    #[arg(long)]
+    pub dpo_beta: Option<f64>,
     /// Output directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -272,6 +282,8 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
             messages: a.messages_field.clone().unwrap_or(df.messages),
             choices: a.choices_field.clone().unwrap_or(df.choices),
             answers: a.answers_field.clone().unwrap_or(df.answers),
+            chosen: a.chosen_field.clone().unwrap_or(df.chosen),
+            rejected: a.rejected_field.clone().unwrap_or(df.rejected),
         },
         skip_bad_rows: a.skip_bad_rows,
         method,
@@ -307,6 +319,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         verbalizers: a.verbalizers.clone().unwrap_or_default(),
         template: a.template.clone().unwrap_or(d.template),
         max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
+        dpo_beta: a.dpo_beta.unwrap_or(d.dpo_beta),
         output: required(&a.output, "--output")?,
         overwrite: a.overwrite,
         resume: false,

@@ -106,8 +106,8 @@ enum Command {
         /// adapter's task head is kept).
         #[arg(long)]
         disable_adapters: bool,
-        /// classification, regression, causal-lm, lm-classification, lm-multiple-choice or
-        /// lm-generation.
+        /// classification, regression, causal-lm, lm-classification, lm-multiple-choice,
+        /// lm-generation or dpo.
         #[arg(long)]
         task: String,
         /// Data file (.jsonl, .csv, .tsv) or builtin:<name>.
@@ -564,6 +564,11 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 if task == tensor_peft_training::TaskKind::CausalLm {
                     return Err(CliError::Usage(
                         "--predictions: causal-lm has no single predicted value per example (its metrics are loss and perplexity)".into(),
+                    ));
+                }
+                if task == tensor_peft_training::TaskKind::Dpo {
+                    return Err(CliError::Usage(
+                        "--predictions: dpo has no single predicted value per example (its metrics are the loss and the rewards)".into(),
                     ));
                 }
                 let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));

@@ -64,11 +64,16 @@ pub fn check_fits(config: &TrainConfig, force: bool) -> Result<(), CliError> {
         method: &config.method,
         targets: &targets,
         base_dtype: config.base_dtype,
-        batch_size: config.batch_size,
+        // A DPO batch of B pairs runs 2B sequences (chosen and rejected) at once.
+        batch_size: if config.task == TaskKind::Dpo { 2 * config.batch_size } else { config.batch_size },
         max_len: config.max_len,
         lm: Some(matches!(
             config.task,
-            TaskKind::CausalLm | TaskKind::LmClassification | TaskKind::LmMultipleChoice | TaskKind::LmGeneration
+            TaskKind::CausalLm
+                | TaskKind::LmClassification
+                | TaskKind::LmMultipleChoice
+                | TaskKind::LmGeneration
+                | TaskKind::Dpo
         )),
     };
     let (_, estimate) = estimate(&run)?;

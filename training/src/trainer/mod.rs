@@ -17,7 +17,7 @@ pub use report::{FinetuneReport, evaluate_items};
 pub use setup::{BaseModel, Splits, load_base, load_splits};
 
 use crate::checkpoint;
-use crate::data::{Example, Labels};
+use crate::data::{Example, Labels, TaskKind};
 use crate::error::Result;
 use crate::loader::TaskLoader;
 use crate::strategy::{FitOutcome, PeftStrategy};
@@ -68,6 +68,10 @@ pub fn finetune_until<B: AutodiffBackend>(
             let prepared = setup::encoder_task(cfg, bert, spec, tokenizer, labels)?;
             run(cfg, prepared, splits, device, stop)
         }
+        BaseModel::Decoder(llama, spec, tokenizer) if cfg.task == TaskKind::Dpo => {
+            let prepared = setup::dpo_task(cfg, llama, spec, tokenizer)?;
+            run(cfg, prepared, splits, device, stop)
+        }
         BaseModel::Decoder(llama, spec, tokenizer) => {
             let prepared = setup::lm_task(cfg, llama, spec, tokenizer, labels)?;
             run(cfg, prepared, splits, device, stop)
@@ -89,7 +93,12 @@ where
     M::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
 {
     let setup::Prepared { model, spec, tokenizer, labels, info, pad } = prepared;
-    let [train_items, valid_items, test_items] = setup::encode_splits(cfg, &tokenizer, labels.as_ref(), splits)?;
+    let [mut train_items, mut valid_items, mut test_items] =
+        setup::encode_splits(cfg, &tokenizer, labels.as_ref(), splits)?;
+    // Before the checkpoint of a resumed run is restored: what the task takes from the base model.
+    for items in [&mut train_items, &mut valid_items, &mut test_items] {
+        model.prepare_items(items, cfg.batch_size, pad, device)?;
+    }
     let model = checkpoint::stable_param_ids(model);
     let trainable_params = checkpoint::trainable_count(&model);
     let adapter_params = model.adapter_params();

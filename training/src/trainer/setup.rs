@@ -4,6 +4,7 @@
 use crate::checkpoint;
 use crate::config::{HeadKind, TaskInfo, TrainConfig, targets_of};
 use crate::data::{self, Example, Labels, TaskKind};
+use crate::dpo::DpoTask;
 use crate::error::{Result, TrainError};
 use crate::loader::TaskLoader;
 use crate::metrics::DashboardMetric;
@@ -269,6 +270,7 @@ pub(crate) fn encoder_task<B: Backend>(
         peft_task_type: "SEQ_CLS".into(),
         head: cfg.head,
         max_new_tokens: cfg.max_new_tokens,
+        dpo_beta: None,
     };
     let pad = tokenizer.token_id("[PAD]").unwrap_or(0);
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
@@ -334,8 +336,22 @@ pub(crate) fn lm_task<B: Backend>(
         peft_task_type: "CAUSAL_LM".into(),
         head: HeadKind::Linear,
         max_new_tokens: cfg.max_new_tokens,
+        dpo_beta: None,
     };
     let pad = tokenizer.eos.unwrap_or(0);
+    Ok(Prepared { model, spec, tokenizer, labels, info, pad })
+}
+
+/// A LLaMA-family causal LM with `cfg.method`'s adapters, trained with DPO (β = `cfg.dpo_beta`).
+pub(crate) fn dpo_task<B: Backend>(
+    cfg: &TrainConfig,
+    llama: Llama<B>,
+    spec: ArchSpec,
+    tokenizer: TextTokenizer,
+) -> Result<Prepared<DpoTask<B>>> {
+    let Prepared { model, spec, tokenizer, labels, info, pad } = lm_task(cfg, llama, spec, tokenizer, None)?;
+    let model = DpoTask { net: model.net, beta: cfg.dpo_beta };
+    let info = TaskInfo { dpo_beta: Some(cfg.dpo_beta), ..info };
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
 }
 
@@ -464,6 +480,9 @@ where
             ("accuracy_per_token", "Accuracy (per token)"),
         ],
         TaskKind::LmGeneration => &[("loss", "Loss"), ("exact_match", "Exact match"), ("f1", "F1")],
+        TaskKind::Dpo => {
+            &[("loss", "Loss"), ("rewards/accuracies", "Reward accuracy"), ("rewards/margins", "Reward margin")]
+        }
     };
     // Multiple choice and generation train on completions: only the loss is measured in training.
     let scored_in_training = !matches!(cfg.task, TaskKind::LmMultipleChoice | TaskKind::LmGeneration);
