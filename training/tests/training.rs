@@ -1358,3 +1358,34 @@ fn dpo_reference_is_the_base_even_when_the_adapter_starts_non_zero() {
     assert!(before["rewards/chosen"].abs() > 1e-3 && before["rewards/rejected"].abs() > 1e-3, "{before:?}");
     assert!((before["loss"] - std::f64::consts::LN_2).abs() > 1e-4, "{before:?}");
 }
+
+/// Without a learning rate a run takes its method's recommended settings (lr, LoRA+ ratio, the
+/// head at 1e-3) and says which; any given learning rate leaves every setting to the user.
+#[test]
+fn a_run_without_lr_takes_the_methods_recommended_settings() {
+    use tensor_peft_adapters::{DeltaInit, MethodConfig, RecommendedTraining};
+    let cfg = |method: &str, task: TaskKind| TrainConfig {
+        method: MethodConfig::from_name(method).unwrap(),
+        task,
+        ..TrainConfig::default()
+    };
+    let (tt, note) = cfg("tt-lora", TaskKind::Classification).with_recommended_settings();
+    assert_eq!((tt.lr, tt.loraplus_lr_ratio, tt.head_lr), (Some(5e-3), Some(4.0), Some(RecommendedTraining::HEAD_LR)));
+    assert_eq!(
+        note.unwrap(),
+        "tt-lora's recommended settings: lr 0.005, LoRA+ ratio 4, head lr 0.001 (give --lr to choose your own)"
+    );
+    let (lora, _) = cfg("lora", TaskKind::CausalLm).with_recommended_settings();
+    assert_eq!((lora.lr, lora.loraplus_lr_ratio, lora.head_lr), (Some(1e-3), None, None), "no head to train");
+    // LoRA+ needs the zero-initialised last core, which `--init paper` does not have.
+    let mut paper = cfg("tt-lora", TaskKind::CausalLm);
+    if let MethodConfig::TtLora(c) = &mut paper.method {
+        c.init = DeltaInit::Paper;
+    }
+    assert_eq!(paper.with_recommended_settings().0.loraplus_lr_ratio, None);
+    let given = TrainConfig { lr: Some(2e-4), ..cfg("tt-lora", TaskKind::Classification) };
+    let (same, note) = given.clone().with_recommended_settings();
+    assert_eq!((same.lr, same.loraplus_lr_ratio, same.head_lr, note), (Some(2e-4), None, None, None));
+    assert_eq!(given.peak_lr(), 2e-4);
+    assert_eq!(cfg("loretta-rep", TaskKind::Classification).peak_lr(), 5e-3);
+}
