@@ -1091,6 +1091,40 @@ fn deberta_fine_tunes_for_classification_and_evaluates() {
     assert!(header.contains("attention.self.query_proj") && header.contains("attention.self.value_proj"), "{header}");
     let text = eval_output(&model, &out_dir.join("last"), "classification", &valid);
     assert!((0.0..=1.0).contains(&metric(&text, "accuracy")), "{text}");
+    // The same adapter without its trained head is refused, not evaluated with a random head.
+    let headless = scratch("deberta-headless");
+    std::fs::create_dir_all(&headless).unwrap();
+    std::fs::copy(out_dir.join("last/adapter_config.json"), headless.join("adapter_config.json")).unwrap();
+    let bytes = std::fs::read(out_dir.join("last/adapter_model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (mut kept, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, entry) in header.into_iter().filter(|(name, _)| !name.contains(".classifier.")) {
+        let mut entry = entry;
+        if let Some(offsets) = entry.get("data_offsets").cloned() {
+            let [start, end] = [0, 1].map(|i| offsets[i].as_u64().unwrap() as usize);
+            entry["data_offsets"] = serde_json::json!([data.len(), data.len() + end - start]);
+            data.extend_from_slice(&bytes[8 + n + start..8 + n + end]);
+        }
+        kept.insert(name, entry);
+    }
+    let json = serde_json::to_vec(&kept).unwrap();
+    let file = [&(json.len() as u64).to_le_bytes()[..], &json, &data].concat();
+    std::fs::write(headless.join("adapter_model.safetensors"), file).unwrap();
+    let out = tpeft(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        headless.to_str().unwrap(),
+        "--task",
+        "classification",
+        "--data",
+        &valid,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("adapter_model.safetensors") && err.contains("no trained task head"), "{err}");
     // A model with learned absolute positions (64 here) refuses a longer --max-len up front.
     let too_long = tpeft(&[
         "finetune",

@@ -138,6 +138,17 @@ pub fn evaluate_selection<B: Backend>(
     let acc = match load_base::<B>(model, options.base_dtype, device)? {
         BaseModel::Encoder(bert, spec, tokenizer) => {
             let (bert, _, extras) = load_selection(bert, &spec, selection)?;
+            // Without its trained head the classifier would be evaluated with a random one.
+            if !extras.keys().any(|name| is_task_head(name)) {
+                return Err(TrainError::Checkpoint {
+                    path: weights.clone(),
+                    reason: format!(
+                        "holds no trained task head (`classifier.*`), which {} needs: evaluate an adapter written by `tpeft finetune --task {}`",
+                        options.task.name(),
+                        options.task.name()
+                    ),
+                });
+            }
             let extras = extras
                 .into_iter()
                 .filter(|(name, _)| !selection.disabled || is_task_head(name))
