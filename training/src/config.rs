@@ -177,7 +177,7 @@ impl TrainConfig {
         if self.loraplus_lr_ratio.is_none() && self.method.has_zero_init_factor() {
             self.loraplus_lr_ratio = recommended.loraplus_lr_ratio;
         }
-        let head = matches!(self.task, TaskKind::Classification | TaskKind::Regression) && self.head_lr.is_none();
+        let head = self.task.is_encoder_task() && self.head_lr.is_none();
         if head {
             self.head_lr = Some(RecommendedTraining::HEAD_LR);
         }

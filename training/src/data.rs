@@ -70,6 +70,11 @@ impl TaskKind {
         }
     }
 
+    /// Whether the task runs on an encoder (BERT family) with a trained head.
+    pub fn is_encoder_task(self) -> bool {
+        matches!(self, Self::Classification | Self::Regression)
+    }
+
     /// Whether the task predicts a label (and so needs a label vocabulary).
     pub fn has_labels(self) -> bool {
         matches!(self, Self::Classification | Self::LmClassification)

@@ -254,12 +254,9 @@ impl Encoder<'_> {
             (_, Content::Completion { .. }) => Err(mismatch("a prompt/completion pair")),
             (TaskKind::Dpo, Content::Preference { prompt, chosen, rejected }) => {
                 let prompt_ids = self.tokens(prompt, e)?;
+                // Responses are tokenised on their own, as completions are, and end with EOS.
                 let response = |text: &str| -> Result<Vec<u32>> {
-                    let mut ids = self.tokens(text, e)?;
-                    // Responses are tokenised on their own, as completions are: drop a BOS.
-                    if self.tokenizer.add_bos && !ids.is_empty() {
-                        ids.remove(0);
-                    }
+                    let mut ids = self.continuation(text, e)?;
                     ids.extend(self.eos);
                     Ok(ids)
                 };

@@ -56,13 +56,8 @@ pub fn load_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Dev
     })
 }
 
-/// Whether `task` trains an encoder (BERT family) rather than a causal LM (LLaMA family).
-fn encoder_task_kind(task: TaskKind) -> bool {
-    matches!(task, TaskKind::Classification | TaskKind::Regression)
-}
-
 fn wrong_family(task: TaskKind, spec: &ArchSpec) -> TrainError {
-    let needs = if encoder_task_kind(task) { "an encoder (BERT family)" } else { "a causal LM (LLaMA family)" };
+    let needs = if task.is_encoder_task() { "an encoder (BERT family)" } else { "a causal LM (LLaMA family)" };
     TrainError::Option {
         option: "task",
         reason: format!("task {} needs {needs}, but {} is a {} model", task.name(), spec.source, spec.family.name()),
@@ -73,10 +68,10 @@ fn wrong_family(task: TaskKind, spec: &ArchSpec) -> TrainError {
 pub(crate) fn check_model_family(cfg: &TrainConfig) -> Result<()> {
     if cfg.model.extension().is_none_or(|e| e != "gguf") && cfg.model.is_dir() {
         let spec = ArchSpec::from_config_file(&cfg.model.join("config.json"))?;
-        if encoder_task_kind(cfg.task) != spec.family.is_encoder() {
+        if cfg.task.is_encoder_task() != spec.family.is_encoder() {
             return Err(wrong_family(cfg.task, &spec));
         }
-    } else if encoder_task_kind(cfg.task) {
+    } else if cfg.task.is_encoder_task() {
         let spec = ArchSpec::from_model_arg(&cfg.model.to_string_lossy())?;
         return Err(wrong_family(cfg.task, &spec));
     }
@@ -237,7 +232,7 @@ pub(crate) fn encoder_task<B: Backend>(
     tokenizer: TextTokenizer,
     labels: Option<Labels>,
 ) -> Result<Prepared<EncoderTask<B>>> {
-    if !encoder_task_kind(cfg.task) {
+    if !cfg.task.is_encoder_task() {
         return Err(wrong_family(cfg.task, &spec));
     }
     // Learned absolute positions end the context (relative-only models such as DeBERTa-v3 have none).
@@ -284,7 +279,7 @@ pub(crate) fn lm_task<B: Backend>(
     tokenizer: TextTokenizer,
     labels: Option<Labels>,
 ) -> Result<Prepared<LmTask<B>>> {
-    if encoder_task_kind(cfg.task) {
+    if cfg.task.is_encoder_task() {
         return Err(wrong_family(cfg.task, &spec));
     }
     if cfg.head != HeadKind::Linear {

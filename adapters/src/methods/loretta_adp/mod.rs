@@ -67,9 +67,6 @@ pub enum AdpPlacement {
 }
 
 impl AdpPlacement {
-    /// Placement names as typed (`--placement`).
-    pub const NAMES: [&'static str; 2] = ["official", "houlsby"];
-
     /// The sites of `available` (every position a model offers) this placement uses.
     pub fn select<'a>(&self, available: &'a [ResidualSite]) -> Vec<&'a ResidualSite> {
         use ResidualPosition::*;
