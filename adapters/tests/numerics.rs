@@ -381,6 +381,17 @@ fn check_zero_delta_init<B: Backend>(device: &B::Device) {
         let dw = values(h.linear[0].adapter.as_ref().unwrap().delta_weight(&h.shared));
         assert!(norm(&dw) > 1e-6, "{}: paper init should give ΔW₀ ≠ 0", method.name());
     }
+    // LoTR's shared factors: Glorot-normal by default, the official N(0, 1) with the paper's init
+    // (2,048 draws each: the sample std is within 10 % of the target far beyond 5 sigma).
+    for (init, std_a, std_b) in
+        [(DeltaInit::Zero, (2.0f64 / 264.0).sqrt(), (2.0f64 / 136.0).sqrt()), (DeltaInit::Paper, 1.0, 1.0)]
+    {
+        let shared = LotrConfig::new().with_rank(8).with_init(init).init_shared::<B>(256, 128, device).unwrap();
+        for (name, v, target) in [("A", values(shared.a.val()), std_a), ("Bᵀ", values(shared.bt.val()), std_b)] {
+            let std = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
+            assert!((std / target - 1.0).abs() < 0.1, "LoTR {init:?} {name}: std {std}, expected {target}");
+        }
+    }
 }
 
 fn check_merge_unmerge<B: Backend>(device: &B::Device) {
@@ -810,7 +821,11 @@ fn low_rank_updates_carry_the_dropout_and_core_by_core_keeps_its_path() {
     assert!(rel_err(&masked, &plain) > 1e-3, "LoRA's dropout was not applied in training");
     // One row through a deep train: TT-LoRA contracts core by core and offers no half-trains.
     let tt = LinearAdapter::TtLora(
-        TtLoraConfig::new().with_tt_shape(Some(vec![16, 16, 16, 16, 16, 16])).init::<B>(4096, 4096, &device).unwrap(),
+        TtLoraConfig::new()
+            .with_rank(5)
+            .with_tt_shape(Some(vec![16, 16, 16, 16, 16, 16]))
+            .init::<B>(4096, 4096, &device)
+            .unwrap(),
     );
     assert!(tt.low_rank_update(1, &shared).is_none());
     assert!(tt.low_rank_update(512, &shared).is_some());

@@ -35,7 +35,7 @@ pub struct MethodArgs {
     #[arg(long, help = flag_help(Flag::Placement))]
     pub placement: Option<String>,
     /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
-    /// for the TT methods).
+    /// for the TT methods, N(0, 1) shared factors for lotr).
     #[arg(long)]
     pub init: Option<String>,
 }

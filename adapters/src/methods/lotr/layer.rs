@@ -11,9 +11,9 @@ use burn::tensor::{Tensor, backend::Backend};
 /// The outer factors shared by one LoTR family.
 #[derive(Module, Debug)]
 pub struct LotrShared<B: Backend> {
-    /// `A: [d_in, r]` (the paper's `R`), `N(0, 1)`.
+    /// `A: [d_in, r]` (the paper's `R`), Glorot-normal (`N(0, 1)` with the paper's initialisation).
     pub a: Param<Tensor<B, 2>>,
-    /// `Bᵀ: [r, d_out]` (the paper's `Lᵀ`), `N(0, 1)`.
+    /// `Bᵀ: [r, d_out]` (the paper's `Lᵀ`), Glorot-normal (`N(0, 1)` with the paper's initialisation).
     pub bt: Param<Tensor<B, 2>>,
 }
 
