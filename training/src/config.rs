@@ -343,23 +343,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     if !(cfg.dpo_beta.is_finite() && cfg.dpo_beta > 0.0) {
         return bad("dpo-beta", "must be a positive number");
     }
-    if cfg.gradient_checkpointing && method_dropout(&cfg.method) > 0.0 {
-        let without: Vec<&str> = tensor_peft_adapters::METHOD_NAMES
-            .iter()
-            .filter(|name| MethodConfig::from_name(name).is_ok_and(|m| method_dropout(&m) == 0.0))
-            .copied()
-            .collect();
-        return bad(
-            "gradient-checkpointing",
-            &format!(
-                "{} is configured with adapter dropout {}, and the recomputed blocks would draw other dropout masks \
-                 than the first pass; checkpointing takes adapters without dropout ({} by default)",
-                cfg.method.name(),
-                method_dropout(&cfg.method),
-                without.join(", ")
-            ),
-        );
-    }
+    check_gradient_checkpointing(cfg)?;
     if let Some(m) = &cfg.metric_for_best {
         let ok: &[&str] = match cfg.task {
             TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
@@ -375,6 +359,29 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
                 reason: format!("`{m}` is not a {} metric; expected one of {}", cfg.task.name(), ok.join(", ")),
             });
         }
+    }
+    Ok(())
+}
+
+/// Refuses `gradient_checkpointing` with adapter dropout: the recomputed blocks would draw other
+/// masks than the first pass ([`crate::recompute`]).
+pub fn check_gradient_checkpointing(cfg: &TrainConfig) -> Result<()> {
+    if cfg.gradient_checkpointing && method_dropout(&cfg.method) > 0.0 {
+        let without: Vec<&str> = tensor_peft_adapters::METHOD_NAMES
+            .iter()
+            .filter(|name| MethodConfig::from_name(name).is_ok_and(|m| method_dropout(&m) == 0.0))
+            .copied()
+            .collect();
+        return Err(TrainError::Option {
+            option: "gradient-checkpointing",
+            reason: format!(
+                "{} is configured with adapter dropout {}, and the recomputed blocks would draw other dropout masks \
+                 than the first pass; checkpointing takes adapters without dropout ({} by default)",
+                cfg.method.name(),
+                method_dropout(&cfg.method),
+                without.join(", ")
+            ),
+        });
     }
     Ok(())
 }
