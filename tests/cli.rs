@@ -1647,3 +1647,55 @@ fn finetune_and_eval_take_dpo_pairs() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("dpo has no single predicted value"));
 }
+
+/// `--gradient-checkpointing` (flag or `--config` key) trains to the same losses as a plain run,
+/// `plan` shrinks its activation estimate with it, and what it cannot do is refused (exit 2,
+/// nothing written): adapters with dropout, and `bench` without the train-step suite.
+#[test]
+fn gradient_checkpointing_trains_the_same_plans_less_and_refuses_dropout() {
+    let best = |out: &Output| -> String {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout.lines().find(|l| l.starts_with("best valid loss:")).unwrap_or_else(|| panic!("{stdout}")).to_string()
+    };
+    let (plain_dir, checkpointed_dir) = (scratch("gc-plain"), scratch("gc-checkpointed"));
+    let plain = run_args(&lm_finetune_args(&plain_dir, &[]));
+    let checkpointed = run_args(&lm_finetune_args(&checkpointed_dir, &["--gradient-checkpointing"]));
+    assert_eq!(best(&plain), best(&checkpointed));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpointed_dir.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["gradient_checkpointing"], true);
+
+    // LoRETTA_rep's dropout (0.05; no flag sets it) is refused, from a --config file too.
+    let dir = scratch("gc-dropout");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("run.toml");
+    std::fs::write(&config, "gradient_checkpointing = true\nmethod = \"loretta-rep\"\n").unwrap();
+    let output = dir.join("out");
+    let mut args = lm_finetune_args(&output, &["--method", "loretta-rep"]);
+    args.extend(["--config".to_string(), config.to_str().unwrap().to_string()]);
+    let refused = run_args(&args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("gradient-checkpointing") && stderr.contains("adapter dropout 0.05"), "{stderr}");
+    assert!(!output.exists(), "nothing is written");
+
+    // The plan: block inputs and one block's activations instead of every block's.
+    let peak = |extra: &[&str]| -> (u64, String) {
+        let mut args =
+            vec!["plan", "--model", "llama2-7b", "--base-dtype", "q8_0", "--batch-size", "1", "--max-len", "512"];
+        args.extend(extra);
+        let out = tpeft(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let last = stdout.lines().last().unwrap();
+        (last.strip_prefix("estimated peak memory: ").unwrap().strip_suffix(" MiB").unwrap().parse().unwrap(), stdout)
+    };
+    let ((plain, _), (less, text)) = (peak(&[]), peak(&["--gradient-checkpointing"]));
+    assert!(text.contains("gradient checkpointing") && text.contains("block inputs + one block"), "{text}");
+    assert!(less < plain, "{less} vs {plain}");
+
+    let bench = tpeft(&["bench", "--suite", "linear", "--gradient-checkpointing"]);
+    assert_eq!(bench.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bench.stderr).contains("train-step"));
+}

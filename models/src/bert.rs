@@ -10,6 +10,7 @@ use crate::fused::{self, AttentionMask, KeyPadding};
 use crate::inject::{Targets, adapter_slots, inject};
 use crate::layout::{layout_table, load_projections};
 use crate::precision::{BaseDType, embed};
+use crate::stack::{BlockStack, StackInput};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -122,12 +123,17 @@ fn embedding<B: Backend>(
     Ok(Embedding { weight: Param::from_tensor(w.take_matrix(name, [n, d], device)?) })
 }
 
+/// What every block of one encoder forward shares: how attention sees positions and padding.
+#[derive(Debug, Clone)]
+pub struct BertContext<B: Backend>(Attention<B>);
+
 /// How a block's attention sees positions and padding.
-enum Attention<'a, B: Backend> {
+#[derive(Debug, Clone)]
+enum Attention<B: Backend> {
     /// Plain scaled dot-product attention with a padding mask (positions were added to the input).
-    Absolute(&'a AttentionMask<B>),
+    Absolute(AttentionMask<B>),
     /// DeBERTa's disentangled attention, with the additive `[B, 1, 1, T]` padding bias.
-    Disentangled(&'a RelativeContext<B>, Tensor<B, 4>),
+    Disentangled(RelativeContext<B>, Tensor<B, 4>),
 }
 
 impl<B: Backend> BertLayer<B> {
@@ -258,38 +264,12 @@ impl<B: Backend> Bert<B> {
     /// 1 = second of a pair; `None`: all 0) and `mask` `[B, T]` (1 = token, 0 = padding).
     /// A model without token types ignores `types`, as transformers does.
     pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [b, t] = ids.dims();
-        let device = ids.device();
-        let mut x = embed(&self.word_embeddings, ids);
-        if let Some(position_embeddings) = &self.position_embeddings {
-            let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
-            let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
-            x = x + embed(position_embeddings, positions);
-        }
-        if let Some(token_type_embeddings) = &self.token_type_embeddings {
-            let types = types.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
-            x = x + embed(token_type_embeddings, types);
-        }
-        let mut x = norm(&self.embeddings_norm, x, self.norm_eps);
-        let heads = self.layers.first().map_or(1, |l| l.n_heads);
-        let (padding, context);
-        let attention = match &self.relative {
-            None => {
-                padding = AttentionMask::KeyPadding(KeyPadding::new(mask, heads));
-                Attention::Absolute(&padding)
-            }
-            Some(relative) => {
-                // DeBERTa zeroes the padded positions' embeddings too.
-                x = x * mask.clone().reshape([b, t, 1]);
-                context = relative.context(b, t, heads, self.norm_eps);
-                let bias = (mask.ones_like() - mask).mul_scalar(-1e9).reshape([b, 1, 1, t]);
-                Attention::Disentangled(&context, bias)
-            }
-        };
-        for layer in &self.layers {
-            x = layer.forward(x, &attention, self.norm_eps, &self.shared);
-        }
-        x
+        self.stack_forward(&StackInput { ids, types, mask: Some(mask) })
+    }
+
+    /// The attention mask of `input` (all ones when it has none).
+    fn mask_of(input: &StackInput<B>) -> Tensor<B, 2> {
+        input.mask.clone().unwrap_or_else(|| Tensor::ones(input.ids.dims(), &input.ids.device()))
     }
 
     /// Mean over unpadded tokens, L2-normalised: `[B, d]` sentence embeddings.
@@ -345,6 +325,57 @@ impl<B: Backend> Bert<B> {
     pub fn adapt(mut self, spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<Self, ModelError> {
         inject(&mut self, spec, method, targets)?;
         Ok(self)
+    }
+}
+
+impl<B: Backend> BlockStack<B> for Bert<B> {
+    type Context = BertContext<B>;
+
+    fn stack_input(&self, input: &StackInput<B>) -> Tensor<B, 3> {
+        let [b, t] = input.ids.dims();
+        let device = input.ids.device();
+        let mut x = embed(&self.word_embeddings, input.ids.clone());
+        if let Some(position_embeddings) = &self.position_embeddings {
+            let positions: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|p| (p + self.position_offset) as i64)).collect();
+            let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), &device);
+            x = x + embed(position_embeddings, positions);
+        }
+        if let Some(token_type_embeddings) = &self.token_type_embeddings {
+            let types = input.types.clone().unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, t], &device));
+            x = x + embed(token_type_embeddings, types);
+        }
+        let x = norm(&self.embeddings_norm, x, self.norm_eps);
+        match &self.relative {
+            None => x,
+            // DeBERTa zeroes the padded positions' embeddings too.
+            Some(_) => x * Self::mask_of(input).reshape([b, t, 1]),
+        }
+    }
+
+    fn stack_context(&self, input: &StackInput<B>) -> BertContext<B> {
+        let [b, t] = input.ids.dims();
+        let heads = self.layers.first().map_or(1, |l| l.n_heads);
+        let mask = Self::mask_of(input);
+        BertContext(match &self.relative {
+            None => Attention::Absolute(AttentionMask::KeyPadding(KeyPadding::new(mask, heads))),
+            Some(relative) => {
+                let context = relative.context(b, t, heads, self.norm_eps);
+                let bias = (mask.ones_like() - mask).mul_scalar(-1e9).reshape([b, 1, 1, t]);
+                Attention::Disentangled(context, bias)
+            }
+        })
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn block_forward(&self, i: usize, x: Tensor<B, 3>, context: &BertContext<B>) -> Tensor<B, 3> {
+        self.layers[i].forward(x, &context.0, self.norm_eps, &self.shared)
+    }
+
+    fn stack_output(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x
     }
 }
 

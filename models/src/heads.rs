@@ -110,6 +110,12 @@ impl<B: Backend> SequenceClassifier<B> {
     /// pairs; `None`: all 0) and attention mask `[B, T]`.
     pub fn forward(&self, ids: TokenIds<B>, types: Option<TokenIds<B>>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
         let hidden = self.encoder.forward(ids, types, mask.clone());
+        self.classify(hidden, mask)
+    }
+
+    /// The head (pooling and output layer) on the encoder's hidden states `[B, T, d]`, with the
+    /// attention mask `[B, T]`: logits (or scores) `[B, n_outputs]`.
+    pub fn classify(&self, hidden: Tensor<B, 3>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
         if let Some(tt) = &self.tt_pooler {
             let [b, _, d] = hidden.dims();
             let dense = tt.forward(hidden.narrow(1, 0, 1).reshape([b, d]));

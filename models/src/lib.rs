@@ -3,7 +3,7 @@
 //! GGUF, module names and shapes, parameter counts), checkpoint reading ([`weights`], [`gguf`]),
 //! tokenizers and chat templates ([`tokenizer`]), sampling ([`sampling`]), the LLaMA decoder
 //! ([`llama::Llama`]) and the BERT-family encoder ([`bert::Bert`]; DeBERTa's disentangled
-//! attention in [`deberta`]), whose projections accept any adapter method by module name. Each family lists its projections once, in a layout table ([`layout`]);
+//! attention in [`deberta`]; the block-wise view of their forward in [`stack`]), whose projections accept any adapter method by module name. Each family lists its projections once, in a layout table ([`layout`]);
 //! named tensors are read and written in one place ([`tensor_io`]).
 
 pub mod adapter_file;
@@ -20,6 +20,7 @@ pub mod layout;
 pub mod llama;
 pub mod precision;
 pub mod sampling;
+pub mod stack;
 pub mod tensor_io;
 pub mod tokenizer;
 pub mod weights;
@@ -32,6 +33,7 @@ pub use heads::{HEAD_INIT_STD, SequenceClassifier};
 pub use inject::{AdapterSlots, ResidualPosition, Targets, inject, update_ratios, zero_init_factors};
 pub use llama::Llama;
 pub use precision::BaseDType;
+pub use stack::{BlockStack, StackInput};
 
 /// The fused ops the blocks call (from `tensor-peft-kernels`).
 pub use tensor_peft_kernels::fused;

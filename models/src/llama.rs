@@ -10,6 +10,7 @@ use crate::gguf::Gguf;
 use crate::inject::{Targets, adapter_slots, inject};
 use crate::layout::{layout_table, load_projections};
 use crate::precision::{BaseDType, Held, StoredDType, embed};
+use crate::stack::{BlockStack, StackInput};
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use burn::module::{Module, Param};
@@ -416,34 +417,43 @@ impl<B: Backend> Llama<B> {
     }
 
     fn forward_inner(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let x = self.hidden_inner(tokens, cache);
+        self.logits(self.hidden_inner(tokens, cache))
+    }
+
+    fn hidden_inner(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let Some(cache) = cache else {
+            return self.stack_forward(&StackInput::ids(tokens));
+        };
+        // The generation path: the stack's pieces with each layer's KV cache.
+        let t = tokens.dims()[1];
+        let context = self.context(cache.len, t, &tokens.device());
+        let mut x = embed(&self.embed_tokens, tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &context.rope, &context.mask, Some(&mut cache.layers[i]), &self.shared);
+        }
+        cache.len += t;
+        self.stack_output(x)
+    }
+
+    /// The RoPE tables and causal mask of `t` positions after `start` cached ones.
+    fn context(&self, start: usize, t: usize, device: &B::Device) -> LlamaContext<B> {
+        let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
+        LlamaContext {
+            rope: Rope::new(start, t, self.head_dim, &self.rope, &[heads, kv_heads], device),
+            mask: AttentionMask::Causal { offset: start, window: self.sliding_window },
+        }
+    }
+
+    /// Logits `[B, T, vocab]` from final hidden states `[B, T, d]` ([`Self::hidden`]).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         // `h·head` on `[B·T, d]` rows: a 2-D product takes the (tied: transposed embedding) head
         // as a strided operand (broadcasting it to 3-D would reshape, i.e. copy, it on every
         // call), and `fused::linear` spreads a decoding step's one row over the threads.
-        let [b, t, d] = x.dims();
+        let [b, t, d] = hidden.dims();
         let head = self.output_head().transpose();
         let vocab = head.dims()[1];
         let bias = self.lm_head.as_ref().and_then(|h| h.bias.as_ref().map(|b| b.val()));
-        fused::linear(x.reshape([b * t, d]), head, bias).reshape([b, t, vocab])
-    }
-
-    fn hidden_inner(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let [_, t] = tokens.dims();
-        let device = tokens.device();
-        let start = cache.as_ref().map_or(0, |c| c.len);
-        let total = start + t;
-        let mut x = embed(&self.embed_tokens, tokens);
-        let (heads, kv_heads) = self.layers.first().map_or((1, 1), |l| (l.n_heads, l.n_kv_heads));
-        let rope = Rope::new(start, t, self.head_dim, &self.rope, &[heads, kv_heads], &device);
-        let mask = AttentionMask::Causal { offset: start, window: self.sliding_window };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, &mask, layer_cache, &self.shared);
-        }
-        if let Some(c) = cache {
-            c.len = total;
-        }
-        fused::rms_norm(x, self.norm.gamma.val(), self.norm.epsilon)
+        fused::linear(hidden.reshape([b * t, d]), head, bias).reshape([b, t, vocab])
     }
 
     /// Injects `method` at `targets` (see [`inject`]); the base stays frozen and shared factors are
@@ -451,6 +461,37 @@ impl<B: Backend> Llama<B> {
     pub fn adapt(mut self, spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<Self, ModelError> {
         inject(&mut self, spec, method, targets)?;
         Ok(self)
+    }
+}
+
+/// What every block of one LLaMA forward shares: the RoPE tables and the causal mask.
+#[derive(Debug, Clone)]
+pub struct LlamaContext<B: Backend> {
+    rope: Rope<B>,
+    mask: AttentionMask<B>,
+}
+
+impl<B: Backend> BlockStack<B> for Llama<B> {
+    type Context = LlamaContext<B>;
+
+    fn stack_input(&self, input: &StackInput<B>) -> Tensor<B, 3> {
+        embed(&self.embed_tokens, input.ids.clone())
+    }
+
+    fn stack_context(&self, input: &StackInput<B>) -> LlamaContext<B> {
+        self.context(0, input.ids.dims()[1], &input.ids.device())
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn block_forward(&self, i: usize, x: Tensor<B, 3>, context: &LlamaContext<B>) -> Tensor<B, 3> {
+        self.layers[i].forward(x, &context.rope, &context.mask, None, &self.shared)
+    }
+
+    fn stack_output(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        fused::rms_norm(x, self.norm.gamma.val(), self.norm.epsilon)
     }
 }
 

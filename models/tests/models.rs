@@ -2877,3 +2877,39 @@ fn peft_add_weighted_adapter_cat_equals_ours() {
     let diff = max_diff(&values(model.forward(x)), &json_floats(&expected["logits"]));
     assert!(diff < 1e-4, "logits with our combination differ from transformers + PEFT's by {diff}");
 }
+
+/// The block-wise view (`BlockStack`) run one block at a time, on the autodiff model and on its
+/// inner copy, gives the model's own forward: LLaMA with LoTR (factors shared by every block) and
+/// DeBERTa-v3 (relative embeddings in the context, padding mask).
+#[test]
+fn the_block_wise_forward_run_by_hand_is_the_models_forward() {
+    use tensor_peft_models::{Bert, BlockStack, StackInput};
+    fn by_hand<Bk: Backend, S: BlockStack<Bk>>(stack: &S, input: &StackInput<Bk>) -> Vec<f64> {
+        let context = stack.stack_context(input);
+        let mut x = stack.stack_input(input);
+        for i in 0..stack.num_blocks() {
+            x = stack.block_forward(i, x, &context);
+        }
+        values(stack.stack_output(x))
+    }
+    let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    let (base, spec, ids) = tiny_llama_and_input();
+    let llama = base.adapt(&spec, &MethodConfig::from_name("lotr").unwrap(), &Targets::Default).unwrap();
+    assert_eq!(llama.num_blocks(), spec.layers);
+    let hidden = values(llama.hidden(ids.clone()));
+    let input = StackInput::ids(ids.clone());
+    assert!(close(&by_hand(&llama, &input), &hidden));
+    let inner = StackInput::ids(ids.clone().inner());
+    assert!(close(&by_hand(&llama.valid(), &inner), &hidden));
+    let logits = llama.logits(llama.hidden(ids.clone()));
+    assert!(close(&values(logits), &values(llama.forward(ids))));
+
+    let device = Default::default();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-deberta/v3");
+    let (deberta, _) = Bert::<B>::from_hf_dir(&dir, &device).unwrap();
+    let ids = tokens::<B>(&[vec![1, 7, 9, 4, 2], vec![1, 8, 2, 0, 0]], &device);
+    let mask =
+        Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]), &device);
+    let input = StackInput { ids: ids.clone(), types: None, mask: Some(mask.clone()) };
+    assert!(close(&by_hand(&deberta, &input), &values(deberta.forward(ids, None, mask))));
+}

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     /// Start the adapter from the one saved in this directory (same method and targets) instead of
     /// its initialisation: sequential multi-task learning. The task head starts fresh.
     pub init_from: Option<PathBuf>,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// ([`crate::recompute`]): less memory, the same gradients, about a third more compute.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -158,6 +161,7 @@ impl Default for TrainConfig {
             resume: false,
             eval_before_training: false,
             init_from: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -268,6 +272,8 @@ pub(crate) fn fingerprint(cfg: &TrainConfig) -> String {
     c.save_every_steps = 0;
     c.eval_every_steps = 0;
     c.output = PathBuf::new();
+    // The same gradients either way: a run may be resumed with or without it.
+    c.gradient_checkpointing = false;
     let json = serde_json::to_string(&c).expect("serialisable");
     format!("{:016x}", json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))
 }
@@ -337,6 +343,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     if !(cfg.dpo_beta.is_finite() && cfg.dpo_beta > 0.0) {
         return bad("dpo-beta", "must be a positive number");
     }
+    check_gradient_checkpointing(cfg)?;
     if let Some(m) = &cfg.metric_for_best {
         let ok: &[&str] = match cfg.task {
             TaskKind::Classification | TaskKind::LmClassification => &["loss", "accuracy", "f1", "mcc"],
@@ -354,6 +361,38 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses `gradient_checkpointing` with adapter dropout: the recomputed blocks would draw other
+/// masks than the first pass ([`crate::recompute`]).
+pub fn check_gradient_checkpointing(cfg: &TrainConfig) -> Result<()> {
+    if cfg.gradient_checkpointing && method_dropout(&cfg.method) > 0.0 {
+        let without: Vec<&str> = tensor_peft_adapters::METHOD_NAMES
+            .iter()
+            .filter(|name| MethodConfig::from_name(name).is_ok_and(|m| method_dropout(&m) == 0.0))
+            .copied()
+            .collect();
+        return Err(TrainError::Option {
+            option: "gradient-checkpointing",
+            reason: format!(
+                "{} is configured with adapter dropout {}, and the recomputed blocks would draw other dropout masks \
+                 than the first pass; checkpointing takes adapters without dropout ({} by default)",
+                cfg.method.name(),
+                method_dropout(&cfg.method),
+                without.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The adapter dropout probability `method` is configured with (0 for methods without dropout).
+pub fn method_dropout(method: &MethodConfig) -> f64 {
+    fn find(v: &serde_json::Value) -> Option<f64> {
+        let map = v.as_object()?;
+        map.get("dropout").and_then(serde_json::Value::as_f64).or_else(|| map.values().find_map(find))
+    }
+    serde_json::to_value(method).ok().as_ref().and_then(find).unwrap_or(0.0)
 }
 
 pub(crate) fn targets_of(cfg: &TrainConfig) -> Targets {

@@ -38,7 +38,7 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use tensor_peft_models::{Llama, strip_adapters};
+use tensor_peft_models::{BlockStack, Llama, StackInput, strip_adapters};
 
 /// β of the DPO loss when none is given: TRL's default, and what LoRTA's experiments used.
 pub const DEFAULT_BETA: f64 = 0.1;
@@ -168,7 +168,11 @@ pub fn make_pair_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Dev
 /// so the `[positions, vocab]` logits are formed outside the autodiff graph and only the scored
 /// positions are multiplied by the output head.
 pub fn sequence_log_probs<B: Backend>(net: &Llama<B>, ids: Tensor<B, 2, Int>, pairs: &PairBatch<B>) -> Tensor<B, 1> {
-    let hidden = net.hidden(ids);
+    log_probs_of_hidden(net, net.hidden(ids), pairs)
+}
+
+/// [`sequence_log_probs`] from the model's final hidden states `[2n, T, d]`.
+fn log_probs_of_hidden<B: Backend>(net: &Llama<B>, hidden: Tensor<B, 3>, pairs: &PairBatch<B>) -> Tensor<B, 1> {
     let [_, t, d] = hidden.dims();
     let device = hidden.device();
     let head = net.output_head();
@@ -268,6 +272,8 @@ pub struct DpoTask<B: Backend> {
     pub net: Llama<B>,
     /// β, the strength of the implicit KL penalty towards the reference.
     pub beta: f64,
+    /// Train with gradient checkpointing ([`crate::recompute`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Backend> DpoTask<B> {
@@ -277,9 +283,18 @@ impl<B: Backend> DpoTask<B> {
     /// If the batch is not a DPO batch or its reference log-probabilities were not filled
     /// ([`fill_reference`]).
     pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+        self.run_with(batch, |input| self.net.stack_forward(&input))
+    }
+
+    /// [`Self::run`] with the model's final hidden states computed by `hidden`.
+    fn run_with(
+        &self,
+        batch: Batch<B>,
+        hidden: impl FnOnce(StackInput<B>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 1>, StepStats) {
         let pairs = batch.pairs.expect("DPO batches carry pairs");
         let reference = pairs.reference.clone().expect("the reference log-probabilities are filled before training");
-        let policy = sequence_log_probs(&self.net, batch.ids, &pairs);
+        let policy = log_probs_of_hidden(&self.net, hidden(StackInput::ids(batch.ids)), &pairs);
         let (loss, outcomes) = dpo_loss(policy, &reference, self.beta);
         let stats = StepStats {
             loss: scalar(&loss),
@@ -292,7 +307,7 @@ impl<B: Backend> DpoTask<B> {
     }
 }
 
-crate::task::steps!(DpoTask);
+crate::task::steps!(DpoTask, Llama at net);
 
 impl<B: AutodiffBackend> TaskModel<B> for DpoTask<B> {
     type Adapted = Llama<B>;

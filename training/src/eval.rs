@@ -161,7 +161,8 @@ pub fn evaluate_selection<B: Backend>(
             if info.head == crate::config::HeadKind::Tt {
                 net = net.with_tt_pooler()?;
             }
-            let task = EncoderTask { net, regression: options.task == TaskKind::Regression };
+            let task =
+                EncoderTask { net, regression: options.task == TaskKind::Regression, gradient_checkpointing: false };
             let task = assign_params(task, prefixed(extras), &weights)?;
             let encoder = Encoder {
                 tokenizer: &tokenizer,
@@ -184,7 +185,8 @@ pub fn evaluate_selection<B: Backend>(
                 extras.clear(); // trained norms belong to the adapter, not to the base model
             }
             let beta = info.dpo_beta.unwrap_or(crate::dpo::DEFAULT_BETA);
-            let task = assign_params(DpoTask { net: llama, beta }, prefixed(extras), &weights)?;
+            let task =
+                assign_params(DpoTask { net: llama, beta, gradient_checkpointing: false }, prefixed(extras), &weights)?;
             let encoder = Encoder {
                 tokenizer: &tokenizer,
                 task: options.task,
@@ -213,7 +215,11 @@ pub fn evaluate_selection<B: Backend>(
                 tokenizer: std::sync::Arc::new(tokenizer.clone()),
                 max_new_tokens: options.max_new_tokens.unwrap_or(info.max_new_tokens),
             });
-            let task = assign_params(LmTask { net: llama, verbalizer, decoding }, prefixed(extras), &weights)?;
+            let task = assign_params(
+                LmTask { net: llama, verbalizer, decoding, gradient_checkpointing: false },
+                prefixed(extras),
+                &weights,
+            )?;
             let encoder = Encoder {
                 tokenizer: &tokenizer,
                 task: options.task,

@@ -2,7 +2,7 @@
 //! Fine-tuning with tensor-peft adapters on burn-train: tasks ([`task`]), data ([`data`]),
 //! metrics ([`metrics`]), preference optimisation ([`dpo`]), the causal-LM loss fused with the output head ([`loss`]), the optimizer and schedule ([`optim`]), exact-resume checkpoints
 //! ([`checkpoint`]), the run configuration ([`config`]), the data loader ([`loader`]), the
-//! burn-train strategy ([`strategy`]), `finetune` ([`trainer`]), evaluation of saved adapters
+//! burn-train strategy ([`strategy`]), gradient checkpointing ([`recompute`]), `finetune` ([`trainer`]), evaluation of saved adapters
 //! ([`eval`]), text generation with a saved adapter ([`mod@generate`]), several adapters on one base
 //! and their weighted combinations ([`multi_adapter`]) and training curves ([`plot`]).
 
@@ -20,6 +20,7 @@ pub mod multi_adapter;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod recompute;
 pub mod strategy;
 pub mod task;
 pub mod trainer;

@@ -75,6 +75,9 @@ pub struct PlanRequest<'a> {
     pub max_len: usize,
     /// Whether the loss is over the vocabulary (causal LM) rather than a small head.
     pub vocabulary_loss: bool,
+    /// Gradient checkpointing ([`crate::recompute`]): the backward keeps each block's input and
+    /// one block's activations at a time instead of every block's.
+    pub gradient_checkpointing: bool,
 }
 
 /// Bytes of one weight held as `held`.
@@ -145,9 +148,16 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
             component: "trainable parameters, gradients, AdamW state (f32)".into(),
             bytes: request.trainable_params as u64 * F32 * 4,
         },
-        PlanRow {
-            component: format!("activations kept for the backward ({tokens} tokens)"),
-            bytes: tokens * layers * per_token * F32,
+        if request.gradient_checkpointing {
+            PlanRow {
+                component: format!("activations, checkpointed: block inputs + one block ({tokens} tokens)"),
+                bytes: tokens * (layers * d + per_token) * F32,
+            }
+        } else {
+            PlanRow {
+                component: format!("activations kept for the backward ({tokens} tokens)"),
+                bytes: tokens * layers * per_token * F32,
+            }
         },
     ];
     if request.vocabulary_loss {
@@ -191,6 +201,7 @@ mod tests {
             batch_size: 1,
             max_len: 128,
             vocabulary_loss: true,
+            gradient_checkpointing: false,
         }
     }
 
@@ -220,5 +231,21 @@ mod tests {
         let native = plan(&PlanRequest { stored: q4_k, ..request(&spec, BaseDType::Native) }).unwrap();
         assert_eq!(native.rows[0].bytes, projections / 256 * 144);
         assert!(plan(&PlanRequest { stored: q4_k, ..request(&odd, BaseDType::Native) }).is_ok());
+    }
+
+    #[test]
+    fn checkpointing_keeps_the_block_inputs_and_one_block() {
+        let spec = ArchSpec::preset("llama2-7b").unwrap();
+        let long = PlanRequest { max_len: 512, ..request(&spec, BaseDType::Q8_0) };
+        let plain = plan(&long).unwrap();
+        let checkpointed = plan(&PlanRequest { gradient_checkpointing: true, ..long }).unwrap();
+        let (a, b) = (&plain.rows[4], &checkpointed.rows[4]);
+        assert!(b.component.contains("checkpointed"), "{}", b.component);
+        // 512 tokens × (32 blocks × 4096 + one block's 4·4096 + 2·4096 + 2·11008 + 32·512) × 4 bytes.
+        let per_block = 4 * 4096 + 2 * 4096 + 2 * 11008 + 32 * 512;
+        assert_eq!(b.bytes, 512 * (32 * 4096 + per_block) * 4);
+        assert_eq!(a.bytes, 512 * 32 * per_block * 4);
+        assert_eq!(plain.total() - checkpointed.total(), a.bytes - b.bytes);
+        assert!(checkpointed.render().ends_with(&format!("estimated peak memory: {} MiB\n", checkpointed.total_mib())));
     }
 }

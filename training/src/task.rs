@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tensor_peft_models::adapter_file::{AdapterConfig, save_adapter_with_extras};
 use tensor_peft_models::heads::head_to_hf;
 use tensor_peft_models::tokenizer::{ChatMessage, TextTokenizer};
-use tensor_peft_models::{AdapterSlots, ArchSpec, Bert, Llama, SequenceClassifier};
+use tensor_peft_models::{AdapterSlots, ArchSpec, Bert, BlockStack, Llama, SequenceClassifier, StackInput};
 
 /// What a tokenised example is trained to produce.
 #[derive(Debug, Clone, PartialEq)]
@@ -566,12 +566,25 @@ pub struct EncoderTask<B: Backend> {
     pub net: SequenceClassifier<B>,
     /// Regression instead of classification.
     pub regression: bool,
+    /// Train with gradient checkpointing ([`crate::recompute`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Backend> EncoderTask<B> {
     /// Loss and statistics of a batch.
     pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
-        let logits = self.net.forward(batch.ids, Some(batch.types), batch.mask);
+        self.run_with(batch, |input| self.net.encoder.stack_forward(&input))
+    }
+
+    /// [`Self::run`] with the encoder's hidden states computed by `hidden`.
+    fn run_with(
+        &self,
+        batch: Batch<B>,
+        hidden: impl FnOnce(StackInput<B>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 1>, StepStats) {
+        let mask = batch.mask.clone();
+        let hidden = hidden(StackInput { ids: batch.ids, types: Some(batch.types), mask: Some(batch.mask) });
+        let logits = self.net.classify(hidden, mask);
         let [b, c] = logits.dims();
         let mut stats = StepStats { units: b, tokens: batch.tokens, ..Default::default() };
         let loss = if self.regression {
@@ -615,14 +628,26 @@ pub struct LmTask<B: Backend> {
     pub verbalizer: Vec<usize>,
     /// Greedy decoding of generation batches (lm-generation); `None` scores the loss only.
     pub decoding: Option<Decoding>,
+    /// Train with gradient checkpointing ([`crate::recompute`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Backend> LmTask<B> {
     /// Loss and statistics of a batch.
-    pub fn run(&self, mut batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+    pub fn run(&self, batch: Batch<B>) -> (Tensor<B, 1>, StepStats) {
+        self.run_with(batch, |input| self.net.stack_forward(&input))
+    }
+
+    /// [`Self::run`] with the model's final hidden states computed by `hidden`: every loss is a
+    /// function of them.
+    fn run_with(
+        &self,
+        mut batch: Batch<B>,
+        hidden: impl FnOnce(StackInput<B>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 1>, StepStats) {
         let mut stats = StepStats { tokens: batch.tokens, ..Default::default() };
         if let Some(choices) = batch.choices.take() {
-            let (loss, outcomes) = self.score_choices(batch, choices);
+            let (loss, outcomes) = self.score_choices(batch, choices, hidden);
             stats.units = outcomes.1;
             stats.choices = outcomes.0;
             stats.loss = scalar(&loss);
@@ -637,7 +662,7 @@ impl<B: Backend> LmTask<B> {
         }
         let loss = if self.verbalizer.is_empty() {
             let (targets, weights, count) = batch.next_tokens.expect("causal-LM batches carry targets");
-            let hidden = self.net.hidden(batch.ids);
+            let hidden = hidden(StackInput::ids(batch.ids));
             let [b, t, d] = hidden.dims();
             stats.units = count;
             linear_cross_entropy(
@@ -650,7 +675,7 @@ impl<B: Backend> LmTask<B> {
                 None,
             )
         } else {
-            let logits = self.net.forward(batch.ids);
+            let logits = self.net.logits(hidden(StackInput::ids(batch.ids)));
             let [b, _, v] = logits.dims();
             let index = batch.last.reshape([b, 1, 1]).repeat_dim(2, v);
             let at_last = logits.gather(1, index).reshape([b, v]);
@@ -674,9 +699,14 @@ impl<B: Backend> LmTask<B> {
     /// The LM loss on the correct choices (mean per token) and each example's outcome, with the
     /// loss's units: the sum of the log-probabilities of each row's choice tokens, from one
     /// forward pass over all rows.
-    fn score_choices(&self, batch: Batch<B>, choices: ChoiceBatch<B>) -> (Tensor<B, 1>, (Vec<ChoiceOutcome>, usize)) {
+    fn score_choices(
+        &self,
+        batch: Batch<B>,
+        choices: ChoiceBatch<B>,
+        hidden: impl FnOnce(StackInput<B>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 1>, (Vec<ChoiceOutcome>, usize)) {
         let (targets, weights, _) = batch.next_tokens.expect("multiple-choice batches carry targets");
-        let logits = self.net.forward(batch.ids);
+        let logits = self.net.logits(hidden(StackInput::ids(batch.ids)));
         let [r, t, _] = logits.dims();
         let picked = log_softmax(logits, 2).gather(2, targets.reshape([r, t, 1])).reshape([r, t]);
         let sums = (picked * weights).sum_dim(1).reshape([r]);
@@ -714,15 +744,55 @@ impl<B: Backend> LmTask<B> {
 }
 
 /// Implements burn-train's `TrainStep` / `InferenceStep` for a task model with a
-/// `run(&self, Batch<B>) -> (loss, StepStats)` method.
+/// `run(&self, Batch<B>) -> (loss, StepStats)` method, a
+/// `run_with(&self, Batch<B>, hidden: impl FnOnce(StackInput<B>) -> Tensor<B, 3>)` method that
+/// takes the stack's hidden states from `hidden`, a `gradient_checkpointing` flag and the block
+/// stack `$stack<B>` at `self.<path>` (with the flag, the step recomputes each block in the
+/// backward: [`crate::recompute`]).
 macro_rules! steps {
-    ($task:ident) => {
+    ($task:ident, $stack:ident at $($path:ident).+) => {
+        impl<B: AutodiffBackend> $task<B> {
+            /// The first pass of a checkpointed training step ([`crate::recompute`]): the loss, the
+            /// statistics and what the backward needs.
+            pub fn checkpointed_forward(
+                &self,
+                batch: Batch<B>,
+            ) -> (Tensor<B, 1>, StepStats, $crate::recompute::Recompute<B, $stack<B>>) {
+                let mut pass = None;
+                let (loss, stats) = self.run_with(batch, |input| {
+                    let (recompute, hidden) = $crate::recompute::Recompute::forward(&self.$($path).+, &input);
+                    pass = Some(recompute);
+                    hidden
+                });
+                (loss, stats, pass.expect("every loss reads the stack's hidden states"))
+            }
+
+            /// The gradients of a training step's `loss`: a plain backward, or with `pass` (from
+            /// [`Self::checkpointed_forward`]) the blocks recomputed one at a time.
+            pub fn gradients(
+                &self,
+                loss: Tensor<B, 1>,
+                pass: Option<$crate::recompute::Recompute<B, $stack<B>>>,
+            ) -> burn::optim::GradientsParams {
+                match pass {
+                    Some(pass) => pass.backward(&self.$($path).+, loss, self),
+                    None => burn::optim::GradientsParams::from_grads(loss.backward(), self),
+                }
+            }
+        }
+
         impl<B: AutodiffBackend> TrainStep for $task<B> {
             type Input = Batch<B>;
             type Output = TaskOutput;
             fn step(&self, batch: Batch<B>) -> TrainOutput<TaskOutput> {
-                let (loss, stats) = self.run(batch);
-                TrainOutput::new(self, loss.backward(), TaskOutput { stats })
+                let (loss, stats, pass) = if self.gradient_checkpointing {
+                    let (loss, stats, pass) = self.checkpointed_forward(batch);
+                    (loss, stats, Some(pass))
+                } else {
+                    let (loss, stats) = self.run(batch);
+                    (loss, stats, None)
+                };
+                TrainOutput { grads: self.gradients(loss, pass), item: TaskOutput { stats } }
             }
         }
 
@@ -736,8 +806,8 @@ macro_rules! steps {
     };
 }
 pub(crate) use steps;
-steps!(EncoderTask);
-steps!(LmTask);
+steps!(EncoderTask, Bert at net.encoder);
+steps!(LmTask, Llama at net);
 
 /// The task-specific side of training: a trainable model made from a base model.
 pub trait TaskModel<B: AutodiffBackend>:

@@ -885,7 +885,7 @@ fn multiple_choice_scores_are_the_choice_tokens_log_likelihoods_of_a_plain_forwa
     let (items, report) = encoder.encode_all(examples).unwrap();
     assert_eq!((items.len(), report.truncated), (5, 0));
     // Five examples of 3, 2, 3, 2, 3 choices of different lengths: one padded batch of 13 rows.
-    let task = LmTask { net: net.clone(), verbalizer: Vec::new(), decoding: None };
+    let task = LmTask { net: net.clone(), verbalizer: Vec::new(), decoding: None, gradient_checkpointing: false };
     let refs: Vec<_> = items.iter().collect();
     let (loss, stats) = task.run(make_batch::<B>(&refs, 0, &device));
     assert_eq!(stats.choices.len(), 5);
@@ -1223,7 +1223,7 @@ fn dpo_loss_rewards_and_reference_match_a_hand_computation() {
         expected.push((reward_c, reward_r, pi_c, pi_r));
     }
 
-    let task = DpoTask { net: policy, beta };
+    let task = DpoTask { net: policy, beta, gradient_checkpointing: false };
     let refs: Vec<_> = items.iter().collect();
     let (loss, stats) = task.run(make_batch::<B>(&refs, pad, &device));
     let value = loss.into_data().to_vec::<f32>().unwrap()[0] as f64;
@@ -1388,4 +1388,163 @@ fn a_run_without_lr_takes_the_methods_recommended_settings() {
     assert_eq!((same.lr, same.loraplus_lr_ratio, same.head_lr, note), (Some(2e-4), None, None, None));
     assert_eq!(given.peak_lr(), 2e-4);
     assert_eq!(cfg("loretta-rep", TaskKind::Classification).peak_lr(), 5e-3);
+}
+
+/// Every trainable parameter of `task` with a small random perturbation, so that no factor is
+/// zero (a zero-initialised factor would zero its partner's gradient and hide a wrong one).
+fn perturbed<M: Module<AB>>(task: M) -> M {
+    struct Perturb;
+    impl burn::module::ModuleMapper<AB> for Perturb {
+        fn map_float<const D: usize>(
+            &mut self,
+            p: burn::module::Param<Tensor<AB, D>>,
+        ) -> burn::module::Param<Tensor<AB, D>> {
+            let (id, t, mapper) = p.consume();
+            if !t.is_require_grad() {
+                return burn::module::Param::from_mapped_value(id, t, mapper);
+            }
+            let noise = Tensor::random(t.shape(), burn::tensor::Distribution::Normal(0.0, 0.05), &t.device());
+            burn::module::Param::from_mapped_value(id, (t + noise).detach().require_grad(), mapper)
+        }
+    }
+    task.map(&mut Perturb)
+}
+
+/// The gradient of every trainable parameter of one `TrainStep` of `task` on `batch`, by path.
+fn step_gradients<T>(task: &T, batch: tensor_peft_training::task::Batch<AB>) -> Vec<(String, Vec<f32>)>
+where
+    T: burn::train::TrainStep<Input = tensor_peft_training::task::Batch<AB>> + Module<AB>,
+{
+    let grads = burn::train::TrainStep::step(task, batch).grads;
+    tensor_peft_training::checkpoint::trainable_params(task)
+        .into_iter()
+        .map(|(path, shape, _, id)| {
+            let values = match shape.len() {
+                1 => grads.get::<B, 1>(id).map(|g| g.into_data()),
+                2 => grads.get::<B, 2>(id).map(|g| g.into_data()),
+                3 => grads.get::<B, 3>(id).map(|g| g.into_data()),
+                4 => grads.get::<B, 4>(id).map(|g| g.into_data()),
+                n => panic!("{path}: a {n}-D parameter"),
+            };
+            let values = values.unwrap_or_else(|| panic!("{path} has no gradient")).to_vec::<f32>().unwrap();
+            (path, values)
+        })
+        .collect()
+}
+
+/// Asserts that every parameter's gradient with checkpointing equals the plain one: the largest
+/// difference within `1e-5` of the parameter's largest plain gradient (f32 rounding of a second,
+/// differently ordered forward).
+fn assert_same_gradients(what: &str, plain: &[(String, Vec<f32>)], checkpointed: &[(String, Vec<f32>)]) {
+    assert_eq!(plain.len(), checkpointed.len(), "{what}");
+    assert!(!plain.is_empty(), "{what}: nothing trains");
+    for ((name, a), (other, b)) in plain.iter().zip(checkpointed) {
+        assert_eq!(name, other, "{what}");
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "{what}: {name} has a zero gradient");
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * scale, "{what}: {name} differs by {diff} (largest gradient {scale})");
+    }
+}
+
+fn method_without_dropout(name: &str) -> MethodConfig {
+    let mut config = serde_json::to_value(MethodConfig::from_name(name).unwrap()).unwrap();
+    if let Some(p) = config.get_mut("dropout") {
+        *p = serde_json::json!(0.0);
+    }
+    serde_json::from_value(config).unwrap()
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients_on_llama_and_deberta() {
+    use tensor_peft_models::{Bert, Llama, SequenceClassifier};
+    use tensor_peft_training::dpo::{DpoTask, encode_pair};
+    use tensor_peft_training::task::{Encoded, EncoderTask, LmTask, Target as Tgt, make_batch};
+    let _guard = serial();
+    let device = Default::default();
+    <AB as burn::tensor::backend::Backend>::seed(&device, 7);
+    // Two causal-LM rows of different lengths (padding, a supervised span), and three encoder rows.
+    let lm_items = [
+        Encoded { ids: vec![1, 5, 9, 13, 17, 21, 25], types: vec![0; 7], target: Tgt::Completion { from: 3 } },
+        Encoded { ids: vec![1, 30, 31, 32, 33], types: vec![0; 5], target: Tgt::Completion { from: 2 } },
+    ];
+    let lm_refs: Vec<_> = lm_items.iter().collect();
+    let (llama, llama_spec) = Llama::<AB>::from_hf_dir(&fixtures().join("tiny-llama-words"), &device).unwrap();
+    for (method, norms) in [("lora", true), ("lotr", false), ("loretta-adp", false)] {
+        let net = llama.clone().adapt(&llama_spec, &method_without_dropout(method), &Default::default()).unwrap();
+        let net = if norms { net.train_norms() } else { net };
+        let task = perturbed(LmTask { net, verbalizer: Vec::new(), decoding: None, gradient_checkpointing: false });
+        let checkpointed = LmTask { gradient_checkpointing: true, ..task.clone() };
+        let plain = step_gradients(&task, make_batch::<AB>(&lm_refs, 0, &device));
+        let got = step_gradients(&checkpointed, make_batch::<AB>(&lm_refs, 0, &device));
+        assert_same_gradients(&format!("llama {method}"), &plain, &got);
+    }
+    // DPO: a loss over both sequences of each pair.
+    let (mut pair, _) = encode_pair(vec![1, 5, 9], vec![13, 17, 2], vec![40, 2], false, 32);
+    if let Tgt::Preference(p) = &mut pair.target {
+        p.reference = Some([-3.0, -4.0]);
+    }
+    let net = llama.clone().adapt(&llama_spec, &method_without_dropout("lora"), &Default::default()).unwrap();
+    let task = perturbed(DpoTask { net, beta: 0.5, gradient_checkpointing: false });
+    let checkpointed = DpoTask { gradient_checkpointing: true, ..task.clone() };
+    let plain = step_gradients(&task, make_batch::<AB>(&[&pair], 0, &device));
+    let got = step_gradients(&checkpointed, make_batch::<AB>(&[&pair], 0, &device));
+    assert_same_gradients("llama dpo lora", &plain, &got);
+
+    let enc_items = [
+        Encoded { ids: vec![1, 7, 9, 4, 2], types: vec![0, 0, 0, 1, 1], target: Tgt::Class(2) },
+        Encoded { ids: vec![1, 8, 2], types: vec![0; 3], target: Tgt::Class(0) },
+        Encoded { ids: vec![1, 3, 5, 6, 11, 2], types: vec![0; 6], target: Tgt::Class(1) },
+    ];
+    let enc_refs: Vec<_> = enc_items.iter().collect();
+    let (deberta, deberta_spec) = Bert::<AB>::from_hf_dir(&fixtures().join("tiny-deberta/v3"), &device).unwrap();
+    // The encoders' `train_norms` includes the embedding LayerNorm: the embedding stage trains.
+    for (method, norms) in [("lora", true), ("lotr", false), ("loretta-adp", true)] {
+        let bert = deberta.clone().adapt(&deberta_spec, &method_without_dropout(method), &Default::default()).unwrap();
+        let bert = if norms { bert.train_norms() } else { bert };
+        let net = SequenceClassifier::new(bert, 3);
+        let task = perturbed(EncoderTask { net, regression: false, gradient_checkpointing: false });
+        let checkpointed = EncoderTask { gradient_checkpointing: true, ..task.clone() };
+        let plain = step_gradients(&task, make_batch::<AB>(&enc_refs, 0, &device));
+        let got = step_gradients(&checkpointed, make_batch::<AB>(&enc_refs, 0, &device));
+        assert_same_gradients(&format!("deberta {method}"), &plain, &got);
+    }
+    // A BERT encoder (absolute positions, plain attention), when the assets are present.
+    if let Some(dir) = minilm() {
+        let (bert, spec) = Bert::<AB>::from_hf_dir(&dir, &device).unwrap();
+        let bert = bert.adapt(&spec, &method_without_dropout("lora"), &Default::default()).unwrap().train_norms();
+        let task = perturbed(EncoderTask {
+            net: SequenceClassifier::new(bert, 3),
+            regression: false,
+            gradient_checkpointing: false,
+        });
+        let checkpointed = EncoderTask { gradient_checkpointing: true, ..task.clone() };
+        let plain = step_gradients(&task, make_batch::<AB>(&enc_refs, 0, &device));
+        let got = step_gradients(&checkpointed, make_batch::<AB>(&enc_refs, 0, &device));
+        assert_same_gradients("minilm lora", &plain, &got);
+    }
+}
+
+#[test]
+fn gradient_checkpointing_finetunes_to_the_plain_losses_and_refuses_adapter_dropout() {
+    let _guard = serial();
+    let base = TrainConfig { epochs: 2, ..lm_config("gc-plain", "lotr") };
+    let plain = finetune::<AB>(&base, &Default::default()).unwrap();
+    let cfg = TrainConfig { gradient_checkpointing: true, output: scratch("gc-checkpointed"), ..base.clone() };
+    let checkpointed = finetune::<AB>(&cfg, &Default::default()).unwrap();
+    let losses = |r: &tensor_peft_training::FinetuneReport| -> Vec<f64> {
+        r.history.iter().map(|h| h.metrics["loss"]).collect()
+    };
+    let (a, b) = (losses(&plain), losses(&checkpointed));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 4, "{a:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "plain {a:?} vs checkpointed {b:?}");
+    }
+    // Adapter dropout draws other masks in the recomputation: refused before anything is loaded.
+    let dropout =
+        TrainConfig { method: MethodConfig::from_name("loretta-rep").unwrap(), output: scratch("gc-dropout"), ..cfg };
+    let err = finetune::<AB>(&dropout, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("gradient-checkpointing") && err.contains("dropout 0.05") && err.contains("lora, "), "{err}");
+    assert!(!dropout.output.join("train_config.json").exists());
 }

@@ -18,6 +18,8 @@
 //!   LoRA r=8 and TT-LoRA on q,v: forward, causal-LM loss, backward, clipped AdamW), the training
 //!   crate's own task and optimizer, with tokens/s and the peak RSS of each method's step. A preset
 //!   name instead of a model path (`llama2-7b`) benchmarks that shape with random weights.
+//!   `--gradient-checkpointing` runs every step with per-block recompute (compare two runs: peak
+//!   RSS is per process).
 //!
 //! With [`tensor_peft::allocator::CountingAllocator`] installed (as in `tpeft`), the `linear` and
 //! `train-step` records also say what one step allocates: allocations, MiB, and the peak of live
@@ -58,6 +60,8 @@ pub struct BenchOptions {
     pub train_shape: (usize, usize),
     /// The precision the `model` and `train-step` suites hold the frozen base at.
     pub base_dtype: tensor_peft_models::BaseDType,
+    /// `train-step`: every step with gradient checkpointing (per-block recompute).
+    pub gradient_checkpointing: bool,
 }
 
 /// Suite names accepted by `--suite`.
@@ -472,8 +476,9 @@ fn bench_train_step<B: AutodiffBackend>(
     base_dtype: tensor_peft_models::BaseDType,
     (batch_size, seq): (usize, usize),
     repeats: usize,
+    checkpointing: bool,
 ) -> Result<Vec<Value>, String> {
-    use burn::optim::{GradientsParams, Optimizer};
+    use burn::optim::Optimizer;
     use tensor_peft_models::Targets;
     use tensor_peft_training::optim::PeftOptimizer;
     use tensor_peft_training::task::{Encoded, LmTask, Target, make_batch};
@@ -500,7 +505,11 @@ fn bench_train_step<B: AutodiffBackend>(
         // The frozen base is shared between the two adapted models (tensors are reference-counted).
         let net = base.clone().adapt(&spec, &method, &targets).map_err(|e| e.to_string())?;
         let params = tensor_peft_training::checkpoint::trainable_count(&net);
-        runs.push((name, params, Some(LmTask { net, verbalizer: Vec::new(), decoding: None })));
+        runs.push((
+            name,
+            params,
+            Some(LmTask { net, verbalizer: Vec::new(), decoding: None, gradient_checkpointing: checkpointing }),
+        ));
     }
     drop(base);
     type Task<B> = LmTask<B>;
@@ -523,9 +532,16 @@ fn bench_train_step<B: AutodiffBackend>(
         };
         let task = models[i].borrow_mut().take().expect("model present");
         let batch = make_batch::<B>(&refs, 0, device);
-        let (loss, _) = task.run(batch);
+        // With checkpointing the forward keeps only the block inputs and the backward recomputes
+        // each block.
+        let (loss, pass) = if checkpointing {
+            let (loss, _, pass) = task.checkpointed_forward(batch);
+            (loss, Some(pass))
+        } else {
+            (task.run(batch).0, None)
+        };
         let forward = lap();
-        let grads = GradientsParams::from_grads(loss.backward(), &task);
+        let grads = task.gradients(loss, pass);
         let backward = lap();
         let task = optimizers[i].borrow_mut().step(1e-4, task, grads);
         let optimizer = lap();
@@ -547,7 +563,7 @@ fn bench_train_step<B: AutodiffBackend>(
         out.push(with_fields(
             json!({
                 "suite": "train-step", "model": model_label(path), "method": name, "base_dtype": base_dtype.name(),
-                "batch": batch_size, "seq": seq, "adapter_params": params,
+                "batch": batch_size, "seq": seq, "adapter_params": params, "gradient_checkpointing": checkpointing,
                 "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
                 "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
                 "forward_ms": phase(0), "backward_ms": phase(1), "optimizer_ms": phase(2),
@@ -628,6 +644,7 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Re
                     options.base_dtype,
                     options.train_shape,
                     options.repeats,
+                    options.gradient_checkpointing,
                 )?);
             }
             other => return Err(format!("unknown suite `{other}`: expected one of {}", SUITES.join(", "))),
@@ -657,7 +674,13 @@ pub fn render(records: &[Value]) -> String {
             "contraction" => format!("contraction {} ", r["shape"]),
             "model" => format!("model {}", r["model"].as_str().unwrap_or("")),
             "train-step" => {
-                format!("train-step {} batch {}x{}", r["model"].as_str().unwrap_or(""), r["batch"], r["seq"])
+                format!(
+                    "train-step {} batch {}x{}{}",
+                    r["model"].as_str().unwrap_or(""),
+                    r["batch"],
+                    r["seq"],
+                    if r["gradient_checkpointing"] == true { ", gradient checkpointing" } else { "" }
+                )
             }
             _ => format!("scoring d={}", r["d"]),
         };

@@ -98,6 +98,11 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(default)]
     pub train_norms: bool,
+    /// Recompute each block's activations in the backward pass instead of keeping them: less
+    /// memory, the same gradients, about a third more compute. Adapters must have no dropout.
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Head of classification and regression: linear (on the checkpoint's pooler) or tt
     /// (LoRETTA's tensorized head: a fresh TT layer replaces the pooler) [default: linear].
     #[arg(long)]
@@ -206,17 +211,21 @@ fn usage(e: impl std::fmt::Display) -> CliError {
 
 /// Merges `--config` (if any) under the flags and builds the training configuration.
 pub fn train_config(args: &FinetuneArgs) -> Result<TrainConfig, CliError> {
-    if let Some(dir) = &args.resume {
-        return resume_config(dir, args);
-    }
-    let mut merged = args.clone();
-    if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
-        let file: FinetuneArgs =
-            toml::from_str(&text).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
-        merged = overlay(file, args)?;
-    }
-    build(&merged)
+    let config = if let Some(dir) = &args.resume {
+        resume_config(dir, args)?
+    } else {
+        let mut merged = args.clone();
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+            let file: FinetuneArgs =
+                toml::from_str(&text).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+            merged = overlay(file, args)?;
+        }
+        build(&merged)?
+    };
+    // A usage error (exit 2) before anything is loaded or written.
+    tensor_peft_training::config::check_gradient_checkpointing(&config).map_err(usage)?;
+    Ok(config)
 }
 
 /// `flags` over `file`: every option given on the command line replaces the file's.
@@ -325,6 +334,7 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         resume: false,
         eval_before_training: a.eval_before_training,
         init_from: a.init_from.clone(),
+        gradient_checkpointing: a.gradient_checkpointing,
     })
 }
 
@@ -343,6 +353,8 @@ fn resume_config(dir: &Path, a: &FinetuneArgs) -> Result<TrainConfig, CliError> 
     cfg.early_stopping_patience = a.early_stopping_patience.or(cfg.early_stopping_patience);
     cfg.save_every_steps = a.save_every_steps.unwrap_or(cfg.save_every_steps);
     cfg.eval_every_steps = a.eval_every_steps.unwrap_or(cfg.eval_every_steps);
+    // The same gradients either way: checkpointing may be turned on for the rest of a run.
+    cfg.gradient_checkpointing |= a.gradient_checkpointing;
     Ok(cfg)
 }
 

@@ -77,6 +77,10 @@ enum Command {
         /// Tokens per example.
         #[arg(long, default_value_t = 128)]
         max_len: usize,
+        /// Plan for `finetune --gradient-checkpointing`: the backward keeps each block's input and
+        /// one block's activations instead of every block's.
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Fine-tune a model with an adapter (see docs/cli.md); writes an adapter directory.
     Finetune(Box<finetune::FinetuneArgs>),
@@ -307,6 +311,10 @@ enum Command {
         /// Adapters stay f32.
         #[arg(long, default_value = "f32")]
         base_dtype: BaseDType,
+        /// train-step suite: every step with gradient checkpointing (each block recomputed in the
+        /// backward). Peak RSS is per process: compare with a run without it.
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
 }
 
@@ -379,7 +387,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(render(&spec, &method, &report, trained_base))
         }
-        Command::Plan { model, adapter, targets, target_regex, base_dtype, batch_size, max_len } => {
+        Command::Plan { model, adapter, targets, target_regex, base_dtype, batch_size, max_len, gradient_checkpointing } => {
             if batch_size == 0 || max_len == 0 {
                 return Err(CliError::Usage("--batch-size and --max-len must be at least 1".into()));
             }
@@ -389,21 +397,42 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 (None, Some(pattern)) => tensor_peft_models::Targets::Regex(pattern),
                 (None, None) => tensor_peft_models::Targets::Default,
             };
-            let run = plan::RunShape { model: &model, method: &method, targets: &targets, base_dtype, batch_size, max_len, lm: None };
+            let run = plan::RunShape {
+                model: &model,
+                method: &method,
+                targets: &targets,
+                base_dtype,
+                batch_size,
+                max_len,
+                lm: None,
+                gradient_checkpointing,
+            };
             let (spec, estimate) = plan::estimate(&run)?;
             let available = tensor_peft_training::plan::available_memory()
                 .map_or("unknown".into(), |b| format!("{} MiB", params::thousands((b >> 20) as usize)));
             Ok(format!(
-                "model: {} ({}, {} layers, d={}); method: {}; base dtype: {base_dtype}; batch {batch_size} x {max_len} tokens\navailable memory on this machine: {available}\n\n{}",
+                "model: {} ({}, {} layers, d={}); method: {}; base dtype: {base_dtype}; batch {batch_size} x {max_len} tokens{}\navailable memory on this machine: {available}\n\n{}",
                 spec.source,
                 spec.family.name(),
                 spec.layers,
                 spec.hidden,
                 method.name(),
+                if gradient_checkpointing { "; gradient checkpointing" } else { "" },
                 estimate.render()
             ))
         }
-        Command::Bench { suite, dims, tokens, repeats, json, model, train_shape, dtype, base_dtype } => {
+        Command::Bench {
+            suite,
+            dims,
+            tokens,
+            repeats,
+            json,
+            model,
+            train_shape,
+            dtype,
+            base_dtype,
+            gradient_checkpointing,
+        } => {
             for s in &suite {
                 if !bench::SUITES.contains(&s.as_str()) {
                     return Err(CliError::Usage(format!(
@@ -422,6 +451,9 @@ fn run(cli: Cli) -> Result<String, CliError> {
                     "the {s} suite needs --model <HF dir | file.gguf | preset such as llama2-7b>"
                 )));
             }
+            if gradient_checkpointing && !suite.iter().any(|s| s == "train-step") {
+                return Err(CliError::Usage("--gradient-checkpointing applies to the train-step suite".into()));
+            }
             let train_shape = parse_train_shape(&train_shape)?;
             let bf16 = match dtype.as_str() {
                 "f32" => false,
@@ -429,8 +461,16 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 "bf16" => return Err(CliError::Usage("--dtype bf16 needs --backend cuda".into())),
                 other => return Err(CliError::Usage(format!("--dtype {other}: expected f32 or bf16"))),
             };
-            let options =
-                bench::BenchOptions { suites: suite, dims, tokens, repeats, model, train_shape, base_dtype };
+            let options = bench::BenchOptions {
+                suites: suite,
+                dims,
+                tokens,
+                repeats,
+                model,
+                train_shape,
+                base_dtype,
+                gradient_checkpointing,
+            };
             let records = if bf16 { bench_bf16(&options) } else { bench(cli.backend, &options) }
                 .map_err(CliError::Runtime)?;
             if let Some(path) = json {

@@ -26,6 +26,8 @@ pub struct RunShape<'a> {
     pub max_len: usize,
     /// Whether the loss runs over the vocabulary (`None`: by family, LLaMA yes, BERT no).
     pub lm: Option<bool>,
+    /// Gradient checkpointing (`--gradient-checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 /// The architecture and the estimate for `run`.
@@ -44,6 +46,7 @@ pub fn estimate(run: &RunShape) -> Result<(ArchSpec, MemoryPlan), CliError> {
         batch_size: run.batch_size,
         max_len: run.max_len,
         vocabulary_loss: run.lm.unwrap_or(spec.family == tensor_peft_models::Family::Llama),
+        gradient_checkpointing: run.gradient_checkpointing,
     };
     let estimate = plan(&request).map_err(CliError::Usage)?;
     Ok((spec, estimate))
@@ -75,19 +78,22 @@ pub fn check_fits(config: &TrainConfig, force: bool) -> Result<(), CliError> {
                 | TaskKind::LmGeneration
                 | TaskKind::Dpo
         )),
+        gradient_checkpointing: config.gradient_checkpointing,
     };
     let (_, estimate) = estimate(&run)?;
     if force || estimate.total() <= available {
         return Ok(());
     }
     Err(CliError::Usage(format!(
-        "this run needs an estimated {} MiB (`tpeft plan --model {model} --base-dtype {} --batch-size {} --max-len {}` \
-         shows the parts) but {} MiB are available; use a smaller --base-dtype, --batch-size or --max-len, \
+        "this run needs an estimated {} MiB (`tpeft plan --model {model} --base-dtype {} --batch-size {} --max-len {}{}` \
+         shows the parts) but {} MiB are available; use a smaller --base-dtype, --batch-size or --max-len{}, \
          or pass --force to try anyway",
         thousands(estimate.total_mib() as usize),
         config.base_dtype,
         config.batch_size,
         config.max_len,
+        if config.gradient_checkpointing { " --gradient-checkpointing" } else { "" },
+        if config.gradient_checkpointing { "" } else { ", --gradient-checkpointing" },
         thousands((available >> 20) as usize),
     )))
 }

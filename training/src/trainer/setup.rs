@@ -254,7 +254,11 @@ pub(crate) fn encoder_task<B: Backend>(
     if cfg.head == HeadKind::Tt {
         net = net.with_tt_pooler()?;
     }
-    let model = EncoderTask { net, regression: cfg.task == TaskKind::Regression };
+    let model = EncoderTask {
+        net,
+        regression: cfg.task == TaskKind::Regression,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+    };
     let info = TaskInfo {
         task: cfg.task,
         labels: labels.as_ref().map(|l| l.names.clone()),
@@ -320,7 +324,7 @@ pub(crate) fn lm_task<B: Backend>(
     };
     let decoding = (cfg.task == TaskKind::LmGeneration)
         .then(|| Decoding { tokenizer: Arc::new(tokenizer.clone()), max_new_tokens: cfg.max_new_tokens });
-    let model = LmTask { net: llama, verbalizer, decoding };
+    let model = LmTask { net: llama, verbalizer, decoding, gradient_checkpointing: cfg.gradient_checkpointing };
     let info = TaskInfo {
         task: cfg.task,
         labels: label_names,
@@ -345,7 +349,7 @@ pub(crate) fn dpo_task<B: Backend>(
     tokenizer: TextTokenizer,
 ) -> Result<Prepared<DpoTask<B>>> {
     let Prepared { model, spec, tokenizer, labels, info, pad } = lm_task(cfg, llama, spec, tokenizer, None)?;
-    let model = DpoTask { net: model.net, beta: cfg.dpo_beta };
+    let model = DpoTask { net: model.net, beta: cfg.dpo_beta, gradient_checkpointing: cfg.gradient_checkpointing };
     let info = TaskInfo { dpo_beta: Some(cfg.dpo_beta), ..info };
     Ok(Prepared { model, spec, tokenizer, labels, info, pad })
 }
