@@ -1666,7 +1666,7 @@ fn gradient_checkpointing_trains_the_same_plans_less_and_refuses_dropout() {
         serde_json::from_slice(&std::fs::read(checkpointed_dir.join("train_config.json")).unwrap()).unwrap();
     assert_eq!(saved["gradient_checkpointing"], true);
 
-    // LoRETTA_rep's dropout (0.05; no flag sets it) is refused, from a --config file too.
+    // LoRETTA_rep's dropout (0.05 by default) is refused, from a --config file too.
     let dir = scratch("gc-dropout");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("run.toml");
@@ -1678,7 +1678,30 @@ fn gradient_checkpointing_trains_the_same_plans_less_and_refuses_dropout() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("gradient-checkpointing") && stderr.contains("adapter dropout 0.05"), "{stderr}");
+    assert!(stderr.contains("--dropout 0"), "{stderr}");
     assert!(!output.exists(), "nothing is written");
+    // `--dropout 0` (PEFT's lora_dropout) lets it checkpoint; the value is recorded in the adapter.
+    let rep_dir = scratch("gc-rep-no-dropout");
+    let rep = run_args(&lm_finetune_args(
+        &rep_dir,
+        &["--method", "loretta-rep", "--dropout", "0", "--gradient-checkpointing"],
+    ));
+    assert!(rep.status.success(), "{}", String::from_utf8_lossy(&rep.stderr));
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rep_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(adapter["tensor_peft"]["method"]["dropout"], 0.0, "{adapter}");
+    // A dropout outside [0, 1), or on a method without one, is a usage error.
+    for (extra, expected) in [
+        (&["--method", "lora", "--dropout", "1.5"][..], "[0, 1)"),
+        (&["--method", "lotr", "--dropout", "0.1"], "--dropout"),
+    ] {
+        let bad_dir = scratch("gc-bad-dropout");
+        let out = run_args(&lm_finetune_args(&bad_dir, extra));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!bad_dir.exists(), "nothing is written");
+    }
 
     // The plan: block inputs and one block's activations instead of every block's.
     let peak = |extra: &[&str]| -> (u64, String) {

@@ -182,11 +182,13 @@ pub enum Flag {
     Bottleneck,
     /// `--placement`.
     Placement,
+    /// `--dropout`.
+    Dropout,
 }
 
 impl Flag {
     /// Every flag, in help order.
-    pub const ALL: [Flag; 7] = [
+    pub const ALL: [Flag; 8] = [
         Flag::Rank,
         Flag::Alpha,
         Flag::TensorRank,
@@ -194,6 +196,7 @@ impl Flag {
         Flag::TtModuleShape,
         Flag::Bottleneck,
         Flag::Placement,
+        Flag::Dropout,
     ];
 
     /// The flag as typed, e.g. `--tensor-rank`.
@@ -206,6 +209,7 @@ impl Flag {
             Flag::TtModuleShape => "--tt-shape NAME=…",
             Flag::Bottleneck => "--bottleneck",
             Flag::Placement => "--placement",
+            Flag::Dropout => "--dropout",
         }
     }
 }
@@ -227,6 +231,8 @@ pub struct MethodFlags {
     pub bottleneck: Option<usize>,
     /// `--placement`, as typed (the method's configuration parses it).
     pub placement: Option<String>,
+    /// `--dropout`.
+    pub dropout: Option<f64>,
     /// `--init`.
     pub init: Option<DeltaInit>,
 }
@@ -244,6 +250,7 @@ impl MethodFlags {
             }
             Flag::Bottleneck => self.bottleneck.map(Into::into),
             Flag::Placement => self.placement.clone().map(Into::into),
+            Flag::Dropout => self.dropout.map(Into::into),
         }
     }
 }

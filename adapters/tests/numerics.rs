@@ -941,6 +941,7 @@ fn the_registry_names_flags_and_serialises_every_method() {
         tt_module_shapes: if flag == Flag::TtModuleShape { vec![("q_proj".into(), vec![2, 3])] } else { Vec::new() },
         bottleneck: (flag == Flag::Bottleneck).then_some(3),
         placement: (flag == Flag::Placement).then(|| "houlsby".into()),
+        dropout: (flag == Flag::Dropout).then_some(0.25),
         init: None,
     };
     for &name in METHOD_NAMES {

@@ -376,7 +376,7 @@ pub fn check_gradient_checkpointing(cfg: &TrainConfig) -> Result<()> {
             option: "gradient-checkpointing",
             reason: format!(
                 "{} is configured with adapter dropout {}, and the recomputed blocks would draw other dropout masks \
-                 than the first pass; checkpointing takes adapters without dropout ({} by default)",
+                 than the first pass; give --dropout 0 (without dropout by default: {})",
                 cfg.method.name(),
                 method_dropout(&cfg.method),
                 without.join(", ")

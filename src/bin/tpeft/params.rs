@@ -34,6 +34,9 @@ pub struct MethodArgs {
     /// Where residual adapters go.
     #[arg(long, help = flag_help(Flag::Placement))]
     pub placement: Option<String>,
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`).
+    #[arg(long, help = flag_help(Flag::Dropout))]
+    pub dropout: Option<f64>,
     /// Adapter initialisation: zero (ΔW₀ = 0, the default) or paper (the official code's; ΔW₀ ≠ 0
     /// for the TT methods, N(0, 1) shared factors for lotr).
     #[arg(long)]
@@ -60,6 +63,7 @@ impl MethodArgs {
             tt_module_shapes,
             bottleneck: self.bottleneck,
             placement: self.placement.clone(),
+            dropout: self.dropout,
             init,
         };
         MethodConfig::from_flags(self.method.as_deref().unwrap_or(default), &flags).map_err(|e| usage(&e))

@@ -69,8 +69,11 @@ impl LoraConfig {
 
 impl Method for LoraConfig {
     const NAME: &'static str = "lora";
-    const FLAGS: &'static [FlagField] =
-        &[sets(Flag::Rank, "rank", "rank r"), sets(Flag::Alpha, "alpha", "scale α (update × α/r)")];
+    const FLAGS: &'static [FlagField] = &[
+        sets(Flag::Rank, "rank", "rank r"),
+        sets(Flag::Alpha, "alpha", "scale α (update × α/r)"),
+        sets(Flag::Dropout, "dropout", "dropout on the adapter's input (PEFT's lora_dropout)"),
+    ];
 
     fn has_zero_init_factor(&self) -> bool {
         true

@@ -91,6 +91,7 @@ impl Method for LorettaRepConfig {
         sets(Flag::Alpha, "alpha", "scale α (update × α/r)"),
         sets(Flag::TensorRank, "tensor_rank", "TT rank of the factors' trains"),
         sets(Flag::TtShape, "a_shape", "TT shape of A (B uses its reverse)"),
+        sets(Flag::Dropout, "dropout", "dropout on the adapter's input (default 0.05)"),
     ];
 
     /// lr 5e-3: the factors' small trains need a larger step than LoRA's matrices (the VADER
