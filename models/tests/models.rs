@@ -1695,7 +1695,7 @@ mod fused_on_flex {
         };
         let run = |fused_op: bool| {
             let x = inputs();
-            <F as Backend>::seed(&device, 11);
+            tensor_peft_kernels::rng::seed::<F>(&device, 11);
             let bias = Some(x[4].clone().reshape([6]));
             let y = if fused_op {
                 fused::low_rank_linear(x[0].clone(), x[1].clone(), bias, x[2].clone(), x[3].clone(), 0.3)
@@ -1728,7 +1728,7 @@ mod fused_on_flex {
     fn dropout_keeps_the_expected_fraction_and_its_gradient_uses_the_same_mask() {
         let device = Default::default();
         let fresh = || input::<F, 2>([300, 400], 1).add_scalar(3.0).require_grad(); // in [1, 5): never 0
-        <F as Backend>::seed(&device, 3);
+        tensor_peft_kernels::rng::seed::<F>(&device, 3);
         let x = fresh();
         let y = fused::dropout(x.clone(), 0.25);
         let (xs, ys) = (floats(x.clone()), floats(y.clone()));
@@ -1746,7 +1746,7 @@ mod fused_on_flex {
             assert!((g - expected).abs() <= 1e-6 * expected.abs().max(1.0), "gradient {g} vs {expected}");
         }
         // Seeded: the same mask again; the next call draws another; no autodiff, no dropout.
-        <F as Backend>::seed(&device, 3);
+        tensor_peft_kernels::rng::seed::<F>(&device, 3);
         assert_eq!(floats(fused::dropout(fresh(), 0.25)), ys);
         assert_ne!(floats(fused::dropout(fresh(), 0.25)), ys);
         let plain = input::<Flex, 2>([3, 4], 1);

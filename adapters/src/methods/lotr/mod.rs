@@ -61,8 +61,16 @@ impl LotrConfig {
         require_positive("d_in", d_in)?;
         require_positive("d_out", d_out)?;
         Ok(LotrShared {
-            a: Param::from_tensor(Tensor::random([d_in, self.rank], Distribution::Normal(0.0, 1.0), device)),
-            bt: Param::from_tensor(Tensor::random([self.rank, d_out], Distribution::Normal(0.0, 1.0), device)),
+            a: Param::from_tensor(tensor_peft_kernels::rng::random(
+                [d_in, self.rank],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            bt: Param::from_tensor(tensor_peft_kernels::rng::random(
+                [self.rank, d_out],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
         })
     }
 
