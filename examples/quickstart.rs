@@ -7,7 +7,6 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use tensor_peft::adapters::{AdaptedLinear, LinearAdapter, SharedFactors, TtLoraConfig};
 
@@ -15,7 +14,8 @@ type B = Autodiff<NdArray>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
-    B::seed(&device, 0);
+    // Adapters draw their initial values from the run's generator (the same on every backend).
+    tensor_peft::kernels::rng::seed::<B>(&device, 0);
     // A frozen 64→32 layer and a TT-LoRA update over the shape [8, 8 | 4, 8] (rank 4).
     let base = LinearConfig::new(64, 32).init::<B>(&device);
     let tt = TtLoraConfig::new().with_rank(4).with_tt_shape(Some(vec![8, 8, 4, 8])).init(64, 32, &device)?;

@@ -532,6 +532,57 @@ fn check_shared_factors_update_once<B: AutodiffBackend>(device: &B::Device) {
     }
 }
 
+/// Outputs and gradients of one harness with seeded values, in visiting order.
+fn outputs_and_grads<B: AutodiffBackend>(
+    method: &MethodConfig,
+    geo: &AttentionGeometry,
+    seed: u64,
+    device: &B::Device,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let mut rng = Rng(seed);
+    let h: Harness<B> = randomize(build(method, geo, device), &mut rng, 0.5);
+    let x = random_input::<B>(&mut rng, geo, device);
+    let w = loss_weights(&h, &x, &mut rng, device);
+    let outputs = h.outputs(&x).into_iter().map(values).collect();
+    let grads = h.loss(&x, &w).backward();
+    let c = collect_grads(&h, &grads);
+    let grads = c
+        .trainable
+        .into_iter()
+        .map(|(id, g)| g.unwrap_or_else(|| panic!("{}: {id} has no gradient", method.name())))
+        .collect();
+    (outputs, grads)
+}
+
+/// Every method's outputs and the gradients of every factor on `B` equal ndarray's for the same
+/// values (the reference for the GPU backends; on ndarray itself the check is trivially true).
+fn check_matches_ndarray<B: AutodiffBackend>(device: &B::Device) {
+    type Reference = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+    let tol = tolerance::<B>(device);
+    let mut worst = 0.0f64;
+    for (i, (method, geo)) in cases().into_iter().enumerate() {
+        let (out, grads) = outputs_and_grads::<B>(&method, &geo, 10 + i as u64, device);
+        let (out_ref, grads_ref) = outputs_and_grads::<Reference>(&method, &geo, 10 + i as u64, &Default::default());
+        assert_eq!(out.len(), out_ref.len());
+        for (k, (a, b)) in out.iter().zip(&out_ref).enumerate() {
+            let err = rel_err(a, b);
+            worst = worst.max(err);
+            assert!(err < tol, "{} {geo:?}: output {k} differs from ndarray's, rel err {err}", method.name());
+        }
+        assert_eq!(grads.len(), grads_ref.len(), "{}: trainable tensors", method.name());
+        for (k, (a, b)) in grads.iter().zip(&grads_ref).enumerate() {
+            let err = rel_err(a, b);
+            worst = worst.max(err);
+            assert!(
+                err < tol,
+                "{} {geo:?}: gradient of factor {k} differs from ndarray's, rel err {err}",
+                method.name()
+            );
+        }
+    }
+    eprintln!("{}: largest relative error against ndarray {worst:.1e}", B::name(device));
+}
+
 /// Loss of the inner (non-autodiff) harness with one parameter entry moved by `eps`.
 struct Perturb {
     target: usize,
@@ -607,6 +658,7 @@ macro_rules! backend_tests {
             merge_then_unmerge: check_merge_unmerge,
             only_adapter_parameters_receive_gradients: check_only_adapters_get_gradients,
             shared_factors_update_once_per_step: check_shared_factors_update_once,
+            outputs_and_gradients_match_ndarray: check_matches_ndarray,
         );
     };
     (@tests $module:ident, $backend:ty, $device:expr, $($test:ident: $check:ident,)*) => {

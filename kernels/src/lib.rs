@@ -22,6 +22,7 @@ pub mod gelu;
 pub mod loss;
 pub mod norm;
 pub mod quant;
+pub mod rng;
 pub mod rope;
 pub mod swiglu;
 

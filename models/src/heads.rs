@@ -5,10 +5,10 @@
 use crate::bert::{Bert, TokenIds};
 use crate::llama::Llama;
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig, RmsNorm};
-use burn::tensor::Tensor;
+use burn::nn::{LayerNorm, Linear, RmsNorm};
 use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
 use tensor_peft_adapters::tensor::shape::plan_flat_shape;
 use tensor_peft_adapters::tensor::tt_linear::TtLinear;
 use tensor_peft_kernels::fused;
@@ -82,15 +82,13 @@ impl<B: Backend> SequenceClassifier<B> {
     pub fn new(encoder: Bert<B>, n_outputs: usize) -> Self {
         let device = encoder.word_embeddings.weight.device();
         let d = encoder.word_embeddings.weight.dims()[1];
-        let head = LinearConfig::new(d, n_outputs.max(1))
-            .with_initializer(Initializer::Normal { mean: 0.0, std: HEAD_INIT_STD })
-            .init(&device);
-        // A fresh tensor does not require grad: keep the bias trainable as Burn initialised it.
-        let zero = |t: Tensor<B, 1>| {
-            let trainable = t.is_require_grad();
-            t.zeros_like().set_require_grad(trainable)
-        };
-        let head = Linear { bias: head.bias.map(|b| b.map(zero)), ..head };
+        let n = n_outputs.max(1);
+        // Drawn from the run's generator (not Burn's initializer, which draws from the backend's
+        // own generator when the weight is first read): the same seed gives the same head on
+        // every backend.
+        let weight = tensor_peft_kernels::rng::random([d, n], Distribution::Normal(0.0, HEAD_INIT_STD), &device);
+        let head =
+            Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(Tensor::zeros([n], &device))) };
         Self { encoder, head, tt_pooler: None }
     }
 

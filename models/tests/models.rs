@@ -1507,6 +1507,7 @@ mod fused_on_flex {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
         let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        eprintln!("{what}: max |difference| {err:.1e} (scale {scale:.2})");
         assert!(err <= tol * scale, "{what}: fused vs op chain differ by {err} (scale {scale})");
     }
 
@@ -1695,7 +1696,7 @@ mod fused_on_flex {
         };
         let run = |fused_op: bool| {
             let x = inputs();
-            <F as Backend>::seed(&device, 11);
+            tensor_peft_kernels::rng::seed::<F>(&device, 11);
             let bias = Some(x[4].clone().reshape([6]));
             let y = if fused_op {
                 fused::low_rank_linear(x[0].clone(), x[1].clone(), bias, x[2].clone(), x[3].clone(), 0.3)
@@ -1728,7 +1729,7 @@ mod fused_on_flex {
     fn dropout_keeps_the_expected_fraction_and_its_gradient_uses_the_same_mask() {
         let device = Default::default();
         let fresh = || input::<F, 2>([300, 400], 1).add_scalar(3.0).require_grad(); // in [1, 5): never 0
-        <F as Backend>::seed(&device, 3);
+        tensor_peft_kernels::rng::seed::<F>(&device, 3);
         let x = fresh();
         let y = fused::dropout(x.clone(), 0.25);
         let (xs, ys) = (floats(x.clone()), floats(y.clone()));
@@ -1746,7 +1747,7 @@ mod fused_on_flex {
             assert!((g - expected).abs() <= 1e-6 * expected.abs().max(1.0), "gradient {g} vs {expected}");
         }
         // Seeded: the same mask again; the next call draws another; no autodiff, no dropout.
-        <F as Backend>::seed(&device, 3);
+        tensor_peft_kernels::rng::seed::<F>(&device, 3);
         assert_eq!(floats(fused::dropout(fresh(), 0.25)), ys);
         assert_ne!(floats(fused::dropout(fresh(), 0.25)), ys);
         let plain = input::<Flex, 2>([3, 4], 1);
@@ -2079,6 +2080,287 @@ mod fused_on_flex {
         assert_eq!(g_f.len(), g_n.len());
         for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
             assert_close(&format!("tiny LLaMA gradient {i}"), a, b, 1e-4);
+        }
+    }
+
+    /// The same checks on wgpu (`--features test-wgpu`; CI runs them on lavapipe, Mesa's software
+    /// Vulkan): off flex every fused op is Burn's op chain, and these compare those chains on wgpu
+    /// with flex's fused kernels, and the models built from them with flex's models, on the same
+    /// values. Tolerances are relative to `max(1, max |flex|)`: 1e-5 for single ops (lavapipe is
+    /// exact f32, but sums and `exp` are evaluated in other orders and with other approximations
+    /// than the kernels'), 1e-4 for gradients through whole models (as flex against ndarray).
+    #[cfg(feature = "test-wgpu")]
+    mod wgpu {
+        use super::*;
+        use burn::backend::Wgpu;
+
+        type W = Autodiff<Wgpu>;
+
+        /// Runs `op` on flex (fused kernels) and on wgpu (op chains) with the same inputs, and
+        /// compares the output and the gradients of `Σ out ⊙ w` for a fixed weight `w`.
+        fn compare_wgpu<const D: usize, const O: usize>(
+            what: &str,
+            shapes: &[[usize; D]],
+            op_f: impl Fn(Vec<Tensor<F, D>>) -> Tensor<F, O>,
+            op_w: impl Fn(Vec<Tensor<W, D>>) -> Tensor<W, O>,
+        ) {
+            let xs_f: Vec<Tensor<F, D>> =
+                shapes.iter().enumerate().map(|(i, &s)| input::<F, D>(s, i as u64 + 1).require_grad()).collect();
+            let xs_w: Vec<Tensor<W, D>> =
+                shapes.iter().enumerate().map(|(i, &s)| input::<W, D>(s, i as u64 + 1).require_grad()).collect();
+            let (out_f, out_w) = (op_f(xs_f.clone()), op_w(xs_w.clone()));
+            assert_eq!(out_f.dims(), out_w.dims(), "{what}: output shape");
+            let w_f = input::<F, O>(out_f.dims(), 99);
+            let w_w = input::<W, O>(out_w.dims(), 99);
+            assert_close(&format!("{what} on wgpu: output"), &floats(out_w.clone()), &floats(out_f.clone()), 1e-5);
+            let (g_f, g_w) = ((out_f * w_f).sum().backward(), (out_w * w_w).sum().backward());
+            for (i, (x_f, x_w)) in xs_f.iter().zip(&xs_w).enumerate() {
+                let (a, b) = (x_w.grad(&g_w).unwrap(), x_f.grad(&g_f).unwrap());
+                assert_eq!(a.dims(), b.dims(), "{what}: gradient {i} shape");
+                assert_close(&format!("{what} on wgpu: gradient {i}"), &floats(a), &floats(b), 1e-5);
+            }
+        }
+
+        #[test]
+        fn fused_ops_fall_back_to_chains_that_equal_the_flex_kernels() {
+            compare_wgpu(
+                "swiglu",
+                &[[2, 3, 37], [2, 3, 37]],
+                |x| fused::swiglu(x[0].clone(), x[1].clone()),
+                |x| fused::swiglu(x[0].clone(), x[1].clone()),
+            );
+            compare_wgpu(
+                "rms_norm",
+                &[[2, 5, 29], [1, 1, 29]],
+                |x| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5),
+                |x| fused::rms_norm(x[0].clone(), x[1].clone().reshape([29]), 1e-5),
+            );
+            let rope_f = Rope::<F>::new(4, 5, 8, &RopeConfig::default(), &[2], &Default::default());
+            let rope_w = Rope::<W>::new(4, 5, 8, &RopeConfig::default(), &[2], &Default::default());
+            compare_wgpu("rope", &[[2, 5, 2, 8]], |x| rope_f.apply(x[0].clone()), |x| rope_w.apply(x[0].clone()));
+            // Grouped-query attention with two cached positions, and a sliding window.
+            for window in [None, Some(3)] {
+                let mask_f = AttentionMask::Causal { offset: 2, window };
+                let mask_w = AttentionMask::Causal { offset: 2, window };
+                compare_wgpu(
+                    &format!("causal GQA attention, window {window:?}"),
+                    &[[2, 5, 6, 8], [2, 7, 2, 8], [2, 7, 2, 8]],
+                    |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_f),
+                    |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_w),
+                );
+            }
+            let padding = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0., 0.], [2, 7]);
+            let mask_f = AttentionMask::KeyPadding(KeyPadding::<F>::new(
+                Tensor::from_data(padding.clone(), &Default::default()),
+                4,
+            ));
+            let mask_w =
+                AttentionMask::KeyPadding(KeyPadding::<W>::new(Tensor::from_data(padding, &Default::default()), 4));
+            compare_wgpu(
+                "padded attention",
+                &[[2, 7, 4, 8], [2, 7, 4, 8], [2, 7, 4, 8]],
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_f),
+                |x| fused::attention(x[0].clone(), x[1].clone(), x[2].clone(), &mask_w),
+            );
+            compare_wgpu(
+                "linear, transposed weight, bias",
+                &[[5, 7], [6, 7], [1, 6]],
+                |x| linear_of(&x, true),
+                |x| linear_of(&x, true),
+            );
+            compare_wgpu(
+                "low-rank linear, bias",
+                &[[5, 7], [7, 6], [7, 3], [3, 6], [1, 6]],
+                |x| low_rank_linear_of(&x, false),
+                |x| low_rank_linear_of(&x, false),
+            );
+            compare_wgpu("gelu", &[[3, 41]], |x| fused::gelu(x[0].clone()), |x| fused::gelu(x[0].clone()));
+            compare_wgpu(
+                "layer_norm",
+                &[[2, 5, 19], [1, 1, 19], [1, 1, 19]],
+                |x| fused::layer_norm(x[0].clone(), x[1].clone().reshape([19]), x[2].clone().reshape([19]), 1e-12),
+                |x| fused::layer_norm(x[0].clone(), x[1].clone().reshape([19]), x[2].clone().reshape([19]), 1e-12),
+            );
+        }
+
+        /// One seed, one dropout mask on every backend: flex's fused dropout and the host-made
+        /// mask multiplied in on wgpu keep the same elements and give bit-identical values and
+        /// gradients; so does the low-rank layer with dropout (fused on flex, a chain on wgpu).
+        #[test]
+        fn dropout_masks_equal_flex_for_the_same_seed() {
+            let x_f = input::<F, 2>([30, 40], 1).require_grad();
+            let x_w = input::<W, 2>([30, 40], 1).require_grad();
+            tensor_peft_kernels::rng::seed::<F>(&Default::default(), 3);
+            let y_f = fused::dropout(x_f.clone(), 0.25);
+            tensor_peft_kernels::rng::seed::<W>(&Default::default(), 3);
+            let y_w = fused::dropout(x_w.clone(), 0.25);
+            assert_eq!(floats(y_w.clone()), floats(y_f.clone()), "dropout on wgpu vs flex");
+            let g_f = (y_f * input::<F, 2>([30, 40], 2)).sum().backward();
+            let g_w = (y_w * input::<W, 2>([30, 40], 2)).sum().backward();
+            assert_eq!(floats(x_w.grad(&g_w).unwrap()), floats(x_f.grad(&g_f).unwrap()), "dropout gradient");
+            for seed in [5, 6] {
+                compare_wgpu(
+                    &format!("low-rank linear with dropout 0.3, seed {seed}"),
+                    &[[9, 7], [7, 6], [7, 3], [3, 6]],
+                    |x| {
+                        tensor_peft_kernels::rng::seed::<F>(&Default::default(), seed);
+                        fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.3)
+                    },
+                    |x| {
+                        tensor_peft_kernels::rng::seed::<W>(&Default::default(), seed);
+                        fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.3)
+                    },
+                );
+            }
+        }
+
+        /// The tiny GQA LLaMA (4 query heads, 2 key/value heads): logits and the KV-cache path as
+        /// on flex, and with PEFT's LoRA adapter and trainable norms every gradient as on flex.
+        #[test]
+        fn tiny_llama_logits_and_lora_gradients_equal_flex() {
+            use tensor_peft_models::adapter_file::load_adapter;
+            let (ids, _, _) = expected();
+            let (on_wgpu, _) = Llama::<Wgpu>::from_hf_dir(&fixture(), &Default::default()).unwrap();
+            let (on_flex, spec) = Llama::<Flex>::from_hf_dir(&fixture(), &Default::default()).unwrap();
+            assert_eq!((spec.heads, spec.kv_heads), (4, 2), "grouped-query attention");
+            let logits = floats(on_wgpu.forward(tokens::<Wgpu>(&ids, &Default::default())));
+            let expected_logits = floats(on_flex.forward(tokens::<Flex>(&ids, &Default::default())));
+            assert_close("tiny LLaMA logits on wgpu", &logits, &expected_logits, 1e-5);
+            let row = &ids[0];
+            let mut cache = tensor_peft_models::llama::KvCache::default();
+            let mut cached =
+                floats(on_wgpu.forward_cached(tokens::<Wgpu>(&[row[..3].to_vec()], &Default::default()), &mut cache));
+            for &token in &row[3..] {
+                cached.extend(floats(
+                    on_wgpu.forward_cached(tokens::<Wgpu>(&[vec![token]], &Default::default()), &mut cache),
+                ));
+            }
+            assert_close("tiny LLaMA KV-cache logits on wgpu", &cached, &logits[..cached.len()], 1e-5);
+
+            let dir = fixture().join("../tiny-llama-peft-lora");
+            let (mut on_wgpu, _) = Llama::<W>::from_hf_dir(&fixture(), &Default::default()).unwrap();
+            load_adapter(&mut on_wgpu, &spec, &dir).unwrap();
+            let (mut on_flex, _) = Llama::<F>::from_hf_dir(&fixture(), &Default::default()).unwrap();
+            load_adapter(&mut on_flex, &spec, &dir).unwrap();
+            let (on_wgpu, on_flex) = (on_wgpu.train_norms(), on_flex.train_norms());
+            let out_w = on_wgpu.forward(tokens::<W>(&ids, &Default::default()));
+            let out_f = on_flex.forward(tokens::<F>(&ids, &Default::default()));
+            let loss_w = (out_w.clone() * input::<W, 3>(out_w.dims(), 7)).sum();
+            let loss_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 7)).sum();
+            let (g_w, g_f) =
+                (trainable_grads(&on_wgpu, &loss_w.backward()), trainable_grads(&on_flex, &loss_f.backward()));
+            assert!(g_w.len() >= 8, "LoRA factors and norms are trainable ({} tensors)", g_w.len());
+            assert_eq!(g_w.len(), g_f.len());
+            for (i, (a, b)) in g_w.iter().zip(&g_f).enumerate() {
+                assert_close(&format!("tiny LLaMA gradient {i} on wgpu"), a, b, 1e-4);
+            }
+        }
+
+        /// The tiny BERT with a classification head (the same seed gives the same head on both)
+        /// and the tiny DeBERTa-v3: logits / hidden states and every LayerNorm gradient as on flex.
+        #[test]
+        fn tiny_bert_and_deberta_equal_flex() {
+            use tensor_peft_models::{Bert, SequenceClassifier};
+            let dir = std::env::temp_dir().join(format!("tpeft-tiny-bert-wgpu-{}", std::process::id()));
+            write_tiny_bert(&dir, false, "bert");
+            let (bert_w, _) = Bert::<W>::from_hf_dir(&dir, &Default::default()).unwrap();
+            let (bert_f, _) = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            tensor_peft_kernels::rng::seed::<W>(&Default::default(), 4);
+            let on_wgpu = SequenceClassifier::new(bert_w.train_norms(), 3);
+            tensor_peft_kernels::rng::seed::<F>(&Default::default(), 4);
+            let on_flex = SequenceClassifier::new(bert_f.train_norms(), 3);
+            assert_eq!(floats(on_wgpu.head.weight.val()), floats(on_flex.head.weight.val()), "seeded head");
+            let ids = [vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]];
+            let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 5]);
+            let out_w = on_wgpu.forward(
+                tokens::<W>(&ids, &Default::default()),
+                None,
+                Tensor::from_data(mask.clone(), &Default::default()),
+            );
+            let out_f = on_flex.forward(
+                tokens::<F>(&ids, &Default::default()),
+                None,
+                Tensor::from_data(mask, &Default::default()),
+            );
+            assert_close("tiny BERT classifier logits on wgpu", &floats(out_w.clone()), &floats(out_f.clone()), 1e-5);
+            let g_w = (out_w.clone() * input::<W, 2>(out_w.dims(), 5)).sum().backward();
+            let g_f = (out_f.clone() * input::<F, 2>(out_f.dims(), 5)).sum().backward();
+            let (g_w, g_f) = (trainable_grads(&on_wgpu, &g_w), trainable_grads(&on_flex, &g_f));
+            assert!(g_w.len() >= 10 && g_w.len() == g_f.len(), "{} vs {} trainable tensors", g_w.len(), g_f.len());
+            for (i, (a, b)) in g_w.iter().zip(&g_f).enumerate() {
+                assert_close(&format!("tiny BERT gradient {i} on wgpu"), a, b, 1e-4);
+            }
+
+            let dir = fixture().join("../tiny-deberta/v3");
+            let on_wgpu = Bert::<W>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
+            let on_flex = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
+            let ids = [vec![1, 7, 19, 33, 2, 60], vec![1, 5, 9, 2, 0, 0]];
+            let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 6]);
+            let out_w = on_wgpu.forward(
+                tokens::<W>(&ids, &Default::default()),
+                None,
+                Tensor::from_data(mask.clone(), &Default::default()),
+            );
+            let out_f = on_flex.forward(
+                tokens::<F>(&ids, &Default::default()),
+                None,
+                Tensor::from_data(mask, &Default::default()),
+            );
+            assert_close("tiny DeBERTa hidden states on wgpu", &floats(out_w.clone()), &floats(out_f.clone()), 1e-5);
+            let g_w = (out_w.clone() * input::<W, 3>(out_w.dims(), 3)).sum().backward();
+            let g_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 3)).sum().backward();
+            let (g_w, g_f) = (trainable_grads(&on_wgpu, &g_w), trainable_grads(&on_flex, &g_f));
+            assert_eq!(g_w.len(), g_f.len());
+            for (i, (a, b)) in g_w.iter().zip(&g_f).enumerate() {
+                assert_close(&format!("tiny DeBERTa gradient {i} on wgpu"), a, b, 1e-4);
+            }
+        }
+
+        /// A half-precision frozen base with f32 LoRA factors: where the device holds the dtype,
+        /// the logits and adapter gradients equal flex's on the same half-precision base (within
+        /// the rounding of f16/bf16 products summed in other orders); where it does not, loading
+        /// is refused naming the backend, the dtype and what to use instead.
+        #[test]
+        fn half_precision_base_on_wgpu_equals_flex_or_is_refused() {
+            use tensor_peft_models::BaseDType;
+            use tensor_peft_models::adapter_file::load_adapter;
+            let (ids, _, _) = expected();
+            let lora = fixture().join("../tiny-llama-peft-lora");
+            for base in [BaseDType::F16, BaseDType::Bf16] {
+                let on_wgpu = match Llama::<W>::from_hf_dir_as(&fixture(), &Default::default(), base) {
+                    Ok((model, _)) => model,
+                    Err(e) => {
+                        let e = e.to_string();
+                        eprintln!("{base}: {e}");
+                        assert!(
+                            e.contains("cannot hold") && e.contains("--base-dtype"),
+                            "{base}: unclear refusal: {e}"
+                        );
+                        continue;
+                    }
+                };
+                let (mut on_flex, spec) = Llama::<F>::from_hf_dir_as(&fixture(), &Default::default(), base).unwrap();
+                let mut on_wgpu = on_wgpu;
+                load_adapter(&mut on_wgpu, &spec, &lora).unwrap();
+                load_adapter(&mut on_flex, &spec, &lora).unwrap();
+                let out_w = on_wgpu.forward(tokens::<W>(&ids, &Default::default()));
+                let out_f = on_flex.forward(tokens::<F>(&ids, &Default::default()));
+                assert_close(
+                    &format!("{base} base: logits on wgpu"),
+                    &floats(out_w.clone()),
+                    &floats(out_f.clone()),
+                    1e-3,
+                );
+                let loss_w = (out_w.clone() * input::<W, 3>(out_w.dims(), 7)).sum();
+                let loss_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 7)).sum();
+                let (g_w, g_f) =
+                    (trainable_grads(&on_wgpu, &loss_w.backward()), trainable_grads(&on_flex, &loss_f.backward()));
+                assert_eq!(g_w.len(), g_f.len());
+                for (i, (a, b)) in g_w.iter().zip(&g_f).enumerate() {
+                    assert_close(&format!("{base} base: adapter gradient {i} on wgpu"), a, b, 1e-3);
+                }
+            }
         }
     }
 }

@@ -185,7 +185,7 @@ where
             let epoch_started = std::time::Instant::now();
             let tokens_at_start = train_acc.tokens;
             while let Some(batch) = iterator.next() {
-                B::seed(&self.device, seed_for(cfg.seed, epoch, batches_done));
+                tensor_peft_kernels::rng::seed::<B>(&self.device, seed_for(cfg.seed, epoch, batches_done));
                 let output = learner.train_step(batch);
                 let stats = output.item.stats.clone();
                 if !stats.loss.is_finite() {

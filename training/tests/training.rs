@@ -1160,7 +1160,7 @@ fn dpo_loss_rewards_and_reference_match_a_hand_computation() {
     let dir = fixtures().join("tiny-llama-words");
     let tokenizer = tensor_peft_models::tokenizer::TextTokenizer::from_hf_dir(&dir).unwrap();
     let (base, spec) = tensor_peft_models::Llama::<B>::from_hf_dir(&dir, &device).unwrap();
-    <B as burn::tensor::backend::Backend>::seed(&device, 3);
+    tensor_peft_kernels::rng::seed::<B>(&device, 3);
     // A non-zero adapter: the policy differs from the base from the start.
     let policy = base.clone().adapt(&spec, &paper_tt_lora(), &Default::default()).unwrap();
     let rows = [

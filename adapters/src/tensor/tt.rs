@@ -83,10 +83,11 @@ impl<B: Backend> TensorTrain<B> {
                     match init {
                         CoreInit::Gaussian { target_std } => {
                             let std = target_std.powf(1.0 / order) / (ranks[k + 1] as f64).sqrt();
-                            Tensor::random(dims, Distribution::Normal(0.0, std), device)
+                            tensor_peft_kernels::rng::random(dims, Distribution::Normal(0.0, std), device)
                         }
                         CoreInit::UnitFrobenius => {
-                            let core: Tensor<B, 3> = Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), device);
+                            let core: Tensor<B, 3> =
+                                tensor_peft_kernels::rng::random(dims, Distribution::Uniform(-1.0, 1.0), device);
                             let norm = (core.clone() * core.clone()).sum().sqrt();
                             core / norm.unsqueeze::<3>()
                         }

@@ -81,7 +81,7 @@ impl<B: Backend> TtLinear<B> {
                 Tensor::zeros([d_out], device)
             } else {
                 let bound = 1.0 / (d_out as f64).sqrt();
-                Tensor::random([d_out], Distribution::Uniform(-bound, bound), device)
+                tensor_peft_kernels::rng::random([d_out], Distribution::Uniform(-bound, bound), device)
             };
             Param::from_tensor(value)
         });

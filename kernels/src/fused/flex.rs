@@ -925,9 +925,9 @@ pub(super) fn low_rank_linear<B: Backend>(
     {
         return Err((x, weight, bias, a, b));
     }
-    // As `fused::dropout`: a mask only under autodiff, its seed drawn from the backend's generator.
+    // As `fused::dropout`: a mask only under autodiff, its seed drawn from the run's generator.
     let mask =
-        (B::ad_enabled(&x.device()) && dropout > 0.0).then(|| (dropout_seed::<B>(&x.device()), (1.0 - dropout) as f32));
+        (B::ad_enabled(&x.device()) && dropout > 0.0).then(|| (crate::rng::dropout_seed(), (1.0 - dropout) as f32));
     let bias = bias.map(|bias| bias.reshape([1, d_out]));
     match weight {
         FrozenMatrix::Values(weight) => {
@@ -982,19 +982,12 @@ impl Backward<Flex, 1> for DropoutBackward {
     }
 }
 
-/// A mask seed from the backend's generator, so that `B::seed` makes the masks reproducible.
-fn dropout_seed<B: Backend>(device: &B::Device) -> u64 {
-    let draw = Tensor::<B, 1>::random([2], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
-    let bits: Vec<u64> = draw.into_data().convert::<f32>().iter::<f32>().map(|v| v.to_bits() as u64).collect();
-    bits[0] | (bits[1] << 32)
-}
-
 pub(super) fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let n = x.shape().num_elements();
     if !runs::<B>() || x.dtype() != DType::F32 || !(0.0..1.0).contains(&prob) || n > u32::MAX as usize {
         return Err(x);
     }
-    let seed = dropout_seed::<B>(&x.device());
+    let seed = crate::rng::dropout_seed();
     let keep = (1.0 - prob) as f32;
     let dims = x.dims();
     Ok(run([x], DropoutBackward, |[x], _| {

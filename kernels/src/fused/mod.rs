@@ -215,10 +215,11 @@ pub fn low_rank_linear<B: Backend>(
 }
 
 /// Inverted dropout with drop probability `prob`, as Burn's `Dropout` (identity without autodiff
-/// or at `prob = 0`). On flex the mask is a hash of each element's index and a seed drawn from the
-/// backend's seeded generator, applied in one pass forward and recomputed in the backward; Burn
-/// draws a Bernoulli tensor element by element and multiplies twice, which cost almost as much as
-/// the rest of an adapted layer's step.
+/// or at `prob = 0`). The mask is a hash of each element's index and a seed drawn from
+/// [`crate::rng`], so one seed gives the same mask on every backend. On flex it is applied in one
+/// pass forward and recomputed in the backward (Burn draws a Bernoulli tensor element by element
+/// and multiplies twice, which cost almost as much as the rest of an adapted layer's step);
+/// elsewhere the mask is computed on the host and multiplied in on the device.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
     if !B::ad_enabled(&x.device()) || prob == 0.0 {
         return x;
@@ -228,7 +229,18 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor
         Ok(out) => return out,
         Err(x) => x,
     };
-    burn::nn::Dropout { prob }.forward(x)
+    let n = x.shape().num_elements();
+    if !(0.0..1.0).contains(&prob) || n > u32::MAX as usize {
+        // Outside the mask kernel's domain (everything dropped, or indices past 2³²).
+        return burn::nn::Dropout { prob }.forward(x);
+    }
+    // `mask[i]` is 0 or `1/keep`, so `x · mask` rounds as the flex kernel's `x[i] · (1/keep)`.
+    let keep = (1.0 - prob) as f32;
+    let mut mask = vec![0.0f32; n];
+    crate::dropout::dropout(&vec![1.0f32; n], crate::rng::dropout_seed(), keep, &mut mask);
+    let mask: Tensor<B, D> = Tensor::from_data(TensorData::new(mask, x.shape()), &x.device());
+    let dtype = x.dtype();
+    x * if mask.dtype() == dtype { mask } else { mask.cast(dtype) }
 }
 
 /// `silu(gate) · up`, LLaMA's MLP gate.

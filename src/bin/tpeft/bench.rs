@@ -609,7 +609,7 @@ fn bench_model<B: Backend>(
 
 /// Runs the selected suites; returns one JSON record per measurement.
 pub fn run<B: AutodiffBackend>(device: &B::Device, options: &BenchOptions) -> Result<Vec<Value>, String> {
-    B::seed(device, 0);
+    tensor_peft_kernels::rng::seed::<B>(device, 0);
     let inner = device;
     let mut records = Vec::new();
     for suite in &options.suites {

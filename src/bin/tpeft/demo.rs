@@ -100,7 +100,7 @@ pub fn run<B: AutodiffBackend>(
     let geometry = spec.geometry();
     let mut results = Vec::new();
     for name in METHOD_NAMES {
-        B::seed(device, seed);
+        tensor_peft_kernels::rng::seed::<B>(device, seed);
         let method = MethodConfig::from_name(name).map_err(|e| e.to_string())?;
         let linear_sites = spec.select_roles(method.default_roles());
         let residual_sites = if method.is_residual() { spec.residual_sites() } else { Vec::new() };

@@ -361,8 +361,95 @@ macro_rules! with_backend {
     };
 }
 
+/// Set while [`start_device`] starts a GPU device: a panic in any thread then (the probe's, or
+/// the device thread CubeCL runs its server on) is recorded in [`DEVICE_PANIC`] for it to report,
+/// instead of ending the process as an internal failure.
+static STARTING_DEVICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The first panic message seen while [`STARTING_DEVICE`] was set.
+static DEVICE_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown failure".into())
+}
+
+/// Starts the backend's default device and moves one value through it, in a thread of its own
+/// that may take at most `TPEFT_DEVICE_TIMEOUT_S` seconds (default 300: lavapipe, Mesa's software
+/// Vulkan, needed up to 50 s on 2 busy cores). A missing driver or device is one line that names
+/// the backend and what to do, and a driver that hangs while enumerating devices cannot hang the
+/// run. The CPU backends have nothing to start.
+fn start_device(kind: BackendKind) -> Result<(), CliError> {
+    use std::sync::atomic::Ordering;
+    if matches!(kind, BackendKind::Ndarray | BackendKind::Flex) {
+        return Ok(());
+    }
+    let seconds = match std::env::var("TPEFT_DEVICE_TIMEOUT_S") {
+        Ok(v) => v.parse::<u64>().ok().filter(|&s| s > 0).ok_or_else(|| {
+            CliError::Usage(format!("TPEFT_DEVICE_TIMEOUT_S={v}: expected a positive number of seconds"))
+        })?,
+        Err(_) => 300,
+    };
+    let name = kind.feature();
+    let hint = match kind {
+        BackendKind::Cuda => "check the NVIDIA driver with `nvidia-smi`, or use --backend flex",
+        _ => {
+            "install a Vulkan driver (Debian: `apt-get install mesa-vulkan-drivers libvulkan1`; check with `vulkaninfo --summary`), or use --backend flex"
+        }
+    };
+    let failed = |why: &str| {
+        let why: String = why.lines().next().unwrap_or("").trim().chars().take(200).collect();
+        CliError::Runtime(format!("no {name} device could be started ({why}); {hint}"))
+    };
+    STARTING_DEVICE.store(true, Ordering::SeqCst);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tpeft-device-probe".into())
+        .spawn(move || {
+            let started = std::panic::catch_unwind(|| {
+                with_backend!(kind, B => {
+                    let one = burn::tensor::Tensor::<B, 1>::from_floats([1.0], &Default::default()).into_data();
+                    Ok::<_, String>(one.to_vec::<f32>().is_ok_and(|v| v == [1.0]))
+                })
+            });
+            let _ = sender.send(started);
+        })
+        .map_err(|e| CliError::Runtime(format!("cannot start a thread for the {name} device: {e}")))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let outcome = loop {
+        // A panic on the device's own thread may leave the probe waiting forever: poll for it.
+        if let Some(why) = DEVICE_PANIC.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            break Err(failed(&why));
+        }
+        match receiver.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(Ok(Ok(true))) => break Ok(()),
+            Ok(Ok(Ok(false))) => break Err(failed("it returned a wrong value")),
+            Ok(Ok(Err(e))) => break Err(CliError::Runtime(e)),
+            Ok(Err(panic)) => break Err(failed(&panic_text(panic.as_ref()))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(failed("its thread ended")),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline => {
+                break Err(CliError::Runtime(format!(
+                    "the {name} device did not start within {seconds} s (TPEFT_DEVICE_TIMEOUT_S); {hint}"
+                )));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    };
+    // Once started, a panic is a failure of the run again; after a failed start the device's
+    // threads may still panic while the process exits, and add nothing to the one line.
+    STARTING_DEVICE.store(outcome.is_err(), Ordering::SeqCst);
+    outcome
+}
+
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
+    if !matches!(cli.command, Command::Params { .. } | Command::Plan { .. }) {
+        start_device(cli.backend)?;
+    }
     match cli.command {
         Command::Params { model, adapter, targets, target_regex, train_norms } => {
             let method = adapter.config("lora")?;
@@ -755,12 +842,12 @@ fn main() -> ExitCode {
     // A backend that fails deep inside Burn (e.g. no GPU device) must still end with one clear
     // line and exit code 1, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown failure".into());
+        let msg = panic_text(info.payload());
+        // While a GPU device starts, `start_device` reports its failure with what to do.
+        if STARTING_DEVICE.load(std::sync::atomic::Ordering::SeqCst) {
+            DEVICE_PANIC.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
+            return;
+        }
         eprintln!("error: internal failure: {msg}");
         std::process::exit(1);
     }));

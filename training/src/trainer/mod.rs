@@ -59,7 +59,8 @@ pub fn finetune_until<B: AutodiffBackend>(
         eprintln!("warning: {note}");
     }
     setup::prepare_output(cfg)?;
-    B::seed(device, cfg.seed);
+    // Seeds the generator that initialises adapters and heads on every backend (and the backend).
+    tensor_peft_kernels::rng::seed::<B>(device, cfg.seed);
     let base = load_base::<B>(&cfg.model, cfg.base_dtype, device)?;
     let labels = if cfg.task.has_labels() { Some(Labels::from_examples(&train, &cfg.train)?) } else { None };
     let splits = [train, valid, test];

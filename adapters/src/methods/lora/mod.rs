@@ -59,7 +59,11 @@ impl LoraConfig {
         require_positive("d_out", d_out)?;
         let bound = 1.0 / (d_in as f64).sqrt();
         Ok(Lora {
-            a: Param::from_tensor(Tensor::random([d_in, self.rank], Distribution::Uniform(-bound, bound), device)),
+            a: Param::from_tensor(tensor_peft_kernels::rng::random(
+                [d_in, self.rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
             b: Param::from_tensor(Tensor::zeros([self.rank, d_out], device)),
             dropout: DropoutConfig::new(self.dropout).init(),
             scaling: self.scaling(),

@@ -67,10 +67,14 @@ impl LortaConfig {
         let a_bound = 1.0 / (r as f64).sqrt();
         let c_bound = (6.0 / r as f64).sqrt();
         let c = |rows: usize| {
-            Param::from_tensor(Tensor::random([rows, r], Distribution::Uniform(-c_bound, c_bound), device))
+            Param::from_tensor(tensor_peft_kernels::rng::random(
+                [rows, r],
+                Distribution::Uniform(-c_bound, c_bound),
+                device,
+            ))
         };
         Ok(LortaShared {
-            a: Param::from_tensor(Tensor::random(
+            a: Param::from_tensor(tensor_peft_kernels::rng::random(
                 [geometry.d_model, r],
                 Distribution::Uniform(-a_bound, a_bound),
                 device,

@@ -71,8 +71,12 @@ impl LotrConfig {
             DeltaInit::Zero => Distribution::Normal(0.0, (2.0 / (fan_in + fan_out) as f64).sqrt()),
         };
         Ok(LotrShared {
-            a: Param::from_tensor(Tensor::random([d_in, self.rank], normal(d_in, self.rank), device)),
-            bt: Param::from_tensor(Tensor::random([self.rank, d_out], normal(self.rank, d_out), device)),
+            a: Param::from_tensor(tensor_peft_kernels::rng::random([d_in, self.rank], normal(d_in, self.rank), device)),
+            bt: Param::from_tensor(tensor_peft_kernels::rng::random(
+                [self.rank, d_out],
+                normal(self.rank, d_out),
+                device,
+            )),
         })
     }
 

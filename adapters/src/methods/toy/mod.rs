@@ -40,7 +40,11 @@ impl Method for ToyConfig {
         AdapterSet::per_linear_site(sites.linear, |s| {
             let bound = 1.0 / (s.d_in as f64).sqrt();
             Ok(LinearAdapter::Toy(Toy {
-                u: Param::from_tensor(Tensor::random([s.d_in, 1], Distribution::Uniform(-bound, bound), device)),
+                u: Param::from_tensor(tensor_peft_kernels::rng::random(
+                    [s.d_in, 1],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                )),
                 v: Param::from_tensor(Tensor::zeros([1, s.d_out], device)),
                 scale: self.scale,
             }))
