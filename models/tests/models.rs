@@ -1511,26 +1511,39 @@ mod fused_on_flex {
         assert!(err <= tol * scale, "{what}: fused vs op chain differ by {err} (scale {scale})");
     }
 
-    /// Runs `op` on both backends with the same inputs (tracked), and compares the output and the
-    /// gradients of `Σ out ⊙ w` for a fixed weight `w`.
+    /// Runs `op` on flex and on ndarray with the same inputs (tracked), and compares the output and
+    /// the gradients of `Σ out ⊙ w` for a fixed weight `w`.
     fn compare<const D: usize, const O: usize>(
         what: &str,
         shapes: &[[usize; D]],
         op_f: impl Fn(Vec<Tensor<F, D>>) -> Tensor<F, O>,
         op_n: impl Fn(Vec<Tensor<N, D>>) -> Tensor<N, O>,
     ) {
+        compare_on(what, shapes, op_f, op_n, 2e-6);
+    }
+
+    /// Runs `op` on flex and on the backend `X` with the same inputs (tracked), and compares the
+    /// output (within `output_tol`, relative to the larger of 1 and `X`'s largest value) and the
+    /// gradients of `Σ out ⊙ w` for a fixed weight `w` (within 1e-5).
+    fn compare_on<X: AutodiffBackend, const D: usize, const O: usize>(
+        what: &str,
+        shapes: &[[usize; D]],
+        op_f: impl Fn(Vec<Tensor<F, D>>) -> Tensor<F, O>,
+        op_x: impl Fn(Vec<Tensor<X, D>>) -> Tensor<X, O>,
+        output_tol: f32,
+    ) {
         let xs_f: Vec<Tensor<F, D>> =
             shapes.iter().enumerate().map(|(i, &s)| input::<F, D>(s, i as u64 + 1).require_grad()).collect();
-        let xs_n: Vec<Tensor<N, D>> =
-            shapes.iter().enumerate().map(|(i, &s)| input::<N, D>(s, i as u64 + 1).require_grad()).collect();
-        let (out_f, out_n) = (op_f(xs_f.clone()), op_n(xs_n.clone()));
-        assert_eq!(out_f.dims(), out_n.dims(), "{what}: output shape");
+        let xs_x: Vec<Tensor<X, D>> =
+            shapes.iter().enumerate().map(|(i, &s)| input::<X, D>(s, i as u64 + 1).require_grad()).collect();
+        let (out_f, out_x) = (op_f(xs_f.clone()), op_x(xs_x.clone()));
+        assert_eq!(out_f.dims(), out_x.dims(), "{what}: output shape");
         let w_f = input::<F, O>(out_f.dims(), 99);
-        let w_n = input::<N, O>(out_n.dims(), 99);
-        assert_close(&format!("{what}: output"), &floats(out_f.clone()), &floats(out_n.clone()), 2e-6);
-        let (g_f, g_n) = ((out_f * w_f).sum().backward(), (out_n * w_n).sum().backward());
-        for (i, (x_f, x_n)) in xs_f.iter().zip(&xs_n).enumerate() {
-            let (a, b) = (x_f.grad(&g_f).unwrap(), x_n.grad(&g_n).unwrap());
+        let w_x = input::<X, O>(out_x.dims(), 99);
+        assert_close(&format!("{what}: output"), &floats(out_f.clone()), &floats(out_x.clone()), output_tol);
+        let (g_f, g_x) = ((out_f * w_f).sum().backward(), (out_x * w_x).sum().backward());
+        for (i, (x_f, x_x)) in xs_f.iter().zip(&xs_x).enumerate() {
+            let (a, b) = (x_f.grad(&g_f).unwrap(), x_x.grad(&g_x).unwrap());
             assert_eq!(a.dims(), b.dims(), "{what}: gradient {i} shape");
             assert_close(&format!("{what}: gradient {i}"), &floats(a), &floats(b), 1e-5);
         }
@@ -2104,21 +2117,7 @@ mod fused_on_flex {
             op_f: impl Fn(Vec<Tensor<F, D>>) -> Tensor<F, O>,
             op_w: impl Fn(Vec<Tensor<W, D>>) -> Tensor<W, O>,
         ) {
-            let xs_f: Vec<Tensor<F, D>> =
-                shapes.iter().enumerate().map(|(i, &s)| input::<F, D>(s, i as u64 + 1).require_grad()).collect();
-            let xs_w: Vec<Tensor<W, D>> =
-                shapes.iter().enumerate().map(|(i, &s)| input::<W, D>(s, i as u64 + 1).require_grad()).collect();
-            let (out_f, out_w) = (op_f(xs_f.clone()), op_w(xs_w.clone()));
-            assert_eq!(out_f.dims(), out_w.dims(), "{what}: output shape");
-            let w_f = input::<F, O>(out_f.dims(), 99);
-            let w_w = input::<W, O>(out_w.dims(), 99);
-            assert_close(&format!("{what} on wgpu: output"), &floats(out_w.clone()), &floats(out_f.clone()), 1e-5);
-            let (g_f, g_w) = ((out_f * w_f).sum().backward(), (out_w * w_w).sum().backward());
-            for (i, (x_f, x_w)) in xs_f.iter().zip(&xs_w).enumerate() {
-                let (a, b) = (x_w.grad(&g_w).unwrap(), x_f.grad(&g_f).unwrap());
-                assert_eq!(a.dims(), b.dims(), "{what}: gradient {i} shape");
-                assert_close(&format!("{what} on wgpu: gradient {i}"), &floats(a), &floats(b), 1e-5);
-            }
+            compare_on(&format!("{what} on wgpu"), shapes, op_f, op_w, 1e-5);
         }
 
         #[test]
