@@ -1792,30 +1792,26 @@ mod fused_on_flex {
         );
     }
 
+    /// The tiny DeBERTa-v3 with trainable LayerNorms on a padded batch, on backend `X`: its hidden
+    /// states and the gradients of `Σ h ⊙ w` (fixed `w`) with respect to every trainable tensor.
+    fn deberta_hidden_and_norm_grads<X: AutodiffBackend>() -> (Vec<f32>, Vec<Vec<f32>>) {
+        use tensor_peft_models::Bert;
+        let dir = fixture().join("../tiny-deberta/v3");
+        let model = Bert::<X>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
+        let ids = [vec![1, 7, 19, 33, 2, 60], vec![1, 5, 9, 2, 0, 0]];
+        let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 6]);
+        let out =
+            model.forward(tokens::<X>(&ids, &Default::default()), None, Tensor::from_data(mask, &Default::default()));
+        let grads = (out.clone() * input::<X, 3>(out.dims(), 3)).sum().backward();
+        (floats(out), trainable_grads(&model, &grads))
+    }
+
     /// DeBERTa's disentangled attention (gathers, broadcast relative projections) on flex: the
     /// hidden states and every LayerNorm gradient (all of which flow back through it) as on ndarray.
     #[test]
     fn deberta_on_flex_matches_ndarray_with_gradients() {
-        use tensor_peft_models::Bert;
-        let dir = fixture().join("../tiny-deberta/v3");
-        let on_flex = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
-        let on_ndarray = Bert::<N>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
-        let ids = [vec![1, 7, 19, 33, 2, 60], vec![1, 5, 9, 2, 0, 0]];
-        let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 6]);
-        let out_f = on_flex.forward(
-            tokens::<F>(&ids, &Default::default()),
-            None,
-            Tensor::from_data(mask.clone(), &Default::default()),
-        );
-        let out_n = on_ndarray.forward(
-            tokens::<N>(&ids, &Default::default()),
-            None,
-            Tensor::from_data(mask, &Default::default()),
-        );
-        assert_close("tiny DeBERTa hidden states", &floats(out_f.clone()), &floats(out_n.clone()), 1e-5);
-        let g_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 3)).sum().backward();
-        let g_n = (out_n.clone() * input::<N, 3>(out_n.dims(), 3)).sum().backward();
-        let (g_f, g_n) = (trainable_grads(&on_flex, &g_f), trainable_grads(&on_ndarray, &g_n));
+        let ((out_f, g_f), (out_n, g_n)) = (deberta_hidden_and_norm_grads::<F>(), deberta_hidden_and_norm_grads::<N>());
+        assert_close("tiny DeBERTa hidden states", &out_f, &out_n, 1e-5);
         assert!(g_f.len() >= 10, "LayerNorm scales and biases are trainable ({} tensors)", g_f.len());
         assert_eq!(g_f.len(), g_n.len());
         for (i, (a, b)) in g_f.iter().zip(&g_n).enumerate() {
@@ -2291,25 +2287,9 @@ mod fused_on_flex {
                 assert_close(&format!("tiny BERT gradient {i} on wgpu"), a, b, 1e-4);
             }
 
-            let dir = fixture().join("../tiny-deberta/v3");
-            let on_wgpu = Bert::<W>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
-            let on_flex = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap().0.train_norms();
-            let ids = [vec![1, 7, 19, 33, 2, 60], vec![1, 5, 9, 2, 0, 0]];
-            let mask = TensorData::new(vec![1.0f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.], [2, 6]);
-            let out_w = on_wgpu.forward(
-                tokens::<W>(&ids, &Default::default()),
-                None,
-                Tensor::from_data(mask.clone(), &Default::default()),
-            );
-            let out_f = on_flex.forward(
-                tokens::<F>(&ids, &Default::default()),
-                None,
-                Tensor::from_data(mask, &Default::default()),
-            );
-            assert_close("tiny DeBERTa hidden states on wgpu", &floats(out_w.clone()), &floats(out_f.clone()), 1e-5);
-            let g_w = (out_w.clone() * input::<W, 3>(out_w.dims(), 3)).sum().backward();
-            let g_f = (out_f.clone() * input::<F, 3>(out_f.dims(), 3)).sum().backward();
-            let (g_w, g_f) = (trainable_grads(&on_wgpu, &g_w), trainable_grads(&on_flex, &g_f));
+            let ((out_w, g_w), (out_f, g_f)) =
+                (deberta_hidden_and_norm_grads::<W>(), deberta_hidden_and_norm_grads::<F>());
+            assert_close("tiny DeBERTa hidden states on wgpu", &out_w, &out_f, 1e-5);
             assert_eq!(g_w.len(), g_f.len());
             for (i, (a, b)) in g_w.iter().zip(&g_f).enumerate() {
                 assert_close(&format!("tiny DeBERTa gradient {i} on wgpu"), a, b, 1e-4);
