@@ -1724,6 +1724,48 @@ fn gradient_checkpointing_trains_the_same_plans_less_and_refuses_dropout() {
 }
 
 /// `tpeft --backend wgpu` (`--features wgpu`; CI runs it on lavapipe, Mesa's software Vulkan).
+/// `--devices cpu,cpu` trains data-parallel (two workers on the CPU backend's one device, each
+/// taking half of every global batch): the same validation losses as one device, printed to the
+/// 4 decimals of the report. Device lists that cannot work are refused before anything is loaded.
+#[test]
+fn finetune_trains_data_parallel_over_devices_and_refuses_bad_device_lists() {
+    let best = |out: &Output| -> String {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout.lines().find(|l| l.starts_with("best valid loss:")).unwrap_or_else(|| panic!("{stdout}")).to_string()
+    };
+    let (one_dir, two_dir) = (scratch("dp-one"), scratch("dp-two"));
+    let one = run_args(&lm_finetune_args(&one_dir, &["--method", "lotr"]));
+    let mut args = vec!["--devices".to_string(), "cpu,cpu".to_string()];
+    args.extend(lm_finetune_args(&two_dir, &["--method", "lotr"]));
+    let two = run_args(&args);
+    assert_eq!(best(&one), best(&two));
+
+    let refused = |args: &[&str], expected: &[&str]| {
+        let out = tpeft(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(expected.iter().all(|e| stderr.contains(e)), "{args:?}: {stderr}");
+    };
+    refused(&["--devices", "cuda:0", "params", "--model", "llama2-7b"], &["`cuda:0`", "flex", "`cpu`"]);
+    refused(&["--devices", "gpu", "params", "--model", "llama2-7b"], &["`gpu`"]);
+    let (model, adapter, data) =
+        (fixture("tiny-llama-words"), fixture("adapter-files/lora"), fixture("lm-copy-valid.jsonl"));
+    let eval = ["eval", "--model", &model, "--adapter", &adapter, "--task", "causal-lm", "--data", &data];
+    let mut two_devices = vec!["--devices", "cpu,cpu"];
+    two_devices.extend(eval);
+    refused(&two_devices, &["only finetune and compare"]);
+    // lm_finetune_args trains with batches of 4: not over 3 devices.
+    let output = scratch("dp-three");
+    let mut args = vec!["--devices".to_string(), "cpu,cpu,cpu".to_string()];
+    args.extend(lm_finetune_args(&output, &[]));
+    let out = run_args(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--batch-size 4") && stderr.contains("3 --devices"), "{stderr}");
+    assert!(!output.join("train_config.json").exists(), "nothing is written");
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -1761,8 +1803,39 @@ mod wgpu {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
         assert_eq!(lines.len(), 1, "{stderr}");
-        assert!(lines[0].starts_with("error: no wgpu device could be started"), "{stderr}");
+        assert!(lines[0].starts_with("error: no wgpu device could be started for wgpu:default"), "{stderr}");
         assert!(lines[0].contains("mesa-vulkan-drivers") && lines[0].contains("--backend flex"), "{stderr}");
+    }
+
+    /// Several wgpu devices are refused with the reason (Burn 0.21 cannot move tensors between
+    /// wgpu devices), and a device that does not exist is one line naming it, exit code 1.
+    #[test]
+    fn wgpu_device_lists_are_checked() {
+        let out = tpeft(&["--backend", "wgpu", "--devices", "wgpu:cpu,wgpu:default", "params", "--model", "llama2-7b"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("cannot move tensors between two wgpu devices"), "{stderr}");
+        let out = tpeft(&[
+            "--backend",
+            "wgpu",
+            "--devices",
+            "wgpu:7",
+            "eval",
+            "--model",
+            &fixture("tiny-llama-words"),
+            "--adapter",
+            &fixture("adapter-files/lora"),
+            "--task",
+            "causal-lm",
+            "--data",
+            &fixture("lm-copy-valid.jsonl"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].starts_with("error: no wgpu device could be started for wgpu:7"), "{stderr}");
+        assert!(lines[0].contains("vulkaninfo --summary"), "{stderr}");
     }
 
     /// Runs `tpeft --backend flex` and `--backend wgpu` with the arguments `args(output)`, and

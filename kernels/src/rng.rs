@@ -25,9 +25,40 @@ fn generator() -> MutexGuard<'static, Option<StdRng>> {
     RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs `draw` on the generator, seeding it from the system's entropy if [`seed`] was never
-/// called (as Burn's CPU backends do).
+std::thread_local! {
+    /// This thread's own generator while a [`ThreadDraws`] is alive.
+    static THREAD_RNG: std::cell::RefCell<Option<StdRng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, the draws of the current thread come from a generator of its own, seeded with
+/// the given seed, instead of the process-wide one: data-parallel training runs one worker thread
+/// per device at the same time, and a shared generator would hand out its draws (dropout masks)
+/// in whatever order the threads reach it.
+pub struct ThreadDraws(());
+
+impl ThreadDraws {
+    /// Draws on this thread come from `StdRng::seed_from_u64(seed)` until the value is dropped.
+    pub fn seeded(seed: u64) -> Self {
+        THREAD_RNG.with(|rng| *rng.borrow_mut() = Some(StdRng::seed_from_u64(seed)));
+        ThreadDraws(())
+    }
+}
+
+impl Drop for ThreadDraws {
+    fn drop(&mut self) {
+        THREAD_RNG.with(|rng| *rng.borrow_mut() = None);
+    }
+}
+
+/// Runs `draw` on this thread's generator ([`ThreadDraws`]) or else the process-wide one, seeding
+/// the latter from the system's entropy if [`seed`] was never called (as Burn's CPU backends do).
 fn with_rng<T>(draw: impl FnOnce(&mut StdRng) -> T) -> T {
+    let mut draw = Some(draw);
+    let local = THREAD_RNG.with(|rng| rng.borrow_mut().as_mut().map(|rng| (draw.take().expect("once"))(rng)));
+    if let Some(value) = local {
+        return value;
+    }
+    let draw = draw.expect("not used by the thread's generator");
     let mut guard = generator();
     let rng = guard.get_or_insert_with(|| {
         let entropy = std::collections::hash_map::RandomState::new().build_hasher().finish();

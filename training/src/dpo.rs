@@ -153,6 +153,7 @@ pub fn make_pair_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Dev
         tokens,
         choices: None,
         generation: Vec::new(),
+        shard: None,
         pairs: Some(PairBatch {
             targets: Tensor::from_data(TensorData::new(targets, [rows, t]), device),
             spans,

@@ -1,6 +1,8 @@
 //! The data loader of training and validation: tokenised examples padded into batches, shuffled
 //! per epoch from `(seed, epoch)` so that a resumed run sees the same order; the epoch and the
 //! number of batches to skip (resume) are set by the training strategy through shared counters.
+//! For data-parallel training the loader hands out each global batch as consecutive parts of
+//! `batch_size / devices` examples, part `k` on device `k mod devices` ([`TaskLoader::sharded`]).
 
 use crate::data;
 use crate::task::{Batch, Encoded, make_batch};
@@ -16,7 +18,8 @@ pub struct TaskLoader<B: Backend> {
     items: Arc<Vec<Encoded>>,
     batch_size: usize,
     pad: u32,
-    device: B::Device,
+    /// Where batch `k` is made: `devices[k % devices.len()]`.
+    devices: Vec<B::Device>,
     shuffle_seed: Option<u64>,
     pub(crate) epoch: Arc<AtomicUsize>,
     pub(crate) skip: Arc<AtomicUsize>,
@@ -35,11 +38,22 @@ impl<B: Backend> TaskLoader<B> {
             items,
             batch_size: batch_size.max(1),
             pad,
-            device,
+            devices: vec![device],
             shuffle_seed,
             epoch: Arc::new(AtomicUsize::new(1)),
             skip: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The same examples in batches of `batch_size / devices.len()` (which the caller checked to
+    /// divide), made round-robin on `devices`: each run of `devices.len()` consecutive batches is
+    /// one batch of the original loader, split in order.
+    pub fn sharded(mut self, devices: &[B::Device]) -> Self {
+        if devices.len() > 1 {
+            self.batch_size = (self.batch_size / devices.len()).max(1);
+            self.devices = devices.to_vec();
+        }
+        self
     }
 
     /// Batches per epoch.
@@ -75,7 +89,8 @@ impl<B: Backend> Iterator for TaskLoaderIter<'_, B> {
         let end = (start + bs).min(self.order.len());
         let items: Vec<&Encoded> = self.order[start..end].iter().map(|&i| &self.loader.items[i]).collect();
         self.next_batch += 1;
-        Some(make_batch(&items, self.loader.pad, &self.loader.device))
+        let devices = &self.loader.devices;
+        Some(make_batch(&items, self.loader.pad, &devices[(self.next_batch - 1) % devices.len()]))
     }
 }
 
@@ -98,7 +113,7 @@ impl<B: Backend> DataLoader<B, Batch<B>> for TaskLoader<B> {
     }
     fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Batch<B>>> {
         let mut l = self.clone();
-        l.device = device.clone();
+        l.devices = vec![device.clone()];
         Arc::new(l)
     }
     fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, Batch<B>>> {

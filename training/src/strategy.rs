@@ -10,6 +10,7 @@ use crate::data::{self, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Accumulator, EpochRecord, higher_is_better};
 use crate::optim::{PeftOptimizer, WarmupSchedule};
+use crate::parallel::DataParallel;
 use crate::task::{Batch, TaskModel, TaskOutput};
 use crate::trainer::StopAt;
 use crate::trainer::report::{metric_for_best, print_record, write_history};
@@ -106,7 +107,9 @@ pub(crate) const UPDATE_RATIO_WARNING: f64 = 1.0;
 pub(crate) struct PeftStrategy<B: AutodiffBackend, M> {
     /// The run's configuration (epochs, steps, batches, checkpoints, early stopping, output).
     pub(crate) cfg: Arc<TrainConfig>,
-    pub(crate) device: B::Device,
+    /// The devices the steps run on: the model, the optimizer and validation live on the first;
+    /// with several, each step's batch is split over them ([`crate::parallel`]).
+    pub(crate) devices: Vec<B::Device>,
     /// Classes of a label task (0 otherwise), for the metrics.
     pub(crate) n_classes: usize,
     /// Print one line per epoch and split (no dashboard).
@@ -164,6 +167,9 @@ where
         let started_epoch = if state.epoch_finished { state.epoch + 1 } else { state.epoch.max(1) };
         let mut resume_skip = if state.epoch_finished { 0 } else { state.batches_done };
         let mut partial = state.partial_train.take();
+        let parallel = (self.devices.len() > 1).then(|| DataParallel::<B, M>::new(&self.devices));
+        // The loader counts its batches in parts of a global batch.
+        let parts = self.devices.len();
         if cfg.eval_before_training && state.step == 0 && state.history.is_empty() {
             let record = self.validate(&learner.model(), &dataloader_valid, 0, 0, lm);
             state.history.push(record);
@@ -175,7 +181,7 @@ where
             }
             let global = Progress { items_processed: epoch, items_total: cfg.epochs };
             self.train_epoch.store(epoch, Ordering::SeqCst);
-            self.train_skip.store(resume_skip, Ordering::SeqCst);
+            self.train_skip.store(resume_skip * parts, Ordering::SeqCst);
             let mut batches_done = std::mem::take(&mut resume_skip);
             let mut train_acc = partial.take().unwrap_or_default();
             let mut accumulator = GradientsAccumulator::<M>::new();
@@ -185,17 +191,35 @@ where
             let epoch_started = std::time::Instant::now();
             let tokens_at_start = train_acc.tokens;
             while let Some(batch) = iterator.next() {
-                tensor_peft_kernels::rng::seed::<B>(&self.device, seed_for(cfg.seed, epoch, batches_done));
-                let output = learner.train_step(batch);
-                let stats = output.item.stats.clone();
+                let seed = seed_for(cfg.seed, epoch, batches_done);
+                let item = match &parallel {
+                    None => {
+                        tensor_peft_kernels::rng::seed::<B>(&self.devices[0], seed);
+                        let output = learner.train_step(batch);
+                        train_acc.add(&output.item.stats);
+                        accumulator.accumulate(&learner.model(), output.grads);
+                        output.item
+                    }
+                    Some(parallel) => {
+                        let mut batches = vec![batch];
+                        while batches.len() < parallel.devices() {
+                            match iterator.next() {
+                                Some(next) => batches.push(next),
+                                None => break,
+                            }
+                        }
+                        let (parts, item) = parallel.step(&learner.model(), batches, seed, &mut accumulator);
+                        parts.iter().for_each(|part| train_acc.add(part));
+                        item
+                    }
+                };
+                let stats = &item.stats;
                 if !stats.loss.is_finite() {
                     outcome.error = Some(TrainError::NonFiniteLoss { step: state.step + 1, loss: stats.loss });
                     break 'epochs;
                 }
-                train_acc.add(&stats);
                 outcome.tokens += stats.tokens;
                 batches_done += 1;
-                accumulator.accumulate(&learner.model(), output.grads);
                 accumulated += 1;
                 let epoch_end = batches_done == self.train_batches(&dataloader_train);
                 let mut stepped = false;
@@ -208,7 +232,7 @@ where
                     stepped = true;
                 }
                 let item = TrainingItem::new(
-                    output.item,
+                    item,
                     iterator.progress(),
                     global.clone(),
                     Some(batches_done),

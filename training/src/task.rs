@@ -353,6 +353,17 @@ pub struct Batch<B: Backend> {
     /// DPO: what is scored in each sequence and the reference log-probabilities; `ids` then holds
     /// the `n` chosen sequences followed by the `n` rejected ones (`[2n, T]`).
     pub pairs: Option<crate::dpo::PairBatch<B>>,
+    /// Data-parallel training: which part of the step's global batch this is (`None` on one device).
+    pub shard: Option<Shard>,
+}
+
+/// One device's part of a data-parallel step's global batch ([`crate::parallel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Its position in the global batch (0 = the first rows).
+    pub index: usize,
+    /// The seed of its random draws (dropout masks), drawn on the device's worker thread.
+    pub seed: u64,
 }
 
 /// How the rows of a multiple-choice batch (one per choice, each example's choices in turn) map
@@ -434,6 +445,7 @@ pub fn make_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) 
         tokens,
         choices: None,
         pairs: None,
+        shard: None,
         generation: items
             .iter()
             .filter_map(|e| match &e.target {
@@ -511,6 +523,7 @@ fn choice_batch<B: Backend>(items: &[&Encoded], pad: u32, device: &B::Device) ->
         }),
         generation: Vec::new(),
         pairs: None,
+        shard: None,
     }
 }
 
@@ -543,6 +556,8 @@ pub(crate) fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
 pub struct TaskOutput {
     /// The batch's statistics.
     pub stats: StepStats,
+    /// The batch's [`Shard::index`] in a data-parallel step.
+    pub shard: Option<usize>,
 }
 
 impl ItemLazy for TaskOutput {
@@ -785,6 +800,9 @@ macro_rules! steps {
             type Input = Batch<B>;
             type Output = TaskOutput;
             fn step(&self, batch: Batch<B>) -> TrainOutput<TaskOutput> {
+                // A data-parallel worker draws its shard's dropout masks from a generator of its own.
+                let shard = batch.shard;
+                let _draws = shard.map(|s| tensor_peft_kernels::rng::ThreadDraws::seeded(s.seed));
                 let (loss, stats, pass) = if self.gradient_checkpointing {
                     let (loss, stats, pass) = self.checkpointed_forward(batch);
                     (loss, stats, Some(pass))
@@ -792,7 +810,7 @@ macro_rules! steps {
                     let (loss, stats) = self.run(batch);
                     (loss, stats, None)
                 };
-                TrainOutput { grads: self.gradients(loss, pass), item: TaskOutput { stats } }
+                TrainOutput { grads: self.gradients(loss, pass), item: TaskOutput { stats, shard: shard.map(|s| s.index) } }
             }
         }
 
@@ -800,7 +818,7 @@ macro_rules! steps {
             type Input = Batch<B>;
             type Output = TaskOutput;
             fn step(&self, batch: Batch<B>) -> TaskOutput {
-                TaskOutput { stats: self.run(batch).1 }
+                TaskOutput { stats: self.run(batch).1, shard: None }
             }
         }
     };

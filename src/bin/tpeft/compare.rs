@@ -204,7 +204,12 @@ fn row(p: &Planned, r: &FinetuneReport, metric: &str, seconds: f64, halted: bool
 }
 
 /// Trains (or resumes, or skips) `p` up to `epochs` epochs.
-fn train<B: AutodiffBackend>(p: &Planned, dir: &Path, epochs: usize) -> Result<(FinetuneReport, f64), CliError> {
+fn train<B: AutodiffBackend>(
+    p: &Planned,
+    dir: &Path,
+    epochs: usize,
+    devices: &[B::Device],
+) -> Result<(FinetuneReport, f64), CliError> {
     let report_path = dir.join("train_report.json");
     let done: Option<FinetuneReport> = std::fs::read(&report_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let trained_epochs = |r: &FinetuneReport| r.history.iter().map(|h| h.epoch).max().unwrap_or(0);
@@ -225,7 +230,7 @@ fn train<B: AutodiffBackend>(p: &Planned, dir: &Path, epochs: usize) -> Result<(
     };
     eprintln!("compare: training {} to {epochs} epochs", p.name);
     let previous = done.as_ref().map_or(0.0, |r| r.train_seconds);
-    let report = tensor_peft_training::finetune::<B>(&config, &Default::default())
+    let report = tensor_peft_training::finetune_on::<B>(&config, devices)
         .map_err(|e| CliError::Runtime(format!("{}: {e}", p.name)))?;
     let seconds = previous + report.train_seconds;
     let mut saved = report.clone();
@@ -237,7 +242,11 @@ fn train<B: AutodiffBackend>(p: &Planned, dir: &Path, epochs: usize) -> Result<(
 }
 
 /// Runs the sweep and writes the results; returns the Markdown table.
-pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Result<String, CliError> {
+pub fn run<B: AutodiffBackend>(
+    path: &Path,
+    budget_minutes: Option<f64>,
+    devices: &[B::Device],
+) -> Result<String, CliError> {
     let (sweep, planned) = plan(path)?;
     // Every run must fit before the first one starts (`force = true` in a table goes on anyway).
     for p in &planned {
@@ -284,7 +293,7 @@ pub fn run<B: AutodiffBackend>(path: &Path, budget_minutes: Option<f64>) -> Resu
                 );
                 continue;
             }
-            let (report, seconds) = train::<B>(p, &sweep.output.join("runs").join(&p.name), epochs)?;
+            let (report, seconds) = train::<B>(p, &sweep.output.join("runs").join(&p.name), epochs, devices)?;
             results.insert(p.name.clone(), row(p, &report, &metric, seconds, false));
         }
         if rung + 1 == rungs.len() {

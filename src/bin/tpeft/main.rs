@@ -12,7 +12,7 @@ mod merge;
 mod params;
 mod plan;
 
-use backend::BackendKind;
+use backend::{BackendKind, DeviceSpec};
 use clap::{Parser, Subcommand};
 use params::{count, render};
 use std::process::ExitCode;
@@ -26,6 +26,12 @@ struct Cli {
     /// `cuda` (cargo features of the same names).
     #[arg(long, global = true, value_enum, default_value = "flex")]
     backend: BackendKind,
+    /// The devices to run on, comma-separated (default: the backend's default device): `cpu`
+    /// (ndarray, flex); `wgpu:N` (the N-th discrete GPU), `wgpu:integrated:N`, `wgpu:virtual:N`,
+    /// `wgpu:cpu`, `wgpu:default`; `cuda:N`. `finetune` trains data-parallel over several devices,
+    /// splitting each global batch of `--batch-size` examples evenly; other commands take one.
+    #[arg(long, global = true, value_delimiter = ',')]
+    devices: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -383,7 +389,7 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// Vulkan, needed up to 50 s on 2 busy cores). A missing driver or device is one line that names
 /// the backend and what to do, and a driver that hangs while enumerating devices cannot hang the
 /// run. The CPU backends have nothing to start.
-fn start_device(kind: BackendKind) -> Result<(), CliError> {
+fn start_device(kind: BackendKind, spec: &DeviceSpec) -> Result<(), CliError> {
     use std::sync::atomic::Ordering;
     if matches!(kind, BackendKind::Ndarray | BackendKind::Flex) {
         return Ok(());
@@ -395,24 +401,30 @@ fn start_device(kind: BackendKind) -> Result<(), CliError> {
         Err(_) => 300,
     };
     let name = kind.feature();
+    let named = *spec != DeviceSpec::default_for(kind);
     let hint = match kind {
+        BackendKind::Cuda if named => "`nvidia-smi -L` lists the devices there are (cuda:N counts from 0)",
         BackendKind::Cuda => "check the NVIDIA driver with `nvidia-smi`, or use --backend flex",
+        _ if named => {
+            "`vulkaninfo --summary` lists the adapters there are (wgpu:N counts discrete GPUs from 0; wgpu:default takes the best one)"
+        }
         _ => {
             "install a Vulkan driver (Debian: `apt-get install mesa-vulkan-drivers libvulkan1`; check with `vulkaninfo --summary`), or use --backend flex"
         }
     };
     let failed = |why: &str| {
         let why: String = why.lines().next().unwrap_or("").trim().chars().take(200).collect();
-        CliError::Runtime(format!("no {name} device could be started ({why}); {hint}"))
+        CliError::Runtime(format!("no {name} device could be started for {spec} ({why}); {hint}"))
     };
     STARTING_DEVICE.store(true, Ordering::SeqCst);
     let (sender, receiver) = std::sync::mpsc::channel();
+    let probed = spec.clone();
     std::thread::Builder::new()
         .name("tpeft-device-probe".into())
         .spawn(move || {
             let started = std::panic::catch_unwind(|| {
                 with_backend!(kind, B => {
-                    let one = burn::tensor::Tensor::<B, 1>::from_floats([1.0], &Default::default()).into_data();
+                    let one = burn::tensor::Tensor::<B, 1>::from_floats([1.0], &backend::device(&probed)).into_data();
                     Ok::<_, String>(one.to_vec::<f32>().is_ok_and(|v| v == [1.0]))
                 })
             });
@@ -433,7 +445,7 @@ fn start_device(kind: BackendKind) -> Result<(), CliError> {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(failed("its thread ended")),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline => {
                 break Err(CliError::Runtime(format!(
-                    "the {name} device did not start within {seconds} s (TPEFT_DEVICE_TIMEOUT_S); {hint}"
+                    "the {name} device {spec} did not start within {seconds} s (TPEFT_DEVICE_TIMEOUT_S); {hint}"
                 )));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -447,9 +459,36 @@ fn start_device(kind: BackendKind) -> Result<(), CliError> {
 
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
-    if !matches!(cli.command, Command::Params { .. } | Command::Plan { .. }) {
-        start_device(cli.backend)?;
+    let devices = DeviceSpec::parse_list(&cli.devices, cli.backend)?;
+    if devices.len() > 1 && !matches!(cli.command, Command::Finetune(_) | Command::Compare { .. }) {
+        return Err(CliError::Usage(format!(
+            "--devices lists {} devices, but only finetune and compare train on several (data parallel); give one",
+            devices.len()
+        )));
     }
+    if !matches!(cli.command, Command::Params { .. } | Command::Plan { .. }) {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        let caches =
+            matches!(cli.backend, BackendKind::Wgpu | BackendKind::Cuda).then(backend::configure_kernel_caches);
+        for spec in &devices {
+            start_device(cli.backend, spec)?;
+        }
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        match (cli.backend, caches) {
+            (BackendKind::Cuda, Some((dir, true))) => {
+                eprintln!("note: CUDA kernels compiled by earlier runs are reused from {}", dir.display())
+            }
+            (BackendKind::Cuda, Some((dir, false))) => eprintln!(
+                "note: the first steps compile CUDA kernels with NVRTC (minutes on a new machine); they are kept in {} for later runs",
+                dir.display()
+            ),
+            (BackendKind::Wgpu, _) => eprintln!(
+                "note: wgpu compiles each GPU kernel at its first use, in every run (seconds per kernel on software Vulkan)"
+            ),
+            _ => {}
+        }
+    }
+    let device = &devices[0];
     match cli.command {
         Command::Params { model, adapter, targets, target_regex, train_norms } => {
             let method = adapter.config("lora")?;
@@ -558,7 +597,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 base_dtype,
                 gradient_checkpointing,
             };
-            let records = if bf16 { bench_bf16(&options) } else { bench(cli.backend, &options) }
+            let records = if bf16 { bench_bf16(device, &options) } else { bench(cli.backend, device, &options) }
                 .map_err(CliError::Runtime)?;
             if let Some(path) = json {
                 write_atomically(&path, &serde_json::to_string_pretty(&records).expect("json values serialise"))?;
@@ -584,7 +623,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 base_dtype,
             };
             let text =
-                with_backend!(cli.backend, B => tensor_peft_training::generate::<B>(&model, &options, &Default::default())
+                with_backend!(cli.backend, B => tensor_peft_training::generate::<B>(&model, &options, &backend::device(device))
                 .map_err(|e| e.to_string()))
                 .map_err(CliError::Runtime)?;
             Ok(format!("{text}\n"))
@@ -599,7 +638,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                     output.display()
                 )));
             }
-            let summary = with_backend!(cli.backend, B => merge::run::<B>(&model, &adapter, &output, &Default::default())
+            let summary = with_backend!(cli.backend, B => merge::run::<B>(&model, &adapter, &output, &backend::device(device))
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{summary}\n"))
@@ -629,7 +668,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 other => CliError::Runtime(other.to_string()),
             })?;
             let options = tensor_peft_training::multi_adapter::CombineOptions { adapters, weights, combination, output, overwrite };
-            let summary = with_backend!(cli.backend, B => tensor_peft_training::multi_adapter::combine::<B>(&model, &options, &Default::default())
+            let summary = with_backend!(cli.backend, B => tensor_peft_training::multi_adapter::combine::<B>(&model, &options, &backend::device(device))
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{summary}\n"))
@@ -638,13 +677,13 @@ fn run(cli: Cli) -> Result<String, CliError> {
             if !model.is_dir() {
                 return Err(CliError::Usage(format!("--model {}: not a model directory", model.display())));
             }
-            let json = with_backend!(cli.backend, B => embed::run::<B>(&model, &text, &Default::default())
+            let json = with_backend!(cli.backend, B => embed::run::<B>(&model, &text, &backend::device(device))
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(format!("{json}\n"))
         }
         Command::Selfcheck { steps, lr, seed } => {
-            let results = selfcheck(cli.backend, steps, lr, seed).map_err(CliError::Runtime)?;
+            let results = selfcheck(cli.backend, device, steps, lr, seed).map_err(CliError::Runtime)?;
             Ok(format!("backend: {:?}\n{}", cli.backend, demo::render(&results)))
         }
         Command::Compare { config, budget_minutes } => {
@@ -652,13 +691,21 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 return Err(CliError::Usage("--budget-minutes must be positive".into()));
             }
             // Usage errors in the sweep file keep exit code 2: the inner result is returned as is.
-            with_backend!(cli.backend, B => Ok(compare::run::<burn::backend::Autodiff<B>>(&config, budget_minutes)))
+            with_backend!(cli.backend, B => Ok(compare::run::<burn::backend::Autodiff<B>>(&config, budget_minutes, &devices.iter().map(backend::device).collect::<Vec<_>>())))
                 .map_err(CliError::Runtime)?
         }
         Command::Finetune(args) => {
             let config = finetune::train_config(&args)?;
+            if !config.batch_size.is_multiple_of(devices.len()) {
+                return Err(CliError::Usage(format!(
+                    "--batch-size {} is the global batch: it must split evenly over the {} --devices (a multiple of {})",
+                    config.batch_size,
+                    devices.len(),
+                    devices.len()
+                )));
+            }
             plan::check_fits(&config, args.force)?;
-            let report = with_backend!(cli.backend, B => tensor_peft_training::finetune::<burn::backend::Autodiff<B>>(&config, &Default::default())
+            let report = with_backend!(cli.backend, B => tensor_peft_training::finetune_on::<burn::backend::Autodiff<B>>(&config, &devices.iter().map(backend::device).collect::<Vec<_>>())
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             Ok(finetune::render_report(&report))
@@ -728,7 +775,7 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 base_dtype,
                 max_new_tokens,
             };
-            let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_selection::<B>(&model, &adapters, &data, &options, &Default::default())
+            let evaluation = with_backend!(cli.backend, B => tensor_peft_training::eval::evaluate_selection::<B>(&model, &adapters, &data, &options, &backend::device(device))
                 .map_err(|e| e.to_string()))
             .map_err(CliError::Runtime)?;
             if let Some(path) = &predictions {
@@ -747,30 +794,40 @@ fn run(cli: Cli) -> Result<String, CliError> {
             Ok(metrics.iter().map(|(k, v)| format!("{k}: {v:.4}\n")).collect())
         }
         Command::Demo { train_examples, epochs, output } => {
-            with_backend!(cli.backend, B => demo::vader::<burn::backend::Autodiff<B>>(train_examples, epochs, &output, &Default::default()))
+            with_backend!(cli.backend, B => demo::vader::<burn::backend::Autodiff<B>>(train_examples, epochs, &output, &backend::device(device)))
                 .map_err(CliError::Runtime)
         }
     }
 }
 
-fn selfcheck(backend: BackendKind, steps: usize, lr: f64, seed: u64) -> Result<Vec<demo::DemoResult>, String> {
-    with_backend!(backend, B => demo::run::<burn::backend::Autodiff<B>>(&Default::default(), steps, lr, seed))
+fn selfcheck(
+    kind: BackendKind,
+    device: &DeviceSpec,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<Vec<demo::DemoResult>, String> {
+    with_backend!(kind, B => demo::run::<burn::backend::Autodiff<B>>(&backend::device(device), steps, lr, seed))
 }
 
-fn bench(backend: BackendKind, options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
-    with_backend!(backend, B => bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options))
+fn bench(
+    kind: BackendKind,
+    device: &DeviceSpec,
+    options: &bench::BenchOptions,
+) -> Result<Vec<serde_json::Value>, String> {
+    with_backend!(kind, B => bench::run::<burn::backend::Autodiff<B>>(&backend::device(device), options))
 }
 
 /// The benchmarks on CUDA in bf16 (the precision GPU fine-tuning runs in).
-fn bench_bf16(options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
+fn bench_bf16(device: &DeviceSpec, options: &bench::BenchOptions) -> Result<Vec<serde_json::Value>, String> {
     #[cfg(feature = "cuda")]
     {
         type B = burn::backend::Cuda<burn::tensor::bf16>;
-        bench::run::<burn::backend::Autodiff<B>>(&Default::default(), options)
+        bench::run::<burn::backend::Autodiff<B>>(&backend::device(device), options)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = options;
+        let _ = (device, options);
         Err("the cuda backend is not compiled in".into())
     }
 }
@@ -848,7 +905,12 @@ fn main() -> ExitCode {
             DEVICE_PANIC.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
             return;
         }
-        eprintln!("error: internal failure: {msg}");
+        // Where it failed, for a bug report (not a backtrace: one line).
+        let at = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal failure: {msg}{at}");
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        }
         std::process::exit(1);
     }));
     let cli = Cli::parse();

@@ -18,7 +18,7 @@ pub use setup::{BaseModel, Splits, load_base, load_splits};
 
 use crate::checkpoint;
 use crate::data::{Example, Labels, TaskKind};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::loader::TaskLoader;
 use crate::strategy::{FitOutcome, PeftStrategy};
 use crate::task::{Batch, TaskModel, TaskOutput};
@@ -38,16 +38,40 @@ pub enum StopAt {
 
 /// Fine-tunes `cfg.model` on `cfg.task` with `cfg.method` and writes the adapter directory.
 pub fn finetune<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device) -> Result<FinetuneReport> {
-    finetune_until::<B>(cfg, device, StopAt::Never)
+    finetune_until::<B>(cfg, std::slice::from_ref(device), StopAt::Never)
 }
 
-/// [`finetune`] that stops at `stop` (see [`StopAt`]).
+/// [`finetune`] data-parallel over `devices` (the first holds the model, the optimizer and
+/// validation): each step's global batch of `cfg.batch_size` examples is split in order into
+/// `cfg.batch_size / devices.len()` per device, the parts run at once on burn-train's multi-device
+/// workers, and their gradients, weighted by each part's share of the loss units, are summed on
+/// the first device for one optimizer step ([`crate::strategy`]). The adapter equals the
+/// one-device run's up to float rounding (without dropout: the masks depend on the part).
+pub fn finetune_on<B: AutodiffBackend>(cfg: &TrainConfig, devices: &[B::Device]) -> Result<FinetuneReport> {
+    finetune_until::<B>(cfg, devices, StopAt::Never)
+}
+
+/// [`finetune_on`] that stops at `stop` (see [`StopAt`]).
 pub fn finetune_until<B: AutodiffBackend>(
     cfg: &TrainConfig,
-    device: &B::Device,
+    devices: &[B::Device],
     stop: StopAt,
 ) -> Result<FinetuneReport> {
     validate(cfg)?;
+    let Some(device) = devices.first() else {
+        return Err(TrainError::Option { option: "devices", reason: "no device given".into() });
+    };
+    if !cfg.batch_size.is_multiple_of(devices.len()) {
+        return Err(TrainError::Option {
+            option: "batch_size",
+            reason: format!(
+                "the global batch of {} examples cannot be split evenly over {} devices; use a multiple of {}",
+                cfg.batch_size,
+                devices.len(),
+                devices.len()
+            ),
+        });
+    }
     let (cfg, recommended) = cfg.clone().with_recommended_settings();
     let cfg = &cfg;
     if let Some(note) = recommended {
@@ -67,15 +91,15 @@ pub fn finetune_until<B: AutodiffBackend>(
     match base {
         BaseModel::Encoder(bert, spec, tokenizer) => {
             let prepared = setup::encoder_task(cfg, bert, spec, tokenizer, labels)?;
-            run(cfg, prepared, splits, device, stop)
+            run(cfg, prepared, splits, devices, stop)
         }
         BaseModel::Decoder(llama, spec, tokenizer) if cfg.task == TaskKind::Dpo => {
             let prepared = setup::dpo_task(cfg, llama, spec, tokenizer)?;
-            run(cfg, prepared, splits, device, stop)
+            run(cfg, prepared, splits, devices, stop)
         }
         BaseModel::Decoder(llama, spec, tokenizer) => {
             let prepared = setup::lm_task(cfg, llama, spec, tokenizer, labels)?;
-            run(cfg, prepared, splits, device, stop)
+            run(cfg, prepared, splits, devices, stop)
         }
     }
 }
@@ -85,7 +109,7 @@ fn run<B, M>(
     cfg: &TrainConfig,
     prepared: setup::Prepared<M>,
     splits: [Vec<Example>; 3],
-    device: &B::Device,
+    devices: &[B::Device],
     stop: StopAt,
 ) -> Result<FinetuneReport>
 where
@@ -94,6 +118,7 @@ where
     M::InnerModule: InferenceStep<Input = Batch<B::InnerBackend>, Output = TaskOutput>,
 {
     let setup::Prepared { model, spec, tokenizer, labels, info, pad } = prepared;
+    let device = &devices[0];
     let [mut train_items, mut valid_items, mut test_items] =
         setup::encode_splits(cfg, &tokenizer, labels.as_ref(), splits)?;
     // Before the checkpoint of a resumed run is restored: what the task takes from the base model.
@@ -109,7 +134,8 @@ where
 
     let total_steps = setup::total_steps(cfg, train_items.len());
     let schedule = setup::schedule(cfg, total_steps, start.step);
-    let train_loader = TaskLoader::<B>::new(Arc::new(train_items), cfg.batch_size, pad, device.clone(), Some(cfg.seed));
+    let train_loader = TaskLoader::<B>::new(Arc::new(train_items), cfg.batch_size, pad, device.clone(), Some(cfg.seed))
+        .sharded(devices);
     let valid_loader =
         TaskLoader::<B::InnerBackend>::new(Arc::new(valid_items), cfg.batch_size, pad, device.clone(), None);
     let n_classes = labels.as_ref().map_or(0, Labels::len);
@@ -118,7 +144,7 @@ where
     let outcome = Arc::new(Mutex::new(FitOutcome::default()));
     let strategy = PeftStrategy::<B, M> {
         cfg: Arc::new(cfg.clone()),
-        device: device.clone(),
+        devices: devices.to_vec(),
         n_classes,
         quiet,
         start,
