@@ -32,6 +32,9 @@ pub enum TrainError {
         /// What is wrong and what was expected.
         reason: String,
     },
+    /// A data-parallel worker could not start or failed during a step.
+    #[error("data-parallel training: {0}")]
+    Device(String),
     /// Loading or adapting the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),

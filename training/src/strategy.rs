@@ -110,6 +110,8 @@ pub(crate) struct PeftStrategy<B: AutodiffBackend, M> {
     /// The devices the steps run on: the model, the optimizer and validation live on the first;
     /// with several, each step's batch is split over them ([`crate::parallel`]).
     pub(crate) devices: Vec<B::Device>,
+    /// The workers of a data-parallel run (several devices), taken by `fit`.
+    pub(crate) parallel: Mutex<Option<DataParallel<B, M>>>,
     /// Classes of a label task (0 otherwise), for the metrics.
     pub(crate) n_classes: usize,
     /// Print one line per epoch and split (no dashboard).
@@ -167,7 +169,7 @@ where
         let started_epoch = if state.epoch_finished { state.epoch + 1 } else { state.epoch.max(1) };
         let mut resume_skip = if state.epoch_finished { 0 } else { state.batches_done };
         let mut partial = state.partial_train.take();
-        let parallel = (self.devices.len() > 1).then(|| DataParallel::<B, M>::new(&self.devices));
+        let parallel = self.parallel.lock().expect("not poisoned").take();
         // The loader counts its batches in parts of a global batch.
         let parts = self.devices.len();
         if cfg.eval_before_training && state.step == 0 && state.history.is_empty() {
@@ -208,9 +210,16 @@ where
                                 None => break,
                             }
                         }
-                        let (parts, item) = parallel.step(&learner.model(), batches, seed, &mut accumulator);
-                        parts.iter().for_each(|part| train_acc.add(part));
-                        item
+                        match parallel.step(&learner.model(), batches, seed, &mut accumulator) {
+                            Ok((parts, item)) => {
+                                parts.iter().for_each(|part| train_acc.add(part));
+                                item
+                            }
+                            Err(e) => {
+                                outcome.error = Some(e);
+                                break 'epochs;
+                            }
+                        }
                     }
                 };
                 let stats = &item.stats;

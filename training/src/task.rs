@@ -357,7 +357,7 @@ pub struct Batch<B: Backend> {
     pub shard: Option<Shard>,
 }
 
-/// One device's part of a data-parallel step's global batch ([`crate::parallel`]).
+/// One device's part of a data-parallel step's global batch (see [`crate::finetune_on`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     /// Its position in the global batch (0 = the first rows).

@@ -147,16 +147,6 @@ impl DeviceSpec {
             return Ok(vec![DeviceSpec::default_for(kind)]);
         }
         let specs = list.iter().map(|s| DeviceSpec::parse(s, kind)).collect::<Result<Vec<_>, _>>()?;
-        if kind == BackendKind::Wgpu && specs.len() > 1 {
-            // burn-cubecl 0.21 moves a tensor between devices through CubeCL's server-to-server
-            // path, which only the CUDA runtime implements: on wgpu the device thread panics.
-            return Err(CliError::Usage(format!(
-                "--devices: {} wgpu devices given, but Burn 0.21 cannot move tensors between two wgpu devices \
-                 (CubeCL 0.10's wgpu runtime has no device-to-device transfer), so wgpu trains on one device; \
-                 data parallel runs on cuda (`cuda:0,cuda:1`) and, for testing, on the CPU backends (`cpu,cpu`)",
-                specs.len()
-            )));
-        }
         for (i, spec) in specs.iter().enumerate() {
             if *spec != DeviceSpec::Cpu && specs[..i].contains(spec) {
                 return Err(CliError::Usage(format!("--devices: {spec} is listed twice")));

@@ -20,6 +20,7 @@ use crate::checkpoint;
 use crate::data::{Example, Labels, TaskKind};
 use crate::error::{Result, TrainError};
 use crate::loader::TaskLoader;
+use crate::parallel::DataParallel;
 use crate::strategy::{FitOutcome, PeftStrategy};
 use crate::task::{Batch, TaskModel, TaskOutput};
 use burn::tensor::backend::AutodiffBackend;
@@ -43,10 +44,11 @@ pub fn finetune<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device) -> Re
 
 /// [`finetune`] data-parallel over `devices` (the first holds the model, the optimizer and
 /// validation): each step's global batch of `cfg.batch_size` examples is split in order into
-/// `cfg.batch_size / devices.len()` per device, the parts run at once on burn-train's multi-device
-/// workers, and their gradients, weighted by each part's share of the loss units, are summed on
-/// the first device for one optimizer step ([`crate::strategy`]). The adapter equals the
-/// one-device run's up to float rounding (without dropout: the masks depend on the part).
+/// `cfg.batch_size / devices.len()` per device, the parts run at once, one worker thread per
+/// device (a replica of the model on each device but the first), and their gradients, weighted by
+/// each part's share of the loss units, are summed on the first device for one optimizer step
+/// (`training/src/parallel.rs`). The adapter equals the one-device run's up to float rounding (without
+/// dropout: the masks depend on the part).
 pub fn finetune_on<B: AutodiffBackend>(cfg: &TrainConfig, devices: &[B::Device]) -> Result<FinetuneReport> {
     finetune_until::<B>(cfg, devices, StopAt::Never)
 }
@@ -88,18 +90,37 @@ pub fn finetune_until<B: AutodiffBackend>(
     let base = load_base::<B>(&cfg.model, cfg.base_dtype, device)?;
     let labels = if cfg.task.has_labels() { Some(Labels::from_examples(&train, &cfg.train)?) } else { None };
     let splits = [train, valid, test];
+    // A data-parallel replica: the same task model built on another device from the same file.
+    let base_on = |device: &B::Device| load_base::<B>(&cfg.model, cfg.base_dtype, device);
+    let changed = || TrainError::Option { option: "model", reason: "the model file changed during the run".into() };
     match base {
         BaseModel::Encoder(bert, spec, tokenizer) => {
-            let prepared = setup::encoder_task(cfg, bert, spec, tokenizer, labels)?;
-            run(cfg, prepared, splits, devices, stop)
+            let prepared = setup::encoder_task(cfg, bert, spec, tokenizer, labels.clone())?;
+            let replica = |device: &B::Device| match base_on(device)? {
+                BaseModel::Encoder(bert, spec, tokenizer) => {
+                    Ok(setup::encoder_task(cfg, bert, spec, tokenizer, labels.clone())?.model)
+                }
+                _ => Err(changed()),
+            };
+            run(cfg, prepared, splits, devices, &replica, stop)
         }
         BaseModel::Decoder(llama, spec, tokenizer) if cfg.task == TaskKind::Dpo => {
             let prepared = setup::dpo_task(cfg, llama, spec, tokenizer)?;
-            run(cfg, prepared, splits, devices, stop)
+            let replica = |device: &B::Device| match base_on(device)? {
+                BaseModel::Decoder(llama, spec, tokenizer) => Ok(setup::dpo_task(cfg, llama, spec, tokenizer)?.model),
+                _ => Err(changed()),
+            };
+            run(cfg, prepared, splits, devices, &replica, stop)
         }
         BaseModel::Decoder(llama, spec, tokenizer) => {
-            let prepared = setup::lm_task(cfg, llama, spec, tokenizer, labels)?;
-            run(cfg, prepared, splits, devices, stop)
+            let prepared = setup::lm_task(cfg, llama, spec, tokenizer, labels.clone())?;
+            let replica = |device: &B::Device| match base_on(device)? {
+                BaseModel::Decoder(llama, spec, tokenizer) => {
+                    Ok(setup::lm_task(cfg, llama, spec, tokenizer, labels.clone())?.model)
+                }
+                _ => Err(changed()),
+            };
+            run(cfg, prepared, splits, devices, &replica, stop)
         }
     }
 }
@@ -110,6 +131,7 @@ fn run<B, M>(
     prepared: setup::Prepared<M>,
     splits: [Vec<Example>; 3],
     devices: &[B::Device],
+    replica: &dyn Fn(&B::Device) -> Result<M>,
     stop: StopAt,
 ) -> Result<FinetuneReport>
 where
@@ -138,6 +160,15 @@ where
         .sharded(devices);
     let valid_loader =
         TaskLoader::<B::InnerBackend>::new(Arc::new(valid_items), cfg.batch_size, pad, device.clone(), None);
+    // The workers of a data-parallel run, with a replica of the model (stable parameter ids) on
+    // each device but the first; built last, so their random initialisation draws nothing the
+    // run uses (their trained values are the first device's at every step).
+    let parallel = if devices.len() > 1 {
+        let replica = |device: &B::Device| replica(device).map(checkpoint::stable_param_ids);
+        Some(DataParallel::<B, M>::new(devices, &replica)?)
+    } else {
+        None
+    };
     let n_classes = labels.as_ref().map_or(0, Labels::len);
     let quiet = report::quiet();
     let best_model: Arc<Mutex<Option<M>>> = Arc::new(Mutex::new(None));
@@ -145,6 +176,7 @@ where
     let strategy = PeftStrategy::<B, M> {
         cfg: Arc::new(cfg.clone()),
         devices: devices.to_vec(),
+        parallel: Mutex::new(parallel),
         n_classes,
         quiet,
         start,
