@@ -1867,6 +1867,21 @@ mod wgpu {
         assert!(lines[0].contains("vulkaninfo --summary"), "{stderr}");
     }
 
+    /// A tensor larger than the device can hold (a 24,576² weight: 2.4 GB, over lavapipe's 2 GiB
+    /// buffer limit) ends with one line naming the device and what to try, exit code 1.
+    #[test]
+    fn a_device_out_of_memory_is_one_line_with_what_to_try() {
+        let out = tpeft(&["--backend", "wgpu", "bench", "--suite", "linear", "--dims", "24576", "--tokens", "24576"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let errors: Vec<&str> =
+            stderr.lines().filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].starts_with("error: the wgpu device wgpu:default ran out of memory ("), "{stderr}");
+        assert!(errors[0].contains("--batch-size") && errors[0].contains("tpeft plan"), "{stderr}");
+        assert!(!stderr.contains("internal failure") && !stderr.contains("panicked"), "{stderr}");
+    }
+
     /// Runs `tpeft --backend flex` and `--backend wgpu` with the arguments `args(output)`, and
     /// requires the same rows in both `metrics.csv` with losses within 1e-4 relative.
     fn train_on_flex_and_wgpu(

@@ -489,6 +489,8 @@ fn run(cli: Cli) -> Result<String, CliError> {
         }
     }
     let device = &devices[0];
+    let names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+    let _ = RUNNING_ON.set(format!("the {} device {}", cli.backend.feature(), names.join(", ")));
     match cli.command {
         Command::Params { model, adapter, targets, target_regex, train_norms } => {
             let method = adapter.config("lora")?;
@@ -890,6 +892,30 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<(), CliError> 
     })
 }
 
+/// The backend and devices of the run, for messages written from the panic hook.
+static RUNNING_ON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The one line for a panic that says a GPU device ran out of memory (CubeCL's `OutOfMemory` and
+/// `BufferTooBig` errors), or `None` for any other panic.
+fn out_of_memory(msg: &str) -> Option<String> {
+    const SIGNS: [&str; 6] = [
+        "out-of-memory",
+        "out of memory",
+        "outofmemory",
+        "can't allocate buffer of size",
+        "buffertoobig",
+        "greater than the maximum buffer size",
+    ];
+    let says = |line: &str| SIGNS.iter().any(|sign| line.to_lowercase().contains(sign));
+    let what: String = msg.lines().find(|l| says(l))?.trim().chars().take(200).collect();
+    let on = RUNNING_ON.get().map(String::as_str).unwrap_or("the device");
+    Some(format!(
+        "{on} ran out of memory ({what}); lower --batch-size or --max-len, add --gradient-checkpointing, \
+         hold the base in less memory (--base-dtype bf16 or q8_0), or use a device with more memory \
+         (`tpeft plan` estimates a run's peak)"
+    ))
+}
+
 /// Counts allocations while `tpeft bench` measures them (until then: one relaxed load per allocation).
 #[global_allocator]
 static ALLOCATOR: tensor_peft::allocator::CountingAllocator = tensor_peft::allocator::CountingAllocator;
@@ -905,8 +931,14 @@ fn main() -> ExitCode {
             DEVICE_PANIC.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
             return;
         }
+        // A device out of memory is the user's to fix, not a bug: say so, with what to try.
+        if let Some(line) = out_of_memory(&msg) {
+            eprintln!("error: {line}");
+            std::process::exit(1);
+        }
         // Where it failed, for a bug report (not a backtrace: one line).
         let at = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+        let msg = msg.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" / ");
         eprintln!("error: internal failure: {msg}{at}");
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
             eprintln!("{}", std::backtrace::Backtrace::force_capture());
