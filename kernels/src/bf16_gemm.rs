@@ -239,12 +239,19 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
         }
         return;
     }
-    // A as rows of bf16 pairs.
-    let lda = k.div_ceil(2);
-    let mut packed_a = vec![0u32; m * lda];
-    packed_a.par_chunks_mut(lda).enumerate().for_each(|(i, row)| {
-        let at = |c: usize| if c < k { a.data[a.offset + i * a.row_stride + c * a.col_stride] } else { 0.0 };
-        row.iter_mut().enumerate().for_each(|(p, w)| *w = pair(at(2 * p), at(2 * p + 1)));
+    // A as tiles of `MR` rows (zeros past `m`), each `⌈k/2⌉` groups of `MR` bf16 pairs: a tile's
+    // broadcasts read consecutive words (rows of A `k` apart would share L1 sets).
+    let kp_all = k.div_ceil(2);
+    let tile_words = kp_all * MR;
+    let mut packed_a = vec![0u32; m.div_ceil(MR) * tile_words];
+    packed_a.par_chunks_mut(tile_words).enumerate().for_each(|(t, tile)| {
+        for r in 0..MR.min(m - t * MR) {
+            let i = t * MR + r;
+            let at = |c: usize| if c < k { a.data[a.offset + i * a.row_stride + c * a.col_stride] } else { 0.0 };
+            for p in 0..kp_all {
+                tile[p * MR + r] = pair(at(2 * p), at(2 * p + 1));
+            }
+        }
     });
     let dst = SendPtr(out.as_mut_ptr());
     let blocks = n.div_ceil(NB);
@@ -260,19 +267,17 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
                 pack_b(&b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2);
                 for s in (0..nb).step_by(NR) {
                     let nr = NR.min(nb - s);
+                    let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
                     for i0 in (0..m).step_by(MR) {
                         let mr = MR.min(m - i0);
                         let load = accumulate || r0 > 0;
-                        let a_tile = &packed_a[i0 * lda + r0 / 2..];
-                        let b_strip = &packed_b[s..];
+                        let a_tile = &packed_a[i0 / MR * tile_words + r0 / 2 * MR..][..kp * MR];
                         // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
                         // lie inside the `m × n` output, which this task alone writes (its block
-                        // of columns); `a_tile` holds `mr` rows `lda` apart with `kp` pairs each
-                        // and `b_strip` `kp` rows `NB` apart of at least 32 words (checked in
-                        // `tile`).
+                        // of columns); the operands' lengths are checked in `tile`.
                         unsafe {
                             let c = dst.0.add(i0 * n + j0 + s);
-                            tile(kernel, mr, kp, a_tile, lda, b_strip, NB, c, n, nr, load);
+                            tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
                         }
                     }
                 }
@@ -286,8 +291,8 @@ struct SendPtr(*mut f32);
 // SAFETY: the tasks write disjoint elements (see `matmul`).
 unsafe impl Sync for SendPtr {}
 
-/// Packs `B[r0..r0 + kc, j0..j0 + nb]` into `packed` as `⌈kc/2⌉` rows of [`NB`] pairs (zeros past
-/// `kc` and `nb`).
+/// Packs `B[r0..r0 + kc, j0..j0 + nb]` into `packed` as strips of [`NR`] columns, each `⌈kc/2⌉`
+/// rows of `NR` pairs, contiguous (zeros past `kc` and `nb`).
 #[allow(clippy::too_many_arguments)]
 fn pack_b(
     b: &Weight,
@@ -303,9 +308,11 @@ fn pack_b(
 ) {
     let kp = kc.div_ceil(2);
     let packed = &mut packed[..kp * NB];
-    if nb < NB {
+    if !nb.is_multiple_of(NR) {
         packed.fill(0);
     }
+    // Word `(p, c)`'s place.
+    let at = |p: usize, c: usize| c / NR * (kp * NR) + p * NR + c % NR;
     if b.by_columns() {
         // Column `j` of `B` is a run of `kc` values: read it, then scatter its pairs down the
         // column of words (the `NB`-word rows stay in L1 over the block).
@@ -314,7 +321,7 @@ fn pack_b(
         for c in 0..nb {
             b.column(j0 + c, r0, k, &mut col[..kc]);
             for (p, w) in col.chunks_exact(2).enumerate() {
-                packed[p * NB + c] = pair(w[0], w[1]);
+                packed[at(p, c)] = pair(w[0], w[1]);
             }
         }
     } else {
@@ -328,34 +335,35 @@ fn pack_b(
             } else {
                 odd.fill(0.0);
             }
-            let words = &mut packed[p * NB..p * NB + nb];
-            words.iter_mut().zip(even.iter().zip(odd.iter())).for_each(|(w, (&e, &o))| *w = pair(e, o));
+            for (s, (even, odd)) in even.chunks(NR).zip(odd.chunks(NR)).enumerate() {
+                let words = &mut packed[at(p, s * NR)..][..even.len()];
+                words.iter_mut().zip(even.iter().zip(odd)).for_each(|(w, (&e, &o))| *w = pair(e, o));
+            }
         }
     }
 }
 
-/// One `mr × nr` tile of `C` (`c`, rows `ldc` apart): `C (+)= A_tile·B_strip` over `kp` pairs.
+/// One `mr × nr` tile of `C` (`c`, rows `ldc` apart): `C (+)= A_tile·B_strip` over `kp` pairs,
+/// `a` holding `kp` groups of [`MR`] words (row `r`'s pair `p` at `p·MR + r`), `b` `kp` rows of
+/// [`NR`] words; without `load` the tile's old values are not read.
 ///
 /// # Safety
 /// `c` must be valid for reads and writes of `mr` rows of `nr` elements, `ldc` apart, which no
-/// other thread touches; `mr ≤ MR`, `nr ≤ NR`.
+/// other thread touches.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     kernel: Kernel,
     mr: usize,
     kp: usize,
     a: &[u32],
-    lda: usize,
     b: &[u32],
-    ldb: usize,
     c: *mut f32,
     ldc: usize,
     nr: usize,
     load: bool,
 ) {
-    assert!(mr >= 1 && mr <= MR && nr >= 1 && nr <= NR && kp >= 1);
-    assert!(a.len() >= (mr - 1) * lda + kp, "bf16 tile: A holds {} words", a.len());
-    assert!(b.len() >= (kp - 1) * ldb + NR, "bf16 tile: B holds {} words", b.len());
+    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr) && kp >= 1);
+    assert!(a.len() >= kp * MR && b.len() >= kp * NR, "bf16 tile: {} and {} words", a.len(), b.len());
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 => {
@@ -365,7 +373,7 @@ unsafe fn tile(
                         $(
                             // SAFETY: `matmul` checked that the CPU has AVX512-BF16/F/BW; the
                             // operands' extents were asserted above; `c` is the caller's contract.
-                            $rows => unsafe { avx512::tile::<$rows>(kp, a.as_ptr(), lda, b.as_ptr(), ldb, c, ldc, nr, load) },
+                            $rows => unsafe { avx512::tile::<$rows>(kp, a.as_ptr(), b.as_ptr(), c, ldc, nr, load) },
                         )*
                         _ => unreachable!(),
                     }
@@ -386,9 +394,9 @@ unsafe fn tile(
             }
             let widen = |w: u32| (f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000));
             for p in 0..kp {
-                let strip = &b[p * ldb..p * ldb + NR];
+                let strip = &b[p * NR..p * NR + NR];
                 for (r, acc) in acc.iter_mut().enumerate().take(mr) {
-                    let (a_lo, a_hi) = widen(a[r * lda + p]);
+                    let (a_lo, a_hi) = widen(a[p * MR + r]);
                     for (acc, &w) in acc.iter_mut().zip(strip) {
                         let (b_lo, b_hi) = widen(w);
                         // Exact products; the odd element first, as `vdpbf16ps`.
@@ -413,17 +421,14 @@ mod avx512 {
     /// The AVX512-BF16 micro-kernel: `MR` rows × 32 columns of `C` in `2·MR` accumulators.
     ///
     /// # Safety
-    /// The CPU must have AVX512-BF16, AVX512F and AVX512BW. `a` must hold `MR` rows of `kp` words,
-    /// `lda` apart; `b` `kp` rows of 32 words, `ldb` apart; `c` must be valid for reads (when
-    /// `load`) and writes of `MR` rows of `nr ≤ 32` elements, `ldc` apart.
+    /// The CPU must have AVX512-BF16, AVX512F and AVX512BW. `a` must hold `kp` groups of
+    /// [`super::MR`] words, `b` `kp` rows of 32 words; `c` must be valid for reads (when `load`)
+    /// and writes of `ROWS` rows of `nr ≤ 32` elements, `ldc` apart.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile<const MR: usize>(
+    pub(super) unsafe fn tile<const ROWS: usize>(
         kp: usize,
         a: *const u32,
-        lda: usize,
         b: *const u32,
-        ldb: usize,
         c: *mut f32,
         ldc: usize,
         nr: usize,
@@ -437,7 +442,7 @@ mod avx512 {
         } else {
             0
         };
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         if load {
             for (r, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: the caller's contract; masked-off lanes are not read.
@@ -448,14 +453,14 @@ mod avx512 {
             }
         }
         for p in 0..kp {
-            // SAFETY: row `p` of `b` holds 32 words and row `r` of `a` `kp` words (the caller's
-            // contract).
+            // SAFETY: row `p` of `b` holds 32 words and group `p` of `a` `MR ≥ ROWS` words (the
+            // caller's contract).
             unsafe {
-                let row = b.add(p * ldb);
+                let row = b.add(p * 32);
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * super::MR + r) as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
                 }
