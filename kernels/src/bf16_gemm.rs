@@ -73,10 +73,10 @@ impl Kernel {
 #[inline(always)]
 pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
-    if b & 0x7FFF_FFFF > 0x7F80_0000 {
-        return ((b >> 16) | 0x0040) as u16;
-    }
-    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    // Both computed and one selected, so that loops over this vectorise.
+    let nan = ((b >> 16) | 0x0040) as u16;
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }
 }
 
 /// The pair `(lo, hi)` rounded to bf16 in one 32-bit word, `lo` in the low half.
@@ -139,7 +139,24 @@ pub enum Weight<'a> {
     },
 }
 
+/// The bytes of a slice of plain numbers (for prefetching).
+#[cfg(target_arch = "x86_64")]
+fn as_bytes<T: Copy>(data: &[T]) -> &[u8] {
+    // SAFETY: `T` is a plain number type (f32, bf16, f16): every byte is initialised, and `u8` has
+    // no alignment; the length covers the same memory.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// The index of the first element a `column` (or `row`) read of `s` at `(j, r0)` touches, when
+/// that read is a contiguous run.
+#[cfg(target_arch = "x86_64")]
+fn strided_run<T>(s: &Strided<T>, column: bool, j: usize, r0: usize) -> Option<usize> {
+    let (along, across) = if column { (s.k_stride, s.n_stride) } else { (s.n_stride, s.k_stride) };
+    (along == 1).then(|| s.offset + r0 + j * across)
+}
+
 /// Widens `out.len()` values of `data` starting at `start`, `stride` apart.
+#[inline(always)]
 fn widen<T: Copy>(data: &[T], start: usize, stride: usize, out: &mut [f32], f: impl Fn(T) -> f32) {
     if stride == 1 {
         let len = out.len();
@@ -151,6 +168,7 @@ fn widen<T: Copy>(data: &[T], start: usize, stride: usize, out: &mut [f32], f: i
 
 impl Weight<'_> {
     /// Whether a column of `B` is contiguous along `k` in memory (then it is packed by columns).
+    #[inline(always)]
     fn by_columns(&self) -> bool {
         let strided = |k_stride: usize, n_stride: usize| k_stride == 1 && n_stride != 1;
         match self {
@@ -162,6 +180,7 @@ impl Weight<'_> {
     }
 
     /// `B[r0 + i, j]` into `out[i]`; `r0` a multiple of [`KC`] for blocks.
+    #[inline(always)]
     fn column(&self, j: usize, r0: usize, k: usize, out: &mut [f32]) {
         match *self {
             Weight::F32(s) => widen(s.data, s.offset + r0 * s.k_stride + j * s.n_stride, s.k_stride, out, |v| v),
@@ -178,6 +197,7 @@ impl Weight<'_> {
     }
 
     /// `B[r, j0 + i]` into `out[i]`; `j0` a multiple of [`NB`] for blocks.
+    #[inline(always)]
     fn row(&self, r: usize, j0: usize, n: usize, out: &mut [f32]) {
         match *self {
             Weight::F32(s) => widen(s.data, s.offset + r * s.k_stride + j0 * s.n_stride, s.n_stride, out, |v| v),
@@ -191,6 +211,42 @@ impl Weight<'_> {
                 format.dequantize(&row[at..at + format.row_bytes(out.len())], out);
             }
         }
+    }
+
+    /// Asks the CPU to start loading the memory of [`Self::column`]`(j, r0, k, len)` (`column`)
+    /// or [`Self::row`]`(j, r0, n, len)`: the packing jumps from stored row to stored row, a
+    /// stride the hardware prefetchers follow late. Out-of-range requests are skipped.
+    #[inline(always)]
+    fn prefetch(&self, column: bool, j: usize, r0: usize, width: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (bytes, start, count): (&[u8], usize, usize) = match *self {
+                Weight::Blocks { bytes, format, .. } => {
+                    (bytes, j * format.row_bytes(width) + format.row_bytes(r0), format.row_bytes(len))
+                }
+                Weight::F32(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 4, len * 4),
+                    None => return,
+                },
+                Weight::Bf16(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 2, len * 2),
+                    None => return,
+                },
+                Weight::F16(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 2, len * 2),
+                    None => return,
+                },
+            };
+            let end = (start + count).min(bytes.len());
+            for at in (start..end).step_by(64) {
+                // SAFETY: `at` is inside `bytes`; a prefetch has no other effect.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes.as_ptr().add(at).cast())
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (column, j, r0, width, len);
     }
 
     /// Panics unless every element of a `k × n` matrix lies inside the data.
@@ -256,34 +312,84 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
     let dst = SendPtr(out.as_mut_ptr());
     let blocks = n.div_ceil(NB);
     (0..blocks).into_par_iter().for_each_init(
-        || (vec![0u32; KC / 2 * NB], vec![0.0f32; KC.max(NB)], vec![0.0f32; NB]),
-        |(packed_b, scratch, scratch2), block| {
-            let dst = &dst;
-            let j0 = block * NB;
-            let nb = NB.min(n - j0);
-            for r0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - r0);
-                let kp = kc.div_ceil(2);
-                pack_b(&b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2);
-                for s in (0..nb).step_by(NR) {
-                    let nr = NR.min(nb - s);
-                    let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
-                    for i0 in (0..m).step_by(MR) {
-                        let mr = MR.min(m - i0);
-                        let load = accumulate || r0 > 0;
-                        let a_tile = &packed_a[i0 / MR * tile_words + r0 / 2 * MR..][..kp * MR];
-                        // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
-                        // lie inside the `m × n` output, which this task alone writes (its block
-                        // of columns); the operands' lengths are checked in `tile`.
-                        unsafe {
-                            let c = dst.0.add(i0 * n + j0 + s);
-                            tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
-                        }
-                    }
-                }
+        || Scratch {
+            packed_b: vec![0u32; KC / 2 * NB],
+            column: vec![0.0f32; KC.max(NB)],
+            odd: vec![0.0f32; NB],
+            pairs: vec![0u32; KC / 2],
+        },
+        |scratch, block| {
+            let task = Task { kernel, a: &packed_a, tile_words, b: &b, m, n, k, accumulate, dst: &dst };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `matmul` checked that the CPU runs the kernel, so it has AVX512-BF16/F/BW.
+                Kernel::Avx512Bf16 => unsafe { block_avx512(&task, block, scratch) },
+                _ => block_task(&task, block, scratch),
             }
         },
     );
+}
+
+/// A thread's buffers: the packed block of `B` and the scratch rows it is read through.
+struct Scratch {
+    packed_b: Vec<u32>,
+    column: Vec<f32>,
+    odd: Vec<f32>,
+    pairs: Vec<u32>,
+}
+
+/// What every column block of one product shares.
+struct Task<'a> {
+    kernel: Kernel,
+    a: &'a [u32],
+    tile_words: usize,
+    b: &'a Weight<'a>,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    dst: &'a SendPtr,
+}
+
+/// [`block_task`] compiled for AVX-512 (the packing's conversions and dequantization vectorise).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16, AVX512F and AVX512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn block_avx512(task: &Task, block: usize, scratch: &mut Scratch) {
+    block_task(task, block, scratch)
+}
+
+/// Output columns `block·NB..` of the product: the weight's block packed a `KC` slice at a
+/// time, each slice multiplied into every row tile.
+#[inline(always)]
+fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
+    let Task { kernel, a: packed_a, tile_words, b, m, n, k, accumulate, dst } = *task;
+    let Scratch { packed_b, column: scratch, odd: scratch2, pairs } = scratch;
+    let j0 = block * NB;
+    let nb = NB.min(n - j0);
+    for r0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - r0);
+        let kp = kc.div_ceil(2);
+        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs);
+        for s in (0..nb).step_by(NR) {
+            let nr = NR.min(nb - s);
+            let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
+            for i0 in (0..m).step_by(MR) {
+                let mr = MR.min(m - i0);
+                let load = accumulate || r0 > 0;
+                let a_tile = &packed_a[i0 / MR * tile_words + r0 / 2 * MR..][..kp * MR];
+                // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
+                // lie inside the `m × n` output, which this task alone writes (its block
+                // of columns); the operands' lengths are checked in `tile`.
+                unsafe {
+                    let c = dst.0.add(i0 * n + j0 + s);
+                    tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
+                }
+            }
+        }
+    }
 }
 
 /// A pointer to the output handed to the column-block tasks, each writing its own columns.
@@ -293,6 +399,7 @@ unsafe impl Sync for SendPtr {}
 
 /// Packs `B[r0..r0 + kc, j0..j0 + nb]` into `packed` as strips of [`NR`] columns, each `⌈kc/2⌉`
 /// rows of `NR` pairs, contiguous (zeros past `kc` and `nb`).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pack_b(
     b: &Weight,
@@ -305,6 +412,7 @@ fn pack_b(
     packed: &mut [u32],
     scratch: &mut [f32],
     scratch2: &mut [f32],
+    pairs: &mut [u32],
 ) {
     let kp = kc.div_ceil(2);
     let packed = &mut packed[..kp * NB];
@@ -319,9 +427,16 @@ fn pack_b(
         let col = &mut scratch[..kp * 2];
         col[kc..].fill(0.0);
         for c in 0..nb {
+            if c + 4 < nb {
+                b.prefetch(true, j0 + c + 4, r0, k, kc);
+            }
             b.column(j0 + c, r0, k, &mut col[..kc]);
-            for (p, w) in col.chunks_exact(2).enumerate() {
-                packed[at(p, c)] = pair(w[0], w[1]);
+            // Rounded in one vectorised pass, then scattered.
+            let words = &mut pairs[..kp];
+            words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+            let strip = &mut packed[at(0, c)..];
+            for (p, &w) in words.iter().enumerate() {
+                strip[p * NR] = w;
             }
         }
     } else {
@@ -329,6 +444,11 @@ fn pack_b(
         let (even, odd) = (&mut scratch[..nb], &mut scratch2[..nb]);
         for p in 0..kp {
             let r = r0 + 2 * p;
+            for ahead in [r + 4, r + 5] {
+                if ahead < r0 + kc {
+                    b.prefetch(false, ahead, j0, n, nb);
+                }
+            }
             b.row(r, j0, n, even);
             if r + 1 < r0 + kc {
                 b.row(r + 1, j0, n, odd);
