@@ -316,7 +316,7 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
             packed_b: vec![0u32; KC / 2 * NB],
             column: vec![0.0f32; KC.max(NB)],
             odd: vec![0.0f32; NB],
-            pairs: vec![0u32; KC / 2],
+            pairs: vec![0u32; 16 * (KC / 2)],
         },
         |scratch, block| {
             let task = Task { kernel, a: &packed_a, tile_words, b: &b, m, n, k, accumulate, dst: &dst };
@@ -372,7 +372,7 @@ fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
     for r0 in (0..k).step_by(KC) {
         let kc = KC.min(k - r0);
         let kp = kc.div_ceil(2);
-        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs);
+        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel == Kernel::Avx512Bf16);
         for s in (0..nb).step_by(NR) {
             let nr = NR.min(nb - s);
             let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
@@ -413,6 +413,7 @@ fn pack_b(
     scratch: &mut [f32],
     scratch2: &mut [f32],
     pairs: &mut [u32],
+    simd: bool,
 ) {
     let kp = kc.div_ceil(2);
     let packed = &mut packed[..kp * NB];
@@ -426,7 +427,46 @@ fn pack_b(
         // column of words (the `NB`-word rows stay in L1 over the block).
         let col = &mut scratch[..kp * 2];
         col[kc..].fill(0.0);
-        for c in 0..nb {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut first = 0;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // Sixteen columns at a time: rounded into sixteen rows of words, then transposed
+            // 16 × 16 in registers into whole 64-byte rows of the strip.
+            const ROW: usize = KC / 2;
+            while first + 16 <= nb {
+                for ci in 0..16 {
+                    let c = first + ci;
+                    if c + 4 < nb {
+                        b.prefetch(true, j0 + c + 4, r0, k, kc);
+                    }
+                    b.column(j0 + c, r0, k, &mut col[..kc]);
+                    let words = &mut pairs[ci * ROW..][..kp];
+                    words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+                }
+                let base = at(0, first);
+                for p0 in (0..kp).step_by(16) {
+                    let rows = 16.min(kp - p0);
+                    assert!(pairs.len() >= 15 * ROW + p0 + 16 && packed.len() >= base + (p0 + rows - 1) * NR + 16);
+                    // SAFETY: the CPU has AVX-512F (`simd` is set only for the AVX512-BF16
+                    // kernel); the reads (16 rows of 16 words, `ROW` apart, from `p0`) and the
+                    // writes (`rows` rows of 16 words, `NR` apart) are inside the slices (asserted).
+                    unsafe {
+                        avx512::transpose16(
+                            pairs.as_ptr().add(p0),
+                            ROW,
+                            packed.as_mut_ptr().add(base + p0 * NR),
+                            NR,
+                            rows,
+                        )
+                    };
+                }
+                first += 16;
+            }
+        }
+        for c in first..nb {
             if c + 4 < nb {
                 b.prefetch(true, j0 + c + 4, r0, k, kc);
             }
@@ -537,6 +577,55 @@ unsafe fn tile(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    /// Writes the transpose of the 16 × 16 words at `src` (rows `src_stride` apart): its first
+    /// `rows` rows, `dst_stride` apart.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `src` must be valid for reading 16 rows of 16 words and `dst`
+    /// for writing `rows` rows of 16 words.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(
+        src: *const u32,
+        src_stride: usize,
+        dst: *mut u32,
+        dst_stride: usize,
+        rows: usize,
+    ) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, r) in r.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            *r = unsafe { _mm512_loadu_si512(src.add(i * src_stride).cast()) };
+        }
+        let mut t = [_mm512_setzero_si512(); 16];
+        for j in 0..8 {
+            t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+            t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+        }
+        // u[4g + q]: 128-bit lane L holds element 4L + q of rows 4g..4g + 3.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+            let v1 = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
+            let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+            let w1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+            out[8 + q] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
+            out[4 + q] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
+        }
+        for (p, o) in out.iter().enumerate().take(rows) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_si512(dst.add(p * dst_stride).cast(), *o) };
+        }
+    }
 
     /// The AVX512-BF16 micro-kernel: `MR` rows × 32 columns of `C` in `2·MR` accumulators.
     ///
