@@ -5,12 +5,15 @@
 //!
 //! Layout and blocking:
 //! - `A` (`m × k`, small: a batch's activations) is rounded once (round-to-nearest-even, as
-//!   `half::bf16::from_f32`) into rows of `⌈k/2⌉` bf16 pairs (a zero pads an odd `k`).
+//!   `half::bf16::from_f32`) into tiles of [`MR`] rows, `⌈k/2⌉` groups of `MR` bf16 pairs each (a
+//!   zero pads an odd `k` and the last tile's missing rows).
 //! - `B` (`k × n`, the weight) is packed per task: [`NB`] output columns × [`KC`] reductions at a
-//!   time into `⌈KC/2⌉` rows of `NB` 32-bit words, each word the pair `(B[2p, j], B[2p+1, j])`
-//!   (the low half the even `k`), which is what `vdpbf16ps` multiplies against a broadcast pair of
-//!   `A`. The weight is never widened into an f32 panel: a source is read (dequantized) one row
-//!   chunk of at most `max(KC, NB)` values into a small scratch and rounded into the packed block.
+//!   time into strips of [`NR`] columns, each `⌈KC/2⌉` rows of `NR` 32-bit words, each word the pair
+//!   `(B[2p, j], B[2p+1, j])` (the low half the even `k`), which is what `vdpbf16ps` multiplies
+//!   against a broadcast pair of `A`. The weight is never widened into an f32 panel: a source is
+//!   read (dequantized) one row chunk of at most `max(KC, NB)` values into a small scratch and
+//!   rounded into the packed block; columns that are contiguous along `k` (the rows of `Wᵀ` for
+//!   `x·W`) go 16 at a time through a 16 × 16 register transpose.
 //! - The micro-kernel holds an `MR × 32` tile of `C` in `2·MR` zmm accumulators (MR ≤ [`MR`]),
 //!   streams the packed `B` strip (in L1) and broadcasts `A`'s pairs; a tile is loaded (when
 //!   accumulating or after the first `KC` block) and stored with masks at the right edge.
