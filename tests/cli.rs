@@ -2034,3 +2034,51 @@ mod wgpu {
         }
     }
 }
+
+/// `--compute-dtype`: an unknown name, and `bf16` off the flex backend, are usage errors (exit 2),
+/// also from a `finetune --config` file; the train-step bench records the dtype it ran at.
+#[test]
+fn compute_dtype_is_checked_and_recorded() {
+    let dir = scratch("compute-dtype");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("run.toml");
+    std::fs::write(&config, "compute_dtype = \"fp8\"\n").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["bench", "--suite", "linear", "--compute-dtype", "fp8"], "--compute-dtype: unknown compute dtype \"fp8\""),
+        (&["--backend", "ndarray", "bench", "--suite", "linear", "--compute-dtype", "bf16"], "flex backend only"),
+        (&["finetune", "--config", config.to_str().unwrap()], "unknown compute dtype \"fp8\""),
+    ];
+    for (args, expected) in cases {
+        let out = tpeft(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && out.stdout.is_empty(), "{args:?}");
+    }
+    let model = fixture("tiny-llama");
+    for dtype in ["f32", "bf16"] {
+        let json = dir.join(format!("{dtype}.json"));
+        let out = tpeft(&[
+            "bench",
+            "--suite",
+            "train-step",
+            "--model",
+            &model,
+            "--train-shape",
+            "2x8",
+            "--repeats",
+            "1",
+            "--compute-dtype",
+            dtype,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let records: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        for r in records.as_array().unwrap() {
+            assert_eq!(r["compute_dtype"].as_str(), Some(dtype), "{r}");
+            assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -50,6 +50,7 @@ pub enum BlockFormat {
 }
 
 /// The f16 at `b[at..at + 2]`, widened.
+#[inline(always)]
 fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -216,7 +217,9 @@ impl BlockFormat {
         Ok(())
     }
 
-    /// Dequantizes whole blocks `bytes` into `out` ([`Self::block_len`] values a block).
+    /// Dequantizes whole blocks `bytes` into `out` ([`Self::block_len`] values a block). Inlined,
+    /// so that the bf16 GEMM's packing compiles it for AVX-512.
+    #[inline(always)]
     pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) {
         let n = self.block_len();
         for (b, y) in bytes.chunks_exact(self.block_bytes()).zip(out.chunks_exact_mut(n)) {
@@ -225,6 +228,7 @@ impl BlockFormat {
     }
 
     /// One block, as llama.cpp's `dequantize_row_*` (its operations, in its order).
+    #[inline(always)]
     fn dequantize_block(self, b: &[u8], y: &mut [f32]) {
         // Weights j and j + 16 of a 32-weight block from the low and high nibbles of code byte j.
         fn nibbles(b: &[u8], y: &mut [f32], value: impl Fn(usize, u8) -> f32) {

@@ -196,3 +196,181 @@ fn gguf_blocks_dequantize_as_gguf_py() {
     assert!(err.contains("Q4_K") && err.contains("256") && err.contains("576"), "{err}");
     assert_eq!(BlockFormat::from_ggml_type(15), None, "Q8_K is not read");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The bf16 GEMM (`--compute-dtype bf16`)
+
+mod bf16_gemm {
+    use burn::tensor::{bf16, f16};
+    use tensor_peft_kernels::bf16_gemm::{Kernel, Lhs, Strided, Weight, bf16_bits, matmul};
+    use tensor_peft_kernels::quant::BlockFormat;
+
+    /// Deterministic values in about [−1.5, 1.5], some larger, of varied magnitude.
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 10_007;
+                let v = h as f32 / 10_007.0 * 3.0 - 1.5;
+                if i % 11 == 0 { v * 7.3 } else { v }
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        bf16::from_f32(x).to_f32() as f64
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        [Kernel::Portable, Kernel::Avx512Bf16].into_iter().filter(|k| k.available()).collect()
+    }
+
+    /// Checks `matmul` (each kernel, fresh and accumulating) against `Σ bf16(a)·b` in f64, `b` the
+    /// weight's values as `b_at(r, j)` (already bf16-rounded by the caller when stored wider).
+    /// f32 accumulation of `k` exact products (two bf16 values multiply exactly in f32) errs by at
+    /// most about `k·2⁻²⁴·Σ|a·b|` (the standard bound on recursive summation); `(k + 4)` covers the
+    /// pairing and the added initial value. The two kernels also agree within twice that.
+    fn check(a: Lhs, b: Weight, n: usize, b_at: &dyn Fn(usize, usize) -> f64, what: &str) {
+        let (m, k) = (a.rows, a.cols);
+        let a_at = |i: usize, c: usize| round(a.data[a.offset + i * a.row_stride + c * a.col_stride]);
+        let init = values(m * n, 99);
+        let mut results = Vec::new();
+        for kernel in kernels() {
+            for accumulate in [false, true] {
+                let mut out = if accumulate { init.clone() } else { vec![f32::NAN; m * n] };
+                matmul(kernel, a, b, n, &mut out, accumulate);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut magnitude) = (0.0f64, 0.0f64);
+                        for c in 0..k {
+                            let p = a_at(i, c) * b_at(c, j);
+                            exact += p;
+                            magnitude += p.abs();
+                        }
+                        if accumulate {
+                            exact += init[i * n + j] as f64;
+                            magnitude += (init[i * n + j] as f64).abs();
+                        }
+                        let tol = (k + 4) as f64 * 2f64.powi(-24) * magnitude + 1e-30;
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= tol,
+                            "{what} {kernel:?} acc={accumulate} m={m} n={n} k={k} ({i},{j}): {got} vs {exact} (tol {tol:e})"
+                        );
+                    }
+                }
+                if !accumulate {
+                    results.push((kernel, out));
+                }
+            }
+        }
+        if let [(_, portable), (_, simd)] = &results[..] {
+            for (idx, (p, s)) in portable.iter().zip(simd).enumerate() {
+                let (i, j) = (idx / n, idx % n);
+                let magnitude: f64 = (0..k).map(|c| (a_at(i, c) * b_at(c, j)).abs()).sum();
+                let tol = 2.0 * (k + 4) as f64 * 2f64.powi(-24) * magnitude + 1e-30;
+                assert!(((p - s) as f64).abs() <= tol, "{what}: portable {p} vs avx512-bf16 {s} at ({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_half_s_round_to_nearest_even() {
+        let mut xs = values(4096, 1);
+        xs.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40, -3e-39]);
+        // Halfway cases both ways, and just above/below.
+        for bits in [0x3F80_8000u32, 0x3F81_8000, 0x3F80_8001, 0x3F80_7FFF, 0x7F7F_FFFF, 0xFF7F_8000] {
+            xs.push(f32::from_bits(bits));
+        }
+        for x in xs {
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x:e} ({:#x})", x.to_bits());
+        }
+        assert!(bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
+    }
+
+    /// Every edge of the blocking: `m` from decoding (1) to a full tile multiple, `n` not a
+    /// multiple of 16 or 32 and past one 256-column block, `k` odd, below and above one 256 block.
+    #[test]
+    fn bf16_matmul_of_float_weights_matches_float64() {
+        for (m, n, k) in [(1, 1, 1), (3, 45, 7), (17, 300, 255), (128, 33, 513), (1, 290, 300), (17, 16, 257)] {
+            let x = values(m * k, m + k);
+            let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+            let w = values(k * n, n);
+            // Row-major W (`x·W` of a contiguous weight).
+            let b = Weight::F32(Strided { data: &w, offset: 0, k_stride: n, n_stride: 1 });
+            check(a, b, n, &|r, j| round(w[r * n + j]), "f32 row-major");
+            // A transposed view (HF's [d_out, d_in] read as W; also `dY·Wᵀ` of a contiguous W).
+            let b = Weight::F32(Strided { data: &w, offset: 0, k_stride: 1, n_stride: k });
+            check(a, b, n, &|r, j| round(w[j * k + r]), "f32 transposed");
+            // bf16 and f16 storage, at an offset with padded rows, and a strided left operand.
+            let padded = n + 3;
+            let wb: Vec<bf16> = (0..5 + k * padded).map(|i| bf16::from_f32(values(1, i)[0] * 0.7)).collect();
+            let b = Weight::Bf16(Strided { data: &wb, offset: 5, k_stride: padded, n_stride: 1 });
+            let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+            let at = Lhs { data: &xt, offset: 0, rows: m, cols: k, row_stride: 1, col_stride: m };
+            check(at, b, n, &|r, j| wb[5 + r * padded + j].to_f32() as f64, "bf16 padded, strided lhs");
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let b = Weight::F16(Strided { data: &wh, offset: 0, k_stride: 1, n_stride: k });
+            check(a, b, n, &|r, j| round(wh[j * k + r].to_f32()), "f16 transposed");
+        }
+    }
+
+    /// GGML blocks, both ways round: stored rows as the columns of `B` (`x·W`, the rows of `Wᵀ`
+    /// hold `d_in` weights) and as its rows (`dY·Wᵀ`).
+    #[test]
+    fn bf16_matmul_of_block_weights_matches_float64() {
+        let shapes = |format: BlockFormat| -> Vec<(usize, usize, usize)> {
+            if format.block_len() == 32 {
+                vec![(1, 45, 32), (3, 96, 288), (17, 288, 544), (128, 64, 96)]
+            } else {
+                vec![(1, 3, 256), (17, 256, 512), (3, 512, 256)]
+            }
+        };
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q4_K] {
+            for (m, n, k) in shapes(format) {
+                for rows_are_columns in [true, false] {
+                    if !rows_are_columns && n % format.block_len() != 0 {
+                        continue;
+                    }
+                    let (rows, len) = if rows_are_columns { (n, k) } else { (k, n) };
+                    let row_bytes = format.row_bytes(len);
+                    let mut bytes = vec![0u8; rows * row_bytes];
+                    if format.can_quantize() {
+                        let w = values(rows * len, 7);
+                        for (row, out) in w.chunks(len).zip(bytes.chunks_mut(row_bytes)) {
+                            format.quantize(row, out).unwrap();
+                        }
+                    } else {
+                        // Any bytes are codes; the block's f16 scale and minimum (its first four
+                        // bytes, Q4_K) are set to modest values.
+                        for (i, b) in bytes.iter_mut().enumerate() {
+                            *b = (i.wrapping_mul(2_654_435_761) >> 7) as u8;
+                        }
+                        for block in bytes.chunks_mut(format.block_bytes()) {
+                            block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                            block[2..4].copy_from_slice(&f16::from_f32(0.02).to_le_bytes());
+                        }
+                    }
+                    let mut wide = vec![0.0f32; rows * len];
+                    format.dequantize_rows(&bytes, len, &mut wide);
+                    let x = values(m * k, 3);
+                    let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+                    let b = Weight::Blocks { bytes: &bytes, format, rows_are_columns };
+                    let b_at =
+                        |r: usize, j: usize| round(if rows_are_columns { wide[j * k + r] } else { wide[r * n + j] });
+                    check(a, b, n, &b_at, &format!("{format:?} rows_are_columns={rows_are_columns}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matmul_with_empty_reduction_is_zero_or_unchanged() {
+        let a = Lhs { data: &[], offset: 0, rows: 2, cols: 0, row_stride: 0, col_stride: 1 };
+        let b = Weight::F32(Strided { data: &[], offset: 0, k_stride: 3, n_stride: 1 });
+        let mut out = vec![5.0f32; 6];
+        matmul(Kernel::Portable, a, b, 3, &mut out, true);
+        assert_eq!(out, [5.0; 6]);
+        matmul(Kernel::Portable, a, b, 3, &mut out, false);
+        assert_eq!(out, [0.0; 6]);
+    }
+}

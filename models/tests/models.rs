@@ -1955,6 +1955,54 @@ mod fused_on_flex {
         }
     }
 
+    /// `--compute-dtype bf16` (`tensor_peft_kernels::ComputeDType::Bf16`): the tiny LLaMA with
+    /// PEFT's LoRA adapter on each frozen storage (f32, bf16, q8_0, q4_0), logits and the adapter's
+    /// gradients against the same model at `f32`. Each frozen product then rounds both operands to
+    /// bf16 (relative error ≤ 2⁻⁹ each, so ≤ about 2⁻⁸ a product) and accumulates in f32; the
+    /// errors of the ~12 products along the forward and backward paths add up roughly, so the
+    /// tolerance is 12·2⁻⁸ ≈ 5 % of the largest value in the relative max norm (measured: well
+    /// under that, see the printed values). The run must differ from f32 (the bf16 path ran), and
+    /// the default f32 is bit-identical run to run.
+    #[test]
+    fn bf16_compute_dtype_stays_close_to_f32_on_every_base_storage() {
+        use tensor_peft_kernels::{ComputeDType, with_compute_dtype};
+        use tensor_peft_models::BaseDType;
+        use tensor_peft_models::adapter_file::load_adapter;
+        let device = Default::default();
+        let (ids, _, _) = expected();
+        let lora = fixture().join("../tiny-llama-peft-lora");
+        let run = |base: BaseDType, dtype: ComputeDType| {
+            with_compute_dtype(dtype, || {
+                let (mut model, spec) = Llama::<F>::from_hf_dir_as(&fixture(), &device, base).unwrap();
+                load_adapter(&mut model, &spec, &lora).unwrap();
+                let logits = model.forward(tokens::<F>(&ids, &device));
+                let loss = (logits.clone() * input::<F, 3>(logits.dims(), 7)).sum();
+                let grads = trainable_grads(&model, &loss.backward());
+                (logits.into_data().convert::<f32>().to_vec::<f32>().unwrap(), grads)
+            })
+        };
+        let relative = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / scale
+        };
+        for base in [BaseDType::F32, BaseDType::Bf16, BaseDType::Q8_0, BaseDType::Q4_0] {
+            let (logits, grads) = run(base, ComputeDType::F32);
+            let (again, grads_again) = run(base, ComputeDType::F32);
+            assert_eq!(again, logits, "{base}: f32 is deterministic");
+            assert_eq!(grads_again, grads);
+            let (logits_bf16, grads_bf16) = run(base, ComputeDType::Bf16);
+            let err = relative(&logits_bf16, &logits);
+            eprintln!("{base}: bf16 compute moved the logits by {err:.2e} of the largest");
+            assert!(err > 0.0 && err < 0.05, "{base}: logits at bf16 differ by {err} (relative)");
+            assert!(grads.len() >= 4 && grads.len() == grads_bf16.len());
+            for (i, (g, r)) in grads_bf16.iter().zip(&grads).enumerate() {
+                let err = relative(g, r);
+                eprintln!("{base}: adapter gradient {i}: {err:.2e}");
+                assert!(err < 0.05, "{base}: adapter gradient {i} at bf16 differs by {err} (relative)");
+            }
+        }
+    }
+
     /// Every format a GGUF file may hand `native` that the random-init test does not cover (the
     /// K-quants, Q5_0, Q5_1, Q8_1) as a frozen base on flex: the fused linear (blocks dequantized a
     /// column panel of rows at a time inside the op) against Burn's op chain on ndarray holding the

@@ -29,7 +29,9 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
 
 use super::{AttentionMask, BlockMatrix, FrozenMatrix};
+use crate::bf16_gemm::{self, Kernel, Lhs, Strided, Weight};
 use crate::quant::BlockFormat;
+use crate::{ComputeDType, compute_dtype};
 
 type AdFlex = Autodiff<Flex>;
 type AdTensor = FloatTensor<AdFlex>;
@@ -636,8 +638,51 @@ impl Frozen {
         }
     }
 
-    /// `x·W (+ row)` into a new `[x.rows, d_out]` buffer, panel by panel unless `W` is f32.
-    fn product(&self, x: View, row: Option<&[f32]>) -> Vec<f32> {
+    /// `W` (`transposed`: `Wᵀ`) as the bf16 GEMM's right operand, read as it is stored.
+    fn weight(&self, transposed: bool) -> Weight<'_> {
+        match self {
+            Frozen::Blocks { bytes, format, .. } => {
+                Weight::Blocks { bytes: bytes.storage::<u8>(), format: *format, rows_are_columns: !transposed }
+            }
+            Frozen::Values(w) => {
+                let (_, _, rs, cs) = w.layout().as_2d_strides().expect("a 2-D weight (checked)");
+                let (rs, cs, offset) = (rs as usize, cs as usize, w.layout().start_offset());
+                let (k_stride, n_stride) = if transposed { (cs, rs) } else { (rs, cs) };
+                match w.dtype() {
+                    DType::BF16 => Weight::Bf16(Strided { data: w.storage(), offset, k_stride, n_stride }),
+                    DType::F16 => Weight::F16(Strided { data: w.storage(), offset, k_stride, n_stride }),
+                    _ => Weight::F32(Strided { data: w.storage(), offset, k_stride, n_stride }),
+                }
+            }
+        }
+    }
+
+    /// `lhs·W` (`transposed`: `lhs·Wᵀ`) on the bf16 GEMM, on top of `row` on every row.
+    fn product_bf16(&self, lhs: View, transposed: bool, row: Option<&[f32]>) -> Vec<f32> {
+        let (d_in, d_out) = self.dims();
+        let n = if transposed { d_in } else { d_out };
+        let mut out = match row {
+            Some(row) => row.repeat(lhs.rows),
+            None => vec![0.0f32; lhs.rows * n],
+        };
+        let a = Lhs {
+            data: lhs.data,
+            offset: lhs.offset,
+            rows: lhs.rows,
+            cols: lhs.cols,
+            row_stride: lhs.row_stride,
+            col_stride: lhs.col_stride,
+        };
+        bf16_gemm::matmul(Kernel::detect(), a, self.weight(transposed), n, &mut out, row.is_some());
+        out
+    }
+
+    /// `x·W (+ row)` into a new `[x.rows, d_out]` buffer: on the bf16 GEMM with `bf16`, else
+    /// panel by panel unless `W` is f32.
+    fn product(&self, x: View, row: Option<&[f32]>, bf16: bool) -> Vec<f32> {
+        if bf16 {
+            return self.product_bf16(x, false, row);
+        }
         if let Some(w) = self.as_f32() {
             return product(x, view(w).expect("a 2-D f32 weight with non-negative strides (checked)"), row);
         }
@@ -653,8 +698,12 @@ impl Frozen {
         y
     }
 
-    /// `dX = dY·Wᵀ` into a new `[dy.rows, d_in]` buffer, panel by panel unless `W` is f32.
-    fn product_t(&self, dy: View) -> Vec<f32> {
+    /// `dX = dY·Wᵀ` into a new `[dy.rows, d_in]` buffer: on the bf16 GEMM with `bf16`, else
+    /// panel by panel unless `W` is f32.
+    fn product_t(&self, dy: View, bf16: bool) -> Vec<f32> {
+        if bf16 {
+            return self.product_bf16(dy, true, None);
+        }
         if let Some(w) = self.as_f32() {
             return product(dy, view(w).expect("a 2-D f32 weight with non-negative strides (checked)").t(), None);
         }
@@ -692,6 +741,8 @@ struct LinearBackward {
 struct LinearState {
     x: Option<FlexTensor>,
     weight: Frozen,
+    /// Whether the forward ran the frozen product in bf16 (the backward does the same).
+    bf16: bool,
 }
 
 impl<const N: usize> Backward<Flex, N> for LinearBackward {
@@ -699,7 +750,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-        let LinearState { x, weight } = ops.state;
+        let LinearState { x, weight, bf16 } = ops.state;
         let Some(dy) = view(&grad) else { unreachable!("a 2-D f32 gradient") };
         let (d_in, _) = weight.dims();
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
@@ -707,7 +758,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         let (node_x, node_w, node_b) = (parent(0), if self.weight_input { parent(1) } else { None }, parent(1 + w_at));
         if let Some(node) = node_x {
             // dX = dY·Wᵀ
-            grads.register::<Flex>(node.id, owned(weight.product_t(dy), &[dy.rows, d_in]));
+            grads.register::<Flex>(node.id, owned(weight.product_t(dy, bf16), &[dy.rows, d_in]));
         }
         if let (Some(node), Some(x)) = (node_w, x.as_ref().and_then(view)) {
             // dW = Xᵀ·dY
@@ -724,8 +775,10 @@ fn linear_forward(x: &FlexTensor, frozen: Frozen, b: Option<&FlexTensor>, keep_x
     let x = contiguous(x);
     let Some(xv) = view(&x) else { unreachable!("a contiguous 2-D input") };
     let b = b.map(contiguous);
-    let out = owned(frozen.product(xv, b.as_ref().map(values)), &[xv.rows, frozen.dims().1]);
-    (out, LinearState { x: keep_x.then(|| x.clone()), weight: frozen })
+    // A weight that takes a gradient is not frozen: its products stay f32.
+    let bf16 = !keep_x && compute_dtype() == ComputeDType::Bf16;
+    let out = owned(frozen.product(xv, b.as_ref().map(values), bf16), &[xv.rows, frozen.dims().1]);
+    (out, LinearState { x: keep_x.then(|| x.clone()), weight: frozen, bf16 })
 }
 
 #[allow(clippy::type_complexity)]
@@ -791,6 +844,8 @@ struct LowRankLinearState {
     weight: Frozen,
     a: FlexTensor,
     b: FlexTensor,
+    /// Whether the forward ran the frozen product in bf16 (the backward does the same).
+    bf16: bool,
 }
 
 /// The column sums of `dy` (a bias gradient).
@@ -807,7 +862,7 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-        let LowRankLinearState { x, x_update, h, mask, weight, a, b } = ops.state;
+        let LowRankLinearState { x, x_update, h, mask, weight, a, b, bf16 } = ops.state;
         let (Some(dy), Some(av), Some(bv), Some(hv)) = (view(&grad), view(&a), view(&b), view(&h)) else {
             unreachable!("2-D f32 tensors with non-negative strides (checked in the forward)")
         };
@@ -821,7 +876,7 @@ impl<const N: usize> Backward<Flex, N> for LowRankLinearBackward {
         let dh_view = dh.as_deref().map(|d| View::rows(d, 0, dy.rows, bv.rows, bv.rows));
         if let (Some(node), Some(dh)) = (node_x, dh_view) {
             // dX = dY·Wᵀ + dH·aᵀ (through the mask, when there is one), added into one buffer.
-            let mut dx = weight.product_t(dy);
+            let mut dx = weight.product_t(dy, bf16);
             match mask {
                 None => add_product(&mut dx, dh, av.t()),
                 Some((seed, keep)) => dropout_add(&product(dh, av.t(), None), seed, keep, &mut dx),
@@ -881,7 +936,9 @@ fn low_rank_forward(
     let uv = x_update.as_ref().and_then(view).unwrap_or(xv);
     // H = X_update·a (rows × rank), then Y = X·W + bias, then Y += H·b in place.
     let h = product(uv, av, None);
-    let mut y = frozen.product(xv, bias.as_ref().map(values));
+    // A weight that takes a gradient is not frozen: its products stay f32.
+    let bf16 = !tracked.weight && compute_dtype() == ComputeDType::Bf16;
+    let mut y = frozen.product(xv, bias.as_ref().map(values), bf16);
     let d_out = frozen.dims().1;
     add_product(&mut y, View::rows(&h, 0, rows, rank, rank), bv);
     let state = LowRankLinearState {
@@ -892,6 +949,7 @@ fn low_rank_forward(
         weight: frozen,
         a: a.clone(),
         b: b.clone(),
+        bf16,
     };
     (owned(y, &[rows, d_out]), state)
 }

@@ -562,7 +562,7 @@ fn bench_train_step<B: AutodiffBackend>(
         let peak = if reset { peak_rss_mib() } else { None };
         out.push(with_fields(
             json!({
-                "suite": "train-step", "model": model_label(path), "method": name, "base_dtype": base_dtype.name(),
+                "suite": "train-step", "model": model_label(path), "method": name, "base_dtype": base_dtype.name(), "compute_dtype": tensor_peft_kernels::compute_dtype().name(),
                 "batch": batch_size, "seq": seq, "adapter_params": params, "gradient_checkpointing": checkpointing,
                 "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
                 "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,
@@ -599,7 +599,7 @@ fn bench_model<B: Backend>(
     let generated = llama.generate_greedy(&prompt, 32, None).len();
     let decode_s = start.elapsed().as_secs_f64();
     Ok(vec![json!({
-        "suite": "model", "model": model_label(path), "base_dtype": base_dtype.name(), "load_s": load_s,
+        "suite": "model", "model": model_label(path), "base_dtype": base_dtype.name(), "compute_dtype": tensor_peft_kernels::compute_dtype().name(), "load_s": load_s,
         "forward_1x64_ms": forward_ms, "forward_tokens_per_s": 64.0 / (forward_ms / 1e3),
         "forward_1x64_allocations": forward_allocations,
         "generate_32_tokens_s": decode_s, "generate_tokens_per_s": generated as f64 / decode_s,

@@ -25,6 +25,10 @@ pub struct FinetuneArgs {
     /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
+    /// `--config` files only: the precision of the frozen base's products, as the global
+    /// `--compute-dtype` flag (which wins).
+    #[arg(skip)]
+    pub compute_dtype: Option<String>,
     /// classification, regression, causal-lm, lm-classification, lm-multiple-choice,
     /// lm-generation or dpo.
     #[arg(long)]
@@ -203,6 +207,14 @@ pub struct FinetuneArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+}
+
+/// The `compute_dtype` key of the `--config` file, if any.
+pub fn config_compute_dtype(args: &FinetuneArgs) -> Result<Option<String>, CliError> {
+    let Some(path) = &args.config else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+    let file: FinetuneArgs = toml::from_str(&text).map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+    Ok(file.compute_dtype)
 }
 
 fn usage(e: impl std::fmt::Display) -> CliError {

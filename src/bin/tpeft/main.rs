@@ -32,6 +32,12 @@ struct Cli {
     /// splitting each global batch of `--batch-size` examples evenly; other commands take one.
     #[arg(long, global = true, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Precision of the frozen base's matrix products: `f32` (default) or `bf16` (activations and
+    /// weights rounded to bf16, f32 accumulation, AVX512-BF16 where the CPU has it; flex backend
+    /// only). Adapters, attention, norms, loss and optimizer stay f32. `finetune --config` files
+    /// may set `compute_dtype`.
+    #[arg(long, global = true)]
+    compute_dtype: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -457,8 +463,30 @@ fn start_device(kind: BackendKind, spec: &DeviceSpec) -> Result<(), CliError> {
     outcome
 }
 
+/// Sets the process's compute dtype from `--compute-dtype` (or `finetune --config`'s
+/// `compute_dtype`): unknown names and `bf16` off flex are usage errors.
+fn set_compute_dtype(cli: &Cli) -> Result<(), CliError> {
+    let name = match (&cli.compute_dtype, &cli.command) {
+        (Some(name), _) => Some(name.clone()),
+        (None, Command::Finetune(args)) => finetune::config_compute_dtype(args)?,
+        (None, _) => None,
+    };
+    let Some(name) = name else { return Ok(()) };
+    let dtype: tensor_peft_kernels::ComputeDType =
+        name.parse().map_err(|e| CliError::Usage(format!("--compute-dtype: {e}")))?;
+    if dtype == tensor_peft_kernels::ComputeDType::Bf16 && cli.backend != BackendKind::Flex {
+        return Err(CliError::Usage(format!(
+            "--compute-dtype bf16 runs on the flex backend only (its fused linear kernels), not on {}; use --backend flex or --compute-dtype f32",
+            cli.backend.feature()
+        )));
+    }
+    tensor_peft_kernels::set_compute_dtype(dtype);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<String, CliError> {
     cli.backend.require()?;
+    set_compute_dtype(&cli)?;
     let devices = DeviceSpec::parse_list(&cli.devices, cli.backend)?;
     if devices.len() > 1 && !matches!(cli.command, Command::Finetune(_) | Command::Compare { .. }) {
         return Err(CliError::Usage(format!(

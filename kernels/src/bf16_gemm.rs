@@ -1,0 +1,689 @@
+//! A bf16 × bf16 → f32-accumulate GEMM for the frozen base's products under
+//! `--compute-dtype bf16` ([`crate::ComputeDType::Bf16`]): `C = A·B` (or `C += A·B`) with the
+//! activations `A` rounded to bf16 and the weight `B` read from its stored form (f32, bf16, f16,
+//! GGML blocks) straight into the micro-kernel's packed bf16 layout, a block at a time.
+//!
+//! Layout and blocking:
+//! - `A` (`m × k`, small: a batch's activations) is rounded once (round-to-nearest-even, as
+//!   `half::bf16::from_f32`) into tiles of [`MR`] rows, `⌈k/2⌉` groups of `MR` bf16 pairs each (a
+//!   zero pads an odd `k` and the last tile's missing rows).
+//! - `B` (`k × n`, the weight) is packed per task: [`NB`] output columns × [`KC`] reductions at a
+//!   time into strips of [`NR`] columns, each `⌈KC/2⌉` rows of `NR` 32-bit words, each word the pair
+//!   `(B[2p, j], B[2p+1, j])` (the low half the even `k`), which is what `vdpbf16ps` multiplies
+//!   against a broadcast pair of `A`. The weight is never widened into an f32 panel: a source is
+//!   read (dequantized) one row chunk of at most `max(KC, NB)` values into a small scratch and
+//!   rounded into the packed block; columns that are contiguous along `k` (the rows of `Wᵀ` for
+//!   `x·W`) go 16 at a time through a 16 × 16 register transpose.
+//! - The micro-kernel holds an `MR × 32` tile of `C` in `2·MR` zmm accumulators (MR ≤ [`MR`]),
+//!   streams the packed `B` strip (in L1) and broadcasts `A`'s pairs; a tile is loaded (when
+//!   accumulating or after the first `KC` block) and stored with masks at the right edge.
+//! - The `NB`-column blocks are rayon tasks: each thread packs only its own columns of the weight,
+//!   so at `m = 128` (where the weight's traffic dominates) both threads share the packing work.
+//!
+//! [`Kernel::Avx512Bf16`] runs `_mm512_dpbf16_ps` (checked at run time); [`Kernel::Portable`]
+//! computes the same thing in plain Rust (each product of two bf16 values is exact in f32; the
+//! pair is added odd element first, as `vdpbf16ps` does), so results agree across machines up to
+//! the accumulation order inside the hardware instruction and its flushing of subnormals.
+
+use burn::tensor::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::quant::BlockFormat;
+
+/// Rows of the largest micro-kernel tile (a tile of `C` is at most `MR × 32`).
+pub const MR: usize = 8;
+/// Columns of a micro-kernel tile: two zmm registers of f32.
+pub const NR: usize = 32;
+/// Reduction elements per packed block of `B` (a multiple of GGML's 256-weight super-blocks, so a
+/// quantized row is read in whole blocks).
+pub const KC: usize = 256;
+/// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
+pub const NB: usize = 256;
+
+/// Which micro-kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `_mm512_dpbf16_ps` (x86-64 CPUs with AVX512-BF16, e.g. Zen 4, Sapphire Rapids).
+    Avx512Bf16,
+    /// Plain Rust, any CPU: the same bf16-rounded operands and f32 accumulation.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (checked at run time).
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+        {
+            return Kernel::Avx512Bf16;
+        }
+        Kernel::Portable
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx512Bf16 => Kernel::detect() == Kernel::Avx512Bf16,
+        }
+    }
+}
+
+/// The bits of `x` rounded to bf16, round-to-nearest-even (NaN stays a quiet NaN): the same bits
+/// as `half::bf16::from_f32`.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Both computed and one selected, so that loops over this vectorise.
+    let nan = ((b >> 16) | 0x0040) as u16;
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }
+}
+
+/// The pair `(lo, hi)` rounded to bf16 in one 32-bit word, `lo` in the low half.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
+}
+
+/// The left operand: an `rows × cols` f32 matrix inside `data`, element `(i, c)` at
+/// `offset + i·row_stride + c·col_stride`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lhs<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Index of element `(0, 0)`.
+    pub offset: usize,
+    /// `m`.
+    pub rows: usize,
+    /// `k`.
+    pub cols: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+/// A `k × n` matrix of values of type `T` inside `data`: element `(r, j)` at
+/// `offset + r·k_stride + j·n_stride`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// Index of element `(0, 0)`.
+    pub offset: usize,
+    /// Distance between reduction indices (rows of `B`).
+    pub k_stride: usize,
+    /// Distance between output columns (columns of `B`).
+    pub n_stride: usize,
+}
+
+/// The right operand `B` (`k × n`): the frozen weight as it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// f32 values.
+    F32(Strided<'a, f32>),
+    /// bf16 values.
+    Bf16(Strided<'a, bf16>),
+    /// f16 values.
+    F16(Strided<'a, f16>),
+    /// GGML blocks, stored row after row. With `rows_are_columns` each stored row is a column of
+    /// `B` (`n` rows of `k` weights: `Wᵀ` for `x·W`); otherwise each is a row of `B` (`k` rows of
+    /// `n` weights: `Wᵀ` read for `dY·Wᵀ`).
+    Blocks {
+        /// The blocks.
+        bytes: &'a [u8],
+        /// Their format.
+        format: BlockFormat,
+        /// Whether a stored row is a column of `B`.
+        rows_are_columns: bool,
+    },
+}
+
+/// The bytes of a slice of plain numbers (for prefetching).
+#[cfg(target_arch = "x86_64")]
+fn as_bytes<T: Copy>(data: &[T]) -> &[u8] {
+    // SAFETY: `T` is a plain number type (f32, bf16, f16): every byte is initialised, and `u8` has
+    // no alignment; the length covers the same memory.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// The index of the first element a `column` (or `row`) read of `s` at `(j, r0)` touches, when
+/// that read is a contiguous run.
+#[cfg(target_arch = "x86_64")]
+fn strided_run<T>(s: &Strided<T>, column: bool, j: usize, r0: usize) -> Option<usize> {
+    let (along, across) = if column { (s.k_stride, s.n_stride) } else { (s.n_stride, s.k_stride) };
+    (along == 1).then(|| s.offset + r0 + j * across)
+}
+
+/// Widens `out.len()` values of `data` starting at `start`, `stride` apart.
+#[inline(always)]
+fn widen<T: Copy>(data: &[T], start: usize, stride: usize, out: &mut [f32], f: impl Fn(T) -> f32) {
+    if stride == 1 {
+        let len = out.len();
+        out.iter_mut().zip(&data[start..start + len]).for_each(|(o, &v)| *o = f(v));
+    } else {
+        out.iter_mut().enumerate().for_each(|(i, o)| *o = f(data[start + i * stride]));
+    }
+}
+
+impl Weight<'_> {
+    /// Whether a column of `B` is contiguous along `k` in memory (then it is packed by columns).
+    #[inline(always)]
+    fn by_columns(&self) -> bool {
+        let strided = |k_stride: usize, n_stride: usize| k_stride == 1 && n_stride != 1;
+        match self {
+            Weight::F32(s) => strided(s.k_stride, s.n_stride),
+            Weight::Bf16(s) => strided(s.k_stride, s.n_stride),
+            Weight::F16(s) => strided(s.k_stride, s.n_stride),
+            Weight::Blocks { rows_are_columns, .. } => *rows_are_columns,
+        }
+    }
+
+    /// `B[r0 + i, j]` into `out[i]`; `r0` a multiple of [`KC`] for blocks.
+    #[inline(always)]
+    fn column(&self, j: usize, r0: usize, k: usize, out: &mut [f32]) {
+        match *self {
+            Weight::F32(s) => widen(s.data, s.offset + r0 * s.k_stride + j * s.n_stride, s.k_stride, out, |v| v),
+            Weight::Bf16(s) => {
+                widen(s.data, s.offset + r0 * s.k_stride + j * s.n_stride, s.k_stride, out, bf16::to_f32)
+            }
+            Weight::F16(s) => widen(s.data, s.offset + r0 * s.k_stride + j * s.n_stride, s.k_stride, out, f16::to_f32),
+            Weight::Blocks { bytes, format, .. } => {
+                let row = &bytes[j * format.row_bytes(k)..];
+                let at = format.row_bytes(r0);
+                format.dequantize(&row[at..at + format.row_bytes(out.len())], out);
+            }
+        }
+    }
+
+    /// `B[r, j0 + i]` into `out[i]`; `j0` a multiple of [`NB`] for blocks.
+    #[inline(always)]
+    fn row(&self, r: usize, j0: usize, n: usize, out: &mut [f32]) {
+        match *self {
+            Weight::F32(s) => widen(s.data, s.offset + r * s.k_stride + j0 * s.n_stride, s.n_stride, out, |v| v),
+            Weight::Bf16(s) => {
+                widen(s.data, s.offset + r * s.k_stride + j0 * s.n_stride, s.n_stride, out, bf16::to_f32)
+            }
+            Weight::F16(s) => widen(s.data, s.offset + r * s.k_stride + j0 * s.n_stride, s.n_stride, out, f16::to_f32),
+            Weight::Blocks { bytes, format, .. } => {
+                let row = &bytes[r * format.row_bytes(n)..];
+                let at = format.row_bytes(j0);
+                format.dequantize(&row[at..at + format.row_bytes(out.len())], out);
+            }
+        }
+    }
+
+    /// Asks the CPU to start loading the memory of [`Self::column`]`(j, r0, k, len)` (`column`)
+    /// or [`Self::row`]`(j, r0, n, len)`: the packing jumps from stored row to stored row, a
+    /// stride the hardware prefetchers follow late. Out-of-range requests are skipped.
+    #[inline(always)]
+    fn prefetch(&self, column: bool, j: usize, r0: usize, width: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (bytes, start, count): (&[u8], usize, usize) = match *self {
+                Weight::Blocks { bytes, format, .. } => {
+                    (bytes, j * format.row_bytes(width) + format.row_bytes(r0), format.row_bytes(len))
+                }
+                Weight::F32(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 4, len * 4),
+                    None => return,
+                },
+                Weight::Bf16(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 2, len * 2),
+                    None => return,
+                },
+                Weight::F16(s) => match strided_run(&s, column, j, r0) {
+                    Some(first) => (as_bytes(s.data), first * 2, len * 2),
+                    None => return,
+                },
+            };
+            let end = (start + count).min(bytes.len());
+            for at in (start..end).step_by(64) {
+                // SAFETY: `at` is inside `bytes`; a prefetch has no other effect.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes.as_ptr().add(at).cast())
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (column, j, r0, width, len);
+    }
+
+    /// Panics unless every element of a `k × n` matrix lies inside the data.
+    fn check(&self, k: usize, n: usize) {
+        if k == 0 || n == 0 {
+            return;
+        }
+        let last = |offset: usize, ks: usize, ns: usize| offset + (k - 1) * ks + (n - 1) * ns;
+        let (last, len) = match self {
+            Weight::F32(s) => (last(s.offset, s.k_stride, s.n_stride), s.data.len()),
+            Weight::Bf16(s) => (last(s.offset, s.k_stride, s.n_stride), s.data.len()),
+            Weight::F16(s) => (last(s.offset, s.k_stride, s.n_stride), s.data.len()),
+            Weight::Blocks { bytes, format, rows_are_columns } => {
+                let (rows, len) = if *rows_are_columns { (n, k) } else { (k, n) };
+                format.check_row(len).unwrap_or_else(|e| panic!("bf16 matmul: {e}"));
+                assert!(
+                    bytes.len() >= rows * format.row_bytes(len),
+                    "bf16 matmul: {} bytes of blocks for {rows} rows of {len}",
+                    bytes.len()
+                );
+                return;
+            }
+        };
+        assert!(last < len, "bf16 matmul: the weight reaches element {last} of {len}");
+    }
+}
+
+/// `out = A·B`, or `out += A·B` with `accumulate`, `out` a row-major `m × n` matrix (`m`, `k`
+/// from `a`), on `kernel` (which must be [`Kernel::available`]) and rayon's threads. `A` and `B` are
+/// rounded to bf16; the products are accumulated in f32.
+pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accumulate: bool) {
+    let (m, k) = (a.rows, a.cols);
+    assert!(kernel.available(), "bf16 matmul: this CPU cannot run {kernel:?}");
+    assert!(out.len() == m * n, "bf16 matmul: the output holds {} of {} elements", out.len(), m * n);
+    if m > 0 && k > 0 {
+        let last = a.offset + (m - 1) * a.row_stride + (k - 1) * a.col_stride;
+        assert!(last < a.data.len(), "bf16 matmul: the left operand reaches element {last} of {}", a.data.len());
+    }
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // A as tiles of `MR` rows (zeros past `m`), each `⌈k/2⌉` groups of `MR` bf16 pairs: a tile's
+    // broadcasts read consecutive words (rows of A `k` apart would share L1 sets).
+    let kp_all = k.div_ceil(2);
+    let tile_words = kp_all * MR;
+    let mut packed_a = vec![0u32; m.div_ceil(MR) * tile_words];
+    packed_a.par_chunks_mut(tile_words).enumerate().for_each(|(t, tile)| {
+        for r in 0..MR.min(m - t * MR) {
+            let i = t * MR + r;
+            let at = |c: usize| if c < k { a.data[a.offset + i * a.row_stride + c * a.col_stride] } else { 0.0 };
+            for p in 0..kp_all {
+                tile[p * MR + r] = pair(at(2 * p), at(2 * p + 1));
+            }
+        }
+    });
+    let dst = SendPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(NB);
+    (0..blocks).into_par_iter().for_each_init(
+        || Scratch {
+            packed_b: vec![0u32; KC / 2 * NB],
+            column: vec![0.0f32; KC.max(NB)],
+            odd: vec![0.0f32; NB],
+            pairs: vec![0u32; 16 * (KC / 2)],
+        },
+        |scratch, block| {
+            let task = Task { kernel, a: &packed_a, tile_words, b: &b, m, n, k, accumulate, dst: &dst };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `matmul` checked that the CPU runs the kernel, so it has AVX512-BF16/F/BW.
+                Kernel::Avx512Bf16 => unsafe { block_avx512(&task, block, scratch) },
+                _ => block_task(&task, block, scratch),
+            }
+        },
+    );
+}
+
+/// A thread's buffers: the packed block of `B` and the scratch rows it is read through.
+struct Scratch {
+    packed_b: Vec<u32>,
+    column: Vec<f32>,
+    odd: Vec<f32>,
+    pairs: Vec<u32>,
+}
+
+/// What every column block of one product shares.
+struct Task<'a> {
+    kernel: Kernel,
+    a: &'a [u32],
+    tile_words: usize,
+    b: &'a Weight<'a>,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    dst: &'a SendPtr,
+}
+
+/// [`block_task`] compiled for AVX-512 (the packing's conversions and dequantization vectorise).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16, AVX512F and AVX512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn block_avx512(task: &Task, block: usize, scratch: &mut Scratch) {
+    block_task(task, block, scratch)
+}
+
+/// Output columns `block·NB..` of the product: the weight's block packed a `KC` slice at a
+/// time, each slice multiplied into every row tile.
+#[inline(always)]
+fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
+    let Task { kernel, a: packed_a, tile_words, b, m, n, k, accumulate, dst } = *task;
+    let Scratch { packed_b, column: scratch, odd: scratch2, pairs } = scratch;
+    let j0 = block * NB;
+    let nb = NB.min(n - j0);
+    for r0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - r0);
+        let kp = kc.div_ceil(2);
+        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel == Kernel::Avx512Bf16);
+        for s in (0..nb).step_by(NR) {
+            let nr = NR.min(nb - s);
+            let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
+            for i0 in (0..m).step_by(MR) {
+                let mr = MR.min(m - i0);
+                let load = accumulate || r0 > 0;
+                let a_tile = &packed_a[i0 / MR * tile_words + r0 / 2 * MR..][..kp * MR];
+                // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
+                // lie inside the `m × n` output, which this task alone writes (its block
+                // of columns); the operands' lengths are checked in `tile`.
+                unsafe {
+                    let c = dst.0.add(i0 * n + j0 + s);
+                    tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
+                }
+            }
+        }
+    }
+}
+
+/// A pointer to the output handed to the column-block tasks, each writing its own columns.
+struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements (see `matmul`).
+unsafe impl Sync for SendPtr {}
+
+/// Packs `B[r0..r0 + kc, j0..j0 + nb]` into `packed` as strips of [`NR`] columns, each `⌈kc/2⌉`
+/// rows of `NR` pairs, contiguous (zeros past `kc` and `nb`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    b: &Weight,
+    k: usize,
+    n: usize,
+    r0: usize,
+    kc: usize,
+    j0: usize,
+    nb: usize,
+    packed: &mut [u32],
+    scratch: &mut [f32],
+    scratch2: &mut [f32],
+    pairs: &mut [u32],
+    simd: bool,
+) {
+    let kp = kc.div_ceil(2);
+    let packed = &mut packed[..kp * NB];
+    if !nb.is_multiple_of(NR) {
+        packed.fill(0);
+    }
+    // Word `(p, c)`'s place.
+    let at = |p: usize, c: usize| c / NR * (kp * NR) + p * NR + c % NR;
+    if b.by_columns() {
+        // Column `j` of `B` is a run of `kc` values: read it, then scatter its pairs down the
+        // column of words (the `NB`-word rows stay in L1 over the block).
+        let col = &mut scratch[..kp * 2];
+        col[kc..].fill(0.0);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut first = 0;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // Sixteen columns at a time: rounded into sixteen rows of words, then transposed
+            // 16 × 16 in registers into whole 64-byte rows of the strip.
+            const ROW: usize = KC / 2;
+            while first + 16 <= nb {
+                for ci in 0..16 {
+                    let c = first + ci;
+                    if c + 4 < nb {
+                        b.prefetch(true, j0 + c + 4, r0, k, kc);
+                    }
+                    b.column(j0 + c, r0, k, &mut col[..kc]);
+                    let words = &mut pairs[ci * ROW..][..kp];
+                    words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+                }
+                let base = at(0, first);
+                for p0 in (0..kp).step_by(16) {
+                    let rows = 16.min(kp - p0);
+                    assert!(pairs.len() >= 15 * ROW + p0 + 16 && packed.len() >= base + (p0 + rows - 1) * NR + 16);
+                    // SAFETY: the CPU has AVX-512F (`simd` is set only for the AVX512-BF16
+                    // kernel); the reads (16 rows of 16 words, `ROW` apart, from `p0`) and the
+                    // writes (`rows` rows of 16 words, `NR` apart) are inside the slices (asserted).
+                    unsafe {
+                        avx512::transpose16(
+                            pairs.as_ptr().add(p0),
+                            ROW,
+                            packed.as_mut_ptr().add(base + p0 * NR),
+                            NR,
+                            rows,
+                        )
+                    };
+                }
+                first += 16;
+            }
+        }
+        for c in first..nb {
+            if c + 4 < nb {
+                b.prefetch(true, j0 + c + 4, r0, k, kc);
+            }
+            b.column(j0 + c, r0, k, &mut col[..kc]);
+            // Rounded in one vectorised pass, then scattered.
+            let words = &mut pairs[..kp];
+            words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+            let strip = &mut packed[at(0, c)..];
+            for (p, &w) in words.iter().enumerate() {
+                strip[p * NR] = w;
+            }
+        }
+    } else {
+        // Rows `2p` and `2p + 1` of `B` interleaved into row `p` of words.
+        let (even, odd) = (&mut scratch[..nb], &mut scratch2[..nb]);
+        for p in 0..kp {
+            let r = r0 + 2 * p;
+            for ahead in [r + 4, r + 5] {
+                if ahead < r0 + kc {
+                    b.prefetch(false, ahead, j0, n, nb);
+                }
+            }
+            b.row(r, j0, n, even);
+            if r + 1 < r0 + kc {
+                b.row(r + 1, j0, n, odd);
+            } else {
+                odd.fill(0.0);
+            }
+            for (s, (even, odd)) in even.chunks(NR).zip(odd.chunks(NR)).enumerate() {
+                let words = &mut packed[at(p, s * NR)..][..even.len()];
+                words.iter_mut().zip(even.iter().zip(odd)).for_each(|(w, (&e, &o))| *w = pair(e, o));
+            }
+        }
+    }
+}
+
+/// One `mr × nr` tile of `C` (`c`, rows `ldc` apart): `C (+)= A_tile·B_strip` over `kp` pairs,
+/// `a` holding `kp` groups of [`MR`] words (row `r`'s pair `p` at `p·MR + r`), `b` `kp` rows of
+/// [`NR`] words; without `load` the tile's old values are not read.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of `mr` rows of `nr` elements, `ldc` apart, which no
+/// other thread touches.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    kernel: Kernel,
+    mr: usize,
+    kp: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    nr: usize,
+    load: bool,
+) {
+    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr) && kp >= 1);
+    assert!(a.len() >= kp * MR && b.len() >= kp * NR, "bf16 tile: {} and {} words", a.len(), b.len());
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => {
+            macro_rules! run {
+                ($($rows:literal)*) => {
+                    match mr {
+                        $(
+                            // SAFETY: `matmul` checked that the CPU has AVX512-BF16/F/BW; the
+                            // operands' extents were asserted above; `c` is the caller's contract.
+                            $rows => unsafe { avx512::tile::<$rows>(kp, a.as_ptr(), b.as_ptr(), c, ldc, nr, load) },
+                        )*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            run!(1 2 3 4 5 6 7 8)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Avx512Bf16 => unreachable!("checked by `matmul`"),
+        Kernel::Portable => {
+            let mut acc = [[0.0f32; NR]; MR];
+            for (r, acc) in acc.iter_mut().enumerate().take(mr) {
+                if load {
+                    // SAFETY: the caller's contract: row `r` of the tile holds `nr` elements.
+                    let row = unsafe { std::slice::from_raw_parts(c.add(r * ldc), nr) };
+                    acc[..nr].copy_from_slice(row);
+                }
+            }
+            let widen = |w: u32| (f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000));
+            for p in 0..kp {
+                let strip = &b[p * NR..p * NR + NR];
+                for (r, acc) in acc.iter_mut().enumerate().take(mr) {
+                    let (a_lo, a_hi) = widen(a[p * MR + r]);
+                    for (acc, &w) in acc.iter_mut().zip(strip) {
+                        let (b_lo, b_hi) = widen(w);
+                        // Exact products; the odd element first, as `vdpbf16ps`.
+                        *acc += a_hi * b_hi;
+                        *acc += a_lo * b_lo;
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(mr) {
+                // SAFETY: the caller's contract.
+                let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), nr) };
+                row.copy_from_slice(&acc[..nr]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Writes the transpose of the 16 × 16 words at `src` (rows `src_stride` apart): its first
+    /// `rows` rows, `dst_stride` apart.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `src` must be valid for reading 16 rows of 16 words and `dst`
+    /// for writing `rows` rows of 16 words.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(
+        src: *const u32,
+        src_stride: usize,
+        dst: *mut u32,
+        dst_stride: usize,
+        rows: usize,
+    ) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, r) in r.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            *r = unsafe { _mm512_loadu_si512(src.add(i * src_stride).cast()) };
+        }
+        let mut t = [_mm512_setzero_si512(); 16];
+        for j in 0..8 {
+            t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+            t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+        }
+        // u[4g + q]: 128-bit lane L holds element 4L + q of rows 4g..4g + 3.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+            let v1 = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
+            let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+            let w1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+            out[8 + q] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
+            out[4 + q] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
+        }
+        for (p, o) in out.iter().enumerate().take(rows) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_si512(dst.add(p * dst_stride).cast(), *o) };
+        }
+    }
+
+    /// The AVX512-BF16 micro-kernel: `MR` rows × 32 columns of `C` in `2·MR` accumulators.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512-BF16, AVX512F and AVX512BW. `a` must hold `kp` groups of
+    /// [`super::MR`] words, `b` `kp` rows of 32 words; `c` must be valid for reads (when `load`)
+    /// and writes of `ROWS` rows of `nr ≤ 32` elements, `ldc` apart.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw")]
+    pub(super) unsafe fn tile<const ROWS: usize>(
+        kp: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        nr: usize,
+        load: bool,
+    ) {
+        let lo: __mmask16 = if nr >= 16 { 0xFFFF } else { (1u16 << nr) - 1 };
+        let hi: __mmask16 = if nr >= 32 {
+            0xFFFF
+        } else if nr > 16 {
+            (1u16 << (nr - 16)) - 1
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        if load {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract; masked-off lanes are not read.
+                unsafe {
+                    acc[0] = _mm512_maskz_loadu_ps(lo, c.add(r * ldc));
+                    acc[1] = _mm512_maskz_loadu_ps(hi, c.add(r * ldc + 16));
+                }
+            }
+        }
+        for p in 0..kp {
+            // SAFETY: row `p` of `b` holds 32 words and group `p` of `a` `MR ≥ ROWS` words (the
+            // caller's contract).
+            unsafe {
+                let row = b.add(p * 32);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * super::MR + r) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract; masked-off lanes are not written.
+            unsafe {
+                _mm512_mask_storeu_ps(c.add(r * ldc), lo, acc[0]);
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16), hi, acc[1]);
+            }
+        }
+    }
+}
