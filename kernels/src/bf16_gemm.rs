@@ -441,7 +441,14 @@ fn pack_b(
         // weights each) are inside `bytes` and the writes inside `pairs` and `packed` (asserted).
         unsafe {
             if rows_are_columns {
-                avx512::pack_q8_0_columns(bytes.as_ptr().add(first), row_bytes, kc, nb, pairs.as_mut_ptr(), packed.as_mut_ptr())
+                avx512::pack_q8_0_columns(
+                    bytes.as_ptr().add(first),
+                    row_bytes,
+                    kc,
+                    nb,
+                    pairs.as_mut_ptr(),
+                    packed.as_mut_ptr(),
+                )
             } else {
                 avx512::pack_q8_0_rows(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
             }
