@@ -425,6 +425,36 @@ fn pack_b(
     }
     // Word `(p, c)`'s place.
     let at = |p: usize, c: usize| c / NR * (kp * NR) + p * NR + c % NR;
+    #[cfg(target_arch = "x86_64")]
+    if simd && let Weight::Blocks { bytes, format: BlockFormat::Q8_0, rows_are_columns } = *b {
+        // Q8_0 (the common `--base-dtype`): each 32-weight block converted in registers straight
+        // to bf16 words, without the f32 scratch. `check` made the stored rows whole blocks: `k`
+        // (so `kc`) a multiple of 32 for columns, `n` (so `nb`) for rows.
+        let row_bytes = BlockFormat::Q8_0.row_bytes(if rows_are_columns { k } else { n });
+        let (first_row, along, rows) = if rows_are_columns { (j0, r0, nb) } else { (r0, j0, kc) };
+        let (first, len) = (first_row * row_bytes + along / 32 * 34, if rows_are_columns { kc } else { nb });
+        assert!(len.is_multiple_of(32) && rows > 0);
+        assert!(bytes.len() >= first + (rows - 1) * row_bytes + len / 32 * 34);
+        assert!(pairs.len() >= 15 * (KC / 2) + kp && packed.len() >= kp * NB);
+        // SAFETY: `simd` is set only for the AVX512-BF16 kernel (AVX512-BF16/F/BW checked at
+        // run time); the blocks read (`rows` stored rows `row_bytes` apart from `first`, `len`
+        // weights each) are inside `bytes` and the writes inside `pairs` and `packed` (asserted).
+        unsafe {
+            if rows_are_columns {
+                avx512::pack_q8_0_columns(
+                    bytes.as_ptr().add(first),
+                    row_bytes,
+                    kc,
+                    nb,
+                    pairs.as_mut_ptr(),
+                    packed.as_mut_ptr(),
+                )
+            } else {
+                avx512::pack_q8_0_rows(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
+            }
+        }
+        return;
+    }
     if b.by_columns() {
         // Column `j` of `B` is a run of `kc` values: read it, then scatter its pairs down the
         // column of words (the `NB`-word rows stay in L1 over the block).
@@ -627,6 +657,140 @@ mod avx512 {
         for (p, o) in out.iter().enumerate().take(rows) {
             // SAFETY: the caller's contract.
             unsafe { _mm512_storeu_si512(dst.add(p * dst_stride).cast(), *o) };
+        }
+    }
+
+    /// The 32 weights of the Q8_0 block at `block` (f16 scale, 32 int8 codes), dequantized as
+    /// [`crate::quant::BlockFormat::dequantize`] does (`code as f32 · scale`): two vectors of 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and F16C; `block` must be valid for reading 34 bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    unsafe fn q8_0_block(block: *const u8) -> (__m512, __m512) {
+        // SAFETY: the caller's contract (two bytes of scale, then 32 codes).
+        unsafe {
+            let scale = u16::from_le_bytes([*block, *block.add(1)]);
+            let d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(scale)))));
+            let codes = _mm256_loadu_si256(block.add(2).cast());
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(codes)));
+            (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+        }
+    }
+
+    /// `vcvtne2ps2bf16` (round to nearest even, as `half::bf16::from_f32`; it reads a subnormal
+    /// f32 as zero, which a dequantized Q8_0 weight never is: a nonzero one is at least the
+    /// smallest f16, 2⁻²⁴): `lo`'s 16 values in the low 16 bf16 lanes, `hi`'s in the high ones.
+    #[inline]
+    #[target_feature(enable = "avx512bf16,avx512f")]
+    fn bf16x32(lo: __m512, hi: __m512) -> __m512i {
+        // SAFETY: a 64-byte vector reinterpreted as another.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
+    }
+
+    /// [`super::pack_b`] for Q8_0 stored rows that are columns of `B` (`x·W`): the `kc` weights
+    /// of `nb` stored rows (`row_bytes` apart from `src`), sixteen columns at a time rounded into
+    /// sixteen rows of `pairs` (`KC/2` words apart; a column's words are its bf16 values in
+    /// order) and transposed into `packed`'s strips.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512-BF16, AVX512F and AVX512BW; `kc ≤ KC` a multiple of 32,
+    /// `nb ≤ NB`; `src` valid for reading the blocks, `pairs` for `15·KC/2 + kc/2` words and
+    /// `packed` for `kc/2 · NB` words.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,f16c")]
+    pub(super) unsafe fn pack_q8_0_columns(
+        src: *const u8,
+        row_bytes: usize,
+        kc: usize,
+        nb: usize,
+        pairs: *mut u32,
+        packed: *mut u32,
+    ) {
+        const ROW: usize = super::KC / 2;
+        let kp = kc / 2;
+        let blocks = kc / 32;
+        for first in (0..nb).step_by(16) {
+            for ci in 0..16 {
+                let c = first + ci;
+                if c >= nb {
+                    // Past the last column (whose strip the caller zeroed): zeros.
+                    // SAFETY: row `ci` of `pairs` holds `kp` words (the caller's contract).
+                    unsafe { std::ptr::write_bytes(pairs.add(ci * ROW), 0, kp) };
+                    continue;
+                }
+                // SAFETY: the caller's contract: column `c`'s blocks are inside `src`, its
+                // `kp` words inside row `ci` of `pairs`.
+                unsafe {
+                    let row = src.add(c * row_bytes);
+                    if c + 4 < nb {
+                        let ahead = src.add((c + 4) * row_bytes);
+                        for at in (0..blocks * 34).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast());
+                        }
+                    }
+                    for blk in 0..blocks {
+                        let (lo, hi) = q8_0_block(row.add(blk * 34));
+                        _mm512_storeu_si512(pairs.add(ci * ROW + blk * 16).cast(), bf16x32(lo, hi));
+                    }
+                }
+            }
+            let base = first / super::NR * (kp * super::NR) + first % super::NR;
+            for p0 in (0..kp).step_by(16) {
+                // SAFETY: 16 rows of 16 words from `p0 < kp` inside `pairs`; 16 rows `NR` apart
+                // inside this strip of `packed` (`kp` a multiple of 16).
+                unsafe { transpose16(pairs.add(p0), ROW, packed.add(base + p0 * super::NR), super::NR, 16) };
+            }
+        }
+    }
+
+    /// [`super::pack_b`] for Q8_0 stored rows that are rows of `B` (`dY·Wᵀ`): rows `2p` and
+    /// `2p + 1` (of `kc`, `row_bytes` apart from `src`) interleaved, 32 columns (one block of
+    /// each) into one row of a strip of `packed`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512-BF16, AVX512F and AVX512BW; `kc ≤ KC` (an odd `kc`'s last
+    /// pair takes zeros for its odd row), `nb ≤ NB` a multiple of 32; `src` valid for reading
+    /// the blocks of `kc` rows and `packed` for `⌈kc/2⌉ · NB` words.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,f16c")]
+    pub(super) unsafe fn pack_q8_0_rows(src: *const u8, row_bytes: usize, kc: usize, nb: usize, packed: *mut u32) {
+        let kp = kc.div_ceil(2);
+        let blocks = nb / 32;
+        // bf16 lane 2i takes lane i (the even row's column i), lane 2i + 1 lane 16 + i (the odd's).
+        let mut order = [0i16; 32];
+        for (i, o) in order.iter_mut().enumerate() {
+            *o = (i / 2 + (i % 2) * 16) as i16;
+        }
+        // SAFETY: 64 bytes read from a 64-byte array.
+        let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+        for p in 0..kp {
+            let has_odd = 2 * p + 1 < kc;
+            // SAFETY: the caller's contract: rows `2p` and (when `has_odd`) `2p + 1`, both
+            // below `kc`, and their `blocks` blocks are inside `src`; word `(p, 32·blk + i)`
+            // of `packed` is inside it.
+            unsafe {
+                let even = src.add(2 * p * row_bytes);
+                if 2 * p + 5 < kc {
+                    for ahead in [even.add(4 * row_bytes), even.add(5 * row_bytes)] {
+                        for at in (0..blocks * 34).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast());
+                        }
+                    }
+                }
+                for blk in 0..blocks {
+                    let (e_lo, e_hi) = q8_0_block(even.add(blk * 34));
+                    let (o_lo, o_hi) = if has_odd {
+                        q8_0_block(even.add(row_bytes + blk * 34))
+                    } else {
+                        (_mm512_setzero_ps(), _mm512_setzero_ps())
+                    };
+                    let w_lo = _mm512_permutexvar_epi16(order, bf16x32(e_lo, o_lo));
+                    let w_hi = _mm512_permutexvar_epi16(order, bf16x32(e_hi, o_hi));
+                    let dst = packed.add(blk * (kp * super::NR) + p * super::NR);
+                    _mm512_storeu_si512(dst.cast(), w_lo);
+                    _mm512_storeu_si512(dst.add(16).cast(), w_hi);
+                }
+            }
         }
     }
 

@@ -363,6 +363,60 @@ mod bf16_gemm {
         }
     }
 
+    /// The AVX-512 Q8_0 packing (blocks converted in registers) must give the same bf16 words as
+    /// the generic path, which rounds the dequantized f32 values: the products of Q8_0 blocks
+    /// equal, bit for bit, those of their dequantized values stored as f32 in the same
+    /// orientation. Edge shapes: `k` past one `KC` slice and not a multiple of it, a column count
+    /// that is not a multiple of 16 or 32 (columns), an odd `k` (rows); extreme block scales.
+    #[test]
+    fn bf16_matmul_of_q8_0_blocks_equals_f32_of_their_values_bit_for_bit() {
+        let format = BlockFormat::Q8_0;
+        for (m, n, k) in [(1, 45, 32), (3, 17, 288), (5, 275, 544), (8, 96, 33), (2, 288, 289), (9, 544, 600)] {
+            for rows_are_columns in [true, false] {
+                let (rows, len) = if rows_are_columns { (n, k) } else { (k, n) };
+                if len % 32 != 0 {
+                    continue;
+                }
+                let row_bytes = format.row_bytes(len);
+                let mut bytes = vec![0u8; rows * row_bytes];
+                let w = values(rows * len, 5);
+                for (row, out) in w.chunks(len).zip(bytes.chunks_mut(row_bytes)) {
+                    format.quantize(row, out).unwrap();
+                }
+                // Some scales at the f16 extremes (subnormal, largest) and a zero block.
+                for (i, block) in bytes.chunks_mut(34).enumerate() {
+                    match i % 7 {
+                        1 => block[..2].copy_from_slice(&0x0001u16.to_le_bytes()),
+                        3 => block[..2].copy_from_slice(&0x7BFFu16.to_le_bytes()),
+                        5 => block[2..].fill(0),
+                        _ => {}
+                    }
+                }
+                let mut wide = vec![0.0f32; rows * len];
+                format.dequantize_rows(&bytes, len, &mut wide);
+                let x = values(m * k, 3);
+                let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+                let blocks = Weight::Blocks { bytes: &bytes, format, rows_are_columns };
+                let (k_stride, n_stride) = if rows_are_columns { (1, k) } else { (n, 1) };
+                let floats = Weight::F32(Strided { data: &wide, offset: 0, k_stride, n_stride });
+                for kernel in kernels() {
+                    for accumulate in [false, true] {
+                        let init = values(m * n, 11);
+                        let (mut got, mut want) = (init.clone(), init);
+                        matmul(kernel, a, blocks, n, &mut got, accumulate);
+                        matmul(kernel, a, floats, n, &mut want, accumulate);
+                        for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                g.to_bits() == w.to_bits(),
+                                "{kernel:?} rows_are_columns={rows_are_columns} acc={accumulate} m={m} n={n} k={k} at {idx}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_matmul_with_empty_reduction_is_zero_or_unchanged() {
         let a = Lhs { data: &[], offset: 0, rows: 2, cols: 0, row_stride: 0, col_stride: 1 };
