@@ -89,7 +89,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// The left operand: an `rows × cols` f32 matrix inside `data`, element `(i, c)` at
-/// `offset + i·row_stride + c·col_stride`.
+/// `offset + i·row_stride + c·col_stride` (also the strided view of the crate's f32 products).
 #[derive(Debug, Clone, Copy)]
 pub struct Lhs<'a> {
     /// The elements.

@@ -1,16 +1,9 @@
 //! Strided matrix products on the `gemm` crate (the GEMM Burn's flex backend runs): the per-head
 //! products inside the attention kernel, and the frozen layers' products of `fused::linear`.
 
-/// A matrix inside a slice: element `(r, c)` at `offset + r·row_stride + c·col_stride`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct View<'a> {
-    pub data: &'a [f32],
-    pub offset: usize,
-    pub rows: usize,
-    pub cols: usize,
-    pub row_stride: usize,
-    pub col_stride: usize,
-}
+/// A matrix inside a slice: element `(r, c)` at `offset + r·row_stride + c·col_stride` (the bf16
+/// GEMM's left operand is the same type).
+pub(crate) use crate::bf16_gemm::Lhs as View;
 
 impl<'a> View<'a> {
     /// A `rows × cols` matrix at `offset` whose rows are `row_stride` apart, columns adjacent.

@@ -29,7 +29,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
 
 use super::{AttentionMask, BlockMatrix, FrozenMatrix};
-use crate::bf16_gemm::{self, Kernel, Lhs, Strided, Weight};
+use crate::bf16_gemm::{self, Kernel, Strided, Weight};
 use crate::quant::BlockFormat;
 use crate::{ComputeDType, compute_dtype};
 
@@ -665,15 +665,7 @@ impl Frozen {
             Some(row) => row.repeat(lhs.rows),
             None => vec![0.0f32; lhs.rows * n],
         };
-        let a = Lhs {
-            data: lhs.data,
-            offset: lhs.offset,
-            rows: lhs.rows,
-            cols: lhs.cols,
-            row_stride: lhs.row_stride,
-            col_stride: lhs.col_stride,
-        };
-        bf16_gemm::matmul(Kernel::detect(), a, self.weight(transposed), n, &mut out, row.is_some());
+        bf16_gemm::matmul(Kernel::detect(), lhs, self.weight(transposed), n, &mut out, row.is_some());
         out
     }
 
