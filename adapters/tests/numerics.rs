@@ -786,11 +786,12 @@ fn parameter_counts_match_the_papers() {
 #[test]
 fn loretta_counts_match_the_official_code() {
     // rep 768x768 r=8 k=5 and LLaMA-2-7B q,v.
-    assert_eq!(LorettaRepConfig::new().num_params(768, 768).unwrap(), 1_160);
-    assert_eq!(LorettaRepConfig::new().num_params(4096, 4096).unwrap() * 64, 102_400);
+    assert_eq!(LorettaRepConfig::new().with_tensor_rank(5).num_params(768, 768).unwrap(), 1_160);
+    assert_eq!(LorettaRepConfig::new().with_tensor_rank(5).num_params(4096, 4096).unwrap() * 64, 102_400);
     assert_eq!(LorettaRepConfig::new().with_tensor_rank(8).num_params(4096, 4096).unwrap() * 64, 249_856);
-    assert_eq!(LorettaAdpConfig::new().num_params(768).unwrap(), 1_560 + 832);
-    assert_eq!(LorettaAdpConfig::new().num_params(4096).unwrap(), 2 * 1_100 + 64 + 4096);
+    let adp = LorettaAdpConfig::new().with_bottleneck(64).with_tensor_rank(5);
+    assert_eq!(adp.num_params(768).unwrap(), 1_560 + 832);
+    assert_eq!(adp.num_params(4096).unwrap(), 2 * 1_100 + 64 + 4096);
 }
 
 #[test]

@@ -11,7 +11,7 @@ model=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 common=(finetune --model "$model" --task causal-lm --train builtin:chatterbot --valid-percent 3
   --epochs 1 --max-steps 30 --batch-size 4 --max-len 64 --seed 7 --eval-before-training --overwrite)
 "$tpeft" "${common[@]}" --method lora --rank 8 --alpha 16 --lr 1e-3 --output "$root/lora"
-"$tpeft" "${common[@]}" --method tt-lora --lr 5e-3 --output "$root/tt-lora"
+"$tpeft" "${common[@]}" --method tt-lora --rank 5 --lr 5e-3 --output "$root/tt-lora"   # rank 5: the default when recorded
 for m in lora tt-lora; do
   echo "== generate with $m"
   "$tpeft" generate --model "$model" --adapter "$root/$m" --chat --prompt "Hello, how are you?" --max-new-tokens 24

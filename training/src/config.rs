@@ -62,7 +62,8 @@ pub struct TrainConfig {
     /// Peak learning rate of the task head (default: `lr`).
     pub head_lr: Option<f64>,
     /// LoRA+ (PEFT's `loraplus_lr_ratio`): the factor that starts at zero (LoRA's `B`, TT-LoRA's
-    /// last core) trains at this multiple of `lr` (lora and tt-lora with zero init only).
+    /// last core, the last core of LoRETTA_rep's `B`) trains at this multiple of `lr` (lora,
+    /// tt-lora and loretta-rep with zero init only).
     pub loraplus_lr_ratio: Option<f64>,
     /// AdamW weight decay.
     pub weight_decay: f64,

@@ -627,7 +627,7 @@ fn loraplus_ratio_multiplies_the_first_step_of_the_zero_init_factor_only() {
 fn loraplus_is_refused_for_methods_without_a_zero_initialised_factor() {
     // Which factors those are is each method's own answer (models' `zero_init_factors` test).
     // Only methods with a zero-initialised factor take the option.
-    for (method, ok) in [("lora", true), ("tt-lora", true), ("lotr", false), ("loretta-rep", false)] {
+    for (method, ok) in [("lora", true), ("tt-lora", true), ("loretta-rep", true), ("lotr", false), ("lorta", false)] {
         let cfg = TrainConfig { loraplus_lr_ratio: Some(16.0), ..lm_config("loraplus-check", method) };
         let err = tensor_peft_training::config::validate(&cfg).err();
         assert_eq!(err.is_none(), ok, "{method}: {err:?}");

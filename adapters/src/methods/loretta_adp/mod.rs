@@ -82,11 +82,13 @@ impl AdpPlacement {
 /// Hyper-parameters of a LoRETTA_adp adapter.
 #[derive(Config, Debug)]
 pub struct LorettaAdpConfig {
-    /// Bottleneck width `b`.
-    #[config(default = 64)]
+    /// Bottleneck width `b`. Default 8 (the low end of the paper's grid of 8 and 64): with
+    /// tensor rank 2 the adapters stay under a tenth of LoRA r=8's parameters on 384-wide models,
+    /// where the biases (`b + d` per adapter) are most of them.
+    #[config(default = 8)]
     pub bottleneck: usize,
-    /// TT rank of the projections' trains.
-    #[config(default = 5)]
+    /// TT rank of the projections' trains. Default 2 (the paper's grid: 2, 4, 8, 16, 32).
+    #[config(default = 2)]
     pub tensor_rank: usize,
     /// Plain output multiplier `s` (official `scaling = 1.0`).
     #[config(default = 1.0)]
@@ -158,10 +160,10 @@ impl Method for LorettaAdpConfig {
     ];
 
     /// None: it goes at the block positions its [`AdpPlacement`] names instead.
-    /// lr 5e-3: the bottleneck's small trains need a larger step than LoRA's matrices (the VADER
-    /// recipe tests 1.1 points below LoRA r=8 with it).
+    /// lr 1e-2: the bottleneck's rank-2 trains need a far larger step than LoRA's matrices (on
+    /// the VADER recipe it validates above 5e-3 and tests 0.1 point below LoRA r=8).
     fn recommended_training(&self) -> RecommendedTraining {
-        RecommendedTraining { lr: 5e-3, loraplus_lr_ratio: None }
+        RecommendedTraining { lr: 1e-2, loraplus_lr_ratio: None }
     }
 
     fn default_roles(&self) -> &'static [crate::AttentionMatrix] {

@@ -45,4 +45,10 @@ impl<B: Backend> AdapterLayer<B> for LorettaRep<B> {
         tensors.extend(FileTensor::train("LorettaRep.b.tt", &mut self.b.tt));
         tensors
     }
+
+    /// `B`'s last core (zero under [`DeltaInit::Zero`](crate::DeltaInit::Zero), the only
+    /// initialisation LoRA+ is accepted with), as TT-LoRA's.
+    fn zero_init_factors(&self) -> Vec<burn::module::ParamId> {
+        self.b.tt.cores.last().map(|c| c.id).into_iter().collect()
+    }
 }

@@ -94,6 +94,11 @@ impl Method for LorettaRepConfig {
         sets(Flag::Dropout, "dropout", "dropout on the adapter's input (default 0.05)"),
     ];
 
+    /// `B`'s last core starts at zero with the zero initialisation.
+    fn has_zero_init_factor(&self) -> bool {
+        self.init == DeltaInit::Zero
+    }
+
     /// lr 5e-3: the factors' small trains need a larger step than LoRA's matrices (the VADER
     /// recipe tests 1.5 points below LoRA r=8 with it).
     fn recommended_training(&self) -> RecommendedTraining {
