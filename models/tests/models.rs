@@ -2827,8 +2827,8 @@ fn peft_reads_adapters_written_by_tpeft() {
 /// Every tensor method, with every flag at its default, trains at most a tenth of LoRA r=8's
 /// adapter parameters (each at its default targets) on MiniLM's 384-wide layers, the README's
 /// VADER recipe where the defaults were chosen, except LoRETTA_rep, which keeps the paper's
-/// tensor rank 5 there (7.1× fewer): at rank 4 (10.7×) it tested 2.2–3.3 points below LoRA on that
-/// recipe (docs/cli.md, "Recommended settings"). On LLaMA-2-7B the ratios are larger, but for
+/// tensor rank 5 there (7.1× fewer): at rank 4 (10.7×) it tested 2.5 points below LoRA on that
+/// recipe over three seeds (docs/cli.md, "Recommended settings"). On LLaMA-2-7B the ratios are larger, but for
 /// LoRETTA_adp, whose biases (`b + d` for each of 96 adapters) alone are 393,984: 9.9× fewer.
 #[test]
 fn tensor_method_defaults_train_a_tenth_of_lora_r8_or_less() {
