@@ -44,6 +44,18 @@ impl Targets {
             Targets::Regex(pattern) => spec.select_regex(pattern),
         }
     }
+
+    /// The parameters `method` trains at these targets of `spec` (its residual methods at every
+    /// block position they use), counted from the shapes alone: nothing is allocated.
+    pub fn count(
+        &self,
+        spec: &ArchSpec,
+        method: &MethodConfig,
+    ) -> Result<tensor_peft_adapters::ParamReport, ModelError> {
+        let linear = self.resolve(spec, method)?;
+        let residual = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
+        Ok(method.count(&spec.geometry(), &linear, &residual)?)
+    }
 }
 
 pub use tensor_peft_adapters::ResidualPosition;

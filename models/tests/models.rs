@@ -2833,11 +2833,8 @@ fn peft_reads_adapters_written_by_tpeft() {
 #[test]
 fn tensor_method_defaults_train_a_tenth_of_lora_r8_or_less() {
     let count = |preset: &str, name: &str| {
-        let spec = ArchSpec::preset(preset).unwrap();
-        let method = MethodConfig::from_name(name).unwrap();
-        let linear = spec.select_roles(method.default_roles());
-        let residual = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
-        method.count(&spec.geometry(), &linear, &residual).unwrap().total()
+        let (spec, method) = (ArchSpec::preset(preset).unwrap(), MethodConfig::from_name(name).unwrap());
+        Targets::Default.count(&spec, &method).unwrap().total()
     };
     let lora = count("minilm-l6", "lora");
     assert_eq!(lora, 6 * 2 * 8 * (384 + 384), "LoRA r=8 on q,v");

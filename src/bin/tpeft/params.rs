@@ -143,9 +143,7 @@ pub fn flag_help(flag: Flag) -> String {
 
 /// The counted report for `method` on `spec` at `targets`.
 pub fn count(spec: &ArchSpec, method: &MethodConfig, targets: &Targets) -> Result<ParamReport, CliError> {
-    let linear = targets.resolve(spec, method).map_err(|e| CliError::Usage(e.to_string()))?;
-    let residual = if method.is_residual() { spec.residual_sites() } else { Vec::new() };
-    method.count(&spec.geometry(), &linear, &residual).map_err(|e| CliError::Usage(e.to_string()))
+    targets.count(spec, method).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// `1234567` → `1,234,567`.
