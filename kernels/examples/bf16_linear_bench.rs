@@ -4,7 +4,10 @@
 //! affects both alike. Forward `y = x·W` through `fused::linear` on flex; backward `dX = dY·Wᵀ`
 //! as the autodiff step of the same op (the rest of that backward is a sum's broadcast).
 //!
-//! `cargo run --release -p tensor-peft-kernels --features flex --example bf16_linear_bench -- [q8_0|bf16] [rows,...] [repeats]`
+//! `cargo run --release -p tensor-peft-kernels --features flex --example bf16_linear_bench -- [q8_0|bf16] [rows,...] [repeats] [bf16-only]`
+//!
+//! With `bf16-only` the f32 products are skipped (their column prints 0): quicker, for comparing
+//! two builds of the bf16 GEMM.
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -31,6 +34,11 @@ fn main() {
     let rows: Vec<usize> =
         args.get(1).map(|s| s.split(',').map(|r| r.parse().expect("rows")).collect()).unwrap_or(vec![128, 512]);
     let repeats: usize = args.get(2).map(|r| r.parse().expect("repeats")).unwrap_or(3);
+    let dtypes: &[ComputeDType] = match args.get(3).map(String::as_str) {
+        Some("bf16-only") => &[ComputeDType::Bf16],
+        None => &[ComputeDType::F32, ComputeDType::Bf16],
+        Some(other) => panic!("fourth argument {other}: bf16-only or nothing"),
+    };
     let device = Default::default();
     println!(
         "storage {storage}; kernel {:?}; threads {}",
@@ -58,7 +66,8 @@ fn main() {
             // (forward, backward) best seconds for each dtype, alternating.
             let mut best = [[f64::INFINITY; 2]; 2];
             for _ in 0..repeats {
-                for (i, dtype) in [ComputeDType::F32, ComputeDType::Bf16].into_iter().enumerate() {
+                for &dtype in dtypes {
+                    let i = usize::from(dtype == ComputeDType::Bf16);
                     with_compute_dtype(dtype, || {
                         let x = x.clone().require_grad();
                         let start = Instant::now();
@@ -74,6 +83,7 @@ fn main() {
                 }
             }
             for (dir, name) in ["fwd", "bwd"].into_iter().enumerate() {
+                // An untimed dtype's best stays infinite: 0 GFLOP/s.
                 let (old, new) = (flops / best[0][dir] / 1e9, flops / best[1][dir] / 1e9);
                 println!("{m:>5} {d_in:>6} {d_out:>6} {name:>4} {old:>12.1} {new:>12.1} {:>6.2}x", new / old);
             }

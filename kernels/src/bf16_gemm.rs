@@ -5,8 +5,9 @@
 //!
 //! Layout and blocking:
 //! - `A` (`m × k`, small: a batch's activations) is rounded once (round-to-nearest-even, as
-//!   `half::bf16::from_f32`) into tiles of [`MR`] rows, `⌈k/2⌉` groups of `MR` bf16 pairs each (a
-//!   zero pads an odd `k` and the last tile's missing rows).
+//!   `half::bf16::from_f32`) into tiles of [`MR`] rows, `KC/2` groups of `MR` bf16 pairs per
+//!   [`KC`] slice of `k` (zeros pad `k` and the last tile's missing rows); a slice of all tiles is
+//!   contiguous.
 //! - `B` (`k × n`, the weight) is packed per task: [`NB`] output columns × [`KC`] reductions at a
 //!   time into strips of [`NR`] columns, each `⌈KC/2⌉` rows of `NR` 32-bit words, each word the pair
 //!   `(B[2p, j], B[2p+1, j])` (the low half the even `k`), which is what `vdpbf16ps` multiplies
@@ -15,8 +16,9 @@
 //!   rounded into the packed block; columns that are contiguous along `k` (the rows of `Wᵀ` for
 //!   `x·W`) go 16 at a time through a 16 × 16 register transpose.
 //! - The micro-kernel holds an `MR × 32` tile of `C` in `2·MR` zmm accumulators (MR ≤ [`MR`]),
-//!   streams the packed `B` strip (in L1) and broadcasts `A`'s pairs; a tile is loaded (when
-//!   accumulating or after the first `KC` block) and stored with masks at the right edge.
+//!   streams the packed `B` strip (in L1) and broadcasts `A`'s pairs; the tile's old values
+//!   (when accumulating or after the first `KC` block) are added after the products, and it is
+//!   stored with masks at the right edge.
 //! - The `NB`-column blocks are rayon tasks: each thread packs only its own columns of the weight,
 //!   so at `m = 128` (where the weight's traffic dominates) both threads share the packing work.
 //!
@@ -298,17 +300,38 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
         }
         return;
     }
-    // A as tiles of `MR` rows (zeros past `m`), each `⌈k/2⌉` groups of `MR` bf16 pairs: a tile's
-    // broadcasts read consecutive words (rows of A `k` apart would share L1 sets).
-    let kp_all = k.div_ceil(2);
-    let tile_words = kp_all * MR;
-    let mut packed_a = vec![0u32; m.div_ceil(MR) * tile_words];
-    packed_a.par_chunks_mut(tile_words).enumerate().for_each(|(t, tile)| {
+    // A as tiles of `MR` rows (zeros past `m`), each `KC/2` groups of `MR` bf16 pairs per `KC`
+    // slice of `k` (zeros past `k`): a tile's broadcasts read consecutive words (rows of A `k` apart
+    // would share L1 sets), and one slice of every tile is one contiguous run that stays in L2
+    // while the slice's strips of `B` go by (tiles `k` apart would share L2 sets).
+    let tiles = m.div_ceil(MR);
+    let tile_words = KC / 2 * MR;
+    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * tile_words];
+    packed_a.par_chunks_mut(tile_words).enumerate().for_each(|(chunk, tile)| {
+        let (slice, t) = (chunk / tiles, chunk % tiles);
+        let c0 = slice * KC;
+        let len = KC.min(k - c0);
+        let mut words = [0u32; KC / 2];
         for r in 0..MR.min(m - t * MR) {
             let i = t * MR + r;
-            let at = |c: usize| if c < k { a.data[a.offset + i * a.row_stride + c * a.col_stride] } else { 0.0 };
-            for p in 0..kp_all {
-                tile[p * MR + r] = pair(at(2 * p), at(2 * p + 1));
+            let start = a.offset + i * a.row_stride + c0 * a.col_stride;
+            if a.col_stride == 1 {
+                // A contiguous run (the usual activations): rounded in one vectorised pass.
+                let row = &a.data[start..start + len];
+                words.iter_mut().zip(row.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+                if len % 2 == 1 {
+                    words[len / 2] = pair(row[len - 1], 0.0);
+                }
+            } else {
+                let at = |c: usize| if c < len { a.data[start + c * a.col_stride] } else { 0.0 };
+                words
+                    .iter_mut()
+                    .take(len.div_ceil(2))
+                    .enumerate()
+                    .for_each(|(p, w)| *w = pair(at(2 * p), at(2 * p + 1)));
+            }
+            for (p, &w) in words[..len.div_ceil(2)].iter().enumerate() {
+                tile[p * MR + r] = w;
             }
         }
     });
@@ -322,7 +345,7 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
             pairs: vec![0u32; 16 * (KC / 2)],
         },
         |scratch, block| {
-            let task = Task { kernel, a: &packed_a, tile_words, b: &b, m, n, k, accumulate, dst: &dst };
+            let task = Task { kernel, a: &packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst };
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `matmul` checked that the CPU runs the kernel, so it has AVX512-BF16/F/BW.
@@ -345,7 +368,7 @@ struct Scratch {
 struct Task<'a> {
     kernel: Kernel,
     a: &'a [u32],
-    tile_words: usize,
+    tiles: usize,
     b: &'a Weight<'a>,
     m: usize,
     n: usize,
@@ -368,7 +391,7 @@ unsafe fn block_avx512(task: &Task, block: usize, scratch: &mut Scratch) {
 /// time, each slice multiplied into every row tile.
 #[inline(always)]
 fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
-    let Task { kernel, a: packed_a, tile_words, b, m, n, k, accumulate, dst } = *task;
+    let Task { kernel, a: packed_a, tiles, b, m, n, k, accumulate, dst } = *task;
     let Scratch { packed_b, column: scratch, odd: scratch2, pairs } = scratch;
     let j0 = block * NB;
     let nb = NB.min(n - j0);
@@ -382,7 +405,7 @@ fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
             for i0 in (0..m).step_by(MR) {
                 let mr = MR.min(m - i0);
                 let load = accumulate || r0 > 0;
-                let a_tile = &packed_a[i0 / MR * tile_words + r0 / 2 * MR..][..kp * MR];
+                let a_tile = &packed_a[(r0 / KC * tiles + i0 / MR) * (KC / 2 * MR)..][..kp * MR];
                 // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
                 // lie inside the `m × n` output, which this task alone writes (its block
                 // of columns); the operands' lengths are checked in `tile`.
@@ -577,14 +600,8 @@ unsafe fn tile(
         #[cfg(not(target_arch = "x86_64"))]
         Kernel::Avx512Bf16 => unreachable!("checked by `matmul`"),
         Kernel::Portable => {
+            // From zero, the old tile added at the end, as the AVX-512 kernel does.
             let mut acc = [[0.0f32; NR]; MR];
-            for (r, acc) in acc.iter_mut().enumerate().take(mr) {
-                if load {
-                    // SAFETY: the caller's contract: row `r` of the tile holds `nr` elements.
-                    let row = unsafe { std::slice::from_raw_parts(c.add(r * ldc), nr) };
-                    acc[..nr].copy_from_slice(row);
-                }
-            }
             let widen = |w: u32| (f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000));
             for p in 0..kp {
                 let strip = &b[p * NR..p * NR + NR];
@@ -601,7 +618,9 @@ unsafe fn tile(
             for (r, acc) in acc.iter().enumerate().take(mr) {
                 // SAFETY: the caller's contract.
                 let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), nr) };
-                row.copy_from_slice(&acc[..nr]);
+                for (c, &sum) in row.iter_mut().zip(acc) {
+                    *c = if load { *c + sum } else { sum };
+                }
             }
         }
     }
@@ -818,13 +837,15 @@ mod avx512 {
         } else {
             0
         };
+        // The accumulators start at zero and the old tile is added at the end: its rows (often
+        // out of L1: rows `ldc` apart) are fetched meanwhile instead of stalling the first products.
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         if load {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller's contract; masked-off lanes are not read.
+            for r in 0..ROWS {
+                // SAFETY: a prefetch has no other effect; the addresses are the tile's own.
                 unsafe {
-                    acc[0] = _mm512_maskz_loadu_ps(lo, c.add(r * ldc));
-                    acc[1] = _mm512_maskz_loadu_ps(hi, c.add(r * ldc + 16));
+                    _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
                 }
             }
         }
@@ -843,10 +864,15 @@ mod avx512 {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: the caller's contract; masked-off lanes are not written.
+            // SAFETY: the caller's contract; masked-off lanes are neither read nor written.
             unsafe {
-                _mm512_mask_storeu_ps(c.add(r * ldc), lo, acc[0]);
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16), hi, acc[1]);
+                let (mut lo_sum, mut hi_sum) = (acc[0], acc[1]);
+                if load {
+                    lo_sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lo, c.add(r * ldc)), lo_sum);
+                    hi_sum = _mm512_add_ps(_mm512_maskz_loadu_ps(hi, c.add(r * ldc + 16)), hi_sum);
+                }
+                _mm512_mask_storeu_ps(c.add(r * ldc), lo, lo_sum);
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16), hi, hi_sum);
             }
         }
     }
