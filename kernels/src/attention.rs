@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::matmul::{View, matmul};
+use crate::matmul::{View, matmul, matmul_strided};
 use crate::simd::{dot, exp, max, multiversion, sum};
 
 /// Sizes of one attention call. `q` and the output are `[batch, q_len, heads, head_dim]`; `k` and
@@ -63,6 +63,22 @@ impl Mask<'_> {
             Mask::Causal { offset, window: Some(window) } => (offset + i + 1).saturating_sub(window),
             _ => 0,
         }
+    }
+}
+
+/// Query rows per block of the causal kernels: a block's products stop at the last key its last
+/// query sees, so about half of the masked upper triangle is never computed.
+const QUERY_BLOCK: usize = 64;
+
+impl Mask<'_> {
+    /// The query blocks `(first, end, keys)` of `q_len` queries: rows `first..end`, which see no
+    /// key at or after `keys`. One block of every query and key unless the mask is causal.
+    fn query_blocks(&self, q_len: usize, kv_len: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let step = if matches!(self, Mask::Causal { .. }) { QUERY_BLOCK } else { q_len.max(1) };
+        (0..q_len).step_by(step).map(move |first| {
+            let end = (first + step).min(q_len);
+            (first, end, self.end(end - 1, kv_len))
+        })
     }
 }
 
@@ -158,9 +174,11 @@ multiversion! {
 }
 
 multiversion! {
-    /// `dP` (`[q_len, kv_len]`, in place) to the scores' gradient `scale·P ⊙ (dP − Σⱼ P·dP)`.
-    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], kv_len: usize, scale: f32) {
-        for (pr, dr) in p.chunks_exact(kv_len).zip(dp.chunks_exact_mut(kv_len)) {
+    /// `dP` (rows of `kv_len`, in place, only their first `keys` elements read and written: `P`
+    /// is zero after them) to the scores' gradient `scale·P ⊙ (dP − Σⱼ P·dP)`.
+    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], kv_len: usize, keys: usize, scale: f32) {
+        for (pr, dr) in p.chunks(kv_len).zip(dp.chunks_mut(kv_len)) {
+            let (pr, dr) = (&pr[..keys], &mut dr[..keys]);
             let weighted = dot(pr, dr);
             for (d, &pj) in dr.iter_mut().zip(pr) {
                 *d = pj * (*d - weighted) * scale;
@@ -170,20 +188,30 @@ multiversion! {
 }
 
 /// One (sequence, query head): `S = scale·Q·Kᵀ` into `probs` (`[q_len, kv_len]`), the masked
-/// softmax in place, and `P·V` into `out` (`[q_len, head_dim]`).
+/// softmax in place, and `P·V` into `out` (`[q_len, head_dim]`). Under a causal mask each block of
+/// queries multiplies only the keys it may see (the rest of its scores are set by the softmax).
 fn forward_head(problem: Problem, b: usize, h: usize, probs: &mut [f32], out: &mut [f32]) {
-    let g = h / (problem.s.heads / problem.s.kv_heads);
+    let s = problem.s;
+    let g = h / (s.heads / s.kv_heads);
     let (q, k, v) =
         (problem.query_head(problem.q, b, h), problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
-    matmul(probs, q, k.t(), problem.scale, false);
+    let blocks = || problem.mask.query_blocks(s.q_len, s.kv_len);
+    for (first, end, keys) in blocks() {
+        let scores = &mut probs[first * s.kv_len..];
+        matmul_strided(scores, s.kv_len, q.row_range(first, end), k.row_range(0, keys).t(), problem.scale, false);
+    }
     softmax_rows(problem, b, probs);
-    let p = View::rows(probs, 0, problem.s.q_len, problem.s.kv_len, problem.s.kv_len);
-    matmul(out, p, v, 1.0, false);
+    let p = View::rows(probs, 0, s.q_len, s.kv_len, s.kv_len);
+    for (first, end, keys) in blocks() {
+        let p_block = View { cols: keys, ..p.row_range(first, end) };
+        matmul(&mut out[first * s.head_dim..], p_block, v.row_range(0, keys), 1.0, false);
+    }
 }
 
 /// One (sequence, key/value head) and every query head that reads it: `dq` for those heads
 /// (`[heads/kv_heads, q_len, head_dim]`), `dk` and `dv` for the key/value head (`[kv_len,
-/// head_dim]` each, accumulated over the heads).
+/// head_dim]` each, zeroed by the caller, accumulated over the heads). Causal masks go block by
+/// block of queries, as in the forward.
 #[allow(clippy::too_many_arguments)]
 fn backward_group(
     problem: Problem,
@@ -205,14 +233,20 @@ fn backward_group(
         let p = &probs[(b * s.heads + h) * block..][..block];
         let p_view = View::rows(p, 0, s.q_len, s.kv_len, s.kv_len);
         let (q, d_out) = (problem.query_head(problem.q, b, h), problem.query_head(grad, b, h));
-        // dV += Pᵀ·dO; dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − rowsum(P ⊙ dP)).
-        matmul(dv, p_view.t(), d_out, 1.0, local > 0);
-        matmul(&mut ds, d_out, v.t(), 1.0, false);
-        softmax_backward_rows(p, &mut ds, s.kv_len, problem.scale);
-        let ds_view = View::rows(&ds, 0, s.q_len, s.kv_len, s.kv_len);
-        // dQ = dS·K; dK += dSᵀ·Q.
-        matmul(dq_head, ds_view, k, 1.0, false);
-        matmul(dk, ds_view.t(), q, 1.0, local > 0);
+        for (first, end, keys) in problem.mask.query_blocks(s.q_len, s.kv_len) {
+            let p_block = View { cols: keys, ..p_view.row_range(first, end) };
+            let d_out_block = d_out.row_range(first, end);
+            let (k_seen, v_seen) = (k.row_range(0, keys), v.row_range(0, keys));
+            // dV += Pᵀ·dO; dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − rowsum(P ⊙ dP)).
+            matmul(&mut dv[..keys * s.head_dim], p_block.t(), d_out_block, 1.0, true);
+            let ds_rows = &mut ds[first * s.kv_len..end * s.kv_len];
+            matmul_strided(ds_rows, s.kv_len, d_out_block, v_seen.t(), 1.0, false);
+            softmax_backward_rows(&p[first * s.kv_len..end * s.kv_len], ds_rows, s.kv_len, keys, problem.scale);
+            let ds_block = View { cols: keys, ..View::rows(&ds, first * s.kv_len, end - first, s.kv_len, s.kv_len) };
+            // dQ = dS·K; dK += dSᵀ·Q.
+            matmul(&mut dq_head[first * s.head_dim..], ds_block, k_seen, 1.0, false);
+            matmul(&mut dk[..keys * s.head_dim], ds_block.t(), q.row_range(first, end), 1.0, true);
+        }
     }
 }
 

@@ -11,6 +11,12 @@ impl<'a> View<'a> {
         Self { data, offset, rows, cols, row_stride, col_stride: 1 }
     }
 
+    /// Rows `first..end` of the matrix, as a view of the same memory.
+    pub fn row_range(self, first: usize, end: usize) -> Self {
+        assert!(first <= end && end <= self.rows, "row_range: rows {first}..{end} of {}", self.rows);
+        Self { offset: self.offset + first * self.row_stride, rows: end - first, ..self }
+    }
+
     /// The transpose, as a view of the same memory.
     pub fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
@@ -29,23 +35,39 @@ impl<'a> View<'a> {
 /// `lhs.rows × rhs.cols` row-major matrix at the start of `dst`. Single-threaded: the attention
 /// kernel runs one of these per head, in parallel over heads.
 pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulate: bool) {
+    matmul_strided(dst, rhs.cols, lhs, rhs, beta, accumulate)
+}
+
+/// [`matmul`] into a `lhs.rows × rhs.cols` matrix at the start of `dst` whose rows are
+/// `dst_row_stride ≥ rhs.cols` apart (a block of columns of a wider matrix; the elements between
+/// its rows are not touched).
+pub(crate) fn matmul_strided(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: View,
+    rhs: View,
+    beta: f32,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert!(rhs.rows == k, "matmul: inner dimensions {k} and {} differ", rhs.rows);
-    assert!(dst.len() >= m * n, "matmul: destination holds {} of {} elements", dst.len(), m * n);
-    lhs.check(lhs.data.len(), "lhs");
-    rhs.check(rhs.data.len(), "rhs");
+    assert!(dst_row_stride >= n, "matmul: destination rows {dst_row_stride} apart hold {n} columns");
     if m == 0 || n == 0 {
         return;
     }
+    let extent = (m - 1) * dst_row_stride + n;
+    assert!(dst.len() >= extent, "matmul: destination holds {} of {extent} elements", dst.len());
+    lhs.check(lhs.data.len(), "lhs");
+    rhs.check(rhs.data.len(), "rhs");
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst[..extent].chunks_mut(dst_row_stride).for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
-    // SAFETY: `dst` is borrowed mutably, so no operand aliases it, and holds the `m·n` elements;
+    // SAFETY: `dst` is borrowed mutably, so no operand aliases it, and holds the rows (asserted);
     // it is initialised, so it may be read when accumulating.
-    unsafe { gemm_into(dst.as_mut_ptr(), n, lhs, rhs, accumulate, beta, gemm::Parallelism::None) }
+    unsafe { gemm_into(dst.as_mut_ptr(), dst_row_stride, lhs, rhs, accumulate, beta, gemm::Parallelism::None) }
 }
 
 /// `lhs·rhs` into a new row-major buffer, optionally on top of `row` repeated on every row (a

@@ -95,6 +95,86 @@ fn attention_matches_float64_and_fully_masked_rows_are_zero() {
     assert!((dv_total - (3 * 4 * 5) as f32).abs() < 1e-4, "Σ dv = {dv_total}");
 }
 
+/// Causal attention over more queries than one block of the kernel (which multiplies only the keys
+/// a block of queries sees), with a KV-cache offset, grouped heads and a sliding window: outputs
+/// and all three gradients against a float64 reference of the masked softmax and its backward.
+#[test]
+fn causal_attention_over_several_query_blocks_matches_float64() {
+    let (batch, q_len, offset, heads, kv_heads, dh) = (2, 150, 10, 4, 2, 8);
+    let kv_len = q_len + offset;
+    let s = AttentionShape { batch, q_len, kv_len, heads, kv_heads, head_dim: dh };
+    let wave = |n: usize, a: usize, m: usize| -> Vec<f32> {
+        (0..n).map(|i| ((i * a % m) as f32 - (m / 2) as f32) / (m as f32 / 3.0)).collect()
+    };
+    let (q, k, v) = (
+        wave(batch * q_len * heads * dh, 7, 23),
+        wave(batch * kv_len * kv_heads * dh, 5, 19),
+        wave(batch * kv_len * kv_heads * dh, 3, 17),
+    );
+    let grad = wave(q.len(), 11, 29);
+    let scale = 0.35f32;
+    for window in [None, Some(70)] {
+        let mask = Mask::Causal { offset, window };
+        let mut out = vec![0.0; q.len()];
+        let mut probs = vec![f32::NAN; batch * heads * q_len * kv_len];
+        attention_forward(&q, &k, &v, s, mask, scale, &mut out, &mut probs);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&q, &k, &v, &probs, &grad, s, mask, scale, &mut dq, &mut dk, &mut dv);
+        let (mut dq64, mut dk64, mut dv64) = (vec![0.0f64; q.len()], vec![0.0f64; k.len()], vec![0.0f64; v.len()]);
+        let qi = |b: usize, i: usize, h: usize| ((b * q_len + i) * heads + h) * dh;
+        let kj = |b: usize, j: usize, g: usize| ((b * kv_len + j) * kv_heads + g) * dh;
+        for b in 0..batch {
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                for i in 0..q_len {
+                    let seen = |j: usize| j <= offset + i && window.is_none_or(|w| j + w > offset + i);
+                    let scores: Vec<f64> = (0..kv_len)
+                        .map(|j| {
+                            (0..dh).map(|c| q[qi(b, i, h) + c] as f64 * k[kj(b, j, g) + c] as f64).sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = (0..kv_len).filter(|&j| seen(j)).map(|j| scores[j]).fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> =
+                        (0..kv_len).map(|j| if seen(j) { (scores[j] - max).exp() } else { 0.0 }).collect();
+                    let total: f64 = e.iter().sum();
+                    let p: Vec<f64> = e.iter().map(|x| x / total).collect();
+                    for j in 0..kv_len {
+                        let got = probs[((b * heads + h) * q_len + i) * kv_len + j] as f64;
+                        assert!((got - p[j]).abs() <= 1e-6, "window {window:?} P[{b},{h},{i},{j}] {got} vs {}", p[j]);
+                    }
+                    let d_out = &grad[qi(b, i, h)..][..dh];
+                    for c in 0..dh {
+                        let exact: f64 = (0..kv_len).map(|j| p[j] * v[kj(b, j, g) + c] as f64).sum();
+                        assert!(
+                            (out[qi(b, i, h) + c] as f64 - exact).abs() <= 1e-5,
+                            "window {window:?} out[{b},{i},{h},{c}]"
+                        );
+                    }
+                    // dP = dO·Vᵀ, dS = scale·P ⊙ (dP − Σ P·dP); dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO.
+                    let dp: Vec<f64> = (0..kv_len)
+                        .map(|j| (0..dh).map(|c| d_out[c] as f64 * v[kj(b, j, g) + c] as f64).sum())
+                        .collect();
+                    let weighted: f64 = (0..kv_len).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..kv_len {
+                        let ds = scale as f64 * p[j] * (dp[j] - weighted);
+                        for c in 0..dh {
+                            dq64[qi(b, i, h) + c] += ds * k[kj(b, j, g) + c] as f64;
+                            dk64[kj(b, j, g) + c] += ds * q[qi(b, i, h) + c] as f64;
+                            dv64[kj(b, j, g) + c] += p[j] * d_out[c] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        for (name, got, want) in [("dq", &dq, &dq64), ("dk", &dk, &dk64), ("dv", &dv, &dv64)] {
+            for (idx, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((*g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0), "window {window:?} {name}[{idx}] {g} vs {w}");
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_propagates_nan_scores() {
     let s = AttentionShape { batch: 1, q_len: 2, kv_len: 2, heads: 1, kv_heads: 1, head_dim: 3 };
