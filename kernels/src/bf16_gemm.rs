@@ -38,7 +38,7 @@ pub const MR: usize = 8;
 pub const NR: usize = 32;
 /// Reduction elements per packed block of `B` (a multiple of GGML's 256-weight super-blocks, so a
 /// quantized row is read in whole blocks).
-pub const KC: usize = 256;
+pub const KC: usize = 512;
 /// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
 pub const NB: usize = 256;
 
@@ -283,9 +283,34 @@ impl Weight<'_> {
 /// from `a`), on `kernel` (which must be [`Kernel::available`]) and rayon's threads. `A` and `B` are
 /// rounded to bf16; the products are accumulated in f32.
 pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accumulate: bool) {
+    assert!(out.len() == a.rows * n, "bf16 matmul: the output holds {} of {} elements", out.len(), a.rows * n);
+    // SAFETY: `out` is borrowed mutably (no operand aliases it), initialised, and holds `m·n`
+    // elements (asserted).
+    unsafe { matmul_into(kernel, a, b, n, out.as_mut_ptr(), accumulate) }
+}
+
+/// `A·B` (as [`matmul`]) into a new row-major `m × n` buffer, with no zero fill: every element is
+/// written once before it is read.
+pub fn product(kernel: Kernel, a: Lhs, b: Weight, n: usize) -> Vec<f32> {
+    let len = a.rows * n;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the allocation holds `m·n` elements, which no operand aliases; without `accumulate`
+    // `matmul_into` writes each before it reads it, so all are initialised when the length is set.
+    unsafe {
+        matmul_into(kernel, a, b, n, out.as_mut_ptr(), false);
+        out.set_len(len);
+    }
+    out
+}
+
+/// [`matmul`] into `out`.
+///
+/// # Safety
+/// `out` must be valid for writes of `m·n` elements that no operand aliases, and, with
+/// `accumulate`, hold them initialised; without it they may be uninitialised.
+unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32, accumulate: bool) {
     let (m, k) = (a.rows, a.cols);
     assert!(kernel.available(), "bf16 matmul: this CPU cannot run {kernel:?}");
-    assert!(out.len() == m * n, "bf16 matmul: the output holds {} of {} elements", out.len(), m * n);
     if m > 0 && k > 0 {
         let last = a.offset + (m - 1) * a.row_stride + (k - 1) * a.col_stride;
         assert!(last < a.data.len(), "bf16 matmul: the left operand reaches element {last} of {}", a.data.len());
@@ -296,7 +321,8 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
     }
     if k == 0 {
         if !accumulate {
-            out.fill(0.0);
+            // SAFETY: the caller's contract: `out` holds `m·n` elements.
+            unsafe { std::ptr::write_bytes(out, 0, m * n) };
         }
         return;
     }
@@ -335,7 +361,7 @@ pub fn matmul(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: &mut [f32], accu
             }
         }
     });
-    let dst = SendPtr(out.as_mut_ptr());
+    let dst = SendPtr(out);
     let blocks = n.div_ceil(NB);
     (0..blocks).into_par_iter().for_each_init(
         || Scratch {

@@ -282,7 +282,7 @@ fn gguf_blocks_dequantize_as_gguf_py() {
 
 mod bf16_gemm {
     use burn::tensor::{bf16, f16};
-    use tensor_peft_kernels::bf16_gemm::{Kernel, Lhs, Strided, Weight, bf16_bits, matmul};
+    use tensor_peft_kernels::bf16_gemm::{Kernel, Lhs, Strided, Weight, bf16_bits, matmul, product};
     use tensor_peft_kernels::quant::BlockFormat;
 
     /// Deterministic values in about [−1.5, 1.5], some larger, of varied magnitude.
@@ -304,7 +304,7 @@ mod bf16_gemm {
         [Kernel::Portable, Kernel::Avx512Bf16].into_iter().filter(|k| k.available()).collect()
     }
 
-    /// Checks `matmul` (each kernel, fresh and accumulating) against `Σ bf16(a)·b` in f64, `b` the
+    /// Checks `matmul` (each kernel, fresh and accumulating) and `product` against `Σ bf16(a)·b` in f64, `b` the
     /// weight's values as `b_at(r, j)` (already bf16-rounded by the caller when stored wider).
     /// f32 accumulation of `k` exact products (two bf16 values multiply exactly in f32) errs by at
     /// most about `k·2⁻²⁴·Σ|a·b|` (the standard bound on recursive summation); `(k + 4)` covers the
@@ -339,6 +339,12 @@ mod bf16_gemm {
                     }
                 }
                 if !accumulate {
+                    // The allocating form writes the same values into a buffer it never zeroes.
+                    let fresh = product(kernel, a, b, n);
+                    assert!(
+                        fresh.iter().zip(&out).all(|(f, o)| f.to_bits() == o.to_bits()),
+                        "{what} {kernel:?}: product"
+                    );
                     results.push((kernel, out));
                 }
             }

@@ -661,12 +661,14 @@ impl Frozen {
     fn product_bf16(&self, lhs: View, transposed: bool, row: Option<&[f32]>) -> Vec<f32> {
         let (d_in, d_out) = self.dims();
         let n = if transposed { d_in } else { d_out };
-        let mut out = match row {
-            Some(row) => row.repeat(lhs.rows),
-            None => vec![0.0f32; lhs.rows * n],
-        };
-        bf16_gemm::matmul(Kernel::detect(), lhs, self.weight(transposed), n, &mut out, row.is_some());
-        out
+        match row {
+            Some(row) => {
+                let mut out = row.repeat(lhs.rows);
+                bf16_gemm::matmul(Kernel::detect(), lhs, self.weight(transposed), n, &mut out, true);
+                out
+            }
+            None => bf16_gemm::product(Kernel::detect(), lhs, self.weight(transposed), n),
+        }
     }
 
     /// `x·W (+ row)` into a new `[x.rows, d_out]` buffer: on the bf16 GEMM with `bf16`, else
