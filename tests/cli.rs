@@ -2035,6 +2035,45 @@ mod wgpu {
     }
 }
 
+/// A run records its compute dtype in train_config.json and `--resume` continues at it: a bf16 run
+/// resumed for a second epoch without the flag ends with the adapter of one resumed with
+/// `--compute-dtype bf16`, bit for bit, and not with that of one resumed with `--compute-dtype
+/// f32` (which is then recorded). A train_config.json written before the key existed resumes at
+/// f32.
+#[test]
+fn resume_continues_at_the_recorded_compute_dtype() {
+    let dir = scratch("resume-compute-dtype");
+    let adapter = |run: &std::path::Path| std::fs::read(run.join("last/adapter_model.safetensors")).unwrap();
+    let resumed = |name: &str, flag: &[&str], drop_key: bool| {
+        let run = dir.join(name);
+        let out = run_args(&lm_finetune_args(&run, &["--epochs", "1", "--compute-dtype", "bf16"]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = run.join("train_config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(json["compute_dtype"].as_str(), Some("bf16"), "{json}");
+        if drop_key {
+            json.as_object_mut().unwrap().remove("compute_dtype");
+            std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        }
+        let mut args = vec!["finetune", "--resume", run.to_str().unwrap(), "--epochs", "2"];
+        args.extend(flag);
+        let out = tpeft(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        run
+    };
+    let kept = adapter(&resumed("kept", &[], false));
+    let bf16 = adapter(&resumed("bf16", &["--compute-dtype", "bf16"], false));
+    let f32_run = resumed("f32", &["--compute-dtype", "f32"], false);
+    let config = std::fs::read_to_string(f32_run.join("train_config.json")).unwrap();
+    assert!(config.contains("\"compute_dtype\": \"f32\""), "{config}");
+    let f32 = adapter(&f32_run);
+    assert!(kept == bf16, "resumed without the flag, the run did not continue at its recorded bf16");
+    assert!(kept != f32, "the second epoch at f32 gave the bf16 adapter: the flag changed nothing");
+    // Without the key (an older run): f32, the only precision there was.
+    assert!(adapter(&resumed("old", &[], true)) == f32, "a run without the key did not resume at f32");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// `--compute-dtype`: an unknown name, and `bf16` off the flex backend, are usage errors (exit 2),
 /// also from a `finetune --config` file; the train-step bench records the dtype it ran at.
 #[test]

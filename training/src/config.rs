@@ -8,6 +8,7 @@ use crate::optim::Decay;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tensor_peft_adapters::{MethodConfig, RecommendedTraining};
+use tensor_peft_kernels::ComputeDType;
 use tensor_peft_models::{BaseDType, Targets};
 
 /// Everything `tpeft finetune` takes; saved as `<output>/train_config.json`.
@@ -114,6 +115,24 @@ pub struct TrainConfig {
     /// Recompute each block's activations in the backward pass instead of keeping them
     /// ([`crate::recompute`]): less memory, the same gradients, about a third more compute.
     pub gradient_checkpointing: bool,
+    /// The precision of the frozen base's products, set for the process when the run starts
+    /// ([`tensor_peft_kernels::set_compute_dtype`]); `bf16` runs on the flex backend only.
+    #[serde(with = "compute_dtype_name")]
+    pub compute_dtype: ComputeDType,
+}
+
+/// [`ComputeDType`] as its `--compute-dtype` name in `train_config.json`.
+mod compute_dtype_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tensor_peft_kernels::ComputeDType;
+
+    pub fn serialize<S: Serializer>(dtype: &ComputeDType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(dtype.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ComputeDType, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for TrainConfig {
@@ -163,6 +182,7 @@ impl Default for TrainConfig {
             eval_before_training: false,
             init_from: None,
             gradient_checkpointing: false,
+            compute_dtype: ComputeDType::F32,
         }
     }
 }
@@ -276,6 +296,13 @@ pub(crate) fn fingerprint(cfg: &TrainConfig) -> String {
     // The same gradients either way: a run may be resumed with or without it.
     c.gradient_checkpointing = false;
     let json = serde_json::to_string(&c).expect("serialisable");
+    // The same model and data at another precision of the frozen products: a run may be resumed
+    // at either (not bit-identically, then). The key is left out, so that checkpoints written
+    // before it existed keep their fingerprint (it is the last field).
+    let json = match json.rfind(",\"compute_dtype\":") {
+        Some(at) => format!("{}}}", &json[..at]),
+        None => json,
+    };
     format!("{:016x}", json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))
 }
 
@@ -411,5 +438,23 @@ pub fn default_metric(task: TaskKind) -> &'static str {
         TaskKind::Regression => "pearson",
         TaskKind::CausalLm | TaskKind::Dpo => "loss",
         TaskKind::LmGeneration => "f1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compute dtype is recorded but not part of the fingerprint: a run resumes at either, and
+    /// checkpoints written before the key existed keep theirs.
+    #[test]
+    fn the_compute_dtype_is_left_out_of_the_fingerprint() {
+        let f32_run = TrainConfig::default();
+        let bf16_run = TrainConfig { compute_dtype: ComputeDType::Bf16, ..TrainConfig::default() };
+        assert_eq!(fingerprint(&f32_run), fingerprint(&bf16_run));
+        let json = serde_json::to_string(&bf16_run).unwrap();
+        assert!(json.ends_with(",\"compute_dtype\":\"bf16\"}"), "{json}");
+        let other = TrainConfig { batch_size: 3, ..TrainConfig::default() };
+        assert_ne!(fingerprint(&f32_run), fingerprint(&other));
     }
 }

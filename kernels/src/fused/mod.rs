@@ -23,6 +23,15 @@ use crate::quant::BlockFormat;
 use crate::rope::RopeConfig;
 use rayon::prelude::*;
 
+/// Whether the fused kernels run on backend `B` (flex, alone or under autodiff): elsewhere every
+/// op here is Burn's, and [`crate::ComputeDType::Bf16`] has no effect.
+pub fn runs_on<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    return flex::runs::<B>();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// Whether a frozen `[d_in, d_out]` weight loaded from HF's `[d_out, d_in]` layout should stay a
 /// transposed view of it instead of being transposed into contiguous memory: on flex when
 /// `d_out > d_in`. Flex's GEMM packs a column-major right operand slowly when its reduction

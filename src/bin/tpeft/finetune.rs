@@ -25,8 +25,9 @@ pub struct FinetuneArgs {
     /// in f32 [default: f32].
     #[arg(long)]
     pub base_dtype: Option<String>,
-    /// `--config` files only: the precision of the frozen base's products, as the global
-    /// `--compute-dtype` flag (which wins).
+    /// `--config` and sweep files: the precision of the frozen base's products, as the global
+    /// `--compute-dtype` flag (which wins over a `finetune --config` file; it is recorded in
+    /// train_config.json, and `--resume` keeps it unless the flag names another).
     #[arg(skip)]
     pub compute_dtype: Option<String>,
     /// classification, regression, causal-lm, lm-classification, lm-multiple-choice,
@@ -347,6 +348,11 @@ fn build(a: &FinetuneArgs) -> Result<TrainConfig, CliError> {
         eval_before_training: a.eval_before_training,
         init_from: a.init_from.clone(),
         gradient_checkpointing: a.gradient_checkpointing,
+        // A sweep run's own key, else the process's (the global flag, already set).
+        compute_dtype: match &a.compute_dtype {
+            Some(name) => name.parse().map_err(|e| usage(format!("compute_dtype: {e}")))?,
+            None => tensor_peft_kernels::compute_dtype(),
+        },
     })
 }
 
@@ -367,6 +373,10 @@ fn resume_config(dir: &Path, a: &FinetuneArgs) -> Result<TrainConfig, CliError> 
     cfg.eval_every_steps = a.eval_every_steps.unwrap_or(cfg.eval_every_steps);
     // The same gradients either way: checkpointing may be turned on for the rest of a run.
     cfg.gradient_checkpointing |= a.gradient_checkpointing;
+    // The recorded precision unless `--compute-dtype` names another.
+    if let Some(name) = &a.compute_dtype {
+        cfg.compute_dtype = name.parse().map_err(|e| usage(format!("--compute-dtype: {e}")))?;
+    }
     Ok(cfg)
 }
 

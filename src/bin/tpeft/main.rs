@@ -725,6 +725,8 @@ fn run(cli: Cli) -> Result<String, CliError> {
                 .map_err(CliError::Runtime)?
         }
         Command::Finetune(args) => {
+            // The global flag is the command line's value of the run's `compute_dtype`.
+            let args = finetune::FinetuneArgs { compute_dtype: cli.compute_dtype.clone(), ..*args };
             let config = finetune::train_config(&args)?;
             if !config.batch_size.is_multiple_of(devices.len()) {
                 return Err(CliError::Usage(format!(

@@ -26,6 +26,7 @@ use crate::task::{Batch, TaskModel, TaskOutput};
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, Learner};
 use std::sync::{Arc, Mutex};
+use tensor_peft_kernels::ComputeDType;
 
 /// Where a run stops early on purpose (tests of resuming: as if the process were killed right
 /// after a checkpoint).
@@ -74,6 +75,16 @@ pub fn finetune_until<B: AutodiffBackend>(
             ),
         });
     }
+    if cfg.compute_dtype == ComputeDType::Bf16 && !tensor_peft_kernels::fused::runs_on::<B>() {
+        return Err(TrainError::Option {
+            option: "compute_dtype",
+            reason: format!(
+                "bf16 runs on the flex backend only (its fused linear kernels), not on {}",
+                B::name(device)
+            ),
+        });
+    }
+    tensor_peft_kernels::set_compute_dtype(cfg.compute_dtype);
     let (cfg, recommended) = cfg.clone().with_recommended_settings();
     let cfg = &cfg;
     if let Some(note) = recommended {
