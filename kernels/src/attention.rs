@@ -3,6 +3,11 @@
 //! The tensors stay in the projections' own layout, `[batch, seq, heads, head_dim]`, so the
 //! caller needs no head transposes and no copies of the key/value heads for grouped-query
 //! attention; a query head `h` reads key/value head `h / (heads / kv_heads)`.
+//!
+//! The forward keeps one number per query row for the backward, the log-sum-exp of its scores,
+//! rather than the `[q_len, kv_len]` probabilities of every head (1 GiB over LLaMA-2-7B's layers at
+//! 512 tokens): the backward recomputes them a block of queries at a time (one more `Q·Kᵀ`), as
+//! FlashAttention does.
 
 use rayon::prelude::*;
 
@@ -134,10 +139,12 @@ impl Problem<'_> {
 }
 
 multiversion! {
-    /// Scaled scores in `p` (`[q_len, kv_len]`) to masked softmax probabilities, in place.
-    fn softmax_rows(problem: Problem, b: usize, p: &mut [f32]) {
+    /// Scaled scores in `p` (`[q_len, kv_len]`) to masked softmax probabilities, in place, and
+    /// each row's log-sum-exp of its seen scores into `lse` (`+∞` for a row that sees no key), from
+    /// which [`probs_from_scores`] recomputes the probabilities.
+    fn softmax_rows(problem: Problem, b: usize, p: &mut [f32], lse: &mut [f32]) {
         let Problem { s, mask, .. } = problem;
-        for (i, row) in p.chunks_exact_mut(s.kv_len).enumerate() {
+        for ((i, row), lse) in p.chunks_exact_mut(s.kv_len).enumerate().zip(lse.iter_mut()) {
             let end = mask.end(i, s.kv_len);
             row[end..].fill(0.0);
             // −∞ scores come out as zero probabilities, so the backward needs no window of its own.
@@ -157,6 +164,7 @@ multiversion! {
             if !any_key {
                 // Nothing to attend to: zero probabilities, zero output (Burn's softmax: NaN).
                 scores.fill(0.0);
+                *lse = f32::INFINITY;
                 continue;
             }
             // Scores that are NaN leave `max` at −∞ and come out as NaN probabilities: a diverged
@@ -165,9 +173,41 @@ multiversion! {
             for x in scores.iter_mut() {
                 *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - max) };
             }
-            let inv = 1.0 / sum(scores);
+            let total = sum(scores);
+            *lse = max + total.ln();
+            let inv = 1.0 / total;
             for x in scores.iter_mut() {
                 *x *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Scaled scores to probabilities again in the backward, `exp(s − lse)` where the forward's
+    /// mask let a key through and zero elsewhere: rows `first..` of one (sequence `b`, head) in `p`
+    /// (`kv_len` apart; their first `keys` elements, the rest never read), with their `lse` from
+    /// [`softmax_rows`].
+    fn probs_from_scores(problem: Problem, b: usize, first: usize, p: &mut [f32], keys: usize, lse: &[f32]) {
+        let Problem { s, mask, .. } = problem;
+        for ((r, row), &lse) in p.chunks_mut(s.kv_len).enumerate().zip(lse) {
+            let i = first + r;
+            let end = mask.end(i, s.kv_len).min(keys);
+            let begin = mask.begin(i).min(end);
+            let row = &mut row[..keys];
+            if lse == f32::INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            row[..begin].fill(0.0);
+            row[end..].fill(0.0);
+            match mask {
+                Mask::KeyPadding(pad) => {
+                    for (x, &padded) in row[begin..end].iter_mut().zip(&pad[b * s.kv_len + begin..]) {
+                        *x = if padded { 0.0 } else { exp(*x - lse) };
+                    }
+                }
+                _ => row[begin..end].iter_mut().for_each(|x| *x = exp(*x - lse)),
             }
         }
     }
@@ -187,21 +227,23 @@ multiversion! {
     }
 }
 
-/// One (sequence, query head): `S = scale·Q·Kᵀ` into `probs` (`[q_len, kv_len]`), the masked
-/// softmax in place, and `P·V` into `out` (`[q_len, head_dim]`). Under a causal mask each block of
-/// queries multiplies only the keys it may see (the rest of its scores are set by the softmax).
-fn forward_head(problem: Problem, b: usize, h: usize, probs: &mut [f32], out: &mut [f32]) {
+/// One (sequence, query head): `S = scale·Q·Kᵀ` into a `[q_len, kv_len]` buffer, the masked
+/// softmax in place (each row's log-sum-exp into `lse`), and `P·V` into `out` (`[q_len,
+/// head_dim]`). Under a causal mask each block of queries multiplies only the keys it may see (the
+/// rest of its scores are set by the softmax).
+fn forward_head(problem: Problem, b: usize, h: usize, lse: &mut [f32], out: &mut [f32]) {
     let s = problem.s;
     let g = h / (s.heads / s.kv_heads);
     let (q, k, v) =
         (problem.query_head(problem.q, b, h), problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
+    let mut probs = vec![0.0f32; s.q_len * s.kv_len];
     let blocks = || problem.mask.query_blocks(s.q_len, s.kv_len);
     for (first, end, keys) in blocks() {
         let scores = &mut probs[first * s.kv_len..];
         matmul_strided(scores, s.kv_len, q.row_range(first, end), k.row_range(0, keys).t(), problem.scale, false);
     }
-    softmax_rows(problem, b, probs);
-    let p = View::rows(probs, 0, s.q_len, s.kv_len, s.kv_len);
+    softmax_rows(problem, b, &mut probs, lse);
+    let p = View::rows(&probs, 0, s.q_len, s.kv_len, s.kv_len);
     for (first, end, keys) in blocks() {
         let p_block = View { cols: keys, ..p.row_range(first, end) };
         matmul(&mut out[first * s.head_dim..], p_block, v.row_range(0, keys), 1.0, false);
@@ -215,7 +257,7 @@ fn forward_head(problem: Problem, b: usize, h: usize, probs: &mut [f32], out: &m
 #[allow(clippy::too_many_arguments)]
 fn backward_group(
     problem: Problem,
-    probs: &[f32],
+    lse: &[f32],
     grad: &[f32],
     b: usize,
     g: usize,
@@ -226,32 +268,40 @@ fn backward_group(
     let s = problem.s;
     let group = s.heads / s.kv_heads;
     let (k, v) = (problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
-    let mut ds = vec![0.0f32; s.q_len * s.kv_len];
+    let blocks = || problem.mask.query_blocks(s.q_len, s.kv_len);
+    let block_rows = blocks().map(|(first, end, _)| end - first).max().unwrap_or(0);
+    // One block of queries' probabilities (recomputed) and scores' gradient at a time.
+    let (mut p, mut ds) = (vec![0.0f32; block_rows * s.kv_len], vec![0.0f32; block_rows * s.kv_len]);
     for (local, dq_head) in dq.chunks_exact_mut(s.q_len * s.head_dim).enumerate() {
         let h = g * group + local;
-        let block = s.q_len * s.kv_len;
-        let p = &probs[(b * s.heads + h) * block..][..block];
-        let p_view = View::rows(p, 0, s.q_len, s.kv_len, s.kv_len);
+        let head_lse = &lse[(b * s.heads + h) * s.q_len..][..s.q_len];
         let (q, d_out) = (problem.query_head(problem.q, b, h), problem.query_head(grad, b, h));
-        for (first, end, keys) in problem.mask.query_blocks(s.q_len, s.kv_len) {
-            let p_block = View { cols: keys, ..p_view.row_range(first, end) };
-            let d_out_block = d_out.row_range(first, end);
+        for (first, end, keys) in blocks() {
+            let rows = end - first;
+            let (q_block, d_out_block) = (q.row_range(first, end), d_out.row_range(first, end));
             let (k_seen, v_seen) = (k.row_range(0, keys), v.row_range(0, keys));
+            // P = exp(scale·Q·Kᵀ − lse), masked as in the forward.
+            let p_rows = &mut p[..rows * s.kv_len];
+            matmul_strided(p_rows, s.kv_len, q_block, k_seen.t(), problem.scale, false);
+            probs_from_scores(problem, b, first, p_rows, keys, &head_lse[first..end]);
+            let p_block = View { cols: keys, ..View::rows(p_rows, 0, rows, s.kv_len, s.kv_len) };
             // dV += Pᵀ·dO; dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − rowsum(P ⊙ dP)).
             matmul(&mut dv[..keys * s.head_dim], p_block.t(), d_out_block, 1.0, true);
-            let ds_rows = &mut ds[first * s.kv_len..end * s.kv_len];
+            let ds_rows = &mut ds[..rows * s.kv_len];
             matmul_strided(ds_rows, s.kv_len, d_out_block, v_seen.t(), 1.0, false);
-            softmax_backward_rows(&p[first * s.kv_len..end * s.kv_len], ds_rows, s.kv_len, keys, problem.scale);
-            let ds_block = View { cols: keys, ..View::rows(&ds, first * s.kv_len, end - first, s.kv_len, s.kv_len) };
+            softmax_backward_rows(p_rows, ds_rows, s.kv_len, keys, problem.scale);
+            let ds_block = View { cols: keys, ..View::rows(ds_rows, 0, rows, s.kv_len, s.kv_len) };
             // dQ = dS·K; dK += dSᵀ·Q.
             matmul(&mut dq_head[first * s.head_dim..], ds_block, k_seen, 1.0, false);
-            matmul(&mut dk[..keys * s.head_dim], ds_block.t(), q.row_range(first, end), 1.0, true);
+            matmul(&mut dk[..keys * s.head_dim], ds_block.t(), q_block, 1.0, true);
         }
     }
 }
 
-/// `softmax(scale·q·kᵀ + mask)·v` into `out`, keeping the probabilities in `probs` for the
-/// backward. Parallel over (sequence, query head).
+/// `softmax(scale·q·kᵀ + mask)·v` into `out`, keeping for the backward only each query row's
+/// log-sum-exp of its scores in `lse` (`[batch, heads, q_len]`), not the probabilities: the
+/// backward recomputes them a block of queries at a time, as FlashAttention does. Parallel over
+/// (sequence, query head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],
@@ -261,27 +311,24 @@ pub fn attention_forward(
     mask: Mask,
     scale: f32,
     out: &mut [f32],
-    probs: &mut [f32],
+    lse: &mut [f32],
 ) {
     let s = shape;
     s.check(q.len(), k.len(), v.len(), &mask);
     assert!(out.len() == q.len(), "attention_forward: out must be shaped as q");
-    assert!(
-        probs.len() == s.batch * s.heads * s.q_len * s.kv_len,
-        "attention_forward: probs must be [batch, heads, q_len, kv_len]"
-    );
+    assert!(lse.len() == s.batch * s.heads * s.q_len, "attention_forward: lse must be [batch, heads, q_len]");
     let problem = Problem { q, k, v, s, mask, scale };
-    let block = s.q_len * s.kv_len;
-    if block == 0 || s.head_dim == 0 {
+    if s.q_len == 0 || s.kv_len == 0 || s.head_dim == 0 {
         out.fill(0.0);
+        lse.fill(f32::INFINITY);
         return;
     }
-    let rows: Vec<Vec<f32>> = probs
-        .par_chunks_mut(block)
+    let rows: Vec<Vec<f32>> = lse
+        .par_chunks_mut(s.q_len)
         .enumerate()
-        .map(|(task, p)| {
+        .map(|(task, lse)| {
             let mut o = vec![0.0f32; s.q_len * s.head_dim];
-            forward_head(problem, task / s.heads, task % s.heads, p, &mut o);
+            forward_head(problem, task / s.heads, task % s.heads, lse, &mut o);
             o
         })
         .collect();
@@ -295,15 +342,16 @@ pub fn attention_forward(
     }
 }
 
-/// Gradients of [`attention_forward`] for the output gradient `grad`, from the probabilities it
-/// kept: `dq` (shaped as `q`), `dk` and `dv` (shaped as `k`). Parallel over (sequence, key/value
-/// head), so grouped query heads accumulate into their shared `dk`, `dv` without contention.
+/// Gradients of [`attention_forward`] for the output gradient `grad`, from the log-sum-exp `lse` it
+/// kept (the probabilities recomputed): `dq` (shaped as `q`), `dk` and `dv` (shaped as `k`).
+/// Parallel over (sequence, key/value head), so grouped query heads accumulate into their shared
+/// `dk`, `dv` without contention.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
+    lse: &[f32],
     grad: &[f32],
     shape: AttentionShape,
     mask: Mask,
@@ -316,10 +364,7 @@ pub fn attention_backward(
     s.check(q.len(), k.len(), v.len(), &mask);
     assert!(grad.len() == q.len() && dq.len() == q.len(), "attention_backward: grad and dq must be shaped as q");
     assert!(dk.len() == k.len() && dv.len() == k.len(), "attention_backward: dk and dv must be shaped as k");
-    assert!(
-        probs.len() == s.batch * s.heads * s.q_len * s.kv_len,
-        "attention_backward: probs must be [batch, heads, q_len, kv_len]"
-    );
+    assert!(lse.len() == s.batch * s.heads * s.q_len, "attention_backward: lse must be [batch, heads, q_len]");
     let problem = Problem { q, k, v, s, mask, scale };
     let dh = s.head_dim;
     let group = s.heads / s.kv_heads;
@@ -330,7 +375,7 @@ pub fn attention_backward(
             let mut dq_local = vec![0.0f32; group * s.q_len * dh];
             let mut dk_local = vec![0.0f32; s.kv_len * dh];
             let mut dv_local = vec![0.0f32; s.kv_len * dh];
-            backward_group(problem, probs, grad, b, g, &mut dq_local, &mut dk_local, &mut dv_local);
+            backward_group(problem, lse, grad, b, g, &mut dq_local, &mut dk_local, &mut dv_local);
             (dq_local, dk_local, dv_local)
         })
         .collect();

@@ -124,13 +124,14 @@ pub fn plan(request: &PlanRequest) -> Result<MemoryPlan, String> {
     let other = spec.base_num_params() as u64 - projections - embeddings;
     let tokens = (request.batch_size * request.max_len) as u64;
     // Per token and block, what the backward keeps (f32): the block's inputs and normed inputs,
-    // the attention's queries, keys and values, its probabilities (one row of `max_len` per head)
-    // and the MLP's gate and up outputs.
+    // the attention's queries, keys and values and the MLP's gate and up outputs. The CPU
+    // attention kernel keeps one log-sum-exp per query and head, not the probabilities (its
+    // backward recomputes them).
     let kv_width = (spec.kv_heads * spec.head_dim) as u64;
     let (heads, intermediate, len) = (spec.heads as u64, spec.intermediate as u64, request.max_len as u64);
     let per_token = match spec.family {
-        Family::Llama => 4 * d + 2 * kv_width + 2 * intermediate + heads * len,
-        Family::Bert => 6 * d + 2 * intermediate + heads * len,
+        Family::Llama => 4 * d + 2 * kv_width + 2 * intermediate + heads,
+        Family::Bert => 6 * d + 2 * intermediate + heads,
         // Disentangled attention also keeps the c2p and p2c scores, gathered and not.
         Family::Deberta => 6 * d + 2 * intermediate + 5 * heads * len,
     };
@@ -241,8 +242,8 @@ mod tests {
         let checkpointed = plan(&PlanRequest { gradient_checkpointing: true, ..long }).unwrap();
         let (a, b) = (&plain.rows[4], &checkpointed.rows[4]);
         assert!(b.component.contains("checkpointed"), "{}", b.component);
-        // 512 tokens × (32 blocks × 4096 + one block's 4·4096 + 2·4096 + 2·11008 + 32·512) × 4 bytes.
-        let per_block = 4 * 4096 + 2 * 4096 + 2 * 11008 + 32 * 512;
+        // 512 tokens × (32 blocks × 4096 + one block's 4·4096 + 2·4096 + 2·11008 + 32) × 4 bytes.
+        let per_block = 4 * 4096 + 2 * 4096 + 2 * 11008 + 32;
         assert_eq!(b.bytes, 512 * (32 * 4096 + per_block) * 4);
         assert_eq!(a.bytes, 512 * 32 * per_block * 4);
         assert_eq!(plain.total() - checkpointed.total(), a.bytes - b.bytes);

@@ -301,13 +301,14 @@ impl KernelMask {
     }
 }
 
-/// What the attention backward keeps: `q`, `k`, `v`, the probabilities, the sizes and the mask.
+/// What the attention backward keeps: `q`, `k`, `v`, each query row's log-sum-exp (the
+/// probabilities are recomputed from it), the sizes and the mask.
 #[derive(Debug, Clone)]
 struct AttentionState {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
-    probs: Arc<Vec<f32>>,
+    lse: Arc<Vec<f32>>,
     shape: AttentionShape,
     mask: KernelMask,
 }
@@ -318,7 +319,7 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-        let AttentionState { q, k, v, probs, shape, mask } = ops.state;
+        let AttentionState { q, k, v, lse, shape, mask } = ops.state;
         let (mut dq, mut dk, mut dv) = (
             vec![0.0f32; q.layout().num_elements()],
             vec![0.0f32; k.layout().num_elements()],
@@ -329,7 +330,7 @@ impl Backward<Flex, 3> for AttentionBackward {
             values(&q),
             values(&k),
             values(&v),
-            &probs,
+            &lse,
             values(&grad),
             shape,
             mask.get(),
@@ -374,9 +375,9 @@ pub(super) fn attention<B: Backend>(
     let scale = 1.0 / (head_dim as f32).sqrt();
     Ok(run([q, k, v], AttentionBackward, |[q, k, v], _| {
         let mut out = vec![0.0f32; q.layout().num_elements()];
-        let mut probs = vec![0.0f32; batch * heads * q_len * kv_len];
-        attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, &mut out, &mut probs);
-        let state = AttentionState { q: q.clone(), k: k.clone(), v: v.clone(), probs: Arc::new(probs), shape, mask };
+        let mut lse = vec![0.0f32; batch * heads * q_len];
+        attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, &mut out, &mut lse);
+        let state = AttentionState { q: q.clone(), k: k.clone(), v: v.clone(), lse: Arc::new(lse), shape, mask };
         (owned(out, &dims), state)
     }))
 }
