@@ -5,7 +5,7 @@
 //! adapter state) and modelled where they cannot (the activations the backward pass keeps, the
 //! loss's logits chunk, the process's own overhead). The activation model and the overhead were
 //! fitted to peak RSS measured on this project's CPU runs (docs/design.md lists them); on those the
-//! estimate is within 8 %.
+//! estimate is within 15 % (most within 10 %).
 
 use tensor_peft_models::precision::{Held, StoredDType};
 use tensor_peft_models::{ArchSpec, BaseDType, Family};
