@@ -76,10 +76,15 @@ impl Mask<'_> {
 const QUERY_BLOCK: usize = 64;
 
 impl Mask<'_> {
+    /// Rows of the largest of [`Self::query_blocks`] (a buffer of that many score rows serves all).
+    fn query_block_rows(&self, q_len: usize) -> usize {
+        if matches!(self, Mask::Causal { .. }) { QUERY_BLOCK.min(q_len) } else { q_len }
+    }
+
     /// The query blocks `(first, end, keys)` of `q_len` queries: rows `first..end`, which see no
     /// key at or after `keys`. One block of every query and key unless the mask is causal.
     fn query_blocks(&self, q_len: usize, kv_len: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        let step = if matches!(self, Mask::Causal { .. }) { QUERY_BLOCK } else { q_len.max(1) };
+        let step = self.query_block_rows(q_len).max(1);
         (0..q_len).step_by(step).map(move |first| {
             let end = (first + step).min(q_len);
             (first, end, self.end(end - 1, kv_len))
@@ -139,12 +144,14 @@ impl Problem<'_> {
 }
 
 multiversion! {
-    /// Scaled scores in `p` (`[q_len, kv_len]`) to masked softmax probabilities, in place, and
-    /// each row's log-sum-exp of its seen scores into `lse` (`+∞` for a row that sees no key), from
-    /// which [`probs_from_scores`] recomputes the probabilities.
-    fn softmax_rows(problem: Problem, b: usize, p: &mut [f32], lse: &mut [f32]) {
+    /// Scaled scores of query rows `first..` of one (sequence `b`, head) in `p` (rows of
+    /// `kv_len`) to masked softmax probabilities, in place, and each row's log-sum-exp of its seen
+    /// scores into `lse` (`+∞` for a row that sees no key), from which [`probs_from_scores`]
+    /// recomputes the probabilities.
+    fn softmax_rows(problem: Problem, b: usize, first: usize, p: &mut [f32], lse: &mut [f32]) {
         let Problem { s, mask, .. } = problem;
-        for ((i, row), lse) in p.chunks_exact_mut(s.kv_len).enumerate().zip(lse.iter_mut()) {
+        for ((r, row), lse) in p.chunks_exact_mut(s.kv_len).enumerate().zip(lse.iter_mut()) {
+            let i = first + r;
             let end = mask.end(i, s.kv_len);
             row[end..].fill(0.0);
             // −∞ scores come out as zero probabilities, so the backward needs no window of its own.
@@ -227,25 +234,22 @@ multiversion! {
     }
 }
 
-/// One (sequence, query head): `S = scale·Q·Kᵀ` into a `[q_len, kv_len]` buffer, the masked
-/// softmax in place (each row's log-sum-exp into `lse`), and `P·V` into `out` (`[q_len,
-/// head_dim]`). Under a causal mask each block of queries multiplies only the keys it may see (the
-/// rest of its scores are set by the softmax).
+/// One (sequence, query head), a block of queries at a time: `S = scale·Q·Kᵀ` into a buffer of
+/// the block's score rows, the masked softmax in place (each row's log-sum-exp into `lse`), and
+/// `P·V` into `out` (`[q_len, head_dim]`). Under a causal mask each block multiplies only the keys
+/// it may see (the rest of its scores are set by the softmax).
 fn forward_head(problem: Problem, b: usize, h: usize, lse: &mut [f32], out: &mut [f32]) {
     let s = problem.s;
     let g = h / (s.heads / s.kv_heads);
     let (q, k, v) =
         (problem.query_head(problem.q, b, h), problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
-    let mut probs = vec![0.0f32; s.q_len * s.kv_len];
-    let blocks = || problem.mask.query_blocks(s.q_len, s.kv_len);
-    for (first, end, keys) in blocks() {
-        let scores = &mut probs[first * s.kv_len..];
-        matmul_strided(scores, s.kv_len, q.row_range(first, end), k.row_range(0, keys).t(), problem.scale, false);
-    }
-    softmax_rows(problem, b, &mut probs, lse);
-    let p = View::rows(&probs, 0, s.q_len, s.kv_len, s.kv_len);
-    for (first, end, keys) in blocks() {
-        let p_block = View { cols: keys, ..p.row_range(first, end) };
+    let mut probs = vec![0.0f32; problem.mask.query_block_rows(s.q_len) * s.kv_len];
+    for (first, end, keys) in problem.mask.query_blocks(s.q_len, s.kv_len) {
+        let rows = end - first;
+        let p_rows = &mut probs[..rows * s.kv_len];
+        matmul_strided(p_rows, s.kv_len, q.row_range(first, end), k.row_range(0, keys).t(), problem.scale, false);
+        softmax_rows(problem, b, first, p_rows, &mut lse[first..end]);
+        let p_block = View { cols: keys, ..View::rows(p_rows, 0, rows, s.kv_len, s.kv_len) };
         matmul(&mut out[first * s.head_dim..], p_block, v.row_range(0, keys), 1.0, false);
     }
 }
@@ -268,15 +272,14 @@ fn backward_group(
     let s = problem.s;
     let group = s.heads / s.kv_heads;
     let (k, v) = (problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
-    let blocks = || problem.mask.query_blocks(s.q_len, s.kv_len);
-    let block_rows = blocks().map(|(first, end, _)| end - first).max().unwrap_or(0);
     // One block of queries' probabilities (recomputed) and scores' gradient at a time.
-    let (mut p, mut ds) = (vec![0.0f32; block_rows * s.kv_len], vec![0.0f32; block_rows * s.kv_len]);
+    let buffer = problem.mask.query_block_rows(s.q_len) * s.kv_len;
+    let (mut p, mut ds) = (vec![0.0f32; buffer], vec![0.0f32; buffer]);
     for (local, dq_head) in dq.chunks_exact_mut(s.q_len * s.head_dim).enumerate() {
         let h = g * group + local;
         let head_lse = &lse[(b * s.heads + h) * s.q_len..][..s.q_len];
         let (q, d_out) = (problem.query_head(problem.q, b, h), problem.query_head(grad, b, h));
-        for (first, end, keys) in blocks() {
+        for (first, end, keys) in problem.mask.query_blocks(s.q_len, s.kv_len) {
             let rows = end - first;
             let (q_block, d_out_block) = (q.row_range(first, end), d_out.row_range(first, end));
             let (k_seen, v_seen) = (k.row_range(0, keys), v.row_range(0, keys));

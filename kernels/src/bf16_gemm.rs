@@ -39,6 +39,8 @@ pub const NR: usize = 32;
 /// Reduction elements per packed block of `B` (a multiple of GGML's 256-weight super-blocks, so a
 /// quantized row is read in whole blocks).
 pub const KC: usize = 512;
+/// Words of one packed tile of `A` for one [`KC`] slice: `KC/2` groups of [`MR`] bf16 pairs.
+const A_TILE_WORDS: usize = KC / 2 * MR;
 /// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
 pub const NB: usize = 256;
 
@@ -331,9 +333,8 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
     // would share L1 sets), and one slice of every tile is one contiguous run that stays in L2
     // while the slice's strips of `B` go by (tiles `k` apart would share L2 sets).
     let tiles = m.div_ceil(MR);
-    let tile_words = KC / 2 * MR;
-    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * tile_words];
-    packed_a.par_chunks_mut(tile_words).enumerate().for_each(|(chunk, tile)| {
+    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * A_TILE_WORDS];
+    packed_a.par_chunks_mut(A_TILE_WORDS).enumerate().for_each(|(chunk, tile)| {
         let (slice, t) = (chunk / tiles, chunk % tiles);
         let c0 = slice * KC;
         let len = KC.min(k - c0);
@@ -431,7 +432,7 @@ fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
             for i0 in (0..m).step_by(MR) {
                 let mr = MR.min(m - i0);
                 let load = accumulate || r0 > 0;
-                let a_tile = &packed_a[(r0 / KC * tiles + i0 / MR) * (KC / 2 * MR)..][..kp * MR];
+                let a_tile = &packed_a[(r0 / KC * tiles + i0 / MR) * A_TILE_WORDS..][..kp * MR];
                 // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
                 // lie inside the `m × n` output, which this task alone writes (its block
                 // of columns); the operands' lengths are checked in `tile`.
