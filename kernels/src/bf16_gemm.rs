@@ -44,6 +44,18 @@ const A_TILE_WORDS: usize = KC / 2 * MR;
 /// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
 pub const NB: usize = 256;
 
+/// Prefetch into every cache level (`_MM_HINT_T0`): data the packing reads next.
+#[cfg(target_arch = "x86_64")]
+const L1: i32 = std::arch::x86_64::_MM_HINT_T0;
+/// Prefetch into L2 and beyond (`_MM_HINT_T1`): the next block's weights, read while the
+/// micro-kernel works on this one (into L1 they would evict its operands).
+#[cfg(target_arch = "x86_64")]
+const L2: i32 = std::arch::x86_64::_MM_HINT_T1;
+#[cfg(not(target_arch = "x86_64"))]
+const L1: i32 = 0;
+#[cfg(not(target_arch = "x86_64"))]
+const L2: i32 = 0;
+
 /// Which micro-kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -203,6 +215,28 @@ impl Weight<'_> {
         }
     }
 
+    /// Column `j` of `B` from row `r0` as `⌈kc/2⌉` words of bf16 pairs (`(B[r0 + 2p, j],
+    /// B[r0 + 2p + 1, j])`, the low half the even row; zero past `kc`), through `scratch` (at
+    /// least `2·⌈kc/2⌉` values) unless the weight already stores contiguous bf16.
+    #[inline(always)]
+    fn column_words(&self, j: usize, r0: usize, k: usize, kc: usize, scratch: &mut [f32], words: &mut [u32]) {
+        if let Weight::Bf16(s) = *self
+            && s.k_stride == 1
+        {
+            // Stored bf16 along `k`: the pairs are the stored bits, no rounding.
+            let run = &s.data[s.offset + r0 + j * s.n_stride..][..kc];
+            words.iter_mut().zip(run.chunks(2)).for_each(|(w, v)| {
+                *w = u32::from(v[0].to_bits()) | v.get(1).map_or(0, |o| u32::from(o.to_bits()) << 16)
+            });
+            return;
+        }
+        let col = &mut scratch[..words.len() * 2];
+        col[kc..].fill(0.0);
+        self.column(j, r0, k, &mut col[..kc]);
+        // Rounded in one vectorised pass.
+        words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+    }
+
     /// `B[r, j0 + i]` into `out[i]`; `j0` a multiple of [`NB`] for blocks.
     #[inline(always)]
     fn row(&self, r: usize, j0: usize, n: usize, out: &mut [f32]) {
@@ -221,10 +255,11 @@ impl Weight<'_> {
     }
 
     /// Asks the CPU to start loading the memory of [`Self::column`]`(j, r0, k, len)` (`column`)
-    /// or [`Self::row`]`(j, r0, n, len)`: the packing jumps from stored row to stored row, a
-    /// stride the hardware prefetchers follow late. Out-of-range requests are skipped.
+    /// or [`Self::row`]`(j, r0, n, len)` into the cache level `HINT` names (an `_MM_HINT_*`): the
+    /// packing jumps from stored row to stored row, a stride the hardware prefetchers follow
+    /// late. Out-of-range requests are skipped.
     #[inline(always)]
-    fn prefetch(&self, column: bool, j: usize, r0: usize, width: usize, len: usize) {
+    fn prefetch<const HINT: i32>(&self, column: bool, j: usize, r0: usize, width: usize, len: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             let (bytes, start, count): (&[u8], usize, usize) = match *self {
@@ -247,9 +282,7 @@ impl Weight<'_> {
             let end = (start + count).min(bytes.len());
             for at in (start..end).step_by(64) {
                 // SAFETY: `at` is inside `bytes`; a prefetch has no other effect.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes.as_ptr().add(at).cast())
-                };
+                unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(bytes.as_ptr().add(at).cast()) };
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -366,10 +399,10 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
     let blocks = n.div_ceil(NB);
     (0..blocks).into_par_iter().for_each_init(
         || Scratch {
-            packed_b: vec![0u32; KC / 2 * NB],
+            packed_b: Lines::zeroed(KC / 2 * NB),
             column: vec![0.0f32; KC.max(NB)],
             odd: vec![0.0f32; NB],
-            pairs: vec![0u32; 16 * (KC / 2)],
+            pairs: Lines::zeroed(16 * (KC / 2)),
         },
         |scratch, block| {
             let task = Task { kernel, a: &packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst };
@@ -385,10 +418,33 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
 
 /// A thread's buffers: the packed block of `B` and the scratch rows it is read through.
 struct Scratch {
-    packed_b: Vec<u32>,
+    packed_b: Lines,
     column: Vec<f32>,
     odd: Vec<f32>,
-    pairs: Vec<u32>,
+    pairs: Lines,
+}
+
+/// One cache line of words.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// Zeroed words that start on a cache line: the packed strips' 64-byte rows (loaded twice per
+/// step of the micro-kernel, stored once by the packing) never straddle two lines.
+struct Lines(Vec<Line>);
+
+impl Lines {
+    /// At least `words` zeroed words.
+    fn zeroed(words: usize) -> Lines {
+        Lines(vec![Line([0; 16]); words.div_ceil(16)])
+    }
+
+    /// The words.
+    fn words(&mut self) -> &mut [u32] {
+        // SAFETY: `Line` is 16 `u32`s with no padding (`repr(C)`, size 64), so the lines are
+        // `16·len` initialised, suitably aligned words, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u32>(), self.0.len() * 16) }
+    }
 }
 
 /// What every column block of one product shares.
@@ -420,12 +476,19 @@ unsafe fn block_avx512(task: &Task, block: usize, scratch: &mut Scratch) {
 fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
     let Task { kernel, a: packed_a, tiles, b, m, n, k, accumulate, dst } = *task;
     let Scratch { packed_b, column: scratch, odd: scratch2, pairs } = scratch;
+    let (packed_b, pairs) = (packed_b.words(), pairs.words());
     let j0 = block * NB;
     let nb = NB.min(n - j0);
+    let calls = nb.div_ceil(NR) * m.div_ceil(MR);
     for r0 in (0..k).step_by(KC) {
         let kc = KC.min(k - r0);
         let kp = kc.div_ceil(2);
         pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel == Kernel::Avx512Bf16);
+        // For a weight packed by rows, the rows the next packing reads (the next slice of `k`,
+        // or after the last one the next block's first, usually this thread's next task) are
+        // fetched into L2 a few per tile while this slice is multiplied ([`NextPack`]).
+        let mut next = NextPack::after(b, k, n, r0 + KC, if r0 + KC < k { block } else { block + 1 }, calls);
+        let mut call = 0;
         for s in (0..nb).step_by(NR) {
             let nr = NR.min(nb - s);
             let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
@@ -440,7 +503,48 @@ fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
                     let c = dst.0.add(i0 * n + j0 + s);
                     tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
                 }
+                call += 1;
+                next.issue(b, call);
             }
+        }
+    }
+}
+
+/// The rows of `B` that the packing of one (slice, block) reads, issued as L2 prefetches spread
+/// evenly over `calls` tile calls. Only for weights packed by rows (`dY·Wᵀ` over stored rows):
+/// their runs are short and a stored row apart, and the packing otherwise waits on memory a
+/// row at a time; weights packed by columns prefetch well enough inside the packing (measured:
+/// no gain from this there).
+struct NextPack {
+    /// First reduction index (row of `B`) and first column of the block.
+    r0: usize,
+    j0: usize,
+    /// Its columns; `n` of `B`.
+    nb: usize,
+    n: usize,
+    /// Rows issued so far, of `rows`.
+    issued: usize,
+    rows: usize,
+    /// Tile calls over which the rows are spread.
+    calls: usize,
+}
+
+impl NextPack {
+    /// The packing of slice `r0` of column block `block` (nothing when it is past `k` or `n`, or
+    /// when `b` is packed by columns).
+    fn after(b: &Weight, k: usize, n: usize, r0: usize, block: usize, calls: usize) -> NextPack {
+        let (r0, j0) = (if r0 < k { r0 } else { 0 }, block * NB);
+        let (rows, nb) = if j0 < n && !b.by_columns() { (KC.min(k - r0), NB.min(n - j0)) } else { (0, 0) };
+        NextPack { r0, j0, nb, n, issued: 0, rows, calls: calls.max(1) }
+    }
+
+    /// Issues the rows due after `call` tile calls.
+    #[inline(always)]
+    fn issue(&mut self, b: &Weight, call: usize) {
+        let due = (self.rows * call / self.calls).min(self.rows);
+        while self.issued < due {
+            b.prefetch::<L2>(false, self.r0 + self.issued, self.j0, self.n, self.nb);
+            self.issued += 1;
         }
     }
 }
@@ -485,20 +589,13 @@ fn pack_b(
         let (first, len) = (first_row * row_bytes + along / 32 * 34, if rows_are_columns { kc } else { nb });
         assert!(len.is_multiple_of(32) && rows > 0);
         assert!(bytes.len() >= first + (rows - 1) * row_bytes + len / 32 * 34);
-        assert!(pairs.len() >= 15 * (KC / 2) + kp && packed.len() >= kp * NB);
+        assert!(packed.len() >= kp * NB);
         // SAFETY: `simd` is set only for the AVX512-BF16 kernel (AVX512-BF16/F/BW checked at
         // run time); the blocks read (`rows` stored rows `row_bytes` apart from `first`, `len`
-        // weights each) are inside `bytes` and the writes inside `pairs` and `packed` (asserted).
+        // weights each) are inside `bytes` and the writes inside `packed` (asserted).
         unsafe {
             if rows_are_columns {
-                avx512::pack_q8_0_columns(
-                    bytes.as_ptr().add(first),
-                    row_bytes,
-                    kc,
-                    nb,
-                    pairs.as_mut_ptr(),
-                    packed.as_mut_ptr(),
-                )
+                avx512::pack_q8_0_columns(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
             } else {
                 avx512::pack_q8_0_rows(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
             }
@@ -509,7 +606,6 @@ fn pack_b(
         // Column `j` of `B` is a run of `kc` values: read it, then scatter its pairs down the
         // column of words (the `NB`-word rows stay in L1 over the block).
         let col = &mut scratch[..kp * 2];
-        col[kc..].fill(0.0);
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut first = 0;
         #[cfg(not(target_arch = "x86_64"))]
@@ -523,11 +619,9 @@ fn pack_b(
                 for ci in 0..16 {
                     let c = first + ci;
                     if c + 4 < nb {
-                        b.prefetch(true, j0 + c + 4, r0, k, kc);
+                        b.prefetch::<L1>(true, j0 + c + 4, r0, k, kc);
                     }
-                    b.column(j0 + c, r0, k, &mut col[..kc]);
-                    let words = &mut pairs[ci * ROW..][..kp];
-                    words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+                    b.column_words(j0 + c, r0, k, kc, col, &mut pairs[ci * ROW..][..kp]);
                 }
                 let base = at(0, first);
                 for p0 in (0..kp).step_by(16) {
@@ -551,12 +645,10 @@ fn pack_b(
         }
         for c in first..nb {
             if c + 4 < nb {
-                b.prefetch(true, j0 + c + 4, r0, k, kc);
+                b.prefetch::<L1>(true, j0 + c + 4, r0, k, kc);
             }
-            b.column(j0 + c, r0, k, &mut col[..kc]);
-            // Rounded in one vectorised pass, then scattered.
             let words = &mut pairs[..kp];
-            words.iter_mut().zip(col.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
+            b.column_words(j0 + c, r0, k, kc, col, words);
             let strip = &mut packed[at(0, c)..];
             for (p, &w) in words.iter().enumerate() {
                 strip[p * NR] = w;
@@ -569,11 +661,28 @@ fn pack_b(
             let r = r0 + 2 * p;
             for ahead in [r + 4, r + 5] {
                 if ahead < r0 + kc {
-                    b.prefetch(false, ahead, j0, n, nb);
+                    b.prefetch::<L1>(false, ahead, j0, n, nb);
                 }
             }
+            let has_odd = r + 1 < r0 + kc;
+            if let Weight::Bf16(w) = b
+                && w.n_stride == 1
+            {
+                // Stored bf16: the pairs are the stored bits, no rounding.
+                let (e, o) = (w.offset + r * w.k_stride + j0, w.offset + (r + 1) * w.k_stride + j0);
+                for (s, e) in w.data[e..e + nb].chunks(NR).enumerate() {
+                    let words = &mut packed[at(p, s * NR)..][..e.len()];
+                    let o = &w.data[if has_odd { o + s * NR } else { 0 }..][..e.len()];
+                    let high = |o: bf16| if has_odd { u32::from(o.to_bits()) << 16 } else { 0 };
+                    words
+                        .iter_mut()
+                        .zip(e.iter().zip(o))
+                        .for_each(|(w, (e, &o))| *w = u32::from(e.to_bits()) | high(o));
+                }
+                continue;
+            }
             b.row(r, j0, n, even);
-            if r + 1 < r0 + kc {
+            if has_odd {
                 b.row(r + 1, j0, n, odd);
             } else {
                 odd.fill(0.0);
@@ -676,6 +785,18 @@ mod avx512 {
             // SAFETY: the caller's contract.
             *r = unsafe { _mm512_loadu_si512(src.add(i * src_stride).cast()) };
         }
+        let out = transposed(&r);
+        for (p, o) in out.iter().enumerate().take(rows) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_si512(dst.add(p * dst_stride).cast(), *o) };
+        }
+    }
+
+    /// The transpose of sixteen vectors of sixteen words: word `j` of vector `i` becomes word `i`
+    /// of vector `j`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transposed(r: &[__m512i; 16]) -> [__m512i; 16] {
         let mut t = [_mm512_setzero_si512(); 16];
         for j in 0..8 {
             t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
@@ -700,10 +821,7 @@ mod avx512 {
             out[4 + q] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
             out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
         }
-        for (p, o) in out.iter().enumerate().take(rows) {
-            // SAFETY: the caller's contract.
-            unsafe { _mm512_storeu_si512(dst.add(p * dst_stride).cast(), *o) };
-        }
+        out
     }
 
     /// The 32 weights of the Q8_0 block at `block` (f16 scale, 32 int8 codes), dequantized as
@@ -735,57 +853,44 @@ mod avx512 {
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
     }
 
-    /// [`super::pack_b`] for Q8_0 stored rows that are columns of `B` (`x·W`): the `kc` weights
-    /// of `nb` stored rows (`row_bytes` apart from `src`), sixteen columns at a time rounded into
-    /// sixteen rows of `pairs` (`KC/2` words apart; a column's words are its bf16 values in
-    /// order) and transposed into `packed`'s strips.
+    /// [`super::pack_b`] for Q8_0 stored rows that are columns of `B` (`x·W`): sixteen stored
+    /// rows (of `nb`, `row_bytes` apart from `src`) read in step, a block of each converted into
+    /// a vector of sixteen words (bf16 pairs along `k`), the sixteen vectors transposed in
+    /// registers into sixteen rows of a strip of `packed`.
     ///
     /// # Safety
     /// The CPU must have AVX512-BF16, AVX512F and AVX512BW; `kc ≤ KC` a multiple of 32,
-    /// `nb ≤ NB`; `src` valid for reading the blocks, `pairs` for `15·KC/2 + kc/2` words and
-    /// `packed` for `kc/2 · NB` words.
+    /// `nb ≤ NB`; `src` valid for reading the `kc/32` blocks of `nb` rows, `packed` for
+    /// `kc/2 · NB` words.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,f16c")]
-    pub(super) unsafe fn pack_q8_0_columns(
-        src: *const u8,
-        row_bytes: usize,
-        kc: usize,
-        nb: usize,
-        pairs: *mut u32,
-        packed: *mut u32,
-    ) {
-        const ROW: usize = super::KC / 2;
+    pub(super) unsafe fn pack_q8_0_columns(src: *const u8, row_bytes: usize, kc: usize, nb: usize, packed: *mut u32) {
+        // Blocks ahead of the conversion that each row's prefetch reaches (about one line).
+        const AHEAD: usize = 4;
         let kp = kc / 2;
         let blocks = kc / 32;
         for first in (0..nb).step_by(16) {
-            for ci in 0..16 {
-                let c = first + ci;
-                if c >= nb {
-                    // Past the last column (whose strip the caller zeroed): zeros.
-                    // SAFETY: row `ci` of `pairs` holds `kp` words (the caller's contract).
-                    unsafe { std::ptr::write_bytes(pairs.add(ci * ROW), 0, kp) };
-                    continue;
-                }
-                // SAFETY: the caller's contract: column `c`'s blocks are inside `src`, its
-                // `kp` words inside row `ci` of `pairs`.
-                unsafe {
-                    let row = src.add(c * row_bytes);
-                    if c + 4 < nb {
-                        let ahead = src.add((c + 4) * row_bytes);
-                        for at in (0..blocks * 34).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast());
-                        }
-                    }
-                    for blk in 0..blocks {
-                        let (lo, hi) = q8_0_block(row.add(blk * 34));
-                        _mm512_storeu_si512(pairs.add(ci * ROW + blk * 16).cast(), bf16x32(lo, hi));
-                    }
-                }
-            }
+            let columns = 16.min(nb - first);
             let base = first / super::NR * (kp * super::NR) + first % super::NR;
-            for p0 in (0..kp).step_by(16) {
-                // SAFETY: 16 rows of 16 words from `p0 < kp` inside `pairs`; 16 rows `NR` apart
-                // inside this strip of `packed` (`kp` a multiple of 16).
-                unsafe { transpose16(pairs.add(p0), ROW, packed.add(base + p0 * super::NR), super::NR, 16) };
+            for blk in 0..blocks {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (ci, r) in r.iter_mut().enumerate().take(columns) {
+                    // SAFETY: the caller's contract: block `blk` of row `first + ci < nb` is
+                    // inside `src`; a prefetch (inside the row's blocks) has no other effect.
+                    unsafe {
+                        let row = src.add((first + ci) * row_bytes);
+                        if blk + AHEAD < blocks {
+                            _mm_prefetch::<_MM_HINT_T0>(row.add((blk + AHEAD) * 34).cast());
+                        }
+                        let (lo, hi) = q8_0_block(row.add(blk * 34));
+                        *r = bf16x32(lo, hi);
+                    }
+                }
+                let out = transposed(&r);
+                for (i, o) in out.iter().enumerate() {
+                    // SAFETY: row `16·blk + i < kp` of this strip, sixteen words from column
+                    // `first % NR`, inside `packed` (the caller's contract).
+                    unsafe { _mm512_storeu_si512(packed.add(base + (blk * 16 + i) * super::NR).cast(), *o) };
+                }
             }
         }
     }

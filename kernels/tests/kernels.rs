@@ -393,6 +393,26 @@ mod bf16_gemm {
             let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
             let at = Lhs { data: &xt, offset: 0, rows: m, cols: k, row_stride: 1, col_stride: m };
             check(at, b, n, &|r, j| wb[5 + r * padded + j].to_f32() as f64, "bf16 padded, strided lhs");
+            // Stored bf16 is packed from its bits (no widening and rounding): the same products,
+            // bit for bit, as its values stored as f32, by rows and by columns.
+            let wide: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            for (k_stride, n_stride) in [(padded, 1), (1, k + 2)] {
+                if 5 + (k - 1) * k_stride + (n - 1) * n_stride >= wb.len() {
+                    continue;
+                }
+                let bits = Weight::Bf16(Strided { data: &wb, offset: 5, k_stride, n_stride });
+                let floats = Weight::F32(Strided { data: &wide, offset: 5, k_stride, n_stride });
+                for kernel in kernels() {
+                    let (mut got, mut want) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+                    matmul(kernel, a, bits, n, &mut got, false);
+                    matmul(kernel, a, floats, n, &mut want, false);
+                    let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(
+                        same,
+                        "{kernel:?} bf16 k_stride={k_stride} m={m} n={n} k={k}: stored bits differ from f32 values"
+                    );
+                }
+            }
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let b = Weight::F16(Strided { data: &wh, offset: 0, k_stride: 1, n_stride: k });
             check(a, b, n, &|r, j| round(wh[j * k + r].to_f32()), "f16 transposed");
