@@ -104,6 +104,12 @@ fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
 }
 
+/// The word of two stored bf16 values, `lo` in the low half (as [`pair`] of their f32 values).
+#[inline(always)]
+fn stored_pair(lo: bf16, hi: bf16) -> u32 {
+    u32::from(lo.to_bits()) | u32::from(hi.to_bits()) << 16
+}
+
 /// The left operand: an `rows × cols` f32 matrix inside `data`, element `(i, c)` at
 /// `offset + i·row_stride + c·col_stride` (also the strided view of the crate's f32 products).
 #[derive(Debug, Clone, Copy)]
@@ -225,9 +231,10 @@ impl Weight<'_> {
         {
             // Stored bf16 along `k`: the pairs are the stored bits, no rounding.
             let run = &s.data[s.offset + r0 + j * s.n_stride..][..kc];
-            words.iter_mut().zip(run.chunks(2)).for_each(|(w, v)| {
-                *w = u32::from(v[0].to_bits()) | v.get(1).map_or(0, |o| u32::from(o.to_bits()) << 16)
-            });
+            words
+                .iter_mut()
+                .zip(run.chunks(2))
+                .for_each(|(w, v)| *w = stored_pair(v[0], v.get(1).copied().unwrap_or(bf16::ZERO)));
             return;
         }
         let col = &mut scratch[..words.len() * 2];
@@ -669,15 +676,13 @@ fn pack_b(
                 && w.n_stride == 1
             {
                 // Stored bf16: the pairs are the stored bits, no rounding.
-                let (e, o) = (w.offset + r * w.k_stride + j0, w.offset + (r + 1) * w.k_stride + j0);
-                for (s, e) in w.data[e..e + nb].chunks(NR).enumerate() {
-                    let words = &mut packed[at(p, s * NR)..][..e.len()];
-                    let o = &w.data[if has_odd { o + s * NR } else { 0 }..][..e.len()];
-                    let high = |o: bf16| if has_odd { u32::from(o.to_bits()) << 16 } else { 0 };
-                    words
-                        .iter_mut()
-                        .zip(e.iter().zip(o))
-                        .for_each(|(w, (e, &o))| *w = u32::from(e.to_bits()) | high(o));
+                let row = |r: usize| &w.data[w.offset + r * w.k_stride + j0..][..nb];
+                // A missing odd row pairs with zeros (the even row itself, masked off).
+                let (even, odd) = (row(r), row(if has_odd { r + 1 } else { r }));
+                for (s, (even, odd)) in even.chunks(NR).zip(odd.chunks(NR)).enumerate() {
+                    let words = &mut packed[at(p, s * NR)..][..even.len()];
+                    let high = |o: bf16| if has_odd { o } else { bf16::ZERO };
+                    words.iter_mut().zip(even.iter().zip(odd)).for_each(|(w, (&e, &o))| *w = stored_pair(e, high(o)));
                 }
                 continue;
             }
