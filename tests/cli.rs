@@ -40,8 +40,10 @@ fn params_match_the_published_counts() {
     assert_eq!(trainable(&["params", "--model", "roberta-base", "--method", "lotr", "--rank", "8"]), "13,824");
     assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "lotr", "--rank", "8"]), "69,632");
     assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "lorta", "--rank", "8"]), "34,336");
-    // LoRETTA_rep on LLaMA-2-7B q,v with the published [16,16,8,4,4] shapes (1,600 per module).
-    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "loretta-rep"]), "102,400");
+    // LoRETTA_rep on LLaMA-2-7B q,v at the paper's r=8 with the published [16,16,8,4,4] shapes
+    // (1,600 per module), and at the default r=2.
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "loretta-rep", "--rank", "8"]), "102,400");
+    assert_eq!(trainable(&["params", "--model", "llama2-7b", "--method", "loretta-rep"]), "66,560");
     // Explicit targets and the per-module table.
     let out = String::from_utf8(
         tpeft(&["params", "--model", "bert-base", "--method", "lora", "--targets", "query,value,intermediate.dense"])
@@ -1248,10 +1250,21 @@ fn init_from_warm_starts_from_a_saved_adapter() {
 }
 
 /// `params --train-norms` counts what `finetune --train-norms` trains, and reproduces the LoRETTA
-/// paper's LLaMA-2-7B LoRETTA_rep figure (0.51M: tensor rank 8 on q,v plus every RMSNorm).
+/// paper's LLaMA-2-7B LoRETTA_rep figure (0.51M: r=8 at tensor rank 8 on q,v plus every RMSNorm).
 #[test]
 fn params_count_trained_norms_as_finetune_trains_them() {
-    let rep = ["params", "--model", "llama2-7b", "--method", "loretta-rep", "--tensor-rank", "8", "--train-norms"];
+    let rep = [
+        "params",
+        "--model",
+        "llama2-7b",
+        "--method",
+        "loretta-rep",
+        "--rank",
+        "8",
+        "--tensor-rank",
+        "8",
+        "--train-norms",
+    ];
     assert_eq!(trainable(&rep), "516,096");
     let model = fixture("tiny-llama-words");
     let counted = trainable(&["params", "--model", &model, "--method", "tt-lora", "--train-norms"]);

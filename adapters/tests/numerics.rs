@@ -785,10 +785,11 @@ fn parameter_counts_match_the_papers() {
 /// count another placement on LLaMA; see docs/design.md).
 #[test]
 fn loretta_counts_match_the_official_code() {
-    // rep 768x768 r=8 k=5 and LLaMA-2-7B q,v.
-    assert_eq!(LorettaRepConfig::new().with_tensor_rank(5).num_params(768, 768).unwrap(), 1_160);
-    assert_eq!(LorettaRepConfig::new().with_tensor_rank(5).num_params(4096, 4096).unwrap() * 64, 102_400);
-    assert_eq!(LorettaRepConfig::new().with_tensor_rank(8).num_params(4096, 4096).unwrap() * 64, 249_856);
+    // rep 768x768 r=8 k=5 and LLaMA-2-7B q,v (the official r=8, not this crate's default r=2).
+    let rep = |tensor_rank| LorettaRepConfig::new().with_rank(8).with_alpha(16.0).with_tensor_rank(tensor_rank);
+    assert_eq!(rep(5).num_params(768, 768).unwrap(), 1_160);
+    assert_eq!(rep(5).num_params(4096, 4096).unwrap() * 64, 102_400);
+    assert_eq!(rep(8).num_params(4096, 4096).unwrap() * 64, 249_856);
     let adp = LorettaAdpConfig::new().with_bottleneck(64).with_tensor_rank(5);
     assert_eq!(adp.num_params(768).unwrap(), 1_560 + 832);
     assert_eq!(adp.num_params(4096).unwrap(), 2 * 1_100 + 64 + 4096);
