@@ -8,11 +8,90 @@
 //! rather than the `[q_len, kv_len]` probabilities of every head (1 GiB over LLaMA-2-7B's layers at
 //! 512 tokens): the backward recomputes them a block of queries at a time (one more `Q·Kᵀ`), as
 //! FlashAttention does.
+//!
+//! The per-head products run in f32, or with [`ComputeDType::Bf16`] on bf16 operands with f32
+//! accumulation (`scale·Q`, `K`, `V`, the probabilities, the output's gradient and the scores'
+//! gradient rounded as they enter a product), as PyTorch's attention over a bf16 model; the
+//! softmax, its log-sum-exp and its backward stay f32.
 
 use rayon::prelude::*;
 
-use crate::matmul::{View, matmul, matmul_strided};
+use crate::ComputeDType;
+use crate::bf16_gemm::{self, Buffers, Kernel, PackedB, Strided, Weight};
+use crate::matmul::{View, matmul_strided};
 use crate::simd::{dot, exp, max, multiversion, sum};
+
+/// One task's per-head products, at the precision of the call.
+enum Products {
+    /// f32 operands on `gemm`.
+    F32,
+    /// bf16 operands, f32 accumulation, with the task's packing buffers and its right operands
+    /// packed once per head ([`Products::prepare`]).
+    Bf16 { kernel: Kernel, buffers: Box<Buffers>, packed: [PackedB; 3] },
+}
+
+impl Products {
+    fn new(dtype: ComputeDType) -> Products {
+        match dtype {
+            ComputeDType::F32 => Products::F32,
+            ComputeDType::Bf16 => {
+                Products::Bf16 { kernel: Kernel::detect(), buffers: Box::default(), packed: Default::default() }
+            }
+        }
+    }
+
+    /// Readies `operands` (a head's keys and values, as right operands) for [`Products::mul_prefix`]
+    /// with the same slot: with bf16 each is packed once here, for every block of queries.
+    fn prepare(&mut self, operands: &[View]) {
+        if let Products::Bf16 { kernel, buffers, packed } = self {
+            for (slot, b) in packed.iter_mut().zip(operands) {
+                slot.pack(*kernel, Weight::F32(strided(*b)), b.rows, b.cols, buffers);
+            }
+        }
+    }
+
+    /// `dst = beta·lhs·rhs` (or `+=` with `accumulate`), `dst` rows `dst_row_stride` apart.
+    fn mul(&mut self, dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, beta: f32, accumulate: bool) {
+        match self {
+            Products::F32 => matmul_strided(dst, dst_row_stride, lhs, rhs, beta, accumulate),
+            Products::Bf16 { kernel, buffers, .. } => {
+                assert!(rhs.rows == lhs.cols, "attention: inner dimensions {} and {} differ", lhs.cols, rhs.rows);
+                let b = Weight::F32(strided(rhs));
+                bf16_gemm::matmul_single(*kernel, lhs, beta, b, rhs.cols, dst, dst_row_stride, accumulate, buffers)
+            }
+        }
+    }
+
+    /// [`Products::mul`] with `rhs` the leading `rows × cols` of the operand prepared in `slot`.
+    #[allow(clippy::too_many_arguments)]
+    fn mul_prefix(
+        &mut self,
+        slot: usize,
+        dst: &mut [f32],
+        dst_row_stride: usize,
+        lhs: View,
+        rhs: View,
+        beta: f32,
+        accumulate: bool,
+    ) {
+        match self {
+            // An odd prefix of the packed rows would meet a row outside the product.
+            Products::Bf16 { kernel, buffers, packed }
+                if rhs.rows.is_multiple_of(2) || rhs.rows == packed[slot].rows() =>
+            {
+                assert!(rhs.rows == lhs.cols, "attention: inner dimensions {} and {} differ", lhs.cols, rhs.rows);
+                let b = &packed[slot];
+                bf16_gemm::matmul_packed(*kernel, lhs, beta, b, rhs.cols, dst, dst_row_stride, accumulate, buffers)
+            }
+            _ => self.mul(dst, dst_row_stride, lhs, rhs, beta, accumulate),
+        }
+    }
+}
+
+/// A view as the bf16 GEMM's right operand.
+fn strided(b: View) -> Strided<f32> {
+    Strided { data: b.data, offset: b.offset, k_stride: b.row_stride, n_stride: b.col_stride }
+}
 
 /// Sizes of one attention call. `q` and the output are `[batch, q_len, heads, head_dim]`; `k` and
 /// `v` are `[batch, kv_len, kv_heads, head_dim]`; the probabilities are
@@ -238,19 +317,21 @@ multiversion! {
 /// the block's score rows, the masked softmax in place (each row's log-sum-exp into `lse`), and
 /// `P·V` into `out` (`[q_len, head_dim]`). Under a causal mask each block multiplies only the keys
 /// it may see (the rest of its scores are set by the softmax).
-fn forward_head(problem: Problem, b: usize, h: usize, lse: &mut [f32], out: &mut [f32]) {
+fn forward_head(problem: Problem, products: &mut Products, b: usize, h: usize, lse: &mut [f32], out: &mut [f32]) {
     let s = problem.s;
     let g = h / (s.heads / s.kv_heads);
     let (q, k, v) =
         (problem.query_head(problem.q, b, h), problem.kv_head(problem.k, b, g), problem.kv_head(problem.v, b, g));
     let mut probs = vec![0.0f32; problem.mask.query_block_rows(s.q_len) * s.kv_len];
+    products.prepare(&[k.t(), v]);
     for (first, end, keys) in problem.mask.query_blocks(s.q_len, s.kv_len) {
         let rows = end - first;
         let p_rows = &mut probs[..rows * s.kv_len];
-        matmul_strided(p_rows, s.kv_len, q.row_range(first, end), k.row_range(0, keys).t(), problem.scale, false);
+        let (q_block, k_seen, v_seen) = (q.row_range(first, end), k.row_range(0, keys), v.row_range(0, keys));
+        products.mul_prefix(0, p_rows, s.kv_len, q_block, k_seen.t(), problem.scale, false);
         softmax_rows(problem, b, first, p_rows, &mut lse[first..end]);
         let p_block = View { cols: keys, ..View::rows(p_rows, 0, rows, s.kv_len, s.kv_len) };
-        matmul(&mut out[first * s.head_dim..], p_block, v.row_range(0, keys), 1.0, false);
+        products.mul_prefix(1, &mut out[first * s.head_dim..], s.head_dim, p_block, v_seen, 1.0, false);
     }
 }
 
@@ -261,6 +342,7 @@ fn forward_head(problem: Problem, b: usize, h: usize, lse: &mut [f32], out: &mut
 #[allow(clippy::too_many_arguments)]
 fn backward_group(
     problem: Problem,
+    products: &mut Products,
     lse: &[f32],
     grad: &[f32],
     b: usize,
@@ -275,6 +357,7 @@ fn backward_group(
     // One block of queries' probabilities (recomputed) and scores' gradient at a time.
     let buffer = problem.mask.query_block_rows(s.q_len) * s.kv_len;
     let (mut p, mut ds) = (vec![0.0f32; buffer], vec![0.0f32; buffer]);
+    products.prepare(&[k.t(), v.t(), k]);
     for (local, dq_head) in dq.chunks_exact_mut(s.q_len * s.head_dim).enumerate() {
         let h = g * group + local;
         let head_lse = &lse[(b * s.heads + h) * s.q_len..][..s.q_len];
@@ -285,26 +368,26 @@ fn backward_group(
             let (k_seen, v_seen) = (k.row_range(0, keys), v.row_range(0, keys));
             // P = exp(scale·Q·Kᵀ − lse), masked as in the forward.
             let p_rows = &mut p[..rows * s.kv_len];
-            matmul_strided(p_rows, s.kv_len, q_block, k_seen.t(), problem.scale, false);
+            products.mul_prefix(0, p_rows, s.kv_len, q_block, k_seen.t(), problem.scale, false);
             probs_from_scores(problem, b, first, p_rows, keys, &head_lse[first..end]);
             let p_block = View { cols: keys, ..View::rows(p_rows, 0, rows, s.kv_len, s.kv_len) };
             // dV += Pᵀ·dO; dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − rowsum(P ⊙ dP)).
-            matmul(&mut dv[..keys * s.head_dim], p_block.t(), d_out_block, 1.0, true);
+            products.mul(&mut dv[..keys * s.head_dim], s.head_dim, p_block.t(), d_out_block, 1.0, true);
             let ds_rows = &mut ds[..rows * s.kv_len];
-            matmul_strided(ds_rows, s.kv_len, d_out_block, v_seen.t(), 1.0, false);
+            products.mul_prefix(1, ds_rows, s.kv_len, d_out_block, v_seen.t(), 1.0, false);
             softmax_backward_rows(p_rows, ds_rows, s.kv_len, keys, problem.scale);
             let ds_block = View { cols: keys, ..View::rows(ds_rows, 0, rows, s.kv_len, s.kv_len) };
             // dQ = dS·K; dK += dSᵀ·Q.
-            matmul(&mut dq_head[first * s.head_dim..], ds_block, k_seen, 1.0, false);
-            matmul(&mut dk[..keys * s.head_dim], ds_block.t(), q_block, 1.0, true);
+            products.mul_prefix(2, &mut dq_head[first * s.head_dim..], s.head_dim, ds_block, k_seen, 1.0, false);
+            products.mul(&mut dk[..keys * s.head_dim], s.head_dim, ds_block.t(), q_block, 1.0, true);
         }
     }
 }
 
 /// `softmax(scale·q·kᵀ + mask)·v` into `out`, keeping for the backward only each query row's
 /// log-sum-exp of its scores in `lse` (`[batch, heads, q_len]`), not the probabilities: the
-/// backward recomputes them a block of queries at a time, as FlashAttention does. Parallel over
-/// (sequence, query head).
+/// backward recomputes them a block of queries at a time, as FlashAttention does. The products
+/// run at `dtype` (the backward must be given the same). Parallel over (sequence, query head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],
@@ -313,6 +396,7 @@ pub fn attention_forward(
     shape: AttentionShape,
     mask: Mask,
     scale: f32,
+    dtype: ComputeDType,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
@@ -329,11 +413,14 @@ pub fn attention_forward(
     let rows: Vec<Vec<f32>> = lse
         .par_chunks_mut(s.q_len)
         .enumerate()
-        .map(|(task, lse)| {
-            let mut o = vec![0.0f32; s.q_len * s.head_dim];
-            forward_head(problem, task / s.heads, task % s.heads, lse, &mut o);
-            o
-        })
+        .map_init(
+            || Products::new(dtype),
+            |products, (task, lse)| {
+                let mut o = vec![0.0f32; s.q_len * s.head_dim];
+                forward_head(problem, products, task / s.heads, task % s.heads, lse, &mut o);
+                o
+            },
+        )
         .collect();
     // Each task's rows go to their `[b, i, h, :]` slots.
     let dh = s.head_dim;
@@ -346,9 +433,9 @@ pub fn attention_forward(
 }
 
 /// Gradients of [`attention_forward`] for the output gradient `grad`, from the log-sum-exp `lse` it
-/// kept (the probabilities recomputed): `dq` (shaped as `q`), `dk` and `dv` (shaped as `k`).
-/// Parallel over (sequence, key/value head), so grouped query heads accumulate into their shared
-/// `dk`, `dv` without contention.
+/// kept (the probabilities recomputed): `dq` (shaped as `q`), `dk` and `dv` (shaped as `k`), with
+/// the products at the forward's `dtype`. Parallel over (sequence, key/value head), so grouped
+/// query heads accumulate into their shared `dk`, `dv` without contention.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
@@ -359,6 +446,7 @@ pub fn attention_backward(
     shape: AttentionShape,
     mask: Mask,
     scale: f32,
+    dtype: ComputeDType,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -373,14 +461,17 @@ pub fn attention_backward(
     let group = s.heads / s.kv_heads;
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.batch * s.kv_heads)
         .into_par_iter()
-        .map(|task| {
-            let (b, g) = (task / s.kv_heads, task % s.kv_heads);
-            let mut dq_local = vec![0.0f32; group * s.q_len * dh];
-            let mut dk_local = vec![0.0f32; s.kv_len * dh];
-            let mut dv_local = vec![0.0f32; s.kv_len * dh];
-            backward_group(problem, lse, grad, b, g, &mut dq_local, &mut dk_local, &mut dv_local);
-            (dq_local, dk_local, dv_local)
-        })
+        .map_init(
+            || Products::new(dtype),
+            |products, task| {
+                let (b, g) = (task / s.kv_heads, task % s.kv_heads);
+                let mut dq_local = vec![0.0f32; group * s.q_len * dh];
+                let mut dk_local = vec![0.0f32; s.kv_len * dh];
+                let mut dv_local = vec![0.0f32; s.kv_len * dh];
+                backward_group(problem, products, lse, grad, b, g, &mut dq_local, &mut dk_local, &mut dv_local);
+                (dq_local, dk_local, dv_local)
+            },
+        )
         .collect();
     for (task, (dq_local, dk_local, dv_local)) in parts.iter().enumerate() {
         let (b, g) = (task / s.kv_heads, task % s.kv_heads);

@@ -1,7 +1,9 @@
 //! A bf16 × bf16 → f32-accumulate GEMM for the frozen base's products under
 //! `--compute-dtype bf16` ([`crate::ComputeDType::Bf16`]): `C = A·B` (or `C += A·B`) with the
 //! activations `A` rounded to bf16 and the weight `B` read from its stored form (f32, bf16, f16,
-//! GGML blocks) straight into the micro-kernel's packed bf16 layout, a block at a time.
+//! GGML blocks) straight into the micro-kernel's packed bf16 layout, a block at a time. The
+//! attention's per-head products use its single-threaded forms ([`matmul_single`], and
+//! [`matmul_packed`] over a head's keys or values packed once as a [`PackedB`]).
 //!
 //! Layout and blocking:
 //! - `A` (`m × k`, small: a batch's activations) is rounded once (round-to-nearest-even, as
@@ -22,6 +24,10 @@
 //! - The `NB`-column blocks are rayon tasks: each thread packs only its own columns of the weight,
 //!   so at `m = 128` (where the weight's traffic dominates) both threads share the packing work.
 //!
+//! [`Kernel::Amx`] runs AMX tiles (`tdpbf16ps`) where the CPU has them and Linux grants their
+//! state, for depths `k` that are multiples of 32: `A` is then packed as 16-row tiles of pair
+//! rows, and a micro-kernel call covers 32 × 32 of `C` in four tile registers; the strips of
+//! `B` are the same (already AMX's pair layout).
 //! [`Kernel::Avx512Bf16`] runs `_mm512_dpbf16_ps` (checked at run time); [`Kernel::Portable`]
 //! computes the same thing in plain Rust (each product of two bf16 values is exact in f32; the
 //! pair is added odd element first, as `vdpbf16ps` does), so results agree across machines up to
@@ -39,8 +45,6 @@ pub const NR: usize = 32;
 /// Reduction elements per packed block of `B` (a multiple of GGML's 256-weight super-blocks, so a
 /// quantized row is read in whole blocks).
 pub const KC: usize = 512;
-/// Words of one packed tile of `A` for one [`KC`] slice: `KC/2` groups of [`MR`] bf16 pairs.
-const A_TILE_WORDS: usize = KC / 2 * MR;
 /// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
 pub const NB: usize = 256;
 
@@ -59,6 +63,10 @@ const L2: i32 = 0;
 /// Which micro-kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// AMX tiles, `tdpbf16ps` (Intel Xeon from Sapphire Rapids on, where Linux grants the tile
+    /// state), with AVX-512 for the packing: for products whose depth `k` is a multiple of 32;
+    /// the others run [`Kernel::Avx512Bf16`].
+    Amx,
     /// `_mm512_dpbf16_ps` (x86-64 CPUs with AVX512-BF16, e.g. Zen 4, Sapphire Rapids).
     Avx512Bf16,
     /// Plain Rust, any CPU: the same bf16-rounded operands and f32 accumulation.
@@ -66,25 +74,65 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs (checked at run time).
+    /// The fastest kernel this CPU runs (checked at run time, once).
     pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512bf16")
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-        {
-            return Kernel::Avx512Bf16;
-        }
-        Kernel::Portable
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            if !avx512_bf16() {
+                Kernel::Portable
+            } else if amx::ready() {
+                Kernel::Amx
+            } else {
+                Kernel::Avx512Bf16
+            }
+        })
     }
 
     /// Whether this CPU can run the kernel.
     pub fn available(self) -> bool {
         match self {
             Kernel::Portable => true,
-            Kernel::Avx512Bf16 => Kernel::detect() == Kernel::Avx512Bf16,
+            Kernel::Avx512Bf16 => avx512_bf16(),
+            Kernel::Amx => avx512_bf16() && amx::ready(),
         }
     }
+
+    /// The kernel that runs a product of depth `k`: AMX tiles take 32 bf16 of `k` at a time.
+    fn for_depth(self, k: usize) -> Kernel {
+        if self == Kernel::Amx && !k.is_multiple_of(2 * amx::PAIRS) { Kernel::Avx512Bf16 } else { self }
+    }
+
+    /// Whether the packing may use AVX-512.
+    fn simd(self) -> bool {
+        self != Kernel::Portable
+    }
+
+    /// Rows of `A` per packed tile.
+    fn a_rows(self) -> usize {
+        if self == Kernel::Amx { amx::ROWS } else { MR }
+    }
+
+    /// Words of one packed tile of `A` for one [`KC`] slice.
+    fn a_tile_words(self) -> usize {
+        self.a_rows() * (KC / 2)
+    }
+
+    /// Rows of `C` per micro-kernel call.
+    fn c_rows(self) -> usize {
+        if self == Kernel::Amx { 2 * amx::ROWS } else { MR }
+    }
+}
+
+/// Whether the CPU has AVX512-BF16 (with AVX512F/BW).
+fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bf16")
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+    {
+        return true;
+    }
+    false
 }
 
 /// The bits of `x` rounded to bf16, round-to-nearest-even (NaN stays a quiet NaN): the same bits
@@ -372,55 +420,271 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
     // slice of `k` (zeros past `k`): a tile's broadcasts read consecutive words (rows of A `k` apart
     // would share L1 sets), and one slice of every tile is one contiguous run that stays in L2
     // while the slice's strips of `B` go by (tiles `k` apart would share L2 sets).
-    let tiles = m.div_ceil(MR);
-    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * A_TILE_WORDS];
-    packed_a.par_chunks_mut(A_TILE_WORDS).enumerate().for_each(|(chunk, tile)| {
-        let (slice, t) = (chunk / tiles, chunk % tiles);
-        let c0 = slice * KC;
-        let len = KC.min(k - c0);
-        let mut words = [0u32; KC / 2];
-        for r in 0..MR.min(m - t * MR) {
-            let i = t * MR + r;
-            let start = a.offset + i * a.row_stride + c0 * a.col_stride;
-            if a.col_stride == 1 {
-                // A contiguous run (the usual activations): rounded in one vectorised pass.
-                let row = &a.data[start..start + len];
-                words.iter_mut().zip(row.chunks_exact(2)).for_each(|(w, v)| *w = pair(v[0], v[1]));
-                if len % 2 == 1 {
-                    words[len / 2] = pair(row[len - 1], 0.0);
+    let kernel = kernel.for_depth(k);
+    let tiles = m.div_ceil(kernel.a_rows());
+    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * kernel.a_tile_words()];
+    let chunks = packed_a.par_chunks_mut(kernel.a_tile_words());
+    chunks.enumerate().for_each(|(chunk, tile)| pack_a(kernel, a, 1.0, chunk, tile));
+    let dst = SendPtr(out);
+    let blocks = n.div_ceil(NB);
+    (0..blocks).into_par_iter().for_each_init(Scratch::new, |scratch, block| {
+        let task = Task { kernel, a: &packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc: n };
+        run_block(&task, block, scratch);
+    });
+}
+
+/// Buffers of [`matmul_single`], kept by the caller across its calls on one thread.
+pub struct Buffers {
+    packed_a: Vec<u32>,
+    scratch: Scratch,
+}
+
+impl Buffers {
+    /// Empty buffers (the packed block of `B` is allocated here, `A`'s tiles on first use).
+    pub fn new() -> Buffers {
+        Buffers { packed_a: Vec::new(), scratch: Scratch::new() }
+    }
+
+    /// `β·A` rounded into `kernel`'s tiles (as [`matmul`] packs `A`), in the buffer's first words.
+    fn pack_a(&mut self, kernel: Kernel, a: Lhs, beta: f32) -> &[u32] {
+        let words = a.cols.div_ceil(KC) * a.rows.div_ceil(kernel.a_rows()) * kernel.a_tile_words();
+        if self.packed_a.len() < words {
+            self.packed_a.resize(words, 0);
+        }
+        let packed_a = &mut self.packed_a[..words];
+        // The padding (rows past `m`, pairs past `k`) must be zeros, whatever an earlier call left.
+        packed_a.fill(0);
+        let chunks = packed_a.chunks_mut(kernel.a_tile_words());
+        chunks.enumerate().for_each(|(chunk, tile)| pack_a(kernel, a, beta, chunk, tile));
+        packed_a
+    }
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `C = β·A·B`, or `C += β·A·B` with `accumulate` (β·A rounded to bf16, as [`matmul`] rounds A),
+/// on the calling thread only, through `buffers`: `C` is an `m × n` row-major matrix at the start
+/// of `out` whose rows are `ldc ≥ n` apart (the elements between them are not touched). For many
+/// small products that the caller already runs in parallel (the attention kernel's per-head
+/// products), where threads and fresh buffers per call would cost more than they save.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_single(
+    kernel: Kernel,
+    a: Lhs,
+    beta: f32,
+    b: Weight,
+    n: usize,
+    out: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    buffers: &mut Buffers,
+) {
+    let (m, k) = (a.rows, a.cols);
+    b.check(k, n);
+    if !single_product_left(kernel, a, n, out, ldc, accumulate) {
+        return;
+    }
+    let kernel = kernel.for_depth(k);
+    let tiles = m.div_ceil(kernel.a_rows());
+    buffers.pack_a(kernel, a, beta);
+    let Buffers { packed_a, scratch } = buffers;
+    let dst = SendPtr(out.as_mut_ptr());
+    let task = Task { kernel, a: packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc };
+    for block in 0..n.div_ceil(NB) {
+        run_block(&task, block, scratch);
+    }
+}
+
+/// The checks of [`matmul_single`] and [`matmul_packed`] (`C`: `a.rows × n`, rows `ldc` apart at
+/// the start of `out`), and their empty cases: whether a product is left to compute (`m`, `n`
+/// and `k` positive). With `k = 0`, `C` is zeroed here unless accumulating.
+fn single_product_left(kernel: Kernel, a: Lhs, n: usize, out: &mut [f32], ldc: usize, accumulate: bool) -> bool {
+    let (m, k) = (a.rows, a.cols);
+    assert!(kernel.available(), "bf16 matmul: this CPU cannot run {kernel:?}");
+    assert!(ldc >= n, "bf16 matmul: output rows {ldc} apart hold {n} columns");
+    if m > 0 && k > 0 {
+        let last = a.offset + (m - 1) * a.row_stride + (k - 1) * a.col_stride;
+        assert!(last < a.data.len(), "bf16 matmul: the left operand reaches element {last} of {}", a.data.len());
+    }
+    if m == 0 || n == 0 {
+        return false;
+    }
+    let extent = (m - 1) * ldc + n;
+    assert!(out.len() >= extent, "bf16 matmul: the output holds {} of {extent} elements", out.len());
+    if k == 0 && !accumulate {
+        out[..extent].chunks_mut(ldc).for_each(|row| row[..n].fill(0.0));
+    }
+    k > 0
+}
+
+/// A right operand `B` (`k × n`) packed once for several products that each multiply a leading
+/// part of it, `B[..k', ..n']` (the attention's keys and values, of which each block of queries
+/// sees a prefix): the packing is then paid once rather than per product.
+#[derive(Default)]
+pub struct PackedB {
+    words: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (`k × n`, rounded to bf16 as [`matmul`] rounds it) in place of what was held,
+    /// reusing the allocation, through `buffers`' scratch.
+    pub fn pack(&mut self, kernel: Kernel, b: Weight, k: usize, n: usize, buffers: &mut Buffers) {
+        assert!(kernel.available(), "bf16 matmul: this CPU cannot run {kernel:?}");
+        b.check(k, n);
+        let blocks = n.div_ceil(NB);
+        let len =
+            if k == 0 { 0 } else { ((k.div_ceil(KC) - 1) * (KC / 2) + Self::slice_pairs(k, k - 1)) * NB * blocks };
+        self.words.resize(len, 0);
+        (self.k, self.n) = (k, n);
+        let Scratch { column, odd, pairs, .. } = &mut buffers.scratch;
+        for r0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - r0);
+            for block in 0..blocks {
+                let (j0, at) = (block * NB, self.block_at(r0, block));
+                let nb = NB.min(n - j0);
+                let packed = &mut self.words[at..][..kc.div_ceil(2) * NB];
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the kernel is available (asserted), so the CPU has AVX512-BF16/F/BW.
+                    Kernel::Avx512Bf16 | Kernel::Amx => unsafe {
+                        pack_b_avx512(&b, k, n, r0, kc, j0, nb, packed, column, odd, pairs.words())
+                    },
+                    _ => pack_b(&b, k, n, r0, kc, j0, nb, packed, column, odd, pairs.words(), false),
                 }
-            } else {
-                let at = |c: usize| if c < len { a.data[start + c * a.col_stride] } else { 0.0 };
-                words
-                    .iter_mut()
-                    .take(len.div_ceil(2))
-                    .enumerate()
-                    .for_each(|(p, w)| *w = pair(at(2 * p), at(2 * p + 1)));
             }
+        }
+    }
+
+    /// Rows (`k`) of the packed operand.
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Pairs of the packed slice holding reduction index `r`, for a `B` of `k` rows.
+    fn slice_pairs(k: usize, r: usize) -> usize {
+        let r0 = r / KC * KC;
+        KC.min(k - r0).div_ceil(2)
+    }
+
+    /// Where the packed block (slice `r0`, column block `block`) starts: the slices before it are
+    /// full ([`KC`] rows), each `KC/2 · NB` words per column block.
+    fn block_at(&self, r0: usize, block: usize) -> usize {
+        let blocks = self.n.div_ceil(NB);
+        (r0 / KC * (KC / 2) * blocks + block * Self::slice_pairs(self.k, r0)) * NB
+    }
+}
+
+/// `C = β·A·B[..k', ..n']` (or `+=` with `accumulate`) as [`matmul_single`], `k' = a.cols` and
+/// `n'` at most the packed operand's `k` and `n`. A prefix `k'` that ends inside a pair of rows
+/// (odd, and short of `k`) would pair `A`'s zero padding with a row of `B` outside the product,
+/// which is exact only when that row is finite: such products must use [`matmul_single`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_packed(
+    kernel: Kernel,
+    a: Lhs,
+    beta: f32,
+    b: &PackedB,
+    n: usize,
+    out: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    buffers: &mut Buffers,
+) {
+    let (m, k) = (a.rows, a.cols);
+    assert!(k <= b.k && n <= b.n, "bf16 matmul: {k} × {n} of a packed {} × {}", b.k, b.n);
+    assert!(k.is_multiple_of(2) || k == b.k, "bf16 matmul: an odd prefix {k} of {} packed rows", b.k);
+    if !single_product_left(kernel, a, n, out, ldc, accumulate) {
+        return;
+    }
+    let kernel = kernel.for_depth(k);
+    let tiles = m.div_ceil(kernel.a_rows());
+    let packed_a = buffers.pack_a(kernel, a, beta);
+    for block in 0..n.div_ceil(NB) {
+        let (j0, nb) = (block * NB, NB.min(n - block * NB));
+        for r0 in (0..k).step_by(KC) {
+            // The strips were packed with the slice's full height; this product reads their top.
+            let (kp, height) = (KC.min(k - r0).div_ceil(2), PackedB::slice_pairs(b.k, r0));
+            let packed = &b.words[b.block_at(r0, block)..][..height * NB];
+            let load = accumulate || r0 > 0;
+            let slice = Slice { kernel, packed_a, tiles, m, r0, kp, height, nb, ldc, load };
+            // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart, extent
+            // asserted) are borrowed mutably with `out`.
+            unsafe { slice.multiply(packed, out.as_mut_ptr().add(j0), |_| ()) };
+        }
+    }
+}
+
+/// Packs chunk `chunk` of `A`'s tiles for `kernel` (slice `chunk / tiles` of `k`, tile
+/// `chunk % tiles`) as `β·A` rounded to bf16 pairs into `tile`, which holds zeros: row `r`'s pair
+/// `p` at `p·MR + r` (groups of a pair of every row, which the AVX-512 kernel broadcasts), or for
+/// AMX at `r·KC/2 + p` (rows of pairs, as a tile register loads them).
+fn pack_a(kernel: Kernel, a: Lhs, beta: f32, chunk: usize, tile: &mut [u32]) {
+    let (m, k, tile_rows) = (a.rows, a.cols, kernel.a_rows());
+    let tiles = m.div_ceil(tile_rows);
+    let (slice, t) = (chunk / tiles, chunk % tiles);
+    let c0 = slice * KC;
+    let len = KC.min(k - c0);
+    let rows = tile_rows.min(m - t * tile_rows);
+    let at = |p: usize, r: usize| if kernel == Kernel::Amx { r * (KC / 2) + p } else { p * MR + r };
+    if a.row_stride == 1 && a.col_stride != 1 {
+        // Column-major A (a transposed view, as the attention's `Pᵀ`): the tile's rows are
+        // adjacent at each column, read a pair of columns at a time.
+        let mut words = [0u32; amx::ROWS];
+        for p in 0..len.div_ceil(2) {
+            let column = |c: usize| &a.data[a.offset + t * tile_rows + (c0 + c) * a.col_stride..][..rows];
+            let (even, odd) = (column(2 * p), (2 * p + 1 < len).then(|| column(2 * p + 1)));
+            let words = &mut words[..rows];
+            match odd {
+                Some(odd) => {
+                    words.iter_mut().zip(even.iter().zip(odd)).for_each(|(w, (&e, &o))| *w = pair(beta * e, beta * o))
+                }
+                None => words.iter_mut().zip(even).for_each(|(w, &e)| *w = pair(beta * e, 0.0)),
+            }
+            for (r, &w) in words.iter().enumerate() {
+                tile[at(p, r)] = w;
+            }
+        }
+        return;
+    }
+    let mut words = [0u32; KC / 2];
+    for r in 0..rows {
+        let i = t * tile_rows + r;
+        let start = a.offset + i * a.row_stride + c0 * a.col_stride;
+        if a.col_stride == 1 {
+            // A contiguous run (the usual activations): rounded in one vectorised pass.
+            let row = &a.data[start..start + len];
+            words.iter_mut().zip(row.chunks_exact(2)).for_each(|(w, v)| *w = pair(beta * v[0], beta * v[1]));
+            if len % 2 == 1 {
+                words[len / 2] = pair(beta * row[len - 1], 0.0);
+            }
+        } else {
+            let at = |c: usize| if c < len { beta * a.data[start + c * a.col_stride] } else { 0.0 };
+            words.iter_mut().take(len.div_ceil(2)).enumerate().for_each(|(p, w)| *w = pair(at(2 * p), at(2 * p + 1)));
+        }
+        if kernel == Kernel::Amx {
+            tile[r * (KC / 2)..][..len.div_ceil(2)].copy_from_slice(&words[..len.div_ceil(2)]);
+        } else {
             for (p, &w) in words[..len.div_ceil(2)].iter().enumerate() {
                 tile[p * MR + r] = w;
             }
         }
-    });
-    let dst = SendPtr(out);
-    let blocks = n.div_ceil(NB);
-    (0..blocks).into_par_iter().for_each_init(
-        || Scratch {
-            packed_b: Lines::zeroed(KC / 2 * NB),
-            column: vec![0.0f32; KC.max(NB)],
-            odd: vec![0.0f32; NB],
-            pairs: Lines::zeroed(16 * (KC / 2)),
-        },
-        |scratch, block| {
-            let task = Task { kernel, a: &packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst };
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `matmul` checked that the CPU runs the kernel, so it has AVX512-BF16/F/BW.
-                Kernel::Avx512Bf16 => unsafe { block_avx512(&task, block, scratch) },
-                _ => block_task(&task, block, scratch),
-            }
-        },
-    );
+    }
+}
+
+/// Output columns `block·NB..` of `task` on the fastest code the kernel allows.
+fn run_block(task: &Task, block: usize, scratch: &mut Scratch) {
+    match task.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the callers checked that the CPU runs the kernel, so it has AVX512-BF16/F/BW.
+        Kernel::Avx512Bf16 | Kernel::Amx => unsafe { block_avx512(task, block, scratch) },
+        _ => block_task(task, block, scratch),
+    }
 }
 
 /// A thread's buffers: the packed block of `B` and the scratch rows it is read through.
@@ -429,6 +693,17 @@ struct Scratch {
     column: Vec<f32>,
     odd: Vec<f32>,
     pairs: Lines,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            packed_b: Lines::zeroed(KC / 2 * NB),
+            column: vec![0.0f32; KC.max(NB)],
+            odd: vec![0.0f32; NB],
+            pairs: Lines::zeroed(16 * (KC / 2)),
+        }
+    }
 }
 
 /// One cache line of words.
@@ -465,6 +740,8 @@ struct Task<'a> {
     k: usize,
     accumulate: bool,
     dst: &'a SendPtr,
+    /// Elements between the output's rows.
+    ldc: usize,
 }
 
 /// [`block_task`] compiled for AVX-512 (the packing's conversions and dequantization vectorise).
@@ -477,41 +754,94 @@ unsafe fn block_avx512(task: &Task, block: usize, scratch: &mut Scratch) {
     block_task(task, block, scratch)
 }
 
+/// [`pack_b`] compiled for AVX-512, for [`PackedB`].
+///
+/// # Safety
+/// The CPU must have AVX512-BF16, AVX512F and AVX512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b_avx512(
+    b: &Weight,
+    k: usize,
+    n: usize,
+    r0: usize,
+    kc: usize,
+    j0: usize,
+    nb: usize,
+    packed: &mut [u32],
+    scratch: &mut [f32],
+    scratch2: &mut [f32],
+    pairs: &mut [u32],
+) {
+    pack_b(b, k, n, r0, kc, j0, nb, packed, scratch, scratch2, pairs, true)
+}
+
 /// Output columns `block·NB..` of the product: the weight's block packed a `KC` slice at a
 /// time, each slice multiplied into every row tile.
 #[inline(always)]
 fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
-    let Task { kernel, a: packed_a, tiles, b, m, n, k, accumulate, dst } = *task;
+    let Task { kernel, a: packed_a, tiles, b, m, n, k, accumulate, dst, ldc } = *task;
     let Scratch { packed_b, column: scratch, odd: scratch2, pairs } = scratch;
     let (packed_b, pairs) = (packed_b.words(), pairs.words());
     let j0 = block * NB;
     let nb = NB.min(n - j0);
-    let calls = nb.div_ceil(NR) * m.div_ceil(MR);
+    let calls = nb.div_ceil(NR) * m.div_ceil(kernel.c_rows());
     for r0 in (0..k).step_by(KC) {
         let kc = KC.min(k - r0);
         let kp = kc.div_ceil(2);
-        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel == Kernel::Avx512Bf16);
+        pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel.simd());
         // For a weight packed by rows, the rows the next packing reads (the next slice of `k`,
         // or after the last one the next block's first, usually this thread's next task) are
         // fetched into L2 a few per tile while this slice is multiplied ([`NextPack`]).
         let mut next = NextPack::after(b, k, n, r0 + KC, if r0 + KC < k { block } else { block + 1 }, calls);
-        let mut call = 0;
+        let slice = Slice { kernel, packed_a, tiles, m, r0, kp, height: kp, nb, ldc, load: accumulate || r0 > 0 };
+        // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart) are this task's
+        // alone (its block of columns).
+        unsafe { slice.multiply(packed_b, dst.0.add(j0), |call| next.issue(b, call)) };
+    }
+}
+
+/// One packed slice of `B` (`kp` pairs of `k` from `r0`, over `nb` columns) to multiply into
+/// every row tile of `C`.
+struct Slice<'a> {
+    kernel: Kernel,
+    packed_a: &'a [u32],
+    /// Packed tiles of `A` per slice of `k`.
+    tiles: usize,
+    m: usize,
+    r0: usize,
+    kp: usize,
+    /// Pair rows of each packed strip (at least `kp`; the top `kp` are read).
+    height: usize,
+    nb: usize,
+    ldc: usize,
+    /// Whether `C`'s old values are added (accumulating, or after the first slice).
+    load: bool,
+}
+
+impl Slice<'_> {
+    /// `C[.., ..nb] (+)= A[.., r0..r0 + 2·kp]·B_slice`, strip by strip, each strip over every
+    /// row tile; `after_tile(calls)` runs after each micro-kernel call.
+    ///
+    /// # Safety
+    /// `c` must be valid for reads and writes of `m` rows of `nb` elements, `ldc` apart, which no
+    /// other thread touches; `packed` must hold the slice's strips.
+    unsafe fn multiply(&self, packed: &[u32], c: *mut f32, mut after_tile: impl FnMut(usize)) {
+        let Slice { kernel, packed_a, tiles, m, r0, kp, height, nb, ldc, load } = *self;
+        let (c_rows, a_rows, a_words) = (kernel.c_rows(), kernel.a_rows(), kernel.a_tile_words());
+        let mut calls = 0;
         for s in (0..nb).step_by(NR) {
             let nr = NR.min(nb - s);
-            let b_strip = &packed_b[s / NR * (kp * NR)..][..kp * NR];
-            for i0 in (0..m).step_by(MR) {
-                let mr = MR.min(m - i0);
-                let load = accumulate || r0 > 0;
-                let a_tile = &packed_a[(r0 / KC * tiles + i0 / MR) * A_TILE_WORDS..][..kp * MR];
-                // SAFETY: the tile's rows `i0..i0 + mr` and columns `j0 + s..j0 + s + nr`
-                // lie inside the `m × n` output, which this task alone writes (its block
-                // of columns); the operands' lengths are checked in `tile`.
-                unsafe {
-                    let c = dst.0.add(i0 * n + j0 + s);
-                    tile(kernel, mr, kp, a_tile, b_strip, c, n, nr, load);
-                }
-                call += 1;
-                next.issue(b, call);
+            let b_strip = &packed[s / NR * (height * NR)..][..kp * NR];
+            for i0 in (0..m).step_by(c_rows) {
+                let mr = c_rows.min(m - i0);
+                let a_tile = &packed_a[(r0 / KC * tiles + i0 / a_rows) * a_words..];
+                // SAFETY: the tile's rows `i0..i0 + mr` and columns `s..s + nr` lie inside the
+                // caller's block of `C`; the operands' lengths are checked in `tile`.
+                unsafe { tile(kernel, mr, kp, a_tile, b_strip, c.add(i0 * ldc + s), ldc, nr, load) };
+                calls += 1;
+                after_tile(calls);
             }
         }
     }
@@ -701,8 +1031,9 @@ fn pack_b(
 }
 
 /// One `mr × nr` tile of `C` (`c`, rows `ldc` apart): `C (+)= A_tile·B_strip` over `kp` pairs,
-/// `a` holding `kp` groups of [`MR`] words (row `r`'s pair `p` at `p·MR + r`), `b` `kp` rows of
-/// [`NR`] words; without `load` the tile's old values are not read.
+/// `a` holding `kp` groups of [`MR`] words (row `r`'s pair `p` at `p·MR + r`; for AMX, up to two
+/// tiles of 16 rows of `KC/2` words, and `kp` a multiple of 16), `b` `kp` rows of [`NR`] words;
+/// without `load` the tile's old values are not read.
 ///
 /// # Safety
 /// `c` must be valid for reads and writes of `mr` rows of `nr` elements, `ldc` apart, which no
@@ -719,9 +1050,21 @@ unsafe fn tile(
     nr: usize,
     load: bool,
 ) {
-    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr) && kp >= 1);
-    assert!(a.len() >= kp * MR && b.len() >= kp * NR, "bf16 tile: {} and {} words", a.len(), b.len());
+    assert!((1..=kernel.c_rows()).contains(&mr) && (1..=NR).contains(&nr) && kp >= 1);
+    let a_len = if kernel == Kernel::Amx {
+        (mr.div_ceil(amx::ROWS) - 1) * kernel.a_tile_words() + (amx::ROWS - 1) * (KC / 2) + kp
+    } else {
+        kp * MR
+    };
+    assert!(a.len() >= a_len && b.len() >= kp * NR, "bf16 tile: {} and {} words", a.len(), b.len());
     match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => {
+            assert!(kp.is_multiple_of(amx::PAIRS), "AMX tile: {kp} pairs");
+            // SAFETY: `matmul` checked that the process may use AMX (and the CPU has AVX-512);
+            // the operands' extents were asserted above; `c` is the caller's contract.
+            unsafe { amx::tile(kp, a.as_ptr(), b.as_ptr(), c, ldc, mr, nr, load) }
+        }
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 => {
             macro_rules! run {
@@ -739,7 +1082,7 @@ unsafe fn tile(
             run!(1 2 3 4 5 6 7 8)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Kernel::Avx512Bf16 => unreachable!("checked by `matmul`"),
+        Kernel::Avx512Bf16 | Kernel::Amx => unreachable!("checked by `matmul`"),
         Kernel::Portable => {
             // From zero, the old tile added at the end, as the AVX-512 kernel does.
             let mut acc = [[0.0f32; NR]; MR];
@@ -761,6 +1104,177 @@ unsafe fn tile(
                 let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), nr) };
                 for (c, &sum) in row.iter_mut().zip(acc) {
                     *c = if load { *c + sum } else { sum };
+                }
+            }
+        }
+    }
+}
+
+/// The AMX micro-kernel: a `32 × 32` block of `C` in four tile registers, `tdpbf16ps` over 32
+/// bf16 of `k` at a time. The packed strips of `B` are already AMX's pair layout (a tile is 16
+/// rows of a strip's 16 columns, the strip's 128-byte rows apart); `A` is packed as rows of pairs.
+mod amx {
+    /// Rows of a tile of `A` (and of `C`).
+    pub(super) const ROWS: usize = 16;
+    /// Pairs of `k` per `tdpbf16ps` (a tile of `A` is 16 rows of 64 bytes).
+    pub(super) const PAIRS: usize = 16;
+
+    /// Whether this process may use AMX-BF16: the CPU has it and Linux granted the tile data
+    /// state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, once per process).
+    pub(super) fn ready() -> bool {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                // `cpuid` leaf 7 exists on every x86-64 CPU that has AVX-512 (asked first).
+                let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+                let (amx_bf16, amx_tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
+                if !(amx_bf16 && amx_tile) {
+                    return false;
+                }
+                let status: i64;
+                // SAFETY: the `arch_prctl` system call (158) with ARCH_REQ_XCOMP_PERM (0x1023)
+                // and XFEATURE_XTILEDATA (18) only changes the process's permissions; `syscall`
+                // clobbers rcx and r11.
+                unsafe {
+                    std::arch::asm!(
+                        "syscall",
+                        inlateout("rax") 158i64 => status,
+                        in("rdi") 0x1023i64,
+                        in("rsi") 18i64,
+                        lateout("rcx") _,
+                        lateout("r11") _,
+                        options(nostack),
+                    );
+                }
+                status == 0
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            false
+        })
+    }
+
+    /// The tile configuration (palette 1): `tmm0`–`tmm3` the `C` tiles, `tmm4`–`tmm5` the `A`
+    /// tiles, `tmm6`–`tmm7` the `B` tiles, each 16 rows of 64 bytes.
+    #[cfg(target_arch = "x86_64")]
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The `32 × 32` f32 block the tiles are stored into.
+    #[cfg(target_arch = "x86_64")]
+    #[repr(C, align(64))]
+    struct Block([[f32; 32]; 32]);
+
+    /// `C[..mr, ..nr] (+)= A·B` over `kp` pairs of `k`: `a` one (`mr ≤ 16`) or two tiles of 16
+    /// rows, each row `KC/2` words (pairs) long, the second tile `16·KC/2` words after the first;
+    /// `b` a strip of `kp` rows of 32 words.
+    ///
+    /// # Safety
+    /// The process must have AMX permission ([`ready`]) and the CPU AVX-512F; `kp` a multiple of
+    /// [`PAIRS`]; `a` and `b` must hold what they are said to; `c` must be valid for reads and
+    /// writes of `mr` rows of `nr` elements, `ldc` apart.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        kp: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load: bool,
+    ) {
+        use std::arch::asm;
+        if !CONFIGURED.get() {
+            // Palette 1 has eight tile registers; the other entries must be zero.
+            let (mut bytes_per_row, mut rows) = ([0; 16], [0; 16]);
+            bytes_per_row[..8].fill(64);
+            rows[..8].fill(16);
+            let config = Config { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row, rows };
+            // SAFETY: a valid palette-1 configuration of every tile register.
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) &config, options(nostack)) };
+            CONFIGURED.set(true);
+        }
+        let (a_stride, b_stride) = (super::KC / 2 * 4, super::NR * 4);
+        let second = super::KC / 2 * ROWS;
+        // SAFETY (every block below): the loads read 16 rows of 64 bytes inside `a` and `b` (the
+        // caller's contract), the stores write the 4 KiB `out`.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+            for p0 in (0..kp).step_by(PAIRS) {
+                let (a0, b0) = (a.add(p0), b.add(p0 * super::NR));
+                if mr > ROWS {
+                    asm!(
+                        "tileloadd tmm6, [{b0} + {bs} * 1]",
+                        "tileloadd tmm7, [{b1} + {bs} * 1]",
+                        "tileloadd tmm4, [{a0} + {as_} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {as_} * 1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.add(16),
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.add(second),
+                        bs = in(reg) b_stride,
+                        as_ = in(reg) a_stride,
+                        options(nostack),
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm6, [{b0} + {bs} * 1]",
+                        "tileloadd tmm7, [{b1} + {bs} * 1]",
+                        "tileloadd tmm4, [{a0} + {as_} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.add(16),
+                        a0 = in(reg) a0,
+                        bs = in(reg) b_stride,
+                        as_ = in(reg) a_stride,
+                        options(nostack),
+                    );
+                }
+            }
+            let mut out = std::mem::MaybeUninit::<Block>::uninit();
+            let o = out.as_mut_ptr().cast::<f32>();
+            asm!(
+                "tilestored [{o} + {s} * 1], tmm0",
+                "tilestored [{o1} + {s} * 1], tmm1",
+                o = in(reg) o,
+                o1 = in(reg) o.add(16),
+                s = in(reg) 128usize,
+                options(nostack),
+            );
+            if mr > ROWS {
+                asm!(
+                    "tilestored [{o2} + {s} * 1], tmm2",
+                    "tilestored [{o3} + {s} * 1], tmm3",
+                    o2 = in(reg) o.add(16 * 32),
+                    o3 = in(reg) o.add(16 * 32 + 16),
+                    s = in(reg) 128usize,
+                    options(nostack),
+                );
+            }
+            for r in 0..mr {
+                let (row, block) = (std::slice::from_raw_parts_mut(c.add(r * ldc), nr), o.add(r * 32));
+                for (j, c) in row.iter_mut().enumerate() {
+                    let v = *block.add(j);
+                    *c = if load { *c + v } else { v };
                 }
             }
         }

@@ -31,15 +31,17 @@ pub use simd::{exp, sigmoid};
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The precision of the frozen base layers' products (`--compute-dtype`), process-wide, as
-/// PyTorch's `torch.set_float32_matmul_precision` or QLoRA's `bnb_4bit_compute_dtype`.
+/// The precision of the frozen base layers' products and the attention's (`--compute-dtype`),
+/// process-wide, as PyTorch's `torch.set_float32_matmul_precision` or QLoRA's
+/// `bnb_4bit_compute_dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ComputeDType {
     /// f32 operands, f32 accumulation (the weight widened to f32): the default.
     #[default]
     F32,
     /// Operands rounded to bf16 (the activations, and the weight from its stored form), products
-    /// accumulated in f32 ([`bf16_gemm`]): on the flex backend's fused linear ops only.
+    /// accumulated in f32 ([`bf16_gemm`]): on the flex backend's fused linear ops and attention
+    /// (its per-head products; the softmax stays f32) only.
     Bf16,
 }
 
@@ -74,7 +76,7 @@ impl std::str::FromStr for ComputeDType {
 static COMPUTE_DTYPE: AtomicU8 = AtomicU8::new(0);
 
 /// Sets the precision of the frozen base's products for the whole process (see [`ComputeDType`]).
-/// Takes effect on the next product; the adapters, attention, norms, loss and optimizer stay f32.
+/// Takes effect on the next product; the adapters, softmax, norms, loss and optimizer stay f32.
 pub fn set_compute_dtype(dtype: ComputeDType) {
     COMPUTE_DTYPE.store(dtype as u8, Ordering::Relaxed);
 }

@@ -31,16 +31,10 @@ impl<'a> View<'a> {
     }
 }
 
-/// `dst = beta·lhs·rhs` (or `dst += beta·lhs·rhs` with `accumulate`), `dst` a contiguous
-/// `lhs.rows × rhs.cols` row-major matrix at the start of `dst`. Single-threaded: the attention
-/// kernel runs one of these per head, in parallel over heads.
-pub(crate) fn matmul(dst: &mut [f32], lhs: View, rhs: View, beta: f32, accumulate: bool) {
-    matmul_strided(dst, rhs.cols, lhs, rhs, beta, accumulate)
-}
-
-/// [`matmul`] into a `lhs.rows × rhs.cols` matrix at the start of `dst` whose rows are
-/// `dst_row_stride ≥ rhs.cols` apart (a block of columns of a wider matrix; the elements between
-/// its rows are not touched).
+/// `dst = beta·lhs·rhs` (or `dst += beta·lhs·rhs` with `accumulate`), `dst` a `lhs.rows ×
+/// rhs.cols` row-major matrix at the start of `dst` whose rows are `dst_row_stride ≥ rhs.cols`
+/// apart (a block of columns of a wider matrix; the elements between its rows are not touched).
+/// Single-threaded: the attention kernel runs one of these per head, in parallel over heads.
 pub(crate) fn matmul_strided(
     dst: &mut [f32],
     dst_row_stride: usize,

@@ -1,6 +1,7 @@
 //! The kernels against float64 references. Their agreement with Burn's op chains, values and
 //! gradients, is tested where they are wired into Burn (`tensor-peft-models`, `fused_on_flex`).
 
+use tensor_peft_kernels::ComputeDType;
 use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
 use tensor_peft_kernels::norm::{rms_norm_backward, rms_norm_forward};
 use tensor_peft_kernels::{exp, sigmoid};
@@ -68,7 +69,7 @@ fn attention_matches_float64_and_fully_masked_rows_are_zero() {
     let scale = 0.4;
     let mut out = vec![0.0; q.len()];
     let mut lse = vec![0.0; 2 * 4 * 3];
-    attention_forward(&q, &k, &v, s, Mask::KeyPadding(&pad), scale, &mut out, &mut lse);
+    attention_forward(&q, &k, &v, s, Mask::KeyPadding(&pad), scale, ComputeDType::F32, &mut out, &mut lse);
     for h in 0..4 {
         let g = h / 2;
         for i in 0..3 {
@@ -87,7 +88,8 @@ fn attention_matches_float64_and_fully_masked_rows_are_zero() {
     assert!(out[3 * 4 * 5..].iter().all(|&o| o == 0.0), "nothing to attend to gives zeros, not NaN");
     let grad = vec![1.0f32; q.len()];
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-    attention_backward(&q, &k, &v, &lse, &grad, s, Mask::KeyPadding(&pad), scale, &mut dq, &mut dk, &mut dv);
+    let f32 = ComputeDType::F32;
+    attention_backward(&q, &k, &v, &lse, &grad, s, Mask::KeyPadding(&pad), scale, f32, &mut dq, &mut dk, &mut dv);
     assert!(dq.iter().chain(&dk).chain(&dv).all(|g| g.is_finite()));
     // A padded key gets no gradient; the values' gradients sum to the number of queries per kv head.
     assert!(dk[3 * 2 * 5..4 * 2 * 5].iter().all(|&g| g == 0.0));
@@ -101,6 +103,33 @@ fn attention_matches_float64_and_fully_masked_rows_are_zero() {
 /// against a float64 reference of the masked softmax and its backward.
 #[test]
 fn causal_attention_over_several_query_blocks_matches_float64() {
+    let exact = causal_attention_against_float64(ComputeDType::F32, &|x| x, 1e-5, 1e-4);
+    // bf16 products: the reference rounds each operand where the kernel does (`scale·q`, `k`, `v`
+    // and the output's gradient; the probabilities and the scores' gradient from their f32
+    // values), so only f32 accumulation separates the outputs (measured 1.5e-8), and for the
+    // gradients also the rare score gradient whose f32 value lies on the other side of a bf16
+    // rounding boundary than the f64 one (one bf16 step of one term: measured 1.8e-4 relative).
+    // Without the rounding the reference is 3.7e-3 (outputs) and 5e-3 (gradients) away.
+    let rounded = causal_attention_against_float64(ComputeDType::Bf16, &round_to_bf16, 1e-6, 5e-4);
+    // And the bf16 products are not the f32 ones.
+    let differs = exact.iter().zip(&rounded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(differs > 1e-3, "bf16 attention output within {differs} of f32");
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), back in f32.
+fn round_to_bf16(x: f32) -> f32 {
+    f32::from_bits((tensor_peft_kernels::bf16_gemm::bf16_bits(x) as u32) << 16)
+}
+
+/// The kernels at `dtype` against float64 with the product operands passed through `round`
+/// (errors within `tol_out` for the output and log-sum-exp, `tol_grad` relative for the
+/// gradients); returns the output.
+fn causal_attention_against_float64(
+    dtype: ComputeDType,
+    round: &dyn Fn(f32) -> f32,
+    tol_out: f64,
+    tol_grad: f64,
+) -> Vec<f32> {
     let (batch, q_len, offset, heads, kv_heads, dh) = (2, 150, 10, 4, 2, 8);
     let kv_len = q_len + offset;
     let s = AttentionShape { batch, q_len, kv_len, heads, kv_heads, head_dim: dh };
@@ -114,13 +143,16 @@ fn causal_attention_over_several_query_blocks_matches_float64() {
     );
     let grad = wave(q.len(), 11, 29);
     let scale = 0.35f32;
+    // The operands as the products see them.
+    let r = |x: f32| round(x) as f64;
+    let mut first_out = Vec::new();
     for window in [None, Some(70)] {
         let mask = Mask::Causal { offset, window };
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![f32::NAN; batch * heads * q_len];
-        attention_forward(&q, &k, &v, s, mask, scale, &mut out, &mut lse);
+        attention_forward(&q, &k, &v, s, mask, scale, dtype, &mut out, &mut lse);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&q, &k, &v, &lse, &grad, s, mask, scale, &mut dq, &mut dk, &mut dv);
+        attention_backward(&q, &k, &v, &lse, &grad, s, mask, scale, dtype, &mut dq, &mut dk, &mut dv);
         let (mut dq64, mut dk64, mut dv64) = (vec![0.0f64; q.len()], vec![0.0f64; k.len()], vec![0.0f64; v.len()]);
         let qi = |b: usize, i: usize, h: usize| ((b * q_len + i) * heads + h) * dh;
         let kj = |b: usize, j: usize, g: usize| ((b * kv_len + j) * kv_heads + g) * dh;
@@ -130,37 +162,36 @@ fn causal_attention_over_several_query_blocks_matches_float64() {
                 for i in 0..q_len {
                     let seen = |j: usize| j <= offset + i && window.is_none_or(|w| j + w > offset + i);
                     let scores: Vec<f64> = (0..kv_len)
-                        .map(|j| {
-                            (0..dh).map(|c| q[qi(b, i, h) + c] as f64 * k[kj(b, j, g) + c] as f64).sum::<f64>()
-                                * scale as f64
-                        })
+                        .map(|j| (0..dh).map(|c| r(scale * q[qi(b, i, h) + c]) * r(k[kj(b, j, g) + c])).sum::<f64>())
                         .collect();
                     let max = (0..kv_len).filter(|&j| seen(j)).map(|j| scores[j]).fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> =
                         (0..kv_len).map(|j| if seen(j) { (scores[j] - max).exp() } else { 0.0 }).collect();
                     let total: f64 = e.iter().sum();
                     let p: Vec<f64> = e.iter().map(|x| x / total).collect();
+                    // The probabilities as a product sees them.
+                    let p_in: Vec<f64> = p.iter().map(|&x| r(x as f32)).collect();
                     let got = lse[(b * heads + h) * q_len + i] as f64;
-                    assert!((got - (max + total.ln())).abs() <= 1e-5, "window {window:?} lse[{b},{h},{i}] {got}");
+                    assert!((got - (max + total.ln())).abs() <= tol_out, "window {window:?} lse[{b},{h},{i}] {got}");
                     let d_out = &grad[qi(b, i, h)..][..dh];
                     for c in 0..dh {
-                        let exact: f64 = (0..kv_len).map(|j| p[j] * v[kj(b, j, g) + c] as f64).sum();
+                        let exact: f64 = (0..kv_len).map(|j| p_in[j] * r(v[kj(b, j, g) + c])).sum();
+                        let got = out[qi(b, i, h) + c] as f64;
                         assert!(
-                            (out[qi(b, i, h) + c] as f64 - exact).abs() <= 1e-5,
-                            "window {window:?} out[{b},{i},{h},{c}]"
+                            (got - exact).abs() <= tol_out,
+                            "window {window:?} out[{b},{i},{h},{c}] {got} vs {exact}"
                         );
                     }
                     // dP = dO·Vᵀ, dS = scale·P ⊙ (dP − Σ P·dP); dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO.
-                    let dp: Vec<f64> = (0..kv_len)
-                        .map(|j| (0..dh).map(|c| d_out[c] as f64 * v[kj(b, j, g) + c] as f64).sum())
-                        .collect();
+                    let dp: Vec<f64> =
+                        (0..kv_len).map(|j| (0..dh).map(|c| r(d_out[c]) * r(v[kj(b, j, g) + c])).sum()).collect();
                     let weighted: f64 = (0..kv_len).map(|j| p[j] * dp[j]).sum();
                     for j in 0..kv_len {
-                        let ds = scale as f64 * p[j] * (dp[j] - weighted);
+                        let ds = r((scale as f64 * p[j] * (dp[j] - weighted)) as f32);
                         for c in 0..dh {
-                            dq64[qi(b, i, h) + c] += ds * k[kj(b, j, g) + c] as f64;
-                            dk64[kj(b, j, g) + c] += ds * q[qi(b, i, h) + c] as f64;
-                            dv64[kj(b, j, g) + c] += p[j] * d_out[c] as f64;
+                            dq64[qi(b, i, h) + c] += ds * r(k[kj(b, j, g) + c]);
+                            dk64[kj(b, j, g) + c] += ds * r(q[qi(b, i, h) + c]);
+                            dv64[kj(b, j, g) + c] += p_in[j] * r(d_out[c]);
                         }
                     }
                 }
@@ -168,10 +199,15 @@ fn causal_attention_over_several_query_blocks_matches_float64() {
         }
         for (name, got, want) in [("dq", &dq, &dq64), ("dk", &dk, &dk64), ("dv", &dv, &dv64)] {
             for (idx, (g, w)) in got.iter().zip(want.iter()).enumerate() {
-                assert!((*g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0), "window {window:?} {name}[{idx}] {g} vs {w}");
+                let ok = (*g as f64 - w).abs() <= tol_grad * w.abs().max(1.0);
+                assert!(ok, "{dtype} window {window:?} {name}[{idx}] {g} vs {w}");
             }
         }
+        if first_out.is_empty() {
+            first_out = out;
+        }
     }
+    first_out
 }
 
 #[test]
@@ -180,7 +216,8 @@ fn attention_propagates_nan_scores() {
     let q = [f32::NAN, 0.0, 0.0, f32::NAN, 1.0, 1.0];
     let kv = [0.5f32; 6];
     let (mut out, mut lse) = ([0.0; 6], [0.0; 2]);
-    attention_forward(&q, &kv, &kv, s, Mask::Causal { offset: 0, window: None }, 1.0, &mut out, &mut lse);
+    let causal = Mask::Causal { offset: 0, window: None };
+    attention_forward(&q, &kv, &kv, s, causal, 1.0, ComputeDType::F32, &mut out, &mut lse);
     assert!(out.iter().all(|o| o.is_nan()), "a NaN query must give NaN outputs, not zeros: {out:?}");
 }
 
@@ -300,14 +337,15 @@ mod bf16_gemm {
     }
 
     fn kernels() -> Vec<Kernel> {
-        [Kernel::Portable, Kernel::Avx512Bf16].into_iter().filter(|k| k.available()).collect()
+        [Kernel::Portable, Kernel::Avx512Bf16, Kernel::Amx].into_iter().filter(|k| k.available()).collect()
     }
 
     /// Checks `matmul` (each kernel, fresh and accumulating) and `product` against `Σ bf16(a)·b` in f64, `b` the
     /// weight's values as `b_at(r, j)` (already bf16-rounded by the caller when stored wider).
     /// f32 accumulation of `k` exact products (two bf16 values multiply exactly in f32) errs by at
     /// most about `k·2⁻²⁴·Σ|a·b|` (the standard bound on recursive summation); `(k + 4)` covers the
-    /// pairing and the added initial value. The two kernels also agree within twice that.
+    /// pairing and the added initial value. Every kernel also agrees with the portable one within
+    /// twice that.
     fn check(a: Lhs, b: Weight, n: usize, b_at: &dyn Fn(usize, usize) -> f64, what: &str) {
         let (m, k) = (a.rows, a.cols);
         let a_at = |i: usize, c: usize| round(a.data[a.offset + i * a.row_stride + c * a.col_stride]);
@@ -348,12 +386,13 @@ mod bf16_gemm {
                 }
             }
         }
-        if let [(_, portable), (_, simd)] = &results[..] {
+        let (_, portable) = &results[0];
+        for (kernel, simd) in &results[1..] {
             for (idx, (p, s)) in portable.iter().zip(simd).enumerate() {
                 let (i, j) = (idx / n, idx % n);
                 let magnitude: f64 = (0..k).map(|c| (a_at(i, c) * b_at(c, j)).abs()).sum();
                 let tol = 2.0 * (k + 4) as f64 * 2f64.powi(-24) * magnitude + 1e-30;
-                assert!(((p - s) as f64).abs() <= tol, "{what}: portable {p} vs avx512-bf16 {s} at ({i},{j})");
+                assert!(((p - s) as f64).abs() <= tol, "{what}: portable {p} vs {kernel:?} {s} at ({i},{j})");
             }
         }
     }
@@ -373,10 +412,12 @@ mod bf16_gemm {
     }
 
     /// Every edge of the blocking: `m` from decoding (1) to a full tile multiple, `n` not a
-    /// multiple of 16 or 32 and past one 256-column block, `k` odd, below and above one 256 block.
+    /// multiple of 16 or 32 and past one 256-column block, `k` odd, below and above one 256 block;
+    /// `k` a multiple of 32 (AMX's depth) in one slice and in two, `m` past one and two AMX tiles.
     #[test]
     fn bf16_matmul_of_float_weights_matches_float64() {
-        for (m, n, k) in [(1, 1, 1), (3, 45, 7), (17, 300, 255), (128, 33, 513), (1, 290, 300), (17, 16, 257)] {
+        let shapes = [(1, 1, 1), (3, 45, 7), (17, 300, 255), (128, 33, 513), (1, 290, 300), (17, 16, 257)];
+        for (m, n, k) in shapes.into_iter().chain([(33, 70, 64), (40, 300, 544), (1, 33, 32)]) {
             let x = values(m * k, m + k);
             let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
             let w = values(k * n, n);
@@ -416,6 +457,59 @@ mod bf16_gemm {
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let b = Weight::F16(Strided { data: &wh, offset: 0, k_stride: 1, n_stride: k });
             check(a, b, n, &|r, j| round(wh[j * k + r].to_f32()), "f16 transposed");
+        }
+    }
+
+    /// The single-threaded product (`β·A` into rows `ldc` apart) and the product with a packed
+    /// right operand (a leading part of it) give what `matmul` gives, bit for bit: the same
+    /// packing, micro-kernel and accumulation order, on every kernel.
+    #[test]
+    fn bf16_single_and_packed_products_are_matmul_bit_for_bit() {
+        use tensor_peft_kernels::bf16_gemm::{Buffers, PackedB, matmul_packed, matmul_single};
+        // (m, k, n) of the attention's products, odd and AMX-sized depths, several slices.
+        for (m, k, n) in [(64, 128, 192), (37, 96, 70), (5, 544, 33), (64, 64, 128), (9, 7, 20)] {
+            let (ldc, beta) = (n + 5, 0.35f32);
+            let x = values(m * k, m + 3 * k);
+            let scaled: Vec<f32> = x.iter().map(|v| v * beta).collect();
+            // B is a transposed view (a head's keys as `Kᵀ`), with two more rows and columns than used.
+            let (k_all, n_all) = (k + 2, n + 2);
+            let w = values(k_all * n_all, n);
+            let b_all = Weight::F32(Strided { data: &w, offset: 0, k_stride: 1, n_stride: k_all });
+            let b = b_all;
+            for kernel in kernels() {
+                let mut want = vec![0.0f32; m * n];
+                let a = Lhs { data: &scaled, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+                matmul(kernel, a, b, n, &mut want, false);
+                let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+                let mut buffers = Buffers::new();
+                let mut packed = PackedB::default();
+                packed.pack(kernel, b_all, k_all, n_all, &mut buffers);
+                // Over more than one slice of `k`, accumulating adds the old value to the first
+                // slice's sum, not to the whole: not `init + want` bit for bit.
+                for accumulate in [false, true].into_iter().filter(|&acc| !acc || k <= 512) {
+                    let init = values(m * ldc, 7);
+                    let mut single = init.clone();
+                    matmul_single(kernel, a, beta, b, n, &mut single, ldc, accumulate, &mut buffers);
+                    let mut prefix = init.clone();
+                    if k % 2 == 0 {
+                        matmul_packed(kernel, a, beta, &packed, n, &mut prefix, ldc, accumulate, &mut buffers);
+                    }
+                    for (i, row) in single.chunks(ldc).enumerate() {
+                        for j in 0..ldc {
+                            let expect = match (j < n, accumulate) {
+                                (false, _) => init[i * ldc + j],
+                                (true, false) => want[i * n + j],
+                                (true, true) => init[i * ldc + j] + want[i * n + j],
+                            };
+                            let what = format!("{kernel:?} m={m} k={k} n={n} acc={accumulate} ({i},{j})");
+                            assert_eq!(row[j].to_bits(), expect.to_bits(), "single {what}");
+                            if k % 2 == 0 {
+                                assert_eq!(prefix[i * ldc + j].to_bits(), expect.to_bits(), "packed {what}");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

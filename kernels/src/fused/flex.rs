@@ -302,7 +302,7 @@ impl KernelMask {
 }
 
 /// What the attention backward keeps: `q`, `k`, `v`, each query row's log-sum-exp (the
-/// probabilities are recomputed from it), the sizes and the mask.
+/// probabilities are recomputed from it), the sizes, the mask and the forward's product precision.
 #[derive(Debug, Clone)]
 struct AttentionState {
     q: FlexTensor,
@@ -311,6 +311,7 @@ struct AttentionState {
     lse: Arc<Vec<f32>>,
     shape: AttentionShape,
     mask: KernelMask,
+    dtype: ComputeDType,
 }
 
 impl Backward<Flex, 3> for AttentionBackward {
@@ -319,7 +320,7 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = contiguous(&grads.consume::<Flex>(&ops.node));
-        let AttentionState { q, k, v, lse, shape, mask } = ops.state;
+        let AttentionState { q, k, v, lse, shape, mask, dtype } = ops.state;
         let (mut dq, mut dk, mut dv) = (
             vec![0.0f32; q.layout().num_elements()],
             vec![0.0f32; k.layout().num_elements()],
@@ -335,6 +336,7 @@ impl Backward<Flex, 3> for AttentionBackward {
             shape,
             mask.get(),
             scale,
+            dtype,
             &mut dq,
             &mut dk,
             &mut dv,
@@ -373,11 +375,12 @@ pub(super) fn attention<B: Backend>(
     let shape = AttentionShape { batch, q_len, kv_len, heads, kv_heads, head_dim };
     let dims = q.dims();
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let dtype = compute_dtype();
     Ok(run([q, k, v], AttentionBackward, |[q, k, v], _| {
         let mut out = vec![0.0f32; q.layout().num_elements()];
         let mut lse = vec![0.0f32; batch * heads * q_len];
-        attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, &mut out, &mut lse);
-        let state = AttentionState { q: q.clone(), k: k.clone(), v: v.clone(), lse: Arc::new(lse), shape, mask };
+        attention_forward(values(q), values(k), values(v), shape, mask.get(), scale, dtype, &mut out, &mut lse);
+        let state = AttentionState { q: q.clone(), k: k.clone(), v: v.clone(), lse: Arc::new(lse), shape, mask, dtype };
         (owned(out, &dims), state)
     }))
 }

@@ -564,6 +564,7 @@ fn bench_train_step<B: AutodiffBackend>(
         out.push(with_fields(
             json!({
                 "suite": "train-step", "model": model_label(path), "method": name, "base_dtype": base_dtype.name(), "compute_dtype": tensor_peft_kernels::compute_dtype().name(),
+                "bf16_kernel": format!("{:?}", tensor_peft_kernels::bf16_gemm::Kernel::detect()),
                 "batch": batch_size, "seq": seq, "adapter_params": params, "gradient_checkpointing": checkpointing,
                 "step_ms": medians[i], "tokens_per_s": (batch_size * seq) as f64 / (medians[i] / 1e3),
                 "vs_lora": medians[i] / medians[0], "peak_rss_mib": peak,

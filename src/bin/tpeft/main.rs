@@ -32,10 +32,10 @@ struct Cli {
     /// splitting each global batch of `--batch-size` examples evenly; other commands take one.
     #[arg(long, global = true, value_delimiter = ',')]
     devices: Vec<String>,
-    /// Precision of the frozen base's matrix products: `f32` (default) or `bf16` (activations and
-    /// weights rounded to bf16, f32 accumulation, AVX512-BF16 where the CPU has it; flex backend
-    /// only). Adapters, attention, norms, loss and optimizer stay f32. `finetune --config` files
-    /// may set `compute_dtype`.
+    /// Precision of the frozen base's matrix products and the attention's: `f32` (default) or
+    /// `bf16` (operands rounded to bf16, f32 accumulation, on AMX or AVX512-BF16 where the CPU has
+    /// them; flex backend only). Adapters, softmax, norms, loss and optimizer stay f32.
+    /// `finetune --config` files may set `compute_dtype`.
     #[arg(long, global = true)]
     compute_dtype: Option<String>,
     #[command(subcommand)]
