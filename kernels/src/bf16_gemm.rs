@@ -422,36 +422,36 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
     // while the slice's strips of `B` go by (tiles `k` apart would share L2 sets).
     let kernel = kernel.for_depth(k);
     let tiles = m.div_ceil(kernel.a_rows());
-    let mut packed_a = vec![0u32; k.div_ceil(KC) * tiles * kernel.a_tile_words()];
+    let words = k.div_ceil(KC) * tiles * kernel.a_tile_words();
+    let mut lines = Lines::zeroed(words);
+    let packed_a = &mut lines.words()[..words];
     let chunks = packed_a.par_chunks_mut(kernel.a_tile_words());
     chunks.enumerate().for_each(|(chunk, tile)| pack_a(kernel, a, 1.0, chunk, tile));
     let dst = SendPtr(out);
     let blocks = n.div_ceil(NB);
     (0..blocks).into_par_iter().for_each_init(Scratch::new, |scratch, block| {
-        let task = Task { kernel, a: &packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc: n };
+        let task = Task { kernel, a: packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc: n };
         run_block(&task, block, scratch);
     });
 }
 
 /// Buffers of [`matmul_single`], kept by the caller across its calls on one thread.
 pub struct Buffers {
-    packed_a: Vec<u32>,
+    packed_a: Lines,
     scratch: Scratch,
 }
 
 impl Buffers {
     /// Empty buffers (the packed block of `B` is allocated here, `A`'s tiles on first use).
     pub fn new() -> Buffers {
-        Buffers { packed_a: Vec::new(), scratch: Scratch::new() }
+        Buffers { packed_a: Lines(Vec::new()), scratch: Scratch::new() }
     }
 
     /// `β·A` rounded into `kernel`'s tiles (as [`matmul`] packs `A`), in the buffer's first words.
     fn pack_a(&mut self, kernel: Kernel, a: Lhs, beta: f32) -> &[u32] {
         let words = a.cols.div_ceil(KC) * a.rows.div_ceil(kernel.a_rows()) * kernel.a_tile_words();
-        if self.packed_a.len() < words {
-            self.packed_a.resize(words, 0);
-        }
-        let packed_a = &mut self.packed_a[..words];
+        self.packed_a.reserve(words);
+        let packed_a = &mut self.packed_a.words()[..words];
         // The padding (rows past `m`, pairs past `k`) must be zeros, whatever an earlier call left.
         packed_a.fill(0);
         let chunks = packed_a.chunks_mut(kernel.a_tile_words());
@@ -492,6 +492,7 @@ pub fn matmul_single(
     let tiles = m.div_ceil(kernel.a_rows());
     buffers.pack_a(kernel, a, beta);
     let Buffers { packed_a, scratch } = buffers;
+    let packed_a = packed_a.words();
     let dst = SendPtr(out.as_mut_ptr());
     let task = Task { kernel, a: packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc };
     for block in 0..n.div_ceil(NB) {
@@ -524,11 +525,16 @@ fn single_product_left(kernel: Kernel, a: Lhs, n: usize, out: &mut [f32], ldc: u
 /// A right operand `B` (`k × n`) packed once for several products that each multiply a leading
 /// part of it, `B[..k', ..n']` (the attention's keys and values, of which each block of queries
 /// sees a prefix): the packing is then paid once rather than per product.
-#[derive(Default)]
 pub struct PackedB {
-    words: Vec<u32>,
+    words: Lines,
     k: usize,
     n: usize,
+}
+
+impl Default for PackedB {
+    fn default() -> Self {
+        PackedB { words: Lines(Vec::new()), k: 0, n: 0 }
+    }
 }
 
 impl PackedB {
@@ -540,7 +546,7 @@ impl PackedB {
         let blocks = n.div_ceil(NB);
         let len =
             if k == 0 { 0 } else { ((k.div_ceil(KC) - 1) * (KC / 2) + Self::slice_pairs(k, k - 1)) * NB * blocks };
-        self.words.resize(len, 0);
+        self.words.reserve(len);
         (self.k, self.n) = (k, n);
         let Scratch { column, odd, pairs, .. } = &mut buffers.scratch;
         for r0 in (0..k).step_by(KC) {
@@ -548,7 +554,7 @@ impl PackedB {
             for block in 0..blocks {
                 let (j0, at) = (block * NB, self.block_at(r0, block));
                 let nb = NB.min(n - j0);
-                let packed = &mut self.words[at..][..kc.div_ceil(2) * NB];
+                let packed = &mut self.words.words()[at..][..kc.div_ceil(2) * NB];
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the kernel is available (asserted), so the CPU has AVX512-BF16/F/BW.
@@ -610,7 +616,7 @@ pub fn matmul_packed(
         for r0 in (0..k).step_by(KC) {
             // The strips were packed with the slice's full height; this product reads their top.
             let (kp, height) = (KC.min(k - r0).div_ceil(2), PackedB::slice_pairs(b.k, r0));
-            let packed = &b.words[b.block_at(r0, block)..][..height * NB];
+            let packed = &b.words.as_words()[b.block_at(r0, block)..][..height * NB];
             let load = accumulate || r0 > 0;
             let slice = Slice { kernel, packed_a, tiles, m, r0, kp, height, nb, ldc, load };
             // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart, extent
@@ -712,13 +718,27 @@ impl Scratch {
 struct Line([u32; 16]);
 
 /// Zeroed words that start on a cache line: the packed strips' 64-byte rows (loaded twice per
-/// step of the micro-kernel, stored once by the packing) never straddle two lines.
+/// step of the micro-kernel, stored once by the packing) never straddle two lines, nor do the
+/// rows of AMX's tile loads (a tile whose rows straddle lines loads at a third of the speed).
 struct Lines(Vec<Line>);
 
 impl Lines {
     /// At least `words` zeroed words.
     fn zeroed(words: usize) -> Lines {
         Lines(vec![Line([0; 16]); words.div_ceil(16)])
+    }
+
+    /// At least `words` words (zeroed where new; the old ones kept).
+    fn reserve(&mut self, words: usize) {
+        if self.0.len() * 16 < words {
+            self.0.resize(words.div_ceil(16), Line([0; 16]));
+        }
+    }
+
+    /// The words, read-only.
+    fn as_words(&self) -> &[u32] {
+        // SAFETY: as `words`, borrowed shared.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u32>(), self.0.len() * 16) }
     }
 
     /// The words.
@@ -1213,6 +1233,14 @@ mod amx {
         // SAFETY (every block below): the loads read 16 rows of 64 bytes inside `a` and `b` (the
         // caller's contract), the stores write the 4 KiB `out`.
         unsafe {
+            // The block of `C` is read and written only after the products: fetched now, for
+            // writing, its lines arrive while the tiles multiply (else each call ends waiting on
+            // them).
+            for r in 0..mr {
+                let row = c.add(r * ldc).cast::<i8>();
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row);
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row.add(4 * nr - 4));
+            }
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
             for p0 in (0..kp).step_by(PAIRS) {
                 let (a0, b0) = (a.add(p0), b.add(p0 * super::NR));
