@@ -1700,6 +1700,10 @@ fn gradient_checkpointing_trains_the_same_plans_less_and_refuses_dropout() {
         &["--method", "loretta-rep", "--dropout", "0", "--gradient-checkpointing"],
     ));
     assert!(rep.status.success(), "{}", String::from_utf8_lossy(&rep.stderr));
+    // The run starts by naming every setting of the method, its defaults included.
+    let stdout = String::from_utf8_lossy(&rep.stdout);
+    let start = stdout.lines().find(|l| l.starts_with("fine-tuning ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(start.contains("with loretta-rep (alpha 4.0, dropout 0.0, init Zero, rank 2, tensor_rank 5): "), "{start}");
     let adapter: serde_json::Value =
         serde_json::from_slice(&std::fs::read(rep_dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(adapter["tensor_peft"]["method"]["dropout"], 0.0, "{adapter}");

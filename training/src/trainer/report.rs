@@ -64,15 +64,29 @@ pub(crate) fn announce(
     total_steps: usize,
 ) {
     println!(
-        "fine-tuning {} ({}) on {} with {}: {} trainable parameters ({} in adapters), {} steps",
+        "fine-tuning {} ({}) on {} with {} ({}): {} trainable parameters ({} in adapters), {} steps",
         cfg.model.display(),
         spec.family.name(),
         cfg.task.name(),
         cfg.method.name(),
+        method_settings(&cfg.method),
         trainable_params,
         adapter_params,
         total_steps
     );
+}
+
+/// The method's settings as `name value` pairs (`rank 2, alpha 4, …`), read from its serialized
+/// configuration so that every method's defaults show without per-method code; options left to
+/// the planner (unset shapes, targets) are left out.
+fn method_settings(method: &tensor_peft_adapters::MethodConfig) -> String {
+    let value = serde_json::to_value(method).unwrap_or_default();
+    let Some(fields) = value.as_object() else { return String::new() };
+    let shown = fields.iter().filter(|(name, value)| *name != "method" && !value.is_null());
+    let pairs: Vec<String> = shown
+        .map(|(name, value)| format!("{name} {}", value.as_str().map_or(value.to_string(), str::to_string)))
+        .collect();
+    pairs.join(", ")
 }
 
 /// One epoch's metrics of one split, as a quiet run prints them.
