@@ -413,11 +413,12 @@ mod bf16_gemm {
 
     /// Every edge of the blocking: `m` from decoding (1) to a full tile multiple, `n` not a
     /// multiple of 16 or 32 and past one 256-column block, `k` odd, below and above one 256 block;
-    /// `k` a multiple of 32 (AMX's depth) in one slice and in two, `m` past one and two AMX tiles.
+    /// `k` a multiple of 32 (AMX's depth) in one slice and in two (of either kernel's slice
+    /// length, 512 or 1,024), `m` past one and two AMX tiles.
     #[test]
     fn bf16_matmul_of_float_weights_matches_float64() {
         let shapes = [(1, 1, 1), (3, 45, 7), (17, 300, 255), (128, 33, 513), (1, 290, 300), (17, 16, 257)];
-        for (m, n, k) in shapes.into_iter().chain([(33, 70, 64), (40, 300, 544), (1, 33, 32)]) {
+        for (m, n, k) in shapes.into_iter().chain([(33, 70, 64), (40, 300, 544), (1, 33, 32), (35, 40, 1088)]) {
             let x = values(m * k, m + k);
             let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
             let w = values(k * n, n);
@@ -519,7 +520,7 @@ mod bf16_gemm {
     fn bf16_matmul_of_block_weights_matches_float64() {
         let shapes = |format: BlockFormat| -> Vec<(usize, usize, usize)> {
             if format.block_len() == 32 {
-                vec![(1, 45, 32), (3, 96, 288), (17, 288, 544), (128, 64, 96)]
+                vec![(1, 45, 32), (3, 96, 288), (17, 288, 544), (128, 64, 96), (33, 64, 1088)]
             } else {
                 vec![(1, 3, 256), (17, 256, 512), (3, 512, 256)]
             }
