@@ -1699,7 +1699,6 @@ mod fused_on_flex {
         // The same seed gives the same mask: the fused op (mask applied inside, dX through the
         // mask in one pass) against `linear + linear(linear(fused::dropout(x)))` on flex, values
         // and every gradient.
-        let device = Default::default();
         let inputs = || {
             [[9, 7], [7, 6], [7, 3], [3, 6], [1, 6]]
                 .iter()
@@ -1709,7 +1708,7 @@ mod fused_on_flex {
         };
         let run = |fused_op: bool| {
             let x = inputs();
-            tensor_peft_kernels::rng::seed::<F>(&device, 11);
+            let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(11);
             let bias = Some(x[4].clone().reshape([6]));
             let y = if fused_op {
                 fused::low_rank_linear(x[0].clone(), x[1].clone(), bias, x[2].clone(), x[3].clone(), 0.3)
@@ -1740,9 +1739,8 @@ mod fused_on_flex {
 
     #[test]
     fn dropout_keeps_the_expected_fraction_and_its_gradient_uses_the_same_mask() {
-        let device = Default::default();
         let fresh = || input::<F, 2>([300, 400], 1).add_scalar(3.0).require_grad(); // in [1, 5): never 0
-        tensor_peft_kernels::rng::seed::<F>(&device, 3);
+        let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(3);
         let x = fresh();
         let y = fused::dropout(x.clone(), 0.25);
         let (xs, ys) = (floats(x.clone()), floats(y.clone()));
@@ -1760,7 +1758,7 @@ mod fused_on_flex {
             assert!((g - expected).abs() <= 1e-6 * expected.abs().max(1.0), "gradient {g} vs {expected}");
         }
         // Seeded: the same mask again; the next call draws another; no autodiff, no dropout.
-        tensor_peft_kernels::rng::seed::<F>(&device, 3);
+        let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(3);
         assert_eq!(floats(fused::dropout(fresh(), 0.25)), ys);
         assert_ne!(floats(fused::dropout(fresh(), 0.25)), ys);
         let plain = input::<Flex, 2>([3, 4], 1);
@@ -2233,9 +2231,9 @@ mod fused_on_flex {
         fn dropout_masks_equal_flex_for_the_same_seed() {
             let x_f = input::<F, 2>([30, 40], 1).require_grad();
             let x_w = input::<W, 2>([30, 40], 1).require_grad();
-            tensor_peft_kernels::rng::seed::<F>(&Default::default(), 3);
+            let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(3);
             let y_f = fused::dropout(x_f.clone(), 0.25);
-            tensor_peft_kernels::rng::seed::<W>(&Default::default(), 3);
+            let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(3);
             let y_w = fused::dropout(x_w.clone(), 0.25);
             assert_eq!(floats(y_w.clone()), floats(y_f.clone()), "dropout on wgpu vs flex");
             let g_f = (y_f * input::<F, 2>([30, 40], 2)).sum().backward();
@@ -2246,11 +2244,11 @@ mod fused_on_flex {
                     &format!("low-rank linear with dropout 0.3, seed {seed}"),
                     &[[9, 7], [7, 6], [7, 3], [3, 6]],
                     |x| {
-                        tensor_peft_kernels::rng::seed::<F>(&Default::default(), seed);
+                        let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(seed);
                         fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.3)
                     },
                     |x| {
-                        tensor_peft_kernels::rng::seed::<W>(&Default::default(), seed);
+                        let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(seed);
                         fused::low_rank_linear(x[0].clone(), x[1].clone(), None, x[2].clone(), x[3].clone(), 0.3)
                     },
                 );
@@ -2309,9 +2307,9 @@ mod fused_on_flex {
             let (bert_w, _) = Bert::<W>::from_hf_dir(&dir, &Default::default()).unwrap();
             let (bert_f, _) = Bert::<F>::from_hf_dir(&dir, &Default::default()).unwrap();
             std::fs::remove_dir_all(&dir).unwrap();
-            tensor_peft_kernels::rng::seed::<W>(&Default::default(), 4);
+            let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(4);
             let on_wgpu = SequenceClassifier::new(bert_w.train_norms(), 3);
-            tensor_peft_kernels::rng::seed::<F>(&Default::default(), 4);
+            let _draws = tensor_peft_kernels::rng::ThreadDraws::seeded(4);
             let on_flex = SequenceClassifier::new(bert_f.train_norms(), 3);
             assert_eq!(floats(on_wgpu.head.weight.val()), floats(on_flex.head.weight.val()), "seeded head");
             let ids = [vec![2, 7, 9, 4, 5], vec![3, 8, 1, 0, 0]];
