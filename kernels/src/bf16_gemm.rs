@@ -1265,35 +1265,27 @@ mod amx {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
             for p0 in (0..kp).step_by(PAIRS) {
                 let (a0, b0) = (a.add(p0), b.add(p0 * super::NR));
+                // Rows 0..16 of the block, then (in a second asm block: the tile registers keep
+                // their values between blocks) rows 16..32 against the same `B` tiles.
+                asm!(
+                    "tileloadd tmm6, [{b0} + {bs} * 1]",
+                    "tileloadd tmm7, [{b1} + {bs} * 1]",
+                    "tileloadd tmm4, [{a0} + {as_} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(16),
+                    a0 = in(reg) a0,
+                    bs = in(reg) b_stride,
+                    as_ = in(reg) a_stride,
+                    options(nostack),
+                );
                 if mr > ROWS {
                     asm!(
-                        "tileloadd tmm6, [{b0} + {bs} * 1]",
-                        "tileloadd tmm7, [{b1} + {bs} * 1]",
-                        "tileloadd tmm4, [{a0} + {as_} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
                         "tileloadd tmm5, [{a1} + {as_} * 1]",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        b0 = in(reg) b0,
-                        b1 = in(reg) b0.add(16),
-                        a0 = in(reg) a0,
                         a1 = in(reg) a0.add(second),
-                        bs = in(reg) b_stride,
-                        as_ = in(reg) a_stride,
-                        options(nostack),
-                    );
-                } else {
-                    asm!(
-                        "tileloadd tmm6, [{b0} + {bs} * 1]",
-                        "tileloadd tmm7, [{b1} + {bs} * 1]",
-                        "tileloadd tmm4, [{a0} + {as_} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        b0 = in(reg) b0,
-                        b1 = in(reg) b0.add(16),
-                        a0 = in(reg) a0,
-                        bs = in(reg) b_stride,
                         as_ = in(reg) a_stride,
                         options(nostack),
                     );
