@@ -25,9 +25,12 @@
 //!   so at `m = 128` (where the weight's traffic dominates) both threads share the packing work.
 //!
 //! [`Kernel::Amx`] runs AMX tiles (`tdpbf16ps`) where the CPU has them and Linux grants their
-//! state, for depths `k` that are multiples of 32: `A` is then packed as 16-row tiles of pair
-//! rows, a micro-kernel call covers 32 × 32 of `C` in four tile registers, and the slices of `k`
-//! are twice as long (`KC_AMX`); the strips of `B` are the same (already AMX's pair layout).
+//! state, for depths `k` that are multiples of 32: `A` is then packed as 16-row tiles (each 16
+//! pairs of `k` of its 16 rows one 1 KiB run), a micro-kernel call covers 32 × 32 of `C` in four
+//! tile registers, loaded from and stored to `C` where it lies, and the slices of `k` are twice
+//! as long (`KC_AMX`), taken a panel of rows at a time; the strips of `B` are the same (already
+//! AMX's pair layout). A Q8_0 weight is packed a strip ahead, between the tile steps of the strip
+//! before it, so that its conversion overlaps the tile unit's products.
 //! [`Kernel::Avx512Bf16`] runs `_mm512_dpbf16_ps` (checked at run time); [`Kernel::Portable`]
 //! computes the same thing in plain Rust (each product of two bf16 values is exact in f32; the
 //! pair is added odd element first, as `vdpbf16ps` does), so results agree across machines up to
@@ -51,6 +54,9 @@ pub const KC: usize = 512;
 const KC_AMX: usize = 1024;
 /// The largest slice of `k`, which the scratch buffers are sized for.
 const KC_MAX: usize = KC_AMX;
+/// Rows of `C` per pass over a packed block of `B` for the AMX kernel: the panel's slice of `A`
+/// (256 KiB) and block of `C` (128 KiB) stay in L2 with the block of `B` (512 KiB).
+const ROW_PANEL: usize = 128;
 /// Output columns per packed block of `B` and per parallel task (a multiple of 256, as [`KC`]).
 pub const NB: usize = 256;
 
@@ -634,7 +640,7 @@ pub fn matmul_packed(
             let slice = Slice { kernel, kc: KC, packed_a, tiles, m, r0, kp, height, nb, ldc, load };
             // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart, extent
             // asserted) are borrowed mutably with `out`.
-            unsafe { slice.multiply(packed, out.as_mut_ptr().add(j0), |_| ()) };
+            unsafe { slice.multiply(packed.as_ptr(), out.as_mut_ptr().add(j0), &mut ()) };
         }
     }
 }
@@ -650,7 +656,7 @@ fn pack_a(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut
     let c0 = slice * kc;
     let len = kc.min(k - c0);
     let rows = tile_rows.min(m - t * tile_rows);
-    let at = |p: usize, r: usize| if kernel == Kernel::Amx { r * (kc / 2) + p } else { p * MR + r };
+    let at = |p: usize, r: usize| if kernel == Kernel::Amx { amx::a_word(p, r) } else { p * MR + r };
     if a.row_stride == 1 && a.col_stride != 1 {
         // Column-major A (a transposed view, as the attention's `Pᵀ`): the tile's rows are
         // adjacent at each column, read a pair of columns at a time.
@@ -687,7 +693,10 @@ fn pack_a(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut
             words.iter_mut().take(len.div_ceil(2)).enumerate().for_each(|(p, w)| *w = pair(at(2 * p), at(2 * p + 1)));
         }
         if kernel == Kernel::Amx {
-            tile[r * (kc / 2)..][..len.div_ceil(2)].copy_from_slice(&words[..len.div_ceil(2)]);
+            // `k` is a multiple of 32 for AMX: whole chunks of 16 pairs.
+            for (q, chunk) in words[..len / 2].chunks_exact(amx::PAIRS).enumerate() {
+                tile[amx::a_word(q * amx::PAIRS, r)..][..amx::PAIRS].copy_from_slice(chunk);
+            }
         } else {
             for (p, &w) in words[..len.div_ceil(2)].iter().enumerate() {
                 tile[p * MR + r] = w;
@@ -822,20 +831,58 @@ fn block_task(task: &Task, block: usize, scratch: &mut Scratch) {
     let j0 = block * NB;
     let nb = NB.min(n - j0);
     let calls = nb.div_ceil(NR) * m.div_ceil(kernel.c_rows());
+    if Ahead::applies(kernel, b) {
+        let packed = packed_b.as_mut_ptr();
+        let mut ahead = Ahead {
+            b,
+            k,
+            n,
+            j0,
+            nb,
+            slice_len,
+            m,
+            packed,
+            scratch,
+            odd: scratch2,
+            pairs,
+            r0: 0,
+            target: None,
+            done: 0,
+            units: 0,
+            steps: 0,
+            total: 1,
+        };
+        ahead.pack_strip(0, 0);
+        for r0 in (0..k).step_by(slice_len) {
+            let kp = slice_len.min(k - r0) / 2;
+            ahead.slice(r0);
+            let load = accumulate || r0 > 0;
+            let slice = Slice { kernel, kc: slice_len, packed_a, tiles, m, r0, kp, height: kp, nb, ldc, load };
+            // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart) are this
+            // task's alone (its block of columns); `ahead` writes only strips not being read.
+            unsafe { slice.multiply(packed, dst.0.add(j0), &mut ahead) };
+        }
+        return;
+    }
     for r0 in (0..k).step_by(slice_len) {
         let kc = slice_len.min(k - r0);
         let kp = kc.div_ceil(2);
         pack_b(b, k, n, r0, kc, j0, nb, packed_b, scratch, scratch2, pairs, kernel.simd());
         // For a weight packed by rows, the rows the next packing reads (the next slice of `k`,
         // or after the last one the next block's first, usually this thread's next task) are
-        // fetched into L2 a few per tile while this slice is multiplied ([`NextPack`]).
+        // fetched into L2 a few per tile while this slice is multiplied ([`NextPack`]). Not
+        // under AMX: there these prefetches compete with the tiles' loads (measured slower).
         let after = r0 + slice_len;
-        let mut next = NextPack::after(b, k, n, after, slice_len, if after < k { block } else { block + 1 }, calls);
+        let next_block = if after < k { block } else { block + 1 };
+        let mut next = match kernel {
+            Kernel::Amx => NextPack::NONE,
+            _ => NextPack::after(b, k, n, after, slice_len, next_block, calls),
+        };
         let load = accumulate || r0 > 0;
         let slice = Slice { kernel, kc: slice_len, packed_a, tiles, m, r0, kp, height: kp, nb, ldc, load };
         // SAFETY: columns `j0..j0 + nb` of the `m × n` output (rows `ldc` apart) are this task's
         // alone (its block of columns).
-        unsafe { slice.multiply(packed_b, dst.0.add(j0), |call| next.issue(b, call)) };
+        unsafe { slice.multiply(packed_b.as_ptr(), dst.0.add(j0), &mut (&mut next, b)) };
     }
 }
 
@@ -861,27 +908,179 @@ struct Slice<'a> {
 
 impl Slice<'_> {
     /// `C[.., ..nb] (+)= A[.., r0..r0 + 2·kp]·B_slice`, strip by strip, each strip over every
-    /// row tile; `after_tile(calls)` runs after each micro-kernel call.
+    /// row tile (for AMX, over the row tiles of one panel of rows at a time), with `alongside`'s
+    /// hooks run around the calls.
     ///
     /// # Safety
     /// `c` must be valid for reads and writes of `m` rows of `nb` elements, `ldc` apart, which no
-    /// other thread touches; `packed` must hold the slice's strips.
-    unsafe fn multiply(&self, packed: &[u32], c: *mut f32, mut after_tile: impl FnMut(usize)) {
+    /// other thread touches; `packed` must hold the slice's strips (`height·NR` words apart),
+    /// which nothing writes during a strip's calls (`alongside` may write the other strips).
+    unsafe fn multiply(&self, packed: *const u32, c: *mut f32, alongside: &mut impl Alongside) {
         let Slice { kernel, kc, packed_a, tiles, m, r0, kp, height, nb, ldc, load } = *self;
         let (c_rows, a_rows, a_words) = (kernel.c_rows(), kernel.a_rows(), kernel.a_tile_words(kc));
+        // Rows in panels (for AMX) whose slice of `A` and block of `C` stay in L2 with the block
+        // of `B` while its strips go by.
+        let panel = if kernel == Kernel::Amx { ROW_PANEL } else { m };
         let mut calls = 0;
-        for s in (0..nb).step_by(NR) {
-            let nr = NR.min(nb - s);
-            let b_strip = &packed[s / NR * (height * NR)..][..kp * NR];
-            for i0 in (0..m).step_by(c_rows) {
-                let mr = c_rows.min(m - i0);
-                let a_tile = &packed_a[(r0 / kc * tiles + i0 / a_rows) * a_words..];
-                // SAFETY: the tile's rows `i0..i0 + mr` and columns `s..s + nr` lie inside the
-                // caller's block of `C`; the operands' lengths are checked in `tile`.
-                unsafe { tile(kernel, kc, mr, kp, a_tile, b_strip, c.add(i0 * ldc + s), ldc, nr, load) };
-                calls += 1;
-                after_tile(calls);
+        for p0 in (0..m).step_by(panel) {
+            let rows = p0..m.min(p0 + panel);
+            for s in (0..nb).step_by(NR) {
+                let nr = NR.min(nb - s);
+                // SAFETY: the caller's contract: the strip is inside `packed` and not written
+                // during its calls.
+                let b_strip = unsafe { std::slice::from_raw_parts(packed.add(s / NR * (height * NR)), kp * NR) };
+                alongside.strip_start(p0, s, rows.len().div_ceil(c_rows) * kp.div_ceil(amx::PAIRS));
+                for i0 in rows.clone().step_by(c_rows) {
+                    let mr = c_rows.min(m - i0);
+                    let a_tile = &packed_a[(r0 / kc * tiles + i0 / a_rows) * a_words..];
+                    // The call after this one: the next row tile, else the panel's first in the
+                    // next strip, else the next panel's first.
+                    let (s_next, i_next) = if i0 + c_rows < rows.end {
+                        (s, i0 + c_rows)
+                    } else if s + NR < nb {
+                        (s + NR, p0)
+                    } else {
+                        (0, rows.end)
+                    };
+                    let next = if i_next < m {
+                        NextC { c: c.wrapping_add(i_next * ldc + s_next), rows: c_rows.min(m - i_next) }
+                    } else {
+                        NextC::NONE
+                    };
+                    let mut step = || alongside.step();
+                    // SAFETY: the tile's rows `i0..i0 + mr` and columns `s..s + nr` lie inside the
+                    // caller's block of `C`; the operands' lengths are checked in `tile`.
+                    unsafe {
+                        tile(kernel, kc, mr, kp, a_tile, b_strip, c.add(i0 * ldc + s), ldc, nr, load, next, &mut step)
+                    };
+                    calls += 1;
+                    alongside.after_call(calls);
+                }
+                alongside.strip_end();
             }
+        }
+    }
+}
+
+/// Work run alongside [`Slice::multiply`]'s micro-kernel calls (by default, none).
+trait Alongside {
+    /// Before the calls of strip `s` (its first column) over the panel of rows from `p0`, which
+    /// take `steps` steps of 32 of `k` in all (AMX).
+    fn strip_start(&mut self, _p0: usize, _s: usize, _steps: usize) {}
+    /// After each step of an AMX call (the tiles still multiplying).
+    fn step(&mut self) {}
+    /// After each call: `calls` made so far in the slice.
+    fn after_call(&mut self, _calls: usize) {}
+    /// After the strip's calls.
+    fn strip_end(&mut self) {}
+}
+
+/// Nothing alongside.
+impl Alongside for () {}
+
+/// The packing of the next strip of a Q8_0 `B` (or of the next slice's first strip), spread over
+/// the steps of the current strip's AMX calls: the tile unit multiplies while the core's vector
+/// units convert the weights, which packed up front would each wait for the other. Each strip
+/// is packed in units of 32 of `k` (one block of every stored row).
+struct Ahead<'a> {
+    b: &'a Weight<'a>,
+    k: usize,
+    n: usize,
+    /// The block's first column and its width.
+    j0: usize,
+    nb: usize,
+    /// `k` per slice; rows of `C`.
+    slice_len: usize,
+    m: usize,
+    /// Start of the block's packed strips.
+    packed: *mut u32,
+    scratch: &'a mut [f32],
+    odd: &'a mut [f32],
+    pairs: &'a mut [u32],
+    /// The slice being multiplied (its first index of `k`).
+    r0: usize,
+    /// The strip being packed (slice, first column within the block), if any.
+    target: Option<(usize, usize)>,
+    /// Units of it packed, and in all; steps seen, and in all.
+    done: usize,
+    units: usize,
+    steps: usize,
+    total: usize,
+}
+
+impl Ahead<'_> {
+    /// Whether `b` is packed ahead under `kernel`: Q8_0 stored rows that are columns of `B`
+    /// (`x·W`). Stored rows that are rows of `B` (`dY·Wᵀ`) are read a short run from each of
+    /// `kc` rows per strip, which waits on memory more than it overlaps (measured slower).
+    fn applies(kernel: Kernel, b: &Weight) -> bool {
+        kernel == Kernel::Amx && matches!(b, Weight::Blocks { format: BlockFormat::Q8_0, .. })
+    }
+
+    /// Packs units `from..to` of strip `s` of slice `r0`.
+    fn pack(&mut self, (r0, s): (usize, usize), from: usize, to: usize) {
+        let kp = self.slice_len.min(self.k - r0) / 2;
+        let (nr, words) = (NR.min(self.nb - s), (to - from) * amx::PAIRS * NR);
+        // SAFETY: the units' pair rows of the strip lie inside the block's packed strips, which
+        // only this thread touches, and which the strips being multiplied do not overlap
+        // (`Slice::multiply`'s contract, kept by the order of `strip_start`'s targets).
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(self.packed.add(s / NR * (kp * NR) + from * amx::PAIRS * NR), words)
+        };
+        let (b, (k, n), r) = (self.b, (self.k, self.n), r0 + from * 2 * amx::PAIRS);
+        let len = (to - from) * 2 * amx::PAIRS;
+        // SAFETY: AMX runs only where the CPU has AVX512-BF16/F/BW (`Kernel::available`).
+        unsafe { pack_b_avx512(b, k, n, r, len, self.j0 + s, nr, dst, self.scratch, self.odd, self.pairs) };
+    }
+
+    /// Packs all of strip `s` of slice `r0` now.
+    fn pack_strip(&mut self, r0: usize, s: usize) {
+        let units = self.slice_len.min(self.k - r0) / (2 * amx::PAIRS);
+        self.pack((r0, s), 0, units);
+    }
+
+    /// Starts slice `r0`.
+    fn slice(&mut self, r0: usize) {
+        self.r0 = r0;
+    }
+}
+
+impl Alongside for Ahead<'_> {
+    fn strip_start(&mut self, p0: usize, s: usize, steps: usize) {
+        let last_panel = (self.m - 1) / ROW_PANEL * ROW_PANEL;
+        let next_slice = self.r0 + self.slice_len;
+        // During the first panel, each strip packs the next one; during the last panel's last
+        // strip (when the first panel's strips are all packed and the slice's first strip is no
+        // longer read), the next slice's first strip.
+        self.target = if p0 == 0 && s + NR < self.nb {
+            Some((self.r0, s + NR))
+        } else if p0 == last_panel && s + NR >= self.nb && next_slice < self.k {
+            Some((next_slice, 0))
+        } else {
+            None
+        };
+        if let Some((r0, _)) = self.target {
+            self.units = self.slice_len.min(self.k - r0) / (2 * amx::PAIRS);
+        }
+        (self.done, self.steps, self.total) = (0, 0, steps.max(1));
+    }
+
+    #[inline(always)]
+    fn step(&mut self) {
+        if let Some(target) = self.target {
+            self.steps += 1;
+            let due = (self.units * self.steps).div_ceil(self.total).min(self.units);
+            if self.done < due {
+                self.pack(target, self.done, due);
+                self.done = due;
+            }
+        }
+    }
+
+    fn strip_end(&mut self) {
+        if let Some(target) = self.target.take()
+            && self.done < self.units
+        {
+            self.pack(target, self.done, self.units);
         }
     }
 }
@@ -906,6 +1105,9 @@ struct NextPack {
 }
 
 impl NextPack {
+    /// Nothing to fetch.
+    const NONE: NextPack = NextPack { r0: 0, j0: 0, nb: 0, n: 0, issued: 0, rows: 0, calls: 1 };
+
     /// The packing of slice `r0` of column block `block` (nothing when it is past `k` or `n`, or
     /// when `b` is packed by columns).
     fn after(b: &Weight, k: usize, n: usize, r0: usize, kc: usize, block: usize, calls: usize) -> NextPack {
@@ -922,6 +1124,27 @@ impl NextPack {
             b.prefetch::<L2>(false, self.r0 + self.issued, self.j0, self.n, self.nb);
             self.issued += 1;
         }
+    }
+}
+
+/// The block of `C` that the next micro-kernel call reads, fetched into L1 while this one
+/// multiplies (AMX loads it into the tile registers at the call's start).
+#[derive(Clone, Copy)]
+struct NextC {
+    /// Its first element (any address: it is only prefetched).
+    c: *const f32,
+    /// Its rows (`ldc` apart); 0 for none.
+    rows: usize,
+}
+
+impl NextC {
+    const NONE: NextC = NextC { c: std::ptr::null(), rows: 0 };
+}
+
+/// The rows of the next packing fetched after each call.
+impl Alongside for (&mut NextPack, &Weight<'_>) {
+    fn after_call(&mut self, calls: usize) {
+        self.0.issue(self.1, calls);
     }
 }
 
@@ -949,7 +1172,7 @@ fn pack_b(
     simd: bool,
 ) {
     let kp = kc.div_ceil(2);
-    let packed = &mut packed[..kp * NB];
+    let packed = &mut packed[..kp * nb.div_ceil(NR) * NR];
     if !nb.is_multiple_of(NR) {
         packed.fill(0);
     }
@@ -965,15 +1188,18 @@ fn pack_b(
         let (first, len) = (first_row * row_bytes + along / 32 * 34, if rows_are_columns { kc } else { nb });
         assert!(len.is_multiple_of(32) && rows > 0);
         assert!(bytes.len() >= first + (rows - 1) * row_bytes + len / 32 * 34);
-        assert!(packed.len() >= kp * NB);
+        assert!(packed.len() >= kp * nb.div_ceil(NR) * NR);
         // SAFETY: `simd` is set only for the AVX512-BF16 kernel (AVX512-BF16/F/BW checked at
         // run time); the blocks read (`rows` stored rows `row_bytes` apart from `first`, `len`
         // weights each) are inside `bytes` and the writes inside `packed` (asserted).
         unsafe {
+            // The stored blocks past this slice (the rows' further blocks, or further rows) are
+            // the packing's to prefetch.
             if rows_are_columns {
-                avx512::pack_q8_0_columns(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
+                let row_blocks = (k - r0) / 32;
+                avx512::pack_q8_0_columns(bytes.as_ptr().add(first), row_bytes, kc, row_blocks, nb, packed.as_mut_ptr())
             } else {
-                avx512::pack_q8_0_rows(bytes.as_ptr().add(first), row_bytes, kc, nb, packed.as_mut_ptr())
+                avx512::pack_q8_0_rows(bytes.as_ptr().add(first), row_bytes, kc, k - r0, nb, packed.as_mut_ptr())
             }
         }
         return;
@@ -1089,10 +1315,12 @@ unsafe fn tile(
     ldc: usize,
     nr: usize,
     load: bool,
+    next: NextC,
+    step: &mut impl FnMut(),
 ) {
     assert!((1..=kernel.c_rows()).contains(&mr) && (1..=NR).contains(&nr) && kp >= 1);
     let a_len = if kernel == Kernel::Amx {
-        (mr.div_ceil(amx::ROWS) - 1) * kernel.a_tile_words(kc) + (amx::ROWS - 1) * (kc / 2) + kp
+        (mr.div_ceil(amx::ROWS) - 1) * kernel.a_tile_words(kc) + kp * amx::ROWS
     } else {
         kp * MR
     };
@@ -1103,10 +1331,11 @@ unsafe fn tile(
             assert!(kp.is_multiple_of(amx::PAIRS), "AMX tile: {kp} pairs");
             // SAFETY: `matmul` checked that the process may use AMX (and the CPU has AVX-512);
             // the operands' extents were asserted above; `c` is the caller's contract.
-            unsafe { amx::tile(kp, a.as_ptr(), kc / 2, b.as_ptr(), c, ldc, mr, nr, load) }
+            unsafe { amx::tile(kp, a.as_ptr(), kernel.a_tile_words(kc), b.as_ptr(), c, ldc, mr, nr, load, next, step) }
         }
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 => {
+            let _ = (next, step);
             macro_rules! run {
                 ($($rows:literal)*) => {
                     match mr {
@@ -1124,6 +1353,7 @@ unsafe fn tile(
         #[cfg(not(target_arch = "x86_64"))]
         Kernel::Avx512Bf16 | Kernel::Amx => unreachable!("checked by `matmul`"),
         Kernel::Portable => {
+            let _ = (next, step);
             // From zero, the old tile added at the end, as the AVX-512 kernel does.
             let mut acc = [[0.0f32; NR]; MR];
             let widen = |w: u32| (f32::from_bits(w << 16), f32::from_bits(w & 0xFFFF_0000));
@@ -1158,6 +1388,13 @@ mod amx {
     pub(super) const ROWS: usize = 16;
     /// Pairs of `k` per `tdpbf16ps` (a tile of `A` is 16 rows of 64 bytes).
     pub(super) const PAIRS: usize = 16;
+
+    /// Where pair `p` of row `r` of a packed tile of `A` lies: the tile is chunks of 16 pairs,
+    /// each its 16 rows of 16 words in one 1 KiB run (a register's load reads consecutive lines;
+    /// rows a whole slice apart would share a few L1 sets).
+    pub(super) fn a_word(p: usize, r: usize) -> usize {
+        p / PAIRS * (ROWS * PAIRS) + r * PAIRS + p % PAIRS
+    }
 
     /// Whether this process may use AMX-BF16: the CPU has it and Linux granted the tile data
     /// state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, once per process).
@@ -1216,9 +1453,9 @@ mod amx {
     #[repr(C, align(64))]
     struct Block([[f32; 32]; 32]);
 
-    /// `C[..mr, ..nr] (+)= A·B` over `kp` pairs of `k`: `a` one (`mr ≤ 16`) or two tiles of 16
-    /// rows, each row `KC/2` words (pairs) long, the second tile `16·KC/2` words after the first;
-    /// `b` a strip of `kp` rows of 32 words.
+    /// `C[..mr, ..nr] (+)= A·B` over `kp` pairs of `k`: `a` one (`mr ≤ 16`) or two packed tiles
+    /// of 16 rows ([`a_word`]), the second `tile_words` words after the first; `b` a strip of `kp`
+    /// rows of 32 words. `next` is fetched while the tiles multiply.
     ///
     /// # Safety
     /// The process must have AMX permission ([`ready`]) and the CPU AVX-512F; `kp` a multiple of
@@ -1230,15 +1467,18 @@ mod amx {
     pub(super) unsafe fn tile(
         kp: usize,
         a: *const u32,
-        a_row_words: usize,
+        tile_words: usize,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
         mr: usize,
         nr: usize,
         load: bool,
+        next: super::NextC,
+        step: &mut impl FnMut(),
     ) {
         use std::arch::asm;
+        use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
         if !CONFIGURED.get() {
             // Palette 1 has eight tile registers; the other entries must be zero.
             let (mut bytes_per_row, mut rows) = ([0; 16], [0; 16]);
@@ -1249,22 +1489,51 @@ mod amx {
             unsafe { asm!("ldtilecfg [{0}]", in(reg) &config, options(nostack)) };
             CONFIGURED.set(true);
         }
-        let (a_stride, b_stride) = (a_row_words * 4, super::NR * 4);
-        let second = a_row_words * ROWS;
+        let (a_stride, b_stride) = (PAIRS * 4, super::NR * 4);
+        let second = tile_words;
+        // Whole tiles of `C` are loaded into and stored from the tile registers where they lie
+        // (rows `ldc` apart); a block with a partial tile goes through a 4 KiB buffer instead.
+        let direct = nr == 32 && (mr == ROWS || mr == 2 * ROWS);
+        let c_stride = ldc * 4;
         // SAFETY (every block below): the loads read 16 rows of 64 bytes inside `a` and `b` (the
-        // caller's contract), the stores write the 4 KiB `out`.
+        // caller's contract), or inside `C`'s block; the stores write `C`'s block or `out`.
         unsafe {
-            // The block of `C` is read and written only after the products: fetched now, for
-            // writing, its lines arrive while the tiles multiply (else each call ends waiting on
-            // them).
-            for r in 0..mr {
-                let row = c.add(r * ldc).cast::<i8>();
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row);
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row.add(4 * nr - 4));
+            if direct && load {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s} * 1]",
+                    "tileloadd tmm1, [{c1} + {s} * 1]",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(16),
+                    s = in(reg) c_stride,
+                    options(nostack),
+                );
+                if mr > ROWS {
+                    asm!(
+                        "tileloadd tmm2, [{c2} + {s} * 1]",
+                        "tileloadd tmm3, [{c3} + {s} * 1]",
+                        c2 = in(reg) c.add(16 * ldc),
+                        c3 = in(reg) c.add(16 * ldc + 16),
+                        s = in(reg) c_stride,
+                        options(nostack),
+                    );
+                }
+            } else {
+                if !direct {
+                    // Read and written only after the products: fetched now, for writing, its
+                    // lines arrive while the tiles multiply.
+                    for r in 0..mr {
+                        let row = c.add(r * ldc).cast::<i8>();
+                        _mm_prefetch::<_MM_HINT_ET0>(row);
+                        _mm_prefetch::<_MM_HINT_ET0>(row.add(4 * nr - 4));
+                    }
+                }
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
             }
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+            // The next call's block of `C` (its tiles are loaded at its start), two rows per step
+            // of `k`; rows left over when the call is short are fetched after the loop.
+            let (next_c, next_rows, mut fetched) = (next.c, next.rows, 0);
             for p0 in (0..kp).step_by(PAIRS) {
-                let (a0, b0) = (a.add(p0), b.add(p0 * super::NR));
+                let (a0, b0) = (a.add(a_word(p0, 0)), b.add(p0 * super::NR));
                 // Rows 0..16 of the block, then (in a second asm block: the tile registers keep
                 // their values between blocks) rows 16..32 against the same `B` tiles.
                 asm!(
@@ -1290,6 +1559,42 @@ mod amx {
                         options(nostack),
                     );
                 }
+                step();
+                if fetched + 2 <= next_rows {
+                    for r in fetched..fetched + 2 {
+                        let row = next_c.wrapping_add(r * ldc).cast::<i8>();
+                        _mm_prefetch::<_MM_HINT_T0>(row);
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(64));
+                    }
+                    fetched += 2;
+                }
+            }
+            while fetched < next_rows {
+                let row = next_c.wrapping_add(fetched * ldc).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(64));
+                fetched += 1;
+            }
+            if direct {
+                asm!(
+                    "tilestored [{c0} + {s} * 1], tmm0",
+                    "tilestored [{c1} + {s} * 1], tmm1",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(16),
+                    s = in(reg) c_stride,
+                    options(nostack),
+                );
+                if mr > ROWS {
+                    asm!(
+                        "tilestored [{c2} + {s} * 1], tmm2",
+                        "tilestored [{c3} + {s} * 1], tmm3",
+                        c2 = in(reg) c.add(16 * ldc),
+                        c3 = in(reg) c.add(16 * ldc + 16),
+                        s = in(reg) c_stride,
+                        options(nostack),
+                    );
+                }
+                return;
             }
             let mut out = std::mem::MaybeUninit::<Block>::uninit();
             let o = out.as_mut_ptr().cast::<f32>();
@@ -1420,10 +1725,18 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must have AVX512-BF16, AVX512F and AVX512BW; `kc ≤ KC` a multiple of 32,
-    /// `nb ≤ NB`; `src` valid for reading the `kc/32` blocks of `nb` rows, `packed` for
-    /// `kc/2 · NB` words.
+    /// `nb ≤ NB`; `src` valid for reading the `kc/32` blocks of `nb` rows (each row has
+    /// `row_blocks ≥ kc/32` from `src`, the rest only prefetched), `packed` for
+    /// `kc/2 · ⌈nb/NR⌉·NR` words.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,f16c")]
-    pub(super) unsafe fn pack_q8_0_columns(src: *const u8, row_bytes: usize, kc: usize, nb: usize, packed: *mut u32) {
+    pub(super) unsafe fn pack_q8_0_columns(
+        src: *const u8,
+        row_bytes: usize,
+        kc: usize,
+        row_blocks: usize,
+        nb: usize,
+        packed: *mut u32,
+    ) {
         // Blocks ahead of the conversion that each row's prefetch reaches (about one line).
         const AHEAD: usize = 4;
         let kp = kc / 2;
@@ -1438,7 +1751,7 @@ mod avx512 {
                     // inside `src`; a prefetch (inside the row's blocks) has no other effect.
                     unsafe {
                         let row = src.add((first + ci) * row_bytes);
-                        if blk + AHEAD < blocks {
+                        if blk + AHEAD < row_blocks {
                             _mm_prefetch::<_MM_HINT_T0>(row.add((blk + AHEAD) * 34).cast());
                         }
                         let (lo, hi) = q8_0_block(row.add(blk * 34));
@@ -1462,9 +1775,19 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX512-BF16, AVX512F and AVX512BW; `kc ≤ KC` (an odd `kc`'s last
     /// pair takes zeros for its odd row), `nb ≤ NB` a multiple of 32; `src` valid for reading
-    /// the blocks of `kc` rows and `packed` for `⌈kc/2⌉ · NB` words.
+    /// the blocks of `kc` rows (of `rows ≥ kc` from `src`, the rest only prefetched) and `packed`
+    /// for `⌈kc/2⌉ · nb` words.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,f16c")]
-    pub(super) unsafe fn pack_q8_0_rows(src: *const u8, row_bytes: usize, kc: usize, nb: usize, packed: *mut u32) {
+    pub(super) unsafe fn pack_q8_0_rows(
+        src: *const u8,
+        row_bytes: usize,
+        kc: usize,
+        rows: usize,
+        nb: usize,
+        packed: *mut u32,
+    ) {
+        // Rows ahead of the pair being converted that are prefetched.
+        const AHEAD: usize = 32;
         let kp = kc.div_ceil(2);
         let blocks = nb / 32;
         // bf16 lane 2i takes lane i (the even row's column i), lane 2i + 1 lane 16 + i (the odd's).
@@ -1481,9 +1804,9 @@ mod avx512 {
             // of `packed` is inside it.
             unsafe {
                 let even = src.add(2 * p * row_bytes);
-                if 2 * p + 5 < kc {
-                    for ahead in [even.add(4 * row_bytes), even.add(5 * row_bytes)] {
-                        for at in (0..blocks * 34).step_by(64) {
+                if 2 * p + AHEAD + 1 < rows {
+                    for ahead in [even.add(AHEAD * row_bytes), even.add((AHEAD + 1) * row_bytes)] {
+                        for at in (0..blocks * 34).step_by(64).chain([blocks * 34 - 1]) {
                             _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast());
                         }
                     }

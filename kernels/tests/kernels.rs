@@ -414,11 +414,13 @@ mod bf16_gemm {
     /// Every edge of the blocking: `m` from decoding (1) to a full tile multiple, `n` not a
     /// multiple of 16 or 32 and past one 256-column block, `k` odd, below and above one 256 block;
     /// `k` a multiple of 32 (AMX's depth) in one slice and in two (of either kernel's slice
-    /// length, 512 or 1,024), `m` past one and two AMX tiles.
+    /// length, 512 or 1,024), `m` past one and two AMX tiles and a whole one (a block of 16 rows).
     #[test]
     fn bf16_matmul_of_float_weights_matches_float64() {
         let shapes = [(1, 1, 1), (3, 45, 7), (17, 300, 255), (128, 33, 513), (1, 290, 300), (17, 16, 257)];
-        for (m, n, k) in shapes.into_iter().chain([(33, 70, 64), (40, 300, 544), (1, 33, 32), (35, 40, 1088)]) {
+        for (m, n, k) in
+            shapes.into_iter().chain([(33, 70, 64), (40, 300, 544), (1, 33, 32), (35, 40, 1088), (48, 70, 1088)])
+        {
             let x = values(m * k, m + k);
             let a = Lhs { data: &x, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
             let w = values(k * n, n);
@@ -485,14 +487,21 @@ mod bf16_gemm {
                 let mut buffers = Buffers::new();
                 let mut packed = PackedB::default();
                 packed.pack(kernel, b_all, k_all, n_all, &mut buffers);
-                // Over more than one slice of `k`, accumulating adds the old value to the first
-                // slice's sum, not to the whole: not `init + want` bit for bit.
-                for accumulate in [false, true].into_iter().filter(|&acc| !acc || k <= 512) {
+                for accumulate in [false, true] {
                     let init = values(m * ldc, 7);
+                    // `matmul` accumulating onto the same values (AMX adds the products to the
+                    // loaded tile, the other kernels add the sum to the old value).
+                    let mut want_acc: Vec<f32> = init.chunks(ldc).flat_map(|row| row[..n].to_vec()).collect();
+                    let a_scaled = Lhs { data: &scaled, offset: 0, rows: m, cols: k, row_stride: k, col_stride: 1 };
+                    matmul(kernel, a_scaled, b, n, &mut want_acc, true);
                     let mut single = init.clone();
                     matmul_single(kernel, a, beta, b, n, &mut single, ldc, accumulate, &mut buffers);
                     let mut prefix = init.clone();
-                    if k % 2 == 0 {
+                    // A packed operand is sliced at 512 whatever the kernel: past one slice, its
+                    // accumulation onto partial AMX blocks (added after each slice) is not
+                    // `matmul`'s bit for bit.
+                    let packed_same = k % 2 == 0 && (!accumulate || k <= 512);
+                    if packed_same {
                         matmul_packed(kernel, a, beta, &packed, n, &mut prefix, ldc, accumulate, &mut buffers);
                     }
                     for (i, row) in single.chunks(ldc).enumerate() {
@@ -500,11 +509,11 @@ mod bf16_gemm {
                             let expect = match (j < n, accumulate) {
                                 (false, _) => init[i * ldc + j],
                                 (true, false) => want[i * n + j],
-                                (true, true) => init[i * ldc + j] + want[i * n + j],
+                                (true, true) => want_acc[i * n + j],
                             };
                             let what = format!("{kernel:?} m={m} k={k} n={n} acc={accumulate} ({i},{j})");
                             assert_eq!(row[j].to_bits(), expect.to_bits(), "single {what}");
-                            if k % 2 == 0 {
+                            if packed_same {
                                 assert_eq!(prefix[i * ldc + j].to_bits(), expect.to_bits(), "packed {what}");
                             }
                         }
@@ -515,12 +524,13 @@ mod bf16_gemm {
     }
 
     /// GGML blocks, both ways round: stored rows as the columns of `B` (`x·W`, the rows of `Wᵀ`
-    /// hold `d_in` weights) and as its rows (`dY·Wᵀ`).
+    /// hold `d_in` weights) and as its rows (`dY·Wᵀ`); for AMX, Q8_0 packed a strip ahead over
+    /// two slices of `k` and two panels of rows.
     #[test]
     fn bf16_matmul_of_block_weights_matches_float64() {
         let shapes = |format: BlockFormat| -> Vec<(usize, usize, usize)> {
             if format.block_len() == 32 {
-                vec![(1, 45, 32), (3, 96, 288), (17, 288, 544), (128, 64, 96), (33, 64, 1088)]
+                vec![(1, 45, 32), (3, 96, 288), (17, 288, 544), (128, 64, 96), (33, 64, 1088), (136, 64, 1088)]
             } else {
                 vec![(1, 3, 256), (17, 256, 512), (3, 512, 256)]
             }
