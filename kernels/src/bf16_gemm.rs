@@ -440,16 +440,30 @@ unsafe fn matmul_into(kernel: Kernel, a: Lhs, b: Weight, n: usize, out: *mut f32
     let kernel = kernel.for_depth(k);
     let (tiles, kc) = (m.div_ceil(kernel.a_rows()), kernel.kc());
     let words = k.div_ceil(kc) * tiles * kernel.a_tile_words(kc);
-    let mut lines = Lines::zeroed(words);
+    // The packed `A` and each thread's scratch are kept from one product to the next: allocating
+    // (and zeroing) megabytes per product cost more than some products' packing.
+    let mut lines = PACKED_A.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop().unwrap_or_default();
+    lines.reserve(words);
     let packed_a = &mut lines.words()[..words];
     let chunks = packed_a.par_chunks_mut(kernel.a_tile_words(kc));
     chunks.enumerate().for_each(|(chunk, tile)| pack_a(kernel, kc, a, 1.0, chunk, tile));
     let dst = SendPtr(out);
     let blocks = n.div_ceil(NB);
-    (0..blocks).into_par_iter().for_each_init(Scratch::new, |scratch, block| {
+    (0..blocks).into_par_iter().for_each(|block| {
         let task = Task { kernel, kc, a: packed_a, tiles, b: &b, m, n, k, accumulate, dst: &dst, ldc: n };
-        run_block(&task, block, scratch);
+        SCRATCH.with_borrow_mut(|scratch| run_block(&task, block, scratch.get_or_insert_with(Scratch::new)));
     });
+    PACKED_A.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(lines);
+}
+
+/// Packed left operands of [`matmul`] kept for the next products (one per product running at
+/// once).
+static PACKED_A: std::sync::Mutex<Vec<Lines>> = std::sync::Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's scratch for [`matmul`]'s column blocks (none is ever running twice on a
+    /// thread: a block makes no nested parallel calls).
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Buffers of [`matmul_single`], kept by the caller across its calls on one thread.
@@ -470,8 +484,6 @@ impl Buffers {
         let words = a.cols.div_ceil(kc) * a.rows.div_ceil(kernel.a_rows()) * kernel.a_tile_words(kc);
         self.packed_a.reserve(words);
         let packed_a = &mut self.packed_a.words()[..words];
-        // The padding (rows past `m`, pairs past `k`) must be zeros, whatever an earlier call left.
-        packed_a.fill(0);
         let chunks = packed_a.chunks_mut(kernel.a_tile_words(kc));
         chunks.enumerate().for_each(|(chunk, tile)| pack_a(kernel, kc, a, beta, chunk, tile));
         packed_a
@@ -646,16 +658,43 @@ pub fn matmul_packed(
 }
 
 /// Packs chunk `chunk` of `A`'s tiles for `kernel` (slice `chunk / tiles` of `k`, tile
-/// `chunk % tiles`) as `β·A` rounded to bf16 pairs into `tile`, which holds zeros: row `r`'s pair
+/// `chunk % tiles`) as `β·A` rounded to bf16 pairs into `tile` (whatever it held): row `r`'s pair
 /// `p` at `p·MR + r` (groups of a pair of every row, which the AVX-512 kernel broadcasts), or for
 /// AMX at `r·KC/2 + p` (rows of pairs, as a tile register loads them).
 fn pack_a(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.simd() {
+        // SAFETY: `simd` kernels run only where the CPU has AVX512-BF16/F/BW.
+        unsafe { pack_a_avx512(kernel, kc, a, beta, chunk, tile) };
+        return;
+    }
+    pack_a_with(kernel, kc, a, beta, chunk, tile)
+}
+
+/// [`pack_a`] compiled for AVX-512 (its rounding vectorises).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16, AVX512F and AVX512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn pack_a_avx512(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut [u32]) {
+    pack_a_with(kernel, kc, a, beta, chunk, tile)
+}
+
+/// The body of [`pack_a`], for the target it is compiled into.
+#[inline(always)]
+fn pack_a_with(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut [u32]) {
     let (m, k, tile_rows) = (a.rows, a.cols, kernel.a_rows());
     let tiles = m.div_ceil(tile_rows);
     let (slice, t) = (chunk / tiles, chunk % tiles);
     let c0 = slice * kc;
     let len = kc.min(k - c0);
     let rows = tile_rows.min(m - t * tile_rows);
+    // A whole tile is written below; a partial one's padding (rows past `m`, pairs past `k`)
+    // must be zeros, whatever the buffer held before.
+    if rows < tile_rows || len < kc {
+        tile.fill(0);
+    }
     let at = |p: usize, r: usize| if kernel == Kernel::Amx { amx::a_word(p, r) } else { p * MR + r };
     if a.row_stride == 1 && a.col_stride != 1 {
         // Column-major A (a transposed view, as the attention's `Pᵀ`): the tile's rows are
@@ -742,6 +781,7 @@ struct Line([u32; 16]);
 /// Zeroed words that start on a cache line: the packed strips' 64-byte rows (loaded twice per
 /// step of the micro-kernel, stored once by the packing) never straddle two lines, nor do the
 /// rows of AMX's tile loads (a tile whose rows straddle lines loads at a third of the speed).
+#[derive(Default)]
 struct Lines(Vec<Line>);
 
 impl Lines {
