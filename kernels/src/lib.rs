@@ -119,3 +119,20 @@ pub(crate) const CHUNK: usize = 16 * 1024;
 pub(crate) fn rows_per_task(width: usize) -> usize {
     (CHUNK / width.max(1)).max(1)
 }
+
+/// Hands the heap's free memory back to the operating system (glibc's `malloc_trim`; elsewhere
+/// nothing): after a model is built or loaded, the transient buffers of its construction (a
+/// layer's weights in f32 before they are quantized, a file's decoded tensors) are free but
+/// still resident, and would count in every later peak of the process.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: `malloc_trim` only returns free pages of glibc's heaps to the system.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}

@@ -513,6 +513,8 @@ fn bench_train_step<B: AutodiffBackend>(
         ));
     }
     drop(base);
+    // As the trainer after loading: the construction's transient buffers handed back.
+    tensor_peft_kernels::release_free_memory();
     type Task<B> = LmTask<B>;
     let optimizers: Vec<std::cell::RefCell<PeftOptimizer<Task<B>, B>>> = runs
         .iter()

@@ -36,6 +36,14 @@ pub enum BaseModel<B: Backend> {
 /// Loads a model directory (BERT or LLaMA, from `config.json`) or a LLaMA `.gguf` file, its
 /// frozen matrices held at `base_dtype`.
 pub fn load_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Device) -> Result<BaseModel<B>> {
+    let base = read_base(path, base_dtype, device)?;
+    // The load's transient buffers (decoded tensors, weights before their conversion) are free
+    // but still resident: handed back, so that they do not count in the run's peak memory.
+    tensor_peft_kernels::release_free_memory();
+    Ok(base)
+}
+
+fn read_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Device) -> Result<BaseModel<B>> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let (llama, spec, tok) = Llama::<B>::from_gguf_as(path, device, base_dtype)?;
         return Ok(BaseModel::Decoder(llama, spec, tok));
