@@ -2006,6 +2006,32 @@ mod fused_on_flex {
     /// column panel of rows at a time inside the op) against Burn's op chain on ndarray holding the
     /// blocks' dequantized values, output and input gradient. Tolerance 1e-5 of the largest value:
     /// the two GEMMs add the 512 products of each output in different orders.
+    /// A block-quantized tensor taken as a float matrix (the embeddings' and head's path) under a
+    /// quantized base: bf16, dequantized a run of blocks at a time, equal bit for bit to the f32
+    /// load's values rounded (four formats, K-quants and Q5_0 over several runs, q and k permuted).
+    #[test]
+    fn gguf_blocks_taken_as_bf16_are_the_f32_load_rounded() {
+        use std::sync::Arc;
+        use tensor_peft_models::BaseDType;
+        use tensor_peft_models::gguf::Gguf;
+        let (bytes, _) = super::k_quant_gguf(&mut super::Rng(24));
+        let gguf = Arc::new(Gguf::parse(bytes, "k.gguf".as_ref()).unwrap());
+        let spec = gguf.arch_spec().unwrap();
+        let device = Default::default();
+        let mut f32_weights = gguf.hf_weights(&spec).unwrap().with_base_dtype(BaseDType::F32);
+        let mut native_weights = gguf.hf_weights(&spec).unwrap().with_base_dtype(BaseDType::Native);
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            let name = format!("model.layers.0.self_attn.{proj}.weight");
+            let wide = f32_weights.take_matrix::<Flex>(&name, [256, 256], &device).unwrap();
+            let narrow = native_weights.take_matrix::<Flex>(&name, [256, 256], &device).unwrap();
+            assert_eq!(narrow.dtype(), burn::tensor::DType::BF16, "{proj}");
+            let wide: Vec<f32> = wide.into_data().convert::<f32>().to_vec().unwrap();
+            let narrow: Vec<f32> = narrow.into_data().convert::<f32>().to_vec().unwrap();
+            let rounded = wide.iter().map(|&v| burn::tensor::bf16::from_f32(v).to_f32());
+            assert!(narrow.iter().zip(rounded).all(|(a, b)| a.to_bits() == b.to_bits()), "{proj}");
+        }
+    }
+
     #[test]
     fn gguf_block_formats_on_flex_match_their_dequantization() {
         use tensor_peft_models::fused::{BlockMatrix, FrozenMatrix};
