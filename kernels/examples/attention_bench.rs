@@ -8,14 +8,11 @@ use std::time::Instant;
 use tensor_peft_kernels::ComputeDType;
 use tensor_peft_kernels::attention::{AttentionShape, Mask, attention_backward, attention_forward};
 
+mod common;
+
+/// The examples' deterministic values at this benchmark's scale.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        })
-        .collect()
+    common::values(n, seed, 2.0)
 }
 
 fn main() {

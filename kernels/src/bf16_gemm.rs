@@ -1488,6 +1488,32 @@ mod amx {
         static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
+    /// Loads (`load`) or stores (`store`) the block of `C` at `$c` (an `*mut f32`, rows `$ld`
+    /// floats apart) in `tmm0`/`tmm1` (rows 0..16, columns 0..16 and 16..32), and, when `$two`,
+    /// `tmm2`/`tmm3` (rows 16..32). For use inside an `unsafe` block: `$c` must be valid for the
+    /// rows and columns moved.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! c_tiles {
+        (load $c:expr, $ld:expr, $two:expr) => {
+            c_tiles!(@ $c, $ld, $two,
+                "tileloadd tmm0, [{x} + {s} * 1]", "tileloadd tmm1, [{y} + {s} * 1]",
+                "tileloadd tmm2, [{x} + {s} * 1]", "tileloadd tmm3, [{y} + {s} * 1]")
+        };
+        (store $c:expr, $ld:expr, $two:expr) => {
+            c_tiles!(@ $c, $ld, $two,
+                "tilestored [{x} + {s} * 1], tmm0", "tilestored [{y} + {s} * 1], tmm1",
+                "tilestored [{x} + {s} * 1], tmm2", "tilestored [{y} + {s} * 1], tmm3")
+        };
+        (@ $c:expr, $ld:expr, $two:expr, $t0:literal, $t1:literal, $t2:literal, $t3:literal) => {{
+            let (c, ld): (*mut f32, usize) = ($c, $ld);
+            asm!($t0, $t1, x = in(reg) c, y = in(reg) c.add(16), s = in(reg) ld * 4, options(nostack));
+            if $two {
+                let lower = c.add(16 * ld);
+                asm!($t2, $t3, x = in(reg) lower, y = in(reg) lower.add(16), s = in(reg) ld * 4, options(nostack));
+            }
+        }};
+    }
+
     /// The `32 × 32` f32 block the tiles are stored into.
     #[cfg(target_arch = "x86_64")]
     #[repr(C, align(64))]
@@ -1534,29 +1560,11 @@ mod amx {
         // Whole tiles of `C` are loaded into and stored from the tile registers where they lie
         // (rows `ldc` apart); a block with a partial tile goes through a 4 KiB buffer instead.
         let direct = nr == 32 && (mr == ROWS || mr == 2 * ROWS);
-        let c_stride = ldc * 4;
         // SAFETY (every block below): the loads read 16 rows of 64 bytes inside `a` and `b` (the
         // caller's contract), or inside `C`'s block; the stores write `C`'s block or `out`.
         unsafe {
             if direct && load {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {s} * 1]",
-                    "tileloadd tmm1, [{c1} + {s} * 1]",
-                    c0 = in(reg) c,
-                    c1 = in(reg) c.add(16),
-                    s = in(reg) c_stride,
-                    options(nostack),
-                );
-                if mr > ROWS {
-                    asm!(
-                        "tileloadd tmm2, [{c2} + {s} * 1]",
-                        "tileloadd tmm3, [{c3} + {s} * 1]",
-                        c2 = in(reg) c.add(16 * ldc),
-                        c3 = in(reg) c.add(16 * ldc + 16),
-                        s = in(reg) c_stride,
-                        options(nostack),
-                    );
-                }
+                c_tiles!(load c, ldc, mr > ROWS);
             } else {
                 if !direct {
                     // Read and written only after the products: fetched now, for writing, its
@@ -1616,46 +1624,12 @@ mod amx {
                 fetched += 1;
             }
             if direct {
-                asm!(
-                    "tilestored [{c0} + {s} * 1], tmm0",
-                    "tilestored [{c1} + {s} * 1], tmm1",
-                    c0 = in(reg) c,
-                    c1 = in(reg) c.add(16),
-                    s = in(reg) c_stride,
-                    options(nostack),
-                );
-                if mr > ROWS {
-                    asm!(
-                        "tilestored [{c2} + {s} * 1], tmm2",
-                        "tilestored [{c3} + {s} * 1], tmm3",
-                        c2 = in(reg) c.add(16 * ldc),
-                        c3 = in(reg) c.add(16 * ldc + 16),
-                        s = in(reg) c_stride,
-                        options(nostack),
-                    );
-                }
+                c_tiles!(store c, ldc, mr > ROWS);
                 return;
             }
             let mut out = std::mem::MaybeUninit::<Block>::uninit();
             let o = out.as_mut_ptr().cast::<f32>();
-            asm!(
-                "tilestored [{o} + {s} * 1], tmm0",
-                "tilestored [{o1} + {s} * 1], tmm1",
-                o = in(reg) o,
-                o1 = in(reg) o.add(16),
-                s = in(reg) 128usize,
-                options(nostack),
-            );
-            if mr > ROWS {
-                asm!(
-                    "tilestored [{o2} + {s} * 1], tmm2",
-                    "tilestored [{o3} + {s} * 1], tmm3",
-                    o2 = in(reg) o.add(16 * 32),
-                    o3 = in(reg) o.add(16 * 32 + 16),
-                    s = in(reg) 128usize,
-                    options(nostack),
-                );
-            }
+            c_tiles!(store o, 32, mr > ROWS);
             for r in 0..mr {
                 let (row, block) = (std::slice::from_raw_parts_mut(c.add(r * ldc), nr), o.add(r * 32));
                 for (j, c) in row.iter_mut().enumerate() {
