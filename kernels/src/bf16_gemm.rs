@@ -660,7 +660,7 @@ pub fn matmul_packed(
 /// Packs chunk `chunk` of `A`'s tiles for `kernel` (slice `chunk / tiles` of `k`, tile
 /// `chunk % tiles`) as `β·A` rounded to bf16 pairs into `tile` (whatever it held): row `r`'s pair
 /// `p` at `p·MR + r` (groups of a pair of every row, which the AVX-512 kernel broadcasts), or for
-/// AMX at `r·KC/2 + p` (rows of pairs, as a tile register loads them).
+/// AMX at [`amx::a_word`]`(p, r)` (runs of 16 pairs of every row, as a tile register loads them).
 fn pack_a(kernel: Kernel, kc: usize, a: Lhs, beta: f32, chunk: usize, tile: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if kernel.simd() {
@@ -1049,9 +1049,9 @@ struct Ahead<'a> {
 }
 
 impl Ahead<'_> {
-    /// Whether `b` is packed ahead under `kernel`: Q8_0 stored rows that are columns of `B`
-    /// (`x·W`). Stored rows that are rows of `B` (`dY·Wᵀ`) are read a short run from each of
-    /// `kc` rows per strip, which waits on memory more than it overlaps (measured slower).
+    /// Whether `b` is packed ahead under `kernel`: Q8_0 weights, either way round (stored rows
+    /// that are rows of `B`, read a short run from each of the strip's rows, are prefetched far
+    /// enough ahead by the row packing to overlap too).
     fn applies(kernel: Kernel, b: &Weight) -> bool {
         kernel == Kernel::Amx && matches!(b, Weight::Blocks { format: BlockFormat::Q8_0, .. })
     }
@@ -1072,10 +1072,14 @@ impl Ahead<'_> {
         unsafe { pack_b_avx512(b, k, n, r, len, self.j0 + s, nr, dst, self.scratch, self.odd, self.pairs) };
     }
 
+    /// Units (32 of `k`) of a strip of slice `r0`.
+    fn units_of(&self, r0: usize) -> usize {
+        self.slice_len.min(self.k - r0) / (2 * amx::PAIRS)
+    }
+
     /// Packs all of strip `s` of slice `r0` now.
     fn pack_strip(&mut self, r0: usize, s: usize) {
-        let units = self.slice_len.min(self.k - r0) / (2 * amx::PAIRS);
-        self.pack((r0, s), 0, units);
+        self.pack((r0, s), 0, self.units_of(r0));
     }
 
     /// Starts slice `r0`.
@@ -1099,7 +1103,7 @@ impl Alongside for Ahead<'_> {
             None
         };
         if let Some((r0, _)) = self.target {
-            self.units = self.slice_len.min(self.k - r0) / (2 * amx::PAIRS);
+            self.units = self.units_of(r0);
         }
         (self.done, self.steps, self.total) = (0, 0, steps.max(1));
     }
@@ -1337,7 +1341,7 @@ fn pack_b(
 
 /// One `mr × nr` tile of `C` (`c`, rows `ldc` apart): `C (+)= A_tile·B_strip` over `kp` pairs,
 /// `a` holding `kp` groups of [`MR`] words (row `r`'s pair `p` at `p·MR + r`; for AMX, up to two
-/// tiles of 16 rows of `KC/2` words, and `kp` a multiple of 16), `b` `kp` rows of [`NR`] words;
+/// packed tiles of 16 rows, [`amx::a_word`], and `kp` a multiple of 16), `b` `kp` rows of [`NR`] words;
 /// without `load` the tile's old values are not read.
 ///
 /// # Safety
@@ -1556,7 +1560,6 @@ mod amx {
             CONFIGURED.set(true);
         }
         let (a_stride, b_stride) = (PAIRS * 4, super::NR * 4);
-        let second = tile_words;
         // Whole tiles of `C` are loaded into and stored from the tile registers where they lie
         // (rows `ldc` apart); a block with a partial tile goes through a 4 KiB buffer instead.
         let direct = nr == 32 && (mr == ROWS || mr == 2 * ROWS);
@@ -1579,7 +1582,12 @@ mod amx {
             }
             // The next call's block of `C` (its tiles are loaded at its start), two rows per step
             // of `k`; rows left over when the call is short are fetched after the loop.
-            let (next_c, next_rows, mut fetched) = (next.c, next.rows, 0);
+            let fetch = |r: usize| {
+                let row = next.c.wrapping_add(r * ldc).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64));
+            };
+            let mut fetched = 0;
             for p0 in (0..kp).step_by(PAIRS) {
                 let (a0, b0) = (a.add(a_word(p0, 0)), b.add(p0 * super::NR));
                 // Rows 0..16 of the block, then (in a second asm block: the tile registers keep
@@ -1602,27 +1610,18 @@ mod amx {
                         "tileloadd tmm5, [{a1} + {as_} * 1]",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a1 = in(reg) a0.add(second),
+                        a1 = in(reg) a0.add(tile_words),
                         as_ = in(reg) a_stride,
                         options(nostack),
                     );
                 }
                 step();
-                if fetched + 2 <= next_rows {
-                    for r in fetched..fetched + 2 {
-                        let row = next_c.wrapping_add(r * ldc).cast::<i8>();
-                        _mm_prefetch::<_MM_HINT_T0>(row);
-                        _mm_prefetch::<_MM_HINT_T0>(row.add(64));
-                    }
+                if fetched + 2 <= next.rows {
+                    (fetched..fetched + 2).for_each(fetch);
                     fetched += 2;
                 }
             }
-            while fetched < next_rows {
-                let row = next_c.wrapping_add(fetched * ldc).cast::<i8>();
-                _mm_prefetch::<_MM_HINT_T0>(row);
-                _mm_prefetch::<_MM_HINT_T0>(row.add(64));
-                fetched += 1;
-            }
+            (fetched..next.rows).for_each(fetch);
             if direct {
                 c_tiles!(store c, ldc, mr > ROWS);
                 return;

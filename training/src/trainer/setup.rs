@@ -43,6 +43,7 @@ pub fn load_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Dev
     Ok(base)
 }
 
+/// [`load_base`] without the release of the load's free memory.
 fn read_base<B: Backend>(path: &Path, base_dtype: BaseDType, device: &B::Device) -> Result<BaseModel<B>> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let (llama, spec, tok) = Llama::<B>::from_gguf_as(path, device, base_dtype)?;
